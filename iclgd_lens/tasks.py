@@ -1,0 +1,225 @@
+"""Tasks: demonstrations, queries, a prompt template, label words, and the read position.
+
+A `Task` knows how to turn examples into text. An `Episode` is one demonstration set with
+the queries asked under it (and the label words in force for it: the synthetic tasks of the
+embedded models draw a fresh mapping per episode). `encode_prompts` turns prompts into token
+ids and marks, for every token, which demonstration it belongs to, so that hooks can slice
+the read position, the demonstration tokens and the query's own tokens without guessing.
+
+Prompt layout (Dai et al. 2023):
+
+    ICL:  <bos> demo_1 SEP demo_2 SEP ... demo_k SEP query
+    ZSL:  <bos> query
+    demo_i = template.format(text=x_i) + " " + label_word(y_i)
+    query  = template.format(text=x)            (the label word is what is predicted)
+
+The read position is the last token of the query: the token whose next-token distribution
+predicts the label (SCIENCE.md pitfall 1). `Task.read_offset` moves it (e.g. -1 = one token
+earlier) for users who want another position.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from iclgd_lens.errors import IclgdError
+
+QUERY_SEGMENT = -1
+"""Segment id of the query's own tokens (the template filled with the query text)."""
+OTHER_SEGMENT = 0
+"""Segment id of BOS, separators and padding."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled input: `text` fills the template, `label` indexes the label words."""
+
+    text: str
+    label: int
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One demonstration set, the queries asked under it, and the label words in force."""
+
+    demos: tuple[Example, ...]
+    queries: tuple[Example, ...]
+    label_words: tuple[str, ...]
+
+
+@dataclass
+class Task:
+    """A classification task in the prompt format of the papers.
+
+    `train` holds the pool demonstrations are drawn from, `test` the queries. Subclasses
+    (the synthetic mapping tasks of the embedded models) override `episodes` to draw a fresh
+    label mapping per episode.
+    """
+
+    name: str
+    template: str
+    label_words: tuple[str, ...]
+    train: tuple[Example, ...] = ()
+    test: tuple[Example, ...] = ()
+    separator: str = "\n"
+    read_offset: int = 0
+    description: str = ""
+
+    # ---- text -------------------------------------------------------------------------
+    def render_query(self, example: Example) -> str:
+        """The template filled with the example's text, without its label."""
+        return self.template.format(text=example.text)
+
+    def render_demo(self, example: Example, label_words: Sequence[str]) -> str:
+        """A demonstration: the filled template followed by its label word."""
+        return f"{self.render_query(example)} {label_words[example.label]}"
+
+    def icl_prompt(self, demos: Sequence[Example], query: Example, label_words: Sequence[str]) -> str:
+        """Demonstrations then the query, joined by the separator."""
+        parts = [self.render_demo(d, label_words) for d in demos] + [self.render_query(query)]
+        return self.separator.join(parts)
+
+    def zsl_prompt(self, query: Example) -> str:
+        """The query alone."""
+        return self.render_query(query)
+
+    # ---- sampling ---------------------------------------------------------------------
+    def episodes(self, k: int, n_episodes: int, n_queries: int, seed: int = 0) -> list[Episode]:
+        """Draw `n_episodes` demonstration sets of `k` examples from `train` and `n_queries`
+        queries from `test` (the same queries for every episode, as in Dai et al.)."""
+        if k < 0:
+            raise IclgdError(f"k must be >= 0, got {k}")
+        if k > len(self.train):
+            raise IclgdError(f"task {self.name!r} has {len(self.train)} training examples, cannot draw k={k}")
+        if not self.test:
+            raise IclgdError(f"task {self.name!r} has no test examples to use as queries")
+        rng = random.Random(seed)
+        queries = tuple(rng.sample(list(self.test), min(n_queries, len(self.test))))
+        return [
+            Episode(tuple(rng.sample(list(self.train), k)), queries, tuple(self.label_words))
+            for _ in range(n_episodes)
+        ]
+
+
+@dataclass
+class EncodedPrompts:
+    """A right-padded batch of prompts with the bookkeeping hooks need.
+
+    `segments[b, p]` is i+1 for tokens of demonstration i, QUERY_SEGMENT for the query's own
+    tokens, OTHER_SEGMENT for BOS, separators and padding. `read_pos[b]` is the position
+    whose hidden state predicts the label (never a padding position).
+    """
+
+    input_ids: torch.Tensor  # [batch, pos]
+    attention_mask: torch.Tensor  # [batch, pos]
+    segments: torch.Tensor  # [batch, pos]
+    read_pos: torch.Tensor  # [batch]
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Number of real (non-padding) tokens per prompt: [batch]."""
+        return self.attention_mask.sum(-1)
+
+    def to(self, device: torch.device | str) -> "EncodedPrompts":
+        return EncodedPrompts(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.segments.to(device),
+            self.read_pos.to(device),
+            self.texts,
+        )
+
+
+def _char_spans(task: Task, demos: Sequence[Example], query: Example, label_words: Sequence[str]) -> list[tuple[int, int, int]]:
+    """Character spans (start, end, segment) of each demonstration and of the query."""
+    spans, cursor = [], 0
+    for i, demo in enumerate(demos):
+        text = task.render_demo(demo, label_words)
+        spans.append((cursor, cursor + len(text), i + 1))
+        cursor += len(text) + len(task.separator)
+    query_text = task.render_query(query)
+    spans.append((cursor, cursor + len(query_text), QUERY_SEGMENT))
+    return spans
+
+
+def encode_prompts(
+    tokenizer,
+    task: Task,
+    demo_sets: Sequence[Sequence[Example]],
+    queries: Sequence[Example],
+    label_words: Sequence[Sequence[str]],
+    max_length: int | None = None,
+) -> EncodedPrompts:
+    """Tokenise one prompt per (demo set, query) pair, right-padded, with segments.
+
+    An empty demo set gives the ZSL prompt. Token-to-segment assignment uses the fast
+    tokenizer's offset mapping, so it holds for SentencePiece and word-level tokenizers alike.
+    Raises IclgdError if a prompt is longer than `max_length` (the caller truncates
+    demonstrations on purpose, the same way for ICL and GD: SCIENCE.md pitfall 4).
+    """
+    if not (len(demo_sets) == len(queries) == len(label_words)):
+        raise ValueError("demo_sets, queries and label_words must have one entry per prompt")
+    rows, texts = [], []
+    for demos, query, words in zip(demo_sets, queries, label_words):
+        text = task.icl_prompt(demos, query, words) if demos else task.zsl_prompt(query)
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if max_length is not None and len(ids) > max_length:
+            raise IclgdError(
+                f"prompt of {len(ids)} tokens exceeds the context window of {max_length}; use fewer demonstrations (smaller k)"
+            )
+        spans = _char_spans(task, demos, query, words)
+        seg = []
+        for (start, end) in offsets:
+            s = OTHER_SEGMENT
+            if end > start:
+                for (a, b, sid) in spans:
+                    if start < b and end > a:
+                        s = sid
+                        break
+            seg.append(s)
+        query_positions = [i for i, s in enumerate(seg) if s == QUERY_SEGMENT]
+        if not query_positions:
+            raise IclgdError(f"the query of task {task.name!r} produced no tokens: {text!r}")
+        read = query_positions[-1] + task.read_offset
+        if not 0 <= read < len(ids):
+            raise IclgdError(f"read_offset {task.read_offset} moves the read position outside the prompt")
+        rows.append((ids, seg, read))
+        texts.append(text)
+    width = max(len(r[0]) for r in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    segments = torch.full((batch, width), OTHER_SEGMENT, dtype=torch.long)
+    read_pos = torch.zeros(batch, dtype=torch.long)
+    for b, (ids, seg, read) in enumerate(rows):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        attention_mask[b, : len(ids)] = 1
+        segments[b, : len(ids)] = torch.tensor(seg)
+        read_pos[b] = read
+    return EncodedPrompts(input_ids, attention_mask, segments, read_pos, texts)
+
+
+def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[int]:
+    """The token id that starts each label word when it follows the prompt (" " + word).
+
+    Label words that tokenize into several tokens are scored by their first token, as in
+    Dai et al.; two label words sharing a first token cannot be told apart and raise.
+    """
+    ids = []
+    for word in label_words:
+        with_space = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        bare = tokenizer(word, add_special_tokens=False)["input_ids"]
+        toks = with_space or bare
+        if not toks or (len(toks) == 1 and toks[0] == tokenizer.unk_token_id):
+            raise IclgdError(f"label word {word!r} is not in the tokenizer's vocabulary")
+        ids.append(toks[0])
+    if len(set(ids)) != len(ids):
+        raise IclgdError(f"label words {list(label_words)} share a first token; choose words that differ in their first token")
+    return ids
