@@ -125,6 +125,16 @@ class EncodedPrompts:
         """Number of real (non-padding) tokens per prompt: [batch]."""
         return self.attention_mask.sum(-1)
 
+    def rows(self, start: int, stop: int) -> "EncodedPrompts":
+        """Prompts start..stop-1 (trailing all-padding columns kept: harmless, masked)."""
+        return EncodedPrompts(
+            self.input_ids[start:stop],
+            self.attention_mask[start:stop],
+            self.segments[start:stop],
+            self.read_pos[start:stop],
+            self.texts[start:stop],
+        )
+
     def to(self, device: torch.device | str) -> "EncodedPrompts":
         return EncodedPrompts(
             self.input_ids.to(device),

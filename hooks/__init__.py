@@ -1,0 +1,156 @@
+"""Probes: the hook functions iclgd-lens records with, and how to add your own.
+
+A probe is one decorated function. It names the hook points it needs (templates with
+`{layer}`), receives their activations for one layer together with a `ReadContext`, and
+returns named tensors with a leading batch dimension. Only what it returns is kept: the
+slicing (read position, demonstration tokens) happens inside the hook, so no full cache is
+ever built. Every registered probe is recorded in all conditions (ZSL, ICL, GD) and compared
+layer by layer; its curve appears in the report as `probe:<name>` without more code.
+
+    from iclgd_lens.hooks import probe, ReadContext
+
+    @probe("mlp_out", points=["blocks.{layer}.hook_mlp_out"])
+    def mlp_out(acts, ctx: ReadContext):
+        return {"mlp_out": acts["hook_mlp_out"][ctx.batch_index, ctx.read_pos]}  # [batch, d_model]
+
+`acts` is keyed by the point name without the `blocks.{layer}.` prefix. Return `{}` to skip a
+condition (e.g. a probe that only makes sense on the demonstrations).
+
+User probes live in any file: `load_probe_file("my_probes.py")` (the CLI's `--hooks`) imports
+it, and the decorator registers what it defines. Installed packages can expose probes through
+the entry-point group `iclgd_lens.hooks`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from iclgd_lens.errors import IclgdError
+
+ProbeFn = Callable[[dict[str, torch.Tensor], "ReadContext"], dict[str, torch.Tensor]]
+
+
+@dataclass
+class ReadContext:
+    """Where to read, for one forward pass of one condition at one layer.
+
+    A pass may continue a shared prefix (the demonstrations, run once per episode and kept in
+    the KV cache); then the key dimension of attention tensors is `prefix_len` longer than the
+    query dimension. `read_pos` indexes this pass's positions, `key_read_pos` the key
+    dimension; `segments` and `attention_mask` cover the key dimension (prefix included).
+    """
+
+    condition: str  # "zsl", "icl", "gd", "icl_prefix" (the shared demonstrations), or a baseline name
+    layer: int
+    read_pos: torch.Tensor  # [batch] position in this pass that predicts the label
+    segments: torch.Tensor  # [batch, key_pos]: i+1 demo i, -1 query tokens, 0 other/padding
+    attention_mask: torch.Tensor  # [batch, key_pos]
+    prefix_len: int = 0
+    n_heads: int = 1
+    n_kv_heads: int = 1
+
+    @property
+    def batch_index(self) -> torch.Tensor:
+        """arange(batch), for advanced indexing `x[ctx.batch_index, ctx.read_pos]`."""
+        return torch.arange(self.read_pos.shape[0], device=self.read_pos.device)
+
+    @property
+    def key_read_pos(self) -> torch.Tensor:
+        """The read position in the key dimension: [batch]."""
+        return self.read_pos + self.prefix_len
+
+    @property
+    def pass_segments(self) -> torch.Tensor:
+        """Segments of this pass's own positions: [batch, pos]."""
+        return self.segments[:, self.prefix_len :]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A named hook function and the hook points it reads (templates with `{layer}`)."""
+
+    name: str
+    points: tuple[str, ...]
+    fn: ProbeFn
+    description: str = ""
+    compare: bool = True  # compare its outputs across conditions as vectors (delta cosine)
+
+    def point_names(self, layer: int) -> list[str]:
+        return [p.format(layer=layer) for p in self.points]
+
+    @staticmethod
+    def short_name(point: str) -> str:
+        """`blocks.{layer}.attn.hook_z` -> `attn.hook_z` (the key in `acts`)."""
+        prefix = "blocks.{layer}."
+        return point[len(prefix) :] if point.startswith(prefix) else point
+
+
+PROBES: dict[str, Probe] = {}
+"""Every registered probe by name (built-in ones and those loaded from users' files)."""
+
+
+def probe(name: str, points: list[str] | tuple[str, ...], *, description: str = "", compare: bool = True) -> Callable[[ProbeFn], ProbeFn]:
+    """Register a hook function as a probe (see the module docstring for the contract)."""
+    if not points:
+        raise IclgdError(f"probe {name!r} must name at least one hook point")
+
+    def register(fn: ProbeFn) -> ProbeFn:
+        PROBES[name] = Probe(name, tuple(points), fn, description or (fn.__doc__ or "").strip().split("\n")[0], compare)
+        return fn
+
+    return register
+
+
+def get_probes(names: list[str] | None = None) -> list[Probe]:
+    """The probes to record: `names` in order, or the default set."""
+    _load_builtin()
+    if names is None:
+        names = list(DEFAULT_PROBES)
+    missing = [n for n in names if n not in PROBES]
+    if missing:
+        raise IclgdError(f"unknown probe(s) {missing}; registered: {sorted(PROBES)}")
+    return [PROBES[n] for n in names]
+
+
+def load_probe_file(path: str | Path) -> list[str]:
+    """Import a Python file of `@probe` functions; returns the names it registered."""
+    path = Path(path)
+    if not path.is_file():
+        raise IclgdError(f"hook file {str(path)!r} does not exist")
+    before = set(PROBES)
+    module_name = f"iclgd_lens_user_hooks_{abs(hash(path.resolve()))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's file: report its error in one line
+        raise IclgdError(f"could not import hook file {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+    return sorted(set(PROBES) - before) or [n for n, p in PROBES.items() if p.fn.__module__ == module_name]
+
+
+def load_entry_point_probes() -> list[str]:
+    """Import probe modules that installed packages expose under `iclgd_lens.hooks`."""
+    before = set(PROBES)
+    for ep in importlib.metadata.entry_points(group="iclgd_lens.hooks"):
+        ep.load()
+    return sorted(set(PROBES) - before)
+
+
+DEFAULT_PROBES = ("attn_out", "head_out", "scores", "demo_attention", "query_vectors", "kv_outer", "resid_out")
+"""What `compare` records unless told otherwise."""
+
+
+def _load_builtin() -> None:
+    from iclgd_lens.hooks import attention, keys_values, scores, residual  # noqa: F401  (registers)
+
+
+__all__ = ["probe", "Probe", "ReadContext", "PROBES", "get_probes", "load_probe_file", "load_entry_point_probes", "DEFAULT_PROBES"]

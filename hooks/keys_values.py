@@ -1,0 +1,56 @@
+"""Probes of queries, keys and values: the dual form's implicit update and Kendall's GD side.
+
+Dai et al.'s dual form (linear attention, per head): the demonstrations add
+dW_ICL = sum_i v_i k_i^T to the zero-shot weights W_ZSL = sum_j v_j k_j^T over the query's
+context tokens. GD changes W_K, W_V, so its implicit update is
+dW_GD = sum_j v_j^GD k_j^GD^T - sum_j v_j k_j^T over the same context tokens. Keys are
+post-rotary (`hook_rot_k`), as the real attention sees them; under GQA there are n_kv heads.
+"""
+
+from __future__ import annotations
+
+import einops
+import torch
+
+from iclgd_lens.hooks import ReadContext, probe
+
+
+def _outer_sum(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_p weight[b,p] v[b,p,h,:] k[b,p,h,:]^T -> [batch, heads, d_head(v), d_head(k)]."""
+    return einops.einsum(v * weight[:, :, None, None].to(v.dtype), k, "b p h dv, b p h dk -> b h dv dk")
+
+
+@probe(
+    "kv_outer",
+    points=["blocks.{layer}.attn.hook_rot_k", "blocks.{layer}.attn.hook_v"],
+    compare=False,
+)
+def kv_outer(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch.Tensor]:
+    """sum v k^T over the demonstration tokens of this pass (`kv_demo`, = dW_ICL) and, in
+    the query-alone conditions, over the context tokens up to the read position (`kv_context`)."""
+    k = acts["attn.hook_rot_k"].float()  # [batch, pos, n_kv, d_head] (this pass's positions)
+    v = acts["attn.hook_v"].float()
+    seg = ctx.pass_segments  # [batch, pos]
+    out = {}
+    if bool((seg > 0).any()):
+        out["kv_demo"] = _outer_sum(k, v, (seg > 0).float())
+    if ctx.condition not in ("icl", "icl_prefix"):
+        positions = torch.arange(seg.shape[1], device=seg.device)
+        mask = ctx.attention_mask[:, ctx.prefix_len :].bool() & (positions[None] <= ctx.read_pos[:, None])
+        out["kv_context"] = _outer_sum(k, v, mask.float())
+    return out
+
+
+@probe("query_vectors", points=["blocks.{layer}.attn.hook_q", "blocks.{layer}.attn.hook_rot_q"], compare=False)
+def query_vectors(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch.Tensor]:
+    """The query vector of the read position (`q`, pre-rotary; `rot_q`, post-rotary) and,
+    where this pass holds demonstrations, the pre-rotary queries of their tokens (`q_demo`)."""
+    q = acts["attn.hook_q"]  # [batch, pos, n_heads, d_head]
+    out = {}
+    seg = ctx.pass_segments
+    if ctx.condition != "icl_prefix":
+        out["q"] = q[ctx.batch_index, ctx.read_pos]  # [batch, n_heads, d_head]
+        out["rot_q"] = acts["attn.hook_rot_q"][ctx.batch_index, ctx.read_pos]
+    if bool((seg > 0).any()):
+        out["q_demo"] = q * (seg > 0)[:, :, None, None].to(q.dtype)  # [batch, pos, n_heads, d_head]
+    return out

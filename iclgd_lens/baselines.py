@@ -1,0 +1,111 @@
+"""Baselines a similarity must beat before it means anything.
+
+- `random_vector_like`: Dai et al.'s random baseline, r ~ Uniform[0, 1)^d (not zero-mean, so
+  it shares the all-positive direction with many activations; that is the published recipe).
+- `random_update_like`: GD replaced by a random update of the same norm (Deutch et al. 2024).
+- `untrained_copy`: the same model with attention and MLP weights re-initialised at random, and
+  trained embeddings, norms and unembedding kept (Deutch et al. 2024). A NEW model: the user's
+  is never modified.
+
+Each draws from its own torch.Generator (CPU, then moved), so a seed gives the same numbers
+on every device and the global random state is not touched.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from iclgd_lens.errors import IclgdError
+
+WRAPPER_INFIX = "._original_component"
+"""What TransformerBridge inserts into HF state-dict keys when it wraps modules in place."""
+
+
+def random_vector_like(h: Tensor, seed: int) -> Tensor:
+    """r ~ Uniform[0, 1) with the shape, dtype and device of h (Dai's random baseline). [...] -> [...]"""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(h.shape, generator=gen, dtype=torch.float32).to(dtype=h.dtype, device=h.device)
+
+
+def random_update_like(delta: Tensor, seed: int) -> Tensor:
+    """A Gaussian direction with the norm of `delta` along the last dim. [..., d] -> [..., d].
+
+    Rows where delta is zero stay zero.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    direction = torch.randn(delta.shape, generator=gen, dtype=torch.float64)
+    direction = direction / torch.linalg.vector_norm(direction, dim=-1, keepdim=True)
+    norm = torch.linalg.vector_norm(delta.detach().double().cpu(), dim=-1, keepdim=True)
+    return (direction * norm).to(dtype=delta.dtype, device=delta.device)
+
+
+def _is_bridge(model) -> bool:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return isinstance(model, TransformerBridge)
+
+
+def _clean_state_dict(hf_model: nn.Module) -> dict[str, Tensor]:
+    """The HF state dict with the bridge's `._original_component` infixes removed.
+
+    A booted model lists each tensor under several aliases; after stripping, aliases that
+    name the same parameter collapse onto one key (later ones win; they hold the same tensor).
+    """
+    return {key.replace(WRAPPER_INFIX, ""): value for key, value in hf_model.state_dict().items()}
+
+
+def _is_attention_or_mlp(module_name: str) -> bool:
+    """Linear layers inside a decoder layer's attention or MLP (LLaMA naming)."""
+    return ".self_attn." in module_name or ".mlp." in module_name
+
+
+def untrained_copy(model, seed: int = 0):
+    """A new model: attention and MLP linear weights re-drawn at random, the rest kept.
+
+    `model` is a TransformerBridge (returns a new TransformerBridge booted on the copy, same
+    tokenizer) or a HF causal LM (returns a new HF model). Linear weights inside `self_attn`
+    and `mlp` get N(0, config.initializer_range^2) (HF `_init_weights`), biases 0; embeddings,
+    RMSNorm weights and the unembedding keep their trained values (Deutch et al. 2024).
+    The input model is left bitwise unchanged. Memory: a second model of the same size.
+    """
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    bridge = model if _is_bridge(model) else None
+    hf_model = bridge.original_model if bridge is not None else model
+    if not isinstance(hf_model, PreTrainedModel):
+        raise IclgdError(f"untrained_copy needs a TransformerBridge or a HF PreTrainedModel, got {type(model).__name__}")
+    first_param = next(hf_model.parameters())
+    config = copy.deepcopy(hf_model.config)
+    with torch.device(first_param.device):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=first_param.dtype)
+    trained = _clean_state_dict(hf_model)
+    wanted = fresh.state_dict()
+    missing = [k for k in wanted if k not in trained]
+    if missing:
+        raise IclgdError(f"cannot map the model's weights onto a fresh {type(fresh).__name__}: missing {missing[:3]}")
+    fresh.load_state_dict({k: trained[k] for k in wanted}, strict=True)
+
+    std = getattr(config, "initializer_range", None) or 0.02
+    gen = torch.Generator().manual_seed(seed)
+    n_reinit = 0
+    with torch.no_grad():
+        for name, module in fresh.named_modules():
+            if isinstance(module, nn.Linear) and _is_attention_or_mlp(name):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+                if module.bias is not None:
+                    module.bias.zero_()
+                n_reinit += 1
+    if n_reinit == 0:
+        raise IclgdError(f"found no attention or MLP linear layers to re-initialise in {type(fresh).__name__}")
+    fresh.train(hf_model.training)
+
+    if bridge is None:
+        return fresh
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(
+        bridge.cfg.model_name, hf_model=fresh, tokenizer=bridge.tokenizer, device=first_param.device, dtype=first_param.dtype
+    )

@@ -1,0 +1,334 @@
+"""The `iclgd-lens` command line.
+
+    iclgd-lens report                      # embedded tiny model, default task, k = 8 -> iclgd-report/
+    iclgd-lens report --k 1,2,4,8          # a k sweep
+    iclgd-lens render results.json --out DIR
+    iclgd-lens study order-sensitivity --set n_permutations=10
+    iclgd-lens list
+
+Exit 0 on success; exit 2 with one line on stderr for bad input (no tracebacks).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from iclgd_lens.errors import IclgdError
+
+DEFAULT_OUT = "iclgd-report"
+DEFAULT_MODEL = "tiny-llama-icl"
+GD_PRESETS_FALLBACK = ("dai", "shen", "shen-single-layer", "deutch")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"iclgd-lens: error: {_one_line(message)}", err=True)
+    sys.exit(code)
+
+
+class _OneLineErrors(TyperGroup):
+    """The command group, with every user error (usage or IclgdError) turned into one stderr line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as err:
+            where = f"{err.ctx.command_path}: " if err.ctx is not None else ""
+            hint = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
+            _fail(f"{where}{err.format_message()}{hint}")
+        except click.ClickException as err:
+            _fail(err.format_message(), err.exit_code if err.exit_code else 2)
+        except click.Abort:
+            _fail("aborted", 130)
+        except IclgdError as err:
+            _fail(str(err))
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    name="iclgd-lens",
+    cls=_OneLineErrors,
+    help="Compare in-context learning with gradient descent, layer by layer, and write an HTML report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def set_threads(threads: Optional[int]) -> int:
+    """Set torch's intra-op threads: `threads`, or min(4, cpu count). Returns the number set."""
+    import torch
+
+    n = threads if threads is not None else min(4, os.cpu_count() or 1)
+    if n < 1:
+        raise IclgdError(f"--threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+    return n
+
+
+def parse_ks(values: Sequence[str]) -> list[int]:
+    """`--k 8`, `--k 1 --k 2`, `--k 1,2,4` -> sorted distinct positive ints."""
+    ks: list[int] = []
+    for value in values:
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                k = int(part)
+            except ValueError:
+                raise IclgdError(f"--k takes whole numbers (e.g. --k 8 or --k 1,2,4,8), got {part!r}") from None
+            if k < 0:
+                raise IclgdError(f"--k must be >= 0, got {k}")
+            ks.append(k)
+    if not ks:
+        raise IclgdError("--k needs at least one number")
+    return sorted(set(ks))
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    """`--set name=value` pairs; values are read as JSON when they parse (numbers, lists), else text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise IclgdError(f"--set takes name=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[name.strip().replace("-", "_")] = value
+    return out
+
+
+def load_user_files(hooks: Sequence[Path] = (), analyses: Sequence[Path] = ()) -> None:
+    """Import users' probe files (--hooks) and analysis files (--analyses) so they register."""
+    if hooks:
+        from iclgd_lens.hooks import load_probe_file
+
+        for path in hooks:
+            load_probe_file(path)
+    if analyses:
+        from iclgd_lens.analyses import load_analyses_file
+
+        for path in analyses:
+            load_analyses_file(path)
+
+
+def _gd_presets() -> tuple[str, ...]:
+    from iclgd_lens import gd
+
+    return tuple(getattr(gd, "PRESETS", GD_PRESETS_FALLBACK))
+
+
+def _load_task(task: Optional[str], seed: int):
+    """None -> the default task of the embedded models (compare's default); else a paper task or data file."""
+    if task is None:
+        return None
+    from iclgd_lens.datasets import load_task
+
+    return load_task(task, seed=seed)
+
+
+def combine_results(parts: Sequence[Any]):
+    """Results of several k into one: tables stacked (each has its `k`), config of the first with all ks,
+    artifacts of the largest k."""
+    import pandas as pd
+
+    from iclgd_lens.results import Results
+
+    if len(parts) == 1:
+        return parts[0]
+    table = pd.concat([p.table for p in parts], ignore_index=True)
+    config = dict(parts[0].config)
+    config["k"] = [p.config.get("k") for p in parts]
+    config["run_time_s"] = round(sum(float(p.config.get("run_time_s") or 0) for p in parts), 2)
+    return Results(table, config, parts[-1].artifacts)
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+# ---- commands ------------------------------------------------------------------------------------
+@app.command()
+def report(
+    model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local HF folder, or hub id."),
+    task: Optional[str] = typer.Option(None, help="Paper task name or data file/folder (default: the embedded models' task)."),
+    k: List[str] = typer.Option(["8"], "--k", help="Demonstrations per episode; repeat or comma-separate for a k sweep."),
+    queries: int = typer.Option(16, min=1, help="Queries per episode."),
+    episodes: int = typer.Option(4, min=1, help="Demonstration sets (episodes)."),
+    gd: str = typer.Option("dai", help="GD preset: dai, shen, shen-single-layer, deutch."),
+    lr: Optional[float] = typer.Option(None, help="Override the preset's learning rate."),
+    epochs: Optional[int] = typer.Option(None, help="Override the preset's epochs."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the preset's GD batch size."),
+    seed: int = typer.Option(0, help="Seed for episodes, baselines and GD order."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16."),
+    out: Path = typer.Option(Path(DEFAULT_OUT), help="Report folder (replaced only when the new one is complete)."),
+    single_file: bool = typer.Option(False, "--single-file", help="Write one self-contained report.html."),
+    hooks: List[Path] = typer.Option([], "--hooks", help="Python file of @probe functions to record too (repeatable)."),
+    analyses: List[Path] = typer.Option([], "--analyses", help="Python file of @analysis functions for the report (repeatable)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: min(4, cpu count))."),
+) -> None:
+    """Run the ICL-vs-GD comparison and write the interactive report."""
+    set_threads(threads)
+    ks = parse_ks(k)
+    load_user_files(hooks, analyses)
+
+    from tqdm.auto import tqdm
+
+    from iclgd_lens.compare import compare
+    from iclgd_lens.gd import GDConfig
+    from iclgd_lens.models import load_model
+    from iclgd_lens.report import render_report
+
+    overrides = {name: value for name, value in (("lr", lr), ("epochs", epochs), ("batch_size", batch_size))
+                 if value is not None}
+    gd_config = GDConfig.preset(gd, **overrides)
+    the_task = _load_task(task, seed)
+    _say(f"loading model {model} ...")
+    bridge = load_model(model, device=device, dtype=dtype)
+    parts = []
+    for k_value in tqdm(ks, desc="k", disable=no_progress or len(ks) == 1):
+        parts.append(compare(bridge, the_task, gd=gd_config, k=k_value, n_episodes=episodes, n_queries=queries,
+                             seed=seed, progress=not no_progress))
+    results = combine_results(parts)
+    path = render_report(results, out, single_file=single_file)
+    click.echo(str(path))
+
+
+@app.command()
+def render(
+    results: Path = typer.Argument(..., help="results.json, results.parquet, or a folder holding them."),
+    out: Path = typer.Option(Path(DEFAULT_OUT), help="Report folder."),
+    single_file: bool = typer.Option(False, "--single-file", help="Write one self-contained report.html."),
+    analyses: List[Path] = typer.Option([], "--analyses", help="Python file of @analysis functions (repeatable)."),
+) -> None:
+    """Write the report for saved results (no model needed)."""
+    from iclgd_lens.report import render_report
+    from iclgd_lens.results import Results
+
+    load_user_files((), analyses)
+    loaded = Results.load(results)
+    path = render_report(loaded, out, single_file=single_file)
+    click.echo(str(path))
+
+
+@app.command()
+def study(
+    name: str = typer.Argument(..., help="Study name (see `iclgd-lens list`)."),
+    model: Optional[str] = typer.Option(None, help="Model, for studies that take one."),
+    task: Optional[str] = typer.Option(None, help="Task name or data file, for studies that take one."),
+    seed: int = typer.Option(0, help="Seed."),
+    settings: List[str] = typer.Option([], "--set", help="Study parameter name=value (repeatable; JSON values)."),
+    out: Optional[Path] = typer.Option(None, help="Report folder (default: iclgd-study-NAME/)."),
+    single_file: bool = typer.Option(False, "--single-file", help="Write one self-contained report.html."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: min(4, cpu count))."),
+) -> None:
+    """Run one study (an experiment in iclgd_lens.analyses) and write its report."""
+    import pandas as pd
+
+    from iclgd_lens.analyses import load_study
+    from iclgd_lens.report import render_report
+    from iclgd_lens.results import TABLE_COLUMNS, Results
+
+    run = load_study(name)
+    set_threads(threads)
+    params = inspect.signature(run).parameters
+    kwargs = parse_settings(settings)
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise IclgdError(f"study {name!r} has no parameter {unknown[0]!r}; it takes {', '.join(params) or 'none'}")
+    if "seed" in params:
+        kwargs.setdefault("seed", seed)
+    if "progress" in params:
+        kwargs.setdefault("progress", not no_progress)
+    if model is not None or ("model" in params and params["model"].default is inspect.Parameter.empty):
+        if "model" not in params:
+            raise IclgdError(f"study {name!r} does not take a model")
+        from iclgd_lens.models import load_model
+
+        kwargs["model"] = load_model(model or DEFAULT_MODEL)
+    if task is not None:
+        if "task" not in params:
+            raise IclgdError(f"study {name!r} does not take a task")
+        kwargs["task"] = _load_task(task, seed)
+    result = run(**kwargs)
+    empty = Results(pd.DataFrame(columns=list(TABLE_COLUMNS)), {"study": name, **getattr(result, "config", {})}, {})
+    path = render_report(empty, out or Path(f"iclgd-study-{name}"), single_file=single_file, study_results=[result],
+                         analyses={})
+    table = getattr(result, "table", None)
+    if isinstance(table, pd.DataFrame):
+        table.to_csv(path.parent / f"study_{name}.csv", index=False)
+    click.echo(str(path))
+
+
+@app.command("list")
+def list_things() -> None:
+    """List embedded models, tasks, GD presets, probes, studies and report analyses."""
+    from iclgd_lens.analyses import STUDIES, registered_analyses
+
+    def show(title: str, names: Sequence[str], note: str = "") -> None:
+        click.echo(f"{title}:{'  (' + note + ')' if note else ''}")
+        for n in names:
+            click.echo(f"  {n}")
+
+    try:
+        from iclgd_lens.models import EMBEDDED_MODELS
+
+        show("models", EMBEDDED_MODELS, "or a local HF folder, or a hub id")
+    except ImportError:
+        show("models", [DEFAULT_MODEL])
+    tasks = ["default (the embedded models' mapping task)"]
+    try:
+        from iclgd_lens.datasets import PAPER_FORMATS
+
+        tasks += list(PAPER_FORMATS)
+    except ImportError:
+        pass
+    show("tasks", tasks, "or a .jsonl/.csv file or folder")
+    show("gd presets", _gd_presets())
+    try:
+        from iclgd_lens.hooks import PROBES, get_probes
+
+        get_probes(None)  # loads the built-in probes
+        show("probes", [f"{n}: {p.description}" if getattr(p, "description", "") else n for n, p in PROBES.items()])
+    except ImportError:
+        show("probes", [])
+    import importlib.util
+
+    def available(target: str) -> str:
+        module = target.partition(":")[0]
+        try:
+            return "" if importlib.util.find_spec(module) else "  (not installed)"
+        except ModuleNotFoundError:
+            return "  (not installed)"
+
+    show("studies", [f"{n}{available(t)}" for n, t in STUDIES.items()])
+    show("report analyses", sorted(registered_analyses()))
+
+
+def main() -> None:  # `python -m iclgd_lens.cli`
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Similarities between ICL and GD, as pure functions of tensors (torch in, torch out).
+
+No model access here: callers record activations (hooks) and pass tensors. Every function
+is batched over leading dimensions; shapes are in the type-hint comments. Definitions,
+papers and the choices made (zero vectors, empty overlaps, population std) are in
+docs/metrics.md.
+
+Conventions:
+- Cosines of a zero vector are 0, never NaN (a zero update points nowhere, so it agrees with
+  nothing). Only a comparison with *no entries at all* (an empty mask) is NaN: there is
+  nothing to compare, and `mean_ci` drops NaNs.
+- Masks are bool tensors, True = a real entry, False = padding. In `cosine`, NaN entries of
+  either input count as padding too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import einops
+import numpy as np
+import scipy.stats
+import torch
+from torch import Tensor
+
+from iclgd_lens.errors import IclgdError
+
+
+# ---- cosines --------------------------------------------------------------------------------
+def _safe_cosine(a: Tensor, b: Tensor) -> Tensor:
+    """cos(a, b) over the last dim; 0 where either vector is zero. [..., d] -> [...]"""
+    dot = (a * b).sum(-1)
+    norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+    return torch.where(norms > 0, dot / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.zeros_like(dot))
+
+
+def cosine(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Cosine over the last dim, counting only entries marked real.
+
+    a, b [..., n]; mask [..., n] bool (True = real), broadcastable to a; NaN entries of a or b
+    are also treated as padding. -> [...]. Zero vector (over the real entries) -> 0;
+    no real entry at all -> NaN.
+    """
+    a, b = torch.broadcast_tensors(a, b)
+    valid = ~(torch.isnan(a) | torch.isnan(b))
+    if mask is not None:
+        valid = valid & mask.to(torch.bool)
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    out = _safe_cosine(torch.where(valid, a, zero), torch.where(valid, b, zero))
+    return torch.where(valid.any(-1), out, torch.full_like(out, float("nan")))
+
+
+def delta_cosine(h_a: Tensor, h_b: Tensor, h_ref: Tensor) -> Tensor:
+    """cos(h_a - h_ref, h_b - h_ref) over the last dim: SimAOU (raw form) when
+    h_a = h_ICL, h_b = h_GD, h_ref = h_ZSL. [..., d] x3 -> [...]; 0 if an update is zero."""
+    return _safe_cosine(h_a - h_ref, h_b - h_ref)
+
+
+simaou = delta_cosine
+
+
+def simaou_norm(h_icl: Tensor, h_gd: Tensor, h_zsl: Tensor) -> Tensor:
+    """Dai et al.'s SimAOU: L2-normalise each h first, then subtract and take the cosine.
+
+    [..., d] x3 -> [...]. Has a floor of 1/4 for unrelated updates of twice the size of h_ZSL
+    (see docs/metrics.md); report `delta_cosine` by default, this one for replication.
+    """
+
+    def unit(h: Tensor) -> Tensor:
+        n = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+        return h / torch.where(n > 0, n, torch.ones_like(n))
+
+    return delta_cosine(unit(h_icl), unit(h_gd), unit(h_zsl))
+
+
+def matrix_cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Frobenius cosine <A, B>_F / (|A|_F |B|_F) of the last two dims. [..., m, n] -> [...]; 0 if a zero matrix."""
+    return _safe_cosine(einops.rearrange(a, "... m n -> ... (m n)"), einops.rearrange(b, "... m n -> ... (m n)"))
+
+
+# ---- attention maps -------------------------------------------------------------------------
+def simam(scores_a: Tensor, scores_b: Tensor, mask: Tensor | None = None) -> Tensor:
+    """SimAM (Dai): cosine between two attention maps of the read position, per head.
+
+    scores_a, scores_b [batch, heads, keys]: the read position's pre-softmax scores over the
+    same keys (the query's own tokens, aligned with `select_keys`); mask [batch, keys] bool
+    (True = real key; padding may also be NaN). -> [batch, heads].
+    """
+    if mask is not None:
+        mask = einops.rearrange(mask.to(torch.bool), "b k -> b 1 k")
+    return cosine(scores_a, scores_b, mask)
+
+
+def simam_delta(m_icl: Tensor, m_gd: Tensor, m_zsl: Tensor, mask: Tensor | None = None) -> Tensor:
+    """SimAM-delta (Deutch): cos(m_ICL - m_ZSL, m_GD - m_ZSL) per head.
+    [batch, heads, keys] x3, mask [batch, keys] -> [batch, heads]."""
+    return simam(m_icl - m_zsl, m_gd - m_zsl, mask)
+
+
+def select_keys(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Pack the keys marked in `keep` to the left, so that maps from prompts of different
+    layouts (ICL vs ZSL) line up key by key.
+
+    scores [batch, heads, pos] (one query row per prompt), keep [batch, pos] bool (e.g.
+    segments == QUERY_SEGMENT) -> (packed [batch, heads, n_max] with NaN padding, mask [batch, n_max]).
+    """
+    keep = keep.to(torch.bool)
+    n_max = int(keep.sum(-1).max()) if keep.numel() else 0
+    batch, heads, _ = scores.shape
+    packed = torch.full((batch, heads, n_max), float("nan"), dtype=scores.dtype, device=scores.device)
+    mask = torch.zeros(batch, n_max, dtype=torch.bool, device=scores.device)
+    for b in range(batch):
+        idx = keep[b].nonzero().squeeze(-1)
+        packed[b, :, : len(idx)] = scores[b][:, idx]
+        mask[b, : len(idx)] = True
+    return packed, mask
+
+
+def demo_attention_mass(pattern_row: Tensor, segments: Tensor, n_demos: int | None = None) -> Tensor:
+    """Attention mass the read position puts on each demonstration (Dai's example-level Kendall).
+
+    pattern_row [..., pos] (post-softmax attention of the read position over keys),
+    segments [..., pos] (broadcastable; i+1 for demonstration i, <= 0 otherwise, see tasks.py)
+    -> [..., n_demos] (n_demos defaults to segments.max()).
+    """
+    segments = segments.to(pattern_row.device).long()
+    n_demos = int(segments.max()) if n_demos is None else n_demos
+    if n_demos < 1:
+        raise IclgdError("demo_attention_mass needs at least one demonstration segment (ids >= 1)")
+    one_hot = torch.nn.functional.one_hot(segments.clamp(min=0, max=n_demos), n_demos + 1)[..., 1:]
+    return torch.einsum("...p,...pd->...d", pattern_row, one_hot.to(pattern_row.dtype))
+
+
+def kendall(a: Tensor | Sequence[float], b: Tensor | Sequence[float]) -> tuple[float, float]:
+    """Kendall's tau-b and its two-sided p-value (scipy.stats.kendalltau) between two flattened
+    rankings of equal size. NaN, NaN when fewer than 2 items or a constant input."""
+    x = torch.as_tensor(a).detach().double().flatten().cpu().numpy()
+    y = torch.as_tensor(b).detach().double().flatten().cpu().numpy()
+    if x.shape != y.shape:
+        raise IclgdError(f"kendall needs inputs of equal size, got {x.size} and {y.size}")
+    if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return float("nan"), float("nan")
+    res = scipy.stats.kendalltau(x, y)
+    return float(res.statistic), float(res.pvalue)
+
+
+# ---- output distributions (Shen et al. 2024) ------------------------------------------------
+def _top_k_mask(p: Tensor, k: int) -> Tensor:
+    """Bool [..., vocab]: True on the k largest entries of p."""
+    if not 1 <= k <= p.shape[-1]:
+        raise IclgdError(f"k must be between 1 and the vocabulary size {p.shape[-1]}, got {k}")
+    idx = p.topk(k, dim=-1).indices
+    return torch.zeros_like(p, dtype=torch.bool).scatter(-1, idx, True)
+
+
+def token_overlap(p1: Tensor, p2: Tensor, k: int = 10) -> Tensor:
+    """|topK(p1) ∩ topK(p2)| / K over the last (vocabulary) dim. [..., vocab] -> [...] in [0, 1]."""
+    both = _top_k_mask(p1, k) & _top_k_mask(p2, k)
+    return both.sum(-1).to(p1.dtype) / k
+
+
+def overlap_cosine(p1: Tensor, p2: Tensor, k: int = 10) -> Tensor:
+    """Cosine between p1 and p2 restricted to the tokens in both top-K sets. [..., vocab] -> [...].
+
+    0 when the top-K sets do not overlap (the distributions agree on no likely token).
+    """
+    both = _top_k_mask(p1, k) & _top_k_mask(p2, k)
+    zero = torch.zeros((), dtype=p1.dtype, device=p1.device)
+    return _safe_cosine(torch.where(both, p1, zero), torch.where(both, p2, zero))
+
+
+def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) in nats from log-probabilities over the last dim. [..., vocab] -> [...].
+    Terms with p = 0 count 0; p > 0 where q = 0 gives inf."""
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+def js(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence in nats (in [0, ln 2]) from log-probabilities. [..., vocab] -> [...]."""
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    return 0.5 * kl(log_p, log_m) + 0.5 * kl(log_q, log_m)
+
+
+def order_sensitivity(probs: Tensor) -> Tensor:
+    """Shen's Sen: population std (correction=0) over permutations of each output probability,
+    summed over the vocabulary. probs [n_perms, ..., vocab] -> [...]."""
+    if probs.shape[0] < 2:
+        raise IclgdError(f"order_sensitivity needs at least 2 permutations, got {probs.shape[0]}")
+    return probs.std(dim=0, correction=0).sum(-1)
+
+
+# ---- predictions ----------------------------------------------------------------------------
+def label_correct(logits_over_labels: Tensor, labels: Tensor) -> Tensor:
+    """Whether the argmax over the label words hits the label. [batch, n_labels], [batch] -> bool [batch]."""
+    return logits_over_labels.argmax(-1) == labels.to(logits_over_labels.device)
+
+
+def accuracy(logits_over_labels: Tensor, labels: Tensor) -> Tensor:
+    """Fraction of argmax-over-label-words predictions that are right (Dai's protocol).
+    [batch, n_labels], [batch] -> scalar tensor in [0, 1]."""
+    return label_correct(logits_over_labels, labels).float().mean()
+
+
+def rec2ftp(zsl_correct: Tensor, icl_correct: Tensor, gd_correct: Tensor) -> float:
+    """Rec2FTP (Dai) = 100 * |ZSL wrong, GD right, ICL right| / |ZSL wrong, GD right|.
+
+    Bool [n] each. NaN when no query is wrong zero-shot and right after GD (never the
+    |GD right - ICL right| denominator of SCIENCE.md pitfall 6).
+    """
+    zsl, icl, gd = (torch.as_tensor(t).to(torch.bool).flatten() for t in (zsl_correct, icl_correct, gd_correct))
+    if not (zsl.shape == icl.shape == gd.shape):
+        raise IclgdError("rec2ftp needs zsl_correct, icl_correct and gd_correct of equal length")
+    fixed_by_gd = ~zsl & gd
+    denominator = int(fixed_by_gd.sum())
+    if denominator == 0:
+        return float("nan")
+    return 100.0 * int((fixed_by_gd & icl).sum()) / denominator
+
+
+# ---- implicit weights (Dai's dual form) -----------------------------------------------------
+def implicit_dw_icl(k_demo: Tensor, v_demo: Tensor, mask: Tensor | None = None) -> Tensor:
+    """dW_ICL = sum_i v_i k_i^T over demonstration tokens, per (kv) head (Dai's dual form).
+
+    k_demo, v_demo [..., n_tokens, heads, d_head]; mask [..., n_tokens] bool (True = a
+    demonstration token) -> [..., heads, d_head (v), d_head (k)].
+    """
+    if mask is not None:
+        w = mask.to(k_demo.dtype)
+        k_demo = k_demo * einops.rearrange(w, "... n -> ... n 1 1")
+    return torch.einsum("...nhv,...nhk->...hvk", v_demo, k_demo)
+
+
+def dual_form_update(q: Tensor, k_demo: Tensor, v_demo: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The linear-attention prediction of the ICL update of the read position: dW_ICL q.
+
+    q [..., heads_q, d_head]; k_demo, v_demo [..., n_tokens, heads_kv, d_head] (GQA: query
+    head h reads kv head h // (heads_q / heads_kv)); mask [..., n_tokens] -> [..., heads_q, d_head].
+    Unnormalised (no softmax, no 1/sqrt(d_head)), as in the dual form.
+    """
+    dw = implicit_dw_icl(k_demo, v_demo, mask)  # [..., heads_kv, d, d]
+    heads_q, heads_kv = q.shape[-2], dw.shape[-3]
+    if heads_q % heads_kv:
+        raise IclgdError(f"{heads_q} query heads cannot share {heads_kv} key/value heads")
+    dw = dw.repeat_interleave(heads_q // heads_kv, dim=-3)  # [..., heads_q, d, d]
+    return torch.einsum("...hvk,...hk->...hv", dw, q)
+
+
+# ---- aggregation ----------------------------------------------------------------------------
+def mean_ci(values: Tensor | Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float, float, int]:
+    """Mean and t-interval (scipy.stats.t) of the non-NaN values -> (mean, low, high, n).
+
+    n = 0 -> all NaN; n = 1 -> (value, NaN, NaN, 1); identical values -> a zero-width interval.
+    """
+    x = torch.as_tensor(values).detach().double().flatten().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values, dtype=float).ravel()
+    x = x[~np.isnan(x)]
+    n = int(x.size)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    mean = float(x.mean())
+    if n == 1:
+        return mean, float("nan"), float("nan"), 1
+    sem = float(scipy.stats.sem(x))
+    if sem == 0.0:
+        return mean, mean, mean, n
+    low, high = scipy.stats.t.interval(confidence, n - 1, loc=mean, scale=sem)
+    return mean, float(low), float(high), n

@@ -1,0 +1,296 @@
+"""Results -> an interactive HTML report that opens from the file system, offline.
+
+    render_report(results, "iclgd-report/")        # index.html + layer_00.html ... + assets/
+    render_report(results, "out/", single_file=True)  # out/report.html, everything inlined once
+
+The folder also gets `results.json` / `results.parquet`. plotly.js and the circuitsvis bundle
+are written once into `assets/` (or inlined once). The report is built in a temporary folder
+beside the target and moved into place only when complete; an existing report is replaced
+only then, and a folder that is not a report is never overwritten.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from iclgd_lens.errors import IclgdError
+from iclgd_lens.report import figures
+from iclgd_lens.report.assets import script_tags, write_assets
+from iclgd_lens.report.attention import attention_patterns_html
+from iclgd_lens.report.templates import config_block, error, escape, headline, page, section, table
+from iclgd_lens.results import Results
+
+__all__ = ["render_report", "figures"]
+
+INDEX = "index.html"
+SINGLE = "report.html"
+CONDITIONS = ("zsl", "icl", "gd")
+_PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
+
+
+# ---- small helpers ----------------------------------------------------------------------
+def figure_html(fig: go.Figure) -> str:
+    """A figure as an HTML fragment that uses the page's plotly.js (never a CDN)."""
+    return fig.to_html(full_html=False, include_plotlyjs=False, config=_PLOTLY_CONFIG)
+
+
+def _items_html(items: Iterable[Any]) -> str:
+    """Figures, tables and text (what analyses and studies return) as HTML."""
+    parts = []
+    for item in items:
+        if isinstance(item, go.Figure):
+            parts.append(figure_html(item))
+        elif isinstance(item, pd.DataFrame):
+            parts.append(table(item))
+        elif isinstance(item, str):
+            parts.append(f"<p>{escape(item)}</p>")
+        else:
+            parts.append(error(f"cannot show an object of type {type(item).__name__}"))
+    return "\n".join(parts)
+
+
+def _by_layer(mapping: Any, layer: int) -> Any:
+    """mapping[layer], whether its keys are ints or (after JSON) strings."""
+    if not isinstance(mapping, Mapping):
+        return None
+    return mapping.get(layer, mapping.get(str(layer)))
+
+
+def _layers(results: Results) -> list[int]:
+    """Layer indices present in the table or the artifacts."""
+    layers = {int(v) for v in results.table["layer"].unique() if v >= 0}
+    for key in (results.artifacts.get("dw") or {}):
+        layers.add(int(key))
+    for per_layer in (results.artifacts.get("attention") or {}).values():
+        layers.update(int(k) for k in (per_layer or {}))
+    n_layers = results.config.get("n_layers")
+    if isinstance(n_layers, int) and not layers:
+        layers = set(range(n_layers))
+    return sorted(layers)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("iclgd-lens", "torch", "transformer-lens", "transformers", "plotly", "circuitsvis", "pandas"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+# ---- index --------------------------------------------------------------------------------
+def _index_body(
+    results: Results,
+    layer_link: Callable[[int], str],
+    analyses: Mapping[str, Callable],
+    study_results: Sequence[Any],
+) -> str:
+    sections = [section("Headline", headline(results.headline()) or '<p class="note">(no headline metrics)</p>',
+                        "headline", "Means over layers, episodes and queries; accuracies over episodes.")]
+
+    similarity = [m for m in figures.layer_metrics(results) if not m.startswith("probe:")]
+    curves = "\n".join(figure_html(f) for m in similarity if (f := figures.layer_curve_figure(results, m)))
+    sections.append(section(
+        "Layer-wise similarities", curves or '<p class="note">(no layer-level metrics)</p>', "layers",
+        "One trace per comparison: icl~gd is the headline, the others are baselines. Bands: 95% t-intervals "
+        "over episodes and queries.",
+    ))
+
+    model_level = figures.model_metrics(results)
+    if model_level:
+        rows = results.table[results.table["layer"] == -1]
+        by = ["metric", "comparison"] + (["k"] if len(results.k_values) > 1 else [])
+        summ = Results(rows, {}, {}).summary(by=by)
+        sections.append(section("Accuracy and output-distribution metrics", table(summ), "model-metrics",
+                                "Accuracy per condition, Rec2FTP, token overlap, overlap cosine, KL, JS."))
+
+    if len(results.k_values) > 1:
+        k_figs = "\n".join(figure_html(f) for m in results.metrics if (f := figures.k_curve_figure(results, m)))
+        sections.append(section("Metrics as a function of k", k_figs, "k-sweep",
+                                "Layer metrics are averaged over layers as well."))
+
+    probes = [m for m in figures.layer_metrics(results) if m.startswith("probe:")]
+    for metric in probes:
+        fig = figures.layer_curve_figure(results, metric)
+        sections.append(section(f"Probe {metric[len('probe:'):]}", figure_html(fig) if fig else "",
+                                f"probe-{metric[6:]}", f"metric {metric}, compared across conditions like SimAOU."))
+
+    for name, fn in analyses.items():
+        try:
+            inner = _items_html(fn(results))
+        except Exception as err:  # one broken analysis must not cost the whole report
+            warnings.warn(f"analysis {name!r} failed: {type(err).__name__}: {err}", stacklevel=2)
+            inner = error(f"analysis failed: {type(err).__name__}: {err}")
+        sections.append(section(f"Analysis: {name}", inner, f"analysis-{name}"))
+
+    for study in study_results:
+        inner = (
+            f"<p><b>Question.</b> {escape(getattr(study, 'question', ''))}</p>"
+            f'<p class="findings"><b>Findings.</b> {escape(getattr(study, "findings", ""))}</p>'
+            + _items_html(getattr(study, "figures", []) or [])
+        )
+        study_table = getattr(study, "table", None)
+        if isinstance(study_table, pd.DataFrame):
+            shown = study_table.head(200)
+            note = f'<p class="note">first 200 of {len(study_table)} rows</p>' if len(study_table) > 200 else ""
+            inner += f"<details><summary>table</summary>{note}{table(shown)}</details>"
+        if getattr(study, "config", None):
+            inner += f"<details><summary>configuration</summary>{config_block(study.config)}</details>"
+        sections.append(section(f"Study: {getattr(study, 'name', 'study')}", inner, f"study-{getattr(study, 'name', '')}"))
+
+    links = " ".join(f'<a href="{layer_link(l)}">layer {l}</a>' for l in _layers(results))
+    sections.append(section("Layers", f'<nav class="layers">{links}</nav>', "layer-links",
+                            "Per-head similarities, dW_ICL vs dW_GD, per-query distributions, attention views."))
+
+    report_info = {"rendered": _dt.datetime.now().isoformat(timespec="seconds"), "versions": _versions()}
+    sections.append(section("Configuration", config_block(results.config)
+                            + "<details><summary>report</summary>" + config_block(report_info) + "</details>",
+                            "config", "Settings, package versions, seed and run time of the comparison."))
+    return "\n".join(sections)
+
+
+# ---- layer pages ---------------------------------------------------------------------------
+def _layer_body(results: Results, layer: int) -> str:
+    t = results.table
+    sections = []
+    rows = t[(t["layer"] == layer) & (t["head"] == -1)]
+    by = ["metric", "comparison"] + (["k"] if len(results.k_values) > 1 else [])
+    sections.append(section("Numbers", table(Results(rows, {}, {}).summary(by=by)) if not rows.empty else "",
+                            f"l{layer}-numbers", "Means and 95% t-intervals over episodes and queries."))
+
+    head_rows = t[(t["layer"] == layer) & (t["head"] >= 0)]
+    heat = [figures.head_heatmap_figure(results, layer, c)
+            for c in figures.comparison_order(head_rows["comparison"].unique().tolist())]
+    sections.append(section("Per-head similarities", "\n".join(figure_html(f) for f in heat if f)
+                            or '<p class="note">(no per-head values)</p>', f"l{layer}-heads"))
+
+    dw = figures.dw_figure(_by_layer(results.artifacts.get("dw"), layer), layer)
+    sections.append(section("Implicit weight updates: dW_ICL and dW_GD", figure_html(dw) if dw else
+                            '<p class="note">(no dW artifacts for this layer)</p>', f"l{layer}-dw",
+                            "Per kv head, episode 0. The cosine in each title is computed from the two matrices."))
+
+    dists = [figures.query_distribution_figure(results, layer, m) for m in ("simaou", "simaou_norm")]
+    sections.append(section("Per-query SimAOU against its baselines", "\n".join(figure_html(f) for f in dists if f)
+                            or '<p class="note">(no per-query SimAOU)</p>', f"l{layer}-dist"))
+
+    views = []
+    attention = results.artifacts.get("attention") or {}
+    for condition in CONDITIONS:
+        entry = _by_layer(attention.get(condition), layer)
+        if entry and entry.get("tokens") is not None and entry.get("pattern") is not None:
+            views.append(f"<h3>{escape(condition.upper())}</h3>"
+                         + attention_patterns_html(entry["tokens"], entry["pattern"]))
+    sections.append(section("Attention on the example prompt", "\n".join(views)
+                            or '<p class="note">(no attention artifacts for this layer)</p>', f"l{layer}-attention",
+                            "circuitsvis views of ZSL, ICL and GD; hover a token to see where it attends."))
+
+    top = results.artifacts.get("top_tokens")
+    top = _by_layer(top, layer) if isinstance(top, Mapping) else top
+    fig = figures.top_tokens_figure(top or [])
+    sections.append(section("Tokens whose probabilities ICL and GD move most", figure_html(fig) if fig else
+                            '<p class="note">(no top-token artifacts)</p>', f"l{layer}-tokens"))
+    return "\n".join(sections)
+
+
+def layer_filename(layer: int) -> str:
+    return f"layer_{layer:02d}.html"
+
+
+# ---- writing ---------------------------------------------------------------------------------
+def _header(results: Results, subtitle: str, links: str = "") -> str:
+    cfg = results.config
+    facts = ", ".join(f"{k}: {cfg[k]}" for k in ("model", "task", "gd", "k", "seed") if k in cfg)
+    return f"<h1>iclgd-lens: {escape(subtitle)}</h1><div>{escape(facts)}</div>{links}"
+
+
+def _write(results: Results, folder: Path, single_file: bool, analyses: Mapping[str, Callable],
+           study_results: Sequence[Any]) -> Path:
+    results.save(folder)
+    layers = _layers(results)
+    if single_file:
+        body = _index_body(results, lambda l: f"#layer-{l:02d}", analyses, study_results)
+        for l in layers:
+            body += f'\n<h1 id="layer-{l:02d}">Layer {l}</h1>\n' + _layer_body(results, l)
+        target = folder / SINGLE
+        target.write_text(page("iclgd-lens report", _header(results, "ICL vs GD, layer by layer"), body,
+                               script_tags(single_file=True)), encoding="utf-8")
+        return target
+
+    write_assets(folder / "assets")
+    scripts = script_tags(single_file=False)
+    body = _index_body(results, layer_filename, analyses, study_results)
+    (folder / INDEX).write_text(page("iclgd-lens report", _header(results, "ICL vs GD, layer by layer"), body, scripts),
+                                encoding="utf-8")
+    for i, l in enumerate(layers):
+        nav = [f'<a href="{INDEX}">index</a>']
+        if i > 0:
+            nav.append(f'<a href="{layer_filename(layers[i - 1])}">&larr; layer {layers[i - 1]}</a>')
+        if i + 1 < len(layers):
+            nav.append(f'<a href="{layer_filename(layers[i + 1])}">layer {layers[i + 1]} &rarr;</a>')
+        header = _header(results, f"layer {l}", '<div>' + " | ".join(nav) + "</div>")
+        (folder / layer_filename(l)).write_text(page(f"iclgd-lens layer {l}", header, _layer_body(results, l), scripts),
+                                                encoding="utf-8")
+    return folder / INDEX
+
+
+def _check_target(out: Path) -> None:
+    """Refuse to replace anything that is not an earlier report (the user's files stay theirs)."""
+    if out.is_file() or out.is_symlink():
+        raise IclgdError(f"report folder {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not ((out / INDEX).is_file() or (out / SINGLE).is_file()):
+        raise IclgdError(f"refusing to replace {out}: it is not empty and holds no iclgd-lens report")
+
+
+def render_report(
+    results: Results,
+    out_dir: str | os.PathLike = "iclgd-report",
+    *,
+    single_file: bool = False,
+    study_results: Sequence[Any] = (),
+    analyses: Mapping[str, Callable] | None = None,
+) -> Path:
+    """Write the report for `results` into `out_dir`; return the path of its index.html (report.html).
+
+    `analyses`: name -> fn(results) rendered as sections (default: every registered analysis,
+    see `iclgd_lens.analyses`). `study_results`: StudyResult objects, one section each.
+    """
+    if not isinstance(results, Results):
+        raise IclgdError(f"render_report needs a Results, got {type(results).__name__}")
+    if analyses is None:
+        from iclgd_lens.analyses import registered_analyses
+
+        analyses = registered_analyses()
+    out = Path(out_dir)
+    _check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a report is an ordinary folder
+    try:
+        entry = _write(results, tmp, single_file, analyses, list(study_results))
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / entry.name

@@ -1,0 +1,96 @@
+"""Plain string templates for report pages: the page shell, sections, tables.
+
+Everything that comes from data goes through `escape` (or pandas' escaping `to_html`).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+import pandas as pd
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0; color: #222; }
+header { background: #223; color: #fff; padding: 14px 28px; }
+header a { color: #cde; }
+header h1 { margin: 0 0 4px 0; font-size: 1.4em; }
+main { padding: 10px 28px 40px 28px; max-width: 1200px; }
+section { margin: 28px 0; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: 4px; }
+table.data { border-collapse: collapse; font-size: 0.9em; margin: 8px 0; }
+table.data th, table.data td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+table.data th { background: #f4f4f8; }
+table.data td:first-child, table.data th:first-child { text-align: left; }
+.headline { display: flex; flex-wrap: wrap; gap: 12px; }
+.headline div { background: #f4f4f8; border-radius: 6px; padding: 8px 14px; }
+.headline b { display: block; font-size: 1.3em; }
+.note { color: #666; font-size: 0.9em; }
+.error { color: #a00; }
+nav.layers a { display: inline-block; margin: 2px 6px 2px 0; padding: 2px 8px; background: #eef; border-radius: 4px; }
+pre.config { background: #f7f7f7; padding: 10px; overflow-x: auto; font-size: 0.85em; }
+.findings { white-space: pre-wrap; }
+"""
+
+
+def escape(text: Any) -> str:
+    """HTML-escaped text, quotes included."""
+    return html.escape(str(text), quote=True)
+
+
+def page(title: str, header: str, body: str, scripts: str) -> str:
+    """A complete HTML page: libraries loaded in <head>, so figure scripts in the body can run."""
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(title)}</title>
+<style>{CSS}</style>
+{scripts}
+</head>
+<body>
+<header>{header}</header>
+<main>
+{body}
+</main>
+</body>
+</html>
+"""
+
+
+def section(title: str, inner: str, anchor: str = "", intro: str = "") -> str:
+    """A titled section; `title` and `intro` are escaped, `inner` is HTML."""
+    anchor_attr = f' id="{escape(anchor)}"' if anchor else ""
+    intro_html = f'<p class="note">{escape(intro)}</p>' if intro else ""
+    return f"<section{anchor_attr}>\n<h2>{escape(title)}</h2>\n{intro_html}\n{inner}\n</section>"
+
+
+def table(df: pd.DataFrame, digits: int = 3) -> str:
+    """An escaped HTML table of `df` (floats to `digits` decimals, NaN blank)."""
+    if df is None or df.empty:
+        return '<p class="note">(empty)</p>'
+    return df.to_html(
+        index=False, classes="data", border=0, escape=True, na_rep="",
+        float_format=lambda v: f"{v:.{digits}f}",
+    )
+
+
+def headline(numbers: dict[str, float]) -> str:
+    """Headline numbers as boxes."""
+    if not numbers:
+        return ""
+    boxes = "".join(f"<div>{escape(k)}<b>{v:.3f}</b></div>" for k, v in numbers.items())
+    return f'<div class="headline">{boxes}</div>'
+
+
+def config_block(config: dict) -> str:
+    """The configuration as pretty-printed, escaped JSON."""
+    text = json.dumps(config, indent=2, sort_keys=True, default=str)
+    return f'<pre class="config">{escape(text)}</pre>'
+
+
+def error(text: str) -> str:
+    """An error note shown in place of a section's content."""
+    return f'<p class="error">{escape(text)}</p>'

@@ -1,0 +1,291 @@
+"""Results: the tidy table of one comparison, its configuration, and what the report draws.
+
+`compare()` returns a `Results`; the report, the CLI and notebooks read it. The table has one
+row per number (see docs/architecture.md, "Results — the tidy table"):
+
+    metric | comparison | layer | head | episode | query | value     (+ optional `k`, ...)
+
+`summary()` aggregates over episodes and queries with a 95% t-interval; `save()` writes
+`results.json` (table records + config + artifacts) and `results.parquet` (the table, with
+config and artifacts in its metadata); `Results.load()` reads either file, or the folder.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from iclgd_lens.errors import IclgdError
+
+TABLE_COLUMNS: tuple[str, ...] = ("metric", "comparison", "layer", "head", "episode", "query", "value")
+"""The columns every results table has, in this order. Extra columns (e.g. `k`) are kept."""
+
+_INT_COLUMNS = ("layer", "head", "episode", "query")
+_STR_COLUMNS = ("metric", "comparison")
+JSON_NAME = "results.json"
+PARQUET_NAME = "results.parquet"
+_PARQUET_META_KEY = b"iclgd_lens"
+
+
+def t_interval(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float, float, int]:
+    """Mean and two-sided t-interval of `values`, NaNs dropped: (mean, low, high, n).
+
+    With fewer than two values the interval is (nan, nan): one number says nothing of its spread.
+    """
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    n = int(x.size)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    mean = float(x.mean())
+    if n < 2:
+        return mean, math.nan, math.nan, n
+    sem = float(x.std(ddof=1)) / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * sem
+    return mean, mean - half, mean + half, n
+
+
+def _validated_table(table: Any) -> pd.DataFrame:
+    """A copy of `table` with the required columns and their dtypes, or an IclgdError."""
+    if not isinstance(table, pd.DataFrame):
+        raise IclgdError(f"Results.table must be a pandas DataFrame, got {type(table).__name__}")
+    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+    if missing:
+        raise IclgdError(
+            f"results table lacks column(s) {', '.join(missing)}; expected {', '.join(TABLE_COLUMNS)}"
+        )
+    table = table.copy()  # never change the caller's frame
+    try:
+        for col in _STR_COLUMNS:
+            table[col] = table[col].astype(str)
+        for col in _INT_COLUMNS:
+            table[col] = table[col].astype("int64")
+        table["value"] = table["value"].astype(float)
+        if "k" in table.columns:
+            table["k"] = table["k"].astype("int64")
+    except (TypeError, ValueError) as err:
+        raise IclgdError(f"results table has a column of the wrong type: {str(err).splitlines()[0]}") from None
+    extra = [c for c in table.columns if c not in TABLE_COLUMNS]
+    return table[list(TABLE_COLUMNS) + extra].reset_index(drop=True)
+
+
+def _jsonable(obj: Any) -> Any:
+    """`obj` with tensors/arrays turned into lists and NaN/inf into None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "detach"):  # torch tensor, without importing torch
+        obj = obj.detach().cpu().numpy()
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write a file through a temporary file beside it, so no half-written file is left."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Results:
+    """One comparison's numbers (`table`), how they were made (`config`), and drawables (`artifacts`).
+
+    `config`: settings, package versions, seed, run time. `artifacts` (JSON-serialisable):
+    `dw[layer] = {"icl": [kv_head][d_head][d_head], "gd": ...}`, `attention[condition][layer] =
+    {"tokens": [...], "pattern": [head][q][k]}`, `top_tokens = [{"token", "d_icl", "d_gd"}]`.
+    """
+
+    table: pd.DataFrame
+    config: dict = field(default_factory=dict)
+    artifacts: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.table = _validated_table(self.table)
+        if not isinstance(self.config, dict):
+            raise IclgdError(f"Results.config must be a dict, got {type(self.config).__name__}")
+        if not isinstance(self.artifacts, dict):
+            raise IclgdError(f"Results.artifacts must be a dict, got {type(self.artifacts).__name__}")
+
+    # ---- aggregation -------------------------------------------------------------------
+    @property
+    def metrics(self) -> list[str]:
+        """The metric names present in the table, in order of first appearance."""
+        return list(dict.fromkeys(self.table["metric"]))
+
+    @property
+    def k_values(self) -> list[int]:
+        """The numbers of demonstrations in the table (empty when it has no `k` column)."""
+        return sorted(self.table["k"].unique().tolist()) if "k" in self.table.columns else []
+
+    def summary(self, by: Sequence[str] = ("metric", "comparison", "layer", "head")) -> pd.DataFrame:
+        """Mean, 95% t-interval (`ci_low`, `ci_high`) and `n` of `value`, grouped by `by`.
+
+        Aggregates over episodes and queries (NaNs dropped). When the table has a `k` column
+        with several values, `k` is added to the grouping: numbers from different k are never
+        averaged together.
+        """
+        by = list(by)
+        unknown = [c for c in by if c not in self.table.columns]
+        if unknown:
+            raise IclgdError(f"cannot group by {', '.join(unknown)}; columns are {', '.join(self.table.columns)}")
+        if len(self.k_values) > 1 and "k" not in by:
+            by.append("k")
+        rows = []
+        for key, group in self.table.groupby(by, sort=True, dropna=False):
+            key = key if isinstance(key, tuple) else (key,)
+            mean, low, high, n = t_interval(group["value"].to_numpy())
+            rows.append((*key, mean, low, high, n))
+        return pd.DataFrame(rows, columns=[*by, "mean", "ci_low", "ci_high", "n"])
+
+    def layer_curve(self, metric: str, comparison: str = "icl~gd") -> pd.DataFrame:
+        """Layer-level summary of one metric and comparison: layer, mean, ci_low, ci_high, n.
+
+        Rows with `head == -1` (layer-level values) and `layer >= 0`, sorted by layer (and k).
+        """
+        rows = self.table[(self.table["metric"] == metric) & (self.table["comparison"] == comparison)]
+        if rows.empty:
+            have = self.table.loc[self.table["metric"] == metric, "comparison"].unique().tolist()
+            if not have:
+                raise IclgdError(f"no metric {metric!r} in the results; metrics: {', '.join(self.metrics)}")
+            raise IclgdError(f"metric {metric!r} has no comparison {comparison!r}; it has {', '.join(have)}")
+        sub = Results(rows[(rows["layer"] >= 0) & (rows["head"] == -1)], self.config, {})
+        by = ["layer"] + (["k"] if len(self.k_values) > 1 else [])
+        return sub.summary(by=by).sort_values(by[::-1]).reset_index(drop=True)
+
+    # ---- files -------------------------------------------------------------------------
+    def to_json_dict(self) -> dict:
+        """The whole result as a strict-JSON dict: table records, config, artifacts."""
+        return {
+            "table": _jsonable(self.table.to_dict(orient="records")),
+            "config": _jsonable(self.config),
+            "artifacts": _jsonable(self.artifacts),
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `results.json` and `results.parquet` into `directory` (created); return the folder."""
+        out = Path(directory)
+        if out.exists() and not out.is_dir():
+            raise IclgdError(f"cannot save results into {out}: it is a file, not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        payload = self.to_json_dict()
+        text = json.dumps(payload, allow_nan=False)
+        _atomic_write(out / JSON_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        arrow = pa.Table.from_pandas(self.table, preserve_index=False)
+        meta = dict(arrow.schema.metadata or {})
+        meta[_PARQUET_META_KEY] = json.dumps({"config": payload["config"], "artifacts": payload["artifacts"]}).encode()
+        arrow = arrow.replace_schema_metadata(meta)
+        _atomic_write(out / PARQUET_NAME, lambda tmp: pq.write_table(arrow, tmp))
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Results":
+        """Read results saved by `save`: a folder, its `results.json`, or its `results.parquet`."""
+        path = Path(path)
+        if path.is_dir():
+            for name in (JSON_NAME, PARQUET_NAME):
+                if (path / name).is_file():
+                    return cls.load(path / name)
+            raise IclgdError(f"no {JSON_NAME} or {PARQUET_NAME} in {path}")
+        if not path.is_file():
+            raise IclgdError(f"results file not found: {path}")
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                arrow = pq.read_table(path)
+            except Exception as err:  # pyarrow raises several types for a bad file
+                raise IclgdError(f"cannot read {path} as Parquet: {str(err).splitlines()[0]}") from None
+            meta = json.loads((arrow.schema.metadata or {}).get(_PARQUET_META_KEY, b"{}"))
+            return cls(arrow.to_pandas(), meta.get("config", {}), meta.get("artifacts", {}))
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise IclgdError(f"cannot read {path} as results JSON: {err}") from None
+        if not isinstance(payload, dict) or "table" not in payload:
+            raise IclgdError(f"{path} is not an iclgd-lens results file (no 'table' key)")
+        table = pd.DataFrame.from_records(payload["table"], columns=None)
+        if table.empty:
+            table = pd.DataFrame(columns=list(TABLE_COLUMNS))
+        if "value" in table.columns:
+            table["value"] = pd.to_numeric(table["value"], errors="coerce")  # None -> NaN
+        return cls(table, payload.get("config") or {}, payload.get("artifacts") or {})
+
+    # ---- notebooks ---------------------------------------------------------------------
+    def headline(self) -> dict[str, float]:
+        """A few numbers worth seeing first (absent ones are left out).
+
+        Layer metrics are averaged over layers (of the layer-level means); model-level ones
+        (accuracy, Rec2FTP, ...) are their mean over episodes.
+        """
+        out: dict[str, float] = {}
+        summ = self.summary(by=("metric", "comparison", "layer", "head"))
+        if "k" in summ.columns:  # the largest k is the headline
+            summ = summ[summ["k"] == summ["k"].max()]
+        summ = summ[summ["head"] == -1]
+        for metric, comparison in [
+            ("accuracy", "zsl"), ("accuracy", "icl"), ("accuracy", "gd"), ("rec2ftp", "icl~gd"),
+            ("simaou", "icl~gd"), ("simaou", "icl~random"), ("simaou", "icl~random_update"),
+            ("simam_delta", "icl~gd"), ("dw_cos", "icl~gd"), ("token_overlap", "icl~gd"),
+        ]:
+            rows = summ[(summ["metric"] == metric) & (summ["comparison"] == comparison)]
+            if not rows.empty:
+                out[f"{metric} {comparison}"] = float(rows["mean"].mean())
+        return out
+
+    def _repr_html_(self) -> str:
+        """A compact view for notebooks: headline numbers and metric x comparison means."""
+        head = self.headline()
+        items = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{v:.3f}</td></tr>" for k, v in head.items()
+        )
+        summ = self.summary(by=("metric", "comparison"))
+        pivot = summ.pivot_table(index="metric", columns="comparison", values="mean", aggfunc="mean")
+        model = self.config.get("model", "?")
+        task = self.config.get("task", "?")
+        title = html.escape(f"iclgd-lens Results: model={model}, task={task}, {len(self.table)} rows")
+        return (
+            f"<div><b>{title}</b>"
+            f"<table>{items}</table>"
+            f"<details><summary>mean of every metric x comparison (over layers, heads, episodes, queries)"
+            f"</summary>{pivot.to_html(float_format=lambda v: f'{v:.3f}', na_rep='', escape=True)}</details></div>"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Results({len(self.table)} rows, metrics={self.metrics}, "
+            f"config keys={sorted(self.config)}, artifacts={sorted(self.artifacts)})"
+        )

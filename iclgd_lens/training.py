@@ -1,0 +1,206 @@
+"""Train the embedded tiny LLaMA models on the synthetic corpus (reproducible, CPU, minutes).
+
+    python -m iclgd_lens.training --variant icl    --out iclgd_lens/models/tiny-llama-icl    --threads 1
+    python -m iclgd_lens.training --variant iclobj --out iclgd_lens/models/tiny-llama-iclobj --threads 1
+
+Variants:
+- `icl`: the ordinary next-token loss on every token of the corpus (`corpus.mapping_document`:
+  bursty document-specific mappings plus global fact lines). ICL has to emerge.
+- `iclobj`: the explicit ICL objective of the theory papers: 2-way k-shot prompts (mapping lines
+  only) with the loss on the label tokens only.
+
+The run is seeded (model init and data), single-process, and writes the HF model and
+tokenizer (`save_pretrained`) plus `training_log.json` (config, seed, losses, k-shot checks,
+time) to `--out`. `--micro` is a seconds-long configuration for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from iclgd_lens.corpus import DocumentConfig, World, default_task, document_text, mapping_document
+from iclgd_lens.evaluation import kshot_accuracy
+from iclgd_lens.tokenizer import build_tokenizer
+
+VARIANTS = ("icl", "iclobj")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (written to training_log.json)."""
+
+    variant: str = "icl"
+    seed: int = 0
+    steps: int = 2000
+    batch_size: int = 32
+    seq_len: int = 128  # 16-shot prompts (~67 tokens) are in distribution
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2  # GQA: the default model exercises it
+    max_position_embeddings: int = 256
+    eval_every: int = 250
+    eval_episodes: int = 25
+    eval_ks: tuple[int, ...] = (0, 1, 2, 8)
+    threads: int = 1
+
+
+MICRO = dict(
+    steps=6, batch_size=4, seq_len=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    warmup_steps=2, eval_every=0,
+)
+"""A configuration that trains in about a second (for tests)."""
+
+
+def document_config(variant: str, seq_len: int) -> DocumentConfig:
+    """Documents of the variant, with enough 4-token lines to fill `seq_len` tokens."""
+    n_lines = seq_len // 4 + 1
+    if variant == "icl":
+        return DocumentConfig(n_lines=n_lines)
+    return DocumentConfig(n_lines=n_lines, n_categories=(2,), p_mapping=1.0, p_fact_document=0.0)
+
+
+def model_config(config: TrainConfig, tokenizer) -> LlamaConfig:
+    """The LLaMA architecture (RMSNorm, RoPE, SwiGLU, GQA) at the configured size."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def make_batch(
+    variant: str, world: World, tokenizer, rng: random.Random, batch_size: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [batch, seq_len] and next-token targets [batch, seq_len] (-100 = no loss).
+
+    `icl`: every next token is a target. `iclobj`: only label words are targets.
+    """
+    doc_config = document_config(variant, seq_len)
+    texts = [document_text(mapping_document(world, rng, doc_config)[0]) for _ in range(batch_size)]
+    ids = torch.tensor([tokenizer(t)["input_ids"][:seq_len] for t in texts])  # [batch, seq_len]
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    if variant == "iclobj":
+        label_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(world.label_words)))
+        targets[~torch.isin(targets, label_ids)] = -100
+    return ids, targets
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to `min_lr_ratio * lr`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(config: TrainConfig, out: Path | None = None, log=print, command: str | None = None) -> tuple[LlamaForCausalLM, object, dict]:
+    """Train one model; save it to `out` if given. Returns (model, tokenizer, training log)."""
+    if config.variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {config.variant!r}")
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    world = World()
+    name = f"tiny-llama-{config.variant}"
+    tokenizer = build_tokenizer(world, name_or_path=name)
+    model = LlamaForCausalLM(model_config(config, tokenizer))
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.95),
+    )
+    task = default_task(seed=config.seed)
+    losses, evals = [], []
+    start = time.time()
+    log(f"{name}: {n_params:,} parameters, {config.steps} steps of {config.batch_size} x {config.seq_len} tokens")
+    model.train()
+    for step in range(config.steps):
+        ids, targets = make_batch(config.variant, world, tokenizer, rng, config.batch_size, config.seq_len)
+        logits = model(ids).logits  # [batch, seq_len, vocab]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        losses.append(round(loss.item(), 5))
+        last = step + 1 == config.steps
+        if config.eval_every and ((step + 1) % config.eval_every == 0 or last):
+            acc = kshot_accuracy(model, tokenizer, task, config.eval_ks, config.eval_episodes, 4, seed=10_000 + step)
+            evals.append({"step": step + 1, "accuracy": acc})
+            mean_loss = sum(losses[-50:]) / len(losses[-50:])
+            log(f"step {step + 1}: loss {mean_loss:.4f}  k-shot {acc}  ({time.time() - start:.0f}s)")
+    seconds = time.time() - start
+    training_log = {
+        "model": name,
+        "command": command,
+        "config": asdict(config),
+        "seed": config.seed,
+        "n_parameters": n_params,
+        "train_seconds": round(seconds, 1),
+        "losses": losses,
+        "kshot_during_training": evals,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+    }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "training_log.json").write_text(json.dumps(training_log, indent=1))
+        log(f"saved to {out} after {seconds:.0f}s")
+    return model, tokenizer, training_log
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m iclgd_lens.training", description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", choices=VARIANTS, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 or 2; more oversubscribes)")
+    parser.add_argument("--micro", action="store_true", help="a seconds-long tiny configuration (tests)")
+    args = parser.parse_args(argv)
+    overrides = dict(MICRO) if args.micro else {}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    config = TrainConfig(variant=args.variant, seed=args.seed, threads=args.threads, **overrides)
+    argv = sys.argv[1:] if argv is None else argv
+    command = "python -m iclgd_lens.training " + " ".join(argv)
+    train(config, out=args.out, log=lambda msg: print(msg, flush=True), command=command)
+
+
+if __name__ == "__main__":
+    main()

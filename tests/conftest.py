@@ -1,0 +1,15 @@
+"""Test-wide settings: deterministic, offline, and a deliberate torch thread count.
+
+CI has 2 cores; oversubscribed threads made training steps 70x slower there, so every test
+process uses one thread unless ICLGD_TEST_THREADS says otherwise.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("ICLGD_TEST_THREADS", "1")))

@@ -1,0 +1,89 @@
+"""compare(): the end-to-end comparison on a tiny random LLaMA."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from iclgd_lens.compare import compare
+from iclgd_lens.errors import IclgdError
+from iclgd_lens.gd import GDConfig
+from tiny import tiny_bridge, tiny_task, tiny_tokenizer
+
+torch.set_num_threads(1)
+
+SMALL = dict(k=3, n_episodes=2, n_queries=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def bridge():
+    return tiny_bridge(tokenizer=tiny_tokenizer(), n_layers=2)
+
+
+@pytest.fixture(scope="module")
+def results(bridge):
+    return compare(bridge, tiny_task(), gd=GDConfig.dai(lr=0.05), baselines=("random", "random_update", "icl_perm"), **SMALL)
+
+
+def test_table_has_the_literature_metrics(results):
+    t = results.table
+    expected = {"simaou", "simaou_norm", "simam_before", "simam_after", "simam_delta", "kendall_example", "kendall_token",
+                "dw_cos", "dw_action_cos", "dual_form_cos", "accuracy", "rec2ftp", "token_overlap", "overlap_cosine", "kl", "js", "probe:resid_out"}
+    assert expected <= set(t["metric"])
+    assert {"icl~gd", "icl~random", "icl~random_update", "icl~icl_perm"} <= set(t.loc[t.metric == "simaou", "comparison"])
+    # one value per (layer, query) for layer-level SimAOU: 2 layers x 2 episodes x 4 queries
+    layer_level = t[(t.metric == "simaou") & (t.comparison == "icl~gd") & (t["head"] == -1)]
+    assert len(layer_level) == 2 * 2 * 4
+    cos = t[t.metric.isin(["simaou", "simaou_norm", "dw_cos", "simam_delta"])]["value"].dropna()
+    assert cos.between(-1 - 1e-5, 1 + 1e-5).all()
+    assert results.config["k"] == 3 and results.config["gd"]["lr"] == 0.05
+
+
+def test_icl_against_itself_under_another_order_is_the_ceiling(results):
+    """ICL vs ICL (another demo order) must agree far better than ICL vs a random vector."""
+    s = results.summary()
+    get = lambda c: s[(s.metric == "simaou") & (s.comparison == c) & (s["head"] == -1)]["mean"].mean()
+    assert get("icl~icl_perm") > get("icl~random") + 0.3
+
+
+def test_model_unchanged_also_when_gd_diverges(bridge):
+    before = {k: v.clone() for k, v in bridge.state_dict().items()}
+    compare(bridge, tiny_task(), gd=GDConfig.dai(lr=0.05), baselines=False, **SMALL)
+    assert all(torch.equal(before[k], v) for k, v in bridge.state_dict().items())
+    with pytest.raises(IclgdError, match="lr"):
+        compare(bridge, tiny_task(), gd=GDConfig(lr=1e30, epochs=5), baselines=False, **SMALL)
+    assert all(torch.equal(before[k], v) for k, v in bridge.state_dict().items())
+    assert all(len(hp.fwd_hooks) == 0 for hp in bridge.hook_dict.values())
+
+
+def test_prefix_sharing_and_chunking_change_no_number(bridge):
+    kw = dict(gd=GDConfig.dai(lr=0.05), baselines=("random_update", "icl_perm"), artifacts=False, **SMALL)
+    a = compare(bridge, tiny_task(), share_prefix=True, batch_size=64, **kw).table
+    b = compare(bridge, tiny_task(), share_prefix=False, batch_size=3, **kw).table
+    key = ["metric", "comparison", "layer", "head", "episode", "query"]
+    merged = a.merge(b, on=key, suffixes=("_a", "_b"))
+    assert len(merged) == len(a) == len(b)
+    both_nan = merged.value_a.isna() & merged.value_b.isna()
+    assert np.allclose(merged.value_a[~both_nan], merged.value_b[~both_nan], atol=1e-4)
+
+
+def test_zero_shots_make_icl_equal_zsl(bridge):
+    r = compare(bridge, tiny_task(), k=0, n_episodes=1, n_queries=4, baselines=False, progress=False)
+    acc = r.table[r.table.metric == "accuracy"].groupby("comparison")["value"].mean()
+    assert acc["icl"] == acc["zsl"] == acc["gd"]
+    kl = r.table[(r.table.metric == "kl") & (r.table.comparison == "icl~zsl")]["value"]
+    assert (kl.abs() < 1e-6).all()
+
+
+def test_untrained_baseline_is_recorded(bridge):
+    r = compare(bridge, tiny_task(), gd=GDConfig.dai(lr=0.05), baselines=("untrained",), artifacts=False, **SMALL)
+    assert "untrained:icl~gd" in set(r.table.comparison)
+
+
+def test_artifacts_for_the_report(results):
+    art = results.artifacts
+    assert set(art["attention"]) == {"zsl", "icl", "gd"}
+    layer0 = art["attention"]["icl"]["0"]
+    assert len(layer0["pattern"][0]) == len(layer0["tokens"])
+    assert len(art["dw"]["0"]["icl"]) == 2  # n_kv heads
+    assert len(art["top_tokens"]) == 15

@@ -1,0 +1,250 @@
+"""Each metric against an independent computation (numpy / scipy / plain loops), plus edge cases."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import scipy.spatial.distance
+import scipy.stats
+import torch
+
+from iclgd_lens import metrics
+from iclgd_lens.errors import IclgdError
+from iclgd_lens.tasks import OTHER_SEGMENT, QUERY_SEGMENT
+
+torch.set_num_threads(1)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def np_cos(a, b):
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# ---- cosines --------------------------------------------------------------------------------
+def test_delta_cosine_matches_numpy_and_zero_update_is_zero():
+    h_a, h_b, h_ref = (torch.randn(3, 4, 16, generator=gen(i), dtype=torch.float64) for i in range(3))
+    got = metrics.delta_cosine(h_a, h_b, h_ref)
+    assert got.shape == (3, 4)
+    a, b, r = h_a.numpy(), h_b.numpy(), h_ref.numpy()
+    for i, j in itertools.product(range(3), range(4)):
+        assert got[i, j].item() == pytest.approx(np_cos(a[i, j] - r[i, j], b[i, j] - r[i, j]), abs=1e-12)
+    same = metrics.delta_cosine(h_ref, h_b, h_ref)  # no ICL update at all
+    assert torch.equal(same, torch.zeros_like(same))
+
+
+def test_simaou_norm_matches_dai_recipe():
+    h_icl, h_gd, h_zsl = (torch.randn(5, 32, generator=gen(10 + i), dtype=torch.float64) for i in range(3))
+    got = metrics.simaou_norm(h_icl, h_gd, h_zsl)
+    for i in range(5):
+        u = [x[i].numpy() / np.linalg.norm(x[i].numpy()) for x in (h_icl, h_gd, h_zsl)]
+        assert got[i].item() == pytest.approx(np_cos(u[0] - u[2], u[1] - u[2]), abs=1e-12)
+
+
+def test_simaou_norm_floor_of_one_quarter_while_raw_is_zero():
+    """h_ICL = z + n1, h_GD = z + n2, n1, n2 independent, orthogonal to z, |z + n| = 2|z|."""
+    d, n_trials = 2**16, 8  # cos(n1, n2) ~ 1/sqrt(d): SimAOU_norm = 1/4 + 3/4 cos(n1, n2)
+    z = torch.randn(n_trials, d, generator=gen(1), dtype=torch.float64)
+
+    def noise_orthogonal_to_z(seed):
+        n = torch.randn(n_trials, d, generator=gen(seed), dtype=torch.float64)
+        n = n - (n * z).sum(-1, keepdim=True) / (z * z).sum(-1, keepdim=True) * z
+        return n / n.norm(dim=-1, keepdim=True) * math.sqrt(3.0) * z.norm(dim=-1, keepdim=True)  # |z+n|^2 = 4|z|^2
+
+    h_icl, h_gd = z + noise_orthogonal_to_z(2), z + noise_orthogonal_to_z(3)
+    assert torch.allclose((h_icl).norm(dim=-1), 2 * z.norm(dim=-1))
+    normalised = metrics.simaou_norm(h_icl, h_gd, z)
+    raw = metrics.delta_cosine(h_icl, h_gd, z)
+    assert torch.allclose(normalised, torch.full_like(normalised, 0.25), atol=1e-2)
+    assert raw.abs().max() < 0.1
+
+
+def test_cosine_with_mask_and_nan_padding():
+    a = torch.randn(4, 10, generator=gen(4), dtype=torch.float64)
+    b = torch.randn(4, 10, generator=gen(5), dtype=torch.float64)
+    lengths = [10, 7, 3, 1]
+    mask = torch.arange(10)[None, :] < torch.tensor(lengths)[:, None]  # [4, 10]
+    got = metrics.cosine(a, b, mask)
+    for i, n in enumerate(lengths):
+        assert got[i].item() == pytest.approx(np_cos(a[i, :n].numpy(), b[i, :n].numpy()), abs=1e-12)
+    # the same padding marked by NaN instead of a mask
+    a_nan = torch.where(mask, a, torch.tensor(float("nan"), dtype=a.dtype))
+    assert torch.allclose(metrics.cosine(a_nan, b), got)
+    # zero vector over the real entries -> 0; no real entry -> NaN
+    zeros = metrics.cosine(torch.zeros(2, 5), torch.randn(2, 5, generator=gen(6)))
+    assert torch.equal(zeros, torch.zeros(2))
+    empty = metrics.cosine(a[:1], b[:1], torch.zeros(1, 10, dtype=torch.bool))
+    assert torch.isnan(empty).all()
+
+
+def test_matrix_cosine_is_frobenius():
+    a = torch.randn(3, 4, 5, generator=gen(7), dtype=torch.float64)
+    b = torch.randn(3, 4, 5, generator=gen(8), dtype=torch.float64)
+    got = metrics.matrix_cosine(a, b)
+    for i in range(3):
+        want = np.trace(a[i].numpy().T @ b[i].numpy()) / (np.linalg.norm(a[i].numpy()) * np.linalg.norm(b[i].numpy()))
+        assert got[i].item() == pytest.approx(want, abs=1e-12)
+    assert metrics.matrix_cosine(torch.zeros(4, 5), b[0]).item() == 0.0
+
+
+# ---- attention maps -------------------------------------------------------------------------
+def test_simam_and_simam_delta_per_head_over_variable_lengths():
+    batch, heads, keys = 3, 2, 6
+    m_icl, m_gd, m_zsl = (torch.randn(batch, heads, keys, generator=gen(20 + i), dtype=torch.float64) for i in range(3))
+    lengths = [6, 4, 2]
+    mask = torch.arange(keys)[None, :] < torch.tensor(lengths)[:, None]
+    s = metrics.simam(m_icl, m_gd, mask)
+    d = metrics.simam_delta(m_icl, m_gd, m_zsl, mask)
+    assert s.shape == d.shape == (batch, heads)
+    for bi, h in itertools.product(range(batch), range(heads)):
+        n = lengths[bi]
+        a, g, z = (m[bi, h, :n].numpy() for m in (m_icl, m_gd, m_zsl))
+        assert s[bi, h].item() == pytest.approx(np_cos(a, g), abs=1e-12)
+        assert d[bi, h].item() == pytest.approx(np_cos(a - z, g - z), abs=1e-12)
+
+
+def test_select_keys_aligns_query_tokens_across_layouts():
+    # ICL prompt: bos, demo (2 tokens), sep, query (3 tokens); ZSL prompt: bos, query (3 tokens), pad
+    seg_icl = torch.tensor([[OTHER_SEGMENT, 1, 1, OTHER_SEGMENT, QUERY_SEGMENT, QUERY_SEGMENT, QUERY_SEGMENT]])
+    seg_zsl = torch.tensor([[OTHER_SEGMENT, QUERY_SEGMENT, QUERY_SEGMENT, QUERY_SEGMENT, OTHER_SEGMENT, OTHER_SEGMENT, OTHER_SEGMENT]])
+    scores_icl = torch.arange(14.0).reshape(1, 2, 7)
+    scores_zsl = torch.arange(14.0).reshape(1, 2, 7) * 10
+    packed_icl, mask_icl = metrics.select_keys(scores_icl, seg_icl == QUERY_SEGMENT)
+    packed_zsl, mask_zsl = metrics.select_keys(scores_zsl, seg_zsl == QUERY_SEGMENT)
+    assert packed_icl.tolist() == [[[4.0, 5.0, 6.0], [11.0, 12.0, 13.0]]]
+    assert packed_zsl.tolist() == [[[10.0, 20.0, 30.0], [80.0, 90.0, 100.0]]]
+    assert mask_icl.all() and mask_zsl.all()
+
+
+def test_demo_attention_mass_sums_per_demonstration():
+    segments = torch.tensor([0, 1, 1, 0, 2, 2, 2, 0, 3, -1, -1])
+    pattern = torch.softmax(torch.randn(2, 4, 11, generator=gen(30)), dim=-1)  # [batch, heads, pos]
+    got = metrics.demo_attention_mass(pattern, segments)
+    assert got.shape == (2, 4, 3)
+    for demo in (1, 2, 3):
+        want = sum(pattern[..., p] for p in range(11) if segments[p] == demo)
+        assert torch.allclose(got[..., demo - 1], want)
+    with pytest.raises(IclgdError):
+        metrics.demo_attention_mass(pattern, torch.zeros(11, dtype=torch.long))
+
+
+def test_kendall_matches_pair_counting():
+    a = torch.randn(12, generator=gen(31))
+    b = a + 0.8 * torch.randn(12, generator=gen(32))
+    tau, p = metrics.kendall(a, b)
+    concordant = discordant = 0
+    for i, j in itertools.combinations(range(12), 2):
+        s = np.sign((a[i] - a[j]).item()) * np.sign((b[i] - b[j]).item())
+        concordant += s > 0
+        discordant += s < 0
+    assert tau == pytest.approx((concordant - discordant) / (concordant + discordant), abs=1e-12)
+    assert 0.0 <= p <= 1.0
+    assert all(math.isnan(v) for v in metrics.kendall([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+
+
+# ---- output distributions -------------------------------------------------------------------
+def test_token_overlap_and_overlap_cosine_against_sets():
+    p1 = torch.softmax(torch.randn(5, 40, generator=gen(40), dtype=torch.float64), -1)
+    p2 = torch.softmax(p1.log() + 0.7 * torch.randn(5, 40, generator=gen(41), dtype=torch.float64), -1)
+    k = 10
+    overlap, ocos = metrics.token_overlap(p1, p2, k), metrics.overlap_cosine(p1, p2, k)
+    for i in range(5):
+        top1 = set(np.argsort(-p1[i].numpy())[:k])
+        top2 = set(np.argsort(-p2[i].numpy())[:k])
+        both = sorted(top1 & top2)
+        assert overlap[i].item() == pytest.approx(len(both) / k)
+        assert ocos[i].item() == pytest.approx(np_cos(p1[i].numpy()[both], p2[i].numpy()[both]), abs=1e-12)
+
+
+def test_overlap_cosine_is_zero_when_top_k_sets_are_disjoint():
+    p1 = torch.tensor([0.4, 0.3, 0.1, 0.1, 0.05, 0.05])
+    p2 = torch.tensor([0.05, 0.05, 0.1, 0.1, 0.3, 0.4])
+    assert metrics.token_overlap(p1, p2, k=2).item() == 0.0
+    assert metrics.overlap_cosine(p1, p2, k=2).item() == 0.0
+    with pytest.raises(IclgdError):
+        metrics.token_overlap(p1, p2, k=7)
+
+
+def test_kl_and_js_match_scipy_including_zero_probabilities():
+    logits_p = torch.randn(4, 30, generator=gen(50), dtype=torch.float64)
+    logits_q = torch.randn(4, 30, generator=gen(51), dtype=torch.float64)
+    logits_p[:, :5] = -float("inf")  # p has zeros
+    log_p, log_q = torch.log_softmax(logits_p, -1), torch.log_softmax(logits_q, -1)
+    kl, js = metrics.kl(log_p, log_q), metrics.js(log_p, log_q)
+    for i in range(4):
+        p, q = log_p[i].exp().numpy(), log_q[i].exp().numpy()
+        assert kl[i].item() == pytest.approx(scipy.stats.entropy(p, q), abs=1e-10)
+        assert js[i].item() == pytest.approx(scipy.spatial.distance.jensenshannon(p, q) ** 2, abs=1e-10)
+    assert torch.isfinite(kl).all() and (js <= math.log(2) + 1e-12).all()
+    assert torch.allclose(metrics.js(log_q, log_q), torch.zeros(4, dtype=torch.float64))
+
+
+def test_order_sensitivity_is_population_std_summed():
+    probs = torch.softmax(torch.randn(10, 3, 25, generator=gen(60), dtype=torch.float64), -1)  # [perms, batch, vocab]
+    want = np.std(probs.numpy(), axis=0, ddof=0).sum(-1)
+    assert np.allclose(metrics.order_sensitivity(probs).numpy(), want)
+    assert torch.allclose(metrics.order_sensitivity(probs[:1].expand(4, -1, -1)), torch.zeros(3, dtype=torch.float64))
+
+
+# ---- predictions ----------------------------------------------------------------------------
+def test_accuracy_over_label_words():
+    logits = torch.randn(50, 4, generator=gen(70))
+    labels = torch.randint(0, 4, (50,), generator=gen(71))
+    want = np.mean(np.argmax(logits.numpy(), axis=1) == labels.numpy())
+    assert metrics.accuracy(logits, labels).item() == pytest.approx(want)
+
+
+def test_rec2ftp_counts_and_denominator():
+    zsl = np.array([0, 0, 0, 0, 0, 1, 1, 0], dtype=bool)
+    gd = np.array([1, 1, 1, 0, 0, 1, 1, 1], dtype=bool)
+    icl = np.array([1, 0, 1, 1, 1, 1, 0, 0], dtype=bool)
+    # ZSL wrong & GD right: positions 0, 1, 2, 7 (4); of those ICL right: 0, 2 (2) -> 50%
+    got = metrics.rec2ftp(torch.tensor(zsl), torch.tensor(icl), torch.tensor(gd))
+    assert got == pytest.approx(50.0)
+    pitfall_6 = 100 * np.sum(~zsl & gd & icl) / abs(gd.sum() - icl.sum())
+    assert got != pytest.approx(pitfall_6)
+    rng = np.random.default_rng(0)
+    z, i, g = (rng.random(200) < 0.5 for _ in range(3))
+    assert metrics.rec2ftp(torch.tensor(z), torch.tensor(i), torch.tensor(g)) == pytest.approx(
+        100 * np.sum(~z & g & i) / np.sum(~z & g)
+    )
+    assert math.isnan(metrics.rec2ftp(torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)))
+
+
+# ---- implicit weights -----------------------------------------------------------------------
+def test_implicit_dw_and_dual_form_with_mask_and_gqa():
+    batch, n_tok, heads_kv, heads_q, d = 2, 5, 2, 4, 3
+    k = torch.randn(batch, n_tok, heads_kv, d, generator=gen(80), dtype=torch.float64)
+    v = torch.randn(batch, n_tok, heads_kv, d, generator=gen(81), dtype=torch.float64)
+    q = torch.randn(batch, heads_q, d, generator=gen(82), dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    dw = metrics.implicit_dw_icl(k, v, mask)
+    update = metrics.dual_form_update(q, k, v, mask)
+    assert dw.shape == (batch, heads_kv, d, d) and update.shape == (batch, heads_q, d)
+    for b in range(batch):
+        for h in range(heads_kv):
+            want = sum(np.outer(v[b, i, h].numpy(), k[b, i, h].numpy()) for i in range(n_tok) if mask[b, i])
+            assert np.allclose(dw[b, h].numpy(), want)
+        for h in range(heads_q):
+            kv = h // (heads_q // heads_kv)
+            want = sum(v[b, i, kv].numpy() * float(k[b, i, kv] @ q[b, h]) for i in range(n_tok) if mask[b, i])
+            assert np.allclose(update[b, h].numpy(), want)
+    with pytest.raises(IclgdError):
+        metrics.dual_form_update(torch.randn(batch, 3, d, dtype=torch.float64), k, v)
+
+
+# ---- aggregation ----------------------------------------------------------------------------
+def test_mean_ci_t_interval_drops_nans():
+    values = np.array([0.1, 0.4, np.nan, 0.35, 0.2, 0.5, np.nan])
+    mean, low, high, n = metrics.mean_ci(torch.tensor(values))
+    real = values[~np.isnan(values)]
+    half = scipy.stats.t.ppf(0.975, len(real) - 1) * real.std(ddof=1) / np.sqrt(len(real))
+    assert n == 5 and mean == pytest.approx(real.mean())
+    assert low == pytest.approx(real.mean() - half) and high == pytest.approx(real.mean() + half)
+    assert metrics.mean_ci([np.nan])[3] == 0
+    one = metrics.mean_ci([0.3])
+    assert one[0] == 0.3 and math.isnan(one[1]) and one[3] == 1
+    assert metrics.mean_ci([0.2, 0.2, 0.2])[:3] == pytest.approx((0.2, 0.2, 0.2), abs=1e-12)

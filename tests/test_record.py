@@ -1,0 +1,98 @@
+"""Recording: probes slice what is asked, hooks are removed, prefix sharing changes nothing."""
+
+import pytest
+import torch
+
+from iclgd_lens.hooks.scores import query_token_slots
+from iclgd_lens.record import Recorder, split_shared_prefix
+from iclgd_lens.tasks import encode_prompts
+from tiny import tiny_bridge, tiny_hf_model, tiny_task, tiny_tokenizer
+
+torch.set_num_threads(1)
+
+
+def _icl_batch(tok, task, k=3, n_queries=4):
+    ep = task.episodes(k, 1, n_queries, seed=1)[0]
+    n = len(ep.queries)
+    return ep, encode_prompts(tok, task, [ep.demos] * n, list(ep.queries), [ep.label_words] * n)
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+def test_shared_prefix_equals_full_passes(n_kv_heads):
+    tok, task = tiny_tokenizer(), tiny_task()
+    bridge = tiny_bridge(tokenizer=tok, n_kv_heads=n_kv_heads)
+    _, enc = _icl_batch(tok, task)
+    rec = Recorder(bridge)
+    full = rec.run(enc, "icl")
+    prefix, shared = rec.run_shared_prefix(enc, "icl")
+    for name in ["attn_out", "head_out", "scores", "q", "rot_q"]:
+        torch.testing.assert_close(shared[name], full[name], atol=1e-5, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(shared.logits, full.logits, atol=1e-5, rtol=1e-5)
+    # demonstration-side quantities come from the prefix pass, once per episode
+    torch.testing.assert_close(prefix["kv_demo"][:, 0], full["kv_demo"][:, 0], atol=1e-5, rtol=1e-5)
+    # attention rows: the prefix version covers prefix + suffix keys; same values where real
+    width = full["demo_attention"].shape[-1]
+    torch.testing.assert_close(shared["demo_attention"][..., :width], full["demo_attention"], atol=1e-5, rtol=1e-5)
+
+
+def test_recorded_values_match_hf_eager_attention():
+    """Oracle without TransformerLens: recompute attention output and pattern from HF's eager attention."""
+    tok, task = tiny_tokenizer(), tiny_task()
+    hf = tiny_hf_model()
+    bridge = tiny_bridge(hf, tok)
+    _, enc = _icl_batch(tok, task)
+    rec = Recorder(bridge, probes=["attn_out", "scores"])
+    got = rec.run(enc, "icl")
+    captured = {}
+
+    def grab(layer):
+        def hook(module, args, kwargs, output):
+            captured[layer] = (output[0].detach(), output[1].detach())
+        return hook
+
+    handles = [hf.model.layers[l].self_attn.register_forward_hook(grab(l), with_kwargs=True) for l in range(2)]
+    try:
+        with torch.no_grad():
+            hf(enc.input_ids, attention_mask=enc.attention_mask, output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = torch.arange(enc.input_ids.shape[0])
+    for layer in range(2):
+        attn_out, weights = captured[layer]
+        torch.testing.assert_close(got["attn_out"][layer], attn_out[rows, enc.read_pos], atol=1e-5, rtol=1e-5)
+        # HF's pattern is softmax(scores): log-ratios between query-token slots equal score differences
+        positions, valid = query_token_slots(enc.segments)
+        hf_rows = weights[rows, :, enc.read_pos]  # [batch, heads, key]
+        hf_slots = torch.gather(hf_rows, 2, positions[:, None, :].expand(-1, hf_rows.shape[1], -1))
+        scores = got["scores"][layer]  # [batch, heads, width]
+        assert torch.isnan(scores[~valid[:, None, :].expand_as(scores)]).all()
+        for b in range(len(rows)):
+            n = int(valid[b].sum())
+            log_hf = torch.log(hf_slots[b, :, :n])
+            torch.testing.assert_close(log_hf - log_hf[:, :1], scores[b, :, :n] - scores[b, :, :1], atol=1e-4, rtol=1e-4)
+    assert rec.recording("icl").values == {}
+
+
+def test_hooks_removed_after_exception():
+    tok, task = tiny_tokenizer(), tiny_task()
+    bridge = tiny_bridge(tokenizer=tok)
+    _, enc = _icl_batch(tok, task)
+    state = {k: v.clone() for k, v in bridge.state_dict().items()}
+    rec = Recorder(bridge)
+
+    def boom(x, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        rec.run(enc, "icl", extra_hooks=[("blocks.1.hook_resid_post", boom)])
+    assert all(len(hp.fwd_hooks) == 0 for hp in bridge.hook_dict.values())
+    assert all(torch.equal(state[k], v) for k, v in bridge.state_dict().items())
+
+
+def test_split_shared_prefix_stops_before_query():
+    tok, task = tiny_tokenizer(), tiny_task()
+    _, enc = _icl_batch(tok, task)
+    prefix, suffix, n = split_shared_prefix(enc)
+    assert (prefix.segments >= 0).all() and (suffix.segments == -1).any(-1).all()
+    assert torch.equal(torch.cat([prefix.input_ids.expand(len(suffix.input_ids), -1), suffix.input_ids], 1), enc.input_ids)

@@ -1,0 +1,87 @@
+"""The training script: micro runs are seconds long, seeded, and save a loadable model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from iclgd_lens.corpus import LABEL_WORDS, World, default_task
+from iclgd_lens.tasks import encode_prompts
+from iclgd_lens.tokenizer import build_tokenizer
+from iclgd_lens.training import MICRO, TrainConfig, make_batch, train
+
+torch.set_num_threads(1)
+
+
+def micro_losses(seed: int, variant: str = "icl") -> list[float]:
+    _, _, log = train(TrainConfig(variant=variant, seed=seed, **MICRO), log=lambda msg: None)
+    return log["losses"]
+
+
+@pytest.mark.parametrize("variant", ["icl", "iclobj"])
+def test_same_seed_same_losses_other_seed_other_losses(variant):
+    first, again, other = micro_losses(0, variant), micro_losses(0, variant), micro_losses(1, variant)
+    assert len(first) == MICRO["steps"]
+    assert first == again
+    assert first != other
+
+
+def test_script_writes_a_loadable_model_and_log(tmp_path):
+    out = tmp_path / "micro"
+    cmd = [sys.executable, "-m", "iclgd_lens.training", "--variant", "icl", "--out", str(out), "--micro", "--steps", "3"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["seed"] == 0 and len(log["losses"]) == 3 and log["config"]["steps"] == 3
+    model = LlamaForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
+    ids = tokenizer("cow = alpha\ndog =", return_tensors="pt")["input_ids"]
+    assert ids[0, 0].item() == tokenizer.bos_token_id
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+
+def test_tokenizer_round_trips_and_matches_task_prompts(tmp_path):
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.name_or_path and loaded.pad_token_id is not None
+    task = default_task()
+    episode = task.episodes(k=4, n_episodes=1, n_queries=2, seed=3)[0]
+    enc = encode_prompts(loaded, task, [episode.demos] * 2, list(episode.queries), [episode.label_words] * 2)
+    assert loaded.unk_token_id not in enc.input_ids.tolist()[0]
+    assert (enc.input_ids[:, 0] == loaded.bos_token_id).all()
+    tokens = loaded.convert_ids_to_tokens(enc.input_ids[0].tolist())
+    assert tokens[int(enc.read_pos[0])] == "="  # the read position predicts the label word
+    assert tokens.count("\n") == 4  # one separator token after each demonstration
+
+
+def test_icl_batches_train_every_token_iclobj_only_label_words():
+    import random
+
+    tokenizer, world = build_tokenizer(), World()
+    label_ids = set(tokenizer.convert_tokens_to_ids(list(LABEL_WORDS)))
+    ids, targets = make_batch("icl", world, tokenizer, random.Random(0), 2, 64)
+    assert (targets[:, :-1] == ids[:, 1:]).all()
+    ids, targets = make_batch("iclobj", world, tokenizer, random.Random(0), 2, 64)
+    kept = targets[targets != -100].tolist()
+    assert kept and set(kept) <= label_ids
+    assert (targets[:, :-1][torch.isin(ids[:, 1:], torch.tensor(sorted(label_ids)))] != -100).all()
+
+
+def test_mapping_task_episodes_hold_out_queries_and_redraw_labels():
+    task = default_task()
+    episodes = task.episodes(k=16, n_episodes=20, n_queries=4, seed=0)
+    assert len({ep.label_words for ep in episodes}) > 1
+    for ep in episodes:
+        assert len(ep.demos) == 16 and len(ep.queries) == 4 and len(ep.label_words) == 2
+        assert not {q.text for q in ep.queries} & {d.text for d in ep.demos}
+        assert sorted(q.label for q in ep.queries) == [0, 0, 1, 1]
+        category_of = {item: c for c, items in task.world.categories.items() for item in items}
+        for label in (0, 1):
+            cats = {category_of[ex.text] for ex in ep.demos + ep.queries if ex.label == label}
+            assert len(cats) <= 1
