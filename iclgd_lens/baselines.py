@@ -79,7 +79,9 @@ def untrained_copy(model, seed: int = 0):
         raise IclgdError(f"untrained_copy needs a TransformerBridge or a HF PreTrainedModel, got {type(model).__name__}")
     first_param = next(hf_model.parameters())
     config = copy.deepcopy(hf_model.config)
-    with torch.device(first_param.device):
+    device = first_param.device
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), torch.device(device):  # HF's init draws from the global RNG
         fresh = AutoModelForCausalLM.from_config(config, dtype=first_param.dtype)
     trained = _clean_state_dict(hf_model)
     wanted = fresh.state_dict()

@@ -220,7 +220,7 @@ class GatedModel(nn.Module):
         # context_x [n, L, dim], context_labels [n, L], query_x [n, dim]
         sq_dist = ((context_x - query_x[:, None, :]) ** 2).sum(-1)  # [n, L]
         attention = torch.softmax(-sq_dist / self.log_temperature.exp(), dim=1)  # [n, L]
-        in_context = torch.zeros(query_x.shape[0], self.n_labels, dtype=query_x.dtype)
+        in_context = torch.zeros(query_x.shape[0], self.n_labels, dtype=query_x.dtype, device=query_x.device)
         in_context = in_context.scatter_add(1, context_labels, attention)  # [n, n_labels]
         in_weight = F.log_softmax(self.in_weight(query_x), dim=-1)  # [n, n_labels]
         if self.gate_input == "query":

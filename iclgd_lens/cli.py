@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -33,8 +32,8 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"iclgd-lens: error: {_one_line(message)}", err=True)
+def _fail(message: str, code: int = 2, where: str = "iclgd-lens") -> None:
+    typer.echo(f"{where}: error: {_one_line(message)}", err=True)
     sys.exit(code)
 
 
@@ -44,13 +43,14 @@ class _OneLineErrors(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.UsageError as err:
-            where = f"{err.ctx.command_path}: " if err.ctx is not None else ""
-            hint = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
-            _fail(f"{where}{err.format_message()}{hint}")
-        except click.ClickException as err:
-            _fail(err.format_message(), err.exit_code if err.exit_code else 2)
-        except click.Abort:
+        except typer.TyperException as err:  # click's usage errors (typer vendors click)
+            ctx = getattr(err, "ctx", None)
+            if type(err).__name__ == "NoArgsIsHelpError":  # bare `iclgd-lens`: show the help
+                typer.echo(err.format_message())
+                sys.exit(0)
+            where = ctx.command_path if ctx is not None else "iclgd-lens"
+            _fail(f"{err.format_message()} (see {where} --help)", 2, where)
+        except typer.Abort:
             _fail("aborted", 130)
         except IclgdError as err:
             _fail(str(err))
@@ -162,7 +162,7 @@ def combine_results(parts: Sequence[Any]):
 
 
 def _say(message: str) -> None:
-    click.echo(message, err=True)
+    typer.echo(message, err=True)
 
 
 # ---- commands ------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def report(
                              seed=seed, progress=not no_progress))
     results = combine_results(parts)
     path = render_report(results, out, single_file=single_file)
-    click.echo(str(path))
+    typer.echo(str(path))
 
 
 @app.command()
@@ -228,7 +228,7 @@ def render(
     load_user_files((), analyses)
     loaded = Results.load(results)
     path = render_report(loaded, out, single_file=single_file)
-    click.echo(str(path))
+    typer.echo(str(path))
 
 
 @app.command()
@@ -278,7 +278,7 @@ def study(
     table = getattr(result, "table", None)
     if isinstance(table, pd.DataFrame):
         table.to_csv(path.parent / f"study_{name}.csv", index=False)
-    click.echo(str(path))
+    typer.echo(str(path))
 
 
 @app.command("list")
@@ -287,9 +287,9 @@ def list_things() -> None:
     from iclgd_lens.analyses import STUDIES, registered_analyses
 
     def show(title: str, names: Sequence[str], note: str = "") -> None:
-        click.echo(f"{title}:{'  (' + note + ')' if note else ''}")
+        typer.echo(f"{title}:{'  (' + note + ')' if note else ''}")
         for n in names:
-            click.echo(f"  {n}")
+            typer.echo(f"  {n}")
 
     try:
         from iclgd_lens.models import EMBEDDED_MODELS

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from iclgd_lens import metrics
+from iclgd_lens.baselines import random_vector_like
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.gd import GDConfig, delta_hooks, train_deltas
 from iclgd_lens.record import Recorder, Recording
@@ -183,20 +184,20 @@ def episode_table(rec: dict[str, Recording], labels: torch.Tensor, label_ids: li
             out.add("simaou", comparison, metrics.delta_cosine(icl[name], other[name], zsl[name]), per_head, head_mean=False)
             out.add("simaou_norm", comparison, metrics.simaou_norm(icl[name], other[name], zsl[name]), per_head, head_mean=False)
         if "random" in chosen:
-            r = _uniform_like(icl[name], seed)
+            r = random_vector_like(icl[name], seed)
             out.add("simaou", "icl~random", metrics.delta_cosine(icl[name], zsl[name] + r, zsl[name]), per_head, head_mean=False)
             out.add("simaou_norm", "icl~random", metrics.simaou_norm(icl[name], zsl[name] + r, zsl[name]), per_head, head_mean=False)
 
     # SimAM before/after and SimAM-delta on the query's own tokens
     if "scores" in icl:
         m_icl, m_gd, m_zsl = _same_width(icl["scores"], gd["scores"], zsl["scores"])
-        out.add("simam_before", "icl~zsl", metrics.cosine(m_icl, m_zsl), True)
-        out.add("simam_after", "icl~gd", metrics.cosine(m_icl, m_gd), True)
-        out.add("simam_delta", "icl~gd", metrics.cosine(m_icl - m_zsl, m_gd - m_zsl), True)
+        out.add("simam_before", "icl~zsl", metrics.simam(m_icl, m_zsl), True)
+        out.add("simam_after", "icl~gd", metrics.simam(m_icl, m_gd), True)
+        out.add("simam_delta", "icl~gd", metrics.simam_delta(m_icl, m_gd, m_zsl), True)
         for comparison, other in others.items():
             if other is not None:
                 o_icl, o_other, o_zsl = _same_width(icl["scores"], other["scores"], zsl["scores"])
-                out.add("simam_delta", comparison, metrics.cosine(o_icl - o_zsl, o_other - o_zsl), True)
+                out.add("simam_delta", comparison, metrics.simam_delta(o_icl, o_other, o_zsl), True)
 
     # implicit weight updates: dW_ICL (demonstrations) vs dW_GD (change of sum v k^T over the query's tokens)
     prefix = rec.get("icl_prefix")
@@ -247,7 +248,7 @@ def episode_table(rec: dict[str, Recording], labels: torch.Tensor, label_ids: li
                 out.add(f"probe:{name}", comparison, metrics.delta_cosine(icl[name].float().flatten(2 + per_head), other[name].float().flatten(2 + per_head), zsl[name].float().flatten(2 + per_head)), per_head)
         if "random" in chosen:
             v = icl[name].float().flatten(2 + per_head)
-            out.add(f"probe:{name}", "icl~random", metrics.delta_cosine(v, zsl[name].float().flatten(2 + per_head) + _uniform_like(v, seed), zsl[name].float().flatten(2 + per_head)), per_head)
+            out.add(f"probe:{name}", "icl~random", metrics.delta_cosine(v, zsl[name].float().flatten(2 + per_head) + random_vector_like(v, seed), zsl[name].float().flatten(2 + per_head)), per_head)
     return out.frame()
 
 
@@ -257,20 +258,19 @@ def _kendall_rows(prefix, icl, gd, episode, seed, with_random) -> pd.DataFrame:
     seg = prefix.segments[0, : q_demo.shape[1]]  # [pos]
     demo_tokens = seg > 0
     q_gd = gd["q"].float()  # [L, B, n_heads, d]
-    mass = icl["demo_attention"][..., : q_demo.shape[1]].float()  # [L, B, n_heads, prefix_pos]
+    mass = icl["demo_attention"][..., : q_demo.shape[1]].float()  # [L, B, n_heads, pos]
     dots = torch.einsum("lbhd,lphd->lbhp", q_gd, q_demo)  # [L, B, n_heads, pos]
-    token_mass, token_dots = mass[..., demo_tokens], dots[..., demo_tokens]
-    segments = seg[demo_tokens].cpu().numpy()
+    per_token = (mass[..., demo_tokens].cpu().numpy(), dots[..., demo_tokens].cpu().numpy())
+    per_demo = (metrics.demo_attention_mass(mass, seg).cpu().numpy(), metrics.demo_attention_mass(dots, seg).cpu().numpy())
     rng = np.random.default_rng(seed)
     rows = []
-    L, B, H, _ = token_mass.shape
+    L, B, H, _ = per_token[0].shape
     for l in range(L):
         for b in range(B):
             for h in range(H):
-                m, d = token_mass[l, b, h].cpu().numpy(), token_dots[l, b, h].cpu().numpy()
+                m, d = per_token[0][l, b, h], per_token[1][l, b, h]
                 rows.append(("kendall_token", "icl~gd", l, h, b, metrics.kendall(m, d)[0]))
-                me, de = _per_demo(m, segments), _per_demo(d, segments)
-                rows.append(("kendall_example", "icl~gd", l, h, b, metrics.kendall(me, de)[0]))
+                rows.append(("kendall_example", "icl~gd", l, h, b, metrics.kendall(per_demo[0][l, b, h], per_demo[1][l, b, h])[0]))
                 if with_random:
                     rows.append(("kendall_token", "icl~random", l, h, b, metrics.kendall(m, rng.random(len(m)))[0]))
     frame = pd.DataFrame(rows, columns=["metric", "comparison", "layer", "head", "query", "value"])
@@ -279,26 +279,24 @@ def _kendall_rows(prefix, icl, gd, episode, seed, with_random) -> pd.DataFrame:
     return pd.concat([frame, layer_mean], ignore_index=True)
 
 
-def _per_demo(values: np.ndarray, segments: np.ndarray) -> np.ndarray:
-    return np.array([values[segments == s].sum() for s in np.unique(segments)])
-
-
 def _act(dw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """dW q per query head under GQA: dw [..., n_kv, d, d], q [..., n_heads, d] -> [..., n_heads, d]."""
     groups = q.shape[-2] // dw.shape[-3]
     return torch.einsum("...hvk,...hk->...hv", dw.repeat_interleave(groups, dim=-3), q)
 
 
-def _same_width(*maps: torch.Tensor) -> list[torch.Tensor]:
-    """Pad score maps [L, B, H, width] with NaN to a common width."""
-    width = max(m.shape[-1] for m in maps)
-    return [F.pad(m.float(), (0, width - m.shape[-1]), value=float("nan")) for m in maps]
+def _same_width(m_a: torch.Tensor, m_b: torch.Tensor, m_ref: torch.Tensor) -> list[torch.Tensor]:
+    """Pad score maps [L, B, H, width] with NaN to a common width, and snap entries of m_a and
+    m_b that equal m_ref up to float rounding onto m_ref.
 
-
-def _uniform_like(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """Dai's random baseline vector r ~ Uniform[0,1)^d (not zero-mean), own generator."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(x.shape, generator=gen).to(x.device, torch.float32)
+    In layer 0 the query's own scores are the same with and without demonstrations (RoPE only
+    sees relative positions), so m_ICL - m_ZSL is rounding noise there; snapped, it is the
+    zero update it really is (cosine 0 by the metrics' convention) instead of a random cosine.
+    """
+    width = max(m.shape[-1] for m in (m_a, m_b, m_ref))
+    m_a, m_b, m_ref = (F.pad(m.float(), (0, width - m.shape[-1]), value=float("nan")) for m in (m_a, m_b, m_ref))
+    snap = lambda m: torch.where(torch.isclose(m, m_ref, rtol=1e-5, atol=1e-5), m_ref, m)
+    return [snap(m_a), snap(m_b), m_ref]
 
 
 def _permuted(demos: tuple, seed: int) -> tuple:

@@ -334,7 +334,7 @@ def _forward_losses(model, input_ids, attention_mask, targets, tensors, row_epis
         return resid.detach()
 
     n_layers = model.cfg.n_layers
-    hooks += [(f"blocks.{l}.hook_resid_pre", stop_gradient) for l in range(1, n_layers)]
+    hooks += []
     hooks += [(f"blocks.{l}.hook_resid_post", early_exit_loss) for l in range(n_layers)]
     with model.hooks(fwd_hooks=hooks):
         model(input_ids, attention_mask=attention_mask)

@@ -116,6 +116,13 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _short_name(value: Any) -> str:
+    """A config entry (a name, or a dict such as the model info) as a short name."""
+    if isinstance(value, dict):
+        return str(value.get("name", "?"))
+    return str(value)
+
+
 @dataclass
 class Results:
     """One comparison's numbers (`table`), how they were made (`config`), and drawables (`artifacts`).
@@ -270,12 +277,12 @@ class Results:
         """A compact view for notebooks: headline numbers and metric x comparison means."""
         head = self.headline()
         items = "".join(
-            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{v:.3f}</td></tr>" for k, v in head.items()
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{'n/a' if math.isnan(v) else f'{v:.3f}'}</td></tr>"
+            for k, v in head.items()
         )
         summ = self.summary(by=("metric", "comparison"))
         pivot = summ.pivot_table(index="metric", columns="comparison", values="mean", aggfunc="mean")
-        model = self.config.get("model", "?")
-        task = self.config.get("task", "?")
+        model, task = (_short_name(self.config.get(key, "?")) for key in ("model", "task"))
         title = html.escape(f"iclgd-lens Results: model={model}, task={task}, {len(self.table)} rows")
         return (
             f"<div><b>{title}</b>"

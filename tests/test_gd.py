@@ -132,7 +132,17 @@ def query_batch(tok, episodes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return enc["input_ids"], enc["attention_mask"], rows
 
 
-def check_against_reference(hf, bridge, tok, config: GDConfig, atol: float = 1e-5) -> Deltas:
+def assert_deltas_close(ours: torch.Tensor, learned: torch.Tensor, path: str, atol: float, outliers: float) -> None:
+    """|ours - learned| <= atol everywhere, or (outliers > 0) on all but that fraction of
+    entries, which must still be within 10 * atol."""
+    diff = (ours - learned).abs()
+    if outliers == 0:
+        torch.testing.assert_close(ours, learned, atol=atol, rtol=0, msg=path)
+        return
+    assert (diff > atol).float().mean() <= outliers and diff.max() <= 10 * atol, f"{path}: max |diff| {diff.max():.2e}"
+
+
+def check_against_reference(hf, bridge, tok, config: GDConfig, atol: float = 1e-5, outliers: float = 0.0) -> Deltas:
     before = state_of(bridge)
     deltas = train_deltas(bridge, tok, TASK, EPISODES, config)
     assert_bitwise_equal(before, bridge)
@@ -148,7 +158,7 @@ def check_against_reference(hf, bridge, tok, config: GDConfig, atol: float = 1e-
             name = hf_param_name(path)
             learned = ref.get_parameter(name) - hf.get_parameter(name)
             assert learned.abs().max() > 1e-4, f"{path}: the reference did not move"
-            torch.testing.assert_close(deltas.tensors[path][e], learned.detach(), atol=atol, rtol=0, msg=path)
+            assert_deltas_close(deltas.tensors[path][e], learned.detach(), path, atol, outliers)
         with torch.no_grad():
             ref_logits = ref(ids[e * n_q : (e + 1) * n_q], attention_mask=mask[e * n_q : (e + 1) * n_q]).logits
         real = mask[e * n_q : (e + 1) * n_q].bool()
@@ -188,7 +198,10 @@ def test_sgd_matches_torch_sgd(models_, tok, params, batch_size):
 def test_adam_matches_torch_adam(models_, tok, params):
     hf, bridge = models_
     config = GDConfig(params=params, optimizer="adam", lr=1e-3, epochs=2, batch_size=2)
-    check_against_reference(hf, bridge, tok, config)
+    # Adam divides by sqrt(v) + 1e-8: for gradient entries near 1e-8, fp32 rounding of the
+    # gradient moves the step by a visible fraction of lr (measured: 1 of 1536 entries of one
+    # MLP matrix off by 1.1e-5). Allow 0.1% of entries up to 1e-4; everything else at 1e-5.
+    check_against_reference(hf, bridge, tok, config, outliers=1e-3)
 
 
 def test_label_token_loss_matches_torch_sgd(mha, tok):
@@ -230,9 +243,9 @@ def test_label_token_loss_is_the_loss_of_the_label_positions_only(mha, tok):
     config = GDConfig(params="kv", lr=0.05, batch_size=2, loss_on="label_tokens")
     first_step = train_deltas(bridge, tok, task, episodes, config).losses[0, 0]
     all_tokens = train_deltas(bridge, tok, task, episodes, GDConfig(params="kv", lr=0.05, batch_size=2)).losses[0, 0]
-    # by hand: demo 1 = [bos Input: a b Label: very yes] -> label tokens at 6, 7; demo 2 = [... c Label: no] -> 5
+    # by hand: demo 1 = [bos Input: a b Label: very yes] -> label tokens at 5, 6; demo 2 = [bos Input: c Label: no] -> 4
     losses = []
-    for text, label_positions in (("Input: a b Label: very yes", [6, 7]), ("Input: c Label: no", [5])):
+    for text, label_positions in (("Input: a b Label: very yes", [5, 6]), ("Input: c Label: no", [4])):
         ids = torch.tensor([tok(text)["input_ids"]])
         with torch.no_grad():
             logp = hf(ids).logits.log_softmax(-1)[0]
@@ -333,14 +346,33 @@ def test_norms_and_scaled_random_like(mha, tok):
 
 
 # ---- safety: divergence, the user's model untouched -------------------------------------
-def test_divergence_raises_one_clear_line_and_leaves_model_unchanged(mha, tok):
-    _, bridge = mha
+@pytest.fixture(scope="module")
+def half(tok):
+    """A float16 bridge: its deltas overflow to inf at a large learning rate, as real runs do."""
+    hf = make_hf(False).half()
+    return hf, TransformerBridge.boot_transformers("tiny", hf_model=copy.deepcopy(hf), tokenizer=tok, device="cpu")
+
+
+def test_divergence_raises_one_clear_line_and_leaves_model_unchanged(half, tok):
+    _, bridge = half
     before = state_of(bridge)
     with pytest.raises(IclgdError) as info:
-        train_deltas(bridge, tok, TASK, EPISODES, GDConfig.dai(lr=1e12))
+        train_deltas(bridge, tok, TASK, EPISODES, GDConfig.dai(lr=1e6))
     message = str(info.value)
-    assert re.fullmatch(r"GD diverged at step \d+ with lr=1e\+12 \(preset dai\); lower the learning rate", message), message
+    assert re.fullmatch(r"GD diverged at step \d+ with lr=1e\+06 \(preset dai\); lower the learning rate", message), message
     assert_bitwise_equal(before, bridge)
+
+
+def test_float32_deltas_for_half_precision_models(half, tok):
+    _, bridge = half
+    deltas = train_deltas(bridge, tok, TASK, EPISODES, GDConfig(params="kv", lr=0.05, delta_dtype="float32"))
+    assert all(t.dtype == torch.float32 for t in deltas.tensors.values())
+    ids, mask, rows = query_batch(tok, EPISODES)
+    with torch.no_grad(), bridge.hooks(fwd_hooks=delta_hooks(deltas, rows)):
+        gd_logits = bridge(ids, attention_mask=mask)
+    assert gd_logits.dtype == torch.float16 and torch.isfinite(gd_logits).all()
+    default = train_deltas(bridge, tok, TASK, EPISODES, GDConfig(params="kv", lr=0.05))
+    assert default.tensors["blocks.0.attn.k"].dtype == torch.float16
 
 
 def test_model_unchanged_after_exception_inside_a_hook(mha, tok):

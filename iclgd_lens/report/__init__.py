@@ -108,13 +108,11 @@ def _index_body(
         "over episodes and queries.",
     ))
 
-    model_level = figures.model_metrics(results)
-    if model_level:
-        rows = results.table[results.table["layer"] == -1]
-        by = ["metric", "comparison"] + (["k"] if len(results.k_values) > 1 else [])
-        summ = Results(rows, {}, {}).summary(by=by)
-        sections.append(section("Accuracy and output-distribution metrics", table(summ), "model-metrics",
-                                "Accuracy per condition, Rec2FTP, token overlap, overlap cosine, KL, JS."))
+    wide = model_metrics_table(results)
+    if not wide.empty:
+        sections.append(section("Accuracy and output-distribution metrics", table(wide), "model-metrics",
+                                "Accuracy per condition, Rec2FTP, token overlap, overlap cosine, KL, JS: "
+                                "mean [95% t-interval] (n) over episodes and queries; n/a: no defined value."))
 
     if len(results.k_values) > 1:
         k_figs = "\n".join(figure_html(f) for m in results.metrics if (f := figures.k_curve_figure(results, m)))
@@ -166,9 +164,8 @@ def _layer_body(results: Results, layer: int) -> str:
     t = results.table
     sections = []
     rows = t[(t["layer"] == layer) & (t["head"] == -1)]
-    by = ["metric", "comparison"] + (["k"] if len(results.k_values) > 1 else [])
-    sections.append(section("Numbers", table(Results(rows, {}, {}).summary(by=by)) if not rows.empty else "",
-                            f"l{layer}-numbers", "Means and 95% t-intervals over episodes and queries."))
+    sections.append(section("Numbers", table(wide_summary(results, rows)), f"l{layer}-numbers",
+                            "mean [95% t-interval] (n) over episodes and queries, per metric and comparison."))
 
     head_rows = t[(t["layer"] == layer) & (t["head"] >= 0)]
     heat = [figures.head_heatmap_figure(results, layer, c)
@@ -192,6 +189,10 @@ def _layer_body(results: Results, layer: int) -> str:
         if entry and entry.get("tokens") is not None and entry.get("pattern") is not None:
             views.append(f"<h3>{escape(condition.upper())}</h3>"
                          + attention_patterns_html(entry["tokens"], entry["pattern"]))
+    example = results.artifacts.get("example")
+    if views and isinstance(example, Mapping):
+        views.insert(0, "".join(f"<p><b>{escape(key)}</b></p><pre class=\"config\">{escape(value)}</pre>"
+                                for key, value in example.items()))
     sections.append(section("Attention on the example prompt", "\n".join(views)
                             or '<p class="note">(no attention artifacts for this layer)</p>', f"l{layer}-attention",
                             "circuitsvis views of ZSL, ICL and GD; hover a token to see where it attends."))
@@ -209,10 +210,45 @@ def layer_filename(layer: int) -> str:
 
 
 # ---- writing ---------------------------------------------------------------------------------
+def _name(value: Any) -> str:
+    """A config entry as a short name: dicts (model info, task, GD config) by their `name`."""
+    if isinstance(value, Mapping):
+        return str(value.get("name") or value.get("model_name") or "?")
+    return str(value)
+
+
 def _header(results: Results, subtitle: str, links: str = "") -> str:
     cfg = results.config
-    facts = ", ".join(f"{k}: {cfg[k]}" for k in ("model", "task", "gd", "k", "seed") if k in cfg)
+    facts = ", ".join(f"{k}: {_name(cfg[k])}" for k in ("model", "task", "gd", "k", "seed", "study") if k in cfg)
     return f"<h1>iclgd-lens: {escape(subtitle)}</h1><div>{escape(facts)}</div>{links}"
+
+
+def model_metrics_table(results: Results) -> pd.DataFrame:
+    """Model-level metrics (layer == -1) as a wide table (see `wide_summary`)."""
+    return wide_summary(results, results.table[results.table["layer"] == -1])
+
+
+def wide_summary(results: Results, rows: pd.DataFrame) -> pd.DataFrame:
+    """`rows` of the table summarised as one row per metric (and k), one column per comparison,
+    cells "mean [ci_low, ci_high] (n)"."""
+    if rows.empty:
+        return pd.DataFrame()
+    index = ["metric"] + (["k"] if len(results.k_values) > 1 else [])
+    summ = Results(rows, {}, {}).summary(by=index + ["comparison"])
+
+    def cell(r) -> str:
+        if r["n"] == 0:
+            return "n/a"
+        ci = "" if pd.isna(r["ci_low"]) else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        return f"{r['mean']:.3f}{ci} ({int(r['n'])})"
+
+    summ["cell"] = summ.apply(cell, axis=1)
+    wide = summ.pivot(index=index, columns="comparison", values="cell")
+    wide = wide[figures.comparison_order(list(wide.columns))].fillna("")
+    order = {m: i for i, m in enumerate(results.metrics)}
+    wide = wide.reset_index().sort_values(by=index, key=lambda c: c.map(order) if c.name == "metric" else c)
+    wide.columns.name = None
+    return wide.reset_index(drop=True)
 
 
 def _write(results: Results, folder: Path, single_file: bool, analyses: Mapping[str, Callable],

@@ -77,11 +77,16 @@ def table(df: pd.DataFrame, digits: int = 3) -> str:
     )
 
 
+def number(value: float, digits: int = 3) -> str:
+    """A float for display; NaN (no defined value, e.g. an empty Rec2FTP denominator) as "n/a"."""
+    return "n/a" if value != value else f"{value:.{digits}f}"
+
+
 def headline(numbers: dict[str, float]) -> str:
     """Headline numbers as boxes."""
     if not numbers:
         return ""
-    boxes = "".join(f"<div>{escape(k)}<b>{v:.3f}</b></div>" for k, v in numbers.items())
+    boxes = "".join(f"<div>{escape(k)}<b>{number(v)}</b></div>" for k, v in numbers.items())
     return f'<div class="headline">{boxes}</div>'
 
 

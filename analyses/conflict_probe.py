@@ -1,0 +1,232 @@
+"""Study: when the context contradicts what the model holds in its weights, which wins, and
+does fine-tuning (GD) on the facts change that? (Chan et al. 2024, part (b).)
+
+Facts are (subject, answer, counterfact) triples rendered with a template, e.g. "cow is animal".
+For each fact a conflict prompt shows k demonstrations that contradict the weights: the
+fact's own subject with its counterfact ("cow is fruit") and k-1 other facts with their
+counterfacts, then asks the subject ("cow is"). Prediction = argmax over every answer word.
+
+- `fact_accuracy`: zero-shot prompt ("cow is") answered with the true answer (the weights know it);
+- `context_wins` / `weights_win` / `other`: the conflict prompt answered with the counterfact /
+  the true answer / something else (the three sum to 1);
+- `attn_update_norm` (per layer): |h_conflict - h_ZSL| of the attention output at the read position;
+- `attn_update_cos` (per layer, after only): cosine between the attention update after and before fine-tuning.
+
+Each is measured before and after GD fine-tuning on the true facts (`train_deltas` on one
+"episode" whose demonstrations are all facts; the model itself is never changed).
+
+Facts: for the embedded models, the corpus's global "item is category" facts, with the
+categories mapped to other categories by a seeded derangement (so the contradicting context
+is consistent: every animal is a fruit). For any model, a CSV/JSONL file with columns
+`subject`, `answer` and optionally `counterfact` (default: a derangement of the answers).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import plotly.express as px
+import torch
+
+from iclgd_lens import metrics
+from iclgd_lens.analyses.k_sweep import as_bridge, device_of, model_name
+from iclgd_lens.compare import versions
+from iclgd_lens.errors import IclgdError
+from iclgd_lens.gd import GDConfig, delta_hooks, train_deltas
+from iclgd_lens.record import Recorder, Recording
+from iclgd_lens.study import StudyResult
+from iclgd_lens.tasks import Episode, Example, Task, encode_prompts, label_token_ids
+
+QUESTION = "When demonstrations contradict facts held in the weights, how often does the context win, before and after fine-tuning on those facts?"
+COLUMNS = ["metric", "stage", "layer", "query", "value"]
+Fact = tuple[str, str, str]  # (subject, answer, counterfact)
+
+
+# ---- facts ----------------------------------------------------------------------------------
+def _derangement(values: list[str], rng: random.Random) -> dict[str, str]:
+    """A map of each distinct value to another one (no value maps to itself)."""
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) < 2:
+        raise IclgdError("the facts need at least two different answers to contradict one with another")
+    shuffled = distinct[:]
+    while any(a == b for a, b in zip(distinct, shuffled)):
+        rng.shuffle(shuffled)
+    return dict(zip(distinct, shuffled))
+
+
+def corpus_facts(seed: int = 0) -> list[Fact]:
+    """The embedded models' global facts "item is category", each with a counterfact category
+    from one seeded derangement of the categories."""
+    from iclgd_lens.corpus import World
+
+    world = World()
+    swap = _derangement(list(world.categories), random.Random(seed))
+    return [(item, category, swap[category]) for category, items in world.categories.items() for item in items]
+
+
+def read_facts(path: str | Path, seed: int = 0) -> list[Fact]:
+    """Facts from a .csv or .jsonl file with columns subject, answer[, counterfact]."""
+    path = Path(path)
+    if not path.is_file():
+        raise IclgdError(f"facts file not found: {path}")
+    try:
+        frame = pd.read_json(path, lines=True) if path.suffix in (".jsonl", ".json") else pd.read_csv(path)
+    except ValueError as err:
+        raise IclgdError(f"cannot read facts file {path}: {str(err).splitlines()[0]}") from None
+    missing = {"subject", "answer"} - set(frame.columns)
+    if missing:
+        raise IclgdError(f"facts file {path} lacks column(s) {', '.join(sorted(missing))}; it needs subject, answer[, counterfact]")
+    frame = frame.astype({"subject": str, "answer": str})
+    if "counterfact" not in frame:
+        swap = _derangement(frame["answer"].tolist(), random.Random(seed))
+        frame["counterfact"] = frame["answer"].map(swap)
+    frame["counterfact"] = frame["counterfact"].astype(str)
+    if (frame["counterfact"] == frame["answer"]).any():
+        raise IclgdError(f"facts file {path}: a counterfact equals its answer (row {int((frame.counterfact == frame.answer).idxmax())})")
+    return list(frame[["subject", "answer", "counterfact"]].itertuples(index=False, name=None))
+
+
+# ---- prompts --------------------------------------------------------------------------------
+def conflict_episodes(facts: list[Fact], words: tuple[str, ...], k: int, seed: int) -> list[Episode]:
+    """One episode per fact: k contradicting demonstrations (the fact's own counterfact at a
+    random place among k-1 other facts' counterfacts) and the fact's subject as the query."""
+    rng = random.Random(seed)
+    index = {w: i for i, w in enumerate(words)}
+    episodes = []
+    for i, (subject, answer, counterfact) in enumerate(facts):
+        others = [j for j in range(len(facts)) if j != i]
+        chosen = [Example(facts[j][0], index[facts[j][2]]) for j in rng.sample(others, min(k - 1, len(others)))]
+        chosen.insert(rng.randrange(len(chosen) + 1), Example(subject, index[counterfact]))
+        episodes.append(Episode(tuple(chosen), (Example(subject, index[answer]),), words))
+    return episodes
+
+
+def _record(recorder: Recorder, task: Task, episodes: list[Episode], with_demos: bool, condition: str, deltas=None) -> Recording:
+    """Attention output and read logits, one row per episode (its one query)."""
+    model = recorder.model
+    enc = encode_prompts(model.tokenizer, task, [e.demos if with_demos else () for e in episodes], [e.queries[0] for e in episodes],
+                         [e.label_words for e in episodes], max_length=getattr(model.cfg, "n_ctx", None)).to(device_of(model))
+    hooks = delta_hooks(deltas, torch.zeros(len(episodes), dtype=torch.long)) if deltas is not None else []
+    return recorder.run(enc, condition, extra_hooks=hooks)
+
+
+# ---- the study ------------------------------------------------------------------------------
+def run(
+    model="tiny-llama-icl",
+    facts: str | Path | Sequence[Fact] | None = None,
+    *,
+    template: str = "{text} is",
+    separator: str = "\n",
+    k: int = 4,
+    ft_params: str = "all",
+    ft_optimizer: str = "adam",
+    ft_lr: float = 1e-3,
+    ft_epochs: int = 10,
+    ft_batch_size: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+) -> StudyResult:
+    """Context-vs-weights conflict rates and attention updates, before and after GD on the facts.
+
+    `facts`: None (the embedded corpus's facts), a CSV/JSONL path, or (subject, answer,
+    counterfact) triples. `ft_*` set the fine-tuning on the true facts (label-token loss).
+    """
+    started = time.time()
+    bridge = as_bridge(model)
+    if facts is None:
+        fact_list = corpus_facts(seed)
+    elif isinstance(facts, (str, Path)):
+        fact_list = read_facts(facts, seed)
+    else:
+        fact_list = [tuple(map(str, f)) for f in facts]
+    if len(fact_list) < 2 or k < 1:
+        raise IclgdError(f"the conflict probe needs at least 2 facts and k >= 1, got {len(fact_list)} facts and k={k}")
+    if "{text}" not in template:
+        raise IclgdError(f"template must contain {{text}}, got {template!r}")
+    words = tuple(dict.fromkeys([f[1] for f in fact_list] + [f[2] for f in fact_list]))
+    label_ids = label_token_ids(bridge.tokenizer, words)
+    index = {w: i for i, w in enumerate(words)}
+    task = Task("facts", template, words, separator=separator)
+    episodes = conflict_episodes(fact_list, words, k, seed)
+    truth = torch.tensor([index[f[1]] for f in fact_list])
+    counter = torch.tensor([index[f[2]] for f in fact_list])
+
+    ft_config = GDConfig(params=ft_params, optimizer=ft_optimizer, lr=ft_lr, epochs=ft_epochs, batch_size=ft_batch_size, loss_on="label_tokens")
+    training = [Episode(tuple(Example(f[0], index[f[1]]) for f in fact_list), (), words)]
+    deltas = train_deltas(bridge, bridge.tokenizer, task, training, ft_config, progress=progress)
+
+    recorder = Recorder(bridge, ["attn_out"])
+    frames, updates = [], {}
+    for stage, stage_deltas in (("before", None), ("after", deltas)):
+        zsl = _record(recorder, task, episodes, False, "zsl", stage_deltas)
+        conflict = _record(recorder, task, episodes, True, "icl", stage_deltas)
+        pred_zsl = zsl.logits[:, label_ids].argmax(-1).cpu()
+        pred = conflict.logits[:, label_ids].argmax(-1).cpu()
+        outcome = {"fact_accuracy": pred_zsl == truth, "context_wins": pred == counter, "weights_win": pred == truth,
+                   "other": (pred != counter) & (pred != truth)}
+        frames += [_rows(name, stage, -1, v.float()) for name, v in outcome.items()]
+        updates[stage] = (conflict["attn_out"] - zsl["attn_out"]).float()  # [L, n_facts, d_model]
+        norms = torch.linalg.vector_norm(updates[stage], dim=-1)  # [L, n_facts]
+        frames += [_rows("attn_update_norm", stage, layer, norms[layer]) for layer in range(norms.shape[0])]
+    cos = metrics.cosine(updates["before"], updates["after"])  # [L, n_facts]
+    frames += [_rows("attn_update_cos", "after", layer, cos[layer]) for layer in range(cos.shape[0])]
+    table = pd.concat(frames, ignore_index=True)
+    losses = deltas.losses.mean(-1)
+    config = dict(model=model_name(bridge), facts="corpus" if facts is None else str(facts) if isinstance(facts, (str, Path)) else "given",
+                  n_facts=len(fact_list), template=template, k=k, fine_tuning=ft_config.__dict__,
+                  ft_loss_first=float(losses[0]), ft_loss_last=float(losses[-1]), seed=seed, versions=versions(),
+                  run_time_s=round(time.time() - started, 2))
+    return StudyResult("conflict-probe", QUESTION, table, figures(table), findings(table, config), config)
+
+
+def _rows(metric: str, stage: str, layer: int, values: torch.Tensor) -> pd.DataFrame:
+    v = values.detach().float().cpu().numpy().reshape(-1)
+    return pd.DataFrame({"metric": metric, "stage": stage, "layer": layer, "query": range(len(v)), "value": v})[COLUMNS]
+
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and 95% t-interval per (metric, stage, layer)."""
+    out = []
+    for key, group in table.groupby(["metric", "stage", "layer"], sort=False):
+        out.append((*key, *metrics.mean_ci(group["value"].to_numpy())))
+    return pd.DataFrame(out, columns=["metric", "stage", "layer", "mean", "ci_low", "ci_high", "n"])
+
+
+def figures(table: pd.DataFrame) -> list:
+    """Outcome rates before/after fine-tuning; attention update norm and direction per layer."""
+    s = summary(table)
+    rates = s[s.metric.isin(["fact_accuracy", "context_wins", "weights_win", "other"])]
+    fig_rates = px.bar(rates, x="metric", y="mean", color="stage", barmode="group", range_y=[0, 1.05],
+                       labels={"mean": "rate", "metric": ""}, title="Context vs weights: outcome rates before and after fine-tuning on the facts")
+    layers = s[s.metric.isin(["attn_update_norm", "attn_update_cos"])]
+    fig_layers = px.line(layers, x="layer", y="mean", color="stage", facet_col="metric", markers=True,
+                         labels={"mean": "value"}, title="Attention update of the conflict prompt (|h - h_ZSL|; cosine after vs before)")
+    fig_layers.update_yaxes(matches=None)
+    return [fig_rates, fig_layers]
+
+
+def findings(table: pd.DataFrame, config: dict) -> str:
+    """Rates before -> after, and the layer whose attention update changed most, from the table."""
+    s = summary(table).set_index(["metric", "stage", "layer"])["mean"]
+    get = lambda m, st: float(s.get((m, st, -1), float("nan")))
+    lines = [
+        f"Zero-shot fact accuracy {get('fact_accuracy', 'before'):.2f} -> {get('fact_accuracy', 'after'):.2f} after fine-tuning "
+        f"(loss {config['ft_loss_first']:.3f} -> {config['ft_loss_last']:.3f}).",
+        f"With {config['k']} contradicting demonstrations the context wins {get('context_wins', 'before'):.2f} -> "
+        f"{get('context_wins', 'after'):.2f}, the weights win {get('weights_win', 'before'):.2f} -> {get('weights_win', 'after'):.2f} "
+        f"of {config['n_facts']} facts.",
+    ]
+    delta = get("context_wins", "after") - get("context_wins", "before")
+    lines.append("Fine-tuning on the facts made the model follow the context " + ("less" if delta < 0 else "more" if delta > 0 else "equally") + " often.")
+    if ("attn_update_cos", "after") in s.index.droplevel("layer"):
+        cos = s.xs(("attn_update_cos", "after"), level=("metric", "stage"))
+        norm_b = s.xs(("attn_update_norm", "before"), level=("metric", "stage"))
+        norm_a = s.xs(("attn_update_norm", "after"), level=("metric", "stage"))
+        worst = int(cos.idxmin())
+        lines.append(f"The attention update changed direction most at layer {worst} (cosine after vs before {cos.min():.3f}); "
+                     f"its norm there went {norm_b[worst]:.3f} -> {norm_a[worst]:.3f}.")
+    return "\n".join(lines)

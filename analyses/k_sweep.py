@@ -1,0 +1,194 @@
+"""Study: every ICL-vs-GD metric against the number of demonstrations k, per task and model.
+
+For each model, task and k in `ks` the engine (`compare`) runs once; its Results tables are
+concatenated with `k`, `model` and `task` columns. ICL is limited by the context window; GD
+is not, so `gd_only_ks` adds larger demonstration sets on which only GD (and ZSL) accuracy is
+measured (Shen et al. 2024 train GD on up to 512 demonstrations).
+
+    from iclgd_lens.analyses.k_sweep import run
+    result = run("tiny-llama-icl", ks=(1, 2, 4, 8, 16), gd_only_ks=(32, 64))
+    result.figures[0].show()
+
+This module also holds the two small helpers the other studies share: `as_bridge` (a model
+name or a loaded bridge -> a bridge) and `as_ints` (CLI strings -> a list of ints).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import torch
+from tqdm.auto import tqdm
+
+from iclgd_lens import metrics
+from iclgd_lens.compare import compare, versions
+from iclgd_lens.errors import IclgdError
+from iclgd_lens.gd import GDConfig, delta_hooks, train_deltas
+from iclgd_lens.record import Recorder
+from iclgd_lens.study import StudyResult
+from iclgd_lens.tasks import Task, encode_prompts, label_token_ids
+
+QUESTION = "How do ICL, GD and their agreement change with the number of demonstrations k, per task and model?"
+HEADLINE = ("accuracy", "simaou", "simam_delta", "token_overlap", "dw_cos")
+"""Metrics drawn against k (every metric of the engine is in the table)."""
+
+
+# ---- helpers shared by the studies ----------------------------------------------------------
+def as_bridge(model):
+    """A model name (embedded, folder or hub id: `load_model`) or an already loaded bridge."""
+    if isinstance(model, str):
+        from iclgd_lens.models import load_model
+
+        return load_model(model)
+    if not (hasattr(model, "hooks") and hasattr(model, "cfg") and hasattr(model, "tokenizer")):
+        raise IclgdError(f"model must be a model name or a TransformerBridge, got {type(model).__name__}")
+    return model
+
+
+def model_name(bridge) -> str:
+    """A short label for a loaded bridge (its model_name, or the class name)."""
+    return str(getattr(bridge.cfg, "model_name", None) or type(bridge).__name__)
+
+
+def as_ints(values: int | str | Sequence[int], what: str) -> list[int]:
+    """Accept 8, "1,2,4" or [1, 2, 4] (the CLI passes strings or JSON); sorted, unique."""
+    if isinstance(values, str):
+        try:
+            values = [int(v) for v in values.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise IclgdError(f"{what} must be integers separated by commas, got {values!r}") from None
+    out = [int(values)] if isinstance(values, (int, np.integer)) else [int(v) for v in values]
+    return sorted(set(out))
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---- the study ------------------------------------------------------------------------------
+def run(
+    model="tiny-llama-icl",
+    task: Task | Sequence[Task] | None = None,
+    *,
+    ks: int | str | Sequence[int] = (1, 2, 4, 8, 16),
+    gd_only_ks: int | str | Sequence[int] = (32, 64),
+    gd: GDConfig | str = "dai",
+    n_episodes: int = 4,
+    n_queries: int = 8,
+    baselines: Sequence[str] | bool = ("random", "random_update", "icl_perm"),
+    seed: int = 0,
+    progress: bool = True,
+) -> StudyResult:
+    """Run `compare` for every k in `ks` (and GD-only accuracy for `gd_only_ks`), per model and task.
+
+    `model` is a name, a bridge, or a list of them; `task` a Task, a list of Tasks, or None (the
+    embedded models' mapping task). Returns the engine's tidy rows with `k`, `model`, `task`.
+    """
+    started = time.time()
+    ks, extra = as_ints(ks, "ks"), as_ints(gd_only_ks, "gd_only_ks") if gd_only_ks else []
+    if not ks or min(ks + extra) < 1:
+        raise IclgdError(f"ks must be one or more integers >= 1, got {ks + extra}")
+    models = [as_bridge(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+    if task is None:
+        from iclgd_lens.corpus import default_task
+
+        task = default_task(seed=seed)
+    tasks = list(task) if isinstance(task, (list, tuple)) else [task]
+    frames = []
+    for bridge in models:
+        for t in tasks:
+            for k in tqdm(ks, desc=f"k sweep {t.name}", disable=not progress):
+                res = compare(bridge, t, gd=gd, k=k, n_episodes=n_episodes, n_queries=n_queries, seed=seed,
+                              baselines=baselines, progress=False, artifacts=False)
+                frames.append(res.table.assign(model=model_name(bridge), task=t.name))
+            for k in [k for k in extra if k not in ks]:
+                frames.append(gd_only_table(bridge, t, gd, k, n_episodes, n_queries, seed).assign(model=model_name(bridge), task=t.name))
+    table = pd.concat(frames, ignore_index=True)
+    config = dict(models=[model_name(b) for b in models], tasks=[t.name for t in tasks], ks=ks, gd_only_ks=extra,
+                  gd=gd if isinstance(gd, str) else gd.__dict__, n_episodes=n_episodes, n_queries=n_queries,
+                  baselines=baselines, seed=seed, versions=versions(), run_time_s=round(time.time() - started, 2))
+    return StudyResult("k-sweep", QUESTION, table, figures(table), findings(table), config)
+
+
+def gd_only_table(bridge, task: Task, gd: GDConfig | str, k: int, n_episodes: int, n_queries: int, seed: int) -> pd.DataFrame:
+    """ZSL and GD accuracy (argmax over the label words) for k demonstrations that need not fit
+    in the context: tidy rows (metric, comparison, layer, head, episode, query, value, k)."""
+    config = GDConfig.preset(gd) if isinstance(gd, str) else gd
+    episodes = task.episodes(k, n_episodes, n_queries, seed)
+    deltas = train_deltas(bridge, bridge.tokenizer, task, episodes, config)
+    recorder = Recorder(bridge, [])
+    rows = []
+    for e, episode in enumerate(episodes):
+        n = len(episode.queries)
+        enc = encode_prompts(bridge.tokenizer, task, [()] * n, list(episode.queries), [episode.label_words] * n).to(device_of(bridge))
+        label_ids = label_token_ids(bridge.tokenizer, episode.label_words)
+        labels = torch.tensor([q.label for q in episode.queries], device=device_of(bridge))
+        row_episode = torch.full((n,), e, dtype=torch.long)
+        for condition, hooks in (("zsl", []), ("gd", delta_hooks(deltas, row_episode))):
+            logits = recorder.run(enc, condition, extra_hooks=hooks).logits  # [n, vocab]
+            correct = metrics.label_correct(logits[:, label_ids], labels).float().cpu().numpy()
+            rows += [("accuracy", condition, -1, -1, e, q, float(v)) for q, v in enumerate(correct)]
+    frame = pd.DataFrame(rows, columns=["metric", "comparison", "layer", "head", "episode", "query", "value"])
+    return frame.assign(k=k)
+
+
+def layer_mean(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-(model, task, k, metric, comparison) mean: layer-level metrics averaged over layers
+    first (head -1 rows), model-level ones (layer -1) over queries; with a 95% t-interval."""
+    keys = [c for c in ("model", "task", "k", "metric", "comparison") if c in table.columns]
+    rows = table[table["head"] == -1]
+    per_query = rows.groupby(keys + ["episode", "query"], as_index=False)["value"].mean()
+    out = []
+    for key, group in per_query.groupby(keys):
+        mean, low, high, n = metrics.mean_ci(group["value"].to_numpy())
+        out.append((*key, mean, low, high, n))
+    return pd.DataFrame(out, columns=keys + ["mean", "ci_low", "ci_high", "n"])
+
+
+def figures(table: pd.DataFrame) -> list:
+    """One line chart per headline metric: mean over layers and queries against k."""
+    summary = layer_mean(table)
+    figs = []
+    for metric in HEADLINE:
+        sub = summary[summary.metric == metric]
+        if sub.empty:
+            continue
+        sub = sub.assign(err_plus=sub.ci_high - sub["mean"], err_minus=sub["mean"] - sub.ci_low)
+        fig = px.line(sub, x="k", y="mean", color="comparison", line_dash="model", facet_col="task", markers=True,
+                      error_y="err_plus", error_y_minus="err_minus", log_x=True,
+                      labels={"mean": metric, "k": "demonstrations k"}, title=f"{metric} against k (mean over layers and queries, 95% CI)")
+        figs.append(fig)
+    return figs
+
+
+def findings(table: pd.DataFrame) -> str:
+    """A few sentences computed from the table: accuracies at the smallest and largest k, and
+    the trend of SimAOU (icl~gd) with k against its random-update baseline."""
+    summary = layer_mean(table)
+    lines = []
+    for (model, task), sub in summary.groupby(["model", "task"]):
+        acc = sub[sub.metric == "accuracy"].pivot_table(index="k", columns="comparison", values="mean")
+        icl_ks = acc["icl"].dropna() if "icl" in acc else pd.Series(dtype=float)
+        if not icl_ks.empty:
+            best_k = int(icl_ks.idxmax())
+            lines.append(
+                f"{model} on {task}: ICL accuracy {icl_ks.iloc[0]:.2f} at k={icl_ks.index[0]} and {icl_ks.iloc[-1]:.2f} at "
+                f"k={icl_ks.index[-1]} (best {icl_ks.max():.2f} at k={best_k}); zero-shot {acc['zsl'].mean():.2f}."
+            )
+        if "gd" in acc:
+            gd = acc["gd"].dropna()
+            lines.append(f"GD accuracy goes from {gd.iloc[0]:.2f} (k={gd.index[0]}) to {gd.iloc[-1]:.2f} (k={gd.index[-1]}).")
+        sim = sub[sub.metric == "simaou"].pivot_table(index="k", columns="comparison", values="mean")
+        if "icl~gd" in sim and sim["icl~gd"].notna().sum() >= 2:
+            s = sim["icl~gd"].dropna()
+            trend = np.corrcoef(np.log(s.index.to_numpy(float)), s.to_numpy())[0, 1]
+            base = sim["icl~random_update"].dropna() if "icl~random_update" in sim else None
+            base_txt = f" (random update of equal norm: {base.min():.3f} .. {base.max():.3f})" if base is not None and len(base) else ""
+            lines.append(
+                f"SimAOU icl~gd ranges {s.min():.3f} .. {s.max():.3f}{base_txt}; its correlation with log k is {trend:+.2f}."
+            )
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Baselines: Dai's uniform random vector, a random update of equal norm, the untrained model."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from iclgd_lens.baselines import random_update_like, random_vector_like, untrained_copy
+from iclgd_lens.errors import IclgdError
+
+torch.set_num_threads(1)
+
+INIT_STD = 0.3  # far from the trained-weight scale below, so a re-draw is visible in the std
+
+
+def tiny_llama(seed=0):
+    config = LlamaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=INIT_STD, attention_bias=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # "trained" weights: a scale unlike the init, norms not all ones
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape) * 0.05 + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+def tiny_tokenizer():
+    vocab = {f"w{i}": i for i in range(40)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="w1", eos_token="w2", unk_token="w0", pad_token="w3",
+        name_or_path="tiny-test-llama", add_bos_token=True,
+    )
+
+
+def is_attention_or_mlp(key):
+    return (".self_attn." in key or ".mlp." in key) and "norm" not in key
+
+
+def test_random_vector_like_is_uniform_unit_cube_and_seeded():
+    h = torch.zeros(3, 4000, dtype=torch.float64)
+    state = torch.random.get_rng_state()
+    r = random_vector_like(h, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # global random state untouched
+    assert r.shape == h.shape and r.dtype == h.dtype
+    assert (r >= 0).all() and (r < 1).all()
+    assert abs(r.mean().item() - 0.5) < 0.02  # not zero-mean (Dai's recipe)
+    assert torch.equal(r, random_vector_like(h, seed=1))
+    assert not torch.equal(r, random_vector_like(h, seed=2))
+
+
+def test_random_update_like_keeps_norm_and_zero_rows():
+    delta = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    delta[2] = 0
+    r = random_update_like(delta, seed=3)
+    assert torch.allclose(r.norm(dim=-1), delta.norm(dim=-1), atol=1e-5)
+    assert torch.equal(r[2], torch.zeros(64))
+    cos = torch.nn.functional.cosine_similarity(r[[0, 1, 3, 4]], delta[[0, 1, 3, 4]], dim=-1)
+    assert cos.abs().max() < 0.6  # a different direction
+    assert torch.equal(r, random_update_like(delta, seed=3))
+
+
+def check_untrained(trained_sd, fresh_sd):
+    """Attention/MLP weights re-drawn at the init scale, biases 0, everything else kept."""
+    for key, value in trained_sd.items():
+        new = fresh_sd[key]
+        if is_attention_or_mlp(key) and key.endswith("weight"):
+            assert not torch.equal(new, value), key
+            assert abs(new.std().item() - INIT_STD) < 0.1 * INIT_STD, key
+        elif is_attention_or_mlp(key) and key.endswith("bias"):
+            assert torch.equal(new, torch.zeros_like(new)), key
+        else:  # embeddings, norms, unembedding
+            assert torch.equal(new, value), key
+
+
+def test_untrained_copy_of_hf_model_leaves_it_untouched():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng_state = torch.random.get_rng_state()
+    fresh = untrained_copy(model, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), rng_state)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert fresh is not model
+    check_untrained(before, fresh.state_dict())
+    again = untrained_copy(model, seed=0).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in fresh.state_dict().items())
+    other = untrained_copy(model, seed=1).state_dict()
+    assert not torch.equal(other["model.layers.0.self_attn.q_proj.weight"], fresh.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_untrained_copy_of_bridge_is_a_new_bridge():
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf = tiny_llama()
+    clean = {k: v.clone() for k, v in hf.state_dict().items()}
+    bridge = TransformerBridge.boot_transformers("tiny-test-llama", hf_model=hf, tokenizer=tiny_tokenizer(), device="cpu")
+    before = {k: v.clone() for k, v in bridge.original_model.state_dict().items()}
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        logits_before = bridge(ids)
+        untrained = untrained_copy(bridge, seed=0)
+        logits_after = bridge(ids)
+        logits_untrained = untrained(ids)
+    after = bridge.original_model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(logits_before, logits_after)
+    assert isinstance(untrained, TransformerBridge) and untrained.original_model is not hf
+    assert "blocks.1.attn.hook_z" in untrained.hook_dict
+    assert not torch.allclose(logits_untrained, logits_before)
+    fresh_sd = {k.replace("._original_component", ""): v for k, v in untrained.original_model.state_dict().items()}
+    check_untrained(clean, fresh_sd)
+
+
+def test_untrained_copy_rejects_other_objects():
+    with pytest.raises(IclgdError):
+        untrained_copy(torch.nn.Linear(3, 3))
+
+
+def test_untrained_copy_keeps_dtype():
+    model = tiny_llama().double()
+    fresh = untrained_copy(model, seed=0)
+    assert {p.dtype for p in fresh.parameters()} == {torch.float64}

@@ -1,0 +1,247 @@
+"""Tests of the HTML report: files, assets once, escaping, sections, atomic replacement, figures."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from iclgd_lens.analyses import ANALYSES, analysis
+from iclgd_lens.errors import IclgdError
+from iclgd_lens.report import figures, render_report
+from iclgd_lens.report.assets import circuitsvis_js, plotly_js
+from iclgd_lens.report.attention import attention_patterns_html
+from iclgd_lens.results import Results
+from iclgd_lens.study import StudyResult
+from test_results import EVIL_TOKEN, make_results
+
+CIRCUITSVIS_MARK = "var CircuitsVis="
+PLOTLY_MARK = "plotly.js v"  # the bundle's licence banner
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("r") / "report"
+    path = render_report(make_results(), out, analyses={})
+    return out, path
+
+
+def html_files(folder):
+    return sorted(folder.glob("*.html"))
+
+
+def test_folder_layout(report):
+    out, path = report
+    assert path == out / "index.html"
+    assert [p.name for p in html_files(out)] == ["index.html"] + [f"layer_{l:02d}.html" for l in range(4)]
+    assert sorted(p.name for p in (out / "assets").iterdir()) == ["circuitsvis.js", "plotly.min.js"]
+    assert (out / "results.json").is_file() and (out / "results.parquet").is_file()
+    pd.testing.assert_frame_equal(Results.load(out).table, make_results().table)
+    assert not list(out.parent.glob(".report.*"))  # no temporary folder left
+
+
+def test_assets_are_the_installed_libraries_and_pages_only_link_them(report):
+    out, _ = report
+    assert (out / "assets" / "plotly.min.js").read_text() == plotly_js()
+    assert CIRCUITSVIS_MARK in (out / "assets" / "circuitsvis.js").read_text()
+    for page in html_files(out):
+        text = page.read_text()
+        assert len(text) < 400_000, f"{page.name} seems to inline a library"
+        assert CIRCUITSVIS_MARK not in text and PLOTLY_MARK not in text
+        assert '<script src="assets/plotly.min.js"></script>' in text
+        assert '<script src="assets/circuitsvis.js"></script>' in text
+        srcs = re.findall(r'<script[^>]*src="([^"]+)"', text)
+        assert set(srcs) == {"assets/plotly.min.js", "assets/circuitsvis.js"}
+        assert not re.search(r"https?://(cdn|unpkg)", text)
+
+
+def test_tokens_are_escaped_never_raw(report):
+    out, _ = report
+    layer_page = (out / "layer_00.html").read_text()
+    assert "alert(1)" in layer_page  # the token is there (as data)...
+    for page in html_files(out):
+        assert EVIL_TOKEN not in page.read_text()  # ...but never as markup
+
+
+def test_widget_props_cannot_close_their_script():
+    html = attention_patterns_html(["a", "</script><script>alert(2)</script>"], np.full((1, 2, 2), 0.5).tolist())
+    assert html.count("</script>") == 1 and html.endswith("</script>")
+    assert "\\u003c/script\\u003e" in html
+
+
+def test_layer_page_sections(report):
+    out, _ = report
+    text = (out / "layer_02.html").read_text()
+    for heading in ("Per-head similarities", "Implicit weight updates", "Per-query SimAOU", "Attention on the example",
+                    "Tokens whose probabilities"):
+        assert heading in text
+    assert text.count('class="circuitsvis-widget"') == 3  # ZSL, ICL, GD
+    assert 'href="layer_01.html"' in text and 'href="layer_03.html"' in text and 'href="index.html"' in text
+
+
+def test_index_has_a_curve_for_every_layer_metric_and_links(report):
+    out, _ = report
+    text = (out / "index.html").read_text()
+    for metric in ("simaou", "simaou_norm", "simam_before", "simam_after", "simam_delta", "dw_cos"):
+        assert f"{metric} by layer" in text
+    assert "Probe mlp_out" in text and "probe:mlp_out by layer" in text
+    assert "Metrics as a function of k" not in text
+    for l in range(4):
+        assert f'href="layer_{l:02d}.html"' in text
+    assert "tiny-llama-icl" in text and '"run_time_s": 1.5' in text
+
+
+def test_unknown_metrics_get_a_curve_without_code(tmp_path):
+    base = make_results(n_layers=2, n_episodes=2, n_queries=2)
+    extra = base.table[base.table.metric == "simaou"].assign(metric="my_new_metric")
+    results = Results(pd.concat([base.table, extra]), base.config, base.artifacts)
+    text = render_report(results, tmp_path / "r", analyses={}).read_text()
+    assert "my_new_metric by layer" in text
+
+
+def test_k_sweep_section(tmp_path):
+    results = make_results(ks=(2, 4, 8), n_layers=2, n_episodes=2, n_queries=2)
+    text = render_report(results, tmp_path / "r", analyses={}).read_text()
+    assert "Metrics as a function of k" in text and "simaou as a function of k" in text
+    fig = figures.k_curve_figure(results, "simaou")
+    headline = [t for t in fig.data if t.name == "icl~gd" and t.mode == "lines+markers"][0]
+    assert list(headline.x) == [2, 4, 8]
+    assert headline.y[0] < headline.y[-1]  # built to rise by 0.01 per demonstration
+
+
+def test_model_metrics_table(report):
+    out, _ = report
+    text = (out / "index.html").read_text()
+    results = make_results()
+    acc = results.summary().query("metric == 'accuracy' and comparison == 'icl'")["mean"].iloc[0]
+    assert "Accuracy and output-distribution metrics" in text and f"{acc:.3f}" in text
+    for metric in ("rec2ftp", "token_overlap", "overlap_cosine", "kl", "js"):
+        assert f"<td>{metric}</td>" in text
+
+
+def test_single_file_inlines_each_library_once(tmp_path):
+    path = render_report(make_results(n_layers=2), tmp_path / "single", single_file=True, analyses={})
+    assert path.name == "report.html"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.html", "results.json", "results.parquet"]
+    text = path.read_text()
+    assert text.count(CIRCUITSVIS_MARK) == 1 and text.count(PLOTLY_MARK) == 1
+    assert "<script src=" not in text and EVIL_TOKEN not in text
+    assert 'id="layer-01"' in text and 'href="#layer-01"' in text
+
+
+def test_failed_render_keeps_the_old_report(tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    render_report(make_results(n_layers=2), out, analyses={})
+    before = {p.name: p.read_bytes() for p in out.glob("*.html")}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(figures, "dw_figure", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        render_report(make_results(n_layers=3), out, analyses={})
+    assert {p.name: p.read_bytes() for p in out.glob("*.html")} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary folders left
+
+
+def test_existing_report_is_replaced_on_success(tmp_path):
+    out = tmp_path / "report"
+    render_report(make_results(n_layers=4), out, analyses={})
+    render_report(make_results(n_layers=2), out, analyses={})
+    assert [p.name for p in html_files(out)] == ["index.html", "layer_00.html", "layer_01.html"]
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
+def test_refuses_to_overwrite_a_folder_that_is_not_a_report(tmp_path):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "chapter1.tex").write_text("precious")
+    with pytest.raises(IclgdError, match="not empty"):
+        render_report(make_results(n_layers=2), folder, analyses={})
+    assert (folder / "chapter1.tex").read_text() == "precious"
+    assert [p.name for p in folder.iterdir()] == ["chapter1.tex"]
+    with pytest.raises(IclgdError, match="Results"):
+        render_report(make_results().table, tmp_path / "x")
+
+
+def test_registered_analyses_and_studies_become_sections(tmp_path):
+    @analysis("test-spread")
+    def spread(results):
+        summ = results.summary().query("metric == 'simaou'")
+        return [go.Figure(go.Bar(x=summ["comparison"], y=summ["mean"])), summ.head(3)]
+
+    @analysis("test-broken")
+    def broken(results):
+        raise ValueError("no such thing")
+
+    study = StudyResult(name="order-sensitivity", question="Is ICL more order-sensitive than GD?",
+                        table=pd.DataFrame({"method": ["icl", "gd"], "sen": [0.12, 0.015]}),
+                        figures=[go.Figure(go.Bar(x=["icl", "gd"], y=[0.12, 0.015]))],
+                        findings=f"ICL Sen 0.12 > GD 0.015 {EVIL_TOKEN}")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path = render_report(make_results(n_layers=2), tmp_path / "r", study_results=[study])
+        text = path.read_text()
+    finally:
+        ANALYSES.pop("test-spread", None)
+        ANALYSES.pop("test-broken", None)
+    assert "Analysis: test-spread" in text and "Analysis: test-broken" in text
+    assert "analysis failed: ValueError: no such thing" in text
+    assert any("test-broken" in str(w.message) for w in caught)
+    assert "Study: order-sensitivity" in text and "Is ICL more order-sensitive than GD?" in text
+    assert "<td>0.015</td>" in text and EVIL_TOKEN not in text
+    assert text.count('class="plotly-graph-div"') >= 2 + len(figures.layer_metrics(make_results(n_layers=2)))
+
+
+def test_study_only_report_from_empty_results(tmp_path):
+    empty = Results(pd.DataFrame(columns=["metric", "comparison", "layer", "head", "episode", "query", "value"]), {}, {})
+    study = StudyResult(name="k-sweep", question="q?", table=pd.DataFrame({"k": [1, 2], "v": [0.1, 0.2]}))
+    path = render_report(empty, tmp_path / "s", study_results=[study], analyses={})
+    assert "Study: k-sweep" in path.read_text()
+    assert [p.name for p in html_files(path.parent)] == ["index.html"]
+
+
+# ---- figure builders ------------------------------------------------------------------------
+def test_layer_curve_figure_matches_the_summary():
+    results = make_results()
+    fig = figures.layer_curve_figure(results, "simaou")
+    lines = {t.name: t for t in fig.data if t.mode == "lines+markers"}
+    assert list(lines)[0] == "icl~gd"  # the headline first
+    assert set(lines) == {"icl~gd", "icl~random", "icl~random_update", "untrained:icl~gd"}
+    curve = results.layer_curve("simaou", "icl~random_update")
+    np.testing.assert_allclose(lines["icl~random_update"].y, curve["mean"])
+    bands = [t for t in fig.data if t.fill == "toself"]
+    assert len(bands) == 4
+    assert figures.layer_curve_figure(results, "accuracy") is None  # model-level: no layer curve
+
+
+def test_dw_figure_cosine_is_computed_from_the_matrices():
+    rng = np.random.default_rng(1)
+    icl = rng.standard_normal((2, 4, 4))
+    gd = -icl  # cosine exactly -1
+    gd[1] = icl[1] + 0 * gd[1]  # cosine exactly +1
+    fig = figures.dw_figure({"icl": icl.tolist(), "gd": gd.tolist()}, layer=3)
+    titles = [a.text for a in fig.layout.annotations]
+    assert "kv head 0: dW_GD (cos = -1.000)" in titles and "kv head 1: dW_GD (cos = 1.000)" in titles
+    np.testing.assert_allclose(fig.data[0].z, icl[0])
+    assert figures.dw_figure({}, 0) is None
+
+
+def test_head_heatmap_matches_per_head_means():
+    results = make_results()
+    fig = figures.head_heatmap_figure(results, 1)
+    t = results.table
+    rows = t[(t.metric == "simam_after") & (t.layer == 1) & (t["head"] == 2)]
+    row = list(fig.data[0].y).index("simam_after")
+    assert fig.data[0].z[row][2] == pytest.approx(rows["value"].mean())
+
+
+def test_top_tokens_are_shown_as_text():
+    fig = figures.top_tokens_figure([{"token": EVIL_TOKEN, "d_icl": 0.1, "d_gd": 0.2}, {"token": "a", "d_icl": 0, "d_gd": 0}])
+    assert fig.data[0].y[0] == "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert list(fig.data[1].x) == [0.2, 0.0]
