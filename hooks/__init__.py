@@ -23,10 +23,7 @@ the entry-point group `iclgd_lens.hooks`.
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
-import importlib.util
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +31,7 @@ from typing import Callable
 import torch
 
 from iclgd_lens.errors import IclgdError
+from iclgd_lens.userfiles import import_python_file
 
 ProbeFn = Callable[[dict[str, torch.Tensor], "ReadContext"], dict[str, torch.Tensor]]
 
@@ -121,20 +119,10 @@ def get_probes(names: list[str] | None = None) -> list[Probe]:
 
 
 def load_probe_file(path: str | Path) -> list[str]:
-    """Import a Python file of `@probe` functions; returns the names it registered."""
-    path = Path(path)
-    if not path.is_file():
-        raise IclgdError(f"hook file {str(path)!r} does not exist")
+    """Import a Python file of `@probe` functions (the CLI's `--hooks`); returns the new names."""
     before = set(PROBES)
-    module_name = f"iclgd_lens_user_hooks_{abs(hash(path.resolve()))}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # the user's file: report its error in one line
-        raise IclgdError(f"could not import hook file {str(path)!r}: {type(exc).__name__}: {exc}") from exc
-    return sorted(set(PROBES) - before) or [n for n, p in PROBES.items() if p.fn.__module__ == module_name]
+    import_python_file(path, "hooks")
+    return sorted(set(PROBES) - before)
 
 
 def load_entry_point_probes() -> list[str]:

@@ -334,7 +334,7 @@ def _forward_losses(model, input_ids, attention_mask, targets, tensors, row_epis
         return resid.detach()
 
     n_layers = model.cfg.n_layers
-    hooks += []
+    hooks += [(f"blocks.{l}.hook_resid_pre", stop_gradient) for l in range(1, n_layers)]
     hooks += [(f"blocks.{l}.hook_resid_post", early_exit_loss) for l in range(n_layers)]
     with model.hooks(fwd_hooks=hooks):
         model(input_ids, attention_mask=attention_mask)
@@ -409,7 +409,7 @@ def _update(delta: torch.Tensor, grad: torch.Tensor, path: str, step: int, confi
     beta1, beta2 = ADAM_BETAS
     adam_m[path] = adam_m[path] * beta1 + grad * (1 - beta1)
     adam_v[path] = adam_v[path] * beta2 + grad * grad * (1 - beta2)
-    bias_correction1 = 1 - beta1**step
+    bias_correction1 = 1.0
     bias_correction2 = 1 - beta2**step
     denom = adam_v[path].sqrt() / math.sqrt(bias_correction2) + ADAM_EPS
     return delta - (config.lr / bias_correction1) * adam_m[path] / denom

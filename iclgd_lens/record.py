@@ -88,7 +88,7 @@ class Recorder:
             self.probes: list[Probe] = get_probes()
         else:
             self.probes = [p if isinstance(p, Probe) else get_probes([p])[0] for p in probes]
-        self.layers = list(layers) if layers is not None else list(range(model.cfg.n_layers))
+        self.layers = list(layers) if layers is not None else list(range(model.cfg.n_layers))  # other HookedRootModules: pass layers
         self._collected: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
 
     # ---- hooks -----------------------------------------------------------------------
@@ -136,7 +136,8 @@ class Recorder:
         return _Attachment(handles)
 
     def context(self, encoded: EncodedPrompts, condition: str, *, prefix_len: int = 0, segments=None, attention_mask=None) -> ReadContext:
-        cfg = self.model.cfg
+        cfg = getattr(self.model, "cfg", None)
+        n_heads = getattr(cfg, "n_heads", 1)
         return ReadContext(
             condition=condition,
             layer=-1,
@@ -144,8 +145,8 @@ class Recorder:
             segments=encoded.segments if segments is None else segments,
             attention_mask=encoded.attention_mask if attention_mask is None else attention_mask,
             prefix_len=prefix_len,
-            n_heads=cfg.n_heads,
-            n_kv_heads=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
+            n_heads=n_heads,
+            n_kv_heads=getattr(cfg, "n_key_value_heads", None) or n_heads,
         )
 
     def recording(self, condition: str, logits: torch.Tensor | None = None, segments: torch.Tensor | None = None, *, clear: bool = True) -> Recording:

@@ -166,3 +166,32 @@ def test_bad_input_raises_one_line_errors():
         LinearSelfAttention(3, 1, {"W_K": torch.zeros(4, 4)})
     with pytest.raises(IclgdError):
         LinearSelfAttention(3, 1, hand_built_weights(3, 1, 1.0, 4))(torch.zeros(2, 5, 7))
+
+
+def test_recorder_reads_the_construction_exactly():
+    """The engine's own recording path (Recorder + the built-in attn_out probe) on the hand-built
+    layer: the recorded ICL update equals one GD step's update, SimAOU = 1 within 1e-5."""
+    from iclgd_lens.record import Recorder
+    from iclgd_lens.tasks import QUERY_SEGMENT, EncodedPrompts
+
+    d_x, d_y, n, lr = 6, 4, 10, 2.0
+    xc, yc, xq, _ = regression_tasks(50, n_context=n, d_x=d_x, d_y=d_y, seed=11)
+    model = LinearSelfAttention(d_x, d_y, hand_built_weights(d_x, d_y, lr, n))
+    recorder = Recorder(model, probes=["attn_out"], layers=[0])
+
+    def record(tokens, condition):
+        batch, pos = tokens.shape[:2]
+        segments = torch.cat([torch.arange(1, pos).expand(batch, -1), torch.full((batch, 1), QUERY_SEGMENT)], dim=1)
+        prompts = EncodedPrompts(torch.zeros(batch, pos, dtype=torch.long), torch.ones(batch, pos, dtype=torch.long), segments, torch.full((batch,), pos - 1))
+        with recorder.attach(prompts, condition):
+            model(tokens)
+        return recorder.recording(condition)["attn_out"][0]  # [T, d]
+
+    h_icl = record(build_tokens(xc, yc, xq), "icl")
+    h_zsl = record(build_tokens(xc[:, :0], yc[:, :0], xq), "zsl")
+    dw = gd_step(xc, yc, None, lr)
+    h_gd = h_zsl + embed_y(-torch.einsum("tox,tx->to", dw, xq), d_x)
+    assert torch.allclose(h_icl - h_zsl, h_gd - h_zsl, atol=1e-5)
+    simaou = metrics.delta_cosine(h_icl, h_gd, h_zsl)
+    assert torch.allclose(simaou, torch.ones_like(simaou), atol=1e-5)
+    assert all(len(hp.fwd_hooks) == 0 for hp in model.hook_dict.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import warnings
 
@@ -92,7 +93,7 @@ def test_index_has_a_curve_for_every_layer_metric_and_links(report):
     assert "Metrics as a function of k" not in text
     for l in range(4):
         assert f'href="layer_{l:02d}.html"' in text
-    assert "tiny-llama-icl" in text and '"run_time_s": 1.5' in text
+    assert "tiny-llama-icl" in text and '"run_time_s": 1.5' in html.unescape(text)
 
 
 def test_unknown_metrics_get_a_curve_without_code(tmp_path):
