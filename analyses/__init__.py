@@ -42,6 +42,7 @@ STUDIES: dict[str, str] = {
     "weight-properties": "iclgd_lens.analyses.weight_properties:run",
     "iclobj-vs-emergent": "iclgd_lens.analyses.iclobj_vs_emergent:run",
     "icl-vs-iwl": "iclgd_lens.analyses.icl_vs_iwl:run",
+    "conflict-probe": "iclgd_lens.analyses.conflict_probe:run",
 }
 """Study name -> "module:function" of its `run(...) -> StudyResult`, imported lazily."""
 

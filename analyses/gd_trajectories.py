@@ -10,7 +10,7 @@ and compared with ICL's own floor (ICL vs ICL under another demonstration order)
 
 Cost: `gd.train_deltas` returns only the final deltas, so each checkpoint retrains from
 scratch (sum(epochs) epochs per (lr, params) instead of max(epochs)); with the doubling
-default (1, 2, 4, 8) that is under 2x. A learning rate at which GD diverges is recorded as
+default (1, 2, 4) that is under 2x. A learning rate at which GD diverges is recorded as
 a `diverged` row, not an error.
 """
 
@@ -56,7 +56,7 @@ def run(
     *,
     lrs: float | str | Sequence[float] = (1e-3, 1e-2, 1e-1),
     params: str | Sequence[str] = ("kv", "v_single", "all"),
-    epochs: int | str | Sequence[int] = (1, 2, 4, 8),
+    epochs: int | str | Sequence[int] = (1, 2, 4),
     loss_on: str = "label_tokens",
     optimizer: str = "sgd",
     k: int = 8,

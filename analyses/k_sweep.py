@@ -101,11 +101,18 @@ def run(
     frames = []
     for bridge in models:
         for t in tasks:
+            too_long = []
             for k in tqdm(ks, desc=f"k sweep {t.name}", disable=not progress):
-                res = compare(bridge, t, gd=gd, k=k, n_episodes=n_episodes, n_queries=n_queries, seed=seed,
-                              baselines=baselines, progress=False, artifacts=False)
+                try:
+                    res = compare(bridge, t, gd=gd, k=k, n_episodes=n_episodes, n_queries=n_queries, seed=seed,
+                                  baselines=baselines, progress=False, artifacts=False)
+                except IclgdError as err:  # ICL prompts past the context window: GD only for this k
+                    if "context window" not in str(err):
+                        raise
+                    too_long.append(k)
+                    continue
                 frames.append(res.table.assign(model=model_name(bridge), task=t.name))
-            for k in [k for k in extra if k not in ks]:
+            for k in [k for k in extra if k not in ks] + too_long:
                 frames.append(gd_only_table(bridge, t, gd, k, n_episodes, n_queries, seed).assign(model=model_name(bridge), task=t.name))
     table = pd.concat(frames, ignore_index=True)
     config = dict(models=[model_name(b) for b in models], tasks=[t.name for t in tasks], ks=ks, gd_only_ks=extra,
@@ -179,6 +186,9 @@ def findings(table: pd.DataFrame) -> str:
                 f"{model} on {task}: ICL accuracy {icl_ks.iloc[0]:.2f} at k={icl_ks.index[0]} and {icl_ks.iloc[-1]:.2f} at "
                 f"k={icl_ks.index[-1]} (best {icl_ks.max():.2f} at k={best_k}); zero-shot {acc['zsl'].mean():.2f}."
             )
+        gd_only = [int(k) for k in acc.index if "icl" not in acc or pd.isna(acc.loc[k, "icl"])]
+        if gd_only:
+            lines.append(f"GD only (no ICL prompt: beyond the context window or asked for) at k = {', '.join(map(str, gd_only))}.")
         if "gd" in acc:
             gd = acc["gd"].dropna()
             lines.append(f"GD accuracy goes from {gd.iloc[0]:.2f} (k={gd.index[0]}) to {gd.iloc[-1]:.2f} (k={gd.index[-1]}).")

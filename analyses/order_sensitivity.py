@@ -203,8 +203,10 @@ def findings(table: pd.DataFrame, k: int) -> str:
     gd_methods = [m for m in sen.index if m.startswith("gd_b")]
     if gd_methods:
         most = max(gd_methods, key=lambda m: sen[m])
-        ratio = sen["icl"] / sen[most] if sen[most] > 0 else float("inf")
-        lines.append(f"ICL is {ratio:.1f}x as order-sensitive as the most order-sensitive GD setting ({most}).")
+        if sen[most] > 0:
+            lines.append(f"ICL is {sen['icl'] / sen[most]:.1f}x as order-sensitive as the most order-sensitive GD setting ({most}).")
+        else:
+            lines.append("No GD setting is order-sensitive at all here (Sen 0): check that GD moves the model (learning rate).")
     if "gd_full" in sen:
         lines.append(f"Full-batch GD: Sen = {sen['gd_full']:.2e} (order-invariant up to float rounding, as it must be).")
     layer_sen = s.loc["attn_sen"]["mean"]

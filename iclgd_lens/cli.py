@@ -138,7 +138,7 @@ def _gd_presets() -> tuple[str, ...]:
 
 def _load_task(task: Optional[str], seed: int):
     """None -> the default task of the embedded models (compare's default); else a paper task or data file."""
-    if task is None:
+    if task is None or task == "default":
         return None
     from iclgd_lens.datasets import load_task
 
@@ -234,7 +234,7 @@ def render(
 @app.command()
 def study(
     name: str = typer.Argument(..., help="Study name (see `iclgd-lens list`)."),
-    model: Optional[str] = typer.Option(None, help="Model, for studies that take one."),
+    model: Optional[str] = typer.Option(None, help="Model name or path, for studies that take one (default: the study's)."),
     task: Optional[str] = typer.Option(None, help="Task name or data file, for studies that take one."),
     seed: int = typer.Option(0, help="Seed."),
     settings: List[str] = typer.Option([], "--set", help="Study parameter name=value (repeatable; JSON values)."),
@@ -261,12 +261,10 @@ def study(
         kwargs.setdefault("seed", seed)
     if "progress" in params:
         kwargs.setdefault("progress", not no_progress)
-    if model is not None or ("model" in params and params["model"].default is inspect.Parameter.empty):
+    if model is not None:  # studies take a model name (or path) and load it themselves
         if "model" not in params:
             raise IclgdError(f"study {name!r} does not take a model")
-        from iclgd_lens.models import load_model
-
-        kwargs["model"] = load_model(model or DEFAULT_MODEL)
+        kwargs["model"] = model
     if task is not None:
         if "task" not in params:
             raise IclgdError(f"study {name!r} does not take a task")

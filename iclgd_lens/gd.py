@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import einops
 import torch
@@ -31,6 +31,9 @@ from tqdm.auto import tqdm
 
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.tasks import Episode, Example, Task
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 PARAM_SETS = ("kv", "qkvo", "v_single", "all")
 OPTIMIZERS = ("sgd", "adam")
@@ -305,7 +308,7 @@ def _episode_losses(logits: torch.Tensor, targets: torch.Tensor, n_episodes: int
 
 
 # ---- training -------------------------------------------------------------------------------
-def _forward_losses(model, input_ids, attention_mask, targets, tensors, row_episode, config: GDConfig) -> torch.Tensor:
+def _forward_losses(model: "TransformerBridge", input_ids, attention_mask, targets, tensors, row_episode, config: GDConfig) -> torch.Tensor:
     """Per-episode loss [n_episodes] of one step, with the current deltas hooked in."""
     n_episodes = next(iter(tensors.values())).shape[0]
     hooks = _hooks_for_tensors(tensors, row_episode)
@@ -353,7 +356,7 @@ def _check_inputs(model, episodes: list[Episode]) -> int:
     return ks.pop()
 
 
-def train_deltas(model, tokenizer, task: Task, episodes: list[Episode], config: GDConfig, *, progress: bool = False) -> Deltas:
+def train_deltas(model: "TransformerBridge", tokenizer, task: Task, episodes: list[Episode], config: GDConfig, *, progress: bool = False) -> Deltas:
     """Fine-tune `config`'s projections on each episode's demonstrations, all episodes at once.
 
     Every demonstration is one training example (`task.render_demo`, tokenised alone with
@@ -391,28 +394,31 @@ def train_deltas(model, tokenizer, task: Task, episodes: list[Episode], config: 
             if not torch.isfinite(losses).all():
                 raise IclgdError(_diverged(step, config))
             grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
-            with torch.no_grad():
-                for (path, t), g in zip(leaves.items(), grads):
-                    g = torch.zeros_like(t) if g is None else g
-                    tensors[path] = _update(t.detach(), g, path, step, config, adam_m, adam_v)
+            with torch.no_grad():  # in place: deltas + gradients are the peak memory, nothing more
+                for path, grad in zip(leaves, grads):
+                    if grad is not None:
+                        _update_(tensors[path], grad, path, step, config, adam_m, adam_v)
                     if not torch.isfinite(tensors[path]).all():
                         raise IclgdError(_diverged(step, config))
+            del leaves, grads
             step_losses.append(losses.detach().float().cpu())
     losses = torch.stack(step_losses) if step_losses else torch.zeros((0, n_episodes))
     return Deltas(tensors, config, losses)
 
 
-def _update(delta: torch.Tensor, grad: torch.Tensor, path: str, step: int, config: GDConfig, adam_m: dict, adam_v: dict) -> torch.Tensor:
-    """One optimizer step, elementwise (so per episode): plain SGD, or Adam as torch.optim.Adam."""
+def _update_(delta: torch.Tensor, grad: torch.Tensor, path: str, step: int, config: GDConfig, adam_m: dict, adam_v: dict) -> None:
+    """One optimizer step in place, elementwise (so per episode): plain SGD, or Adam written
+    as torch.optim.Adam's single-tensor update (defaults: betas 0.9/0.999, eps 1e-8)."""
     if config.optimizer == "sgd":
-        return delta - config.lr * grad
+        delta.sub_(grad.mul_(config.lr))  # (not alpha=-lr: a huge lr must overflow to inf in fp16, not raise)
+        return
     beta1, beta2 = ADAM_BETAS
-    adam_m[path] = adam_m[path] * beta1 + grad * (1 - beta1)
-    adam_v[path] = adam_v[path] * beta2 + grad * grad * (1 - beta2)
-    bias_correction1 = 1.0
+    adam_m[path].mul_(beta1).add_(grad, alpha=1 - beta1)
+    adam_v[path].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
-    denom = adam_v[path].sqrt() / math.sqrt(bias_correction2) + ADAM_EPS
-    return delta - (config.lr / bias_correction1) * adam_m[path] / denom
+    denom = (adam_v[path].sqrt() / math.sqrt(bias_correction2)).add_(ADAM_EPS)
+    delta.sub_(adam_m[path].div(denom).mul_(config.lr / bias_correction1))
 
 
 def _diverged(step: int, config: GDConfig) -> str:

@@ -4,6 +4,7 @@ every episode, a deep-copied HF model trained with torch.optim on the same batch
 from __future__ import annotations
 
 import copy
+import random
 import re
 
 import pytest
@@ -215,6 +216,10 @@ def test_order_seed_permutes_steps_and_none_keeps_prompt_order(mha, tok):
     order = demo_order(K, 3)
     assert sorted(order) == list(range(K)) and order != list(range(K))
     assert demo_order(K, None) == list(range(K)) and demo_order(K, 3) == order
+    random.seed(0)
+    first = demo_order(8, 5)
+    random.seed(1)  # its own RNG: the global random state does not matter, the seed does
+    assert demo_order(8, 5) == first and demo_order(8, 6) != first
     permuted = [Episode(tuple(e.demos[i] for i in order), e.queries, e.label_words) for e in EPISODES]
     base = GDConfig(params="kv", lr=0.05, epochs=2)
     seeded = train_deltas(bridge, tok, TASK, EPISODES, GDConfig(params="kv", lr=0.05, epochs=2, order_seed=3))
@@ -415,6 +420,14 @@ def test_presets_and_bad_settings():
         with pytest.raises(IclgdError) as info:
             bad()
         assert "\n" not in str(info.value)
+
+
+def test_zero_demonstrations_give_zero_deltas(mha, tok):
+    _, bridge = mha
+    empty = [Episode((), e.queries, e.label_words) for e in EPISODES]
+    deltas = train_deltas(bridge, tok, TASK, empty, GDConfig.dai())
+    assert deltas.losses.shape == (0, len(EPISODES))
+    assert all((n == 0).all() for n in deltas.norms().values())
 
 
 def test_episodes_must_share_k(mha, tok):

@@ -267,7 +267,9 @@ def _write(results: Results, folder: Path, single_file: bool, analyses: Mapping[
     write_assets(folder / "assets")
     scripts = script_tags(single_file=False)
     body = _index_body(results, layer_filename, analyses, study_results)
-    (folder / INDEX).write_text(page("iclgd-lens report", _header(results, "ICL vs GD, layer by layer"), body, scripts),
+    nav = " | ".join(f'<a href="{layer_filename(l)}">layer {l}</a>' for l in layers)
+    header = _header(results, "ICL vs GD, layer by layer", f"<div>{nav}</div>" if nav else "")
+    (folder / INDEX).write_text(page("iclgd-lens report", header, body, scripts),
                                 encoding="utf-8")
     for i, l in enumerate(layers):
         nav = [f'<a href="{INDEX}">index</a>']

@@ -1,0 +1,95 @@
+"""benchmarks/engine.py on a micro configuration: it runs, and engine and reference AGREE.
+
+Not a timing test (the CPU is shared): it checks the numbers of the two sides, the memory
+accounting, and that the script's --quick mode runs end to end.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import engine  # noqa: E402
+from reference_protocol import finetune_kv  # noqa: E402
+
+from iclgd_lens.gd import GDConfig, train_deltas  # noqa: E402
+
+torch.set_num_threads(1)
+
+MICRO = engine.Shape(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, n_ctx=256)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return engine.random_llama(MICRO)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return engine.bench_task()
+
+
+@pytest.fixture(scope="module")
+def tables(model, task):
+    config = engine.Config(k=3, n_episodes=2, n_queries=4, lr=0.05)
+    return engine.run_engine(model, task, config)[0], engine.run_reference(model, task, config)[0]
+
+
+def test_engine_and_reference_compute_the_same_rows_and_numbers(tables):
+    engine_table, reference_table = tables
+    result = engine.agreement(engine_table, reference_table)
+    assert result["rows_only_one_side"] == 0
+    assert result["rows_compared"] == len(reference_table) > 100
+    assert result["simaou_layer_mean_diff"] < 1e-4
+    assert result["max_row_diff"] < 1e-4
+    assert {"simaou", "simaou_norm", "simam_before", "simam_after", "simam_delta", "accuracy"} <= set(result["max_row_diff_per_metric"])
+
+
+def test_agreement_catches_a_difference(tables):
+    """The check can fail: a shifted SimAOU value on one side is reported."""
+    engine_table, reference_table = tables
+    broken = reference_table.copy()
+    row = broken.index[(broken.metric == "simaou") & (broken["head"] == -1) & (broken.layer == 1)][0]
+    broken.loc[row, "value"] += 0.1
+    result = engine.agreement(engine_table, broken)
+    assert result["max_row_diff"] == pytest.approx(0.1, abs=1e-4)
+    assert result["simaou_layer_mean_diff"] == pytest.approx(0.1 / 8, abs=1e-4)  # 2 episodes x 4 queries per layer
+    assert engine.agreement(engine_table, broken.drop(index=row))["rows_only_one_side"] == 1
+
+
+def test_reference_sgd_matches_the_engine_deltas(model, task):
+    """The reference's deep-copied, SGD-tuned K/V weights equal W + dW of train_deltas."""
+    episode = task.episodes(3, 1, 2, seed=1)[0]
+    tuned = finetune_kv(model, model.tokenizer, task, episode, lr=0.05)
+    deltas = train_deltas(model, model.tokenizer, task, [episode], GDConfig.dai(lr=0.05))
+    for path, dw in deltas.tensors.items():
+        w0 = model.get_submodule(path).original_component.weight
+        w1 = tuned.get_submodule(path).original_component.weight
+        assert dw[0].abs().max() > 1e-4  # GD moved the weights
+        assert torch.allclose(w1, w0 + dw[0], atol=1e-6)
+    assert not any(p.requires_grad and p.grad is not None for p in model.parameters())
+
+
+def test_memory_accounting(model, task):
+    prompt = engine.prompt_of_length(model.tokenizer, task, 96)
+    assert prompt.input_ids.shape == (1, 96) and int(prompt.attention_mask.sum()) == 96
+    rows = engine.measure_memory(model, task, n_tokens=96)
+    bench = [r for r in rows if r["probes"].startswith("benchmark")]
+    # 3 probes keep per layer: attn_out [d_model] + head_out [heads, d_head] + scores [heads, 2 query tokens],
+    # plus the logits [vocab] (+ the segments of the pass)
+    per_layer = MICRO.d_model * 2 + MICRO.n_heads * 2
+    expected_min = 4 * (MICRO.n_layers * per_layer + model.cfg.d_vocab)
+    assert all(expected_min <= r["recorded_bytes"] < 4 * expected_min for r in bench)
+    assert all(r["full_cache_bytes"] > 50 * r["recorded_bytes"] for r in bench)
+
+
+def test_quick_run_prints_the_tables(capsys):
+    engine.main(threads=1, quick=True, reps=1, scaling=False, memory_tokens=64, json_out=None)
+    out = capsys.readouterr().out
+    assert "## speed" in out and "## recorded memory" in out and "(OK: < 1e-4)" in out

@@ -1,0 +1,161 @@
+"""Tests of the `iclgd-lens` CLI: render, study, list, help, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from iclgd_lens import analyses as analyses_pkg
+from iclgd_lens.cli import app, parse_ks, parse_settings
+from iclgd_lens.errors import IclgdError
+from iclgd_lens.study import StudyResult
+from test_results import make_results
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output and "error" in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    return make_results(n_layers=2, n_episodes=2, n_queries=2).save(tmp_path_factory.mktemp("saved") / "run")
+
+
+def test_render_writes_the_report(saved, tmp_path):
+    result = run("render", saved / "results.json", "--out", tmp_path / "rep")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(tmp_path / "rep" / "index.html")
+    assert (tmp_path / "rep" / "layer_01.html").is_file()
+    result = run("render", saved, "--out", tmp_path / "one", "--single-file")
+    assert result.exit_code == 0 and (tmp_path / "one" / "report.html").is_file()
+
+
+def test_render_with_an_analyses_file(saved, tmp_path):
+    plugin = tmp_path / "my_analyses.py"
+    plugin.write_text(
+        "from iclgd_lens.analyses import analysis\n"
+        "@analysis('cli-test-analysis')\n"
+        "def table_only(results):\n"
+        "    return [results.summary().head(2)]\n"
+    )
+    try:
+        result = run("render", saved, "--out", tmp_path / "rep", "--analyses", plugin)
+        assert result.exit_code == 0, result.output
+        assert "Analysis: cli-test-analysis" in (tmp_path / "rep" / "index.html").read_text()
+    finally:
+        analyses_pkg.ANALYSES.pop("cli-test-analysis", None)
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('boom')\n")
+    assert_one_line_error(run("render", saved, "--out", tmp_path / "rep2", "--analyses", bad), "boom")
+    assert not (tmp_path / "rep2").exists()
+
+
+def test_render_errors_are_one_line(saved, tmp_path):
+    assert_one_line_error(run("render", tmp_path / "missing.json"), "not found")
+    assert_one_line_error(run("render"), "Missing argument")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    assert_one_line_error(run("render", saved, "--out", precious), "refusing")
+    assert (precious / "notes.txt").read_text() == "mine"
+
+
+def test_usage_errors_are_one_line():
+    assert_one_line_error(run("report", "--no-such-option"), "--no-such-option")
+    assert_one_line_error(run("report", "--queries", "0"), "--queries")
+    assert_one_line_error(run("frobnicate"), "frobnicate")
+    assert_one_line_error(run("report", "--k", "2,x"), "--k", "'x'")
+
+
+def test_study_errors_are_one_line():
+    assert_one_line_error(run("study", "no-such-study"), "unknown study", "order-sensitivity")
+    missing = [n for n, target in analyses_pkg.STUDIES.items()
+               if __import__("importlib").util.find_spec(target.partition(":")[0]) is None]
+    if missing:
+        assert_one_line_error(run("study", missing[0]), "not available")
+
+
+def fake_study(*, n: int = 3, seed: int = 0) -> StudyResult:
+    """A study for the CLI test (found through STUDIES as test_cli:fake_study)."""
+    table = pd.DataFrame({"i": range(n), "value": [seed + i for i in range(n)]})
+    return StudyResult(name="fake", question="Does the CLI pass settings through?", table=table,
+                       findings=f"{n} rows, seed {seed}", config={"n": n})
+
+
+def test_study_runs_and_passes_settings(tmp_path, monkeypatch):
+    monkeypatch.setitem(analyses_pkg.STUDIES, "fake", "test_cli:fake_study")
+    result = run("study", "fake", "--set", "n=5", "--seed", "7", "--out", tmp_path / "s", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "s" / "index.html").read_text()
+    assert "Does the CLI pass settings through?" in text and "5 rows, seed 7" in text
+    assert pd.read_csv(tmp_path / "s" / "study_fake.csv")["value"].tolist() == [7, 8, 9, 10, 11]
+    assert_one_line_error(run("study", "fake", "--set", "bogus=1", "--out", tmp_path / "t"), "bogus")
+    assert_one_line_error(run("study", "fake", "--set", "noequals"), "name=value")
+
+
+def test_list_and_help():
+    result = run("list")
+    assert result.exit_code == 0, result.output
+    for name in ("tiny-llama-icl", "dai", "deutch", "order-sensitivity", "icl-vs-iwl"):
+        assert name in result.stdout
+    for command in ([], ["report"], ["render"], ["study"], ["list"]):
+        result = run(*command, "--help")
+        assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+def test_parse_ks_and_settings():
+    assert parse_ks(["8"]) == [8]
+    assert parse_ks(["1,2", "8", "2"]) == [1, 2, 8]
+    with pytest.raises(IclgdError):
+        parse_ks(["-1"])
+    assert parse_settings(["n=3", "name=abc", "ks=[1, 2]", "lr=1e-3"]) == {"n": 3, "name": "abc", "ks": [1, 2], "lr": 1e-3}
+
+
+def test_console_entry_prints_no_traceback(tmp_path):
+    """The real process: exit 2 and one stderr line, through `python -m iclgd_lens.cli`."""
+    proc = subprocess.run([sys.executable, "-m", "iclgd_lens.cli", "render", str(tmp_path / "nope.json")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "not found" in proc.stderr
+
+
+@pytest.mark.slow
+def test_report_end_to_end_on_a_tiny_model_folder(tmp_path):
+    """`iclgd-lens report` on a tiny random LLaMA saved in HF format (a k sweep, two episodes)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from iclgd_lens.tokenizer import build_tokenizer
+
+    torch.set_num_threads(1)
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    result = run("report", "--model", tmp_path / "model", "--k", "1,2", "--episodes", "2", "--queries", "2",
+                 "--out", tmp_path / "rep", "--no-progress", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    loaded = __import__("iclgd_lens.results", fromlist=["Results"]).Results.load(tmp_path / "rep")
+    assert sorted(loaded.table["k"].unique()) == [1, 2]
+    assert "Metrics as a function of k" in (tmp_path / "rep" / "index.html").read_text()
+    assert (tmp_path / "rep" / "layer_01.html").is_file()
