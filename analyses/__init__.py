@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from iclgd_lens.errors import IclgdError
+from iclgd_lens.userfiles import import_python_file
 
 if TYPE_CHECKING:
     from iclgd_lens.results import Results
@@ -81,29 +81,6 @@ def load_analyses_file(path: str | Path) -> dict[str, AnalysisFn]:
     """Import a user's Python file so that its `@analysis` functions register; return the registry."""
     import_python_file(path, "analyses")
     return dict(ANALYSES)
-
-
-def import_python_file(path: str | Path, kind: str) -> None:
-    """Import a user's .py file (probes, analyses) under a private module name.
-
-    Its decorators (`@analysis`, `@probe`) register on import. IclgdError with one line if it fails.
-    """
-    path = Path(path)
-    if not path.is_file() or path.suffix != ".py":
-        raise IclgdError(f"{kind} file not found or not a .py file: {path}")
-    module_name = f"_iclgd_user_{kind}_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise IclgdError(f"cannot import {kind} file {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except IclgdError:
-        raise
-    except Exception as err:
-        sys.modules.pop(module_name, None)
-        raise IclgdError(f"error while importing {kind} file {path}: {type(err).__name__}: {err}") from None
 
 
 def registered_analyses() -> dict[str, AnalysisFn]:

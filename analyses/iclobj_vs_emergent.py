@@ -17,7 +17,7 @@ import pandas as pd
 import plotly.express as px
 from scipy import stats
 
-from iclgd_lens.analyses.k_sweep import as_bridge, layer_mean, model_name
+from iclgd_lens.study import as_bridge, layer_mean, model_name
 from iclgd_lens.compare import compare, versions
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.gd import GDConfig

@@ -29,7 +29,7 @@ from iclgd_lens.compare import compare, versions
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.gd import GDConfig, delta_hooks, train_deltas
 from iclgd_lens.record import Recorder
-from iclgd_lens.study import StudyResult
+from iclgd_lens.study import StudyResult, as_bridge, as_ints, device_of, layer_mean, model_name
 from iclgd_lens.tasks import Task, encode_prompts, label_token_ids
 
 QUESTION = "How do ICL, GD and their agreement change with the number of demonstrations k, per task and model?"
@@ -38,37 +38,6 @@ HEADLINE = ("accuracy", "simaou", "simam_delta", "token_overlap", "dw_cos")
 
 
 # ---- helpers shared by the studies ----------------------------------------------------------
-def as_bridge(model):
-    """A model name (embedded, folder or hub id: `load_model`) or an already loaded bridge."""
-    if isinstance(model, str):
-        from iclgd_lens.models import load_model
-
-        return load_model(model)
-    if not (hasattr(model, "hooks") and hasattr(model, "cfg") and hasattr(model, "tokenizer")):
-        raise IclgdError(f"model must be a model name or a TransformerBridge, got {type(model).__name__}")
-    return model
-
-
-def model_name(bridge) -> str:
-    """A short label for a loaded bridge (its model_name, or the class name)."""
-    return str(getattr(bridge.cfg, "model_name", None) or type(bridge).__name__)
-
-
-def as_ints(values: int | str | Sequence[int], what: str) -> list[int]:
-    """Accept 8, "1,2,4" or [1, 2, 4] (the CLI passes strings or JSON); sorted, unique."""
-    if isinstance(values, str):
-        try:
-            values = [int(v) for v in values.replace(" ", "").split(",") if v]
-        except ValueError:
-            raise IclgdError(f"{what} must be integers separated by commas, got {values!r}") from None
-    out = [int(values)] if isinstance(values, (int, np.integer)) else [int(v) for v in values]
-    return sorted(set(out))
-
-
-def device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 # ---- the study ------------------------------------------------------------------------------
 def run(
     model="tiny-llama-icl",
@@ -141,19 +110,6 @@ def gd_only_table(bridge, task: Task, gd: GDConfig | str, k: int, n_episodes: in
             rows += [("accuracy", condition, -1, -1, e, q, float(v)) for q, v in enumerate(correct)]
     frame = pd.DataFrame(rows, columns=["metric", "comparison", "layer", "head", "episode", "query", "value"])
     return frame.assign(k=k)
-
-
-def layer_mean(table: pd.DataFrame) -> pd.DataFrame:
-    """Per-(model, task, k, metric, comparison) mean: layer-level metrics averaged over layers
-    first (head -1 rows), model-level ones (layer -1) over queries; with a 95% t-interval."""
-    keys = [c for c in ("model", "task", "k", "metric", "comparison") if c in table.columns]
-    rows = table[table["head"] == -1]
-    per_query = rows.groupby(keys + ["episode", "query"], as_index=False)["value"].mean()
-    out = []
-    for key, group in per_query.groupby(keys):
-        mean, low, high, n = metrics.mean_ci(group["value"].to_numpy())
-        out.append((*key, mean, low, high, n))
-    return pd.DataFrame(out, columns=keys + ["mean", "ci_low", "ci_high", "n"])
 
 
 def figures(table: pd.DataFrame) -> list:

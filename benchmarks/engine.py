@@ -22,6 +22,12 @@ d_model 512, 8 heads, k = 16, 32 queries per demo set), recorded memory >= 50x b
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP: idle worker threads sleep instead of spinning. On a CPU shared with
+# other processes, spinning threads made every forward pass ~30x slower (measured, 2 threads, load 5).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import gc
 import json
 import platform
@@ -292,7 +298,8 @@ def main(
     torch.set_num_threads(threads)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     task = bench_task()
-    print(f"# engine benchmark {started}  threads={threads}  cpus={torch.get_num_threads()}/{_cpu_count()}  load={_load()}  torch {torch.__version__}  python {platform.python_version()}")
+    print(f"# engine benchmark {started}  threads={threads}/{_cpu_count()} cpus  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}  "
+          f"load={_load()}  torch {torch.__version__}  python {platform.python_version()}")
     results: dict = {"started": started, "threads": threads, "load_before": _load(), "speed": [], "scaling": [], "memory": []}
 
     if quick:
@@ -355,16 +362,12 @@ def _progress(row: dict) -> None:
 
 def _load() -> str:
     try:
-        import os
-
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "?"
 
 
 def _cpu_count() -> int:
-    import os
-
     return os.cpu_count() or 0
 
 

@@ -25,7 +25,6 @@ from iclgd_lens.errors import IclgdError
 
 DEFAULT_OUT = "iclgd-report"
 DEFAULT_MODEL = "tiny-llama-icl"
-GD_PRESETS_FALLBACK = ("dai", "shen", "shen-single-layer", "deutch")
 
 
 def _one_line(text: str) -> str:
@@ -131,9 +130,9 @@ def load_user_files(hooks: Sequence[Path] = (), analyses: Sequence[Path] = ()) -
 
 
 def _gd_presets() -> tuple[str, ...]:
-    from iclgd_lens import gd
+    from iclgd_lens.gd import PRESETS
 
-    return tuple(getattr(gd, "PRESETS", GD_PRESETS_FALLBACK))
+    return PRESETS
 
 
 def _load_task(task: Optional[str], seed: int):

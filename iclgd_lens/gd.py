@@ -48,6 +48,10 @@ HookFn = Callable[[torch.Tensor, object], torch.Tensor | None]
 
 
 # ---- configuration --------------------------------------------------------------------------
+PRESETS = ("dai", "shen", "shen-single-layer", "deutch")
+"""Names `GDConfig.preset` knows (the CLI lists them)."""
+
+
 @dataclass
 class GDConfig:
     """What GD trains, with which optimizer and loss, on which order of demonstrations."""
@@ -108,6 +112,7 @@ class GDConfig:
             "shen-single-layer": lambda: cls.shen(params="v_single"),
             "deutch": cls.deutch,
         }
+        assert tuple(presets) == PRESETS
         if name not in presets:
             raise IclgdError(f"unknown GD preset {name!r}; choose one of {', '.join(presets)}")
         known = {f.name for f in fields(cls)}
