@@ -25,7 +25,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from iclgd_lens.study import as_bridge, as_ints, layer_mean, model_name
-from iclgd_lens.compare import compare, versions
+from iclgd_lens.comparison import compare, versions
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.gd import PARAM_SETS, GDConfig
 from iclgd_lens.study import StudyResult

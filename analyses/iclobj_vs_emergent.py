@@ -18,7 +18,7 @@ import plotly.express as px
 from scipy import stats
 
 from iclgd_lens.study import as_bridge, layer_mean, model_name
-from iclgd_lens.compare import compare, versions
+from iclgd_lens.comparison import compare, versions
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.gd import GDConfig
 from iclgd_lens.study import StudyResult

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from iclgd_lens import metrics
-from iclgd_lens.compare import compare, versions
+from iclgd_lens.comparison import compare, versions
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.gd import GDConfig, delta_hooks, train_deltas
 from iclgd_lens.record import Recorder

@@ -36,7 +36,7 @@ import torch
 
 from iclgd_lens import metrics
 from iclgd_lens.study import as_bridge, as_ints, device_of, model_name
-from iclgd_lens.compare import versions
+from iclgd_lens.comparison import versions
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.gd import GDConfig, delta_hooks, demo_order, train_deltas
 from iclgd_lens.record import Recorder, Recording

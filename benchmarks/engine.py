@@ -2,7 +2,7 @@
 
     python benchmarks/engine.py                 # full run (~10 min on 2 cores): targets, scaling, memory
     python benchmarks/engine.py --quick         # seconds: a micro configuration (the smoke test)
-    python benchmarks/engine.py --threads 2 --reps 3 --json out.json
+    python benchmarks/engine.py --threads 2 --reps 4 --json out.json
 
 Speed: the same episodes go through `compare(model, task, gd=GDConfig.dai(lr), baselines=False,
 artifacts=False, probes=["attn_out", "head_out", "scores"])` and through
@@ -46,7 +46,7 @@ from transformers import LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_protocol import reference_compare  # noqa: E402
 
-from iclgd_lens.compare import compare  # noqa: E402
+from iclgd_lens.comparison import compare  # noqa: E402
 from iclgd_lens.corpus import CATEGORIES, SEPARATOR, TEMPLATE  # noqa: E402
 from iclgd_lens.gd import GDConfig  # noqa: E402
 from iclgd_lens.hooks import DEFAULT_PROBES  # noqa: E402
@@ -289,7 +289,7 @@ def speed_columns(rows: list[dict]) -> pd.DataFrame:
 def main(
     threads: int = typer.Option(2, help="torch threads for both sides"),
     quick: bool = typer.Option(False, help="a micro configuration that runs in seconds (the smoke test)"),
-    reps: int = typer.Option(3, help="repetitions per configuration (engine and reference alternate)"),
+    reps: int = typer.Option(2, help="repetitions of the two target configurations (engine and reference alternate); sweeps run once"),
     scaling: bool = typer.Option(True, help="also the k / layers / queries-per-demo-set sweeps"),
     memory_tokens: int = typer.Option(512, help="prompt length of the memory measurement"),
     json_out: Path = typer.Option(None, "--json", help="write every measured number to this JSON file"),
@@ -321,7 +321,7 @@ def main(
         _progress(results["speed"][-1])
         if scaling:
             for label, cfg, model in _sweep(mid):
-                row = measure(model, task, cfg, max(1, reps - 1))
+                row = measure(model, task, cfg, 1)
                 results["scaling"].append({"model": label, **row})
                 _progress(results["scaling"][-1])
         results["memory"] = [{"model": tiny_label.split(" (")[0], **r} for r in measure_memory(tiny, task, memory_tokens)]

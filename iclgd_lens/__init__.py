@@ -20,7 +20,7 @@ _EXPORTS = {
     "load_model": "iclgd_lens.models",
     "original_state_dict": "iclgd_lens.models",
     "model_info": "iclgd_lens.models",
-    "compare": "iclgd_lens.compare",
+    "compare": "iclgd_lens.comparison",
     "GDConfig": "iclgd_lens.gd",
     "train_deltas": "iclgd_lens.gd",
     "delta_hooks": "iclgd_lens.gd",

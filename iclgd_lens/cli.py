@@ -11,6 +11,8 @@ Exit 0 on success; exit 2 with one line on stderr for bad input (no tracebacks).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import inspect
 import json
 import os
@@ -173,7 +175,7 @@ def report(
     queries: int = typer.Option(16, min=1, help="Queries per episode."),
     episodes: int = typer.Option(4, min=1, help="Demonstration sets (episodes)."),
     gd: str = typer.Option("dai", help="GD preset: dai, shen, shen-single-layer, deutch."),
-    lr: Optional[float] = typer.Option(None, help="Override the preset's learning rate."),
+    lr: Optional[float] = typer.Option(None, help="Override the learning rate (default: the task's own, else the preset's)."),
     epochs: Optional[int] = typer.Option(None, help="Override the preset's epochs."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the preset's GD batch size."),
     seed: int = typer.Option(0, help="Seed for episodes, baselines and GD order."),
@@ -193,15 +195,14 @@ def report(
 
     from tqdm.auto import tqdm
 
-    from iclgd_lens.compare import compare
-    from iclgd_lens.gd import GDConfig
+    from iclgd_lens.comparison import compare, gd_for_task
     from iclgd_lens.models import load_model
     from iclgd_lens.report import render_report
 
+    the_task = _load_task(task, seed)
     overrides = {name: value for name, value in (("lr", lr), ("epochs", epochs), ("batch_size", batch_size))
                  if value is not None}
-    gd_config = GDConfig.preset(gd, **overrides)
-    the_task = _load_task(task, seed)
+    gd_config = replace(gd_for_task(gd, the_task), **overrides)
     _say(f"loading model {model} ...")
     bridge = load_model(model, device=device, dtype=dtype)
     parts = []

@@ -68,6 +68,7 @@ class Task:
     separator: str = "\n"
     read_offset: int = 0
     description: str = ""
+    gd_lr: float | None = None  # the task's learning rate for GD presets (Dai tuned one per task)
 
     # ---- text -------------------------------------------------------------------------
     def render_query(self, example: Example) -> str:

@@ -122,6 +122,15 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def portable_tokenizer_class(folder: Path) -> None:
+    """Name the tokenizer class "PreTrainedTokenizerFast" (transformers 5 writes its alias
+    "TokenizersBackend", which transformers 4 cannot load)."""
+    path = Path(folder) / "tokenizer_config.json"
+    tokenizer_config = json.loads(path.read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
 def train(config: TrainConfig, out: Path | None = None, log=print, command: str | None = None) -> tuple[LlamaForCausalLM, object, dict]:
     """Train one model; save it to `out` if given. Returns (model, tokenizer, training log)."""
     if config.variant not in VARIANTS:
@@ -142,7 +151,7 @@ def train(config: TrainConfig, out: Path | None = None, log=print, command: str 
     )
     task = default_task(seed=config.seed)
     losses, evals = [], []
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     log(f"{name}: {n_params:,} parameters, {config.steps} steps of {config.batch_size} x {config.seq_len} tokens")
     model.train()
     for step in range(config.steps):
@@ -162,14 +171,15 @@ def train(config: TrainConfig, out: Path | None = None, log=print, command: str 
             evals.append({"step": step + 1, "accuracy": acc})
             mean_loss = sum(losses[-50:]) / len(losses[-50:])
             log(f"step {step + 1}: loss {mean_loss:.4f}  k-shot {acc}  ({time.time() - start:.0f}s)")
-    seconds = time.time() - start
+    seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
     training_log = {
         "model": name,
         "command": command,
         "config": asdict(config),
         "seed": config.seed,
         "n_parameters": n_params,
-        "train_seconds": round(seconds, 1),
+        "train_seconds": round(seconds, 1),  # wall clock (slower when the machine is shared)
+        "train_cpu_seconds": round(cpu_seconds, 1),  # CPU time of this process: the cost on an idle machine
         "losses": losses,
         "kshot_during_training": evals,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
@@ -179,6 +189,7 @@ def train(config: TrainConfig, out: Path | None = None, log=print, command: str 
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        portable_tokenizer_class(out)
         (out / "training_log.json").write_text(json.dumps(training_log, indent=1))
         log(f"saved to {out} after {seconds:.0f}s")
     return model, tokenizer, training_log

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from iclgd_lens.compare import compare
+from iclgd_lens.comparison import compare
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.gd import GDConfig
 from tiny import tiny_bridge, tiny_task, tiny_tokenizer

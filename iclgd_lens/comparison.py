@@ -60,7 +60,9 @@ def compare(
 ) -> Results:
     """Compare ICL with GD on `task`, layer by layer, and return the tidy Results.
 
-    `gd` is a GDConfig or a preset name ("dai", "shen", "shen-single-layer", "deutch").
+    `gd` is a GDConfig or a preset name ("dai", "shen", "shen-single-layer", "deutch"); a
+    preset takes the task's own learning rate (`Task.gd_lr`) where it has one, as Dai et al.
+    tuned one per task.
     `baselines` is True (all of ALL_BASELINES), False, or a subset of names.
     `probes` names the probes to record (default: iclgd_lens.hooks.DEFAULT_PROBES plus every
     probe registered by the user). `batch_size` bounds the rows of one forward pass.
@@ -71,7 +73,7 @@ def compare(
         from iclgd_lens.corpus import default_task
 
         task = default_task(seed=seed)
-    gd_config = GDConfig.preset(gd) if isinstance(gd, str) else gd
+    gd_config = gd_for_task(gd, task)
     chosen = _chosen_baselines(baselines)
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     probe_names = _probe_names(probes)
@@ -105,6 +107,13 @@ def compare(
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
     }
     return Results(table=table, config=config, artifacts=art)
+
+
+def gd_for_task(gd: GDConfig | str, task: Task) -> GDConfig:
+    """A GDConfig as given, or the named preset with the task's learning rate if it has one."""
+    if not isinstance(gd, str):
+        return gd
+    return GDConfig.preset(gd, lr=task.gd_lr) if task.gd_lr is not None else GDConfig.preset(gd)
 
 
 # ---- one pass over all episodes ------------------------------------------------------------
