@@ -109,10 +109,15 @@ def compare(
     return Results(table=table, config=config, artifacts=art)
 
 
-def gd_for_task(gd: GDConfig | str, task: Task) -> GDConfig:
-    """A GDConfig as given, or the named preset with the task's learning rate if it has one."""
+def gd_for_task(gd: GDConfig | str, task: Task | None) -> GDConfig:
+    """A GDConfig as given, or the named preset with the task's learning rate if it has one
+    (task None: the default task)."""
     if not isinstance(gd, str):
         return gd
+    if task is None:
+        from iclgd_lens.corpus import default_task
+
+        task = default_task()
     return GDConfig.preset(gd, lr=task.gd_lr) if task.gd_lr is not None else GDConfig.preset(gd)
 
 

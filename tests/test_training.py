@@ -85,3 +85,14 @@ def test_mapping_task_episodes_hold_out_queries_and_redraw_labels():
         for label in (0, 1):
             cats = {category_of[ex.text] for ex in ep.demos + ep.queries if ex.label == label}
             assert len(cats) <= 1
+
+
+def test_script_reproduces_the_first_losses_of_the_shipped_model():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "iclgd_lens" / "models" / "tiny-llama-icl"
+    shipped = json.loads((folder / "training_log.json").read_text())
+    config = {k: v for k, v in shipped["config"].items() if k in TrainConfig.__dataclass_fields__}
+    config.update(steps=4, eval_every=0, eval_ks=tuple(config["eval_ks"]))  # warmup lr does not depend on steps
+    _, _, log = train(TrainConfig(**config), log=lambda msg: None)
+    assert log["losses"] == pytest.approx(shipped["losses"][:4], abs=1e-3)
