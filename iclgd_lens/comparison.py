@@ -267,30 +267,21 @@ def episode_table(rec: dict[str, Recording], labels: torch.Tensor, label_ids: li
 
 
 def _kendall_rows(prefix, icl, gd, episode, seed, with_random) -> pd.DataFrame:
-    """Example- and token-level Kendall tau per (layer, head, query), and a random baseline."""
+    """Example- and token-level Kendall tau-b per (layer, query, head), and a random baseline."""
     q_demo = prefix["q_demo"][:, 0].float()  # [L, pos, n_heads, d] (every row holds the same demonstrations)
     seg = prefix.segments[0, : q_demo.shape[1]]  # [pos]
     demo_tokens = seg > 0
     q_gd = gd["q"].float()  # [L, B, n_heads, d]
     mass = icl["demo_attention"][..., : q_demo.shape[1]].float()  # [L, B, n_heads, pos]
     dots = torch.einsum("lbhd,lphd->lbhp", q_gd, q_demo)  # [L, B, n_heads, pos]
-    per_token = (mass[..., demo_tokens].cpu().numpy(), dots[..., demo_tokens].cpu().numpy())
-    per_demo = (metrics.demo_attention_mass(mass, seg).cpu().numpy(), metrics.demo_attention_mass(dots, seg).cpu().numpy())
-    rng = np.random.default_rng(seed)
-    rows = []
-    L, B, H, _ = per_token[0].shape
-    for l in range(L):
-        for b in range(B):
-            for h in range(H):
-                m, d = per_token[0][l, b, h], per_token[1][l, b, h]
-                rows.append(("kendall_token", "icl~gd", l, h, b, metrics.kendall(m, d)[0]))
-                rows.append(("kendall_example", "icl~gd", l, h, b, metrics.kendall(per_demo[0][l, b, h], per_demo[1][l, b, h])[0]))
-                if with_random:
-                    rows.append(("kendall_token", "icl~random", l, h, b, metrics.kendall(m, rng.random(len(m)))[0]))
-    frame = pd.DataFrame(rows, columns=["metric", "comparison", "layer", "head", "query", "value"])
-    frame["episode"] = episode
-    layer_mean = frame.groupby(["metric", "comparison", "layer", "query", "episode"], as_index=False)["value"].mean().assign(head=-1)
-    return pd.concat([frame, layer_mean], ignore_index=True)
+    out = _Rows(episode)
+    out.add("kendall_token", "icl~gd", metrics.kendall_tau_b(mass[..., demo_tokens], dots[..., demo_tokens]), True)
+    out.add("kendall_example", "icl~gd", metrics.kendall_tau_b(metrics.demo_attention_mass(mass, seg), metrics.demo_attention_mass(dots, seg)), True)
+    if with_random:
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.rand(mass[..., demo_tokens].shape, generator=gen).to(mass.device)
+        out.add("kendall_token", "icl~random", metrics.kendall_tau_b(mass[..., demo_tokens], noise), True)
+    return out.frame()
 
 
 def _act(dw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,19 @@ def demo_attention_mass(pattern_row: Tensor, segments: Tensor, n_demos: int | No
     return torch.einsum("...p,...pd->...d", pattern_row, one_hot.to(pattern_row.dtype))
 
 
+def kendall_tau_b(a: Tensor, b: Tensor) -> Tensor:
+    """Kendall's tau-b over the last dim, batched: [..., n] x2 -> [...] (scipy's default variant).
+
+    tau_b = sum_{i<j} sgn(a_i - a_j) sgn(b_i - b_j) / sqrt(n_a n_b), n_a / n_b = pairs not tied
+    in a / b. NaN where either input is constant or n < 2 (as scipy). O(n^2) memory per row.
+    """
+    da = torch.sign(a.unsqueeze(-1) - a.unsqueeze(-2)).double()  # [..., n, n]
+    db = torch.sign(b.unsqueeze(-1) - b.unsqueeze(-2)).double()
+    concordance = (da * db).sum((-1, -2)) / 2
+    untied = torch.sqrt(da.abs().sum((-1, -2)) / 2 * db.abs().sum((-1, -2)) / 2)
+    return torch.where(untied > 0, concordance / torch.where(untied > 0, untied, torch.ones_like(untied)), torch.full_like(untied, float("nan"))).to(a.dtype if a.is_floating_point() else torch.float64)
+
+
 def kendall(a: Tensor | Sequence[float], b: Tensor | Sequence[float]) -> tuple[float, float]:
     """Kendall's tau-b and its two-sided p-value (scipy.stats.kendalltau) between two flattened
     rankings of equal size. NaN, NaN when fewer than 2 items or a constant input."""

@@ -126,9 +126,10 @@ class Recorder:
         """Add the probe hooks to the model until `.remove()` (or the end of a `with`)."""
         context = self.context(encoded, condition, prefix_len=prefix_len, segments=segments, attention_mask=attention_mask)
         handles = []
+        hook_dict = self.model.hook_dict  # a property that rebuilds its aliases on every access
         try:
             for name, fn in self.hooks(context):
-                hook_point = self.model.hook_dict[name]
+                hook_point = hook_dict[name]
                 handles.append((hook_point, hook_point.add_hook(fn)))
         except Exception:
             _Attachment(handles).remove()

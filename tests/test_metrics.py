@@ -248,3 +248,22 @@ def test_mean_ci_t_interval_drops_nans():
     one = metrics.mean_ci([0.3])
     assert one[0] == 0.3 and math.isnan(one[1]) and one[3] == 1
     assert metrics.mean_ci([0.2, 0.2, 0.2])[:3] == pytest.approx((0.2, 0.2, 0.2), abs=1e-12)
+
+
+def test_batched_kendall_tau_b_equals_scipy_with_ties():
+    import scipy.stats
+
+    from iclgd_lens.metrics import kendall_tau_b
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 5, (3, 4, 9), generator=gen).float()  # many ties
+    b = torch.randn(3, 4, 9, generator=gen)
+    b[0, 0] = 1.0  # a constant row -> NaN, as scipy
+    got = kendall_tau_b(a, b)
+    for i in range(3):
+        for j in range(4):
+            want = scipy.stats.kendalltau(a[i, j].numpy(), b[i, j].numpy()).statistic
+            if np.isnan(want):
+                assert torch.isnan(got[i, j])
+            else:
+                assert abs(float(got[i, j]) - want) < 1e-6
