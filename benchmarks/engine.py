@@ -312,11 +312,11 @@ def main(
         tiny, tiny_label = tiny_llama_icl()
         print(f"# tiny model: {tiny_label}")
         warm_up(tiny, task)
-        results["speed"].append({"model": tiny_label.split(" (")[0], "target": 20, **measure(tiny, task, Config(k=16, n_episodes=3, n_queries=32), reps)})
+        results["speed"].append({"model": tiny_label.split(" (")[0], "target": 20, **measure(tiny, task, Config(k=16, n_episodes=8, n_queries=32), reps)})
         _progress(results["speed"][-1])
         mid = random_llama(MID)
         warm_up(mid, task)
-        main_config = Config(k=16, n_episodes=3, n_queries=32)
+        main_config = Config(k=16, n_episodes=8, n_queries=32)
         results["speed"].append({"model": f"random {MID.label()}", "target": 8, **measure(mid, task, main_config, reps)})
         _progress(results["speed"][-1])
         if scaling:
@@ -348,11 +348,11 @@ def main(
 def _sweep(mid):
     """k in (4, 8, 16), layers in (2, 4, 8), queries per demo set in (8, 32) around the mid config."""
     for k in (4, 8):
-        yield f"random {MID.label()}", Config(k=k, n_episodes=3, n_queries=32), mid
+        yield f"random {MID.label()}", Config(k=k, n_episodes=8, n_queries=32), mid
     for n_layers in (2, 4):
         shape = Shape(n_layers=n_layers)
-        yield f"random {shape.label()}", Config(k=16, n_episodes=3, n_queries=32), random_llama(shape)
-    yield f"random {MID.label()}", Config(k=16, n_episodes=3, n_queries=8), mid
+        yield f"random {shape.label()}", Config(k=16, n_episodes=8, n_queries=32), random_llama(shape)
+    yield f"random {MID.label()}", Config(k=16, n_episodes=8, n_queries=8), mid
 
 
 def _progress(row: dict) -> None:

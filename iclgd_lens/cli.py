@@ -11,6 +11,12 @@ Exit 0 on success; exit 2 with one line on stderr for bad input (no tracebacks).
 
 from __future__ import annotations
 
+import os
+
+# Idle OpenMP threads spin by default; with other work on a small machine that made compare()
+# 30x slower (docs/performance.md). Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from dataclasses import replace
 
 import inspect

@@ -19,6 +19,7 @@ from __future__ import annotations
 import platform
 import random
 import time
+import warnings
 from dataclasses import asdict
 from typing import Sequence
 
@@ -207,11 +208,11 @@ def episode_table(rec: dict[str, Recording], labels: torch.Tensor, label_ids: li
         m_icl, m_gd, m_zsl = _same_width(icl["scores"], gd["scores"], zsl["scores"])
         out.add("simam_before", "icl~zsl", metrics.simam(m_icl, m_zsl), True)
         out.add("simam_after", "icl~gd", metrics.simam(m_icl, m_gd), True)
-        out.add("simam_delta", "icl~gd", metrics.simam_delta(m_icl, m_gd, m_zsl), True)
+        out.add("simam_delta", "icl~gd", _undefined_without_update(metrics.simam_delta(m_icl, m_gd, m_zsl), m_icl, m_zsl), True)
         for comparison, other in others.items():
             if other is not None:
                 o_icl, o_other, o_zsl = _same_width(icl["scores"], other["scores"], zsl["scores"])
-                out.add("simam_delta", comparison, metrics.simam_delta(o_icl, o_other, o_zsl), True)
+                out.add("simam_delta", comparison, _undefined_without_update(metrics.simam_delta(o_icl, o_other, o_zsl), o_icl, o_zsl), True)
 
     # implicit weight updates: dW_ICL (demonstrations) vs dW_GD (change of sum v k^T over the query's tokens)
     prefix = rec.get("icl_prefix")
@@ -284,6 +285,13 @@ def _kendall_rows(prefix, icl, gd, episode, seed, with_random) -> pd.DataFrame:
     return out.frame()
 
 
+def _undefined_without_update(cos: torch.Tensor, m_icl: torch.Tensor, m_zsl: torch.Tensor) -> torch.Tensor:
+    """NaN where ICL did not change the map at all (layer 0 under RoPE): the direction of a
+    zero update is undefined, and a 0 would read as "measured, no agreement"."""
+    moved = ((m_icl - m_zsl).nan_to_num(0.0) != 0).any(-1)  # [L, B, H]
+    return torch.where(moved, cos, torch.full_like(cos, float("nan")))
+
+
 def _act(dw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """dW q per query head under GQA: dw [..., n_kv, d, d], q [..., n_heads, d] -> [..., n_heads, d]."""
     groups = q.shape[-2] // dw.shape[-3]
@@ -329,7 +337,9 @@ class _Rows:
             self._frame(metric, comparison, np.repeat(np.arange(L), B * H), np.tile(np.repeat(np.arange(B), H), L), np.tile(np.arange(H), L * B), v.reshape(-1))
             if not head_mean:
                 return
-            v = np.nanmean(v, axis=-1)
+            with warnings.catch_warnings():  # all heads NaN (e.g. no update at all) -> NaN, quietly
+                warnings.simplefilter("ignore", RuntimeWarning)
+                v = np.nanmean(v, axis=-1)
         L, B = v.shape
         self._frame(metric, comparison, np.repeat(np.arange(L), B), np.tile(np.arange(B), L), np.full(L * B, -1), v.reshape(-1))
 

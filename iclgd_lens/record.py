@@ -162,8 +162,11 @@ class Recorder:
     # ---- running ---------------------------------------------------------------------
     def run(self, encoded: EncodedPrompts, condition: str, *, extra_hooks: HookList = ()) -> Recording:
         """One batched forward pass of `condition`; `extra_hooks` (e.g. GD deltas) run too."""
-        with torch.no_grad(), self.attach(encoded, condition), self.model.hooks(fwd_hooks=list(extra_hooks)):
-            logits = self.model(encoded.input_ids, attention_mask=encoded.attention_mask)
+        try:
+            with torch.no_grad(), self.attach(encoded, condition), self.model.hooks(fwd_hooks=list(extra_hooks)):
+                logits = self.model(encoded.input_ids, attention_mask=encoded.attention_mask)
+        finally:
+            release_transient_state(self.model)
         return self.recording(condition, _read_logits(logits, encoded.read_pos), encoded.segments)
 
     def run_shared_prefix(self, encoded: EncodedPrompts, condition: str = "icl") -> tuple[Recording, Recording]:
@@ -183,6 +186,18 @@ class Recorder:
             with self.attach(suffix, condition, prefix_len=prefix_len, segments=segments, attention_mask=mask):
                 logits = self.model(suffix.input_ids, attention_mask=mask, past_key_values=cache)
         return prefix_rec, self.recording(condition, _read_logits(logits, suffix.read_pos), segments)
+
+
+def release_transient_state(model) -> None:
+    """Drop the residual TransformerLens' attention bridges keep from the last forward pass.
+
+    The bridge stashes each block's pre-norm input (`_captured_pre_ln_residual`); after a pass
+    with gradients it is a graph-holding tensor that breaks `copy.deepcopy(model)` and keeps
+    activations alive. Recording and GD leave the model as they found it, so they clear it.
+    """
+    for module in model.modules():
+        if getattr(module, "_captured_pre_ln_residual", None) is not None:
+            module._captured_pre_ln_residual = None
 
 
 def _read_logits(logits: torch.Tensor, read_pos: torch.Tensor) -> torch.Tensor:

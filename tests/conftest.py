@@ -6,6 +6,7 @@ process uses one thread unless ICLGD_TEST_THREADS says otherwise.
 
 import os
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning idle OpenMP threads: see docs/performance.md
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
