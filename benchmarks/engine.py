@@ -320,7 +320,7 @@ def main(
         results["speed"].append({"model": f"random {MID.label()}", "target": 8, **measure(mid, task, main_config, reps)})
         _progress(results["speed"][-1])
         if scaling:
-            for label, cfg, model in _sweep(mid):
+            for label, cfg, model in [*_sweep(mid), *_demo_set_sweep(tiny, tiny_label)]:
                 row = measure(model, task, cfg, 1)
                 results["scaling"].append({"model": label, **row})
                 _progress(results["scaling"][-1])
@@ -353,6 +353,13 @@ def _sweep(mid):
         shape = Shape(n_layers=n_layers)
         yield f"random {shape.label()}", Config(k=16, n_episodes=8, n_queries=32), random_llama(shape)
     yield f"random {MID.label()}", Config(k=16, n_episodes=8, n_queries=8), mid
+
+
+def _demo_set_sweep(tiny, tiny_label):
+    """Demo sets per run (3, 16) on the tiny model: batched GD costs the engine the same for any
+    number of demo sets, the reference pays per set."""
+    for n_episodes in (3, 16):
+        yield tiny_label.split(" (")[0], Config(k=16, n_episodes=n_episodes, n_queries=32), tiny
 
 
 def _progress(row: dict) -> None:

@@ -425,7 +425,10 @@ def _update_(delta: torch.Tensor, grad: torch.Tensor, path: str, step: int, conf
     """One optimizer step in place, elementwise (so per episode): plain SGD, or Adam written
     as torch.optim.Adam's single-tensor update (defaults: betas 0.9/0.999, eps 1e-8)."""
     if config.optimizer == "sgd":
-        delta.sub_(grad.mul_(config.lr))  # (not alpha=-lr: a huge lr must overflow to inf in fp16, not raise)
+        if delta.dtype == torch.float32:
+            delta.add_(grad, alpha=-config.lr)  # one pass over memory: the update is memory-bound
+        else:
+            delta.sub_(grad.mul_(config.lr))  # (not alpha=-lr: a huge lr must overflow to inf in fp16, not raise)
         return
     beta1, beta2 = ADAM_BETAS
     adam_m[path].mul_(beta1).add_(grad, alpha=1 - beta1)
