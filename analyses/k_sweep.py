@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from iclgd_lens import metrics
-from iclgd_lens.comparison import compare, versions
+from iclgd_lens.comparison import compare, gd_for_task, versions
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.gd import GDConfig, delta_hooks, train_deltas
 from iclgd_lens.record import Recorder
@@ -93,7 +93,7 @@ def run(
 def gd_only_table(bridge, task: Task, gd: GDConfig | str, k: int, n_episodes: int, n_queries: int, seed: int) -> pd.DataFrame:
     """ZSL and GD accuracy (argmax over the label words) for k demonstrations that need not fit
     in the context: tidy rows (metric, comparison, layer, head, episode, query, value, k)."""
-    config = GDConfig.preset(gd) if isinstance(gd, str) else gd
+    config = gd_for_task(gd, task)  # as compare(): a preset name takes the task's gd_lr
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     deltas = train_deltas(bridge, bridge.tokenizer, task, episodes, config)
     recorder = Recorder(bridge, [])

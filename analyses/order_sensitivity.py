@@ -36,7 +36,7 @@ import torch
 
 from iclgd_lens import metrics
 from iclgd_lens.study import as_bridge, as_ints, device_of, model_name
-from iclgd_lens.comparison import versions
+from iclgd_lens.comparison import gd_for_task, versions
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.gd import GDConfig, delta_hooks, demo_order, train_deltas
 from iclgd_lens.record import Recorder, Recording
@@ -63,8 +63,8 @@ def run(
 ) -> StudyResult:
     """Order sensitivity of ICL and of GD (batch sizes `batch_sizes` below k, and full batch).
 
-    `gd` sets everything of GD except batch size and order (e.g. `GDConfig.dai(lr=1e-2)`);
-    `batch_size` bounds the rows of one recording forward pass.
+    `gd` sets everything of GD except batch size and order (e.g. `GDConfig.dai(lr=1e-2)`); a preset
+    name uses the task's `gd_lr` where it has one (as `compare` does); `batch_size` bounds the rows of one recording forward pass.
     """
     started = time.time()
     bridge = as_bridge(model)
@@ -76,7 +76,7 @@ def run(
         raise IclgdError(f"order sensitivity needs k >= 2 demonstrations to permute, got k={k}")
     if n_permutations < 2:
         raise IclgdError(f"order sensitivity needs n_permutations >= 2, got {n_permutations}")
-    base = GDConfig.preset(gd) if isinstance(gd, str) else gd
+    base = gd_for_task(gd, task)  # a preset name takes the task's learning rate (Task.gd_lr), as in compare()
     sizes = [b for b in as_ints(batch_sizes, "batch_sizes") if 1 <= b < k] + [k]
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     order_seeds = [None] + [seed * 1000 + p for p in range(1, n_permutations)]

@@ -128,32 +128,75 @@ class GDConfig:
 
 
 # ---- results --------------------------------------------------------------------------------
-@dataclass
-class Deltas:
-    """Per-episode weight deltas, one tensor per (layer, projection): [n_episodes, d_out, d_in]."""
+Factors = tuple[torch.Tensor, torch.Tensor]
+"""A low-rank delta dW = U V^T: U [n_episodes, d_out, r], V [n_episodes, d_in, r]."""
 
-    tensors: dict[str, torch.Tensor]  # key: the projection's module path ("blocks.3.attn.k", "unembed")
-    config: GDConfig
-    losses: torch.Tensor  # [n_steps, n_episodes] training loss per step (before the step's update)
+
+class Deltas:
+    """Per-episode weight deltas, one per (layer, projection), each [n_episodes, d_out, d_in].
+
+    A delta is kept either dense or, for plain SGD, as factors (U, V) with dW = U V^T: from
+    zero, SGD's dW of a linear layer is a sum of outer products -lr * g x^T over every training
+    token seen (g: gradient of the projection's output, x: its input), so r = training tokens.
+    `tensors` gives dense [n_episodes, d_out, d_in] tensors either way (factors are multiplied
+    out on first access and cached); `parts` is what is stored, and what `delta_hooks` uses.
+    """
+
+    def __init__(self, tensors: dict[str, "torch.Tensor | Factors"], config: GDConfig, losses: torch.Tensor):
+        self.parts = dict(tensors)  # key: the projection's module path ("blocks.3.attn.k", "unembed")
+        self.config = config
+        self.losses = losses  # [n_steps, n_episodes] training loss per step (before the step's update)
+        self._dense: dict[str, torch.Tensor] = {}
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every delta as a dense tensor [n_episodes, d_out, d_in] (factors multiplied out once)."""
+        for path, part in self.parts.items():
+            if path not in self._dense:
+                self._dense[path] = _densify(part) if isinstance(part, tuple) else part
+        return {path: self._dense[path] for path in self.parts}
+
+    @property
+    def factors(self) -> dict[str, Factors]:
+        """The deltas kept low-rank: {path: (U [n_episodes, d_out, r], V [n_episodes, d_in, r])}."""
+        return {path: part for path, part in self.parts.items() if isinstance(part, tuple)}
 
     @property
     def n_episodes(self) -> int:
-        return next(iter(self.tensors.values())).shape[0]
+        part = next(iter(self.parts.values()))
+        return (part[0] if isinstance(part, tuple) else part).shape[0]
 
     def norms(self) -> dict[str, torch.Tensor]:
-        """Frobenius norm of every delta: {path: [n_episodes]}."""
-        return {path: torch.linalg.matrix_norm(dw.float()) for path, dw in self.tensors.items()}
+        """Frobenius norm of every delta: {path: [n_episodes]} (factors: |U V^T|^2 = sum (U^T U) * (V^T V))."""
+        out = {}
+        for path, part in self.parts.items():
+            if isinstance(part, tuple):
+                u, v = (t.float() for t in part)
+                gram = (u.mT @ u) * (v.mT @ v)  # [n_episodes, r, r]
+                out[path] = gram.sum((-2, -1)).clamp_min(0).sqrt()
+            else:
+                out[path] = torch.linalg.matrix_norm(part.float())
+        return out
 
     def scaled_random_like(self, seed: int) -> "Deltas":
         """A random update of the same Frobenius norm per tensor and episode (Deutch et al.'s
         baseline): Gaussian directions from a generator seeded with `seed` alone."""
         generator = torch.Generator().manual_seed(seed)
+        norms = self.norms()
         tensors = {}
-        for path, dw in self.tensors.items():
-            noise = torch.randn(dw.shape, generator=generator)  # [n_episodes, d_out, d_in]
-            scale = torch.linalg.matrix_norm(dw.float()).cpu() / torch.linalg.matrix_norm(noise)  # [n_episodes]
-            tensors[path] = (noise * scale[:, None, None]).to(dtype=dw.dtype, device=dw.device)
+        for path, part in self.parts.items():
+            like = part[0] if isinstance(part, tuple) else part
+            shape = (like.shape[0], like.shape[1], part[1].shape[1]) if isinstance(part, tuple) else like.shape
+            noise = torch.randn(shape, generator=generator)  # [n_episodes, d_out, d_in]
+            scale = norms[path].cpu() / torch.linalg.matrix_norm(noise)  # [n_episodes]
+            tensors[path] = (noise * scale[:, None, None]).to(dtype=like.dtype, device=like.device)
         return Deltas(tensors, self.config, self.losses.clone())
+
+
+def _densify(factors: Factors) -> torch.Tensor:
+    """U V^T: [n_episodes, d_out, d_in]."""
+    u, v = factors
+    return u @ v.mT
 
 
 # ---- which projections ----------------------------------------------------------------------
@@ -195,32 +238,48 @@ def demo_order(k: int, order_seed: int | None) -> list[int]:
 
 
 # ---- applying deltas ------------------------------------------------------------------------
-def _apply(x: torch.Tensor, dw: torch.Tensor, episodes: list[int], counts: list[int], permute: torch.Tensor | None) -> torch.Tensor:
-    """dW x for every row with its own episode's delta.
+def _apply(x: torch.Tensor, part: "torch.Tensor | Factors", episodes: list[int], counts: list[int], permute: torch.Tensor | None) -> torch.Tensor | None:
+    """dW x for every row with its own episode's delta (None if every delta is still zero-rank).
 
-    x: [batch, pos, d_in]; dw: [n_episodes, d_out, d_in]; rows sorted by episode (after
-    `permute`) come in runs `counts` of episode `episodes`. Returns [batch, pos, d_out].
+    x: [batch, pos, d_in]; part: dW [n_episodes, d_out, d_in] or factors (U [n_episodes, d_out, r],
+    V [n_episodes, d_in, r]), applied as U (V^T x); rows sorted by episode (after `permute`) come
+    in runs `counts` of episode `episodes`. Returns [batch, pos, d_out].
     """
-    x = x.to(dw.dtype)
+    low_rank = isinstance(part, tuple)
+    if low_rank and part[0].shape[-1] == 0:
+        return None
+    n_episodes, dtype = (part[0] if low_rank else part).shape[0], (part[0] if low_rank else part).dtype
+    x = x.to(dtype)
     if permute is not None:
         x = x[permute]
-    if episodes == list(range(dw.shape[0])) and len(set(counts)) == 1:  # every episode, equal rows
-        grouped = einops.rearrange(x, "(e r) p i -> e r p i", e=len(episodes))
-        update = einops.einsum(grouped, dw, "e r p i, e o i -> e r p o")
-        update = einops.rearrange(update, "e r p o -> (e r) p o")
+    if episodes == list(range(n_episodes)) and len(set(counts)) == 1:  # every episode, equal rows
+        grouped = einops.rearrange(x, "(e r) p i -> e (r p) i", e=n_episodes)
+        if low_rank:
+            update = (grouped @ part[1]) @ part[0].mT  # [e, rows*pos, d_out]
+        else:
+            update = grouped @ part.mT
+        update = einops.rearrange(update, "e (r p) o -> (e r) p o", p=x.shape[1])
     else:
         pieces = x.split(counts)
-        update = torch.cat([einops.einsum(piece, dw[e], "r p i, o i -> r p o") for piece, e in zip(pieces, episodes)])
+        if low_rank:
+            update = torch.cat([(piece @ part[1][e]) @ part[0][e].mT for piece, e in zip(pieces, episodes)])
+        else:
+            update = torch.cat([piece @ part[e].mT for piece, e in zip(pieces, episodes)])
     if permute is not None:
         update = update[torch.argsort(permute)]
     return update
 
 
-def _hooks_for_tensors(tensors: dict[str, torch.Tensor], row_episode: torch.Tensor) -> list[tuple[str, HookFn]]:
-    """The hook_in/hook_out pair per projection that adds dW x (see `delta_hooks`)."""
-    if not tensors:
+def _hooks_for_parts(parts: dict, row_episode: torch.Tensor, record: dict[str, list] | None = None) -> list[tuple[str, HookFn]]:
+    """The hook_in/hook_out pair per projection that adds dW x (see `delta_hooks`).
+
+    `record` (training): for each path in it, every call appends (x [batch, pos, d_in], the
+    hook's returned output), so that the gradient w.r.t. that output can be taken.
+    """
+    if not parts:
         return []
-    n_episodes = next(iter(tensors.values())).shape[0]
+    first = next(iter(parts.values()))
+    n_episodes = (first[0] if isinstance(first, tuple) else first).shape[0]
     rows = torch.as_tensor(row_episode).detach().cpu()
     if rows.ndim != 1 or rows.dtype not in (torch.int64, torch.int32) or len(rows) == 0:
         raise IclgdError("row_episode must be a 1-D integer tensor with one episode index per batch row")
@@ -229,23 +288,28 @@ def _hooks_for_tensors(tensors: dict[str, torch.Tensor], row_episode: torch.Tens
     order = torch.argsort(rows, stable=True)
     permute = None if torch.equal(order, torch.arange(len(rows))) else order
     episodes, counts = (t.tolist() for t in torch.unique_consecutive(rows[order], return_counts=True))
+    calls = record.get if record is not None else lambda path: None
     hooks = []
-    for path, dw in tensors.items():
+    for path, part in parts.items():
         saved: dict[str, torch.Tensor] = {}
 
         def save_input(x: torch.Tensor, hook, saved=saved) -> None:
             saved["x"] = x  # a reference: the projection's input, no copy
 
-        def add_update(out: torch.Tensor, hook, saved=saved, dw=dw, permute=permute) -> torch.Tensor:
+        def add_update(out: torch.Tensor, hook, saved=saved, part=part, permute=permute, calls=calls(path)) -> torch.Tensor:
             x = saved.pop("x")
             if x.shape[0] != len(rows):
                 raise IclgdError(f"delta hooks were built for batches of {len(rows)} rows, the model ran on {x.shape[0]}")
             if x.ndim == 4:  # attn.o.hook_in is [batch, pos, heads, d_head]
                 x = einops.rearrange(x, "b p h d -> b p (h d)")
-            update = _apply(x, dw, episodes, counts, permute.to(x.device) if permute is not None else None)
-            if out.ndim == 4:  # q/k/v hook_out are [batch, pos, heads, d_head]
-                update = einops.rearrange(update, "b p (h d) -> b p h d", h=out.shape[2])
-            return out + update.to(out.dtype)
+            update = _apply(x, part, episodes, counts, permute.to(x.device) if permute is not None else None)
+            if update is not None:
+                if out.ndim == 4:  # q/k/v hook_out are [batch, pos, heads, d_head]
+                    update = einops.rearrange(update, "b p (h d) -> b p h d", h=out.shape[2])
+                out = out + update.to(out.dtype)
+            if calls is not None:
+                calls.append((x.detach(), out))
+            return out
 
         hooks += [(f"{path}.hook_in", save_input), (f"{path}.hook_out", add_update)]
     return hooks
@@ -253,12 +317,13 @@ def _hooks_for_tensors(tensors: dict[str, torch.Tensor], row_episode: torch.Tens
 
 def delta_hooks(deltas: Deltas, row_episode: torch.Tensor) -> list[tuple[str, HookFn]]:
     """Forward hooks that add dW x to every projection of `deltas`, for a batch whose row b
-    belongs to episode `row_episode[b]` ([batch] long tensor).
+    belongs to episode `row_episode[b]` ([batch] long tensor). Low-rank deltas are applied as
+    U (V^T x), never multiplied out.
 
     Pass them first in `fwd_hooks` so that probes on the same hook points see the updated
     activations: `with bridge.hooks(fwd_hooks=delta_hooks(d, rows) + probes): bridge(ids)`.
     """
-    return _hooks_for_tensors(deltas.tensors, row_episode)
+    return _hooks_for_parts(deltas.parts, row_episode)
 
 
 # ---- training data --------------------------------------------------------------------------
@@ -314,10 +379,25 @@ def _episode_losses(logits: torch.Tensor, targets: torch.Tensor, n_episodes: int
 
 
 # ---- training -------------------------------------------------------------------------------
-def _forward_losses(model: "TransformerBridge", input_ids, attention_mask, targets, tensors, row_episode, config: GDConfig) -> torch.Tensor:
-    """Per-episode loss [n_episodes] of one step, with the current deltas hooked in."""
-    n_episodes = next(iter(tensors.values())).shape[0]
-    hooks = _hooks_for_tensors(tensors, row_episode)
+LOW_RANK_LIMIT = 1.0
+"""SGD keeps a delta as factors while its rank r (training tokens so far) stays at most this
+times the break-even rank d_in * d_out / (d_in + d_out), where U (V^T x) costs as much as dW x;
+past it the delta is multiplied out and trained dense. 0 trains dense from the start."""
+
+
+def _requires_grad(resid: torch.Tensor, hook) -> torch.Tensor:
+    """A graph root: the residual stream as a leaf that requires grad, so that the gradient of
+    every projection's output exists even when the model's parameters do not require grad."""
+    return resid.detach().requires_grad_(True)
+
+
+def _forward_losses(model: "TransformerBridge", input_ids, attention_mask, targets, parts, row_episode, config: GDConfig, record: dict) -> torch.Tensor:
+    """Per-episode loss [n_episodes] of one step, with the current deltas hooked in (the
+    outputs of the low-rank projections go to `record`, see `_hooks_for_parts`)."""
+    n_episodes = len(torch.unique(row_episode))
+    unembed_record = {"unembed": record["unembed"]} if "unembed" in record else None
+    hooks = _hooks_for_parts({p: d for p, d in parts.items() if p != "unembed" or not config.layer_causal}, row_episode, record)
+    hooks.append(("blocks.0.hook_resid_pre", _requires_grad))
     if not config.layer_causal:
         with model.hooks(fwd_hooks=hooks):
             logits = model(input_ids, attention_mask=attention_mask)  # [rows, pos, vocab]
@@ -328,7 +408,7 @@ def _forward_losses(model: "TransformerBridge", input_ids, attention_mask, targe
     # (no hooks fire), plus the unembedding delta when "all" trains it.
     final_norm = _raw_module(model, "ln_final")
     unembed = _raw_module(model, "unembed")
-    unembed_hooks = _hooks_for_tensors({"unembed": tensors["unembed"]}, row_episode) if "unembed" in tensors else []
+    unembed_hooks = _hooks_for_parts({"unembed": parts["unembed"]}, row_episode, unembed_record) if "unembed" in parts else []
     layer_losses: list[torch.Tensor] = []
 
     def early_exit_loss(resid: torch.Tensor, hook) -> None:  # resid [rows, pos, d_model]
@@ -339,11 +419,8 @@ def _forward_losses(model: "TransformerBridge", input_ids, attention_mask, targe
             logits = unembed_hooks[1][1](logits, None)
         layer_losses.append(_episode_losses(logits, targets, n_episodes))
 
-    def stop_gradient(resid: torch.Tensor, hook) -> torch.Tensor:
-        return resid.detach()
-
     n_layers = model.cfg.n_layers
-    hooks += [(f"blocks.{l}.hook_resid_pre", stop_gradient) for l in range(1, n_layers)]
+    hooks += [(f"blocks.{l}.hook_resid_pre", _requires_grad) for l in range(1, n_layers)]  # stop-gradient
     hooks += [(f"blocks.{l}.hook_resid_post", early_exit_loss) for l in range(n_layers)]
     with model.hooks(fwd_hooks=hooks):
         model(input_ids, attention_mask=attention_mask)
@@ -369,20 +446,23 @@ def train_deltas(model: "TransformerBridge", tokenizer, task: Task, episodes: li
     BOS); step t trains on batch t of every episode (chunks of `batch_size` in prompt order,
     or in `demo_order(k, order_seed)`), for `epochs` passes. Loss per episode = mean over its
     loss tokens; the sum over episodes is differentiated with `torch.autograd.grad` w.r.t. the
-    deltas only, so the model's parameters, their `.grad` and `requires_grad` are never touched.
-    Raises IclgdError if the loss or the deltas stop being finite.
+    deltas (Adam, or SGD past `LOW_RANK_LIMIT`) or w.r.t. the projections' outputs (SGD's
+    low-rank factors), so the model's parameters, their `.grad` and `requires_grad` are never
+    touched. Raises IclgdError if the loss or the deltas stop being finite.
     """
     k = _check_inputs(model, episodes)
     n_episodes, n_layers = len(episodes), model.cfg.n_layers
     paths = projection_paths(config, n_layers)
     weights = {path: _linear_weight(model, path) for path in paths}
     device = weights[paths[0]].device
-    tensors = {
-        path: torch.zeros((n_episodes, *w.shape), dtype=torch.float32 if config.delta_dtype else w.dtype, device=device)
-        for path, w in weights.items()
-    }  # each [n_episodes, d_out, d_in]
-    adam_m = {path: torch.zeros_like(t) for path, t in tensors.items()} if config.optimizer == "adam" else {}
-    adam_v = {path: torch.zeros_like(t) for path, t in tensors.items()} if config.optimizer == "adam" else {}
+    dtypes = {path: torch.float32 if config.delta_dtype else w.dtype for path, w in weights.items()}
+    if config.optimizer == "sgd":  # factors of rank 0: U [n_episodes, d_out, 0], V [n_episodes, d_in, 0]
+        parts = {path: tuple(torch.zeros((n_episodes, d, 0), dtype=dtypes[path], device=device) for d in w.shape)
+                 for path, w in weights.items()}
+    else:
+        parts = {path: torch.zeros((n_episodes, *w.shape), dtype=dtypes[path], device=device) for path, w in weights.items()}
+    adam_m = {path: torch.zeros_like(t) for path, t in parts.items()} if config.optimizer == "adam" else {}
+    adam_v = {path: torch.zeros_like(t) for path, t in parts.items()} if config.optimizer == "adam" else {}
 
     encoded = [[_encode_demo(tokenizer, task, d, e.label_words, config.loss_on) for d in e.demos] for e in episodes]
     order = demo_order(k, config.order_seed)
@@ -391,34 +471,80 @@ def train_deltas(model: "TransformerBridge", tokenizer, task: Task, episodes: li
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     try:
-        return _train(model, tensors, adam_m, adam_v, encoded, chunks, steps_per_epoch, n_episodes, pad_id, device, config, progress)
+        return _train(model, parts, adam_m, adam_v, encoded, chunks, steps_per_epoch, n_episodes, pad_id, device, config, progress)
     finally:
         release_transient_state(model)
 
 
-def _train(model, tensors, adam_m, adam_v, encoded, chunks, steps_per_epoch, n_episodes, pad_id, device, config, progress) -> Deltas:
-    """The GD loop of `train_deltas` (deltas updated in place)."""
+def _train(model, parts, adam_m, adam_v, encoded, chunks, steps_per_epoch, n_episodes, pad_id, device, config, progress) -> Deltas:
+    """The GD loop of `train_deltas` (dense deltas updated in place, factors extended)."""
     step_losses = []
+    calls_per_step = {path: model.cfg.n_layers if path == "unembed" and config.layer_causal else 1 for path in parts}
     with torch.enable_grad():
         for step, chunk in enumerate(tqdm(chunks, desc="GD", disable=not progress), start=1):
             batch = [encoded[e][i] for e in range(n_episodes) for i in chunk]  # episode-major rows
             row_episode = torch.arange(n_episodes).repeat_interleave(len(chunk))  # [rows]
             input_ids, attention_mask, targets = _pad_batch(batch, pad_id, device)
-            leaves = {path: t.detach().requires_grad_(True) for path, t in tensors.items()}
-            losses = _forward_losses(model, input_ids, attention_mask, targets, leaves, row_episode, config)
+            new_rank = len(chunk) * input_ids.shape[1]  # training tokens per episode this step
+            for path, part in parts.items():  # past the break-even rank: multiply out, go on dense
+                if isinstance(part, tuple) and part[0].shape[-1] + new_rank * calls_per_step[path] > _rank_limit(part):
+                    parts[path] = _densify(part)
+            leaves = {path: d.detach().requires_grad_(True) for path, d in parts.items() if not isinstance(d, tuple)}
+            record = {path: [] for path, part in parts.items() if isinstance(part, tuple)}
+            losses = _forward_losses(model, input_ids, attention_mask, targets, {**parts, **leaves}, row_episode, config, record)
             if not torch.isfinite(losses).all():
                 raise IclgdError(_diverged(step, config))
-            grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+            outputs = [out for calls in record.values() for _, out in calls]
+            grads = torch.autograd.grad(losses.sum(), [*leaves.values(), *outputs], allow_unused=True)
             with torch.no_grad():  # in place: deltas + gradients are the peak memory, nothing more
                 for path, grad in zip(leaves, grads):
                     if grad is not None:
-                        _update_(tensors[path], grad, path, step, config, adam_m, adam_v)
-                if step % steps_per_epoch == 0 and not all(torch.isfinite(t).all() for t in tensors.values()):
+                        _update_(parts[path], grad, path, step, config, adam_m, adam_v)
+                output_grads = iter(grads[len(leaves) :])
+                for path, calls in record.items():
+                    parts[path] = _extend(parts[path], [(x, next(output_grads)) for x, _ in calls], n_episodes, config.lr)
+                if step % steps_per_epoch == 0 and not all(_is_finite(part) for part in parts.values()):
                     raise IclgdError(_diverged(step, config))  # checked once an epoch: a per-step check cost 24% of GD time
-            del leaves, grads
+            del leaves, grads, record, outputs
             step_losses.append(losses.detach().float().cpu())
     losses = torch.stack(step_losses) if step_losses else torch.zeros((0, n_episodes))
-    return Deltas(tensors, config, losses)
+    return Deltas(parts, config, losses)
+
+
+def _rank_limit(factors: Factors) -> float:
+    """The largest rank kept low-rank: LOW_RANK_LIMIT x the break-even rank d_in d_out / (d_in + d_out)."""
+    d_out, d_in = factors[0].shape[1], factors[1].shape[1]
+    return LOW_RANK_LIMIT * d_in * d_out / (d_in + d_out)
+
+
+def _extend(factors: Factors, calls: list[tuple[torch.Tensor, torch.Tensor | None]], n_episodes: int, lr: float) -> Factors:
+    """One SGD step on low-rank factors: dW -= lr * sum over tokens of g x^T, i.e. append
+    (-lr g, x) of every training token to (U, V). x [rows, pos, d_in]; g [rows, pos, d_out]
+    (or [rows, pos, heads, d_head]); rows episode-major. Padding tokens have g = 0 (right
+    padding, causal mask) and are kept, so every episode gets the same rank."""
+    u, v = factors
+    new_u, new_v = [u], [v]
+    for x, g in calls:
+        if g is None:  # the output did not reach the loss
+            continue
+        g = einops.rearrange(g.reshape(*g.shape[:2], -1), "(e r) p o -> e o (r p)", e=n_episodes)
+        new_u.append(g.to(u.dtype).mul_(-lr))  # (not alpha=-lr: a huge lr must overflow to inf in fp16, not raise)
+        new_v.append(einops.rearrange(x, "(e r) p i -> e i (r p)", e=n_episodes).to(v.dtype))
+    return torch.cat(new_u, -1), torch.cat(new_v, -1)
+
+
+def _is_finite(part: "torch.Tensor | Factors") -> bool:
+    """Whether a delta has no NaN or inf (factors: U, V finite and U V^T cannot overflow, by
+    |(U V^T)_oi| <= |U_o| |V_i|; multiplied out only when that bound is inconclusive)."""
+    if not isinstance(part, tuple):
+        return bool(torch.isfinite(part).all())
+    u, v = part
+    if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+        return False
+    if u.shape[-1] == 0:
+        return True
+    bound = torch.linalg.vector_norm(u.float(), dim=-1).amax() * torch.linalg.vector_norm(v.float(), dim=-1).amax()
+    return bool(bound < torch.finfo(u.dtype).max) or bool(torch.isfinite(_densify(part)).all())
 
 
 def _update_(delta: torch.Tensor, grad: torch.Tensor, path: str, step: int, config: GDConfig, adam_m: dict, adam_v: dict) -> None:
