@@ -5,7 +5,9 @@ user's model is never changed to get it: every trained projection `W` (a linear 
 delta `dW` per episode, stored beside the model, and hooks add `dW x` to the projection's
 output (`x` is the projection's input, read at its `.hook_in`; the sum is returned at its
 `.hook_out`). So B episodes are fine-tuned in lockstep on one shared base model in one batched
-forward/backward per step, and the explicit `dW_GD` per layer is a result of its own.
+forward/backward per step, and the explicit `dW_GD` per layer is a result of its own. With
+plain SGD a delta is kept exactly as low-rank factors dW = U V^T (one column per training token)
+while that is cheaper than dense, so no dense gradient is ever built (see `Deltas`).
 
     config = GDConfig.dai(lr=1e-3)
     deltas = train_deltas(bridge, tokenizer, task, episodes, config)

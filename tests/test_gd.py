@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformer_lens.model_bridge import TransformerBridge
 
+import iclgd_lens.gd as gd
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.gd import Deltas, GDConfig, delta_hooks, demo_order, projection_paths, train_deltas
 from iclgd_lens.tasks import Episode, Example, Task
@@ -187,12 +188,21 @@ def test_hook_in_is_exactly_what_hf_projection_receives(mha, tok):
 
 
 # ---- oracle: batched deltas == torch.optim on a deep copy -------------------------------
+LOW_RANK = {"factors": float("inf"), "default": gd.LOW_RANK_LIMIT, "dense": 0.0}  # LOW_RANK_LIMIT per SGD path
+
+
+@pytest.mark.parametrize("path", list(LOW_RANK))
 @pytest.mark.parametrize("params", ["kv", "v_single", "all"])
 @pytest.mark.parametrize("batch_size", [1, 2])
-def test_sgd_matches_torch_sgd(models_, tok, params, batch_size):
+def test_sgd_matches_torch_sgd(models_, tok, params, batch_size, path, monkeypatch):
     hf, bridge = models_
+    monkeypatch.setattr(gd, "LOW_RANK_LIMIT", LOW_RANK[path])
     config = GDConfig(params=params, lr=0.05, epochs=2, batch_size=batch_size)
-    check_against_reference(hf, bridge, tok, config)
+    deltas = check_against_reference(hf, bridge, tok, config)
+    if path == "factors":
+        assert set(deltas.factors) == set(deltas.parts)
+    if path == "dense":
+        assert not deltas.factors
 
 
 @pytest.mark.parametrize("params", ["kv", "all"])
@@ -205,8 +215,10 @@ def test_adam_matches_torch_adam(models_, tok, params):
     check_against_reference(hf, bridge, tok, config, outliers=1e-3)
 
 
-def test_label_token_loss_matches_torch_sgd(mha, tok):
+@pytest.mark.parametrize("path", ["factors", "default"])
+def test_label_token_loss_matches_torch_sgd(mha, tok, path, monkeypatch):
     hf, bridge = mha
+    monkeypatch.setattr(gd, "LOW_RANK_LIMIT", LOW_RANK[path])
     check_against_reference(hf, bridge, tok, GDConfig(params="qkvo", lr=0.05, epochs=2, loss_on="label_tokens"))
 
 
@@ -297,8 +309,10 @@ def layer_causal_reference(hf, tok, episode: Episode, lr: float, paths: list[str
     return ref
 
 
-def test_layer_causal_matches_hand_written_loop(models_, tok):
+@pytest.mark.parametrize("path", ["factors", "default"])
+def test_layer_causal_matches_hand_written_loop(models_, tok, path, monkeypatch):
     hf, bridge = models_
+    monkeypatch.setattr(gd, "LOW_RANK_LIMIT", LOW_RANK[path])
     config = GDConfig.deutch(lr=0.05)
     deltas = train_deltas(bridge, tok, TASK, EPISODES, config)
     plain = train_deltas(bridge, tok, TASK, EPISODES, GDConfig.dai(lr=0.05))
@@ -435,3 +449,121 @@ def test_episodes_must_share_k(mha, tok):
     short = Episode(EPISODES[0].demos[:2], EPISODES[0].queries, EPISODES[0].label_words)
     with pytest.raises(IclgdError, match="same number of demonstrations"):
         train_deltas(bridge, tok, TASK, [EPISODES[0], short], GDConfig())
+
+
+# ---- low-rank SGD: factors (U, V) with dW = U V^T ------------------------------------------
+def train_with_limit(bridge, tok, config: GDConfig, limit: float, monkeypatch, episodes=EPISODES) -> Deltas:
+    monkeypatch.setattr(gd, "LOW_RANK_LIMIT", limit)
+    return train_deltas(bridge, tok, TASK, episodes, config)
+
+
+def gd_logits(bridge, tok, deltas: Deltas) -> torch.Tensor:
+    ids, mask, rows = query_batch(tok, EPISODES)
+    with torch.no_grad(), bridge.hooks(fwd_hooks=delta_hooks(deltas, rows)):
+        return bridge(ids, attention_mask=mask)
+
+
+LOW_RANK_SETTINGS = {
+    "dai-k4": GDConfig.dai(lr=0.05),
+    "kv-batch2-2epochs": GDConfig(params="kv", lr=0.05, epochs=2, batch_size=2),
+    "all-2epochs": GDConfig(params="all", lr=0.05, epochs=2),
+    "layer-causal": GDConfig.deutch(lr=0.05),
+    "layer-causal-all-batch2": GDConfig(params="all", lr=0.05, batch_size=2, layer_causal=True),
+    "qkvo-label-seeded": GDConfig(params="qkvo", lr=0.05, epochs=2, loss_on="label_tokens", order_seed=1),
+}
+
+
+@pytest.mark.parametrize("name", list(LOW_RANK_SETTINGS))
+def test_factor_path_equals_dense_path(models_, tok, name, monkeypatch):
+    _, bridge = models_
+    config = LOW_RANK_SETTINGS[name]
+    low_rank = train_with_limit(bridge, tok, config, float("inf"), monkeypatch)
+    dense = train_with_limit(bridge, tok, config, 0.0, monkeypatch)
+    assert set(low_rank.factors) == set(low_rank.parts) and not dense.factors
+    assert list(low_rank.tensors) == list(dense.tensors) == projection_paths(config, 2)
+    for path, dw in dense.tensors.items():
+        assert dw.abs().max() > 1e-4, path
+        torch.testing.assert_close(low_rank.tensors[path], dw, atol=1e-5, rtol=0, msg=path)
+        torch.testing.assert_close(low_rank.norms()[path], dense.norms()[path], atol=1e-6, rtol=1e-5, msg=path)
+    torch.testing.assert_close(low_rank.losses, dense.losses, atol=1e-5, rtol=0)
+    logits = gd_logits(bridge, tok, low_rank)
+    torch.testing.assert_close(logits, gd_logits(bridge, tok, dense), atol=1e-5, rtol=0)
+    ids, mask, _ = query_batch(tok, EPISODES)
+    with torch.no_grad():
+        assert (logits - bridge(ids, attention_mask=mask)).abs().max() > 1e-3  # the deltas act
+
+
+def test_rank_is_the_number_of_padded_training_tokens(mha, tok, monkeypatch):
+    _, bridge = mha
+    config = GDConfig(params="kv", lr=0.05, epochs=2, batch_size=3)  # steps: demos {0,1,2}, {3}, twice
+    deltas = train_with_limit(bridge, tok, config, float("inf"), monkeypatch)
+    steps = [batches(e, config) for e in EPISODES]  # [episode][step] -> texts
+    # every step adds rows x padded width columns per episode (the width is shared by all episodes)
+    rank = sum(len(steps[0][i]) * max(len(tok(t)["input_ids"]) for e in steps for t in e[i]) for i in range(len(steps[0])))
+    for path, (u, v) in deltas.factors.items():
+        d_out, d_in = bridge.get_submodule(path).original_component.weight.shape
+        assert u.shape == (len(EPISODES), d_out, rank) and v.shape == (len(EPISODES), d_in, rank), path
+
+
+def test_densification_kicks_in_and_matches_torch_sgd(mha, tok, monkeypatch):
+    hf, bridge = mha
+    densified = []
+    real_densify = gd._densify
+    monkeypatch.setattr(gd, "_densify", lambda factors: densified.append(factors[0].shape[-1]) or real_densify(factors))
+    monkeypatch.setattr(gd, "LOW_RANK_LIMIT", 1.0)
+    # k/v are 32 x 32 here: break-even rank 16; a step of batch 2 adds 2 x (6..9) columns, so
+    # every projection trains step 1 low-rank and is multiplied out, non-zero, before step 2
+    deltas = check_against_reference(hf, bridge, tok, GDConfig(params="kv", lr=0.05, epochs=3, batch_size=2))
+    assert not deltas.factors and len(densified) == len(deltas.parts)
+    assert all(rank > 0 for rank in densified)
+
+
+def test_low_rank_path_needs_no_parameter_gradients(tok, monkeypatch):
+    """The factor path takes gradients w.r.t. projection outputs: it must still work when no
+    parameter of the model requires grad (a frozen model), and leave the flags as they were."""
+    hf = make_hf(False)
+    frozen = TransformerBridge.boot_transformers("tiny", hf_model=copy.deepcopy(hf).requires_grad_(False), tokenizer=tok, device="cpu")
+    plain = TransformerBridge.boot_transformers("tiny", hf_model=copy.deepcopy(hf), tokenizer=tok, device="cpu")
+    for config in (GDConfig(params="qkvo", lr=0.05, epochs=2), GDConfig.deutch(lr=0.05)):
+        ours = train_with_limit(frozen, tok, config, float("inf"), monkeypatch)
+        expected = train_with_limit(plain, tok, config, 0.0, monkeypatch)
+        for path, dw in expected.tensors.items():
+            torch.testing.assert_close(ours.tensors[path], dw, atol=1e-5, rtol=0, msg=path)
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_factor_deltas_keep_dtype_norms_random_baseline_and_row_order(mha, half, tok, monkeypatch):
+    _, bridge = mha
+    deltas = train_with_limit(bridge, tok, GDConfig(params="kv", lr=0.05), float("inf"), monkeypatch)
+    assert set(deltas.factors) == set(deltas.parts)
+    for path, norm in deltas.norms().items():  # from U^T U and V^T V, never multiplied out
+        torch.testing.assert_close(norm, torch.linalg.matrix_norm(deltas.tensors[path]), rtol=1e-5, atol=0)
+    rand = deltas.scaled_random_like(0)
+    for path, norm in deltas.norms().items():
+        assert rand.tensors[path].shape == deltas.tensors[path].shape
+        torch.testing.assert_close(rand.norms()[path], norm, rtol=1e-5, atol=0)
+    ids, mask, rows = query_batch(tok, EPISODES)
+    shuffle = torch.tensor([5, 0, 3, 1, 4, 2])
+    with torch.no_grad():
+        with bridge.hooks(fwd_hooks=delta_hooks(deltas, rows)):
+            grouped = bridge(ids, attention_mask=mask)
+        with bridge.hooks(fwd_hooks=delta_hooks(deltas, rows[shuffle])):
+            shuffled = bridge(ids[shuffle], attention_mask=mask[shuffle])
+        with bridge.hooks(fwd_hooks=delta_hooks(deltas, torch.full((2,), 1))):  # one episode's rows only
+            second = bridge(ids[2:4], attention_mask=mask[2:4])
+    torch.testing.assert_close(shuffled, grouped[shuffle], atol=1e-6, rtol=0)
+    torch.testing.assert_close(second, grouped[2:4], atol=1e-6, rtol=0)
+    _, half_bridge = half
+    fp32 = train_with_limit(half_bridge, tok, GDConfig(params="kv", lr=0.05, delta_dtype="float32"), float("inf"), monkeypatch)
+    assert all(u.dtype == v.dtype == torch.float32 for u, v in fp32.factors.values())
+    fp16 = train_with_limit(half_bridge, tok, GDConfig(params="kv", lr=0.05), float("inf"), monkeypatch)
+    assert all(u.dtype == torch.float16 for u, _ in fp16.factors.values())
+    assert all(dw.dtype == torch.float16 for dw in fp16.tensors.values())
+
+
+def test_low_rank_divergence_raises_one_clear_line(half, tok, monkeypatch):
+    _, bridge = half
+    before = state_of(bridge)
+    with pytest.raises(IclgdError, match=r"^GD diverged at step \d+ with lr=1e\+06 \(preset dai\); lower the learning rate$"):
+        train_with_limit(bridge, tok, GDConfig.dai(lr=1e6), float("inf"), monkeypatch)
+    assert_bitwise_equal(before, bridge)

@@ -1,4 +1,11 @@
-"""The ICL-vs-GD studies (analyses/): properties that must hold on tiny random LLaMAs."""
+"""The ICL-vs-GD studies (analyses/): properties that must hold, checked on the shipped
+`tiny-llama-icl` (and `tiny-llama-iclobj`) wherever that stays fast, else on tiny random LLaMAs.
+
+No test freezes a measured figure: each checks something that must be true whatever the
+weights (full-batch GD is order-invariant, identical orders give the exact floor, the table's
+accuracy is the model's) or a property the embedded model was built to have (ICL emerged:
+few-shot beats zero-shot; the corpus facts are in its weights).
+"""
 
 import numpy as np
 import pytest
@@ -15,7 +22,23 @@ GD = GDConfig.dai(lr=0.05)
 
 
 @pytest.fixture(scope="module")
+def icl_model():
+    """The shipped model whose ICL emerged from next-token training (0-shot ~50%, 8-shot ~100%)."""
+    from iclgd_lens.models import load_model
+
+    return load_model("tiny-llama-icl", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def mapping_task():
+    from iclgd_lens.corpus import default_task
+
+    return default_task(seed=0)
+
+
+@pytest.fixture(scope="module")
 def bridge():
+    """A random tiny LLaMA, for the checks that need a model that has not memorised anything."""
     return tiny_bridge(tokenizer=tiny_tokenizer(), n_layers=2)
 
 
@@ -30,55 +53,57 @@ def _unchanged(bridge, before):
 
 
 # ---- order sensitivity ------------------------------------------------------------------------
-def test_full_batch_gd_is_order_invariant_and_icl_is_not(bridge):
+def test_full_batch_gd_is_order_invariant_and_icl_is_not(icl_model, mapping_task):
     from iclgd_lens.analyses.order_sensitivity import run
 
-    before = _state(bridge)
-    r = run(bridge, tiny_task(), k=4, n_permutations=4, batch_sizes=(1, 2), gd=GD, n_episodes=2, n_queries=3, progress=False)
+    before = _state(icl_model)
+    r = run(icl_model, mapping_task, k=4, n_permutations=3, batch_sizes=(1,), n_episodes=1, n_queries=2, progress=False)
     assert isinstance(r, StudyResult) and r.figures and r.findings
+    assert r.config["gd"]["lr"] == mapping_task.gd_lr  # a preset by name takes the task's learning rate, as compare() does
     t = r.table
-    assert set(t.method) == {"icl", "gd_b1", "gd_b2", "gd_full"}
+    assert set(t.method) == {"icl", "gd_b1", "gd_full"}
     sen = t[t.metric == "sen"]
     assert (sen[sen.method == "gd_full"].value.abs() < 1e-6).all()  # the same summed gradient in any order
     assert (sen[sen.method == "icl"].value > 1e-6).all()  # different prompts, different outputs
-    assert (sen[sen.method == "gd_b1"].value > 1e-6).all()  # SGD steps in another order end elsewhere
+    assert (sen[sen.method == "gd_b1"].value > 1e-6).all()  # SGD steps in another order end elsewhere (GD is no no-op)
     assert t[t.metric.str.contains("overlap")].value.between(0, 1).all()
-    assert set(t[t.metric == "attn_sen"].layer) == {0, 1}
-    assert _unchanged(bridge, before)
+    assert set(t[t.metric == "attn_sen"].layer) == set(range(icl_model.cfg.n_layers))
+    assert _unchanged(icl_model, before)
 
 
-def test_identical_orders_give_the_exact_floor(bridge):
+def test_identical_orders_give_the_exact_floor(icl_model):
     """With k copies of one demonstration every order is the same prompt and the same SGD run:
     ICL-vs-ICL agreement must then be perfect (Sen 0, overlap 1), so it is a valid floor."""
     from iclgd_lens.analyses.order_sensitivity import run
 
-    same = Task("same", "{text} :", ("A", "B"), train=(Example("w1 w2", 0),) * 3, test=(Example("w5 w6", 1), Example("w7 w8", 0)), separator=" ")
-    r = run(bridge, same, k=3, n_permutations=3, batch_sizes=(1,), gd=GD, n_episodes=1, n_queries=2, progress=False)
+    same = Task("same", "{text} =", ("alpha", "beta"), train=(Example("cow", 0),) * 3,
+                test=(Example("dog", 0), Example("apple", 1)), separator="\n")
+    r = run(icl_model, same, k=3, n_permutations=3, batch_sizes=(1,), gd=GD, n_episodes=1, n_queries=2, progress=False)
     t = r.table
     assert (t[t.metric == "sen"].value.abs() < 1e-6).all()
     assert (t[t.metric == "order_overlap"].value == 1.0).all()
 
 
-def test_order_sensitivity_rejects_k_below_two(bridge):
+def test_order_sensitivity_rejects_k_below_two(icl_model, mapping_task):
     from iclgd_lens.analyses.order_sensitivity import run
 
     with pytest.raises(IclgdError, match="k >= 2"):
-        run(bridge, tiny_task(), k=1, progress=False)
+        run(icl_model, mapping_task, k=1, progress=False)
 
 
 # ---- k sweep ----------------------------------------------------------------------------------
-def test_k_sweep_has_every_k_and_its_icl_accuracy_is_the_models(bridge):
+def test_k_sweep_icl_accuracy_is_the_models_and_beats_zero_shot(icl_model, mapping_task):
     from iclgd_lens.analyses.k_sweep import run
 
-    task, ks, n_ep, n_q = tiny_task(), (1, 2, 4), 2, 4
-    r = run(bridge, task, ks=ks, gd_only_ks=(12,), gd=GD, n_episodes=n_ep, n_queries=n_q, baselines=("icl_perm",), progress=False)
+    task, ks, n_ep, n_q = mapping_task, (1, 4), 1, 4
+    r = run(icl_model, task, ks=ks, gd_only_ks=(12,), n_episodes=n_ep, n_queries=n_q, baselines=("icl_perm",), progress=False)
     t = r.table
-    assert set(t.k) == {1, 2, 4, 12}
+    assert set(t.k) == {1, 4, 12}
     assert set(t[t.k == 12].comparison) == {"zsl", "gd"}  # GD-only k: no ICL prompt is built
     acc = t[t.metric == "accuracy"]
     assert acc.value.between(0, 1).all()
     # ICL accuracy recomputed here with plain forward passes, one prompt at a time
-    tok = bridge.tokenizer
+    tok = icl_model.tokenizer
     for k in ks:
         correct = []
         for episode in task.episodes(k, n_ep, n_q, 0):
@@ -86,24 +111,43 @@ def test_k_sweep_has_every_k_and_its_icl_accuracy_is_the_models(bridge):
             for q in episode.queries:
                 enc = tok(task.icl_prompt(episode.demos, q, episode.label_words), return_tensors="pt")
                 with torch.no_grad():
-                    logits = bridge(enc["input_ids"], attention_mask=enc["attention_mask"])[0, -1]
+                    logits = icl_model(enc["input_ids"], attention_mask=enc["attention_mask"])[0, -1]
                 correct.append(int(logits[ids].argmax()) == q.label)
         table_acc = acc[(acc.k == k) & (acc.comparison == "icl")].value.mean()
         assert table_acc == pytest.approx(np.mean(correct))
+    # ICL emerged in this model: with 4 demonstrations it beats the zero-shot prompt
+    at4 = acc[acc.k == 4].groupby("comparison").value.mean()
+    assert at4["icl"] > at4["zsl"]
+
+
+def test_gd_only_k_uses_the_tasks_learning_rate_like_compare(icl_model, mapping_task, monkeypatch):
+    """A preset given by name trains GD at Task.gd_lr in the GD-only rows too (not the preset's 1e-3)."""
+    from iclgd_lens.analyses import k_sweep
+
+    seen = []
+    real = k_sweep.train_deltas
+    monkeypatch.setattr(k_sweep, "train_deltas", lambda *a, **kw: seen.append(a[4]) or real(*a, **kw))
+    table = k_sweep.gd_only_table(icl_model, mapping_task, "dai", 12, 1, 2, 0)
+    assert [c.lr for c in seen] == [mapping_task.gd_lr] and seen[0].params == "kv"
+    assert set(table.comparison) == {"zsl", "gd"} and table.value.between(0, 1).all()
 
 
 # ---- GD trajectories --------------------------------------------------------------------------
-def test_gd_trajectories_grid_best_cell_and_divergence(bridge):
+def test_gd_trajectories_grid_best_cell_and_divergence(icl_model, mapping_task):
     from iclgd_lens.analyses.gd_trajectories import best_cell, cell_summary, run
 
-    r = run(bridge, tiny_task(), lrs=(0.05, 1e38), params=("kv", "v_single"), epochs=(1, 2), k=2, n_episodes=1, n_queries=3, progress=False)
+    r = run(icl_model, mapping_task, lrs=(0.05, 1e38), params=("kv", "v_single"), epochs=(1, 2), k=2, n_episodes=1,
+            n_queries=2, progress=False)
     t = r.table
     assert len(t[["params", "lr", "epochs"]].drop_duplicates()) == 2 * 2 * 2
-    assert set(t[t.metric == "diverged"].lr) == {1e38}  # recorded, not raised
+    # recorded, not raised (K/V at lr 1e38 overflows; W_V of one layer may not, as RMSNorm rescales it)
+    assert set(t[t.metric == "diverged"].lr) == {1e38}
+    assert len(t[(t.metric == "diverged") & (t.params == "kv")]) == 2
     s = cell_summary(t)
     sim = s[(s.metric == "simaou") & (s.comparison == "icl~gd")]
     best = best_cell(t, "simaou")
-    assert best["value"] == pytest.approx(sim["mean"].max()) and best["lr"] == 0.05
+    assert best["value"] == pytest.approx(sim["mean"].max())
+    assert not ((best["params"] == "kv") and (best["lr"] == 1e38))  # a diverged cell is never the best
     # more epochs of SGD move GD further: the two epochs' SimAOU are not the same number
     kv = sim[(sim.params == "kv") & (sim.lr == 0.05)].sort_values("epochs")["mean"].to_numpy()
     assert abs(kv[0] - kv[1]) > 1e-6
@@ -111,33 +155,49 @@ def test_gd_trajectories_grid_best_cell_and_divergence(bridge):
 
 
 # ---- ICL objective vs emergent ----------------------------------------------------------------
-def test_iclobj_vs_emergent_same_model_twice_shows_no_difference(bridge):
+@pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")  # Welch's test on identical samples
+def test_iclobj_vs_emergent_same_model_twice_shows_no_difference(icl_model, mapping_task):
     from iclgd_lens.analyses.iclobj_vs_emergent import differences, run
 
-    other = tiny_bridge(tokenizer=tiny_tokenizer(), n_layers=2, seed=1)
-    kw = dict(k=2, gd=GD, n_episodes=2, n_queries=4, baselines=("random_update", "icl_perm"), progress=False)
-    same = run([bridge, bridge], tiny_task(), **kw)
+    kw = dict(k=2, n_episodes=1, n_queries=4, baselines=("random_update", "icl_perm"), progress=False)
+    same = run([icl_model, icl_model], mapping_task, **kw)
     d = differences(same.table, same.config["models"])
     assert len(d) and (d["diff"].abs() < 1e-9).all()
     assert "differs:" not in same.findings
-    r = run([bridge, other], tiny_task(), **kw)
-    assert set(r.table.model) == set(r.config["models"]) and len(r.config["models"]) == 2
+    r = run(["tiny-llama-icl", "tiny-llama-iclobj"], mapping_task, **kw)
+    assert set(r.table.model) == {"tiny-llama-icl", "tiny-llama-iclobj"}
     assert (differences(r.table, r.config["models"])["diff"].abs() > 1e-6).any()
 
 
 # ---- conflict probe ---------------------------------------------------------------------------
+def test_conflict_probe_on_the_embedded_model(icl_model):
+    """The corpus's facts are in every training document, so the model holds them (zero-shot);
+    every conflict prompt has exactly one outcome; the model is left unchanged."""
+    from iclgd_lens.analyses.conflict_probe import corpus_facts, run
+
+    before = _state(icl_model)
+    facts = corpus_facts(seed=0)[::3]  # 12 of the 36 facts, two per category
+    r = run(icl_model, facts, k=2, ft_epochs=1, progress=False)
+    t = r.table
+    rates = t[t.metric.isin(["context_wins", "weights_win", "other"])]
+    assert rates.value.between(0, 1).all()
+    assert np.allclose(rates.groupby(["stage", "query"]).value.sum(), 1.0)  # one outcome per prompt
+    assert t[(t.metric == "fact_accuracy") & (t.stage == "before")].value.mean() >= 0.9
+    assert set(t[t.metric == "attn_update_norm"].layer) == set(range(icl_model.cfg.n_layers))
+    assert _unchanged(icl_model, before)
+
+
 FACTS = [(f"w{i}", "ABCD"[i % 4], "ABCD"[(i + 1) % 4]) for i in range(8)]
 
 
-def test_conflict_probe_rates_and_fine_tuning(bridge):
+def test_conflict_probe_fine_tuning_changes_outcomes(bridge):
+    """On a random model (which holds no facts) fine-tuning with a large lr memorises the facts
+    and changes the conflict outcomes; the embedded model already knows its facts."""
     from iclgd_lens.analyses.conflict_probe import run
 
     before = _state(bridge)
     r = run(bridge, FACTS, template="{text} :", k=3, ft_lr=1e-2, ft_epochs=40, progress=False)
     t = r.table
-    rates = t[t.metric.isin(["context_wins", "weights_win", "other"])]
-    assert rates.value.between(0, 1).all()
-    assert np.allclose(rates.groupby(["stage", "query"]).value.sum(), 1.0)  # one outcome per prompt
     acc = t[t.metric == "fact_accuracy"].groupby("stage").value.mean()
     assert acc["after"] == 1.0  # fine-tuning on the facts with a large lr memorises them
     outcome = lambda stage: t[(t.stage == stage) & (t.metric == "context_wins")].value.to_numpy()
@@ -147,7 +207,7 @@ def test_conflict_probe_rates_and_fine_tuning(bridge):
     assert _unchanged(bridge, before)
 
 
-def test_conflict_probe_reads_facts_files(tmp_path, bridge):
+def test_conflict_probe_reads_facts_files(tmp_path):
     from iclgd_lens.analyses.conflict_probe import corpus_facts, read_facts
 
     path = tmp_path / "facts.csv"

@@ -112,3 +112,27 @@ def test_bad_input_is_one_line_error():
         wp.run(model=LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                                    num_attention_heads=2, vocab_size=20)), thresholds=[2.0])
     assert "\n" not in str(err.value)
+
+
+def test_embedded_model_is_far_from_the_construction_and_left_unchanged():
+    """The shipped tiny-llama-icl learned ICL by next-token training, not by the hand-built
+    construction: its attention weights are dense (below Shen et al.'s ~60% near-zero for real
+    LLMs at every threshold) and no head's W_K^T W_Q is a scaled projector; the construction at
+    the same width is. Reading the weights changes nothing."""
+    from iclgd_lens.models import load_model, original_state_dict
+
+    bridge = load_model("tiny-llama-icl", device="cpu")
+    before = {k: v.clone() for k, v in original_state_dict(bridge).items()}
+    result = wp.run(model=bridge)
+    t = result.table
+    name = result.config["model"]
+    model_rows = t[t.source == name]
+    assert sorted(model_rows.layer.unique()) == list(range(bridge.cfg.n_layers))
+    near = model_rows[model_rows.metric == "near_zero_fraction"].value
+    assert near.max() < wp.SHEN_MODEL_MAX_NEAR_ZERO
+    heads = model_rows[model_rows.metric == "scaled_identity_distance"].value
+    assert len(heads) == bridge.cfg.n_layers * bridge.cfg.n_heads and (heads > 0.5).all()
+    built = t[(t.source == f"von Oswald (d={bridge.cfg.d_model})") & (t.metric == "scaled_identity_distance")].value
+    assert len(built) == 1 and built.abs().max() < 1e-6
+    after = original_state_dict(bridge)
+    assert all(torch.equal(before[k], after[k]) for k in before)
