@@ -125,31 +125,37 @@ def gd_for_task(gd: GDConfig | str, task: Task | None) -> GDConfig:
 # ---- one pass over all episodes ------------------------------------------------------------
 def _compare_once(model, task, episodes, gd_config, chosen, probe_names, seed, share_prefix, batch_size, progress, desc="compare") -> pd.DataFrame:
     tokenizer = model.tokenizer
+    device = _device(model)
     k = len(episodes[0].demos)
     deltas = train_deltas(model, tokenizer, task, episodes, gd_config, progress=progress) if k > 0 else None
     random_deltas = deltas.scaled_random_like(seed + 1) if deltas is not None and "random_update" in chosen else None
     recorder = Recorder(model, probe_names)
     max_len = _context_window(model)
-    frames = []
+
+    # the query-alone conditions of every episode together, batch_size rows per pass
+    queries = [q for episode in episodes for q in episode.queries]
+    words = [episode.label_words for episode in episodes for _ in episode.queries]
+    row_episode = torch.tensor([e for e, episode in enumerate(episodes) for _ in episode.queries], device=device)
+    zsl_enc = encode_prompts(tokenizer, task, [()] * len(queries), queries, words, max_length=max_len).to(device)
+    query_alone = {"zsl": _batched(recorder, zsl_enc, "zsl", _no_hooks, batch_size)}
+    for condition, d in (("gd", deltas), ("gd_random", random_deltas)):
+        if d is not None:
+            query_alone[condition] = _batched(recorder, zsl_enc, condition, lambda a, b, d=d: delta_hooks(d, row_episode[a:b]), batch_size)
+    if deltas is None:
+        query_alone["gd"] = query_alone["zsl"]
+
+    frames, start = [], 0
     for e, episode in enumerate(tqdm(episodes, desc=desc, disable=not progress)):
         n = len(episode.queries)
-        words = [episode.label_words] * n
-        zsl_enc = encode_prompts(tokenizer, task, [()] * n, list(episode.queries), words, max_length=max_len).to(_device(model))
-        icl_enc = encode_prompts(tokenizer, task, [episode.demos] * n, list(episode.queries), words, max_length=max_len).to(_device(model))
-        rows = torch.full((n,), e, dtype=torch.long, device=_device(model))
-        rec: dict[str, Recording] = {"zsl": _batched(recorder, zsl_enc, "zsl", _no_hooks, batch_size)}
+        rec: dict[str, Recording] = {name: r.rows(start, start + n) for name, r in query_alone.items()}
+        start += n
+        icl_enc = encode_prompts(tokenizer, task, [episode.demos] * n, list(episode.queries), [episode.label_words] * n, max_length=max_len).to(device)
         rec["icl_prefix"], rec["icl"] = _icl(recorder, icl_enc, "icl", share_prefix and k > 0)
-        if deltas is not None:
-            rec["gd"] = _batched(recorder, zsl_enc, "gd", lambda a, b: delta_hooks(deltas, rows[a:b]), batch_size)
-        else:
-            rec["gd"] = rec["zsl"]
         if "icl_perm" in chosen and k > 1:
             perm_demos = _permuted(episode.demos, seed + 1000 + e)
-            perm_enc = encode_prompts(tokenizer, task, [perm_demos] * n, list(episode.queries), words, max_length=max_len).to(_device(model))
+            perm_enc = encode_prompts(tokenizer, task, [perm_demos] * n, list(episode.queries), [episode.label_words] * n, max_length=max_len).to(device)
             _, rec["icl_perm"] = _icl(recorder, perm_enc, "icl_perm", share_prefix)
-        if random_deltas is not None:
-            rec["gd_random"] = _batched(recorder, zsl_enc, "gd_random", lambda a, b: delta_hooks(random_deltas, rows[a:b]), batch_size)
-        labels = torch.tensor([q.label for q in episode.queries], device=_device(model))
+        labels = torch.tensor([q.label for q in episode.queries], device=device)
         label_ids = label_token_ids(tokenizer, episode.label_words)
         frames.append(episode_table(rec, labels, label_ids, episode=e, chosen=chosen, seed=seed + e))
     return pd.concat(frames, ignore_index=True)

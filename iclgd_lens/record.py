@@ -40,6 +40,13 @@ class Recording:
     logits: torch.Tensor | None = None  # [batch, d_vocab] at the read position
     segments: torch.Tensor | None = None  # [batch, key_pos] segments of the keys this pass saw
 
+    def rows(self, start: int, stop: int) -> "Recording":
+        """The batch rows start..stop-1 of this recording (values are [n_layers, batch, ...])."""
+        values = {name: v[:, start:stop] for name, v in self.values.items()}
+        logits = self.logits[start:stop] if self.logits is not None else None
+        segments = self.segments[start:stop] if self.segments is not None else None
+        return Recording(self.condition, values, logits, segments)
+
     @staticmethod
     def concat(parts: list["Recording"]) -> "Recording":
         """Join recordings of consecutive batch chunks of one condition."""
