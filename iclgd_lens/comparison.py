@@ -333,6 +333,7 @@ class _Rows:
     def __init__(self, episode: int):
         self.episode = episode
         self.frames: list[pd.DataFrame] = []
+        self.columns: list[tuple[np.ndarray, ...]] = []
 
     def add(self, metric: str, comparison: str, values: torch.Tensor, per_head: bool, head_mean: bool = True) -> None:
         """values [L, B] (per layer) or [L, B, H] (per head; with `head_mean` the mean over
@@ -358,13 +359,16 @@ class _Rows:
         self.frames.append(frame)
 
     def _frame(self, metric, comparison, layer, query, head, value) -> None:
-        self.frames.append(
-            pd.DataFrame({"metric": metric, "comparison": comparison, "layer": layer, "head": head, "episode": self.episode, "query": query, "value": value})
-        )
+        n = len(value)
+        self.columns.append((np.full(n, metric, dtype=object), np.full(n, comparison, dtype=object), layer, head, query, value))
 
     def frame(self) -> pd.DataFrame:
         cols = ["metric", "comparison", "layer", "head", "episode", "query", "value"]
-        return pd.concat(self.frames, ignore_index=True)[cols] if self.frames else pd.DataFrame(columns=cols)
+        parts = list(self.frames)
+        if self.columns:  # one DataFrame from all collected arrays: small frames cost more than the metrics
+            metric, comparison, layer, head, query, value = (np.concatenate(c) for c in zip(*self.columns))
+            parts.append(pd.DataFrame({"metric": metric, "comparison": comparison, "layer": layer, "head": head, "episode": self.episode, "query": query, "value": value}))
+        return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
 
 # ---- artifacts for the report --------------------------------------------------------------
