@@ -144,21 +144,51 @@ def _compare_once(model, task, episodes, gd_config, chosen, probe_names, seed, s
     if deltas is None:
         query_alone["gd"] = query_alone["zsl"]
 
+    icl_encs = [_encode_icl(tokenizer, task, episode, episode.demos, max_len, device) for episode in episodes]
+    icl = _icl_all(recorder, icl_encs, "icl", share_prefix and k > 0, batch_size)
+    perm = None
+    if "icl_perm" in chosen and k > 1:
+        perm_encs = [_encode_icl(tokenizer, task, ep, _permuted(ep.demos, seed + 1000 + e), max_len, device) for e, ep in enumerate(episodes)]
+        perm = _icl_all(recorder, perm_encs, "icl_perm", share_prefix, batch_size)
+
     frames, start = [], 0
     for e, episode in enumerate(tqdm(episodes, desc=desc, disable=not progress)):
         n = len(episode.queries)
         rec: dict[str, Recording] = {name: r.rows(start, start + n) for name, r in query_alone.items()}
+        rec["icl_prefix"], rec["icl"] = icl[e]
+        if perm is not None:
+            rec["icl_perm"] = perm[e][1]
         start += n
-        icl_enc = encode_prompts(tokenizer, task, [episode.demos] * n, list(episode.queries), [episode.label_words] * n, max_length=max_len).to(device)
-        rec["icl_prefix"], rec["icl"] = _icl(recorder, icl_enc, "icl", share_prefix and k > 0)
-        if "icl_perm" in chosen and k > 1:
-            perm_demos = _permuted(episode.demos, seed + 1000 + e)
-            perm_enc = encode_prompts(tokenizer, task, [perm_demos] * n, list(episode.queries), [episode.label_words] * n, max_length=max_len).to(device)
-            _, rec["icl_perm"] = _icl(recorder, perm_enc, "icl_perm", share_prefix)
         labels = torch.tensor([q.label for q in episode.queries], device=device)
         label_ids = label_token_ids(tokenizer, episode.label_words)
         frames.append(episode_table(rec, labels, label_ids, episode=e, chosen=chosen, seed=seed + e))
     return pd.concat(frames, ignore_index=True)
+
+
+def _encode_icl(tokenizer, task: Task, episode: Episode, demos, max_len, device):
+    n = len(episode.queries)
+    return encode_prompts(tokenizer, task, [demos] * n, list(episode.queries), [episode.label_words] * n, max_length=max_len).to(device)
+
+
+def _icl_all(recorder: Recorder, encs: list, condition: str, share_prefix: bool, batch_size: int) -> list[tuple[Recording, Recording]]:
+    """(demonstration recording, query recording) per episode. With a shared prefix, episodes
+    are run together (their prefixes in one pass, their queries in another) in groups of at most
+    `batch_size` query rows; otherwise each episode's full prompts in one pass."""
+    if not share_prefix:
+        return [_icl(recorder, enc, condition, False) for enc in encs]
+    out, group = [], []
+    for i, enc in enumerate(encs):
+        group.append(enc)
+        last = i == len(encs) - 1
+        if last or sum(len(g.input_ids) for g in group) + len(encs[i + 1].input_ids) > batch_size:
+            prefix, queries = recorder.run_shared_prefixes(group, condition)
+            start = 0
+            for g, member in enumerate(group):
+                n = len(member.input_ids)
+                out.append((prefix.rows(g, g + 1), queries.rows(start, start + n)))
+                start += n
+            group = []
+    return out
 
 
 def _icl(recorder: Recorder, enc, condition: str, share_prefix: bool) -> tuple[Recording | None, Recording]:

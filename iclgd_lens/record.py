@@ -181,17 +181,33 @@ class Recorder:
 
         Returns (prefix recording, condition "icl_prefix", one row; query recording).
         """
-        prefix, suffix, prefix_len = split_shared_prefix(encoded)
-        with torch.no_grad():
-            with self.attach(prefix, "icl_prefix"):
-                _, cache = self.model(prefix.input_ids, attention_mask=prefix.attention_mask, return_type="logits_and_cache")
-            prefix_rec = self.recording("icl_prefix", segments=prefix.segments)
-            batch = suffix.input_ids.shape[0]
-            cache.batch_repeat_interleave(batch)
-            segments = torch.cat([prefix.segments.expand(batch, -1), suffix.segments], dim=1)
-            mask = torch.cat([prefix.attention_mask.expand(batch, -1), suffix.attention_mask], dim=1)
-            with self.attach(suffix, condition, prefix_len=prefix_len, segments=segments, attention_mask=mask):
-                logits = self.model(suffix.input_ids, attention_mask=mask, past_key_values=cache)
+        return self.run_shared_prefixes([encoded], condition)
+
+    def run_shared_prefixes(self, groups: Sequence[EncodedPrompts], condition: str = "icl") -> tuple[Recording, Recording]:
+        """Several episodes at once: each group's prompts share their demonstrations.
+
+        One pass runs every group's prefix (right-padded to the longest), one pass every query
+        on top of its own group's KV cache (padding slots masked; the bridge derives position ids
+        from the mask, so RoPE positions are the unpadded ones). Returns (prefix recording, one
+        row per group; query recording, the groups' rows in order).
+        """
+        splits = [split_shared_prefix(enc) for enc in groups]
+        prefix = _stack_right_padded([p for p, _, _ in splits])
+        suffix = _stack_right_padded([s for _, s, _ in splits])
+        prefix_len = prefix.input_ids.shape[1]
+        row_group = torch.cat([torch.full((len(s.input_ids),), g, dtype=torch.long) for g, (_, s, _) in enumerate(splits)]).to(prefix.input_ids.device)
+        try:
+            with torch.no_grad():
+                with self.attach(prefix, "icl_prefix"):
+                    _, cache = self.model(prefix.input_ids, attention_mask=prefix.attention_mask, return_type="logits_and_cache")
+                prefix_rec = self.recording("icl_prefix", segments=prefix.segments)
+                cache.batch_select_indices(row_group)
+                segments = torch.cat([prefix.segments[row_group], suffix.segments], dim=1)
+                mask = torch.cat([prefix.attention_mask[row_group], suffix.attention_mask], dim=1)
+                with self.attach(suffix, condition, prefix_len=prefix_len, segments=segments, attention_mask=mask):
+                    logits = self.model(suffix.input_ids, attention_mask=mask, past_key_values=cache)
+        finally:
+            release_transient_state(self.model)
         return prefix_rec, self.recording(condition, _read_logits(logits, suffix.read_pos), segments)
 
 
@@ -210,6 +226,19 @@ def release_transient_state(model) -> None:
 def _read_logits(logits: torch.Tensor, read_pos: torch.Tensor) -> torch.Tensor:
     """Logits at each row's read position: [batch, d_vocab] (never position -1 of padding)."""
     return logits[torch.arange(logits.shape[0], device=logits.device), read_pos].detach()
+
+
+def _stack_right_padded(parts: Sequence[EncodedPrompts]) -> EncodedPrompts:
+    """Concatenate prompt batches along the batch dim, right-padding to the longest (masked)."""
+    width = max(p.input_ids.shape[1] for p in parts)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))
+    return EncodedPrompts(
+        torch.cat([pad(p.input_ids) for p in parts]),
+        torch.cat([pad(p.attention_mask) for p in parts]),
+        torch.cat([pad(p.segments) for p in parts]),
+        torch.cat([p.read_pos for p in parts]),
+        [t for p in parts for t in p.texts],
+    )
 
 
 def split_shared_prefix(encoded: EncodedPrompts) -> tuple[EncodedPrompts, EncodedPrompts, int]:

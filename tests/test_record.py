@@ -96,3 +96,27 @@ def test_split_shared_prefix_stops_before_query():
     prefix, suffix, n = split_shared_prefix(enc)
     assert (prefix.segments >= 0).all() and (suffix.segments == -1).any(-1).all()
     assert torch.equal(torch.cat([prefix.input_ids.expand(len(suffix.input_ids), -1), suffix.input_ids], 1), enc.input_ids)
+
+
+def test_several_episodes_share_one_prefix_pass_and_match_full_passes():
+    """Prefixes of different lengths, right-padded into one pass; queries on their own cache."""
+    tok, task = tiny_tokenizer(), tiny_task()
+    bridge = tiny_bridge(tokenizer=tok)
+    groups, fulls = [], []
+    rec = Recorder(bridge)
+    for k, seed in ((2, 1), (5, 2), (3, 3)):
+        ep = task.episodes(k, 1, 3, seed=seed)[0]
+        n = len(ep.queries)
+        enc = encode_prompts(tok, task, [ep.demos] * n, list(ep.queries), [ep.label_words] * n)
+        groups.append(enc)
+        fulls.append(rec.run(enc, "icl"))
+    prefix, shared = rec.run_shared_prefixes(groups, "icl")
+    start = 0
+    for g, full in enumerate(fulls):
+        n = full.logits.shape[0]
+        part = shared.rows(start, start + n)
+        start += n
+        for name in ["attn_out", "head_out", "scores", "q", "rot_q"]:
+            torch.testing.assert_close(part[name], full[name], atol=1e-5, rtol=1e-5, equal_nan=True)
+        torch.testing.assert_close(part.logits, full.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prefix.rows(g, g + 1)["kv_demo"][:, 0], full["kv_demo"][:, 0], atol=1e-5, rtol=1e-5)
