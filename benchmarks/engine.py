@@ -34,7 +34,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,7 @@ from iclgd_lens.comparison import compare  # noqa: E402
 from iclgd_lens.corpus import CATEGORIES, SEPARATOR, TEMPLATE  # noqa: E402
 from iclgd_lens.gd import GDConfig  # noqa: E402
 from iclgd_lens.hooks import DEFAULT_PROBES  # noqa: E402
-from iclgd_lens.models import EMBEDDED_MODELS, load_model  # noqa: E402
+from iclgd_lens.models import load_model  # noqa: E402
 from iclgd_lens.record import Recorder, Recording  # noqa: E402
 from iclgd_lens.tasks import Example, Task, encode_prompts  # noqa: E402
 from iclgd_lens.tokenizer import build_tokenizer  # noqa: E402

@@ -261,7 +261,7 @@ def _hub_split(key: str, fmt: PaperFormat, split: str, words: Sequence[str]) -> 
         if "split" in str(error).lower():
             raise IclgdError(f"{fmt.hf_dataset} has no split {split!r}: {str(error).splitlines()[0]}") from None
         raise IclgdError(f"could not load {fmt.hf_dataset} ({key}): {str(error).splitlines()[0]}; {hint}") from None
-    except (ConnectionError, OSError, TimeoutError) as error:
+    except (ConnectionError, OSError, TimeoutError):
         raise IclgdError(f"cannot download {fmt.hf_dataset} ({key}): no network or not in the HF cache; {hint}") from None
     except Exception as error:  # datasets raises its own types (DatasetNotFoundError, ...)
         first_line = (str(error).splitlines() or [type(error).__name__])[0]

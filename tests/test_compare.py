@@ -1,7 +1,6 @@
 """compare(): the end-to-end comparison on a tiny random LLaMA."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 

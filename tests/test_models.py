@@ -6,7 +6,6 @@ real `from_pretrained("org/name")` against a fake HF cache in a tmp folder (offl
 
 from __future__ import annotations
 
-import copy
 import types
 from pathlib import Path
 

@@ -14,7 +14,7 @@ import pytest
 from iclgd_lens.analyses import ANALYSES, analysis
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.report import figures, render_report
-from iclgd_lens.report.assets import circuitsvis_js, plotly_js
+from iclgd_lens.report.assets import plotly_js
 from iclgd_lens.report.attention import attention_patterns_html
 from iclgd_lens.results import Results
 from iclgd_lens.study import StudyResult

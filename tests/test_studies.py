@@ -15,7 +15,7 @@ from iclgd_lens.errors import IclgdError
 from iclgd_lens.gd import GDConfig
 from iclgd_lens.study import StudyResult
 from iclgd_lens.tasks import Example, Task, label_token_ids
-from tiny import tiny_bridge, tiny_task, tiny_tokenizer
+from tiny import tiny_bridge, tiny_tokenizer
 
 torch.set_num_threads(1)
 GD = GDConfig.dai(lr=0.05)

@@ -256,8 +256,6 @@ def load_model(
     The tokenizer is always copied (the caller's is never changed); on the copy a missing
     pad token is set to EOS and BOS prepending is switched on (see `prepare_tokenizer`).
     """
-    from transformer_lens.model_bridge import TransformerBridge
-
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     if n_ctx is not None and (not isinstance(n_ctx, int) or n_ctx <= 0):
