@@ -334,9 +334,8 @@ def test_layer_causal_with_unembedding_delta_runs_and_trains_unembed(mha, tok):
 
 
 # ---- applying deltas --------------------------------------------------------------------
-def test_delta_hooks_accept_rows_in_any_order(mha, tok):
-    _, bridge = mha
-    deltas = train_deltas(bridge, tok, TASK, EPISODES, GDConfig(params="qkvo", lr=0.05))
+def _grouped_and_shuffled(bridge, tok, deltas):
+    """GD-condition logits of the query batch with rows grouped by episode, and shuffled."""
     ids, mask, rows = query_batch(tok, EPISODES)
     shuffle = torch.tensor([5, 0, 3, 1, 4, 2])
     with torch.no_grad():
@@ -344,6 +343,14 @@ def test_delta_hooks_accept_rows_in_any_order(mha, tok):
             grouped = bridge(ids, attention_mask=mask)
         with bridge.hooks(fwd_hooks=delta_hooks(deltas, rows[shuffle])):
             shuffled = bridge(ids[shuffle], attention_mask=mask[shuffle])
+    return ids, mask, rows, shuffle, grouped, shuffled
+
+
+def test_delta_hooks_accept_rows_in_any_order(mha, tok):
+    _, bridge = mha
+    deltas = train_deltas(bridge, tok, TASK, EPISODES, GDConfig(params="qkvo", lr=0.05))
+    ids, mask, rows, shuffle, grouped, shuffled = _grouped_and_shuffled(bridge, tok, deltas)
+    with torch.no_grad():
         base = bridge(ids, attention_mask=mask)
     torch.testing.assert_close(shuffled, grouped[shuffle], atol=1e-6, rtol=0)
     assert (grouped - base).abs().max() > 1e-3
@@ -542,13 +549,8 @@ def test_factor_deltas_keep_dtype_norms_random_baseline_and_row_order(mha, half,
     for path, norm in deltas.norms().items():
         assert rand.tensors[path].shape == deltas.tensors[path].shape
         torch.testing.assert_close(rand.norms()[path], norm, rtol=1e-5, atol=0)
-    ids, mask, rows = query_batch(tok, EPISODES)
-    shuffle = torch.tensor([5, 0, 3, 1, 4, 2])
+    ids, mask, rows, shuffle, grouped, shuffled = _grouped_and_shuffled(bridge, tok, deltas)
     with torch.no_grad():
-        with bridge.hooks(fwd_hooks=delta_hooks(deltas, rows)):
-            grouped = bridge(ids, attention_mask=mask)
-        with bridge.hooks(fwd_hooks=delta_hooks(deltas, rows[shuffle])):
-            shuffled = bridge(ids[shuffle], attention_mask=mask[shuffle])
         with bridge.hooks(fwd_hooks=delta_hooks(deltas, torch.full((2,), 1))):  # one episode's rows only
             second = bridge(ids[2:4], attention_mask=mask[2:4])
     torch.testing.assert_close(shuffled, grouped[shuffle], atol=1e-6, rtol=0)
