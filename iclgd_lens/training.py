@@ -7,7 +7,7 @@ Variants:
 - `icl`: the ordinary next-token loss on every token of the corpus (`corpus.mapping_document`:
   bursty document-specific mappings plus global fact lines). ICL has to emerge.
 - `iclobj`: the explicit ICL objective of the theory papers: 2-way k-shot prompts (mapping lines
-  only) with the loss on the label tokens only.
+  only) with the loss on the label tokens only, short prompts first (`VARIANT_DEFAULTS`).
 
 The run is seeded (model init and data), single-process, and writes the HF model and
 tokenizer (`save_pretrained`) plus `training_log.json` (config, seed, losses, k-shot checks,
@@ -46,6 +46,9 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 32
     seq_len: int = 128  # 16-shot prompts (~67 tokens) are in distribution
+    length_curriculum: tuple[tuple[int, int], ...] = ()
+    """(until_step, seq_len) pairs: sequences are that short before that step, in batches made
+    proportionally bigger (same tokens per step); `seq_len` afterwards. Empty: `seq_len` throughout."""
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -68,6 +71,15 @@ MICRO = dict(
     warmup_steps=2, eval_every=0,
 )
 """A configuration that trains in about a second (for tests)."""
+
+VARIANT_DEFAULTS: dict[str, dict] = {
+    "icl": {},
+    # With the loss on label tokens only, 32-line prompts sat on the "one of the two labels in
+    # the document" plateau for 2,000+ steps; short prompts first (a length curriculum, as in
+    # the theory papers, e.g. Garg et al. 2022) let ICL appear by step ~1,100. docs/model-card.md.
+    "iclobj": {"length_curriculum": ((600, 16), (1000, 32), (1300, 64))},
+}
+"""Per-variant settings that differ from `TrainConfig`'s defaults."""
 
 
 def document_config(variant: str, seq_len: int) -> DocumentConfig:
@@ -114,6 +126,14 @@ def make_batch(
     return ids, targets
 
 
+def batch_shape(step: int, config: TrainConfig) -> tuple[int, int]:
+    """(batch size, sequence length) at `step` under the length curriculum."""
+    for until, length in sorted(config.length_curriculum):
+        if step < until:
+            return config.batch_size * config.seq_len // length, length
+    return config.batch_size, config.seq_len
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warmup, then cosine decay to `min_lr_ratio * lr`."""
     if step < config.warmup_steps:
@@ -152,10 +172,12 @@ def train(config: TrainConfig, out: Path | None = None, log=print, command: str 
     task = default_task(seed=config.seed)
     losses, evals = [], []
     start, cpu_start = time.time(), time.process_time()
-    log(f"{name}: {n_params:,} parameters, {config.steps} steps of {config.batch_size} x {config.seq_len} tokens")
+    curriculum = "".join(f", {config.batch_size * config.seq_len // n} x {n} before step {until}" for until, n in config.length_curriculum)
+    log(f"{name}: {n_params:,} parameters, {config.steps} steps of {config.batch_size} x {config.seq_len} tokens{curriculum}")
     model.train()
     for step in range(config.steps):
-        ids, targets = make_batch(config.variant, world, tokenizer, rng, config.batch_size, config.seq_len)
+        batch_size, seq_len = batch_shape(step, config)
+        ids, targets = make_batch(config.variant, world, tokenizer, rng, batch_size, seq_len)
         logits = model(ids).logits  # [batch, seq_len, vocab]
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         for group in optimizer.param_groups:
@@ -207,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = dict(MICRO) if args.micro else {}
     if args.steps is not None:
         overrides["steps"] = args.steps
-    config = TrainConfig(variant=args.variant, seed=args.seed, threads=args.threads, **overrides)
+    settings = {**VARIANT_DEFAULTS[args.variant], **overrides}
+    config = TrainConfig(variant=args.variant, seed=args.seed, threads=args.threads, **settings)
     argv = sys.argv[1:] if argv is None else argv
     command = "python -m iclgd_lens.training " + " ".join(argv)
     train(config, out=args.out, log=lambda msg: print(msg, flush=True), command=command)

@@ -1,4 +1,4 @@
-"""The shipped tiny-llama-icl does what the model card says: no 0-shot skill, strong 8-shot ICL."""
+"""The shipped tiny models do what the model card says: no 0-shot skill, strong 8-shot ICL."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def load(name: str):
     return LlamaForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), folder
 
 
-def test_tiny_llama_icl_zero_shot_is_chance_and_eight_shot_is_learned():
-    model, tokenizer, _ = load("tiny-llama-icl")
+@pytest.mark.parametrize("name", ["tiny-llama-icl", "tiny-llama-iclobj"])
+def test_zero_shot_is_chance_and_eight_shot_is_learned(name):
+    model, tokenizer, _ = load(name)
     # a seed the model card does not use: fresh held-out episodes
     acc = kshot_accuracy(model, tokenizer, default_task(), (0, 8), N_EPISODES, N_QUERIES, seed=12345)
     assert abs(acc[0] - 0.5) <= 0.10, acc
