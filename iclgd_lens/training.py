@@ -76,7 +76,8 @@ VARIANT_DEFAULTS: dict[str, dict] = {
     "icl": {},
     # With the loss on label tokens only, 32-line prompts sat on the "one of the two labels in
     # the document" plateau for 2,000+ steps; short prompts first (a length curriculum, as in
-    # the theory papers, e.g. Garg et al. 2022) let ICL appear by step ~1,100. docs/model-card.md.
+    # the theory papers, e.g. Garg et al. 2022) let ICL appear by step ~1,100 with seed 0 (not
+    # with every seed: see docs/model-card.md).
     "iclobj": {"length_curriculum": ((600, 16), (1000, 32), (1300, 64))},
 }
 """Per-variant settings that differ from `TrainConfig`'s defaults."""
