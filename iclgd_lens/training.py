@@ -7,7 +7,7 @@ Variants:
 - `icl`: the ordinary next-token loss on every token of the corpus (`corpus.mapping_document`:
   bursty document-specific mappings plus global fact lines). ICL has to emerge.
 - `iclobj`: the explicit ICL objective of the theory papers: 2-way k-shot prompts (mapping lines
-  only) with the loss on the label tokens only, short prompts first (`VARIANT_DEFAULTS`).
+  only) with the loss on the label tokens only, short prompts first (`ICLOBJ_LENGTH_CURRICULUM`).
 
 The run is seeded (model init and data), single-process, and writes the HF model and
 tokenizer (`save_pretrained`) plus `training_log.json` (config, seed, losses, k-shot checks,
@@ -36,6 +36,12 @@ from iclgd_lens.tokenizer import build_tokenizer
 
 VARIANTS = ("icl", "iclobj")
 
+ICLOBJ_LENGTH_CURRICULUM: tuple[tuple[int, int], ...] = ((600, 16), (1000, 32), (1300, 64))
+"""The `iclobj` variant's default length curriculum. With the loss on label tokens only,
+128-token prompts from the first step sat on the "one of the two labels in the prompt" plateau
+for 2,000+ steps; short prompts first (as the theory papers' length curricula, e.g. Garg et al.
+2022) let ICL appear by step ~1,250 with seed 0 (not with every seed: docs/model-card.md)."""
+
 
 @dataclass
 class TrainConfig:
@@ -46,9 +52,10 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 32
     seq_len: int = 128  # 16-shot prompts (~67 tokens) are in distribution
-    length_curriculum: tuple[tuple[int, int], ...] = ()
+    length_curriculum: tuple[tuple[int, int], ...] | None = None
     """(until_step, seq_len) pairs: sequences are that short before that step, in batches made
-    proportionally bigger (same tokens per step); `seq_len` afterwards. Empty: `seq_len` throughout."""
+    proportionally bigger (same tokens per step); `seq_len` afterwards. Empty: `seq_len`
+    throughout. None: the variant's default (`ICLOBJ_LENGTH_CURRICULUM` for iclobj, else empty)."""
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -65,23 +72,17 @@ class TrainConfig:
     eval_ks: tuple[int, ...] = (0, 1, 2, 8)
     threads: int = 1
 
+    def __post_init__(self) -> None:
+        if self.length_curriculum is None:
+            self.length_curriculum = ICLOBJ_LENGTH_CURRICULUM if self.variant == "iclobj" else ()
+        self.length_curriculum = tuple(tuple(pair) for pair in self.length_curriculum)  # JSON gives lists
+
 
 MICRO = dict(
     steps=6, batch_size=4, seq_len=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     warmup_steps=2, eval_every=0,
 )
 """A configuration that trains in about a second (for tests)."""
-
-VARIANT_DEFAULTS: dict[str, dict] = {
-    "icl": {},
-    # With the loss on label tokens only, 32-line prompts sat on the "one of the two labels in
-    # the document" plateau for 2,000+ steps; short prompts first (a length curriculum, as in
-    # the theory papers, e.g. Garg et al. 2022) let ICL appear by step ~1,100 with seed 0 (not
-    # with every seed: see docs/model-card.md).
-    "iclobj": {"length_curriculum": ((600, 16), (1000, 32), (1300, 64))},
-}
-"""Per-variant settings that differ from `TrainConfig`'s defaults."""
-
 
 def document_config(variant: str, seq_len: int) -> DocumentConfig:
     """Documents of the variant, with enough 4-token lines to fill `seq_len` tokens."""
@@ -173,7 +174,7 @@ def train(config: TrainConfig, out: Path | None = None, log=print, command: str 
     task = default_task(seed=config.seed)
     losses, evals = [], []
     start, cpu_start = time.time(), time.process_time()
-    curriculum = "".join(f", {config.batch_size * config.seq_len // n} x {n} before step {until}" for until, n in config.length_curriculum)
+    curriculum = "".join(f", {batch_shape(until - 1, config)[0]} x {n} before step {until}" for until, n in config.length_curriculum)
     log(f"{name}: {n_params:,} parameters, {config.steps} steps of {config.batch_size} x {config.seq_len} tokens{curriculum}")
     model.train()
     for step in range(config.steps):
@@ -230,8 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = dict(MICRO) if args.micro else {}
     if args.steps is not None:
         overrides["steps"] = args.steps
-    settings = {**VARIANT_DEFAULTS[args.variant], **overrides}
-    config = TrainConfig(variant=args.variant, seed=args.seed, threads=args.threads, **settings)
+    config = TrainConfig(variant=args.variant, seed=args.seed, threads=args.threads, **overrides)
     argv = sys.argv[1:] if argv is None else argv
     command = "python -m iclgd_lens.training " + " ".join(argv)
     train(config, out=args.out, log=lambda msg: print(msg, flush=True), command=command)
