@@ -111,7 +111,7 @@ def _record(recorder: Recorder, task: Task, episodes: list[Episode], with_demos:
     enc = encode_prompts(model.tokenizer, task, [e.demos if with_demos else () for e in episodes], [e.queries[0] for e in episodes],
                          [e.label_words for e in episodes], max_length=getattr(model.cfg, "n_ctx", None)).to(device_of(model))
     hooks = delta_hooks(deltas, torch.zeros(len(episodes), dtype=torch.long)) if deltas is not None else []
-    return recorder.run(enc, condition, extra_hooks=hooks)
+    return recorder.run(enc, condition, interventions=hooks)
 
 
 # ---- the study ------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def gd_only_table(bridge, task: Task, gd: GDConfig | str, k: int, n_episodes: in
         labels = torch.tensor([q.label for q in episode.queries], device=device_of(bridge))
         row_episode = torch.full((n,), e, dtype=torch.long)
         for condition, hooks in (("zsl", []), ("gd", delta_hooks(deltas, row_episode))):
-            logits = recorder.run(enc, condition, extra_hooks=hooks).logits  # [n, vocab]
+            logits = recorder.run(enc, condition, interventions=hooks).logits  # [n, vocab]
             correct = metrics.label_correct(logits[:, label_ids], labels).float().cpu().numpy()
             rows += [("accuracy", condition, -1, -1, e, q, float(v)) for q, v in enumerate(correct)]
     frame = pd.DataFrame(rows, columns=["metric", "comparison", "layer", "head", "episode", "query", "value"])

@@ -128,7 +128,7 @@ def _record(recorder: Recorder, task: Task, episodes: list[Episode], with_demos:
     for start in range(0, len(queries), batch_size):
         stop = min(start + batch_size, len(queries))
         hooks = delta_hooks(deltas, rows[start:stop]) if deltas is not None else []
-        parts.append(recorder.run(enc.rows(start, stop), condition, extra_hooks=hooks))
+        parts.append(recorder.run(enc.rows(start, stop), condition, interventions=hooks))
     return Recording.concat(parts)
 
 

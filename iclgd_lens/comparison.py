@@ -207,7 +207,7 @@ def _batched(recorder: Recorder, enc, condition: str, hooks_for, batch_size: int
     """
     n = enc.input_ids.shape[0]
     parts = [
-        recorder.run(enc.rows(start, min(start + batch_size, n)), condition, extra_hooks=hooks_for(start, min(start + batch_size, n)))
+        recorder.run(enc.rows(start, min(start + batch_size, n)), condition, interventions=hooks_for(start, min(start + batch_size, n)))
         for start in range(0, n, batch_size)
     ]
     return Recording.concat(parts)
@@ -415,7 +415,7 @@ def example_artifacts(model, task: Task, episode: Episode, gd_config: GDConfig, 
     icl = encode_prompts(tokenizer, task, [episode.demos], [query], [episode.label_words]).to(_device(model))
     deltas = train_deltas(model, tokenizer, task, [episode], gd_config, progress=False)
     rows = torch.zeros(1, dtype=torch.long, device=_device(model))
-    runs = {"zsl": (zsl, recorder.run(zsl, "zsl")), "icl": (icl, recorder.run(icl, "icl")), "gd": (zsl, recorder.run(zsl, "gd", extra_hooks=delta_hooks(deltas, rows)))}
+    runs = {"zsl": (zsl, recorder.run(zsl, "zsl")), "icl": (icl, recorder.run(icl, "icl")), "gd": (zsl, recorder.run(zsl, "gd", interventions=delta_hooks(deltas, rows)))}
     attention = {}
     for condition, (enc, rec) in runs.items():
         n = int(enc.lengths[0])

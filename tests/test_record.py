@@ -85,7 +85,7 @@ def test_hooks_removed_after_exception():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        rec.run(enc, "icl", extra_hooks=[("blocks.1.hook_resid_post", boom)])
+        rec.run(enc, "icl", interventions=[("blocks.1.hook_resid_post", boom)])
     assert all(len(hp.fwd_hooks) == 0 for hp in bridge.hook_dict.values())
     assert all(torch.equal(state[k], v) for k, v in bridge.state_dict().items())
 
