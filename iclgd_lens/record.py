@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from iclgd_lens.errors import IclgdError
 from iclgd_lens.hooks import Probe, ReadContext, get_probes
 from iclgd_lens.tasks import EncodedPrompts
 
@@ -66,20 +67,20 @@ class Recording:
         return self.values.keys()
 
 
-class _Attachment:
-    """Handles of hooks added by `Recorder.attach`; `remove()` or use as a context manager."""
+class Attachment:
+    """Probe hooks (and interventions) added through TransformerLens' own `model.hooks()`
+    context; `remove()` or use as a context manager. Removing takes off only these hooks."""
 
-    def __init__(self, handles: list[tuple[object, object]]):
-        self._handles = handles
+    def __init__(self, context):
+        self._context = context
+        self._open = True
 
     def remove(self) -> None:
-        for hook_point, handle in self._handles:
-            handle.hook.remove()
-            if handle in hook_point.fwd_hooks:
-                hook_point.fwd_hooks.remove(handle)
-        self._handles = []
+        if self._open:
+            self._open = False
+            self._context.__exit__(None, None, None)
 
-    def __enter__(self) -> "_Attachment":
+    def __enter__(self) -> "Attachment":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -129,19 +130,26 @@ class Recorder:
 
         return [(name, make(key)) for name, key in zip(p.point_names(layer), short)]
 
-    def attach(self, encoded: EncodedPrompts, condition: str, *, prefix_len: int = 0, segments: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> _Attachment:
-        """Add the probe hooks to the model until `.remove()` (or the end of a `with`)."""
+    def attach(
+        self,
+        encoded: EncodedPrompts,
+        condition: str,
+        *,
+        interventions: HookList = (),
+        prefix_len: int = 0,
+        segments: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> Attachment:
+        """Add the probe hooks to the model until `.remove()` (or the end of a `with`).
+
+        `interventions` are hooks that change activations (e.g. the GD deltas of
+        `iclgd_lens.gd.delta_hooks`). They are registered before every probe hook, in one
+        `model.hooks()` call, so a probe on the same hook point always reads the changed value.
+        """
         context = self.context(encoded, condition, prefix_len=prefix_len, segments=segments, attention_mask=attention_mask)
-        handles = []
-        hook_dict = self.model.hook_dict  # a property that rebuilds its aliases on every access
-        try:
-            for name, fn in self.hooks(context):
-                hook_point = hook_dict[name]
-                handles.append((hook_point, hook_point.add_hook(fn)))
-        except Exception:
-            _Attachment(handles).remove()
-            raise
-        return _Attachment(handles)
+        hooks_context = self.model.hooks(fwd_hooks=[*interventions, *self.hooks(context)])
+        hooks_context.__enter__()
+        return Attachment(hooks_context)
 
     def context(self, encoded: EncodedPrompts, condition: str, *, prefix_len: int = 0, segments=None, attention_mask=None) -> ReadContext:
         cfg = getattr(self.model, "cfg", None)
@@ -167,10 +175,11 @@ class Recorder:
         return Recording(condition, values, logits, segments)
 
     # ---- running ---------------------------------------------------------------------
-    def run(self, encoded: EncodedPrompts, condition: str, *, extra_hooks: HookList = ()) -> Recording:
-        """One batched forward pass of `condition`; `extra_hooks` (e.g. GD deltas) run too."""
+    def run(self, encoded: EncodedPrompts, condition: str, *, interventions: HookList = ()) -> Recording:
+        """One batched forward pass of `condition`; `interventions` (e.g. GD deltas) change
+        activations before any probe reads them (see `attach`)."""
         try:
-            with torch.no_grad(), self.attach(encoded, condition), self.model.hooks(fwd_hooks=list(extra_hooks)):
+            with torch.no_grad(), self.attach(encoded, condition, interventions=interventions):
                 logits = self.model(encoded.input_ids, attention_mask=encoded.attention_mask)
         finally:
             release_transient_state(self.model)
@@ -201,14 +210,51 @@ class Recorder:
                 with self.attach(prefix, "icl_prefix"):
                     _, cache = self.model(prefix.input_ids, attention_mask=prefix.attention_mask, return_type="logits_and_cache")
                 prefix_rec = self.recording("icl_prefix", segments=prefix.segments)
+                check_cache_length(cache, self.model.cfg.n_layers, prefix_len, "after the demonstrations' pass")
                 cache.batch_select_indices(row_group)
                 segments = torch.cat([prefix.segments[row_group], suffix.segments], dim=1)
                 mask = torch.cat([prefix.attention_mask[row_group], suffix.attention_mask], dim=1)
-                with self.attach(suffix, condition, prefix_len=prefix_len, segments=segments, attention_mask=mask):
+                total_len = prefix_len + suffix.input_ids.shape[1]
+                guard, seen = key_length_guard(self.layers, total_len)
+                with self.attach(suffix, condition, interventions=guard, prefix_len=prefix_len, segments=segments, attention_mask=mask):
                     logits = self.model(suffix.input_ids, attention_mask=mask, past_key_values=cache)
+                if sorted(seen) != sorted(self.layers):
+                    missing = sorted(set(self.layers) - set(seen))
+                    raise IclgdError(f"{PREFIX_CACHE_BROKEN}: attention of layer(s) {missing} never showed its keys, so the cached prefix cannot be verified")
+                check_cache_length(cache, self.model.cfg.n_layers, total_len, "after the queries' pass")
         finally:
             release_transient_state(self.model)
         return prefix_rec, self.recording(condition, _read_logits(logits, suffix.read_pos), segments)
+
+
+PREFIX_CACHE_BROKEN = (
+    "the shared-prefix fast path is broken on this install (the KV cache of the demonstrations is not used; "
+    "supported: see docs/versions.md, or pass share_prefix=False)"
+)
+
+
+def check_cache_length(cache, n_layers: int, expected: int, when: str) -> None:
+    """Guard of the shared-prefix fast path: the KV cache must hold exactly `expected` positions
+    in every layer, or the ICL numbers would silently come from prompts without demonstrations."""
+    lengths = {cache.get_seq_length(layer) for layer in range(n_layers)}
+    if lengths != {expected}:
+        raise IclgdError(f"{PREFIX_CACHE_BROKEN}: the cache holds {sorted(lengths)} positions {when}, expected {expected}")
+
+
+def key_length_guard(layers: Sequence[int], expected: int) -> tuple[HookList, list[int]]:
+    """Hooks that check, in every layer, that attention sees `expected` keys (cached prefix +
+    this pass), and the list of layers they have seen. Costs one shape comparison per layer."""
+    seen: list[int] = []
+
+    def make(layer: int) -> Callable:
+        def check(scores: torch.Tensor, hook) -> None:  # [batch, heads, q_pos, key_pos]
+            if scores.shape[-1] != expected:
+                raise IclgdError(f"{PREFIX_CACHE_BROKEN}: attention of layer {layer} sees {scores.shape[-1]} keys, expected {expected}")
+            seen.append(layer)
+
+        return check
+
+    return [(f"blocks.{layer}.attn.hook_attn_scores", make(layer)) for layer in layers], seen
 
 
 def release_transient_state(model) -> None:

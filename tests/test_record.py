@@ -120,3 +120,37 @@ def test_several_episodes_share_one_prefix_pass_and_match_full_passes():
             torch.testing.assert_close(part[name], full[name], atol=1e-5, rtol=1e-5, equal_nan=True)
         torch.testing.assert_close(part.logits, full.logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(prefix.rows(g, g + 1)["kv_demo"][:, 0], full["kv_demo"][:, 0], atol=1e-5, rtol=1e-5)
+
+
+def _ignore_cache(keep_filling: bool):
+    """What transformers 5.24 did under TransformerLens 4.3: the attention bridge never sees the
+    cache (`keep_filling=False`: it stays empty), or fills it but attends without it."""
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    original = AttentionBridge._update_kv_cache
+
+    def broken(self, k, v, **kwargs):
+        if keep_filling:
+            original(self, k, v, **kwargs)
+        return k, v
+
+    return broken
+
+
+@pytest.mark.parametrize("keep_filling", [False, True], ids=["cache-stays-empty", "cache-filled-but-unused"])
+def test_shared_prefix_fails_loudly_when_the_cache_is_ignored(keep_filling, monkeypatch):
+    """The run-time guard of the fast path: a cache that is not used must stop the run, never
+    give ICL numbers of prompts without their demonstrations."""
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    from iclgd_lens.errors import IclgdError
+
+    tok, task = tiny_tokenizer(), tiny_task()
+    bridge = tiny_bridge(tokenizer=tok)
+    _, enc = _icl_batch(tok, task)
+    rec = Recorder(bridge, probes=["attn_out"])  # no probe that would crash on the short key axis
+    monkeypatch.setattr(AttentionBridge, "_update_kv_cache", _ignore_cache(keep_filling))
+    with pytest.raises(IclgdError, match="shared-prefix fast path is broken") as err:
+        rec.run_shared_prefix(enc, "icl")
+    assert "\n" not in str(err.value)
+    assert not any(hp.fwd_hooks for hp in bridge.hook_dict.values())  # nothing left attached
