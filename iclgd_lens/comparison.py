@@ -111,15 +111,13 @@ def compare(
 
 
 def gd_for_task(gd: GDConfig | str, task: Task | None) -> GDConfig:
-    """A GDConfig as given, or the named preset with the task's learning rate if it has one
-    (task None: the default task)."""
-    if not isinstance(gd, str):
-        return gd
+    """A GDConfig or preset name with its learning rate resolved for `task` (None: the default
+    task): an explicit lr wins, else the task's `gd_lr` (see `GDConfig.for_task`)."""
     if task is None:
         from iclgd_lens.corpus import default_task
 
         task = default_task()
-    return GDConfig.preset(gd, lr=task.gd_lr) if task.gd_lr is not None else GDConfig.preset(gd)
+    return GDConfig.resolve(gd, task)
 
 
 # ---- one pass over all episodes ------------------------------------------------------------

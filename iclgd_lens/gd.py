@@ -9,7 +9,7 @@ forward/backward per step, and the explicit `dW_GD` per layer is a result of its
 plain SGD a delta is kept exactly as low-rank factors dW = U V^T (one column per training token)
 while that is cheaper than dense, so no dense gradient is ever built (see `Deltas`).
 
-    config = GDConfig.dai(lr=1e-3)
+    config = GDConfig.dai()                    # lr None: the task's learning rate (Task.gd_lr)
     deltas = train_deltas(bridge, tokenizer, task, episodes, config)
     with bridge.hooks(fwd_hooks=delta_hooks(deltas, row_episode)):   # the GD condition
         logits = bridge(input_ids, attention_mask=attention_mask)
@@ -52,6 +52,8 @@ HookFn = Callable[[torch.Tensor, object], torch.Tensor | None]
 
 # ---- configuration --------------------------------------------------------------------------
 PRESETS = ("dai", "shen", "shen-single-layer", "deutch")
+DEFAULT_LR = 1e-3
+"""The learning rate of a config with lr=None on a task that has no `gd_lr` of its own."""
 """Names `GDConfig.preset` knows (the CLI lists them)."""
 
 
@@ -62,7 +64,7 @@ class GDConfig:
     params: str = "kv"  # "kv" | "qkvo" | "v_single" | "all" (attn q/k/v/o, mlp gate/in/out, unembedding)
     layer: int | None = None  # the layer of "v_single" (None: the middle layer, n_layers // 2)
     optimizer: str = "sgd"  # "sgd" (momentum 0, no weight decay, no clipping) | "adam" (torch defaults)
-    lr: float = 1e-3
+    lr: float | None = None  # None: the task's learning rate (Task.gd_lr), else DEFAULT_LR; a number always wins
     epochs: int = 1
     batch_size: int = 1  # demonstrations per step, in prompt order
     loss_on: str = "all_tokens"  # "all_tokens" (Dai) | "label_tokens" (Shen)
@@ -78,7 +80,7 @@ class GDConfig:
             raise IclgdError(f"GD layer={self.layer} is only used with params='v_single' (got params={self.params!r})")
         if self.optimizer not in OPTIMIZERS:
             raise IclgdError(f"unknown GD optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise IclgdError(f"GD learning rate must be a positive number, got {self.lr!r}")
         if not (isinstance(self.epochs, int) and self.epochs >= 1):
             raise IclgdError(f"GD epochs must be an integer >= 1, got {self.epochs!r}")
@@ -90,19 +92,19 @@ class GDConfig:
             raise IclgdError(f"GD delta_dtype must be None (the model's dtype) or 'float32', got {self.delta_dtype!r}")
 
     @classmethod
-    def dai(cls, lr: float = 1e-3) -> "GDConfig":
+    def dai(cls, lr: float | None = None) -> "GDConfig":
         """Dai et al. 2023: W_K and W_V of every layer, SGD, 1 epoch, batch 1, loss on all tokens."""
         return cls(params="kv", optimizer="sgd", lr=lr, epochs=1, batch_size=1, loss_on="all_tokens", name="dai")
 
     @classmethod
-    def shen(cls, lr: float = 1e-4, epochs: int = 20, layer: int | None = None, params: str = "all") -> "GDConfig":
+    def shen(cls, lr: float | None = None, epochs: int = 20, layer: int | None = None, params: str = "all") -> "GDConfig":
         """Shen et al. 2024: label-token loss; the whole model ("all") or W_V of one layer ("v_single")."""
         name = "shen-single-layer" if params == "v_single" else "shen"
         return cls(params=params, layer=layer, optimizer="sgd", lr=lr, epochs=epochs, batch_size=1,
                    loss_on="label_tokens", name=name)
 
     @classmethod
-    def deutch(cls, lr: float = 1e-3) -> "GDConfig":
+    def deutch(cls, lr: float | None = None) -> "GDConfig":
         """Deutch et al. 2024: Dai's setting, trained layer-causally (each layer from its own early exit)."""
         return replace(cls.dai(lr), layer_causal=True, name="deutch")
 
@@ -123,6 +125,23 @@ class GDConfig:
         if unknown:
             raise IclgdError(f"unknown GD setting {unknown[0]!r}; settings are {', '.join(sorted(known))}")
         return replace(presets[name](), **overrides)
+
+    def for_task(self, task: Task | None) -> "GDConfig":
+        """This config with its learning rate resolved: an explicit `lr` is kept; None takes the
+        task's own (`Task.gd_lr`, as Dai et al. tuned one per task), else DEFAULT_LR. A preset
+        name and the preset's object therefore train with the same learning rate."""
+        if self.lr is not None:
+            return self
+        task_lr = getattr(task, "gd_lr", None)
+        return replace(self, lr=task_lr if task_lr is not None else DEFAULT_LR)
+
+    @classmethod
+    def resolve(cls, gd: "GDConfig | str", task: Task | None) -> "GDConfig":
+        """A GDConfig or a preset name, with the learning rate resolved for `task` (`for_task`)."""
+        config = cls.preset(gd) if isinstance(gd, str) else gd
+        if not isinstance(config, GDConfig):
+            raise IclgdError(f"gd must be a GDConfig or a preset name ({', '.join(PRESETS)}), got {type(gd).__name__}")
+        return config.for_task(task)
 
     def describe(self) -> str:
         """A short name for messages: the preset, or "custom settings"."""
@@ -272,11 +291,14 @@ def _apply(x: torch.Tensor, part: "torch.Tensor | Factors", episodes: list[int],
     return update
 
 
-def _hooks_for_parts(parts: dict, row_episode: torch.Tensor, record: dict[str, list] | None = None) -> list[tuple[str, HookFn]]:
+def _hooks_for_parts(
+    parts: dict, row_episode: torch.Tensor, record: dict[str, list] | None = None, applied: dict[str, int] | None = None
+) -> list[tuple[str, HookFn]]:
     """The hook_in/hook_out pair per projection that adds dW x (see `delta_hooks`).
 
     `record` (training): for each path in it, every call appends (x [batch, pos, d_in], the
     hook's returned output), so that the gradient w.r.t. that output can be taken.
+    `applied` (application): counts, per path, the passes in which its update was added.
     """
     if not parts:
         return []
@@ -298,7 +320,9 @@ def _hooks_for_parts(parts: dict, row_episode: torch.Tensor, record: dict[str, l
         def save_input(x: torch.Tensor, hook, saved=saved) -> None:
             saved["x"] = x  # a reference: the projection's input, no copy
 
-        def add_update(out: torch.Tensor, hook, saved=saved, part=part, permute=permute, calls=calls(path)) -> torch.Tensor:
+        def add_update(out: torch.Tensor, hook, saved=saved, part=part, permute=permute, calls=calls(path), path=path) -> torch.Tensor:
+            if "x" not in saved:
+                raise IclgdError(f"{DELTAS_NOT_APPLIED}: {path}.hook_in did not fire before {path}.hook_out")
             x = saved.pop("x")
             if x.shape[0] != len(rows):
                 raise IclgdError(f"delta hooks were built for batches of {len(rows)} rows, the model ran on {x.shape[0]}")
@@ -311,6 +335,8 @@ def _hooks_for_parts(parts: dict, row_episode: torch.Tensor, record: dict[str, l
                 out = out + update.to(out.dtype)
             if calls is not None:
                 calls.append((x.detach(), out))
+            if applied is not None:
+                applied[path] += 1
             return out
 
         hooks += [(f"{path}.hook_in", save_input), (f"{path}.hook_out", add_update)]
@@ -323,9 +349,27 @@ def delta_hooks(deltas: Deltas, row_episode: torch.Tensor) -> list[tuple[str, Ho
     U (V^T x), never multiplied out.
 
     Pass them first in `fwd_hooks` so that probes on the same hook points see the updated
-    activations: `with bridge.hooks(fwd_hooks=delta_hooks(d, rows) + probes): bridge(ids)`.
+    activations: `with bridge.hooks(fwd_hooks=delta_hooks(d, rows) + probes): bridge(ids)`;
+    `Recorder.run(..., interventions=delta_hooks(d, rows))` does so by construction. The last
+    hook is a run-time guard: it stops the pass unless every delta was added exactly once.
     """
-    return _hooks_for_parts(deltas.parts, row_episode)
+    applied = dict.fromkeys(deltas.parts, 0)
+
+    def check_all_applied(logits: torch.Tensor, hook) -> None:
+        """Run-time guard, after the last projection: every delta was added exactly once."""
+        wrong = {path: n for path, n in applied.items() if n != 1}
+        applied.update(dict.fromkeys(applied, 0))
+        if wrong:
+            path, n = next(iter(wrong.items()))
+            raise IclgdError(f"{DELTAS_NOT_APPLIED}: the update of {path} was added {n} times in one forward pass ({len(wrong)} projection(s) affected)")
+
+    return [*_hooks_for_parts(deltas.parts, row_episode, applied=applied), ("unembed.hook_out", check_all_applied)]
+
+
+DELTAS_NOT_APPLIED = (
+    "the GD deltas were not applied as built (this install of transformer-lens/transformers calls the projection "
+    "hooks differently; supported versions: docs/versions.md)"
+)
 
 
 # ---- training data --------------------------------------------------------------------------
@@ -453,6 +497,7 @@ def train_deltas(model: "TransformerBridge", tokenizer, task: Task, episodes: li
     touched. Raises IclgdError if the loss or the deltas stop being finite.
     """
     k = _check_inputs(model, episodes)
+    config = config.for_task(task)
     n_episodes, n_layers = len(episodes), model.cfg.n_layers
     paths = projection_paths(config, n_layers)
     weights = {path: _linear_weight(model, path) for path in paths}

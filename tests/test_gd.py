@@ -427,6 +427,34 @@ def test_model_unchanged_after_exception_inside_a_hook(mha, tok):
 
 
 # ---- configuration ----------------------------------------------------------------------
+def test_preset_object_and_preset_name_train_with_the_same_learning_rate():
+    """The README's `compare(model, gd=GDConfig.dai())` must mean `gd="dai"`: the task's lr."""
+    from dataclasses import replace
+
+    from iclgd_lens.gd import DEFAULT_LR
+
+    task = replace(TASK, gd_lr=0.07)
+    for name, make in (("dai", GDConfig.dai), ("deutch", GDConfig.deutch), ("shen", GDConfig.shen)):
+        assert GDConfig.resolve(make(), task) == GDConfig.resolve(name, task)
+        assert GDConfig.resolve(name, task).lr == 0.07
+        assert GDConfig.resolve(make(lr=0.2), task).lr == 0.2  # an explicit lr wins
+    assert GDConfig.resolve("dai", replace(TASK, gd_lr=None)).lr == DEFAULT_LR
+    with pytest.raises(IclgdError):
+        GDConfig.resolve(0.1, task)
+
+
+def test_train_deltas_resolves_the_task_learning_rate(mha, tok):
+    from dataclasses import replace
+
+    _, bridge = mha
+    task = replace(TASK, gd_lr=0.05)
+    implicit = train_deltas(bridge, tok, task, EPISODES, GDConfig.dai())
+    explicit = train_deltas(bridge, tok, task, EPISODES, GDConfig.dai(lr=0.05))
+    assert implicit.config.lr == 0.05
+    for path in explicit.tensors:
+        torch.testing.assert_close(implicit.tensors[path], explicit.tensors[path], atol=0, rtol=0)
+
+
 def test_presets_and_bad_settings():
     assert GDConfig.preset("dai", lr=0.2) == GDConfig(params="kv", lr=0.2, name="dai")
     assert GDConfig.preset("deutch").layer_causal and GDConfig.preset("deutch").params == "kv"
@@ -569,3 +597,20 @@ def test_low_rank_divergence_raises_one_clear_line(half, tok, monkeypatch):
     with pytest.raises(IclgdError, match=r"^GD diverged at step \d+ with lr=1e\+06 \(preset dai\); lower the learning rate$"):
         train_with_limit(bridge, tok, GDConfig.dai(lr=1e6), float("inf"), monkeypatch)
     assert_bitwise_equal(before, bridge)
+
+
+def test_delta_hooks_fail_loudly_when_a_projection_update_is_not_applied(mha, tok):
+    """Run-time guard: if the bridge stopped calling one projection's hooks, the GD condition
+    must stop, not silently run with part of the update missing."""
+    _, bridge = mha
+    deltas = train_deltas(bridge, tok, TASK, EPISODES, GDConfig.dai(lr=0.05))
+    ids, mask, rows = query_batch(tok, EPISODES)
+    hooks = delta_hooks(deltas, rows)
+    with torch.no_grad(), bridge.hooks(fwd_hooks=hooks):
+        bridge(ids, attention_mask=mask)  # all applied: passes, twice in a row
+        bridge(ids, attention_mask=mask)
+    skipped = [(name, fn) for name, fn in hooks if not name.startswith("blocks.1.attn.v.")]
+    with pytest.raises(IclgdError, match="blocks.1.attn.v was added 0 times") as info, torch.no_grad():
+        with bridge.hooks(fwd_hooks=skipped):
+            bridge(ids, attention_mask=mask)
+    assert "\n" not in str(info.value)
