@@ -23,10 +23,13 @@ def query_token_slots(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 @probe("scores", points=["blocks.{layer}.attn.hook_attn_scores"])
 def scores(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch.Tensor]:
-    """Pre-softmax scores of the read position over the query's own tokens (Dai's SimAM map).
+    """Pre-softmax scores of the read position over the query's own tokens (`scores`, Dai's
+    SimAM map) and, in the ICL condition, over the demonstration tokens (`demo_scores`, the
+    ICL side of Dai's Kendall).
 
-    Not BOS, not the demonstrations: slot j is the j-th token of the query, so maps from the
-    ZSL and ICL prompts line up. Missing slots are NaN.
+    `scores`: not BOS, not the demonstrations: slot j is the j-th token of the query, so maps
+    from the ZSL and ICL prompts line up; missing slots are NaN. `demo_scores`: the row over
+    every key position, NaN where the key is not a demonstration token.
     """
     if ctx.condition == "icl_prefix":
         return {}
@@ -34,7 +37,10 @@ def scores(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch.T
     row = s[ctx.batch_index, :, ctx.read_pos]  # [batch, n_heads, key_pos]
     positions, valid = query_token_slots(ctx.segments)
     picked = torch.gather(row, 2, positions[:, None, :].expand(-1, row.shape[1], -1))  # [batch, n_heads, width]
-    return {"scores": picked.masked_fill(~valid[:, None, :], float("nan"))}
+    out = {"scores": picked.masked_fill(~valid[:, None, :], float("nan"))}
+    if ctx.condition == "icl":
+        out["demo_scores"] = row.masked_fill(~(ctx.segments > 0)[:, None, :], float("nan"))  # [batch, n_heads, key_pos]
+    return out
 
 
 @probe("demo_attention", points=["blocks.{layer}.attn.hook_pattern"], compare=False)

@@ -16,6 +16,7 @@ The user's model is never modified (tested bitwise).
 
 from __future__ import annotations
 
+import math
 import platform
 import random
 import time
@@ -23,6 +24,7 @@ import warnings
 from dataclasses import asdict
 from typing import Sequence
 
+import einops
 import numpy as np
 import pandas as pd
 import torch
@@ -40,7 +42,7 @@ from iclgd_lens.tasks import Episode, Task, encode_prompts, label_token_ids
 ALL_BASELINES = ("random", "random_update", "icl_perm", "untrained")
 """Baselines recorded beside every similarity (Dai; Deutch et al.; Shen et al.)."""
 
-BUILTIN_VECTOR_PROBES = {"attn_out", "head_out", "scores", "demo_attention", "q", "rot_q", "q_demo", "kv_demo", "kv_context"}
+BUILTIN_VECTOR_PROBES = {"attn_out", "head_out", "scores", "demo_scores", "demo_attention", "q", "rot_q", "q_demo", "kv_demo", "kv_context"}
 
 
 def compare(
@@ -125,10 +127,12 @@ def _compare_once(model, task, episodes, gd_config, chosen, probe_names, seed, s
     tokenizer = model.tokenizer
     device = _device(model)
     k = len(episodes[0].demos)
-    deltas = train_deltas(model, tokenizer, task, episodes, gd_config, progress=progress) if k > 0 else None
+    dai_kendall = {"scores", "query_vectors"} <= set(probe_names)
+    deltas = train_deltas(model, tokenizer, task, episodes, gd_config, progress=progress, record_queries=dai_kendall) if k > 0 else None
     random_deltas = deltas.scaled_random_like(seed + 1) if deltas is not None and "random_update" in chosen else None
     recorder = Recorder(model, probe_names)
     max_len = _context_window(model)
+    rotary = getattr(model.cfg, "positional_embedding_type", "rotary") == "rotary"
 
     # the query-alone conditions of every episode together, batch_size rows per pass
     queries = [q for episode in episodes for q in episode.queries]
@@ -159,7 +163,8 @@ def _compare_once(model, task, episodes, gd_config, chosen, probe_names, seed, s
         start += n
         labels = torch.tensor([q.label for q in episode.queries], device=device)
         label_ids = label_token_ids(tokenizer, episode.label_words)
-        frames.append(episode_table(rec, labels, label_ids, episode=e, chosen=chosen, seed=seed + e))
+        train_queries = (deltas.train_queries[e], deltas.train_token_demo[e]) if deltas is not None and deltas.train_queries else None
+        frames.append(episode_table(rec, labels, label_ids, episode=e, chosen=chosen, seed=seed + e, rotary=rotary, train_queries=train_queries))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -216,8 +221,14 @@ def _no_hooks(start: int, stop: int) -> list:
 
 
 # ---- metrics of one episode ----------------------------------------------------------------
-def episode_table(rec: dict[str, Recording], labels: torch.Tensor, label_ids: list[int], *, episode: int, chosen, seed: int) -> pd.DataFrame:
-    """Every metric of one episode as tidy rows (metric, comparison, layer, head, episode, query, value)."""
+def episode_table(
+    rec: dict[str, Recording], labels: torch.Tensor, label_ids: list[int], *, episode: int, chosen, seed: int, rotary: bool = True,
+    train_queries: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> pd.DataFrame:
+    """Every metric of one episode as tidy rows (metric, comparison, layer, head, episode, query, value).
+    `rotary`: the model uses rotary positions (LLaMA), which leaves SimAM-delta undefined at layer 0.
+    `train_queries`: (queries [L, n_tokens, n_heads, d_head], demonstration of each token [n_tokens])
+    of GD's training tokens (`Deltas.train_queries`), the GD side of Dai's Kendall."""
     out = _Rows(episode)
     zsl, icl, gd = rec["zsl"], rec["icl"], rec["gd"]
     others = {"icl~icl_perm": rec.get("icl_perm"), "icl~random_update": rec.get("gd_random")}
@@ -234,19 +245,19 @@ def episode_table(rec: dict[str, Recording], labels: torch.Tensor, label_ids: li
             out.add("simaou_norm", comparison, metrics.simaou_norm(icl[name], other[name], zsl[name]), per_head, head_mean=False)
         if "random" in chosen:
             r = random_vector_like(icl[name], seed)
-            out.add("simaou", "icl~random", metrics.delta_cosine(icl[name], zsl[name] + r, zsl[name]), per_head, head_mean=False)
-            out.add("simaou_norm", "icl~random", metrics.simaou_norm(icl[name], zsl[name] + r, zsl[name]), per_head, head_mean=False)
+            out.add("simaou", "icl~random", metrics.simaou_random(icl[name], zsl[name], r), per_head, head_mean=False)
+            out.add("simaou_norm", "icl~random", metrics.simaou_norm_random(icl[name], zsl[name], r), per_head, head_mean=False)
 
     # SimAM before/after and SimAM-delta on the query's own tokens
     if "scores" in icl:
         m_icl, m_gd, m_zsl = _same_width(icl["scores"], gd["scores"], zsl["scores"])
         out.add("simam_before", "icl~zsl", metrics.simam(m_icl, m_zsl), True)
         out.add("simam_after", "icl~gd", metrics.simam(m_icl, m_gd), True)
-        out.add("simam_delta", "icl~gd", _undefined_without_update(metrics.simam_delta(m_icl, m_gd, m_zsl), m_icl, m_zsl), True)
+        out.add("simam_delta", "icl~gd", _undefined_at_layer_0(metrics.simam_delta(m_icl, m_gd, m_zsl), rotary), True)
         for comparison, other in others.items():
             if other is not None:
                 o_icl, o_other, o_zsl = _same_width(icl["scores"], other["scores"], zsl["scores"])
-                out.add("simam_delta", comparison, _undefined_without_update(metrics.simam_delta(o_icl, o_other, o_zsl), o_icl, o_zsl), True)
+                out.add("simam_delta", comparison, _undefined_at_layer_0(metrics.simam_delta(o_icl, o_other, o_zsl), rotary), True)
 
     # implicit weight updates: dW_ICL (demonstrations) vs dW_GD (change of sum v k^T over the query's tokens)
     prefix = rec.get("icl_prefix")
@@ -267,9 +278,12 @@ def episode_table(rec: dict[str, Recording], labels: torch.Tensor, label_ids: li
             out.add("dual_form_cos", "icl~dual_form", cos, True)
             out.add("dual_form_rel_err", "icl~dual_form", torch.sqrt(torch.clamp(1 - cos**2, min=0)), True)
 
-    # Kendall: ICL attention mass on demonstrations vs the GD model's query . demo-token queries
+    # Kendall (Dai): ICL's scores over the demonstration tokens vs the GD model's query . the queries of GD's training tokens
+    if train_queries is not None and "demo_scores" in icl and "q" in gd:
+        out.extend(_dai_kendall_rows(icl, gd, *train_queries, episode, seed, "random" in chosen))
+    # the per-head variant: per-head taus of ICL's attention mass vs GD query . ICL demo-token queries
     if prefix is not None and "q_demo" in prefix and "demo_attention" in icl and "q" in gd:
-        out.extend(_kendall_rows(prefix, icl, gd, episode, seed, "random" in chosen))
+        out.extend(_kendall_per_head_rows(prefix, icl, gd, episode, seed, "random" in chosen))
 
     # output distributions: accuracy, Rec2FTP, token overlap, overlap cosine, KL, JS
     logp = {name: F.log_softmax(r.logits.float(), -1) for name, r in rec.items() if r is not None and r.logits is not None and name != "icl_prefix"}
@@ -297,12 +311,49 @@ def episode_table(rec: dict[str, Recording], labels: torch.Tensor, label_ids: li
                 out.add(f"probe:{name}", comparison, metrics.delta_cosine(icl[name].float().flatten(2 + per_head), other[name].float().flatten(2 + per_head), zsl[name].float().flatten(2 + per_head)), per_head)
         if "random" in chosen:
             v = icl[name].float().flatten(2 + per_head)
-            out.add(f"probe:{name}", "icl~random", metrics.delta_cosine(v, zsl[name].float().flatten(2 + per_head) + random_vector_like(v, seed), zsl[name].float().flatten(2 + per_head)), per_head)
+            out.add(f"probe:{name}", "icl~random", metrics.simaou_random(v, zsl[name].float().flatten(2 + per_head), random_vector_like(v, seed)), per_head)
     return out.frame()
 
 
-def _kendall_rows(prefix, icl, gd, episode, seed, with_random) -> pd.DataFrame:
-    """Example- and token-level Kendall tau-b per (layer, query, head), and a random baseline."""
+def _dai_kendall_rows(icl, gd, train_q: torch.Tensor, train_demo: torch.Tensor, episode: int, seed: int, with_random: bool) -> pd.DataFrame:
+    """Dai et al.'s Kendall (LMOps understand_icl), one tau-b per (layer, query).
+
+    ICL side: the read position's pre-softmax scores over the demonstration tokens, summed
+    over heads, softmaxed over those tokens. GD side: the GD model's query at the ZSL read
+    position (all heads) / sqrt(d_head), dotted with the queries / sqrt(d_head) of GD's
+    training tokens as GD saw them, softmaxed. Token level: tau-b of the two; example level:
+    tau-b of their sums per demonstration. Token level is NaN when a demonstration tokenises
+    to another number of tokens in the prompt than alone (the tokens cannot be paired).
+    """
+    demo_pos = icl.segments[0] > 0  # [key_pos]: every row of an episode holds the same demonstrations
+    icl_demo = icl.segments[0][demo_pos]  # [n_icl] demonstration of each ICL token
+    scores = icl["demo_scores"][..., : len(demo_pos)][..., demo_pos].float().sum(2)  # [L, B, n_icl] (summed over heads)
+    p_icl = torch.softmax(scores, -1)
+    d_head = gd["q"].shape[-1]
+    q_gd = einops.rearrange(gd["q"].float(), "l b h d -> l b (h d)") / math.sqrt(d_head)
+    q_train = einops.rearrange(train_q.float().to(q_gd.device), "l t h d -> l t (h d)") / math.sqrt(d_head)
+    p_gd = torch.softmax(torch.einsum("lbx,ltx->lbt", q_gd, q_train), -1)  # [L, B, n_train]
+    train_demo = train_demo.to(icl_demo.device)
+    n_demos = int(icl_demo.max())
+    out = _Rows(episode)
+    if torch.equal(torch.bincount(icl_demo, minlength=n_demos + 1), torch.bincount(train_demo, minlength=n_demos + 1)):
+        out.add("kendall_token", "icl~gd", metrics.kendall_tau_b(p_icl, p_gd), False)
+    else:
+        out.add("kendall_token", "icl~gd", torch.full(p_icl.shape[:2], float("nan")), False)
+    mass_icl = metrics.demo_attention_mass(p_icl, icl_demo, n_demos)  # [L, B, k]
+    out.add("kendall_example", "icl~gd", metrics.kendall_tau_b(mass_icl, metrics.demo_attention_mass(p_gd, train_demo, n_demos)), False)
+    if with_random:
+        noise = torch.rand(p_icl.shape, generator=torch.Generator().manual_seed(seed)).to(p_icl.device)  # [L, B, n_icl] ~ U[0,1)
+        out.add("kendall_token", "icl~random", metrics.kendall_tau_b(p_icl, noise), False)
+        out.add("kendall_example", "icl~random", metrics.kendall_tau_b(mass_icl, metrics.demo_attention_mass(noise, icl_demo, n_demos)), False)
+    return out.frame()
+
+
+def _kendall_per_head_rows(prefix, icl, gd, episode, seed, with_random) -> pd.DataFrame:
+    """The per-head variant (not Dai's): tau-b per (layer, query, head) of ICL's post-softmax
+    attention on the demonstration tokens vs the GD query . the demonstration tokens' queries
+    of the ICL pass (raw dot products, summed per demonstration at the example level); head -1
+    is the mean over heads. A random baseline at the token level."""
     q_demo = prefix["q_demo"][:, 0].float()  # [L, pos, n_heads, d] (every row holds the same demonstrations)
     seg = prefix.segments[0, : q_demo.shape[1]]  # [pos]
     demo_tokens = seg > 0
@@ -310,20 +361,25 @@ def _kendall_rows(prefix, icl, gd, episode, seed, with_random) -> pd.DataFrame:
     mass = icl["demo_attention"][..., : q_demo.shape[1]].float()  # [L, B, n_heads, pos]
     dots = torch.einsum("lbhd,lphd->lbhp", q_gd, q_demo)  # [L, B, n_heads, pos]
     out = _Rows(episode)
-    out.add("kendall_token", "icl~gd", metrics.kendall_tau_b(mass[..., demo_tokens], dots[..., demo_tokens]), True)
-    out.add("kendall_example", "icl~gd", metrics.kendall_tau_b(metrics.demo_attention_mass(mass, seg), metrics.demo_attention_mass(dots, seg)), True)
+    out.add("kendall_token_per_head", "icl~gd", metrics.kendall_tau_b(mass[..., demo_tokens], dots[..., demo_tokens]), True)
+    out.add("kendall_example_per_head", "icl~gd", metrics.kendall_tau_b(metrics.demo_attention_mass(mass, seg), metrics.demo_attention_mass(dots, seg)), True)
     if with_random:
         gen = torch.Generator().manual_seed(seed)
         noise = torch.rand(mass[..., demo_tokens].shape, generator=gen).to(mass.device)
-        out.add("kendall_token", "icl~random", metrics.kendall_tau_b(mass[..., demo_tokens], noise), True)
+        out.add("kendall_token_per_head", "icl~random", metrics.kendall_tau_b(mass[..., demo_tokens], noise), True)
     return out.frame()
 
 
-def _undefined_without_update(cos: torch.Tensor, m_icl: torch.Tensor, m_zsl: torch.Tensor) -> torch.Tensor:
-    """NaN where ICL did not change the map at all (layer 0 under RoPE): the direction of a
-    zero update is undefined, and a 0 would read as "measured, no agreement"."""
-    moved = ((m_icl - m_zsl).nan_to_num(0.0) != 0).any(-1)  # [L, B, H]
-    return torch.where(moved, cos, torch.full_like(cos, float("nan")))
+def _undefined_at_layer_0(cos: torch.Tensor, rotary: bool) -> torch.Tensor:
+    """SimAM-delta is NaN at layer 0 of a rotary model: there the query's own pre-softmax scores
+    depend only on its own tokens and their relative positions, so ICL's map update is exactly
+    zero by construction (what is measured is float rounding of RoPE at other absolute
+    positions), and the direction of a zero update is undefined. cos [L, B, H] -> [L, B, H]."""
+    if not rotary:
+        return cos
+    cos = cos.clone()
+    cos[0] = float("nan")
+    return cos
 
 
 def _act(dw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -332,18 +388,11 @@ def _act(dw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...hvk,...hk->...hv", dw.repeat_interleave(groups, dim=-3), q)
 
 
-def _same_width(m_a: torch.Tensor, m_b: torch.Tensor, m_ref: torch.Tensor) -> list[torch.Tensor]:
-    """Pad score maps [L, B, H, width] with NaN to a common width, and snap entries of m_a and
-    m_b that equal m_ref up to float rounding onto m_ref.
-
-    In layer 0 the query's own scores are the same with and without demonstrations (RoPE only
-    sees relative positions), so m_ICL - m_ZSL is rounding noise there; snapped, it is the
-    zero update it really is (cosine 0 by the metrics' convention) instead of a random cosine.
-    """
-    width = max(m.shape[-1] for m in (m_a, m_b, m_ref))
-    m_a, m_b, m_ref = (F.pad(m.float(), (0, width - m.shape[-1]), value=float("nan")) for m in (m_a, m_b, m_ref))
-    snap = lambda m: torch.where(torch.isclose(m, m_ref, rtol=1e-5, atol=1e-5), m_ref, m)
-    return [snap(m_a), snap(m_b), m_ref]
+def _same_width(*maps: torch.Tensor) -> list[torch.Tensor]:
+    """Pad score maps [L, B, H, width] with NaN to a common width (prompts of a batch may hold
+    queries of different lengths); nothing else is changed."""
+    width = max(m.shape[-1] for m in maps)
+    return [F.pad(m.float(), (0, width - m.shape[-1]), value=float("nan")) for m in maps]
 
 
 def _permuted(demos: tuple, seed: int) -> tuple:

@@ -163,10 +163,22 @@ class Deltas:
     out on first access and cached); `parts` is what is stored, and what `delta_hooks` uses.
     """
 
-    def __init__(self, tensors: dict[str, "torch.Tensor | Factors"], config: GDConfig, losses: torch.Tensor):
+    def __init__(
+        self,
+        tensors: dict[str, "torch.Tensor | Factors"],
+        config: GDConfig,
+        losses: torch.Tensor,
+        train_queries: list[torch.Tensor] | None = None,
+        train_token_demo: list[torch.Tensor] | None = None,
+    ):
         self.parts = dict(tensors)  # key: the projection's module path ("blocks.3.attn.k", "unembed")
         self.config = config
         self.losses = losses  # [n_steps, n_episodes] training loss per step (before the step's update)
+        # with train_deltas(record_queries=True), per episode: the pre-rotary queries of every
+        # training token as GD saw it (BOS excluded, demonstration order; the last epoch's pass),
+        # [n_layers, n_tokens, n_heads, d_head], and each token's demonstration (1..k), [n_tokens]
+        self.train_queries = train_queries
+        self.train_token_demo = train_token_demo
         self._dense: dict[str, torch.Tensor] = {}
 
     @property
@@ -437,12 +449,16 @@ def _requires_grad(resid: torch.Tensor, hook) -> torch.Tensor:
     return resid.detach().requires_grad_(True)
 
 
-def _forward_losses(model: "TransformerBridge", input_ids, attention_mask, targets, parts, row_episode, config: GDConfig, record: dict) -> torch.Tensor:
+def _forward_losses(
+    model: "TransformerBridge", input_ids, attention_mask, targets, parts, row_episode, config: GDConfig, record: dict, observers=()
+) -> torch.Tensor:
     """Per-episode loss [n_episodes] of one step, with the current deltas hooked in (the
-    outputs of the low-rank projections go to `record`, see `_hooks_for_parts`)."""
+    outputs of the low-rank projections go to `record`, see `_hooks_for_parts`). `observers`
+    are read-only hooks, registered after the deltas so that they see the updated values."""
     n_episodes = len(torch.unique(row_episode))
     unembed_record = {"unembed": record["unembed"]} if "unembed" in record else None
     hooks = _hooks_for_parts({p: d for p, d in parts.items() if p != "unembed" or not config.layer_causal}, row_episode, record)
+    hooks += list(observers)
     hooks.append(("blocks.0.hook_resid_pre", _requires_grad))
     if not config.layer_causal:
         with model.hooks(fwd_hooks=hooks):
@@ -485,7 +501,10 @@ def _check_inputs(model, episodes: list[Episode]) -> int:
     return ks.pop()
 
 
-def train_deltas(model: "TransformerBridge", tokenizer, task: Task, episodes: list[Episode], config: GDConfig, *, progress: bool = False) -> Deltas:
+def train_deltas(
+    model: "TransformerBridge", tokenizer, task: Task, episodes: list[Episode], config: GDConfig, *, progress: bool = False,
+    record_queries: bool = False,
+) -> Deltas:
     """Fine-tune `config`'s projections on each episode's demonstrations, all episodes at once.
 
     Every demonstration is one training example (`task.render_demo`, tokenised alone with
@@ -495,6 +514,9 @@ def train_deltas(model: "TransformerBridge", tokenizer, task: Task, episodes: li
     deltas (Adam, or SGD past `LOW_RANK_LIMIT`) or w.r.t. the projections' outputs (SGD's
     low-rank factors), so the model's parameters, their `.grad` and `requires_grad` are never
     touched. Raises IclgdError if the loss or the deltas stop being finite.
+
+    `record_queries`: keep the query vectors (`attn.hook_q`, after any Q delta) of every
+    training token as GD saw it (`Deltas.train_queries`): the GD side of Dai's Kendall.
     """
     k = _check_inputs(model, episodes)
     config = config.for_task(task)
@@ -518,12 +540,16 @@ def train_deltas(model: "TransformerBridge", tokenizer, task: Task, episodes: li
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     try:
-        return _train(model, parts, adam_m, adam_v, encoded, chunks, steps_per_epoch, n_episodes, pad_id, device, config, progress)
+        queries: dict | None = {} if record_queries else None
+        deltas = _train(model, parts, adam_m, adam_v, encoded, chunks, steps_per_epoch, n_episodes, pad_id, device, config, progress, queries)
+        if queries is not None:
+            deltas.train_queries, deltas.train_token_demo = _stack_train_queries(queries, encoded, n_layers)
+        return deltas
     finally:
         release_transient_state(model)
 
 
-def _train(model, parts, adam_m, adam_v, encoded, chunks, steps_per_epoch, n_episodes, pad_id, device, config, progress) -> Deltas:
+def _train(model, parts, adam_m, adam_v, encoded, chunks, steps_per_epoch, n_episodes, pad_id, device, config, progress, queries=None) -> Deltas:
     """The GD loop of `train_deltas` (dense deltas updated in place, factors extended)."""
     step_losses = []
     calls_per_step = {path: model.cfg.n_layers if path == "unembed" and config.layer_causal else 1 for path in parts}
@@ -538,7 +564,8 @@ def _train(model, parts, adam_m, adam_v, encoded, chunks, steps_per_epoch, n_epi
                     parts[path] = _densify(part)
             leaves = {path: d.detach().requires_grad_(True) for path, d in parts.items() if not isinstance(d, tuple)}
             record = {path: [] for path, part in parts.items() if isinstance(part, tuple)}
-            losses = _forward_losses(model, input_ids, attention_mask, targets, {**parts, **leaves}, row_episode, config, record)
+            observers = _query_observers(queries, chunk, n_episodes, model.cfg.n_layers) if queries is not None else ()
+            losses = _forward_losses(model, input_ids, attention_mask, targets, {**parts, **leaves}, row_episode, config, record, observers)
             if not torch.isfinite(losses).all():
                 raise IclgdError(_diverged(step, config))
             outputs = [out for calls in record.values() for _, out in calls]
@@ -556,6 +583,32 @@ def _train(model, parts, adam_m, adam_v, encoded, chunks, steps_per_epoch, n_epi
             step_losses.append(losses.detach().float().cpu())
     losses = torch.stack(step_losses) if step_losses else torch.zeros((0, n_episodes))
     return Deltas(parts, config, losses)
+
+
+def _query_observers(store: dict, chunk: list[int], n_episodes: int, n_layers: int) -> list[tuple[str, HookFn]]:
+    """Hooks that keep each training row's query vectors: store[(episode, demo, layer)] =
+    q [pos, n_heads, d_head] of that row (padded; cut to length later). A later epoch overwrites."""
+
+    def make(layer: int) -> HookFn:
+        def keep(q: torch.Tensor, hook) -> None:  # [rows, pos, n_heads, d_head], rows episode-major
+            q = q.detach()
+            for row in range(q.shape[0]):
+                store[(row // len(chunk), chunk[row % len(chunk)], layer)] = q[row].clone()
+
+        return keep
+
+    return [(f"blocks.{layer}.attn.hook_q", make(layer)) for layer in range(n_layers)]
+
+
+def _stack_train_queries(store: dict, encoded: list[list[_EncodedDemo]], n_layers: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per episode: queries of the training tokens in demonstration order, BOS excluded
+    ([n_layers, n_tokens, n_heads, d_head]), and each token's demonstration 1..k ([n_tokens])."""
+    queries, token_demo = [], []
+    for e, demos in enumerate(encoded):
+        per_layer = [torch.cat([store[(e, i, layer)][1 : len(d.input_ids)] for i, d in enumerate(demos)]) for layer in range(n_layers)]
+        queries.append(torch.stack(per_layer))
+        token_demo.append(torch.cat([torch.full((len(d.input_ids) - 1,), i + 1, dtype=torch.long) for i, d in enumerate(demos)]))
+    return queries, token_demo
 
 
 def _rank_limit(factors: Factors) -> float:

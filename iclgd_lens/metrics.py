@@ -60,18 +60,32 @@ def delta_cosine(h_a: Tensor, h_b: Tensor, h_ref: Tensor) -> Tensor:
 simaou = delta_cosine
 
 
+def _unit(h: Tensor) -> Tensor:
+    """h / |h| over the last dim (a zero vector stays zero). [..., d] -> [..., d]"""
+    n = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+    return h / torch.where(n > 0, n, torch.ones_like(n))
+
+
 def simaou_norm(h_icl: Tensor, h_gd: Tensor, h_zsl: Tensor) -> Tensor:
     """Dai et al.'s SimAOU: L2-normalise each h first, then subtract and take the cosine.
 
     [..., d] x3 -> [...]. Has a floor of 1/4 for unrelated updates of twice the size of h_ZSL
     (see docs/metrics.md); report `delta_cosine` by default, this one for replication.
     """
+    return delta_cosine(_unit(h_icl), _unit(h_gd), _unit(h_zsl))
 
-    def unit(h: Tensor) -> Tensor:
-        n = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
-        return h / torch.where(n > 0, n, torch.ones_like(n))
 
-    return delta_cosine(unit(h_icl), unit(h_gd), unit(h_zsl))
+def simaou_random(h_icl: Tensor, h_zsl: Tensor, r: Tensor) -> Tensor:
+    """Dai's random baseline of the raw SimAOU: cos(h_ICL - h_ZSL, r), with r drawn as an
+    update (r ~ U[0,1)^d, `baselines.random_vector_like`). [..., d] x3 -> [...]"""
+    return _safe_cosine(h_icl - h_zsl, r)
+
+
+def simaou_norm_random(h_icl: Tensor, h_zsl: Tensor, r: Tensor) -> Tensor:
+    """Dai's random baseline of SimAOU_norm: the normalised ICL update against r itself,
+    cos(unit(h_ICL) - unit(h_ZSL), r) (LMOps understand_icl), not against unit(h_ZSL + r) -
+    unit(h_ZSL). [..., d] x3 -> [...]"""
+    return _safe_cosine(_unit(h_icl) - _unit(h_zsl), r)
 
 
 def matrix_cosine(a: Tensor, b: Tensor) -> Tensor:

@@ -44,6 +44,20 @@ def test_simaou_norm_matches_dai_recipe():
         assert got[i].item() == pytest.approx(np_cos(u[0] - u[2], u[1] - u[2]), abs=1e-12)
 
 
+def test_random_baselines_follow_dai_definitions():
+    """Dai (LMOps understand_icl): the random vector is compared with the ICL update itself;
+    for SimAOU_norm with the normalised ICL update unit(h_ICL) - unit(h_ZSL), never with
+    unit(h_ZSL + r) - unit(h_ZSL)."""
+    h_icl, h_zsl = (torch.randn(5, 32, generator=gen(20 + i), dtype=torch.float64) for i in range(2))
+    r = torch.rand(5, 32, generator=gen(22), dtype=torch.float64)
+    raw, norm = metrics.simaou_random(h_icl, h_zsl, r), metrics.simaou_norm_random(h_icl, h_zsl, r)
+    for i in range(5):
+        a, z, ri = (x[i].numpy() for x in (h_icl, h_zsl, r))
+        assert raw[i].item() == pytest.approx(np_cos(a - z, ri), abs=1e-12)
+        assert norm[i].item() == pytest.approx(np_cos(a / np.linalg.norm(a) - z / np.linalg.norm(z), ri), abs=1e-12)
+    assert (norm - metrics.simaou_norm(h_icl, h_zsl + r, h_zsl)).abs().max() > 0.05  # the old, wrong recipe differs
+
+
 def test_simaou_norm_floor_of_one_quarter_while_raw_is_zero():
     """h_ICL = z + n1, h_GD = z + n2, n1, n2 independent, orthogonal to z, |z + n| = 2|z|."""
     d, n_trials = 2**16, 8  # cos(n1, n2) ~ 1/sqrt(d): SimAOU_norm = 1/4 + 3/4 cos(n1, n2)
