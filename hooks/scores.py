@@ -29,7 +29,8 @@ def scores(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch.T
 
     `scores`: not BOS, not the demonstrations: slot j is the j-th token of the query, so maps
     from the ZSL and ICL prompts line up; missing slots are NaN. `demo_scores`: the row over
-    every key position, NaN where the key is not a demonstration token.
+    every key position summed over the query heads (as Dai's Kendall sums them), NaN where the
+    key is not a demonstration token.
     """
     if ctx.condition == "icl_prefix":
         return {}
@@ -39,7 +40,7 @@ def scores(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch.T
     picked = torch.gather(row, 2, positions[:, None, :].expand(-1, row.shape[1], -1))  # [batch, n_heads, width]
     out = {"scores": picked.masked_fill(~valid[:, None, :], float("nan"))}
     if ctx.condition == "icl":
-        out["demo_scores"] = row.masked_fill(~(ctx.segments > 0)[:, None, :], float("nan"))  # [batch, n_heads, key_pos]
+        out["demo_scores"] = row.sum(1).masked_fill(~(ctx.segments > 0), float("nan"))  # [batch, key_pos]
     return out
 
 

@@ -327,7 +327,7 @@ def _dai_kendall_rows(icl, gd, train_q: torch.Tensor, train_demo: torch.Tensor, 
     """
     demo_pos = icl.segments[0] > 0  # [key_pos]: every row of an episode holds the same demonstrations
     icl_demo = icl.segments[0][demo_pos]  # [n_icl] demonstration of each ICL token
-    scores = icl["demo_scores"][..., : len(demo_pos)][..., demo_pos].float().sum(2)  # [L, B, n_icl] (summed over heads)
+    scores = icl["demo_scores"][..., : len(demo_pos)][..., demo_pos].float()  # [L, B, n_icl] (summed over heads by the probe)
     p_icl = torch.softmax(scores, -1)
     d_head = gd["q"].shape[-1]
     q_gd = einops.rearrange(gd["q"].float(), "l b h d -> l b (h d)") / math.sqrt(d_head)

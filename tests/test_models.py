@@ -252,7 +252,7 @@ def test_bad_dtype_device_and_tokenizer():
     with pytest.raises(IclgdError, match="unsupported dtype 'int8'; use one of float32, fp32, bfloat16"):
         load_model(hf_model=hf, tokenizer=tok, dtype="int8")
     with pytest.raises(IclgdError, match="unsupported dtype"):
-        load_model(hf_model=hf, tokenizer=tok, dtype=torch.float64)
+        load_model(hf_model=hf, tokenizer=tok, dtype=torch.complex64)
     with pytest.raises(IclgdError, match="unknown device 'gpu'"):
         load_model(hf_model=hf, tokenizer=tok, device="gpu")
     if not torch.cuda.is_available():
