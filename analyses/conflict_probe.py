@@ -32,7 +32,7 @@ import pandas as pd
 import plotly.express as px
 import torch
 
-from iclgd_lens import metrics
+from iclgd_lens import metrics, stats
 from iclgd_lens.study import as_bridge, device_of, model_name
 from iclgd_lens.comparison import versions
 from iclgd_lens.errors import IclgdError
@@ -189,10 +189,17 @@ def _rows(metric: str, stage: str, layer: int, values: torch.Tensor) -> pd.DataF
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and 95% t-interval per (metric, stage, layer)."""
+    """Mean and 95% t-interval per (metric, stage, layer), over facts.
+
+    Each fact is its own episode (its own demonstration set, one query), so its values are
+    already one per episode and a plain t-interval over them is the episode-level interval
+    (`stats.t_interval`). The demonstration sets are drawn from one pool of facts, and the
+    "after" stage rests on one fine-tuning run shared by all facts: its interval speaks of
+    the facts given that run, not of other fine-tuning runs.
+    """
     out = []
     for key, group in table.groupby(["metric", "stage", "layer"], sort=False):
-        out.append((*key, *metrics.mean_ci(group["value"].to_numpy())))
+        out.append((*key, *stats.t_interval(group["value"].to_numpy())))
     return pd.DataFrame(out, columns=["metric", "stage", "layer", "mean", "ci_low", "ci_high", "n"])
 
 

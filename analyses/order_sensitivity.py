@@ -34,7 +34,7 @@ import pandas as pd
 import plotly.express as px
 import torch
 
-from iclgd_lens import metrics
+from iclgd_lens import metrics, stats
 from iclgd_lens.study import as_bridge, as_ints, device_of, model_name
 from iclgd_lens.comparison import gd_for_task, versions
 from iclgd_lens.errors import IclgdError
@@ -165,12 +165,10 @@ def _rows(metric: str, method: str, size: int, layer: int, values: torch.Tensor)
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and 95% t-interval per (metric, method, layer)."""
-    out = []
-    for (metric, method, layer), group in table.groupby(["metric", "method", "layer"], sort=False):
-        mean, low, high, n = metrics.mean_ci(group["value"].to_numpy())
-        out.append((metric, method, layer, mean, low, high, n))
-    return pd.DataFrame(out, columns=["metric", "method", "layer", "mean", "ci_low", "ci_high", "n"])
+    """Mean and 95% t-interval per (metric, method, layer), over episodes: the queries of one
+    episode share its demonstrations and orders, so each episode's values are averaged first
+    (`stats.episode_summary`). Columns: metric, method, layer, mean, ci_low, ci_high, n_episodes, n."""
+    return stats.episode_summary(table, ["metric", "method", "layer"], sort=False)
 
 
 def figures(table: pd.DataFrame) -> list:
@@ -180,7 +178,7 @@ def figures(table: pd.DataFrame) -> list:
     sen = s[s.metric == "sen"]
     fig_sen = px.bar(sen, x="method", y="mean", error_y="err_plus", error_y_minus="err_minus", color="method",
                      labels={"mean": "Sen (sum over vocabulary of std over orders)"},
-                     title="Order sensitivity of the output distribution (Shen et al.), 95% CI")
+                     title="Order sensitivity of the output distribution (Shen et al.), 95% CI over episodes")
     layers = s[s.metric == "attn_sen"]
     fig_layers = px.line(layers, x="layer", y="mean", color="method", markers=True, error_y="err_plus", error_y_minus="err_minus",
                          labels={"mean": "|std over orders of h| / |mean update h - h_ZSL|"},
@@ -199,7 +197,8 @@ def findings(table: pd.DataFrame, k: int) -> str:
     sen = s.loc["sen"]["mean"].droplevel("layer")
     ci = s.loc["sen"][["ci_low", "ci_high"]].droplevel("layer")
     parts = [f"{m}: {sen[m]:.4f} [{ci.loc[m, 'ci_low']:.4f}, {ci.loc[m, 'ci_high']:.4f}]" for m in sen.index]
-    lines = [f"Order sensitivity Sen over {k} demonstrations (mean, 95% CI): " + "; ".join(parts) + "."]
+    n_episodes = int(s.loc["sen"]["n_episodes"].max())
+    lines = [f"Order sensitivity Sen over {k} demonstrations (mean, 95% CI over {n_episodes} episodes): " + "; ".join(parts) + "."]
     gd_methods = [m for m in sen.index if m.startswith("gd_b")]
     if gd_methods:
         most = max(gd_methods, key=lambda m: sen[m])

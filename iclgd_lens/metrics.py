@@ -8,7 +8,7 @@ docs/metrics.md.
 Conventions:
 - Cosines of a zero vector are 0, never NaN (a zero update points nowhere, so it agrees with
   nothing). Only a comparison with *no entries at all* (an empty mask) is NaN: there is
-  nothing to compare, and `mean_ci` drops NaNs.
+  nothing to compare; aggregation (`iclgd_lens.stats`) drops NaNs.
 - Masks are bool tensors, True = a real entry, False = padding. In `cosine`, NaN entries of
   either input count as padding too.
 """
@@ -273,24 +273,3 @@ def dual_form_update(q: Tensor, k_demo: Tensor, v_demo: Tensor, mask: Tensor | N
         raise IclgdError(f"{heads_q} query heads cannot share {heads_kv} key/value heads")
     dw = dw.repeat_interleave(heads_q // heads_kv, dim=-3)  # [..., heads_q, d, d]
     return torch.einsum("...hvk,...hk->...hv", dw, q)
-
-
-# ---- aggregation ----------------------------------------------------------------------------
-def mean_ci(values: Tensor | Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float, float, int]:
-    """Mean and t-interval (scipy.stats.t) of the non-NaN values -> (mean, low, high, n).
-
-    n = 0 -> all NaN; n = 1 -> (value, NaN, NaN, 1); identical values -> a zero-width interval.
-    """
-    x = torch.as_tensor(values).detach().double().flatten().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values, dtype=float).ravel()
-    x = x[~np.isnan(x)]
-    n = int(x.size)
-    if n == 0:
-        return float("nan"), float("nan"), float("nan"), 0
-    mean = float(x.mean())
-    if n == 1:
-        return mean, float("nan"), float("nan"), 1
-    sem = float(scipy.stats.sem(x))
-    if sem == 0.0:
-        return mean, mean, mean, n
-    low, high = scipy.stats.t.interval(confidence, n - 1, loc=mean, scale=sem)
-    return mean, float(low), float(high), n

@@ -5,7 +5,9 @@ row per number (see docs/architecture.md, "Results — the tidy table"):
 
     metric | comparison | layer | head | episode | query | value     (+ optional `k`, ...)
 
-`summary()` aggregates over episodes and queries with a 95% t-interval; `save()` writes
+`summary()` gives episode-level 95% t-intervals (queries averaged within their episode first)
+and, for the headline comparison, paired sign-flip p-values against each baseline
+(`paired_tests()`; both from `iclgd_lens.stats`, see docs/statistics.md); `save()` writes
 `results.json` (table records + config + artifacts) and `results.parquet` (the table, with
 config and artifacts in its metadata); `Results.load()` reads either file, or the folder.
 """
@@ -23,8 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from iclgd_lens import stats
 from iclgd_lens.errors import IclgdError
 
 TABLE_COLUMNS: tuple[str, ...] = ("metric", "comparison", "layer", "head", "episode", "query", "value")
@@ -35,24 +37,6 @@ _STR_COLUMNS = ("metric", "comparison")
 JSON_NAME = "results.json"
 PARQUET_NAME = "results.parquet"
 _PARQUET_META_KEY = b"iclgd_lens"
-
-
-def t_interval(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float, float, int]:
-    """Mean and two-sided t-interval of `values`, NaNs dropped: (mean, low, high, n).
-
-    With fewer than two values the interval is (nan, nan): one number says nothing of its spread.
-    """
-    x = np.asarray(values, dtype=float)
-    x = x[~np.isnan(x)]
-    n = int(x.size)
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0
-    mean = float(x.mean())
-    if n < 2:
-        return mean, math.nan, math.nan, n
-    sem = float(x.std(ddof=1)) / math.sqrt(n)
-    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * sem
-    return mean, mean - half, mean + half, n
 
 
 def _validated_table(table: Any) -> pd.DataFrame:
@@ -154,28 +138,61 @@ class Results:
         """The numbers of demonstrations in the table (empty when it has no `k` column)."""
         return sorted(self.table["k"].unique().tolist()) if "k" in self.table.columns else []
 
-    def summary(self, by: Sequence[str] = ("metric", "comparison", "layer", "head")) -> pd.DataFrame:
-        """Mean, 95% t-interval (`ci_low`, `ci_high`) and `n` of `value`, grouped by `by`.
-
-        Aggregates over episodes and queries (NaNs dropped). When the table has a `k` column
-        with several values, `k` is added to the grouping: numbers from different k are never
-        averaged together.
-        """
+    def _by_with_k(self, by: Sequence[str]) -> list[str]:
+        """`by` checked against the columns, with `k` added when the table holds several k."""
         by = list(by)
         unknown = [c for c in by if c not in self.table.columns]
         if unknown:
             raise IclgdError(f"cannot group by {', '.join(unknown)}; columns are {', '.join(self.table.columns)}")
         if len(self.k_values) > 1 and "k" not in by:
             by.append("k")
-        rows = []
-        for key, group in self.table.groupby(by, sort=True, dropna=False):
-            key = key if isinstance(key, tuple) else (key,)
-            mean, low, high, n = t_interval(group["value"].to_numpy())
-            rows.append((*key, mean, low, high, n))
-        return pd.DataFrame(rows, columns=[*by, "mean", "ci_low", "ci_high", "n"])
+        return by
+
+    def summary(self, by: Sequence[str] = ("metric", "comparison", "layer", "head"), *, p_values: bool = True) -> pd.DataFrame:
+        """Episode-level mean and 95% t-interval of `value` per group of `by`, with paired p-values.
+
+        Columns: [*by, mean, ci_low, ci_high, n_episodes, n] (see `stats.episode_summary`): within
+        a group each episode's values (its queries; NaNs dropped) are averaged first, `mean` is
+        the mean of the episode means and the interval a t-interval over them, since queries of
+        one episode share its demonstrations and GD deltas. `n` counts the values. One episode
+        -> NaN interval. When the table has a `k` column with several values, `k` is added to
+        the grouping: numbers from different k are never averaged together.
+
+        When `by` includes `comparison` and `p_values` is true, columns `p_vs_random`,
+        `p_vs_random_update`, `p_vs_untrained`, `p_vs_icl_perm` (`stats.p_column`) hold, on the
+        rows of the headline comparison `icl~gd`, the two-sided sign-flip p-value of icl~gd
+        against that baseline in the same group (`paired_tests`); NaN on every other row and
+        where the baseline is absent.
+        """
+        by = self._by_with_k(by)
+        summ = stats.episode_summary(self.table, by)
+        if not p_values or "comparison" not in by:
+            return summ
+        groups = [c for c in by if c != "comparison"]
+        wide = stats.p_value_columns(stats.paired_tests(self.table, groups), groups)
+        wide = wide.astype({c: summ[c].dtype for c in by})
+        out = summ.merge(wide, on=by, how="left")
+        p_cols = [c for c in wide.columns if c not in by]
+        return out.astype({c: float for c in p_cols})
+
+    def paired_tests(self, by: Sequence[str] = ("metric", "layer", "head"), *, headline: str = stats.HEADLINE,
+                     baselines: Sequence[str] | None = None) -> pd.DataFrame:
+        """The headline comparison (`icl~gd`) against each baseline present, paired by episode.
+
+        One row per group of `by` (plus `k` when the table sweeps k) and baseline: [*by,
+        comparison, baseline, diff_mean, diff_ci_low, diff_ci_high, p_value, n_episodes], where
+        diff = headline - baseline of the per-episode means, its 95% t-interval over episodes,
+        and the two-sided paired sign-flip permutation p-value (exact up to 16 episodes).
+        Baselines default to `stats.BASELINES`: icl~random, icl~random_update,
+        untrained:icl~gd, icl~icl_perm. See `stats.paired_tests` and docs/statistics.md.
+        """
+        by = self._by_with_k(by)
+        if "comparison" in by:
+            raise IclgdError("paired_tests pairs comparisons with each other: leave 'comparison' out of `by`")
+        return stats.paired_tests(self.table, by, headline=headline, baselines=baselines)
 
     def layer_curve(self, metric: str, comparison: str = "icl~gd") -> pd.DataFrame:
-        """Layer-level summary of one metric and comparison: layer, mean, ci_low, ci_high, n.
+        """Layer-level summary of one metric and comparison: layer, mean, ci_low, ci_high, n_episodes, n.
 
         Rows with `head == -1` (layer-level values) and `layer >= 0`, sorted by layer (and k).
         """
@@ -259,7 +276,7 @@ class Results:
         (accuracy, Rec2FTP, ...) are their mean over episodes.
         """
         out: dict[str, float] = {}
-        summ = self.summary(by=("metric", "comparison", "layer", "head"))
+        summ = self.summary(by=("metric", "comparison", "layer", "head"), p_values=False)
         if "k" in summ.columns:  # the largest k is the headline
             summ = summ[summ["k"] == summ["k"].max()]
         summ = summ[summ["head"] == -1]
@@ -280,7 +297,7 @@ class Results:
             f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{'n/a' if math.isnan(v) else f'{v:.3f}'}</td></tr>"
             for k, v in head.items()
         )
-        summ = self.summary(by=("metric", "comparison"))
+        summ = self.summary(by=("metric", "comparison"), p_values=False)
         pivot = summ.pivot_table(index="metric", columns="comparison", values="mean", aggfunc="mean")
         model, task = (_short_name(self.config.get(key, "?")) for key in ("model", "task"))
         title = html.escape(f"iclgd-lens Results: model={model}, task={task}, {len(self.table)} rows")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from iclgd_lens import metrics
+from iclgd_lens import stats
 from iclgd_lens.errors import IclgdError
 
 
@@ -63,12 +63,13 @@ def device_of(model) -> torch.device:
 
 def layer_mean(table: pd.DataFrame) -> pd.DataFrame:
     """Per-(model, task, k, metric, comparison) mean: layer-level metrics averaged over layers
-    first (head -1 rows), model-level ones (layer -1) over queries; with a 95% t-interval."""
+    first (head -1 rows), model-level ones (layer -1) as they are; then per episode (its
+    queries share the demonstrations), with a 95% t-interval over the episode means.
+
+    Columns: keys + [mean, ci_low, ci_high, n_episodes, n] (`stats.episode_summary`; `n`
+    counts the (episode, query) values).
+    """
     keys = [c for c in ("model", "task", "k", "metric", "comparison") if c in table.columns]
     rows = table[table["head"] == -1]
     per_query = rows.groupby(keys + ["episode", "query"], as_index=False)["value"].mean()
-    out = []
-    for key, group in per_query.groupby(keys):
-        mean, low, high, n = metrics.mean_ci(group["value"].to_numpy())
-        out.append((*key, mean, low, high, n))
-    return pd.DataFrame(out, columns=keys + ["mean", "ci_low", "ci_high", "n"])
+    return stats.episode_summary(per_query, keys)

@@ -124,6 +124,17 @@ def test_model_metrics_table(report):
         assert f"<td>{metric}</td>" in text
 
 
+def test_index_has_the_paired_tests_of_the_headline(report):
+    out, _ = report
+    text = (out / "index.html").read_text()
+    assert "Paired tests: icl~gd against its baselines" in text
+    assert "the smallest p attainable with 3 episodes is 0.25" in text
+    tests = make_results().paired_tests()
+    row = tests.query("metric == 'simaou' and layer == 2 and head == -1 and baseline == 'untrained:icl~gd'").iloc[0]
+    assert f"<td>{row.diff_mean:+.3f} (p={row.p_value:.3g})</td>" in text
+    assert "<th>vs untrained:icl~gd</th>" in text and "<th>vs icl~random_update</th>" in text
+
+
 def test_single_file_inlines_each_library_once(tmp_path):
     path = render_report(make_results(n_layers=2), tmp_path / "single", single_file=True, analyses={})
     assert path.name == "report.html"
@@ -218,6 +229,9 @@ def test_layer_curve_figure_matches_the_summary():
     np.testing.assert_allclose(lines["icl~random_update"].y, curve["mean"])
     bands = [t for t in fig.data if t.fill == "toself"]
     assert len(bands) == 4
+    band = [t for t in bands if t.legendgroup == "icl~random_update"][0]  # the episode-level interval
+    np.testing.assert_allclose(band.y, list(curve["ci_high"]) + list(curve["ci_low"])[::-1])
+    assert set(curve["n_episodes"]) == {3} and set(curve["n"]) == {15}
     assert figures.layer_curve_figure(results, "accuracy") is None  # model-level: no layer curve
 
 

@@ -11,7 +11,8 @@ import pytest
 from scipy import stats
 
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.results import TABLE_COLUMNS, Results, t_interval
+from iclgd_lens import stats as episode_stats
+from iclgd_lens.results import TABLE_COLUMNS, Results
 
 EVIL_TOKEN = "<script>alert(1)</script>"
 
@@ -108,17 +109,19 @@ def test_construction_does_not_change_the_callers_table():
 
 
 # ---- summary ------------------------------------------------------------------------------
-def test_summary_matches_a_t_interval_computed_by_hand():
+def test_summary_matches_an_episode_level_t_interval_computed_by_hand():
     results = make_results()
     t = results.table
-    values = t[(t.metric == "simaou") & (t.comparison == "icl~gd") & (t.layer == 2) & (t["head"] == -1)]["value"]
-    n = len(values)
-    half = stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)
+    rows = t[(t.metric == "simaou") & (t.comparison == "icl~gd") & (t.layer == 2) & (t["head"] == -1)]
+    means = rows.groupby("episode")["value"].mean()  # queries of one episode share its demonstrations
+    e = len(means)
+    half = stats.t.ppf(0.975, e - 1) * means.std(ddof=1) / math.sqrt(e)
     row = results.summary().query("metric == 'simaou' and comparison == 'icl~gd' and layer == 2 and head == -1")
-    assert len(row) == 1 and int(row["n"].iloc[0]) == n == 15
-    assert row["mean"].iloc[0] == pytest.approx(values.mean())
-    assert row["ci_low"].iloc[0] == pytest.approx(values.mean() - half)
-    assert row["ci_high"].iloc[0] == pytest.approx(values.mean() + half)
+    assert len(row) == 1 and int(row["n"].iloc[0]) == len(rows) == 15 and int(row["n_episodes"].iloc[0]) == e == 3
+    assert row["mean"].iloc[0] == pytest.approx(means.mean())
+    assert row["ci_low"].iloc[0] == pytest.approx(means.mean() - half)
+    assert row["ci_high"].iloc[0] == pytest.approx(means.mean() + half)
+    assert list(results.summary().columns[4:9]) == ["mean", "ci_low", "ci_high", "n_episodes", "n"]
 
 
 def test_summary_drops_nans_and_gives_no_interval_for_one_value():
@@ -128,10 +131,10 @@ def test_summary_drops_nans_and_gives_no_interval_for_one_value():
     idx = table.index[mask]
     table.loc[idx[1:], "value"] = np.nan  # leave one value
     summ = Results(table, {}, {}).summary().query("metric == 'simaou' and comparison == 'icl~gd' and layer == 0")
-    assert int(summ["n"].iloc[0]) == 1
+    assert int(summ["n"].iloc[0]) == 1 and int(summ["n_episodes"].iloc[0]) == 1
     assert summ["mean"].iloc[0] == pytest.approx(table.loc[idx[0], "value"])
     assert math.isnan(summ["ci_low"].iloc[0]) and math.isnan(summ["ci_high"].iloc[0])
-    assert t_interval([np.nan, np.nan])[3] == 0
+    assert episode_stats.t_interval([np.nan, np.nan])[3] == 0
 
 
 def test_summary_never_averages_across_k():

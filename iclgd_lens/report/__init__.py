@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
+from iclgd_lens import stats
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.report import figures
 from iclgd_lens.report.assets import script_tags, write_assets
@@ -36,6 +37,8 @@ __all__ = ["render_report", "figures"]
 INDEX = "index.html"
 SINGLE = "report.html"
 CONDITIONS = ("zsl", "icl", "gd")
+SIMILARITY_METRICS = ("simaou", "simaou_norm", "simam_delta", "kendall_token", "kendall_example", "dw_cos")
+"""The metrics whose icl~gd values the index tests against each baseline, per layer."""
 _PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 
 
@@ -105,14 +108,28 @@ def _index_body(
     sections.append(section(
         "Layer-wise similarities", curves or '<p class="note">(no layer-level metrics)</p>', "layers",
         "One trace per comparison: icl~gd is the headline, the others are baselines. Bands: 95% t-intervals "
-        "over episodes and queries.",
+        "over episodes (each episode's queries averaged first; see docs/statistics.md).",
     ))
+
+    tests = paired_tests_table(results)
+    if not tests.empty:
+        n = int(tests.attrs.get("n_episodes", 0))
+        floor = stats.min_p_value(n)
+        sections.append(section(
+            "Paired tests: icl~gd against its baselines",
+            table(tests) if len(tests) <= 40 else f"<details><summary>{len(tests)} rows</summary>{table(tests)}</details>",
+            "paired-tests",
+            f"Per layer: diff = mean over episodes of (icl~gd - baseline), p = two-sided paired sign-flip "
+            f"permutation test over the {n} episodes (exact up to {stats.EXACT_MAX_EPISODES}); the smallest p "
+            f"attainable with {n} episodes is {floor:.3g}. icl~icl_perm is a ceiling (ICL under another demo "
+            f"order), the others floors. Not corrected for the number of tests.",
+        ))
 
     wide = model_metrics_table(results)
     if not wide.empty:
         sections.append(section("Accuracy and output-distribution metrics", table(wide), "model-metrics",
                                 "Accuracy per condition, Rec2FTP, token overlap, overlap cosine, KL, JS: "
-                                "mean [95% t-interval] (n) over episodes and queries; n/a: no defined value."))
+                                "mean [95% t-interval over episode means] (episodes, values); n/a: no defined value."))
 
     if len(results.k_values) > 1:
         k_figs = "\n".join(figure_html(f) for m in results.metrics if (f := figures.k_curve_figure(results, m)))
@@ -165,7 +182,7 @@ def _layer_body(results: Results, layer: int) -> str:
     sections = []
     rows = t[(t["layer"] == layer) & (t["head"] == -1)]
     sections.append(section("Numbers", table(wide_summary(results, rows)), f"l{layer}-numbers",
-                            "mean [95% t-interval] (n) over episodes and queries, per metric and comparison."))
+                            "mean [95% t-interval over episode means] (episodes, values), per metric and comparison."))
 
     head_rows = t[(t["layer"] == layer) & (t["head"] >= 0)]
     heat = [figures.head_heatmap_figure(results, layer, c)
@@ -230,17 +247,17 @@ def model_metrics_table(results: Results) -> pd.DataFrame:
 
 def wide_summary(results: Results, rows: pd.DataFrame) -> pd.DataFrame:
     """`rows` of the table summarised as one row per metric (and k), one column per comparison,
-    cells "mean [ci_low, ci_high] (n)"."""
+    cells "mean [ci_low, ci_high] (n_episodes ep, n)" (episode-level intervals, `Results.summary`)."""
     if rows.empty:
         return pd.DataFrame()
     index = ["metric"] + (["k"] if len(results.k_values) > 1 else [])
-    summ = Results(rows, {}, {}).summary(by=index + ["comparison"])
+    summ = Results(rows, {}, {}).summary(by=index + ["comparison"], p_values=False)
 
     def cell(r) -> str:
         if r["n"] == 0:
             return "n/a"
         ci = "" if pd.isna(r["ci_low"]) else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-        return f"{r['mean']:.3f}{ci} ({int(r['n'])})"
+        return f"{r['mean']:.3f}{ci} ({int(r['n_episodes'])} ep, {int(r['n'])})"
 
     summ["cell"] = summ.apply(cell, axis=1)
     wide = summ.pivot(index=index, columns="comparison", values="cell")
@@ -249,6 +266,30 @@ def wide_summary(results: Results, rows: pd.DataFrame) -> pd.DataFrame:
     wide = wide.reset_index().sort_values(by=index, key=lambda c: c.map(order) if c.name == "metric" else c)
     wide.columns.name = None
     return wide.reset_index(drop=True)
+
+
+def paired_tests_table(results: Results, metrics: Sequence[str] = SIMILARITY_METRICS) -> pd.DataFrame:
+    """icl~gd against each baseline, per layer, for the similarity `metrics` (layer-level rows,
+    the largest k when the table sweeps k): one row per (metric, layer), one column per baseline
+    present, cells "diff (p=...)" from `stats.paired_tests`. `attrs["n_episodes"]`: the most
+    paired episodes of any test (what the smallest attainable p depends on)."""
+    t = results.table
+    rows = figures._max_k(results, t[t["metric"].isin(list(metrics)) & (t["layer"] >= 0) & (t["head"] == -1)])
+    tests = stats.paired_tests(rows, ["metric", "layer"])
+    if tests.empty:
+        return pd.DataFrame()
+    tests["cell"] = [f"{d:+.3f} (p={p:.3g})" for d, p in zip(tests["diff_mean"], tests["p_value"])]
+    wide = tests.pivot(index=["metric", "layer"], columns="baseline", values="cell")
+    wide = wide[[b for b in stats.BASELINES if b in wide.columns] + [b for b in wide.columns if b not in stats.BASELINES]]
+    wide = wide.rename(columns=lambda b: f"vs {b}").fillna("")
+    n = tests.groupby(["metric", "layer"])["n_episodes"].agg(["min", "max"])
+    wide.insert(0, "episodes", [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in zip(n["min"], n["max"])])
+    order = {m: i for i, m in enumerate(metrics)}
+    wide = wide.reset_index().sort_values(["metric", "layer"], key=lambda c: c.map(order) if c.name == "metric" else c)
+    wide.columns.name = None
+    wide = wide.reset_index(drop=True)
+    wide.attrs["n_episodes"] = int(tests["n_episodes"].max())
+    return wide
 
 
 def _write(results: Results, folder: Path, single_file: bool, analyses: Mapping[str, Callable],

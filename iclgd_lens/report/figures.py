@@ -42,7 +42,7 @@ def label(text: Any) -> str:
 
 
 def _band_traces(x: Sequence, mean: Sequence, low: Sequence, high: Sequence, name: str, i: int) -> list[go.Scatter]:
-    """A line with markers and a shaded 95% confidence band around it."""
+    """A line with markers and a shaded 95% confidence band around it (`low`, `high` as given)."""
     x, low, high = list(x), list(low), list(high)
     has_band = any(not (isinstance(v, float) and math.isnan(v)) for v in low)
     traces = []
@@ -82,12 +82,13 @@ def model_metrics(results: Results) -> list[str]:
 
 
 def layer_curve_figure(results: Results, metric: str) -> go.Figure | None:
-    """`metric` over layers, one trace per comparison (headline + baselines), 95% bands."""
+    """`metric` over layers, one trace per comparison (headline + baselines), 95% bands: the
+    episode-level t-intervals of `Results.summary` (over episode means, not pooled queries)."""
     t = results.table
     rows = _max_k(results, t[(t["metric"] == metric) & (t["layer"] >= 0) & (t["head"] == -1)])
     if rows.empty:
         return None
-    summ = Results(rows, {}, {}).summary(by=("comparison", "layer"))
+    summ = Results(rows, {}, {}).summary(by=("comparison", "layer"), p_values=False)  # episode-level bands
     fig = go.Figure()
     for i, comparison in enumerate(comparison_order(summ["comparison"].unique().tolist())):
         s = summ[summ["comparison"] == comparison].sort_values("layer")
@@ -110,7 +111,7 @@ def k_curve_figure(results: Results, metric: str) -> go.Figure | None:
     rows = t[(t["metric"] == metric) & (t["head"] == -1)]
     if rows.empty:
         return None
-    summ = Results(rows, {}, {}).summary(by=("comparison", "k"))
+    summ = Results(rows, {}, {}).summary(by=("comparison", "k"), p_values=False)
     fig = go.Figure()
     for i, comparison in enumerate(comparison_order(summ["comparison"].unique().tolist())):
         s = summ[summ["comparison"] == comparison].sort_values("k")
