@@ -5,7 +5,7 @@ The same comparison (`compare`: same task, episodes, GD setting, seed) runs on t
 by default the embedded `tiny-llama-icl` (ICL emerged from next-token pretraining on a bursty
 corpus) and `tiny-llama-iclobj` (trained with an explicit ICL objective). The tables are
 stacked with a `model` column. Differences are tested per metric (layer-level metrics
-averaged over layers per query; Welch's t-test over queries, scipy) and per layer for SimAOU.
+averaged over layers per query, then per episode; a paired sign-flip test over episodes) and per layer for SimAOU.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Sequence
 
 import pandas as pd
 import plotly.express as px
-from scipy import stats
 
 from iclgd_lens.study import as_bridge, layer_mean, model_name
 from iclgd_lens.comparison import compare, versions
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.gd import GDConfig
+from iclgd_lens.stats import paired_test
 from iclgd_lens.study import StudyResult
 from iclgd_lens.tasks import Task
 
@@ -46,7 +46,7 @@ def run(
 ) -> StudyResult:
     """Compare ICL with GD on each of two models (names or bridges) and test the differences.
 
-    Differences with Welch p < `alpha` are reported as such in the findings and the table
+    Differences with paired p < `alpha` are reported as such in the findings and the table
     `differences` rows (metric `diff:<metric>`, comparison as in the engine).
     """
     started = time.time()
@@ -86,8 +86,9 @@ def _per_query(table: pd.DataFrame, metric: str, comparison: str, layer: int | N
 
 
 def differences(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
-    """Per (metric, comparison[, layer]): mean of each model, difference (second - first),
-    Welch's t-test p-value over per-query values."""
+    """Per (metric, comparison[, layer]): mean of each model, difference (second - first), and
+    a paired sign-flip test over episodes (both models see the same episodes; the queries of
+    one episode are not independent, so each episode is one pair of per-episode means)."""
     a, b = names
     keys = [(m, c, None) for m, c in COMPARED]
     layers = sorted(table.loc[(table.metric == "simaou") & (table.layer >= 0), "layer"].unique())
@@ -97,13 +98,15 @@ def differences(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
         values = _per_query(table, metric, comparison, layer)
         if values.empty or a not in values.index.get_level_values(0) or b not in values.index.get_level_values(0):
             continue
-        va, vb = values.loc[a].dropna().to_numpy(), values.loc[b].dropna().to_numpy()
-        if len(va) < 2 or len(vb) < 2:
+        per_episode = values.groupby(level=["model", "episode"]).mean()  # NaNs dropped within an episode
+        ea, eb = per_episode.loc[a].dropna(), per_episode.loc[b].dropna()
+        if len(ea) < 2 or len(eb) < 2:
             continue
-        p = float(stats.ttest_ind(va, vb, equal_var=False).pvalue)
+        test = paired_test(eb, ea)  # paired by episode
         rows.append(dict(metric=metric, comparison=comparison, layer=-1 if layer is None else layer,
-                         mean_a=float(va.mean()), mean_b=float(vb.mean()), diff=float(vb.mean() - va.mean()), p_value=p))
-    return pd.DataFrame(rows, columns=["metric", "comparison", "layer", "mean_a", "mean_b", "diff", "p_value"])
+                         mean_a=float(ea.mean()), mean_b=float(eb.mean()), diff=test.diff_mean, p_value=test.p_value,
+                         n_episodes=test.n_episodes))
+    return pd.DataFrame(rows, columns=["metric", "comparison", "layer", "mean_a", "mean_b", "diff", "p_value", "n_episodes"])
 
 
 def figures(table: pd.DataFrame, diffs: pd.DataFrame) -> list:
@@ -124,7 +127,7 @@ def figures(table: pd.DataFrame, diffs: pd.DataFrame) -> list:
 
         shown = diffs.round(4)
         figs.append(go.Figure(go.Table(header=dict(values=list(shown.columns)), cells=dict(values=[shown[c] for c in shown.columns])),
-                              layout=dict(title="Differences between the models (Welch's t-test over queries)")))
+                              layout=dict(title="Differences between the models (paired sign-flip test over episodes)")))
     return figs
 
 

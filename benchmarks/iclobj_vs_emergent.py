@@ -4,7 +4,7 @@ and the sweep of GD's learning rate on the same episodes.
     python benchmarks/iclobj_vs_emergent.py [--threads 1]
 
 The study table: mean [95% CI] per model of each (metric, comparison) — layer-level metrics
-averaged over layers per query first (`study.layer_mean`) — and Welch's p from the study's own
+averaged over layers per query first (`study.layer_mean`) — and the paired p over episodes from the study's own
 `differences`. The sweep: per model and Dai-preset lr, GD accuracy, KL(gd, zsl) and SimAOU icl~gd.
 """
 
@@ -36,7 +36,7 @@ def study_table() -> None:
     means = layer_mean(result.table).set_index(["model", "metric", "comparison"])
     diffs = differences(result.table, names)
     p_values = {(r.metric, r.comparison): r.p_value for r in diffs[diffs.layer == -1].itertuples()}
-    print(f"| metric (comparison) | {names[0]} mean [95% CI] | {names[1]} mean [95% CI] | Welch p |")
+    print(f"| metric (comparison) | {names[0]} mean [95% CI] | {names[1]} mean [95% CI] | paired p (episodes) |")
     print("|---|---|---|---|")
     for metric, comparison in ROWS:
         cells = []

@@ -159,7 +159,7 @@ def test_gd_trajectories_grid_best_cell_and_divergence(icl_model, mapping_task):
 def test_iclobj_vs_emergent_same_model_twice_shows_no_difference(icl_model, mapping_task):
     from iclgd_lens.analyses.iclobj_vs_emergent import differences, run
 
-    kw = dict(k=2, n_episodes=1, n_queries=4, baselines=("random_update", "icl_perm"), progress=False)
+    kw = dict(k=2, n_episodes=2, n_queries=2, baselines=("random_update", "icl_perm"), progress=False)
     same = run([icl_model, icl_model], mapping_task, **kw)
     d = differences(same.table, same.config["models"])
     assert len(d) and (d["diff"].abs() < 1e-9).all()
