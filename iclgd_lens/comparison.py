@@ -394,7 +394,7 @@ def _same_width(*maps: torch.Tensor) -> list[torch.Tensor]:
     """Pad score maps [L, B, H, width] with NaN to a common width (prompts of a batch may hold
     queries of different lengths); nothing else is changed."""
     width = max(m.shape[-1] for m in maps)
-    return [F.pad(m.float(), (0, width - m.shape[-1]), value=float("nan")) for m in maps]
+    return [F.pad(m.to(torch.promote_types(m.dtype, torch.float32)), (0, width - m.shape[-1]), value=float("nan")) for m in maps]
 
 
 def _permuted(demos: tuple, seed: int) -> tuple:

@@ -98,3 +98,25 @@ def test_artifacts_for_the_report(results):
     assert len(layer0["pattern"][0]) == len(layer0["tokens"])
     assert len(art["dw"]["0"]["icl"]) == 2  # n_kv heads
     assert len(art["top_tokens"]) == 15
+
+
+def test_simam_delta_keeps_gd_changes_of_any_size():
+    """Small learning rates make GD's score changes tiny (~1e-6); they are real and must enter
+    SimAM-delta unchanged (an earlier version snapped entries within 1e-5 of the ZSL map onto
+    it). Synthetic maps in float64 against the published definition computed with numpy."""
+    from iclgd_lens.comparison import episode_table
+    from iclgd_lens.record import Recording
+
+    gen = torch.Generator().manual_seed(0)
+    L, B, H, W, V = 3, 2, 2, 4, 12
+    m_zsl = torch.randn(L, B, H, W, generator=gen, dtype=torch.float64)
+    m_icl = m_zsl + torch.randn(L, B, H, W, generator=gen, dtype=torch.float64)
+    d_gd = 1e-6 * torch.randn(L, B, H, W, generator=gen, dtype=torch.float64)  # a tiny but real GD update
+    logits = torch.randn(B, V, generator=gen)
+    rec = {name: Recording(name, {"scores": m}, logits) for name, m in (("zsl", m_zsl), ("icl", m_icl), ("gd", m_zsl + d_gd))}
+    table = episode_table(rec, torch.tensor([0, 1]), [2, 3], episode=0, chosen=(), seed=0, rotary=False)
+    got = table[(table.metric == "simam_delta") & (table["head"] >= 0)].sort_values(["layer", "query", "head"])["value"].to_numpy()
+    a, b = (m_icl - m_zsl).numpy(), d_gd.numpy()
+    expected = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))  # [L, B, H]
+    np.testing.assert_allclose(got, expected.reshape(-1), atol=1e-6)
+    assert np.abs(expected).max() > 0.1  # the check is not vacuous

@@ -34,7 +34,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64,  # for reference runs: the rounding-free twin of fp32
+    "float64": torch.float64, "fp64": torch.float64,  # reference runs (HF keeps RMSNorm, softmax, RoPE angles in fp32)
 }
 """Accepted dtype spellings. Quantized (int8/int4) models are not supported: GD needs real weights."""
 
