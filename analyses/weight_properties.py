@@ -44,7 +44,7 @@ QUESTION = (
     "Are the loaded model's W_Q, W_K, W_V as sparse, and its W_K^T W_Q as close to a scaled identity, "
     "as the von Oswald construction that makes attention a GD step requires?"
 )
-# Shen et al. 2024 on LLaMa-7B / GPT-J (SCIENCE.md section 5)
+# Shen et al. 2024 on LLaMa-7B / GPT-J (docs/science.md, section 4)
 SHEN_MODEL_MAX_NEAR_ZERO = 0.60
 SHEN_CONSTRUCTION_NEAR_ZERO = {"W_Q": 0.9999, "W_K": 0.9999, "W_V": 0.75}
 _PROJ = re.compile(r"layers\.(\d+)\.self_attn\.([qkv])_proj\.weight$")

@@ -32,7 +32,8 @@ def study_table() -> None:
     start = time.time()
     result = run(progress=False)
     names = result.config["models"]
-    print(f"study: {names[0]} vs {names[1]}, {time.time() - start:.1f}s\n")
+    n_ep = result.table.groupby("model").episode.nunique().min()
+    print(f"study: {names[0]} vs {names[1]}, {time.time() - start:.1f}s; {n_ep} episodes per model; intervals over episode means\n")
     means = layer_mean(result.table).set_index(["model", "metric", "comparison"])
     diffs = differences(result.table, names)
     p_values = {(r.metric, r.comparison): r.p_value for r in diffs[diffs.layer == -1].itertuples()}

@@ -1,6 +1,6 @@
 """In-context vs in-weight learning on synthetic data (Chan et al. 2022, 2024): the generator and the gated model.
 
-Library code for the study `iclgd_lens.analyses.icl_vs_iwl` (SCIENCE.md section 6).
+Library code for the study `iclgd_lens.analyses.icl_vs_iwl` (docs/science.md, section 6).
 
 **Generator.** `n_classes` classes with centres on the unit sphere in `dim` (64) dimensions.
 Classes `0 .. n_high-1` form the high-frequency group (total probability `p_high`, uniform inside
@@ -43,7 +43,7 @@ GATE_INPUTS = ("query", "query_context")
 
 @dataclass(frozen=True)
 class ChanSetting:
-    """The knobs of the synthetic generator (SCIENCE.md section 6)."""
+    """The knobs of the synthetic generator (docs/science.md, section 6)."""
 
     n_classes: int = 100
     n_high: int = 10  # classes in the high-frequency group

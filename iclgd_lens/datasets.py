@@ -60,7 +60,7 @@ PAPER_FORMATS: dict[str, PaperFormat] = {
     ),
 }
 """Paper tasks by name. Templates and label words of SST-2/SST-5/MR/Subj/AGNews/CB follow
-SCIENCE.md section 3 (Dai et al.); the AGNews template and the CB/RTE pair formats are our
+docs/science.md, section 3 (Dai et al.); the AGNews template and the CB/RTE pair formats are our
 choice in the same style. CB labels: 0 entailment, 1 contradiction, 2 neutral; RTE: 0
 entailment, 1 not_entailment. SST-2, CB and RTE use the labelled validation split as test."""
 

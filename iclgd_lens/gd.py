@@ -14,7 +14,7 @@ while that is cheaper than dense, so no dense gradient is ever built (see `Delta
     with bridge.hooks(fwd_hooks=delta_hooks(deltas, row_episode)):   # the GD condition
         logits = bridge(input_ids, attention_mask=attention_mask)
 
-Settings follow the papers (SCIENCE.md section 3): Dai et al. (K/V of every layer, SGD, one
+Settings follow the papers (docs/science.md, section 3): Dai et al. (K/V of every layer, SGD, one
 epoch, batch 1, causal-LM loss on every demonstration token), Shen et al. (label-token loss,
 whole model or W_V of one layer), Deutch et al. (layer-causal GD). See docs/gd.md.
 """

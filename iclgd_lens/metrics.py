@@ -235,7 +235,7 @@ def rec2ftp(zsl_correct: Tensor, icl_correct: Tensor, gd_correct: Tensor) -> flo
     """Rec2FTP (Dai) = 100 * |ZSL wrong, GD right, ICL right| / |ZSL wrong, GD right|.
 
     Bool [n] each. NaN when no query is wrong zero-shot and right after GD (never the
-    |GD right - ICL right| denominator of SCIENCE.md pitfall 6).
+    |GD right - ICL right| denominator of docs/science.md, pitfall 6).
     """
     zsl, icl, gd = (torch.as_tensor(t).to(torch.bool).flatten() for t in (zsl_correct, icl_correct, gd_correct))
     if not (zsl.shape == icl.shape == gd.shape):

@@ -1,7 +1,7 @@
 """The von Oswald et al. (2023) ground truth: one linear self-attention layer that *is* a GD step.
 
 A model where ICL equals GD exactly, so every comparison in iclgd-lens can be checked against
-a case whose answer is known (SCIENCE.md section 5). Tokens are e_j = (x_j, y_j) for the N
+a case whose answer is known (docs/science.md, section 5). Tokens are e_j = (x_j, y_j) for the N
 context pairs and e_{N+1} = (x_test, 0) for the query. One layer
 
     e_j <- e_j + P W_V (sum_i e_i e_i^T) W_K^T W_Q e_j        (keys and values: context only)

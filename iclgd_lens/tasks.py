@@ -14,7 +14,7 @@ Prompt layout (Dai et al. 2023):
     query  = template.format(text=x)            (the label word is what is predicted)
 
 The read position is the last token of the query: the token whose next-token distribution
-predicts the label (SCIENCE.md pitfall 1). `Task.read_offset` moves it (e.g. -1 = one token
+predicts the label (docs/science.md, pitfall 1). `Task.read_offset` moves it (e.g. -1 = one token
 earlier) for users who want another position.
 """
 
@@ -171,7 +171,7 @@ def encode_prompts(
     An empty demo set gives the ZSL prompt. Token-to-segment assignment uses the fast
     tokenizer's offset mapping, so it holds for SentencePiece and word-level tokenizers alike.
     Raises IclgdError if a prompt is longer than `max_length` (the caller truncates
-    demonstrations on purpose, the same way for ICL and GD: SCIENCE.md pitfall 4).
+    demonstrations on purpose, the same way for ICL and GD: docs/science.md, pitfall 4).
     """
     if not (len(demo_sets) == len(queries) == len(label_words)):
         raise ValueError("demo_sets, queries and label_words must have one entry per prompt")

@@ -11,7 +11,7 @@ an fp32 deep copy stores W + dW rounded to fp32, which alone moves dW by up to 6
 is float64 except where HF itself computes in float32 whatever the model's dtype: RMSNorm's
 normalisation, the eager attention softmax and RoPE's angles (~1e-7 relative).
 
-Definitions (docs/metrics.md, ../shared/SCIENCE.md, and the metric fixes being landed):
+Definitions (docs/metrics.md, docs/science.md, and the metric fixes being landed):
 
     ZSL  = the query alone;  ICL = demonstrations + query;  GD = the ZSL prompt on a deep copy
     of the model fine-tuned on the episode's demonstrations (SGD, momentum 0, batch 1, one
