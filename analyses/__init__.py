@@ -27,7 +27,7 @@ from iclgd_lens.errors import IclgdError
 from iclgd_lens.userfiles import import_python_file
 
 if TYPE_CHECKING:
-    from iclgd_lens.results import Results
+    from iclgd_lens.engine.results import Results
 
 AnalysisFn = Callable[["Results"], list[Any]]
 ENTRY_POINT_GROUP = "iclgd_lens.analyses"

@@ -25,9 +25,9 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from iclgd_lens.study import as_bridge, as_ints, layer_mean, model_name
-from iclgd_lens.comparison import compare, versions
+from iclgd_lens.engine.compare import compare, versions
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.gd import PARAM_SETS, GDConfig
+from iclgd_lens.engine.gd import PARAM_SETS, GDConfig
 from iclgd_lens.study import StudyResult
 from iclgd_lens.tasks import Task
 
@@ -82,7 +82,7 @@ def run(
     if target not in TRACKED:
         raise IclgdError(f"target must be one of {', '.join(TRACKED)}, got {target!r}")
     if task is None:
-        from iclgd_lens.corpus import default_task
+        from iclgd_lens.tasks.mapping import default_task
 
         task = default_task(seed=seed)
     cells = [(lr, p, e) for p in param_list for lr in lr_list for e in epoch_list]

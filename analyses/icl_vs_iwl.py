@@ -1,6 +1,6 @@
 """Study: in-context vs in-weight learning on synthetic data (Chan et al. 2022, 2024), part (a).
 
-Trains the gated model f = a g + (1 - a) h of `iclgd_lens.chan` on fixed data sets of N
+Trains the gated model f = a g + (1 - a) h of `iclgd_lens.worlds.chan` on fixed data sets of N
 sequences for a sweep of N, and measures, per class-frequency group (high / low), the error of
 f, of the in-weight predictor g alone, of the in-context predictor h alone, and the mean gate
 a(x) (1 = all in-weight, 0 = all in-context), on three evaluations:
@@ -24,7 +24,7 @@ import pandas as pd
 import plotly.express as px
 import torch
 
-from iclgd_lens import chan
+from iclgd_lens.worlds import chan
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.study import StudyResult
 

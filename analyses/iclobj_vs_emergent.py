@@ -17,10 +17,10 @@ import pandas as pd
 import plotly.express as px
 
 from iclgd_lens.study import as_bridge, layer_mean, model_name
-from iclgd_lens.comparison import compare, versions
+from iclgd_lens.engine.compare import compare, versions
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.gd import GDConfig
-from iclgd_lens.stats import paired_test
+from iclgd_lens.engine.gd import GDConfig
+from iclgd_lens.engine.stats import paired_test
 from iclgd_lens.study import StudyResult
 from iclgd_lens.tasks import Task
 
@@ -59,7 +59,7 @@ def run(
     if names[0] == names[1]:
         names = [f"{names[0]} (1)", f"{names[1]} (2)"]
     if task is None:
-        from iclgd_lens.corpus import default_task
+        from iclgd_lens.tasks.mapping import default_task
 
         task = default_task(seed=seed)
     frames = []

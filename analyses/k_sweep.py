@@ -24,11 +24,11 @@ import plotly.express as px
 import torch
 from tqdm.auto import tqdm
 
-from iclgd_lens import metrics
-from iclgd_lens.comparison import compare, gd_for_task, versions
+from iclgd_lens.engine import metrics
+from iclgd_lens.engine.compare import compare, gd_for_task, versions
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.gd import GDConfig, delta_hooks, train_deltas
-from iclgd_lens.record import Recorder
+from iclgd_lens.engine.gd import GDConfig, delta_hooks, train_deltas
+from iclgd_lens.engine.record import Recorder
 from iclgd_lens.study import StudyResult, as_bridge, as_ints, device_of, layer_mean, model_name
 from iclgd_lens.tasks import Task, encode_prompts, label_token_ids
 
@@ -63,7 +63,7 @@ def run(
         raise IclgdError(f"ks must be one or more integers >= 1, got {ks + extra}")
     models = [as_bridge(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
     if task is None:
-        from iclgd_lens.corpus import default_task
+        from iclgd_lens.tasks.mapping import default_task
 
         task = default_task(seed=seed)
     tasks = list(task) if isinstance(task, (list, tuple)) else [task]

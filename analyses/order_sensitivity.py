@@ -34,12 +34,12 @@ import pandas as pd
 import plotly.express as px
 import torch
 
-from iclgd_lens import metrics, stats
+from iclgd_lens.engine import metrics, stats
 from iclgd_lens.study import as_bridge, as_ints, device_of, model_name
-from iclgd_lens.comparison import gd_for_task, versions
+from iclgd_lens.engine.compare import gd_for_task, versions
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.gd import GDConfig, delta_hooks, demo_order, train_deltas
-from iclgd_lens.record import Recorder, Recording
+from iclgd_lens.engine.gd import GDConfig, delta_hooks, demo_order, train_deltas
+from iclgd_lens.engine.record import Recorder, Recording
 from iclgd_lens.study import StudyResult
 from iclgd_lens.tasks import Episode, Task, encode_prompts
 
@@ -69,7 +69,7 @@ def run(
     started = time.time()
     bridge = as_bridge(model)
     if task is None:
-        from iclgd_lens.corpus import default_task
+        from iclgd_lens.tasks.mapping import default_task
 
         task = default_task(seed=seed)
     if k < 2:

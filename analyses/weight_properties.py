@@ -1,6 +1,6 @@
 """Study: do a model's attention weights look like the von Oswald GD construction? (Shen et al. 2024)
 
-For the hand-built weights of `iclgd_lens.oswald.hand_built_weights` (at the paper's size and at the
+For the hand-built weights of `iclgd_lens.worlds.oswald.hand_built_weights` (at the paper's size and at the
 loaded model's width), for Gaussian matrices of the model's shapes, and for every layer of a loaded
 LLaMA, it measures:
 
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.oswald import hand_built_weights
+from iclgd_lens.worlds.oswald import hand_built_weights
 from iclgd_lens.study import StudyResult
 
 THRESHOLDS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)

@@ -8,7 +8,7 @@ Speed: the same episodes go through `compare(model, task, gd=GDConfig.dai(lr), b
 artifacts=False, probes=["attn_out", "head_out", "scores"])` and through
 `reference_protocol.reference_compare` (deepcopy + torch.optim.SGD per demo set, one
 `run_with_cache` per query and condition). Both produce the same tidy rows from the same
-`iclgd_lens.metrics` functions; the script checks they agree (max difference of the per-layer
+`iclgd_lens.engine.metrics` functions; the script checks they agree (max difference of the per-layer
 mean SimAOU, and of every shared row) and reports throughput in queries per second (every
 query of every episode, GD fine-tuning included). Repetitions alternate engine and reference,
 so a load from other processes affects both sides alike; the medians are reported.
@@ -46,15 +46,15 @@ from transformers import LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_protocol import reference_compare  # noqa: E402
 
-from iclgd_lens.comparison import compare  # noqa: E402
-from iclgd_lens.corpus import CATEGORIES, SEPARATOR, TEMPLATE  # noqa: E402
-from iclgd_lens.gd import GDConfig  # noqa: E402
+from iclgd_lens.engine.compare import compare  # noqa: E402
+from iclgd_lens.tasks.mapping import CATEGORIES, SEPARATOR, TEMPLATE  # noqa: E402
+from iclgd_lens.engine.gd import GDConfig  # noqa: E402
 from iclgd_lens.hooks import DEFAULT_PROBES  # noqa: E402
 from iclgd_lens.models import load_model  # noqa: E402
-from iclgd_lens.record import Recorder, Recording  # noqa: E402
+from iclgd_lens.engine.record import Recorder, Recording  # noqa: E402
 from iclgd_lens.tasks import Example, Task, encode_prompts  # noqa: E402
-from iclgd_lens.tokenizer import build_tokenizer  # noqa: E402
-from iclgd_lens.training import TrainConfig, model_config  # noqa: E402
+from iclgd_lens.models.making.tokenizer import build_tokenizer  # noqa: E402
+from iclgd_lens.models.making.training import TrainConfig, model_config  # noqa: E402
 
 BENCH_PROBES = ["attn_out", "head_out", "scores"]
 """The probes both sides compute (SimAOU raw/normalised per layer and head, SimAM)."""

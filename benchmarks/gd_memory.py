@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import typer
 
-from iclgd_lens.gd import LOW_RANK_LIMIT
+from iclgd_lens.engine.gd import LOW_RANK_LIMIT
 
 # LLaMA-7B (huggyllama/llama-7b, meta-llama/Llama-2-7b-hf): no GQA, untied unembedding
 D_MODEL, N_LAYERS, D_MLP, VOCAB = 4096, 32, 11008, 32000

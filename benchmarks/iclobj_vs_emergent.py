@@ -16,9 +16,9 @@ import torch
 import typer
 
 from iclgd_lens.analyses.iclobj_vs_emergent import DEFAULT_MODELS, differences, run
-from iclgd_lens.comparison import compare
-from iclgd_lens.corpus import default_task
-from iclgd_lens.gd import GDConfig
+from iclgd_lens.engine.compare import compare
+from iclgd_lens.tasks.mapping import default_task
+from iclgd_lens.engine.gd import GDConfig
 from iclgd_lens.study import as_bridge, layer_mean
 
 ROWS = (("accuracy", "zsl"), ("accuracy", "icl"), ("accuracy", "gd"), ("simaou", "icl~gd"), ("simaou", "icl~random_update"),

@@ -22,10 +22,10 @@ import torch
 import typer
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from iclgd_lens.corpus import World, default_task
-from iclgd_lens.evaluation import kshot_accuracy
-from iclgd_lens.tokenizer import build_tokenizer
-from iclgd_lens.training import make_batch
+from iclgd_lens.tasks.mapping import World, default_task
+from iclgd_lens.models.making.evaluation import kshot_accuracy
+from iclgd_lens.models.making.tokenizer import build_tokenizer
+from iclgd_lens.models.making.training import make_batch
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "iclgd_lens" / "models"
 MODEL_NAMES = ("tiny-llama-icl", "tiny-llama-iclobj")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import typer
 
-from iclgd_lens.oswald import (
+from iclgd_lens.worlds.oswald import (
     LinearSelfAttention,
     best_gd_lr,
     gd_step,

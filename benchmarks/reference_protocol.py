@@ -6,7 +6,7 @@ set, copy the model (`copy.deepcopy`), fine-tune its K and V projections with
 run the full `run_with_cache` for ZSL, ICL and GD and compute the metrics from those caches.
 No batching, no shared prefix, every activation of every layer cached.
 
-The metrics are the same functions the engine uses (`iclgd_lens.metrics`) and the rows have
+The metrics are the same functions the engine uses (`iclgd_lens.engine.metrics`) and the rows have
 the engine's tidy layout (metric, comparison, layer, head, episode, query, value), so the two
 tables can be merged and compared number by number:
 
@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from iclgd_lens import metrics
+from iclgd_lens.engine import metrics
 from iclgd_lens.tasks import QUERY_SEGMENT, Episode, Task, encode_prompts, label_token_ids
 
 COLUMNS = ["metric", "comparison", "layer", "head", "episode", "query", "value"]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from iclgd_lens import load_model
-from iclgd_lens.corpus import default_task
-from iclgd_lens.record import Recorder
+from iclgd_lens.tasks.mapping import default_task
+from iclgd_lens.engine.record import Recorder
 from iclgd_lens.tasks import encode_prompts
 
 

@@ -14,7 +14,7 @@ embedded models, on one CPU thread, and its table summarised the way the page sh
 Each section prints the study's run time, its `findings` exactly as the study writes them, and
 markdown tables computed from `StudyResult.table` with the studies' own summary functions.
 Means of layer-level metrics are taken over layers first, then per episode; intervals are 95%
-t-intervals over the episode means (`iclgd_lens.study.layer_mean`, `iclgd_lens.stats`): the
+t-intervals over the episode means (`iclgd_lens.study.layer_mean`, `iclgd_lens.engine.stats`): the
 queries of one episode share its demonstrations and are not independent samples.
 """
 
@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 import typer
 
-from iclgd_lens import stats
+from iclgd_lens.engine import stats
 from iclgd_lens.study import layer_mean
 
 REPO = Path(__file__).resolve().parents[1]

@@ -138,7 +138,7 @@ def load_user_files(hooks: Sequence[Path] = (), analyses: Sequence[Path] = ()) -
 
 
 def _gd_presets() -> tuple[str, ...]:
-    from iclgd_lens.gd import PRESETS
+    from iclgd_lens.engine.gd import PRESETS
 
     return PRESETS
 
@@ -147,7 +147,7 @@ def _load_task(task: Optional[str], seed: int):
     """None -> the default task of the embedded models (compare's default); else a paper task or data file."""
     if task is None or task == "default":
         return None
-    from iclgd_lens.datasets import load_task
+    from iclgd_lens.tasks.formats import load_task
 
     return load_task(task, seed=seed)
 
@@ -157,7 +157,7 @@ def combine_results(parts: Sequence[Any]):
     artifacts of the largest k."""
     import pandas as pd
 
-    from iclgd_lens.results import Results
+    from iclgd_lens.engine.results import Results
 
     if len(parts) == 1:
         return parts[0]
@@ -201,7 +201,7 @@ def report(
 
     from tqdm.auto import tqdm
 
-    from iclgd_lens.comparison import compare, gd_for_task
+    from iclgd_lens.engine.compare import compare, gd_for_task
     from iclgd_lens.models import load_model
     from iclgd_lens.report import render_report
 
@@ -229,7 +229,7 @@ def render(
 ) -> None:
     """Write the report for saved results (no model needed)."""
     from iclgd_lens.report import render_report
-    from iclgd_lens.results import Results
+    from iclgd_lens.engine.results import Results
 
     load_user_files((), analyses)
     loaded = Results.load(results)
@@ -254,7 +254,7 @@ def study(
 
     from iclgd_lens.analyses import load_study
     from iclgd_lens.report import render_report
-    from iclgd_lens.results import TABLE_COLUMNS, Results
+    from iclgd_lens.engine.results import TABLE_COLUMNS, Results
 
     run = load_study(name)
     set_threads(threads)
@@ -303,7 +303,7 @@ def list_things() -> None:
         show("models", [DEFAULT_MODEL])
     tasks = ["default (the embedded models' mapping task)"]
     try:
-        from iclgd_lens.datasets import PAPER_FORMATS
+        from iclgd_lens.tasks.formats import PAPER_FORMATS
 
         tasks += list(PAPER_FORMATS)
     except ImportError:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from iclgd_lens import stats
+from iclgd_lens.engine import stats
 from iclgd_lens.errors import IclgdError
 
 

@@ -5,7 +5,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from iclgd_lens.baselines import random_update_like, random_vector_like, untrained_copy
+from iclgd_lens.engine.baselines import random_update_like, random_vector_like, untrained_copy
 from iclgd_lens.errors import IclgdError
 
 torch.set_num_threads(1)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import engine  # noqa: E402
 from reference_protocol import finetune_kv  # noqa: E402
 
-from iclgd_lens.gd import GDConfig, train_deltas  # noqa: E402
+from iclgd_lens.engine.gd import GDConfig, train_deltas  # noqa: E402
 
 torch.set_num_threads(1)
 

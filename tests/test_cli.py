@@ -142,7 +142,7 @@ def test_report_end_to_end_on_a_tiny_model_folder(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from iclgd_lens.tokenizer import build_tokenizer
+    from iclgd_lens.models.making.tokenizer import build_tokenizer
 
     torch.set_num_threads(1)
     tok = build_tokenizer()
@@ -155,7 +155,7 @@ def test_report_end_to_end_on_a_tiny_model_folder(tmp_path):
     result = run("report", "--model", tmp_path / "model", "--k", "1,2", "--episodes", "2", "--queries", "2",
                  "--out", tmp_path / "rep", "--no-progress", "--threads", "1")
     assert result.exit_code == 0, result.output
-    loaded = __import__("iclgd_lens.results", fromlist=["Results"]).Results.load(tmp_path / "rep")
+    loaded = __import__("iclgd_lens.engine.results", fromlist=["Results"]).Results.load(tmp_path / "rep")
     assert sorted(loaded.table["k"].unique()) == [1, 2]
     assert "Metrics as a function of k" in (tmp_path / "rep" / "index.html").read_text()
     assert (tmp_path / "rep" / "layer_01.html").is_file()

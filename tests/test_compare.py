@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from iclgd_lens.comparison import compare
+from iclgd_lens.engine.compare import compare
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.gd import GDConfig
+from iclgd_lens.engine.gd import GDConfig
 from tiny import tiny_bridge, tiny_task, tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -50,7 +50,7 @@ def test_model_unchanged_also_when_gd_diverges(bridge, monkeypatch):
     compare(bridge, tiny_task(), gd=GDConfig.dai(lr=0.05), baselines=False, **SMALL)
     assert all(torch.equal(before[k], v) for k, v in bridge.state_dict().items())
     # fp32 RMSNorm saturates instead of overflowing, so make the second SGD step blow up
-    import iclgd_lens.gd as gd
+    import iclgd_lens.engine.gd as gd
 
     real_update = gd._update_
 
@@ -104,8 +104,8 @@ def test_simam_delta_keeps_gd_changes_of_any_size():
     """Small learning rates make GD's score changes tiny (~1e-6); they are real and must enter
     SimAM-delta unchanged (an earlier version snapped entries within 1e-5 of the ZSL map onto
     it). Synthetic maps in float64 against the published definition computed with numpy."""
-    from iclgd_lens.comparison import episode_table
-    from iclgd_lens.record import Recording
+    from iclgd_lens.engine.compare import episode_table
+    from iclgd_lens.engine.record import Recording
 
     gen = torch.Generator().manual_seed(0)
     L, B, H, W, V = 3, 2, 2, 4, 12

@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from iclgd_lens.datasets import PAPER_FORMATS, check_label_words, format_name, load_task
+from iclgd_lens.tasks.formats import PAPER_FORMATS, check_label_words, format_name, load_task
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.tasks import Example, Task, encode_prompts, label_token_ids
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from iclgd_lens.cli import app
 from iclgd_lens.hooks import PROBES
-from iclgd_lens.results import Results
+from iclgd_lens.engine.results import Results
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
@@ -17,7 +17,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 def _tiny_model_folder(folder: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from iclgd_lens.tokenizer import build_tokenizer
+    from iclgd_lens.models.making.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(0)

@@ -14,9 +14,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformer_lens.model_bridge import TransformerBridge
 
-import iclgd_lens.gd as gd
+import iclgd_lens.engine.gd as gd
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.gd import Deltas, GDConfig, delta_hooks, demo_order, projection_paths, train_deltas
+from iclgd_lens.engine.gd import Deltas, GDConfig, delta_hooks, demo_order, projection_paths, train_deltas
 from iclgd_lens.tasks import Episode, Example, Task
 
 torch.set_num_threads(1)
@@ -431,7 +431,7 @@ def test_preset_object_and_preset_name_train_with_the_same_learning_rate():
     """The README's `compare(model, gd=GDConfig.dai())` must mean `gd="dai"`: the task's lr."""
     from dataclasses import replace
 
-    from iclgd_lens.gd import DEFAULT_LR
+    from iclgd_lens.engine.gd import DEFAULT_LR
 
     task = replace(TASK, gd_lr=0.07)
     for name, make in (("dai", GDConfig.dai), ("deutch", GDConfig.deutch), ("shen", GDConfig.shen)):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from iclgd_lens import chan
+from iclgd_lens.worlds import chan
 from iclgd_lens.analyses import icl_vs_iwl
 from iclgd_lens.errors import IclgdError
 

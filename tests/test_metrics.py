@@ -9,7 +9,7 @@ import scipy.spatial.distance
 import scipy.stats
 import torch
 
-from iclgd_lens import metrics
+from iclgd_lens.engine import metrics
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.tasks import OTHER_SEGMENT, QUERY_SEGMENT
 
@@ -254,7 +254,7 @@ def test_implicit_dw_and_dual_form_with_mask_and_gqa():
 def test_batched_kendall_tau_b_equals_scipy_with_ties():
     import scipy.stats
 
-    from iclgd_lens.metrics import kendall_tau_b
+    from iclgd_lens.engine.metrics import kendall_tau_b
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randint(0, 5, (3, 4, 9), generator=gen).float()  # many ties

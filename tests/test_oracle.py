@@ -36,10 +36,10 @@ import torch
 
 import oracle_hf as O
 from iclgd_lens import compare, load_model
-from iclgd_lens.baselines import untrained_copy
-from iclgd_lens.corpus import default_task
-from iclgd_lens.gd import GDConfig, delta_hooks, train_deltas
-from iclgd_lens.record import Recorder
+from iclgd_lens.engine.baselines import untrained_copy
+from iclgd_lens.tasks.mapping import default_task
+from iclgd_lens.engine.gd import GDConfig, delta_hooks, train_deltas
+from iclgd_lens.engine.record import Recorder
 from iclgd_lens.tasks import Example, Task, encode_prompts
 
 torch.set_num_threads(1)

@@ -4,9 +4,9 @@ metrics and hook API of iclgd-lens see it as such."""
 import pytest
 import torch
 
-from iclgd_lens import metrics
+from iclgd_lens.engine import metrics
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.oswald import (
+from iclgd_lens.worlds.oswald import (
     LinearSelfAttention,
     best_gd_lr,
     build_tokens,
@@ -171,7 +171,7 @@ def test_bad_input_raises_one_line_errors():
 def test_recorder_reads_the_construction_exactly():
     """The engine's own recording path (Recorder + the built-in attn_out probe) on the hand-built
     layer: the recorded ICL update equals one GD step's update, SimAOU = 1 within 1e-5."""
-    from iclgd_lens.record import Recorder
+    from iclgd_lens.engine.record import Recorder
     from iclgd_lens.tasks import QUERY_SEGMENT, EncodedPrompts
 
     d_x, d_y, n, lr = 6, 4, 10, 2.0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from iclgd_lens.hooks.scores import query_token_slots
-from iclgd_lens.record import Recorder, split_shared_prefix
+from iclgd_lens.engine.record import Recorder, split_shared_prefix
 from iclgd_lens.tasks import encode_prompts
 from tiny import tiny_bridge, tiny_hf_model, tiny_task, tiny_tokenizer
 

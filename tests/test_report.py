@@ -16,7 +16,7 @@ from iclgd_lens.errors import IclgdError
 from iclgd_lens.report import figures, render_report
 from iclgd_lens.report.assets import plotly_js
 from iclgd_lens.report.attention import attention_patterns_html
-from iclgd_lens.results import Results
+from iclgd_lens.engine.results import Results
 from iclgd_lens.study import StudyResult
 from test_results import EVIL_TOKEN, make_results
 

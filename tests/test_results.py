@@ -1,4 +1,4 @@
-"""Tests of iclgd_lens.results.Results, and `make_results`, the synthetic Results other tests use."""
+"""Tests of iclgd_lens.engine.results.Results, and `make_results`, the synthetic Results other tests use."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from scipy import stats
 
 from iclgd_lens.errors import IclgdError
-from iclgd_lens import stats as episode_stats
-from iclgd_lens.results import TABLE_COLUMNS, Results
+from iclgd_lens.engine import stats as episode_stats
+from iclgd_lens.engine.results import TABLE_COLUMNS, Results
 
 EVIL_TOKEN = "<script>alert(1)</script>"
 

@@ -1,4 +1,4 @@
-"""Tests of iclgd_lens.stats (episode-level intervals, the paired sign-flip test) and of the
+"""Tests of iclgd_lens.engine.stats (episode-level intervals, the paired sign-flip test) and of the
 Results methods built on it, against scipy and against numbers computed by hand."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from scipy import stats as sp
 
-from iclgd_lens import stats
+from iclgd_lens.engine import stats
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.results import Results
+from iclgd_lens.engine.results import Results
 
 
 def scipy_sign_flip(diffs) -> float:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.gd import GDConfig
+from iclgd_lens.engine.gd import GDConfig
 from iclgd_lens.study import StudyResult
 from iclgd_lens.tasks import Example, Task, label_token_ids
 from tiny import tiny_bridge, tiny_tokenizer
@@ -31,7 +31,7 @@ def icl_model():
 
 @pytest.fixture(scope="module")
 def mapping_task():
-    from iclgd_lens.corpus import default_task
+    from iclgd_lens.tasks.mapping import default_task
 
     return default_task(seed=0)
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from iclgd_lens.corpus import LABEL_WORDS, World, default_task
+from iclgd_lens.tasks.mapping import LABEL_WORDS, World, default_task
 from iclgd_lens.tasks import encode_prompts
-from iclgd_lens.tokenizer import build_tokenizer
-from iclgd_lens.training import MICRO, TrainConfig, make_batch, train
+from iclgd_lens.models.making.tokenizer import build_tokenizer
+from iclgd_lens.models.making.training import MICRO, TrainConfig, make_batch, train
 
 torch.set_num_threads(1)
 
@@ -33,7 +33,7 @@ def test_same_seed_same_losses_other_seed_other_losses(variant):
 
 def test_script_writes_a_loadable_model_and_log(tmp_path):
     out = tmp_path / "micro"
-    cmd = [sys.executable, "-m", "iclgd_lens.training", "--variant", "icl", "--out", str(out), "--micro", "--steps", "3"]
+    cmd = [sys.executable, "-m", "iclgd_lens.models.making.training", "--variant", "icl", "--out", str(out), "--micro", "--steps", "3"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     log = json.loads((out / "training_log.json").read_text())
     assert log["seed"] == 0 and len(log["losses"]) == 3 and log["config"]["steps"] == 3
@@ -101,7 +101,7 @@ def test_script_reproduces_the_first_losses_of_the_shipped_model(name):
 
 
 def test_length_curriculum_keeps_tokens_per_step_and_ends_at_seq_len():
-    from iclgd_lens.training import batch_shape
+    from iclgd_lens.models.making.training import batch_shape
 
     config = TrainConfig(variant="iclobj")
     shapes = [batch_shape(step, config) for step in range(config.steps)]

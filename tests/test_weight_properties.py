@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from iclgd_lens.analyses import weight_properties as wp
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.oswald import hand_built_weights
+from iclgd_lens.worlds.oswald import hand_built_weights
 
 torch.set_num_threads(1)
 

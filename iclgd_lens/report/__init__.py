@@ -24,13 +24,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
-from iclgd_lens import stats
+from iclgd_lens.engine import stats
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.report import figures
 from iclgd_lens.report.assets import script_tags, write_assets
 from iclgd_lens.report.attention import attention_patterns_html
 from iclgd_lens.report.templates import config_block, error, escape, headline, page, section, table
-from iclgd_lens.results import Results
+from iclgd_lens.engine.results import Results
 
 __all__ = ["render_report", "figures"]
 

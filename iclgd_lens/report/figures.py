@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from iclgd_lens.results import Results
+from iclgd_lens.engine.results import Results
 
 TEMPLATE = "plotly_white"
 HEADLINE = "icl~gd"

@@ -7,7 +7,7 @@ row per number (see docs/architecture.md, "Results — the tidy table"):
 
 `summary()` gives episode-level 95% t-intervals (queries averaged within their episode first)
 and, for the headline comparison, paired sign-flip p-values against each baseline
-(`paired_tests()`; both from `iclgd_lens.stats`, see docs/statistics.md); `save()` writes
+(`paired_tests()`; both from `iclgd_lens.engine.stats`, see docs/statistics.md); `save()` writes
 `results.json` (table records + config + artifacts) and `results.parquet` (the table, with
 config and artifacts in its metadata); `Results.load()` reads either file, or the folder.
 """
@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from iclgd_lens import stats
+from iclgd_lens.engine import stats
 from iclgd_lens.errors import IclgdError
 
 TABLE_COLUMNS: tuple[str, ...] = ("metric", "comparison", "layer", "head", "episode", "query", "value")

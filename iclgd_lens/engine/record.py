@@ -143,7 +143,7 @@ class Recorder:
         """Add the probe hooks to the model until `.remove()` (or the end of a `with`).
 
         `interventions` are hooks that change activations (e.g. the GD deltas of
-        `iclgd_lens.gd.delta_hooks`). They are registered before every probe hook, in one
+        `iclgd_lens.engine.gd.delta_hooks`). They are registered before every probe hook, in one
         `model.hooks()` call, so a probe on the same hook point always reads the changed value.
         """
         context = self.context(encoded, condition, prefix_len=prefix_len, segments=segments, attention_mask=attention_mask)

@@ -8,7 +8,7 @@ docs/metrics.md.
 Conventions:
 - Cosines of a zero vector are 0, never NaN (a zero update points nowhere, so it agrees with
   nothing). Only a comparison with *no entries at all* (an empty mask) is NaN: there is
-  nothing to compare; aggregation (`iclgd_lens.stats`) drops NaNs.
+  nothing to compare; aggregation (`iclgd_lens.engine.stats`) drops NaNs.
 - Masks are bool tensors, True = a real entry, False = padding. In `cosine`, NaN entries of
   either input count as padding too.
 """

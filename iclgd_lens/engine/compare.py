@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from iclgd_lens import metrics
-from iclgd_lens.baselines import random_vector_like
+from iclgd_lens.engine import metrics
+from iclgd_lens.engine.baselines import random_vector_like
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.gd import GDConfig, delta_hooks, train_deltas
-from iclgd_lens.record import Recorder, Recording
-from iclgd_lens.results import Results
+from iclgd_lens.engine.gd import GDConfig, delta_hooks, train_deltas
+from iclgd_lens.engine.record import Recorder, Recording
+from iclgd_lens.engine.results import Results
 from iclgd_lens.tasks import Episode, Task, encode_prompts, label_token_ids
 
 ALL_BASELINES = ("random", "random_update", "icl_perm", "untrained")
@@ -75,7 +75,7 @@ def compare(
     started = time.time()
     torch.manual_seed(seed)
     if task is None:
-        from iclgd_lens.corpus import default_task
+        from iclgd_lens.tasks.mapping import default_task
 
         task = default_task(seed=seed)
     gd_config = gd_for_task(gd, task)
@@ -86,7 +86,7 @@ def compare(
     table = _compare_once(model, task, episodes, gd_config, chosen, probe_names, seed, share_prefix, batch_size, progress)
     parts = [table]
     if "untrained" in chosen:
-        from iclgd_lens.baselines import untrained_copy
+        from iclgd_lens.engine.baselines import untrained_copy
 
         untrained = untrained_copy(model, seed=seed)
         base = _compare_once(untrained, task, episodes, gd_config, (), probe_names, seed, share_prefix, batch_size, progress, desc="untrained")
@@ -118,7 +118,7 @@ def gd_for_task(gd: GDConfig | str, task: Task | None) -> GDConfig:
     """A GDConfig or preset name with its learning rate resolved for `task` (None: the default
     task): an explicit lr wins, else the task's `gd_lr` (see `GDConfig.for_task`)."""
     if task is None:
-        from iclgd_lens.corpus import default_task
+        from iclgd_lens.tasks.mapping import default_task
 
         task = default_task()
     return GDConfig.resolve(gd, task)

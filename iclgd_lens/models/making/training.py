@@ -1,7 +1,7 @@
 """Train the embedded tiny LLaMA models on the synthetic corpus (reproducible, CPU, minutes).
 
-    python -m iclgd_lens.training --variant icl    --out iclgd_lens/models/tiny-llama-icl    --threads 1
-    python -m iclgd_lens.training --variant iclobj --out iclgd_lens/models/tiny-llama-iclobj --threads 1
+    python -m iclgd_lens.models.making.training --variant icl    --out iclgd_lens/models/tiny-llama-icl    --threads 1
+    python -m iclgd_lens.models.making.training --variant iclobj --out iclgd_lens/models/tiny-llama-iclobj --threads 1
 
 Variants:
 - `icl`: the ordinary next-token loss on every token of the corpus (`corpus.mapping_document`:
@@ -30,9 +30,9 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from iclgd_lens.corpus import DocumentConfig, World, default_task, document_text, mapping_document
-from iclgd_lens.evaluation import kshot_accuracy
-from iclgd_lens.tokenizer import build_tokenizer
+from iclgd_lens.tasks.mapping import DocumentConfig, World, default_task, document_text, mapping_document
+from iclgd_lens.models.making.evaluation import kshot_accuracy
+from iclgd_lens.models.making.tokenizer import build_tokenizer
 
 VARIANTS = ("icl", "iclobj")
 
@@ -220,7 +220,7 @@ def train(config: TrainConfig, out: Path | None = None, log=print, command: str 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m iclgd_lens.training", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m iclgd_lens.models.making.training", description=__doc__.split("\n")[0])
     parser.add_argument("--variant", choices=VARIANTS, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=None)
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides["steps"] = args.steps
     config = TrainConfig(variant=args.variant, seed=args.seed, threads=args.threads, **overrides)
     argv = sys.argv[1:] if argv is None else argv
-    command = "python -m iclgd_lens.training " + " ".join(argv)
+    command = "python -m iclgd_lens.models.making.training " + " ".join(argv)
     train(config, out=args.out, log=lambda msg: print(msg, flush=True), command=command)
 
 
