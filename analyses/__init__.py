@@ -23,11 +23,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from iclgd_lens.errors import IclgdError
+from iclgd_lens import IclgdError
 from iclgd_lens.userfiles import import_python_file
 
 if TYPE_CHECKING:
-    from iclgd_lens.engine.results import Results
+    from iclgd_lens import Results
 
 AnalysisFn = Callable[["Results"], list[Any]]
 ENTRY_POINT_GROUP = "iclgd_lens.analyses"

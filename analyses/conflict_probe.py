@@ -32,14 +32,14 @@ import pandas as pd
 import plotly.express as px
 import torch
 
-from iclgd_lens.engine import metrics, stats
+from iclgd_lens import metrics, stats
 from iclgd_lens.study import as_bridge, device_of, model_name
-from iclgd_lens.engine.compare import versions
-from iclgd_lens.errors import IclgdError
-from iclgd_lens.engine.gd import GDConfig, delta_hooks, train_deltas
-from iclgd_lens.engine.record import Recorder, Recording
-from iclgd_lens.study import StudyResult
-from iclgd_lens.tasks import Episode, Example, Task, encode_prompts, label_token_ids
+from iclgd_lens import versions
+from iclgd_lens import IclgdError
+from iclgd_lens import GDConfig, delta_hooks, train_deltas
+from iclgd_lens import Recorder, Recording
+from iclgd_lens import StudyResult
+from iclgd_lens import Episode, Example, Task, encode_prompts, label_token_ids
 
 QUESTION = "When demonstrations contradict facts held in the weights, how often does the context win, before and after fine-tuning on those facts?"
 COLUMNS = ["metric", "stage", "layer", "query", "value"]
@@ -61,7 +61,7 @@ def _derangement(values: list[str], rng: random.Random) -> dict[str, str]:
 def corpus_facts(seed: int = 0) -> list[Fact]:
     """The embedded models' global facts "item is category", each with a counterfact category
     from one seeded derangement of the categories."""
-    from iclgd_lens.tasks.mapping import World
+    from iclgd_lens import World
 
     world = World()
     swap = _derangement(list(world.categories), random.Random(seed))

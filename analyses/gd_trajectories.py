@@ -25,11 +25,11 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from iclgd_lens.study import as_bridge, as_ints, layer_mean, model_name
-from iclgd_lens.engine.compare import compare, versions
-from iclgd_lens.errors import IclgdError
-from iclgd_lens.engine.gd import PARAM_SETS, GDConfig
-from iclgd_lens.study import StudyResult
-from iclgd_lens.tasks import Task
+from iclgd_lens import compare, versions
+from iclgd_lens import IclgdError
+from iclgd_lens import PARAM_SETS, GDConfig
+from iclgd_lens import StudyResult
+from iclgd_lens import Task
 
 QUESTION = "Does any GD setting (learning rate, trained parameters, epochs) make GD agree with ICL as well as ICL agrees with itself?"
 PROBES = ("attn_out", "scores", "kv_outer")

@@ -25,8 +25,8 @@ import plotly.express as px
 import torch
 
 from iclgd_lens.worlds import chan
-from iclgd_lens.errors import IclgdError
-from iclgd_lens.study import StudyResult
+from iclgd_lens import IclgdError
+from iclgd_lens import StudyResult
 
 EVALUATIONS = ("in_distribution", "shifted_labels", "context_irrelevant")
 QUESTION = (

@@ -17,12 +17,12 @@ import pandas as pd
 import plotly.express as px
 
 from iclgd_lens.study import as_bridge, layer_mean, model_name
-from iclgd_lens.engine.compare import compare, versions
-from iclgd_lens.errors import IclgdError
-from iclgd_lens.engine.gd import GDConfig
-from iclgd_lens.engine.stats import paired_test
-from iclgd_lens.study import StudyResult
-from iclgd_lens.tasks import Task
+from iclgd_lens import compare, versions
+from iclgd_lens import IclgdError
+from iclgd_lens import GDConfig
+from iclgd_lens import stats
+from iclgd_lens import StudyResult
+from iclgd_lens import Task
 
 QUESTION = "Does ICL learned through an explicit ICL objective agree with GD differently from ICL that emerged in pretraining?"
 DEFAULT_MODELS = ("tiny-llama-icl", "tiny-llama-iclobj")
@@ -102,7 +102,7 @@ def differences(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
         ea, eb = per_episode.loc[a].dropna(), per_episode.loc[b].dropna()
         if len(ea) < 2 or len(eb) < 2:
             continue
-        test = paired_test(eb, ea)  # paired by episode
+        test = stats.paired_test(eb, ea)  # paired by episode
         rows.append(dict(metric=metric, comparison=comparison, layer=-1 if layer is None else layer,
                          mean_a=float(ea.mean()), mean_b=float(eb.mean()), diff=test.diff_mean, p_value=test.p_value,
                          n_episodes=test.n_episodes))

@@ -24,13 +24,13 @@ import plotly.express as px
 import torch
 from tqdm.auto import tqdm
 
-from iclgd_lens.engine import metrics
-from iclgd_lens.engine.compare import compare, gd_for_task, versions
-from iclgd_lens.errors import IclgdError
-from iclgd_lens.engine.gd import GDConfig, delta_hooks, train_deltas
-from iclgd_lens.engine.record import Recorder
+from iclgd_lens import metrics
+from iclgd_lens import compare, versions
+from iclgd_lens import IclgdError
+from iclgd_lens import GDConfig, delta_hooks, train_deltas
+from iclgd_lens import Recorder
 from iclgd_lens.study import StudyResult, as_bridge, as_ints, device_of, layer_mean, model_name
-from iclgd_lens.tasks import Task, encode_prompts, label_token_ids
+from iclgd_lens import Task, encode_prompts, label_token_ids
 
 QUESTION = "How do ICL, GD and their agreement change with the number of demonstrations k, per task and model?"
 HEADLINE = ("accuracy", "simaou", "simam_delta", "token_overlap", "dw_cos")
@@ -93,7 +93,7 @@ def run(
 def gd_only_table(bridge, task: Task, gd: GDConfig | str, k: int, n_episodes: int, n_queries: int, seed: int) -> pd.DataFrame:
     """ZSL and GD accuracy (argmax over the label words) for k demonstrations that need not fit
     in the context: tidy rows (metric, comparison, layer, head, episode, query, value, k)."""
-    config = gd_for_task(gd, task)  # as compare(): a preset name takes the task's gd_lr
+    config = GDConfig.resolve(gd, task)  # as compare(): a preset name takes the task's gd_lr
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     deltas = train_deltas(bridge, bridge.tokenizer, task, episodes, config)
     recorder = Recorder(bridge, [])

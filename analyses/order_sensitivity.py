@@ -34,14 +34,14 @@ import pandas as pd
 import plotly.express as px
 import torch
 
-from iclgd_lens.engine import metrics, stats
+from iclgd_lens import metrics, stats
 from iclgd_lens.study import as_bridge, as_ints, device_of, model_name
-from iclgd_lens.engine.compare import gd_for_task, versions
-from iclgd_lens.errors import IclgdError
-from iclgd_lens.engine.gd import GDConfig, delta_hooks, demo_order, train_deltas
-from iclgd_lens.engine.record import Recorder, Recording
-from iclgd_lens.study import StudyResult
-from iclgd_lens.tasks import Episode, Task, encode_prompts
+from iclgd_lens import versions
+from iclgd_lens import IclgdError
+from iclgd_lens import GDConfig, delta_hooks, demo_order, train_deltas
+from iclgd_lens import Recorder, Recording
+from iclgd_lens import StudyResult
+from iclgd_lens import Episode, Task, encode_prompts
 
 QUESTION = "How much does the order of the demonstrations change the output of ICL, and of GD with different batch sizes?"
 COLUMNS = ["metric", "method", "batch_size", "layer", "episode", "query", "value"]
@@ -76,7 +76,7 @@ def run(
         raise IclgdError(f"order sensitivity needs k >= 2 demonstrations to permute, got k={k}")
     if n_permutations < 2:
         raise IclgdError(f"order sensitivity needs n_permutations >= 2, got {n_permutations}")
-    base = gd_for_task(gd, task)  # a preset name takes the task's learning rate (Task.gd_lr), as in compare()
+    base = GDConfig.resolve(gd, task)  # a preset name takes the task's learning rate (Task.gd_lr), as in compare()
     sizes = [b for b in as_ints(batch_sizes, "batch_sizes") if 1 <= b < k] + [k]
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     order_seeds = [None] + [seed * 1000 + p for p in range(1, n_permutations)]

@@ -33,9 +33,9 @@ import plotly.express as px
 import torch
 from torch import Tensor, nn
 
-from iclgd_lens.errors import IclgdError
+from iclgd_lens import IclgdError
 from iclgd_lens.worlds.oswald import hand_built_weights
-from iclgd_lens.study import StudyResult
+from iclgd_lens import StudyResult
 
 THRESHOLDS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 MATRICES = ("W_Q", "W_K", "W_V")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from iclgd_lens.hooks import ReadContext, probe
-from iclgd_lens.tasks import QUERY_SEGMENT
+from iclgd_lens import QUERY_SEGMENT
 
 
 def query_token_slots(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -152,22 +152,6 @@ def _load_task(task: Optional[str], seed: int):
     return load_task(task, seed=seed)
 
 
-def combine_results(parts: Sequence[Any]):
-    """Results of several k into one: tables stacked (each has its `k`), config of the first with all ks,
-    artifacts of the largest k."""
-    import pandas as pd
-
-    from iclgd_lens.engine.results import Results
-
-    if len(parts) == 1:
-        return parts[0]
-    table = pd.concat([p.table for p in parts], ignore_index=True)
-    config = dict(parts[0].config)
-    config["k"] = [p.config.get("k") for p in parts]
-    config["run_time_s"] = round(sum(float(p.config.get("run_time_s") or 0) for p in parts), 2)
-    return Results(table, config, parts[-1].artifacts)
-
-
 def _say(message: str) -> None:
     typer.echo(message, err=True)
 
@@ -201,21 +185,24 @@ def report(
 
     from tqdm.auto import tqdm
 
-    from iclgd_lens.engine.compare import compare, gd_for_task
+    from iclgd_lens.engine.compare import compare
+    from iclgd_lens.engine.gd import GDConfig
+    from iclgd_lens.engine.results import Results
+    from iclgd_lens.tasks.mapping import default_task
     from iclgd_lens.models import load_model
     from iclgd_lens.report import render_report
 
     the_task = _load_task(task, seed)
     overrides = {name: value for name, value in (("lr", lr), ("epochs", epochs), ("batch_size", batch_size))
                  if value is not None}
-    gd_config = replace(gd_for_task(gd, the_task), **overrides)
+    gd_config = replace(GDConfig.resolve(gd, the_task if the_task is not None else default_task(seed=seed)), **overrides)
     _say(f"loading model {model} ...")
     bridge = load_model(model, device=device, dtype=dtype)
     parts = []
     for k_value in tqdm(ks, desc="k", disable=no_progress or len(ks) == 1):
         parts.append(compare(bridge, the_task, gd=gd_config, k=k_value, n_episodes=episodes, n_queries=queries,
                              seed=seed, progress=not no_progress))
-    results = combine_results(parts)
+    results = Results.concat(parts)
     path = render_report(results, out, single_file=single_file)
     typer.echo(str(path))
 

@@ -17,7 +17,6 @@ The user's model is never modified (tested bitwise).
 from __future__ import annotations
 
 import math
-import platform
 import random
 import time
 import warnings
@@ -36,7 +35,7 @@ from iclgd_lens.engine.baselines import random_vector_like
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.engine.gd import GDConfig, delta_hooks, train_deltas
 from iclgd_lens.engine.record import Recorder, Recording
-from iclgd_lens.engine.results import Results
+from iclgd_lens.engine.results import Results, versions
 from iclgd_lens.tasks import Episode, Task, encode_prompts, label_token_ids
 
 ALL_BASELINES = ("random", "random_update", "icl_perm", "untrained")
@@ -78,7 +77,7 @@ def compare(
         from iclgd_lens.tasks.mapping import default_task
 
         task = default_task(seed=seed)
-    gd_config = gd_for_task(gd, task)
+    gd_config = GDConfig.resolve(gd, task)
     chosen = _chosen_baselines(baselines)
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     probe_names = _probe_names(probes)
@@ -107,21 +106,11 @@ def compare(
         "baselines": list(chosen),
         "probes": probe_names,
         "share_prefix": share_prefix,
-        "versions": versions(),
+        "versions": versions(),  # provenance
         "run_time_s": round(time.time() - started, 2),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
     }
     return Results(table=table, config=config, artifacts=art)
-
-
-def gd_for_task(gd: GDConfig | str, task: Task | None) -> GDConfig:
-    """A GDConfig or preset name with its learning rate resolved for `task` (None: the default
-    task): an explicit lr wins, else the task's `gd_lr` (see `GDConfig.for_task`)."""
-    if task is None:
-        from iclgd_lens.tasks.mapping import default_task
-
-        task = default_task()
-    return GDConfig.resolve(gd, task)
 
 
 # ---- one pass over all episodes ------------------------------------------------------------
@@ -538,16 +527,3 @@ def _model_info(model) -> dict:
         return model_info(model)
     except Exception:  # a model that is not a bridge (e.g. in tests)
         return {"name": getattr(model.cfg, "model_name", "?")}
-
-
-def versions() -> dict:
-    """Package versions for the provenance of a result."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("iclgd-lens", "torch", "transformer-lens", "transformers", "numpy", "pandas"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out

@@ -39,6 +39,26 @@ PARQUET_NAME = "results.parquet"
 _PARQUET_META_KEY = b"iclgd_lens"
 
 
+PROVENANCE_PACKAGES = (
+    "iclgd-lens", "torch", "transformer-lens", "transformers", "numpy", "pandas", "scipy", "plotly", "circuitsvis",
+)
+"""The packages whose versions are recorded with every result (those that change numbers or pages)."""
+
+
+def versions() -> dict[str, str | None]:
+    """Python and package versions, for the provenance of a result or a page."""
+    import importlib.metadata as md
+    import platform
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in PROVENANCE_PACKAGES:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
 def _validated_table(table: Any) -> pd.DataFrame:
     """A copy of `table` with the required columns and their dtypes, or an IclgdError."""
     if not isinstance(table, pd.DataFrame):
@@ -205,6 +225,21 @@ class Results:
         sub = Results(rows[(rows["layer"] >= 0) & (rows["head"] == -1)], self.config, {})
         by = ["layer"] + (["k"] if len(self.k_values) > 1 else [])
         return sub.summary(by=by).sort_values(by[::-1]).reset_index(drop=True)
+
+    @classmethod
+    def concat(cls, parts: Sequence["Results"]) -> "Results":
+        """Results of several runs (e.g. one per k) as one: tables stacked (each keeps its `k`),
+        the first run's config with every run's k and the summed run time, the last run's
+        artifacts (the report draws those of the largest k)."""
+        if not parts:
+            raise IclgdError("Results.concat needs at least one Results")
+        if len(parts) == 1:
+            return parts[0]
+        table = pd.concat([p.table for p in parts], ignore_index=True)
+        config = dict(parts[0].config)
+        config["k"] = [p.config.get("k") for p in parts]
+        config["run_time_s"] = round(sum(float(p.config.get("run_time_s") or 0) for p in parts), 2)
+        return cls(table, config, parts[-1].artifacts)
 
     # ---- files -------------------------------------------------------------------------
     def to_json_dict(self) -> dict:

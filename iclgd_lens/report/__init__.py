@@ -17,7 +17,6 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -29,6 +28,7 @@ from iclgd_lens.errors import IclgdError
 from iclgd_lens.report import figures
 from iclgd_lens.report.assets import script_tags, write_assets
 from iclgd_lens.report.attention import attention_patterns_html
+from iclgd_lens.engine.results import versions
 from iclgd_lens.report.templates import config_block, error, escape, headline, page, section, table
 from iclgd_lens.engine.results import Results
 
@@ -81,16 +81,6 @@ def _layers(results: Results) -> list[int]:
     if isinstance(n_layers, int) and not layers:
         layers = set(range(n_layers))
     return sorted(layers)
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("iclgd-lens", "torch", "transformer-lens", "transformers", "plotly", "circuitsvis", "pandas"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 # ---- index --------------------------------------------------------------------------------
@@ -169,7 +159,7 @@ def _index_body(
     sections.append(section("Layers", f'<nav class="layers">{links}</nav>', "layer-links",
                             "Per-head similarities, dW_ICL vs dW_GD, per-query distributions, attention views."))
 
-    report_info = {"rendered": _dt.datetime.now().isoformat(timespec="seconds"), "versions": _versions()}
+    report_info = {"rendered": _dt.datetime.now().isoformat(timespec="seconds"), "versions": versions()}
     sections.append(section("Configuration", config_block(results.config)
                             + "<details><summary>report</summary>" + config_block(report_info) + "</details>",
                             "config", "Settings, package versions, seed and run time of the comparison."))
