@@ -24,7 +24,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from iclgd_lens.study import as_bridge, as_ints, layer_mean, model_name
+from iclgd_lens.study import as_bridge, layer_mean, model_name, parse_numbers
 from iclgd_lens import compare, versions
 from iclgd_lens import IclgdError
 from iclgd_lens import PARAM_SETS, GDConfig
@@ -36,18 +36,6 @@ PROBES = ("attn_out", "scores", "kv_outer")
 """Probes recorded per cell: enough for SimAOU, SimAM-delta and dW cosine (no Kendall, which is slow)."""
 TRACKED = ("simaou", "simam_delta", "token_overlap", "overlap_cosine", "kl", "accuracy", "dw_cos")
 """Metrics kept from each comparison (model-level and layer-level rows only)."""
-
-
-def _as_floats(values, what: str) -> list[float]:
-    if isinstance(values, str):
-        try:
-            values = [float(v) for v in values.replace(" ", "").split(",") if v]
-        except ValueError:
-            raise IclgdError(f"{what} must be numbers separated by commas, got {values!r}") from None
-    out = [float(values)] if isinstance(values, (int, float)) else [float(v) for v in values]
-    if not out or min(out) <= 0:
-        raise IclgdError(f"{what} must be one or more positive numbers, got {values!r}")
-    return sorted(set(out))
 
 
 def run(
@@ -71,14 +59,13 @@ def run(
     `epochs=(1, 2, 5, 10, 20, 50, 100, 200)`, `lrs=(1e-5, 1e-4, 1e-3)`."""
     started = time.time()
     bridge = as_bridge(model)
-    lr_list, epoch_list = _as_floats(lrs, "lrs"), as_ints(epochs, "epochs")
+    lr_list = parse_numbers(lrs, "lrs", kind=float, minimum=0, strict_minimum=True)
+    epoch_list = parse_numbers(epochs, "epochs", minimum=1)
     param_list = [p for p in ([params] if isinstance(params, str) else params)]
     param_list = [p.strip() for part in param_list for p in part.split(",") if p.strip()]
     unknown = [p for p in param_list if p not in PARAM_SETS]
     if unknown or not param_list:
         raise IclgdError(f"unknown parameter set(s) {unknown or params!r}; choose from {', '.join(PARAM_SETS)}")
-    if not epoch_list or min(epoch_list) < 1:
-        raise IclgdError(f"epochs must be integers >= 1, got {epochs!r}")
     if target not in TRACKED:
         raise IclgdError(f"target must be one of {', '.join(TRACKED)}, got {target!r}")
     if task is None:

@@ -9,8 +9,8 @@ measured (Shen et al. 2024 train GD on up to 512 demonstrations).
     result = run("tiny-llama-icl", ks=(1, 2, 4, 8, 16), gd_only_ks=(32, 64))
     result.figures[0].show()
 
-This module also holds the two small helpers the other studies share: `as_bridge` (a model
-name or a loaded bridge -> a bridge) and `as_ints` (CLI strings -> a list of ints).
+The small helpers the studies share live in `iclgd_lens.study`: `as_bridge` (a model name or
+a loaded bridge -> a bridge) and `parse_numbers` (CLI strings -> a sorted list of numbers).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from iclgd_lens import metrics
 from iclgd_lens import compare, versions
 from iclgd_lens import IclgdError
-from iclgd_lens import GDConfig, delta_hooks, train_deltas
+from iclgd_lens import GDConfig, train_deltas
 from iclgd_lens import Recorder
-from iclgd_lens.study import StudyResult, as_bridge, as_ints, device_of, layer_mean, model_name
+from iclgd_lens.study import StudyResult, as_bridge, device_of, layer_mean, model_name, parse_numbers
 from iclgd_lens import Task, encode_prompts, label_token_ids
 
 QUESTION = "How do ICL, GD and their agreement change with the number of demonstrations k, per task and model?"
@@ -58,9 +58,8 @@ def run(
     embedded models' mapping task). Returns the engine's tidy rows with `k`, `model`, `task`.
     """
     started = time.time()
-    ks, extra = as_ints(ks, "ks"), as_ints(gd_only_ks, "gd_only_ks") if gd_only_ks else []
-    if not ks or min(ks + extra) < 1:
-        raise IclgdError(f"ks must be one or more integers >= 1, got {ks + extra}")
+    ks = parse_numbers(ks, "ks", minimum=1)
+    extra = parse_numbers(gd_only_ks, "gd_only_ks", minimum=1) if gd_only_ks else []
     models = [as_bridge(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
     if task is None:
         from iclgd_lens.tasks.mapping import default_task
@@ -97,17 +96,21 @@ def gd_only_table(bridge, task: Task, gd: GDConfig | str, k: int, n_episodes: in
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     deltas = train_deltas(bridge, bridge.tokenizer, task, episodes, config)
     recorder = Recorder(bridge, [])
+    queries = [q for episode in episodes for q in episode.queries]
+    words = [episode.label_words for episode in episodes for _ in episode.queries]
+    row_episode = torch.tensor([e for e, episode in enumerate(episodes) for _ in episode.queries], dtype=torch.long)
+    enc = encode_prompts(bridge.tokenizer, task, [()] * len(queries), queries, words).to(device_of(bridge))
+    runs = {"zsl": recorder.run_batched(enc, "zsl"), "gd": recorder.run_batched(enc, "gd", deltas=deltas, row_episode=row_episode)}
     rows = []
-    for e, episode in enumerate(episodes):
-        n = len(episode.queries)
-        enc = encode_prompts(bridge.tokenizer, task, [()] * n, list(episode.queries), [episode.label_words] * n).to(device_of(bridge))
-        label_ids = label_token_ids(bridge.tokenizer, episode.label_words)
-        labels = torch.tensor([q.label for q in episode.queries], device=device_of(bridge))
-        row_episode = torch.full((n,), e, dtype=torch.long)
-        for condition, hooks in (("zsl", []), ("gd", delta_hooks(deltas, row_episode))):
-            logits = recorder.run(enc, condition, interventions=hooks).logits  # [n, vocab]
-            correct = metrics.label_correct(logits[:, label_ids], labels).float().cpu().numpy()
+    for condition, rec in runs.items():
+        start = 0
+        for e, episode in enumerate(episodes):
+            n = len(episode.queries)
+            label_ids = label_token_ids(bridge.tokenizer, episode.label_words)
+            labels = torch.tensor([q.label for q in episode.queries], device=device_of(bridge))
+            correct = metrics.label_correct(rec.logits[start : start + n][:, label_ids], labels).float().cpu().numpy()
             rows += [("accuracy", condition, -1, -1, e, q, float(v)) for q, v in enumerate(correct)]
+            start += n
     frame = pd.DataFrame(rows, columns=["metric", "comparison", "layer", "head", "episode", "query", "value"])
     return frame.assign(k=k)
 

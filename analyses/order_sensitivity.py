@@ -35,10 +35,10 @@ import plotly.express as px
 import torch
 
 from iclgd_lens import metrics, stats
-from iclgd_lens.study import as_bridge, as_ints, device_of, model_name
+from iclgd_lens.study import as_bridge, device_of, model_name, parse_numbers
 from iclgd_lens import versions
 from iclgd_lens import IclgdError
-from iclgd_lens import GDConfig, delta_hooks, demo_order, train_deltas
+from iclgd_lens import GDConfig, demo_order, train_deltas
 from iclgd_lens import Recorder, Recording
 from iclgd_lens import StudyResult
 from iclgd_lens import Episode, Task, encode_prompts
@@ -77,7 +77,9 @@ def run(
     if n_permutations < 2:
         raise IclgdError(f"order sensitivity needs n_permutations >= 2, got {n_permutations}")
     base = GDConfig.resolve(gd, task)  # a preset name takes the task's learning rate (Task.gd_lr), as in compare()
-    sizes = [b for b in as_ints(batch_sizes, "batch_sizes") if 1 <= b < k] + [k]
+    none_given = np.size(batch_sizes) == 0 or (isinstance(batch_sizes, str) and not batch_sizes.strip(", "))
+    given = [] if none_given else parse_numbers(batch_sizes, "batch_sizes")  # () -> full batch only
+    sizes = [b for b in given if 1 <= b < k] + [k]
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     order_seeds = [None] + [seed * 1000 + p for p in range(1, n_permutations)]
     orders = [demo_order(k, s) for s in order_seeds]
@@ -124,12 +126,7 @@ def _record(recorder: Recorder, task: Task, episodes: list[Episode], with_demos:
             row_episode.append(e)
     enc = encode_prompts(model.tokenizer, task, demo_sets, queries, words, max_length=getattr(model.cfg, "n_ctx", None)).to(device_of(model))
     rows = torch.tensor(row_episode, dtype=torch.long)
-    parts = []
-    for start in range(0, len(queries), batch_size):
-        stop = min(start + batch_size, len(queries))
-        hooks = delta_hooks(deltas, rows[start:stop]) if deltas is not None else []
-        parts.append(recorder.run(enc.rows(start, stop), condition, interventions=hooks))
-    return Recording.concat(parts)
+    return recorder.run_batched(enc, condition, batch_size=batch_size, deltas=deltas, row_episode=rows)
 
 
 def _probs(rec: Recording, shape: dict) -> torch.Tensor:

@@ -4,8 +4,10 @@ A probe is one decorated function. It names the hook points it needs (templates 
 `{layer}`), receives their activations for one layer together with a `ReadContext`, and
 returns named tensors with a leading batch dimension. Only what it returns is kept: the
 slicing (read position, demonstration tokens) happens inside the hook, so no full cache is
-ever built. Every registered probe is recorded in all conditions (ZSL, ICL, GD) and compared
-layer by layer; its curve appears in the report as `probe:<name>` without more code.
+ever built. Every registered probe is recorded in all conditions (ZSL, ICL, GD); one declared
+`compare=True` (the default) has each returned vector compared layer by layer as a delta
+cosine, and its curve appears in the report as `probe:<key>` without more code. Two probes
+may not return the same key (the recorder refuses it).
 
     from iclgd_lens.hooks import probe, ReadContext
 
@@ -16,22 +18,20 @@ layer by layer; its curve appears in the report as `probe:<name>` without more c
 `acts` is keyed by the point name without the `blocks.{layer}.` prefix. Return `{}` to skip a
 condition (e.g. a probe that only makes sense on the demonstrations).
 
-User probes live in any file: `load_probe_file("my_probes.py")` (the CLI's `--hooks`) imports
-it, and the decorator registers what it defines. Installed packages can expose probes through
-the entry-point group `iclgd_lens.hooks`.
+User probes live in any file: `iclgd_lens.plugins.load_file("my_probes.py", "probes")` (the
+CLI's `--hooks`) imports it, and the decorator registers what it defines. Installed packages
+can expose probes through the entry-point group `iclgd_lens.hooks` (iclgd_lens.plugins).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.userfiles import import_python_file
+from iclgd_lens.plugins import REGISTRY, register
 
 ProbeFn = Callable[[dict[str, torch.Tensor], "ReadContext"], dict[str, torch.Tensor]]
 
@@ -79,7 +79,8 @@ class Probe:
     points: tuple[str, ...]
     fn: ProbeFn
     description: str = ""
-    compare: bool = True  # compare its outputs across conditions as vectors (delta cosine)
+    compare: bool = True  # compare every returned vector across conditions as a delta cosine, `probe:<key>`
+    # (False: the engine's named metrics consume the outputs, e.g. attn_out -> simaou, or they are no vectors)
 
     def point_names(self, layer: int) -> list[str]:
         return [p.format(layer=layer) for p in self.points]
@@ -91,8 +92,9 @@ class Probe:
         return point[len(prefix) :] if point.startswith(prefix) else point
 
 
-PROBES: dict[str, Probe] = {}
-"""Every registered probe by name (built-in ones and those loaded from users' files)."""
+PROBES: dict[str, Probe] = REGISTRY["probes"]
+"""Every registered probe by name (built-in ones and those loaded from users' files): the
+plug-in registry's "probes" (iclgd_lens.plugins)."""
 
 
 def probe(name: str, points: list[str] | tuple[str, ...], *, description: str = "", compare: bool = True) -> Callable[[ProbeFn], ProbeFn]:
@@ -100,11 +102,11 @@ def probe(name: str, points: list[str] | tuple[str, ...], *, description: str = 
     if not points:
         raise IclgdError(f"probe {name!r} must name at least one hook point")
 
-    def register(fn: ProbeFn) -> ProbeFn:
-        PROBES[name] = Probe(name, tuple(points), fn, description or (fn.__doc__ or "").strip().split("\n")[0], compare)
+    def decorate(fn: ProbeFn) -> ProbeFn:
+        register("probes", name, Probe(name, tuple(points), fn, description or (fn.__doc__ or "").strip().split("\n")[0], compare))
         return fn
 
-    return register
+    return decorate
 
 
 def get_probes(names: list[str] | None = None) -> list[Probe]:
@@ -118,21 +120,6 @@ def get_probes(names: list[str] | None = None) -> list[Probe]:
     return [PROBES[n] for n in names]
 
 
-def load_probe_file(path: str | Path) -> list[str]:
-    """Import a Python file of `@probe` functions (the CLI's `--hooks`); returns the new names."""
-    before = set(PROBES)
-    import_python_file(path, "hooks")
-    return sorted(set(PROBES) - before)
-
-
-def load_entry_point_probes() -> list[str]:
-    """Import probe modules that installed packages expose under `iclgd_lens.hooks`."""
-    before = set(PROBES)
-    for ep in importlib.metadata.entry_points(group="iclgd_lens.hooks"):
-        ep.load()
-    return sorted(set(PROBES) - before)
-
-
 DEFAULT_PROBES = ("attn_out", "head_out", "scores", "demo_attention", "query_vectors", "kv_outer", "resid_out")
 """What `compare` records unless told otherwise."""
 
@@ -141,4 +128,4 @@ def _load_builtin() -> None:
     from iclgd_lens.hooks import attention, keys_values, scores, residual  # noqa: F401  (registers)
 
 
-__all__ = ["probe", "Probe", "ReadContext", "PROBES", "get_probes", "load_probe_file", "load_entry_point_probes", "DEFAULT_PROBES"]
+__all__ = ["probe", "Probe", "ReadContext", "PROBES", "get_probes", "DEFAULT_PROBES"]

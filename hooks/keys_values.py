@@ -9,15 +9,10 @@ post-rotary (`hook_rot_k`), as the real attention sees them; under GQA there are
 
 from __future__ import annotations
 
-import einops
 import torch
 
+from iclgd_lens import metrics
 from iclgd_lens.hooks import ReadContext, probe
-
-
-def _outer_sum(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """sum_p weight[b,p] v[b,p,h,:] k[b,p,h,:]^T -> [batch, heads, d_head(v), d_head(k)]."""
-    return einops.einsum(v * weight[:, :, None, None].to(v.dtype), k, "b p h dv, b p h dk -> b h dv dk")
 
 
 @probe(
@@ -33,11 +28,11 @@ def kv_outer(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch
     seg = ctx.pass_segments  # [batch, pos]
     out = {}
     if bool((seg > 0).any()):
-        out["kv_demo"] = _outer_sum(k, v, (seg > 0).float())
+        out["kv_demo"] = metrics.implicit_dw_icl(k, v, seg > 0)  # [batch, n_kv, d_head (v), d_head (k)]
     if ctx.condition not in ("icl", "icl_prefix"):
         positions = torch.arange(seg.shape[1], device=seg.device)
         mask = ctx.attention_mask[:, ctx.prefix_len :].bool() & (positions[None] <= ctx.read_pos[:, None])
-        out["kv_context"] = _outer_sum(k, v, mask.float())
+        out["kv_context"] = metrics.implicit_dw_icl(k, v, mask)
     return out
 
 

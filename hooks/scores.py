@@ -5,23 +5,10 @@ from __future__ import annotations
 import torch
 
 from iclgd_lens.hooks import ReadContext, probe
-from iclgd_lens import QUERY_SEGMENT
+from iclgd_lens import QUERY_SEGMENT, metrics
 
 
-def query_token_slots(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row, the key positions of the query's own tokens, left-aligned.
-
-    Returns (positions [batch, width], valid [batch, width]) where width is the largest
-    number of query tokens in the batch; invalid slots point at position 0.
-    """
-    is_query = segments == QUERY_SEGMENT  # [batch, key_pos]
-    width = int(is_query.sum(-1).max())
-    order = torch.argsort((~is_query).to(torch.int8), dim=-1, stable=True)[:, :width]  # query positions first, in order
-    valid = torch.gather(is_query, 1, order)
-    return torch.where(valid, order, torch.zeros_like(order)), valid
-
-
-@probe("scores", points=["blocks.{layer}.attn.hook_attn_scores"])
+@probe("scores", points=["blocks.{layer}.attn.hook_attn_scores"], compare=False)
 def scores(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch.Tensor]:
     """Pre-softmax scores of the read position over the query's own tokens (`scores`, Dai's
     SimAM map) and, in the ICL condition, over the demonstration tokens (`demo_scores`, the
@@ -36,9 +23,7 @@ def scores(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch.T
         return {}
     s = acts["attn.hook_attn_scores"]  # [batch, n_heads, q_pos, key_pos]
     row = s[ctx.batch_index, :, ctx.read_pos]  # [batch, n_heads, key_pos]
-    positions, valid = query_token_slots(ctx.segments)
-    picked = torch.gather(row, 2, positions[:, None, :].expand(-1, row.shape[1], -1))  # [batch, n_heads, width]
-    out = {"scores": picked.masked_fill(~valid[:, None, :], float("nan"))}
+    out = {"scores": metrics.select_keys(row, ctx.segments == QUERY_SEGMENT)[0]}  # [batch, n_heads, n_query_tokens]
     if ctx.condition == "icl":
         out["demo_scores"] = row.sum(1).masked_fill(~(ctx.segments > 0), float("nan"))  # [batch, key_pos]
     return out

@@ -4,6 +4,7 @@
     iclgd-lens report --k 1,2,4,8          # a k sweep
     iclgd-lens render results.json --out DIR
     iclgd-lens study order-sensitivity --set n_permutations=10
+    iclgd-lens train --variant icl --out DIR     # retrain an embedded tiny model
     iclgd-lens list
 
 Exit 0 on success; exit 2 with one line on stderr for bad input (no tracebacks).
@@ -88,26 +89,6 @@ def set_threads(threads: Optional[int]) -> int:
     return n
 
 
-def parse_ks(values: Sequence[str]) -> list[int]:
-    """`--k 8`, `--k 1 --k 2`, `--k 1,2,4` -> sorted distinct positive ints."""
-    ks: list[int] = []
-    for value in values:
-        for part in str(value).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                k = int(part)
-            except ValueError:
-                raise IclgdError(f"--k takes whole numbers (e.g. --k 8 or --k 1,2,4,8), got {part!r}") from None
-            if k < 0:
-                raise IclgdError(f"--k must be >= 0, got {k}")
-            ks.append(k)
-    if not ks:
-        raise IclgdError("--k needs at least one number")
-    return sorted(set(ks))
-
-
 def parse_settings(items: Sequence[str]) -> dict[str, Any]:
     """`--set name=value` pairs; values are read as JSON when they parse (numbers, lists), else text."""
     out: dict[str, Any] = {}
@@ -125,16 +106,12 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
 
 def load_user_files(hooks: Sequence[Path] = (), analyses: Sequence[Path] = ()) -> None:
     """Import users' probe files (--hooks) and analysis files (--analyses) so they register."""
-    if hooks:
-        from iclgd_lens.hooks import load_probe_file
+    from iclgd_lens.plugins import load_file
 
-        for path in hooks:
-            load_probe_file(path)
-    if analyses:
-        from iclgd_lens.analyses import load_analyses_file
-
-        for path in analyses:
-            load_analyses_file(path)
+    for path in hooks:
+        load_file(path, "probes")
+    for path in analyses:
+        load_file(path, "analyses")
 
 
 def _gd_presets() -> tuple[str, ...]:
@@ -180,7 +157,9 @@ def report(
 ) -> None:
     """Run the ICL-vs-GD comparison and write the interactive report."""
     set_threads(threads)
-    ks = parse_ks(k)
+    from iclgd_lens.study import parse_numbers
+
+    ks = parse_numbers(k, "--k", minimum=0)
     load_user_files(hooks, analyses)
 
     from tqdm.auto import tqdm
@@ -239,7 +218,7 @@ def study(
     """Run one study (an experiment in iclgd_lens.analyses) and write its report."""
     import pandas as pd
 
-    from iclgd_lens.analyses import load_study
+    from iclgd_lens.plugins import load_study
     from iclgd_lens.report import render_report
     from iclgd_lens.engine.results import TABLE_COLUMNS, Results
 
@@ -272,10 +251,36 @@ def study(
     typer.echo(str(path))
 
 
+@app.command("train")
+def train_model(
+    variant: str = typer.Option(..., help="icl (next-token loss on the corpus; ICL has to emerge) or iclobj (the explicit ICL objective)."),
+    out: Path = typer.Option(..., help="Folder for the model, tokenizer and training_log.json."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Training steps (default: the configuration's)."),
+    seed: int = typer.Option(0, help="Seed of the model init and the data."),
+    threads: int = typer.Option(1, min=1, help="torch threads (1 or 2; more oversubscribes)."),
+    micro: bool = typer.Option(False, "--micro", help="A seconds-long tiny configuration (tests)."),
+) -> None:
+    """Train an embedded tiny LLaMA on the synthetic corpus (seeded; CPU, minutes)."""
+    from iclgd_lens.models.making.training import MICRO, VARIANTS, TrainConfig, train
+
+    if variant not in VARIANTS:
+        raise IclgdError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    overrides = dict(MICRO) if micro else {}
+    if steps is not None:
+        overrides["steps"] = steps
+    config = TrainConfig(variant=variant, seed=seed, threads=threads, **overrides)
+    import shlex
+
+    args = ["--variant", variant, "--out", str(out), "--seed", str(seed), "--threads", str(threads)]
+    args += (["--steps", str(steps)] if steps is not None else []) + (["--micro"] if micro else [])
+    train(config, out=out, log=_say, command=shlex.join(["iclgd-lens", "train", *args]))  # progress on stderr
+    typer.echo(str(out))
+
+
 @app.command("list")
 def list_things() -> None:
     """List embedded models, tasks, GD presets, probes, studies and report analyses."""
-    from iclgd_lens.analyses import STUDIES, registered_analyses
+    from iclgd_lens.plugins import load_entry_points
 
     def show(title: str, names: Sequence[str], note: str = "") -> None:
         typer.echo(f"{title}:{'  (' + note + ')' if note else ''}")
@@ -306,15 +311,17 @@ def list_things() -> None:
         show("probes", [])
     import importlib.util
 
-    def available(target: str) -> str:
+    def available(target) -> str:
+        if callable(target):
+            return ""
         module = target.partition(":")[0]
         try:
             return "" if importlib.util.find_spec(module) else "  (not installed)"
         except ModuleNotFoundError:
             return "  (not installed)"
 
-    show("studies", [f"{n}{available(t)}" for n, t in STUDIES.items()])
-    show("report analyses", sorted(registered_analyses()))
+    show("studies", [f"{n}{available(t)}" for n, t in load_entry_points("studies").items()])
+    show("report analyses", sorted(load_entry_points("analyses")))
 
 
 def main() -> None:  # `python -m iclgd_lens.cli`

@@ -6,6 +6,8 @@ numbers in a tidy table, and its plots as plotly figures; the report renders bot
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -46,14 +48,61 @@ def model_name(bridge) -> str:
     return str(getattr(bridge.cfg, "model_name", None) or type(bridge).__name__)
 
 
-def as_ints(values: int | str | Sequence[int], what: str) -> list[int]:
-    """Accept 8, "1,2,4" or [1, 2, 4] (the CLI passes strings or JSON); sorted, unique."""
-    if isinstance(values, str):
-        try:
-            values = [int(v) for v in values.replace(" ", "").split(",") if v]
-        except ValueError:
-            raise IclgdError(f"{what} must be integers separated by commas, got {values!r}") from None
-    out = [int(values)] if isinstance(values, (int, np.integer)) else [int(v) for v in values]
+def parse_numbers(
+    values: int | float | str | Sequence[int | float | str],
+    what: str,
+    *,
+    kind: type = int,
+    minimum: int | float | None = None,
+    strict_minimum: bool = False,
+) -> list:
+    """Numbers from what a caller or the CLI passes: 8, 1e-3, "1,2,4" (spaces allowed), or a
+    sequence of numbers and strings, each string itself comma-separated (the CLI's repeated
+    `--k 1 --k 2,4`). `kind` is int (whole numbers; 2.0 counts, 2.5 does not) or float.
+    Returns the values sorted and distinct, at least one.
+
+    Raises a one-line IclgdError naming `what` for something that is not a number, for no
+    number at all, and for a value below `minimum` (at or below it if `strict_minimum`).
+    """
+    if kind not in (int, float):
+        raise TypeError(f"kind must be int or float, got {kind!r}")
+    noun, example = ("whole numbers", "8 or 1,2,4") if kind is int else ("numbers", "0.01 or 1e-3,1e-2")
+
+    def bad(value) -> IclgdError:
+        return IclgdError(f"{what} takes {noun} separated by commas (e.g. {example}), got {value!r}")
+
+    def one(value) -> int | float:
+        if isinstance(value, str):
+            try:
+                number = kind(value)
+            except ValueError:
+                raise bad(value) from None
+        elif isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+            number = value
+        else:
+            raise bad(value)
+        if not math.isfinite(number):
+            raise bad(value)
+        if kind is int:
+            if number != int(number):
+                raise bad(value)
+            return int(number)
+        return float(number)
+
+    try:
+        items = [values] if isinstance(values, (str, numbers.Real)) else list(values)
+    except TypeError:
+        raise bad(values) from None
+    out = []
+    for item in items:
+        parts = [p.strip() for p in item.split(",")] if isinstance(item, str) else [item]
+        out.extend(one(p) for p in parts if not (isinstance(p, str) and not p))
+    if not out:
+        raise IclgdError(f"{what} needs at least one number, got {values!r}")
+    if minimum is not None:
+        low = min(out)
+        if low < minimum or (strict_minimum and low == minimum):
+            raise IclgdError(f"{what} must be {'>' if strict_minimum else '>='} {minimum}, got {low!r}")
     return sorted(set(out))
 
 

@@ -5,7 +5,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from iclgd_lens.engine.baselines import random_update_like, random_vector_like, untrained_copy
+from iclgd_lens.engine.baselines import random_vector_like, untrained_copy
+from iclgd_lens.engine.gd import Deltas, GDConfig
 from iclgd_lens.errors import IclgdError
 
 torch.set_num_threads(1)
@@ -52,15 +53,28 @@ def test_random_vector_like_is_uniform_unit_cube_and_seeded():
     assert not torch.equal(r, random_vector_like(h, seed=2))
 
 
-def test_random_update_like_keeps_norm_and_zero_rows():
-    delta = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
-    delta[2] = 0
-    r = random_update_like(delta, seed=3)
-    assert torch.allclose(r.norm(dim=-1), delta.norm(dim=-1), atol=1e-5)
-    assert torch.equal(r[2], torch.zeros(64))
-    cos = torch.nn.functional.cosine_similarity(r[[0, 1, 3, 4]], delta[[0, 1, 3, 4]], dim=-1)
-    assert cos.abs().max() < 0.6  # a different direction
-    assert torch.equal(r, random_update_like(delta, seed=3))
+def test_scaled_random_like_keeps_norms_and_zero_episodes():
+    """Deutch's random update (`Deltas.scaled_random_like`, what compare runs): per episode and
+    tensor the norm of the GD delta, a different direction, seeded, dense or low-rank alike."""
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.randn(5, 8, 16, generator=gen)
+    dense[2] = 0
+    low_rank = (torch.randn(5, 8, 3, generator=gen), torch.randn(5, 12, 3, generator=gen))
+    deltas = Deltas({"blocks.0.attn.k": dense, "blocks.0.attn.v": low_rank}, GDConfig.dai(), torch.zeros(1, 5))
+    state = torch.random.get_rng_state()
+    r = deltas.scaled_random_like(seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # global random state untouched
+    norms = deltas.norms()
+    for path, norm in r.norms().items():
+        assert r.tensors[path].shape == deltas.tensors[path].shape and path not in r.factors  # dense
+        assert torch.allclose(norm, norms[path], atol=1e-5)
+        cos = torch.nn.functional.cosine_similarity(r.tensors[path].flatten(1), deltas.tensors[path].flatten(1), dim=1)
+        assert cos[[0, 1, 3, 4]].abs().max() < 0.6  # a different direction
+    assert torch.equal(r.tensors["blocks.0.attn.k"][2], torch.zeros(8, 16))
+    again, other = deltas.scaled_random_like(seed=3), deltas.scaled_random_like(seed=4)
+    for path in norms:
+        assert torch.equal(r.tensors[path], again.tensors[path])
+        assert not torch.equal(r.tensors[path], other.tensors[path])
 
 
 def check_untrained(trained_sd, fresh_sd):

@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from iclgd_lens import analyses as analyses_pkg
-from iclgd_lens.cli import app, parse_ks, parse_settings
+from iclgd_lens.cli import app, parse_settings
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.study import StudyResult
+from iclgd_lens.study import StudyResult, parse_numbers
 from test_results import make_results
 
 runner = CliRunner()
@@ -115,16 +115,27 @@ def test_list_and_help():
     assert result.exit_code == 0, result.output
     for name in ("tiny-llama-icl", "dai", "deutch", "order-sensitivity", "icl-vs-iwl"):
         assert name in result.stdout
-    for command in ([], ["report"], ["render"], ["study"], ["list"]):
+    for command in ([], ["report"], ["render"], ["study"], ["list"], ["train"]):
         result = run(*command, "--help")
         assert result.exit_code == 0 and "Usage" in result.stdout
+    assert "--variant" in run("train", "--help").stdout and "train" in run("--help").stdout
 
 
-def test_parse_ks_and_settings():
-    assert parse_ks(["8"]) == [8]
-    assert parse_ks(["1,2", "8", "2"]) == [1, 2, 8]
+def test_train_bad_options_exit_2_with_one_line(tmp_path):
+    assert_one_line_error(run("train", "--out", tmp_path / "m"), "--variant")  # required
+    assert_one_line_error(run("train", "--variant", "icl"), "--out")
+    assert_one_line_error(run("train", "--variant", "icl", "--out", tmp_path / "m", "--steps", "many"), "--steps")
+    assert_one_line_error(run("train", "--variant", "icl", "--out", tmp_path / "m", "--threads", "0"), "--threads")
+    assert_one_line_error(run("train", "--variant", "big", "--out", tmp_path / "m"), "--variant", "icl, iclobj", "'big'")
+    assert_one_line_error(run("train", "--variant", "icl", "--out", tmp_path / "m", "--epochs", "2"), "--epochs")
+    assert not (tmp_path / "m").exists()
+
+
+def test_k_numbers_and_settings():
+    assert parse_numbers(["8"], "--k", minimum=0) == [8]
+    assert parse_numbers(["1,2", "8", "2"], "--k", minimum=0) == [1, 2, 8]
     with pytest.raises(IclgdError):
-        parse_ks(["-1"])
+        parse_numbers(["-1"], "--k", minimum=0)
     assert parse_settings(["n=3", "name=abc", "ks=[1, 2]", "lr=1e-3"]) == {"n": 3, "name": "abc", "ks": [1, 2], "lr": 1e-3}
 
 

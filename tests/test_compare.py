@@ -120,3 +120,29 @@ def test_simam_delta_keeps_gd_changes_of_any_size():
     expected = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))  # [L, B, H]
     np.testing.assert_allclose(got, expected.reshape(-1), atol=1e-6)
     assert np.abs(expected).max() > 0.1  # the check is not vacuous
+
+
+def test_metrics_come_from_what_probes_declare(bridge):
+    """compare=True: every returned vector becomes `probe:<key>`, whatever its key is called;
+    compare=False: no metric; two probes returning one key: refused with one line."""
+    from iclgd_lens.hooks import PROBES, probe
+
+    def mlp(acts, ctx):
+        return {} if ctx.condition == "icl_prefix" else {"q_mlp": acts["hook_mlp_out"][ctx.batch_index, ctx.read_pos]}
+
+    try:
+        probe("t_compared", points=["blocks.{layer}.hook_mlp_out"])(mlp)
+        probe("t_silent", points=["blocks.{layer}.hook_mlp_out"], compare=False)(
+            lambda acts, ctx: {} if ctx.condition == "icl_prefix" else {"silent": acts["hook_mlp_out"][ctx.batch_index, ctx.read_pos]})
+        kw = dict(gd=GDConfig.dai(lr=0.05), baselines=False, artifacts=False, **SMALL)
+        metrics = set(compare(bridge, tiny_task(), probes=["attn_out", "t_compared", "t_silent"], **kw).table.metric)
+        assert "probe:q_mlp" in metrics and "probe:silent" not in metrics
+        probe("t_clash", points=["blocks.{layer}.hook_mlp_out"])(
+            lambda acts, ctx: {} if ctx.condition == "icl_prefix" else {"attn_out": acts["hook_mlp_out"][ctx.batch_index, ctx.read_pos]})
+        with pytest.raises(IclgdError, match="both return 'attn_out'") as info:
+            compare(bridge, tiny_task(), probes=["attn_out", "t_clash"], **kw)
+        assert "\n" not in str(info.value)
+    finally:
+        for name in ("t_compared", "t_silent", "t_clash"):
+            PROBES.pop(name, None)
+    assert not any(hp.fwd_hooks for hp in bridge.hook_dict.values())

@@ -133,6 +133,22 @@ def test_select_keys_aligns_query_tokens_across_layouts():
     assert mask_icl.all() and mask_zsl.all()
 
 
+def test_select_keys_pads_ragged_rows_with_nan():
+    keep = torch.rand(6, 9, generator=gen(40)) > 0.5
+    keep[2] = False  # a row with no key kept
+    keep[3] = True
+    scores = torch.randn(6, 3, 9, generator=gen(41))
+    packed, mask = metrics.select_keys(scores, keep)
+    assert packed.shape == (6, 3, 9) and mask.shape == (6, 9)
+    for b in range(6):  # slot j holds the row's j-th kept key, in position order; the rest NaN
+        idx = keep[b].nonzero().squeeze(-1)
+        assert mask[b].tolist() == [True] * len(idx) + [False] * (9 - len(idx))
+        assert torch.equal(packed[b, :, : len(idx)], scores[b][:, idx])
+        assert torch.isnan(packed[b, :, len(idx):]).all()
+    packed, mask = metrics.select_keys(scores[:, :, :4], torch.zeros(6, 4, dtype=torch.bool))
+    assert packed.shape == (6, 3, 0) and mask.shape == (6, 0)
+
+
 def test_demo_attention_mass_sums_per_demonstration():
     segments = torch.tensor([0, 1, 1, 0, 2, 2, 2, 0, 3, -1, -1])
     pattern = torch.softmax(torch.randn(2, 4, 11, generator=gen(30)), dim=-1)  # [batch, heads, pos]

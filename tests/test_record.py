@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from iclgd_lens.hooks.scores import query_token_slots
 from iclgd_lens.engine.record import Recorder, split_shared_prefix
-from iclgd_lens.tasks import encode_prompts
+from iclgd_lens.tasks import QUERY_SEGMENT, encode_prompts
 from tiny import tiny_bridge, tiny_hf_model, tiny_task, tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -62,14 +61,14 @@ def test_recorded_values_match_hf_eager_attention():
         attn_out, weights = captured[layer]
         torch.testing.assert_close(got["attn_out"][layer], attn_out[rows, enc.read_pos], atol=1e-5, rtol=1e-5)
         # HF's pattern is softmax(scores): log-ratios between query-token slots equal score differences
-        positions, valid = query_token_slots(enc.segments)
         hf_rows = weights[rows, :, enc.read_pos]  # [batch, heads, key]
-        hf_slots = torch.gather(hf_rows, 2, positions[:, None, :].expand(-1, hf_rows.shape[1], -1))
         scores = got["scores"][layer]  # [batch, heads, width]
-        assert torch.isnan(scores[~valid[:, None, :].expand_as(scores)]).all()
-        for b in range(len(rows)):
-            n = int(valid[b].sum())
-            log_hf = torch.log(hf_slots[b, :, :n])
+        query_keys = [(enc.segments[b] == QUERY_SEGMENT).nonzero().squeeze(-1) for b in range(len(rows))]
+        assert scores.shape[-1] == max(len(idx) for idx in query_keys)
+        for b, idx in enumerate(query_keys):  # slot j: the query's j-th token; the rest NaN
+            n = len(idx)
+            assert torch.isnan(scores[b, :, n:]).all()
+            log_hf = torch.log(hf_rows[b][:, idx])
             torch.testing.assert_close(log_hf - log_hf[:, :1], scores[b, :, :n] - scores[b, :, :1], atol=1e-4, rtol=1e-4)
     assert rec.recording("icl").values == {}
 

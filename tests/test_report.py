@@ -235,15 +235,20 @@ def test_layer_curve_figure_matches_the_summary():
     assert figures.layer_curve_figure(results, "accuracy") is None  # model-level: no layer curve
 
 
-def test_dw_figure_cosine_is_computed_from_the_matrices():
+def test_dw_figure_shows_the_stored_cosine():
+    """The cosine in the titles is the artifact's (computed on the full matrices), not one
+    recomputed from the rounded, pooled matrices drawn: here the drawn ones would give -1 and +1."""
     rng = np.random.default_rng(1)
-    icl = rng.standard_normal((2, 4, 4))
-    gd = -icl  # cosine exactly -1
-    gd[1] = icl[1] + 0 * gd[1]  # cosine exactly +1
-    fig = figures.dw_figure({"icl": icl.tolist(), "gd": gd.tolist()}, layer=3)
+    icl = rng.standard_normal((3, 4, 4))
+    gd = -icl
+    gd[1] = icl[1]
+    fig = figures.dw_figure({"icl": icl.tolist(), "gd": gd.tolist(), "cos": [0.25, -0.5, None]}, layer=3)
     titles = [a.text for a in fig.layout.annotations]
-    assert "kv head 0: dW_GD (cos = -1.000)" in titles and "kv head 1: dW_GD (cos = 1.000)" in titles
+    assert titles == ["kv head 0: dW_ICL", "kv head 0: dW_GD (cos = 0.250)", "kv head 1: dW_ICL",
+                      "kv head 1: dW_GD (cos = -0.500)", "kv head 2: dW_ICL", "kv head 2: dW_GD (cos = n/a)"]
     np.testing.assert_allclose(fig.data[0].z, icl[0])
+    older = figures.dw_figure({"icl": icl.tolist(), "gd": gd.tolist()}, layer=3)  # saved before "cos" was stored
+    assert [a.text for a in older.layout.annotations][1] == "kv head 0: dW_GD"
     assert figures.dw_figure({}, 0) is None
 
 

@@ -64,7 +64,8 @@ def make_results(n_layers: int = 4, n_heads: int = 4, n_kv: int = 2, d_head: int
     for layer in range(n_layers):
         icl = rng.standard_normal((n_kv, d_head, d_head))
         gd = 0.5 * icl + 0.5 * rng.standard_normal((n_kv, d_head, d_head))
-        dw[layer] = {"icl": icl.tolist(), "gd": gd.tolist()}
+        cos = (icl * gd).sum((1, 2)) / (np.linalg.norm(icl, axis=(1, 2)) * np.linalg.norm(gd, axis=(1, 2)))
+        dw[layer] = {"icl": icl.tolist(), "gd": gd.tolist(), "cos": cos.tolist()}  # as example_artifacts stores
     tokens = ["<bos>", "Sentence", ":", EVIL_TOKEN, "good", "Label", ":"]
     attention = {}
     for cond in ("zsl", "icl", "gd"):

@@ -13,12 +13,33 @@ import torch
 
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.engine.gd import GDConfig
-from iclgd_lens.study import StudyResult
+from iclgd_lens.study import StudyResult, parse_numbers
 from iclgd_lens.tasks import Example, Task, label_token_ids
 from tiny import tiny_bridge, tiny_tokenizer
 
 torch.set_num_threads(1)
 GD = GDConfig.dai(lr=0.05)
+
+
+def test_parse_numbers_reads_numbers_strings_and_cli_lists():
+    assert parse_numbers(8, "ks") == [8]
+    assert parse_numbers("4, 1,2,,4", "ks") == [1, 2, 4]
+    assert parse_numbers(["1", "2,4", 2, 8.0], "--k", minimum=0) == [1, 2, 4, 8]  # repeated --k
+    assert parse_numbers(np.array([3, 1]), "ks") == [1, 3]
+    assert parse_numbers("1e-3,0.1", "lrs", kind=float) == [1e-3, 0.1]
+    assert parse_numbers((0.1, 1), "lrs", kind=float) == [0.1, 1.0]
+    assert all(type(v) is int for v in parse_numbers([2.0, "3"], "ks"))
+    assert parse_numbers(0, "ks", minimum=0) == [0]
+    bad = [("1,x", {}, "whole numbers"), ("2.5", {}, "whole numbers"), ([2.5], {}, "whole numbers"),
+           ([True], {}, "whole numbers"), ("nan", dict(kind=float), "numbers"), (None, {}, "numbers"),
+           ("", {}, "at least one"), ((), {}, "at least one"), (" , ", {}, "at least one"),
+           ("-1,2", dict(minimum=0), ">= 0"), ("0", dict(kind=float, minimum=0, strict_minimum=True), "> 0")]
+    for values, options, fragment in bad:
+        with pytest.raises(IclgdError, match=fragment) as err:
+            parse_numbers(values, "my_what", **options)
+        assert "my_what" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(TypeError):
+        parse_numbers(1, "ks", kind=str)
 
 
 @pytest.fixture(scope="module")

@@ -33,10 +33,12 @@ def test_same_seed_same_losses_other_seed_other_losses(variant):
 
 def test_script_writes_a_loadable_model_and_log(tmp_path):
     out = tmp_path / "micro"
-    cmd = [sys.executable, "-m", "iclgd_lens.models.making.training", "--variant", "icl", "--out", str(out), "--micro", "--steps", "3"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    cmd = [sys.executable, "-m", "iclgd_lens.cli", "train", "--variant", "icl", "--out", str(out), "--micro", "--steps", "3"]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)  # `iclgd-lens train ...`
+    assert proc.stdout.strip() == str(out) and "saved to" in proc.stderr
     log = json.loads((out / "training_log.json").read_text())
     assert log["seed"] == 0 and len(log["losses"]) == 3 and log["config"]["steps"] == 3
+    assert log["command"].startswith("iclgd-lens train --variant icl --out ") and log["command"].endswith("--steps 3 --micro")
     model = LlamaForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA

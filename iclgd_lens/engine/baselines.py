@@ -2,7 +2,8 @@
 
 - `random_vector_like`: Dai et al.'s random baseline, r ~ Uniform[0, 1)^d (not zero-mean, so
   it shares the all-positive direction with many activations; that is the published recipe).
-- `random_update_like`: GD replaced by a random update of the same norm (Deutch et al. 2024).
+- GD replaced by a random update of the same norm (Deutch et al. 2024) is
+  `Deltas.scaled_random_like` (engine/gd.py), next to the deltas it scales.
 - `untrained_copy`: the same model with attention and MLP weights re-initialised at random, and
   trained embeddings, norms and unembedding kept (Deutch et al. 2024). A NEW model: the user's
   is never modified.
@@ -20,9 +21,6 @@ from torch import Tensor, nn
 
 from iclgd_lens.errors import IclgdError
 
-WRAPPER_INFIX = "._original_component"
-"""What TransformerBridge inserts into HF state-dict keys when it wraps modules in place."""
-
 
 def random_vector_like(h: Tensor, seed: int) -> Tensor:
     """r ~ Uniform[0, 1) with the shape, dtype and device of h (Dai's random baseline). [...] -> [...]"""
@@ -30,31 +28,10 @@ def random_vector_like(h: Tensor, seed: int) -> Tensor:
     return torch.rand(h.shape, generator=gen, dtype=torch.float32).to(dtype=h.dtype, device=h.device)
 
 
-def random_update_like(delta: Tensor, seed: int) -> Tensor:
-    """A Gaussian direction with the norm of `delta` along the last dim. [..., d] -> [..., d].
-
-    Rows where delta is zero stay zero.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    direction = torch.randn(delta.shape, generator=gen, dtype=torch.float64)
-    direction = direction / torch.linalg.vector_norm(direction, dim=-1, keepdim=True)
-    norm = torch.linalg.vector_norm(delta.detach().double().cpu(), dim=-1, keepdim=True)
-    return (direction * norm).to(dtype=delta.dtype, device=delta.device)
-
-
 def _is_bridge(model) -> bool:
     from transformer_lens.model_bridge import TransformerBridge
 
     return isinstance(model, TransformerBridge)
-
-
-def _clean_state_dict(hf_model: nn.Module) -> dict[str, Tensor]:
-    """The HF state dict with the bridge's `._original_component` infixes removed.
-
-    A booted model lists each tensor under several aliases; after stripping, aliases that
-    name the same parameter collapse onto one key (later ones win; they hold the same tensor).
-    """
-    return {key.replace(WRAPPER_INFIX, ""): value for key, value in hf_model.state_dict().items()}
 
 
 def _is_attention_or_mlp(module_name: str) -> bool:
@@ -73,6 +50,8 @@ def untrained_copy(model, seed: int = 0):
     """
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
+    from iclgd_lens.models import original_state_dict
+
     bridge = model if _is_bridge(model) else None
     hf_model = bridge.original_model if bridge is not None else model
     if not isinstance(hf_model, PreTrainedModel):
@@ -83,7 +62,7 @@ def untrained_copy(model, seed: int = 0):
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices), torch.device(device):  # HF's init draws from the global RNG
         fresh = AutoModelForCausalLM.from_config(config, dtype=first_param.dtype)
-    trained = _clean_state_dict(hf_model)
+    trained = original_state_dict(hf_model)
     wanted = fresh.state_dict()
     missing = [k for k in wanted if k not in trained]
     if missing:

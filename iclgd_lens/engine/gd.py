@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.engine.record import release_transient_state
+from iclgd_lens.models import release_transient_state
 from iclgd_lens.tasks import Episode, Example, Task
 
 if TYPE_CHECKING:

@@ -118,17 +118,14 @@ def select_keys(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
 
     scores [batch, heads, pos] (one query row per prompt), keep [batch, pos] bool (e.g.
     segments == QUERY_SEGMENT) -> (packed [batch, heads, n_max] with NaN padding, mask [batch, n_max]).
+    Slot j of a row is its j-th kept key, in position order; n_max is the most keys kept in a row.
     """
-    keep = keep.to(torch.bool)
+    keep = keep.to(device=scores.device, dtype=torch.bool)
     n_max = int(keep.sum(-1).max()) if keep.numel() else 0
-    batch, heads, _ = scores.shape
-    packed = torch.full((batch, heads, n_max), float("nan"), dtype=scores.dtype, device=scores.device)
-    mask = torch.zeros(batch, n_max, dtype=torch.bool, device=scores.device)
-    for b in range(batch):
-        idx = keep[b].nonzero().squeeze(-1)
-        packed[b, :, : len(idx)] = scores[b][:, idx]
-        mask[b, : len(idx)] = True
-    return packed, mask
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :n_max]  # kept positions first, in order
+    mask = torch.gather(keep, 1, order)  # [batch, n_max]
+    packed = torch.gather(scores, 2, order[:, None, :].expand(-1, scores.shape[1], -1))  # [batch, heads, n_max]
+    return packed.masked_fill(~mask[:, None, :], float("nan")), mask
 
 
 def demo_attention_mass(pattern_row: Tensor, segments: Tensor, n_demos: int | None = None) -> Tensor:

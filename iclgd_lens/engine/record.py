@@ -27,6 +27,7 @@ import torch
 
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.hooks import Probe, ReadContext, get_probes
+from iclgd_lens.models import release_transient_state
 from iclgd_lens.tasks import EncodedPrompts
 
 HookList = list[tuple[str, Callable]]
@@ -98,6 +99,13 @@ class Recorder:
             self.probes = [p if isinstance(p, Probe) else get_probes([p])[0] for p in probes]
         self.layers = list(layers) if layers is not None else list(range(model.cfg.n_layers))  # other HookedRootModules: pass layers
         self._collected: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+        self.key_probe: dict[str, str] = {}  # each recorded key -> the probe that returns it
+
+    def compared_keys(self) -> tuple[str, ...]:
+        """Recorded keys whose probe declared `compare=True`: the engine compares them across
+        conditions as delta cosines (`probe:<key>`)."""
+        declared = {p.name: p.compare for p in self.probes}
+        return tuple(key for key, name in self.key_probe.items() if declared.get(name))
 
     # ---- hooks -----------------------------------------------------------------------
     def hooks(self, context: ReadContext) -> HookList:
@@ -110,9 +118,9 @@ class Recorder:
                 hooks += self._probe_hooks(p, layer, layer_ctx, store)
         return hooks
 
-    @staticmethod
-    def _probe_hooks(p: Probe, layer: int, ctx: ReadContext, store) -> HookList:
+    def _probe_hooks(self, p: Probe, layer: int, ctx: ReadContext, store) -> HookList:
         stash: dict[str, torch.Tensor] = {}
+        key_probe = self.key_probe
         short = [Probe.short_name(pt) for pt in p.points]
 
         def make(key: str) -> Callable:
@@ -123,6 +131,8 @@ class Recorder:
                         out = p.fn(dict(stash), ctx)
                     stash.clear()
                     for name, value in out.items():
+                        if key_probe.setdefault(name, p.name) != p.name:
+                            raise IclgdError(f"probes {key_probe[name]!r} and {p.name!r} both return {name!r}; rename one of the keys")
                         store[name][layer] = value.detach()
                 return None
 
@@ -184,6 +194,23 @@ class Recorder:
         finally:
             release_transient_state(self.model)
         return self.recording(condition, _read_logits(logits, encoded.read_pos), encoded.segments)
+
+    def run_batched(
+        self, encoded: EncodedPrompts, condition: str, *, batch_size: int = 64, deltas=None, row_episode: torch.Tensor | None = None
+    ) -> Recording:
+        """`run` in chunks of at most `batch_size` rows, joined along the batch dim. With GD
+        `deltas` (`iclgd_lens.engine.gd.Deltas`), row b gets the deltas of episode `row_episode[b]`."""
+        from iclgd_lens.engine.gd import delta_hooks  # gd trains through the recorder's model; imported when used
+
+        n = encoded.input_ids.shape[0]
+        if deltas is not None and (row_episode is None or len(row_episode) != n):
+            raise IclgdError(f"run_batched with deltas needs row_episode with one episode index per row ({n} rows)")
+        parts = []
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            interventions = delta_hooks(deltas, row_episode[start:stop]) if deltas is not None else ()
+            parts.append(self.run(encoded.rows(start, stop), condition, interventions=interventions))
+        return Recording.concat(parts)
 
     def run_shared_prefix(self, encoded: EncodedPrompts, condition: str = "icl") -> tuple[Recording, Recording]:
         """ICL prompts that share their demonstrations: the prefix once, the queries batched.
@@ -255,18 +282,6 @@ def key_length_guard(layers: Sequence[int], expected: int) -> tuple[HookList, li
         return check
 
     return [(f"blocks.{layer}.attn.hook_attn_scores", make(layer)) for layer in layers], seen
-
-
-def release_transient_state(model) -> None:
-    """Drop the residual TransformerLens' attention bridges keep from the last forward pass.
-
-    The bridge stashes each block's pre-norm input (`_captured_pre_ln_residual`); after a pass
-    with gradients it is a graph-holding tensor that breaks `copy.deepcopy(model)` and keeps
-    activations alive. Recording and GD leave the model as they found it, so they clear it.
-    """
-    for module in model.modules():
-        if getattr(module, "_captured_pre_ln_residual", None) is not None:
-            module._captured_pre_ln_residual = None
 
 
 def _read_logits(logits: torch.Tensor, read_pos: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,8 @@ _ORIGINAL = "._original_component"
 
 __all__ = [
     "load_model", "original_state_dict", "model_info", "embedded_model_path", "resolve_dtype",
-    "resolve_device", "prepare_tokenizer", "SUPPORTED_ARCHITECTURES", "EMBEDDED_MODELS", "DTYPES",
+    "resolve_device", "prepare_tokenizer", "release_transient_state", "SUPPORTED_ARCHITECTURES",
+    "EMBEDDED_MODELS", "DTYPES",
 ]
 
 
@@ -299,11 +300,12 @@ def _boot(label: str, hf_model, tokenizer, device: torch.device, dtype: torch.dt
 def original_state_dict(bridge) -> dict[str, torch.Tensor]:
     """The wrapped HF model's weights under their original HF names (no `._original_component`).
 
-    The tensors are the live weights (not copies): clone before changing them. Bridge
-    aliases of the same tensors (e.g. `self_attn.q.weight` beside `self_attn.q_proj.weight`)
-    are dropped, keeping exactly the keys a fresh HF model of that class has.
+    `bridge` is a TransformerBridge or a HF model (booted by a bridge or not). The tensors are
+    the live weights (not copies): clone before changing them. Bridge aliases of the same
+    tensors (e.g. `self_attn.q.weight` beside `self_attn.q_proj.weight`) are dropped, keeping
+    exactly the keys a fresh HF model of that class has.
     """
-    model = bridge.original_model
+    model = getattr(bridge, "original_model", bridge)
     with torch.device("meta"):
         reference_keys = list(type(model)(copy.deepcopy(model.config)).state_dict())
     by_hf_name = {key.replace(_ORIGINAL, ""): value for key, value in model.state_dict().items()}
@@ -311,6 +313,19 @@ def original_state_dict(bridge) -> dict[str, torch.Tensor]:
     if missing:
         raise IclgdError(f"cannot map the bridge's weights back to HF names; missing {missing[:3]}")
     return {k: by_hf_name[k] for k in reference_keys}
+
+
+def release_transient_state(model) -> None:
+    """Drop the residual TransformerLens' attention bridges keep from the last forward pass.
+
+    The bridge stashes each block's pre-norm input (`_captured_pre_ln_residual`); after a pass
+    with gradients it is a graph-holding tensor that breaks `copy.deepcopy(model)` and keeps
+    activations alive. Recording (engine/record.py) and GD (engine/gd.py) leave the model as
+    they found it, so they clear it.
+    """
+    for module in model.modules():
+        if getattr(module, "_captured_pre_ln_residual", None) is not None:
+            module._captured_pre_ln_residual = None
 
 
 def model_info(bridge) -> dict:

@@ -338,9 +338,9 @@ def render_report(
     if not isinstance(results, Results):
         raise IclgdError(f"render_report needs a Results, got {type(results).__name__}")
     if analyses is None:
-        from iclgd_lens.analyses import registered_analyses
+        from iclgd_lens.plugins import load_entry_points
 
-        analyses = registered_analyses()
+        analyses = dict(load_entry_points("analyses"))
     out = Path(out_dir)
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)

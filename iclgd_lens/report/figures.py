@@ -147,15 +147,13 @@ def head_heatmap_figure(results: Results, layer: int, comparison: str = HEADLINE
     return fig
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(np.dot(a.ravel(), b.ravel()) / (na * nb)) if na > 0 and nb > 0 else math.nan
-
-
 def dw_figure(dw_layer: dict, layer: int) -> go.Figure | None:
     """dW_ICL and dW_GD side by side, one row per kv head, with their cosine in each row title.
 
-    `dw_layer = {"icl": [kv_head][d_head][d_head], "gd": [...]}` (episode 0).
+    `dw_layer = {"icl": [kv_head][d_head][d_head], "gd": [...], "cos": [kv_head]}` (episode 0;
+    `example_artifacts`). The matrices may be rounded and pooled for drawing, so the cosine shown
+    is the stored one, computed on the full matrices (`metrics.matrix_cosine`); None (NaN after
+    a JSON round trip) shows as n/a, and results saved without "cos" show none.
     """
     if not dw_layer or "icl" not in dw_layer or "gd" not in dw_layer:
         return None
@@ -164,10 +162,16 @@ def dw_figure(dw_layer: dict, layer: int) -> go.Figure | None:
     if icl.ndim == 2:
         icl, gd = icl[None], gd[None]
     n_kv = icl.shape[0]
+    stored = [] if dw_layer.get("cos") is None else list(dw_layer["cos"])  # [kv_head]
     titles = []
     for h in range(n_kv):
-        cos = _cosine(icl[h], gd[h])
-        titles += [f"kv head {h}: dW_ICL", f"kv head {h}: dW_GD (cos = {cos:.3f})"]
+        if h >= len(stored):
+            shown = ""
+        elif stored[h] is None or math.isnan(stored[h]):
+            shown = " (cos = n/a)"
+        else:
+            shown = f" (cos = {stored[h]:.3f})"
+        titles += [f"kv head {h}: dW_ICL", f"kv head {h}: dW_GD{shown}"]
     fig = make_subplots(rows=n_kv, cols=2, subplot_titles=titles, horizontal_spacing=0.08,
                         vertical_spacing=min(0.08, 0.3 / max(n_kv, 1)))
     for h in range(n_kv):

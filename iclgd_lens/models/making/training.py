@@ -1,7 +1,7 @@
 """Train the embedded tiny LLaMA models on the synthetic corpus (reproducible, CPU, minutes).
 
-    python -m iclgd_lens.models.making.training --variant icl    --out iclgd_lens/models/tiny-llama-icl    --threads 1
-    python -m iclgd_lens.models.making.training --variant iclobj --out iclgd_lens/models/tiny-llama-iclobj --threads 1
+    iclgd-lens train --variant icl    --out iclgd_lens/models/tiny-llama-icl    --threads 1
+    iclgd-lens train --variant iclobj --out iclgd_lens/models/tiny-llama-iclobj --threads 1
 
 Variants:
 - `icl`: the ordinary next-token loss on every token of the corpus (`corpus.mapping_document`:
@@ -11,17 +11,16 @@ Variants:
 
 The run is seeded (model init and data), single-process, and writes the HF model and
 tokenizer (`save_pretrained`) plus `training_log.json` (config, seed, losses, k-shot checks,
-time) to `--out`. `--micro` is a seconds-long configuration for tests.
+time) to `--out`. `--micro` is a seconds-long configuration for tests. The command is
+`iclgd-lens train` (iclgd_lens/cli.py); from Python, call `train(TrainConfig(...), out=...)`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -217,25 +216,3 @@ def train(config: TrainConfig, out: Path | None = None, log=print, command: str 
         (out / "training_log.json").write_text(json.dumps(training_log, indent=1))
         log(f"saved to {out} after {seconds:.0f}s")
     return model, tokenizer, training_log
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m iclgd_lens.models.making.training", description=__doc__.split("\n")[0])
-    parser.add_argument("--variant", choices=VARIANTS, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 or 2; more oversubscribes)")
-    parser.add_argument("--micro", action="store_true", help="a seconds-long tiny configuration (tests)")
-    args = parser.parse_args(argv)
-    overrides = dict(MICRO) if args.micro else {}
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    config = TrainConfig(variant=args.variant, seed=args.seed, threads=args.threads, **overrides)
-    argv = sys.argv[1:] if argv is None else argv
-    command = "python -m iclgd_lens.models.making.training " + " ".join(argv)
-    train(config, out=args.out, log=lambda msg: print(msg, flush=True), command=command)
-
-
-if __name__ == "__main__":
-    main()
