@@ -27,7 +27,8 @@ import typer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import BENCH_PROBES, MID, bench_task, random_llama  # noqa: E402
 
-from iclgd_lens.engine import compare as comparison, gd  # noqa: E402
+from iclgd_lens.engine import compare as comparison  # noqa: E402
+from iclgd_lens.engine.gd import train as gd  # noqa: E402  (LOW_RANK_LIMIT is read there)
 from iclgd_lens.engine.gd import GDConfig  # noqa: E402
 
 KEY = ["metric", "comparison", "layer", "head", "episode", "query"]

@@ -1,7 +1,7 @@
 """Print the memory figures of docs/gd.md: the size of the GD deltas per episode on LLaMA-7B, dense
 and low-rank (`dW = U V^T`), the break-even ranks at which a delta is multiplied out, and how many
 episodes the deltas leave room for on an 80 GB GPU. Pure arithmetic on the model's shapes (no
-model is loaded), with the rules of `iclgd_lens/gd.py`:
+model is loaded), with the rules of `iclgd_lens/engine/gd/`:
 
 - dense SGD: deltas + one gradient of the same size (SGD updates in place); Adam adds m and v;
 - low-rank SGD: each training token adds d_in + d_out entries per projection; no dense gradient;

@@ -50,17 +50,19 @@ def test_model_unchanged_also_when_gd_diverges(bridge, monkeypatch):
     compare(bridge, tiny_task(), gd=GDConfig.dai(lr=0.05), baselines=False, **SMALL)
     assert all(torch.equal(before[k], v) for k, v in bridge.state_dict().items())
     # fp32 RMSNorm saturates instead of overflowing, so make the second SGD step blow up
-    import iclgd_lens.engine.gd as gd
+    import iclgd_lens.engine.gd.train as gd_train
 
-    real_update = gd._update_
+    real_step = gd_train._sgd_step_
+    calls = []
 
-    def exploding_update(delta, grad, path, step, config, adam_m, adam_v):
-        real_update(delta, grad, path, step, config, adam_m, adam_v)
-        if step >= 2:
+    def exploding_step(delta, grad, lr):
+        real_step(delta, grad, lr)
+        calls.append(1)
+        if len(calls) > len(gd_train.projection_paths(GDConfig.dai(), 2)):  # from the second step on
             delta.mul_(float("inf"))
 
-    monkeypatch.setattr(gd, "_update_", exploding_update)
-    monkeypatch.setattr(gd, "LOW_RANK_LIMIT", 0)  # dense deltas from the start: _update_ is their SGD step
+    monkeypatch.setattr(gd_train, "_sgd_step_", exploding_step)
+    monkeypatch.setattr(gd_train, "LOW_RANK_LIMIT", 0)  # dense deltas from the start: _sgd_step_ is their SGD step
     with pytest.raises(IclgdError, match="lr=0.05"):
         compare(bridge, tiny_task(), gd=GDConfig.dai(lr=0.05), baselines=False, **SMALL)
     assert all(torch.equal(before[k], v) for k, v in bridge.state_dict().items())

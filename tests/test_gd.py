@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformer_lens.model_bridge import TransformerBridge
 
-import iclgd_lens.engine.gd as gd
+import iclgd_lens.engine.gd.train as gd  # the training module: LOW_RANK_LIMIT and _densify are read there
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.engine.gd import Deltas, GDConfig, delta_hooks, demo_order, projection_paths, train_deltas
 from iclgd_lens.tasks import Episode, Example, Task

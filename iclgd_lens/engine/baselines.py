@@ -3,7 +3,7 @@
 - `random_vector_like`: Dai et al.'s random baseline, r ~ Uniform[0, 1)^d (not zero-mean, so
   it shares the all-positive direction with many activations; that is the published recipe).
 - GD replaced by a random update of the same norm (Deutch et al. 2024) is
-  `Deltas.scaled_random_like` (engine/gd.py), next to the deltas it scales.
+  `Deltas.scaled_random_like` (engine/gd/deltas.py), next to the deltas it scales.
 - `untrained_copy`: the same model with attention and MLP weights re-initialised at random, and
   trained embeddings, norms and unembedding kept (Deutch et al. 2024). A NEW model: the user's
   is never modified.

@@ -320,7 +320,7 @@ def release_transient_state(model) -> None:
 
     The bridge stashes each block's pre-norm input (`_captured_pre_ln_residual`); after a pass
     with gradients it is a graph-holding tensor that breaks `copy.deepcopy(model)` and keeps
-    activations alive. Recording (engine/record.py) and GD (engine/gd.py) leave the model as
+    activations alive. Recording (engine/record.py) and GD (engine/gd/train.py) leave the model as
     they found it, so they clear it.
     """
     for module in model.modules():
