@@ -1,7 +1,10 @@
-"""What a study (an analysis in `analyses/`) returns, and how the CLI finds studies.
+"""What a study returns (`StudyResult`) and the small helpers studies share.
 
-A study is a plain function `run(...) -> StudyResult`. It states its question, keeps its
-numbers in a tidy table, and its plots as plotly figures; the report renders both.
+A study is a plain function `run(...) -> StudyResult` in `analyses/` (registered in
+iclgd_lens.plugins). It states its question, keeps its numbers in a tidy table, and its plots
+as plotly figures; the report renders both. The helpers: `as_bridge` (a name or a loaded
+model), `model_name`, `device_of`, `parse_numbers` (the one comma-list parser of CLI and
+studies), `layer_mean` (episode-level means over layers).
 """
 
 from __future__ import annotations
