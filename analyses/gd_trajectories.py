@@ -69,7 +69,7 @@ def run(
     if target not in TRACKED:
         raise IclgdError(f"target must be one of {', '.join(TRACKED)}, got {target!r}")
     if task is None:
-        from iclgd_lens.tasks.mapping import default_task
+        from iclgd_lens import default_task
 
         task = default_task(seed=seed)
     cells = [(lr, p, e) for p in param_list for lr in lr_list for e in epoch_list]

@@ -59,7 +59,7 @@ def run(
     if names[0] == names[1]:
         names = [f"{names[0]} (1)", f"{names[1]} (2)"]
     if task is None:
-        from iclgd_lens.tasks.mapping import default_task
+        from iclgd_lens import default_task
 
         task = default_task(seed=seed)
     frames = []

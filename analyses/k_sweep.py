@@ -62,7 +62,7 @@ def run(
     extra = parse_numbers(gd_only_ks, "gd_only_ks", minimum=1) if gd_only_ks else []
     models = [as_bridge(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
     if task is None:
-        from iclgd_lens.tasks.mapping import default_task
+        from iclgd_lens import default_task
 
         task = default_task(seed=seed)
     tasks = list(task) if isinstance(task, (list, tuple)) else [task]

@@ -69,7 +69,7 @@ def run(
     started = time.time()
     bridge = as_bridge(model)
     if task is None:
-        from iclgd_lens.tasks.mapping import default_task
+        from iclgd_lens import default_task
 
         task = default_task(seed=seed)
     if k < 2:

@@ -88,7 +88,7 @@ def score_matrix_structure(w_k: Tensor, w_q: Tensor, rank_rtol: float = 1e-4) ->
 def _hf_model(model: Any) -> nn.Module:
     """The HF model behind a name, a TransformerBridge, or an HF model (never booted or changed here)."""
     if isinstance(model, str):
-        from iclgd_lens.models import load_model
+        from iclgd_lens import load_model
 
         return load_model(model).original_model
     if hasattr(model, "original_model"):
