@@ -40,6 +40,7 @@ STUDIES.update({
     "iclobj-vs-emergent": "iclgd_lens.analyses.iclobj_vs_emergent:run",
     "icl-vs-iwl": "iclgd_lens.analyses.icl_vs_iwl:run",
     "conflict-probe": "iclgd_lens.analyses.conflict_probe:run",
+    "causal": "iclgd_lens.analyses.causal:run",
 })
 
 

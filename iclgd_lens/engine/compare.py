@@ -16,7 +16,6 @@ The user's model is never modified (tested bitwise).
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import asdict
 from typing import Sequence
@@ -31,7 +30,7 @@ from iclgd_lens.engine.record import Recorder, Recording
 from iclgd_lens.engine.results import Results, versions
 from iclgd_lens.engine.table import episode_table
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.tasks import Episode, Task, encode_prompts, label_token_ids
+from iclgd_lens.tasks import Episode, Task, encode_prompts, label_token_ids, permuted_demos
 
 ALL_BASELINES = ("random", "random_update", "icl_perm", "untrained")
 """Baselines recorded beside every similarity (Dai; Deutch et al.; Shen et al.)."""
@@ -135,7 +134,7 @@ def _compare_once(model, task, episodes, gd_config, chosen, probe_names, seed, s
     icl = _icl_all(recorder, icl_encs, "icl", share_prefix and k > 0, batch_size)
     perm = None
     if "icl_perm" in chosen and k > 1:
-        perm_encs = [_encode_icl(tokenizer, task, ep, _permuted(ep.demos, seed + 1000 + e), max_len, device) for e, ep in enumerate(episodes)]
+        perm_encs = [_encode_icl(tokenizer, task, ep, permuted_demos(ep.demos, seed + 1000 + e), max_len, device) for e, ep in enumerate(episodes)]
         perm = _icl_all(recorder, perm_encs, "icl_perm", share_prefix, batch_size)
 
     frames, start = [], 0
@@ -187,15 +186,6 @@ def _icl(recorder: Recorder, enc, condition: str, share_prefix: bool) -> tuple[R
         return prefix, rec
     rec = recorder.run(enc, condition)
     return rec, rec
-
-
-def _permuted(demos: tuple, seed: int) -> tuple:
-    """Another order of the demonstrations (never the same one when k > 1), own RNG."""
-    rng = random.Random(seed)
-    order = list(range(len(demos)))
-    while order == list(range(len(demos))):
-        rng.shuffle(order)
-    return tuple(demos[i] for i in order)
 
 
 # ---- small helpers -------------------------------------------------------------------------

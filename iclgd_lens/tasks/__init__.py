@@ -217,6 +217,16 @@ def encode_prompts(
     return EncodedPrompts(input_ids, attention_mask, segments, read_pos, texts)
 
 
+def permuted_demos(demos: Sequence[Example], seed: int) -> tuple[Example, ...]:
+    """The demonstrations in another order, from their own `random.Random(seed)` (never the
+    prompt's own order when k > 1): the "ICL under another order" baseline and ceiling."""
+    rng = random.Random(seed)
+    order = list(range(len(demos)))
+    while len(demos) > 1 and order == list(range(len(demos))):
+        rng.shuffle(order)
+    return tuple(demos[i] for i in order)
+
+
 def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[int]:
     """The token id that starts each label word when it follows the prompt (" " + word).
 
