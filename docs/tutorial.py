@@ -50,7 +50,7 @@ print("|h_ICL - h_ZSL| per layer:", [round(float(u), 3) for u in update])
 # ## 2. A whole comparison: ICL vs GD, layer by layer, with baselines
 
 # %%
-results = compare(model, task, gd=GDConfig.dai(lr=1e-2), k=4, n_episodes=2, n_queries=8, seed=0, progress=False)
+results = compare(model, task, gd=GDConfig.dai(lr=1e-2), k=4, n_episodes=2, n_queries=6, seed=0, progress=False)
 summary = results.summary()
 print(summary[(summary.metric == "simaou") & (summary["head"] == -1)][["comparison", "layer", "mean", "ci_low", "ci_high"]])
 results  # in a notebook this cell shows the HTML summary (Results._repr_html_)
@@ -79,7 +79,7 @@ def mlp_out(acts, ctx):
     return {"mlp_out": acts["hook_mlp_out"][ctx.batch_index, ctx.read_pos]}  # [batch, d_model]
 
 
-results = compare(model, task, gd=GDConfig.dai(lr=1e-2), k=4, n_episodes=1, n_queries=8, baselines=("random",), progress=False, artifacts=False)
+results = compare(model, task, gd=GDConfig.dai(lr=1e-2), k=4, n_episodes=1, n_queries=6, baselines=("random",), progress=False, artifacts=False)
 mlp = results.summary().query("metric == 'probe:mlp_out' and comparison == 'icl~gd'")
 print(mlp[["layer", "mean"]])
 assert len(mlp) == model.cfg.n_layers

@@ -101,8 +101,12 @@ def probe(name: str, points: list[str] | tuple[str, ...], *, description: str = 
     """Register a hook function as a probe (see the module docstring for the contract)."""
     if not points:
         raise IclgdError(f"probe {name!r} must name at least one hook point")
+    if isinstance(points, str):
+        raise IclgdError(f"probe {name!r}: points must be a list of hook point names, got the string {points!r}")
 
     def decorate(fn: ProbeFn) -> ProbeFn:
+        if name in DEFAULT_PROBES and not getattr(fn, "__module__", "").startswith("iclgd_lens.hooks."):
+            raise IclgdError(f"probe name {name!r} is a built-in probe's; give yours another name (built-in: {', '.join(DEFAULT_PROBES)})")
         register("probes", name, Probe(name, tuple(points), fn, description or (fn.__doc__ or "").strip().split("\n")[0], compare))
         return fn
 

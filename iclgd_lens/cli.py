@@ -22,8 +22,9 @@ from dataclasses import replace
 
 import inspect
 import json
-import os
+import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
@@ -45,10 +46,20 @@ def _fail(message: str, code: int = 2, where: str = "iclgd-lens") -> None:
     sys.exit(code)
 
 
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"iclgd-lens: note: {_one_line(message)}", err=True)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 class _OneLineErrors(TyperGroup):
     """The command group, with every user error (usage or IclgdError) turned into one stderr line."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        warnings.showwarning = _note  # library warnings as one line each
+        signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds like Ctrl-C: temp folders are cleaned
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as err:  # click's usage errors (typer vendors click)
@@ -139,7 +150,7 @@ def report(
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local HF folder, or hub id."),
     task: Optional[str] = typer.Option(None, help="Paper task name or data file/folder (default: the embedded models' task)."),
     k: List[str] = typer.Option(["8"], "--k", help="Demonstrations per episode; repeat or comma-separate for a k sweep."),
-    queries: int = typer.Option(8, min=1, help="Queries per episode."),
+    queries: int = typer.Option(6, min=1, help="Queries per episode (the embedded models' task holds out at most 6)."),
     episodes: int = typer.Option(8, min=1, help="Demonstration sets (episodes): the unit of every interval and test (8 gives p down to 0.0078)."),
     gd: str = typer.Option("dai", help="GD preset: dai, shen, shen-single-layer, deutch."),
     lr: Optional[float] = typer.Option(None, help="Override the learning rate (default: the task's own, else the preset's)."),

@@ -24,13 +24,15 @@ from pathlib import Path
 import pytest
 
 from iclgd_lens.report import render_report
-from test_results import EVIL_TOKEN, make_results
+from test_results import BOS_LIKE_TOKEN, EVIL_IMG_TOKEN, EVIL_TOKEN, make_results
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).parent / "artifacts"
 if CHROMIUM is None:
+    if os.environ.get("CI") == "true":  # under CI a missing browser is a failed install, not a reason to skip
+        raise RuntimeError("chromium is not installed but CI=true: .ci/install must install it (apt-get install -y chromium)")
     pytest.skip("chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
 
 
@@ -213,7 +215,8 @@ def test_layer_page_renders_figures_and_attention_and_shows_tokens_as_text(repor
     expected_graphs = page.read_text().count('class="plotly-graph-div"')
     assert expected_graphs >= 4 and state["graphs"] == expected_graphs == state["graphs_rendered"]
     assert state["widgets"] == 3 and state["widgets_rendered"] == 3  # ZSL, ICL, GD attention views
-    assert EVIL_TOKEN in state["text"]  # shown as text by circuitsvis, never run
+    for token in (EVIL_TOKEN, EVIL_IMG_TOKEN, BOS_LIKE_TOKEN):
+        assert token in state["text"], token  # shown as text by circuitsvis, never run (no dialog above)
 
 
 def test_single_file_report_renders(tmp_path):

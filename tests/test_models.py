@@ -200,6 +200,7 @@ def test_hub_errors_say_offline_gated_or_not_found(offline_hub, monkeypatch):
         load_model("org/absent", device="cpu")
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("iclgd_lens.models._hub_reachable", lambda *args, **kwargs: True)  # a hub that answers
     response = types.SimpleNamespace(headers={}, request=None)
     for error, message in [
         (GatedRepoError("403 gated", response=response), r"'meta-llama/Llama-2-7b-hf' is a gated hub model: request access"),
@@ -291,3 +292,24 @@ def test_embedded_model_loads_by_name(name):
     assert ids[0, 0].item() == bridge.tokenizer.bos_token_id
     with torch.no_grad():
         assert torch.isfinite(bridge(ids)).all()
+
+
+def test_an_unreachable_hub_is_one_line_in_seconds(offline_hub, monkeypatch):
+    """Online mode but no network (this sandbox): no minutes of retries, one line, fast."""
+    import time
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("iclgd_lens.models._hub_reachable", lambda *args, **kwargs: False)
+    started = time.perf_counter()
+    with pytest.raises(IclgdError, match="cannot reach the Hugging Face hub to load 'org/absent'") as info:
+        load_model("org/absent", device="cpu")
+    assert time.perf_counter() - started < 5 and "\n" not in str(info.value)
+
+
+def test_a_damaged_weights_file_is_one_line(tmp_path):
+    folder = saved_folder(tmp_path / "saved", hf_llama())
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    with pytest.raises(IclgdError, match="damaged or incomplete") as info:
+        load_model(str(folder), device="cpu")
+    assert "\n" not in str(info.value)

@@ -71,7 +71,7 @@ def test_tokens_are_escaped_never_raw(report):
 def test_widget_props_cannot_close_their_script():
     html = attention_patterns_html(["a", "</script><script>alert(2)</script>"], np.full((1, 2, 2), 0.5).tolist())
     assert html.count("</script>") == 1 and html.endswith("</script>")
-    assert "\\u003c/script\\u003e" in html
+    assert "\\u0026lt;/script\\u0026gt;" in html  # HTML-escaped for circuitsvis' innerHTML, then script-safe JSON
 
 
 def test_layer_page_sections(report):

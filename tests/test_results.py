@@ -15,6 +15,8 @@ from iclgd_lens.engine import stats as episode_stats
 from iclgd_lens.engine.results import TABLE_COLUMNS, Results
 
 EVIL_TOKEN = "<script>alert(1)</script>"
+EVIL_IMG_TOKEN = '<img/src="x"onerror=alert(1)>'  # runs under innerHTML, unlike <script>
+BOS_LIKE_TOKEN = "<s>"
 
 
 def make_results(n_layers: int = 4, n_heads: int = 4, n_kv: int = 2, d_head: int = 8, n_episodes: int = 3,
@@ -66,7 +68,7 @@ def make_results(n_layers: int = 4, n_heads: int = 4, n_kv: int = 2, d_head: int
         gd = 0.5 * icl + 0.5 * rng.standard_normal((n_kv, d_head, d_head))
         cos = (icl * gd).sum((1, 2)) / (np.linalg.norm(icl, axis=(1, 2)) * np.linalg.norm(gd, axis=(1, 2)))
         dw[layer] = {"icl": icl.tolist(), "gd": gd.tolist(), "cos": cos.tolist()}  # as example_artifacts stores
-    tokens = ["<bos>", "Sentence", ":", EVIL_TOKEN, "good", "Label", ":"]
+    tokens = [BOS_LIKE_TOKEN, "Sentence", ":", EVIL_TOKEN, EVIL_IMG_TOKEN, "good", "Label", ":"]
     attention = {}
     for cond in ("zsl", "icl", "gd"):
         attention[cond] = {}

@@ -17,7 +17,9 @@ The user's model is never modified (tested bitwise).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict
+from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
@@ -39,12 +41,12 @@ ALL_BASELINES = ("random", "random_update", "icl_perm", "untrained")
 
 def compare(
     model,
-    task: Task | None = None,
+    task: Task | str | None = None,
     *,
     gd: GDConfig | str = "dai",
     k: int = 8,
     n_episodes: int = 8,
-    n_queries: int = 8,
+    n_queries: int = 6,
     seed: int = 0,
     baselines: Sequence[str] | bool = True,
     probes: Sequence[str] | None = None,
@@ -54,6 +56,11 @@ def compare(
     artifacts: bool = True,
 ) -> Results:
     """Compare ICL with GD on `task`, layer by layer, and return the tidy Results.
+
+    `task` is a Task, a task name or data file (`load_task`), or None (the embedded models'
+    default task). Everything that can be checked is checked before any model work (the
+    prompts fit the context window, the probes' hook points exist); the global random state is
+    left alone (every draw has its own seeded generator).
 
     `gd` is a GDConfig or a preset name ("dai", "shen", "shen-single-layer", "deutch"); a
     preset takes the task's own learning rate (`Task.gd_lr`) where it has one, as Dai et al.
@@ -65,15 +72,17 @@ def compare(
     default 8 episodes let the exact paired test reach p = 0.0078 (docs/statistics.md).
     """
     started = time.time()
-    torch.manual_seed(seed)
-    if task is None:
-        from iclgd_lens.tasks.mapping import default_task
-
-        task = default_task(seed=seed)
+    task = _as_task(task, seed)
     gd_config = GDConfig.resolve(gd, task)
     chosen = _chosen_baselines(baselines)
-    episodes = task.episodes(k, n_episodes, n_queries, seed)
     probe_names = _probe_names(probes)
+    Recorder(model, probe_names)  # refuses probes whose hook points the model lacks, before any work
+    _check_k_fits(model, task, k)
+    episodes = task.episodes(k, n_episodes, n_queries, seed)
+    _check_prompts_fit(model, task, episodes)
+    n_queries_drawn = len(episodes[0].queries)
+    if n_queries_drawn < n_queries:
+        warnings.warn(f"task {task.name!r} gives {n_queries_drawn} queries per episode, not the {n_queries} asked for", stacklevel=2)
 
     table = _compare_once(model, task, episodes, gd_config, chosen, probe_names, seed, share_prefix, batch_size, progress)
     parts = [table]
@@ -93,7 +102,8 @@ def compare(
         "task": {"name": task.name, "template": task.template, "separator": task.separator, "read_offset": task.read_offset},
         "k": k,
         "n_episodes": n_episodes,
-        "n_queries": len(episodes[0].queries),
+        "n_queries": n_queries_drawn,
+        "n_queries_requested": n_queries,
         "seed": seed,
         "gd": asdict(gd_config),
         "baselines": list(chosen),
@@ -129,6 +139,7 @@ def _compare_once(model, task, episodes, gd_config, chosen, probe_names, seed, s
             query_alone[condition] = recorder.run_batched(zsl_enc, condition, batch_size=batch_size, deltas=d, row_episode=row_episode)
     if deltas is None:
         query_alone["gd"] = query_alone["zsl"]
+    _check_finite(query_alone, gd_config)
 
     icl_encs = [_encode_icl(tokenizer, task, episode, episode.demos, max_len, device) for episode in episodes]
     icl = _icl_all(recorder, icl_encs, "icl", share_prefix and k > 0, batch_size)
@@ -136,6 +147,7 @@ def _compare_once(model, task, episodes, gd_config, chosen, probe_names, seed, s
     if "icl_perm" in chosen and k > 1:
         perm_encs = [_encode_icl(tokenizer, task, ep, permuted_demos(ep.demos, seed + 1000 + e), max_len, device) for e, ep in enumerate(episodes)]
         perm = _icl_all(recorder, perm_encs, "icl_perm", share_prefix, batch_size)
+    _check_finite({"icl": Recording.concat([q for _, q in icl])}, gd_config)
 
     frames, start = [], 0
     for e, episode in enumerate(tqdm(episodes, desc=desc, disable=not progress)):
@@ -186,6 +198,56 @@ def _icl(recorder: Recorder, enc, condition: str, share_prefix: bool) -> tuple[R
         return prefix, rec
     rec = recorder.run(enc, condition)
     return rec, rec
+
+
+# ---- checks before any model work ----------------------------------------------------------
+def _as_task(task, seed: int) -> Task:
+    """A Task as given, a task name or data file (`load_task`), or the default task for None."""
+    if task is None:
+        from iclgd_lens.tasks.mapping import default_task
+
+        return default_task(seed=seed)
+    if isinstance(task, (str, Path)):
+        from iclgd_lens.tasks.formats import load_task
+
+        return load_task(str(task), seed=seed)
+    if not isinstance(task, Task):
+        raise IclgdError(f"task must be a Task, a task name or a data file, got {type(task).__name__}")
+    return task
+
+
+def _check_k_fits(model, task: Task, k: int) -> None:
+    """k demonstrations of at least this task's shortest rendering must fit the context window:
+    an impossible k fails here, in milliseconds, instead of after GD has trained on them."""
+    n_ctx = _context_window(model)
+    if n_ctx is None or k == 0 or not task.train:
+        return
+    demo = min(task.train[: 64], key=lambda e: len(e.text))
+    per_demo = len(model.tokenizer(task.render_demo(demo, task.label_words) + task.separator, add_special_tokens=False)["input_ids"])
+    if k * per_demo >= n_ctx:
+        raise IclgdError(
+            f"k={k} demonstrations need at least {k * per_demo} tokens ({per_demo} each), but the model's context window "
+            f"is {n_ctx}; choose k <= {max(0, (n_ctx - 1) // max(per_demo, 1) - 1)}"
+        )
+
+
+def _check_prompts_fit(model, task: Task, episodes: list[Episode]) -> None:
+    """Every episode's longest ICL prompt fits the context window (checked before GD trains)."""
+    n_ctx = _context_window(model)
+    if n_ctx is None or not episodes[0].demos:
+        return
+    for episode in episodes:
+        longest = max(episode.queries, key=lambda q: len(task.render_query(q)))
+        encode_prompts(model.tokenizer, task, [episode.demos], [longest], [episode.label_words], max_length=n_ctx)
+
+
+def _check_finite(recordings: dict[str, Recording], gd_config: GDConfig) -> None:
+    """Stop, with the learning rate named, if any condition's outputs stopped being finite
+    (e.g. GD deltas so large that activations overflow): never a report of NaNs."""
+    for condition, rec in recordings.items():
+        if rec is not None and rec.logits is not None and not bool(torch.isfinite(rec.logits).all()):
+            cause = f"with GD at lr={gd_config.lr:g} ({gd_config.describe()}); lower the learning rate" if condition.startswith("gd") else "(the model itself)"
+            raise IclgdError(f"the {condition} condition's output logits are not finite {cause}")
 
 
 # ---- small helpers -------------------------------------------------------------------------

@@ -98,8 +98,22 @@ class Recorder:
         else:
             self.probes = [p if isinstance(p, Probe) else get_probes([p])[0] for p in probes]
         self.layers = list(layers) if layers is not None else list(range(model.cfg.n_layers))  # other HookedRootModules: pass layers
+        self._check_points()
         self._collected: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
         self.key_probe: dict[str, str] = {}  # each recorded key -> the probe that returns it
+
+    def _check_points(self) -> None:
+        """Every probe's hook points exist on this model (checked once, before any pass)."""
+        known = set(self.model.hook_dict)
+        for p in self.probes:
+            for layer in self.layers[:1] + self.layers[-1:]:
+                for point in p.point_names(layer):
+                    if point not in known:
+                        near = sorted(n for n in known if n.startswith(f"blocks.{layer}."))[:6]
+                        raise IclgdError(
+                            f"probe {p.name!r} reads hook point {point!r}, which this model does not have "
+                            f"(points of layer {layer} include {', '.join(near)}, ...)"
+                        )
 
     def compared_keys(self) -> tuple[str, ...]:
         """Recorded keys whose probe declared `compare=True`: the engine compares them across
@@ -127,9 +141,19 @@ class Recorder:
             def hook(activation: torch.Tensor, hook) -> None:
                 stash[key] = activation
                 if len(stash) == len(short):
-                    with torch.no_grad():
-                        out = p.fn(dict(stash), ctx)
+                    acts = dict(stash)
                     stash.clear()
+                    with torch.no_grad():
+                        try:
+                            out = p.fn(acts, ctx)
+                        except IclgdError:
+                            raise
+                        except Exception as err:  # the probe's own bug: name the probe, where and what
+                            raise IclgdError(
+                                f"probe {p.name!r} raised {type(err).__name__}: {err} "
+                                f"(layer {layer}, condition {ctx.condition}, points {', '.join(p.point_names(layer))})"
+                            ) from err
+                    _check_probe_output(p, out, ctx, layer)
                     for name, value in out.items():
                         if key_probe.setdefault(name, p.name) != p.name:
                             raise IclgdError(f"probes {key_probe[name]!r} and {p.name!r} both return {name!r}; rename one of the keys")
@@ -282,6 +306,19 @@ def key_length_guard(layers: Sequence[int], expected: int) -> tuple[HookList, li
         return check
 
     return [(f"blocks.{layer}.attn.hook_attn_scores", make(layer)) for layer in layers], seen
+
+
+def _check_probe_output(p: Probe, out, ctx: ReadContext, layer: int) -> None:
+    """A probe returns {name: tensor with a leading batch dimension}; say what is wrong otherwise."""
+    where = f"(layer {layer}, condition {ctx.condition})"
+    if not isinstance(out, dict):
+        raise IclgdError(f"probe {p.name!r} returned a {type(out).__name__}; expected a dict of name -> tensor {where}")
+    batch = ctx.read_pos.shape[0]
+    for name, value in out.items():
+        if not isinstance(value, torch.Tensor):
+            raise IclgdError(f"probe {p.name!r} returned {type(value).__name__} for {name!r}; expected a tensor [batch={batch}, ...] {where}")
+        if value.ndim == 0 or value.shape[0] != batch:
+            raise IclgdError(f"probe {p.name!r} returned {name!r} of shape {tuple(value.shape)}; expected [batch={batch}, ...] {where}")
 
 
 def _read_logits(logits: torch.Tensor, read_pos: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ segments). `original_state_dict(bridge)` gives the weights back under their HF n
 from __future__ import annotations
 
 import copy
+import socket
 import difflib
 from pathlib import Path
 
@@ -137,6 +138,20 @@ def _hub_error(name: str, error: Exception) -> IclgdError:
     return IclgdError(f"could not load {name!r}: {first_line}")
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers within `timeout_s` (False at once in offline mode),
+    so that a missing network is one line in seconds, not minutes of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _check_architecture(config, label: str) -> None:
     """Raise unless the HF config describes a supported architecture."""
     architectures = list(getattr(config, "architectures", None) or [])
@@ -196,9 +211,22 @@ def _prepends_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 def _load_pretrained(source: str, dtype: torch.dtype, tokenizer) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """`from_pretrained` on a local folder or a hub id; config first so a wrong architecture
     fails before gigabytes of weights are read."""
+    from safetensors import SafetensorError
+
     is_folder = Path(source).is_dir()
+    local = {}
+    if not is_folder:  # a hub id: the local HF cache first; the network only if it is there, checked in seconds
+        try:
+            AutoConfig.from_pretrained(source, local_files_only=True)
+            local = {"local_files_only": True}
+        except (OSError, ValueError):
+            if not _hub_reachable():
+                raise IclgdError(
+                    f"cannot reach the Hugging Face hub to load {source!r} (no network, or HF_HUB_OFFLINE is set) and it is not "
+                    "in the local HF cache; connect to the network, or download it once and pass its local folder"
+                ) from None
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **local)
     except (OSError, ValueError) as error:
         if is_folder:
             raise IclgdError(f"cannot read the config of folder {source}: {str(error).splitlines()[0]}") from None
@@ -209,9 +237,11 @@ def _load_pretrained(source: str, dtype: torch.dtype, tokenizer) -> tuple[LlamaF
             f"folder {source} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the tokenizer there or pass tokenizer=..."
         )
     try:
-        hf_model = LlamaForCausalLM.from_pretrained(source, config=config, dtype=dtype, attn_implementation="eager")
+        hf_model = LlamaForCausalLM.from_pretrained(source, config=config, dtype=dtype, attn_implementation="eager", **local)
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, **local)
+    except SafetensorError as error:  # a truncated or garbled weights file
+        raise IclgdError(f"cannot read the weights of {source} (model.safetensors is damaged or incomplete: {error})") from None
     except (OSError, ValueError) as error:
         if is_folder:
             raise IclgdError(f"cannot load folder {source}: {str(error).splitlines()[0]}") from None

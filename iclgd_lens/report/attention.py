@@ -34,9 +34,11 @@ def render_widget(element: str, **props) -> str:
 def attention_patterns_html(tokens: Sequence[str], pattern: Sequence) -> str:
     """An AttentionPatterns view (all heads of one layer) of `pattern`: [heads][query][key].
 
-    Tokens are passed as data (JSON), so React shows them as text: markup in a token never runs.
+    circuitsvis puts token strings into the page with React's `dangerouslySetInnerHTML`, so
+    they are HTML-escaped here, at the one boundary where they enter the widget: `<s>` shows as
+    `<s>` and markup in a token never runs.
     """
-    return render_widget("AttentionPatterns", tokens=[str(t) for t in tokens], attention=pattern)
+    return render_widget("AttentionPatterns", tokens=[html.escape(str(t), quote=True) for t in tokens], attention=pattern)
 
 
 def escape(text: object) -> str:

@@ -227,6 +227,17 @@ def permuted_demos(demos: Sequence[Example], seed: int) -> tuple[Example, ...]:
     return tuple(demos[i] for i in order)
 
 
+def readable_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
+    """Each token id as the text it stands for, for people to read: byte-level pieces decoded
+    (`Ġcat` -> ` cat`), special tokens by name (`<s>`), whitespace-only tokens made visible
+    (` ` -> `·`, newline -> `⏎`). Not escaped: pages escape it where it enters them."""
+    out = []
+    for i in ids:
+        text = tokenizer.decode([int(i)])
+        out.append(text if text.strip() else text.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅")
+    return out
+
+
 def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[int]:
     """The token id that starts each label word when it follows the prompt (" " + word).
 
