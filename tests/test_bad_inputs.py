@@ -1,0 +1,184 @@
+"""Bad input, as a table: for every case one line naming the problem (exit 2 on the command line,
+IclgdError in Python), no traceback, no partial output, an earlier report left as it was, and
+the model (state_dict, hooks) unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from iclgd_lens import GDConfig, IclgdError, compare, load_model
+from iclgd_lens.cli import app
+from iclgd_lens.hooks import PROBES, get_probes
+
+get_probes(None)  # the built-in probes are registered before any case takes a snapshot of the registry
+runner = CliRunner()
+FAST = ["--episodes", "2", "--queries", "2", "--no-progress", "--threads", "1"]
+
+PROBE_FILES = {
+    "raises.py": "def f(acts, ctx):\n    raise RuntimeError('my bug')\n",
+    "floats.py": "def f(acts, ctx):\n    return {'x': 1.0}\n",
+    "not_a_dict.py": "def f(acts, ctx):\n    return [1, 2]\n",
+    "wrong_batch.py": "def f(acts, ctx):\n    return {'x': acts['hook_mlp_out'][:1, 0]}\n",
+    "unknown_point.py": None,  # written below: a hook point the model lacks
+    "builtin_name.py": None,  # a probe called like a built-in one
+}
+
+
+def probe_file(folder: Path, name: str) -> Path:
+    point, probe_name = "blocks.{layer}.hook_mlp_out", name.removesuffix(".py")
+    body = PROBE_FILES[name]
+    if name == "unknown_point.py":
+        point, body = "blocks.{layer}.hook_nope", "def f(acts, ctx):\n    return {}\n"
+    if name == "builtin_name.py":
+        probe_name, body = "attn_out", "def f(acts, ctx):\n    return {}\n"
+    path = folder / name
+    path.write_text(f"from iclgd_lens.hooks import probe\n{body}probe({probe_name!r}, points=[{point!r}])(f)\n")
+    return path
+
+
+def make_inputs(folder: Path) -> dict[str, Path]:
+    """Bad files of every kind, made once per case in the case's own folder."""
+    (folder / "bad.jsonl").write_text('{"text": "a", "label": 0}\nnot json\n')
+    (folder / "syntax.py").write_text("def broken(:\n")
+    (folder / "corrupt.json").write_text("{not json")
+    (folder / "no_table.json").write_text(json.dumps({"config": {}}))
+    (folder / "garbage.parquet").write_bytes(b"PAR1 nope")
+    (folder / "a_file.txt").write_text("x")
+    gpt2 = folder / "gpt2_folder"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (folder / "no_config").mkdir()
+    damaged = folder / "damaged"
+    damaged.mkdir()
+    shipped = Path(__file__).resolve().parents[1] / "iclgd_lens" / "models" / "tiny-llama-icl"
+    for f in shipped.iterdir():
+        if f.suffix in (".json", ".safetensors"):
+            data = f.read_bytes()
+            (damaged / f.name).write_bytes(data[:1000] if f.suffix == ".safetensors" else data)
+    foreign = folder / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    return {"folder": folder}
+
+
+# (case id, command line; {dir} is the case's folder) -> a fragment the one line must contain
+CLI_CASES = [
+    ("k-not-a-number", ["report", "--k", "abc"], "whole numbers"),
+    ("k-negative", ["report", "--k", "-1"], ">= 0"),
+    ("k-too-large-for-the-context", ["report", "--k", "100000"], "context window"),
+    ("k-list-with-garbage", ["report", "--k", "1,x"], "whole numbers"),
+    ("lr-zero", ["report", "--lr", "0"], "learning rate"),
+    ("lr-negative", ["report", "--lr", "-1"], "learning rate"),
+    ("lr-nan", ["report", "--lr", "nan"], "learning rate"),
+    ("lr-that-overflows", ["report", "--lr", "1e30"], "not finite"),
+    ("epochs-zero", ["report", "--epochs", "0"], "epochs"),
+    ("batch-size-zero", ["report", "--batch-size", "0"], "batch_size"),
+    ("unknown-gd-preset", ["report", "--gd", "adamw"], "unknown GD preset"),
+    ("unknown-model", ["report", "--model", "nope"], "unknown model"),
+    ("model-not-a-llama", ["report", "--model", "{dir}/gpt2_folder"], "supports"),
+    ("model-folder-without-config", ["report", "--model", "{dir}/no_config"], "config.json"),
+    ("model-damaged-weights", ["report", "--model", "{dir}/damaged"], "damaged or incomplete"),
+    ("model-is-a-file", ["report", "--model", "{dir}/a_file.txt"], "not a model folder"),
+    ("unknown-task", ["report", "--task", "nope"], "nope"),
+    ("malformed-task-file", ["report", "--task", "{dir}/bad.jsonl"], "bad.jsonl"),
+    ("missing-task-file", ["report", "--task", "{dir}/missing.jsonl"], "missing.jsonl"),
+    ("bad-dtype", ["report", "--dtype", "int8"], "unsupported dtype"),
+    ("bad-device", ["report", "--device", "gpu"], "unknown device"),
+    ("missing-hooks-file", ["report", "--hooks", "{dir}/missing.py"], "missing.py"),
+    ("hooks-file-with-syntax-error", ["report", "--hooks", "{dir}/syntax.py"], "SyntaxError"),
+    ("probe-raises", ["report", "--hooks", "{dir}/raises.py"], "probe 'raises' raised RuntimeError: my bug"),
+    ("probe-returns-a-float", ["report", "--hooks", "{dir}/floats.py"], "expected a tensor"),
+    ("probe-returns-a-list", ["report", "--hooks", "{dir}/not_a_dict.py"], "expected a dict"),
+    ("probe-wrong-batch", ["report", "--hooks", "{dir}/wrong_batch.py"], "expected [batch="),
+    ("probe-unknown-hook-point", ["report", "--hooks", "{dir}/unknown_point.py"], "blocks.0.hook_nope"),
+    ("probe-named-like-a-built-in", ["report", "--hooks", "{dir}/builtin_name.py"], "built-in probe"),
+    ("missing-analyses-file", ["report", "--analyses", "{dir}/missing.py"], "missing.py"),
+    ("out-is-a-file", ["report", "--out", "{dir}/a_file.txt"], "not a folder"),
+    ("out-is-someone-elses-folder", ["report", "--out", "{dir}/foreign"], "refusing to replace"),
+    ("queries-zero", ["report", "--queries", "0"], "--queries"),
+    ("episodes-zero", ["report", "--episodes", "0"], "--episodes"),
+    ("unknown-option", ["report", "--bogus"], "--bogus"),
+    ("render-missing-file", ["render", "{dir}/missing.json"], "not found"),
+    ("render-corrupt-json", ["render", "{dir}/corrupt.json"], "cannot read"),
+    ("render-json-without-table", ["render", "{dir}/no_table.json"], "no 'table'"),
+    ("render-garbage-parquet", ["render", "{dir}/garbage.parquet"], "Parquet"),
+    ("unknown-study", ["study", "nope"], "unknown study"),
+    ("study-unknown-setting", ["study", "k-sweep", "--set", "bogus=1"], "bogus"),
+    ("study-setting-without-value", ["study", "k-sweep", "--set", "noequals"], "name=value"),
+    ("train-unknown-variant", ["train", "--variant", "bogus", "--out", "{dir}/m"], "bogus"),
+    ("unknown-command", ["frobnicate"], "frobnicate"),
+]
+
+
+@pytest.mark.parametrize("argv,fragment", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_bad_command_line_input(argv, fragment, tmp_path):
+    make_inputs(tmp_path)
+    for name in PROBE_FILES:
+        probe_file(tmp_path, name)
+    old = tmp_path / "old-report"
+    old.mkdir()
+    (old / "index.html").write_text("the earlier report")
+    argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
+    if argv[0] == "report":
+        argv = argv[:1] + FAST + argv[1:] + ([] if "--out" in argv else ["--out", str(old)])  # the case's options win
+    before = set(PROBES)
+    try:
+        result = runner.invoke(app, argv)
+    finally:
+        for name in set(PROBES) - before:
+            PROBES.pop(name)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "it/s]" not in line and not line.startswith("loading model")]
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert len(lines) == 1 and "error" in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert fragment in lines[0], lines[0]
+    assert (old / "index.html").read_text() == "the earlier report" and sorted(p.name for p in old.iterdir()) == ["index.html"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a temporary folder was left behind"
+    assert (tmp_path / "foreign" / "thesis.tex").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+API_CASES = [
+    ("task-of-a-wrong-type", dict(task=3.0), "task must be"),
+    ("unknown-task-name", dict(task="nope"), "nope"),
+    ("negative-k", dict(k=-1), "k"),
+    ("k-beyond-the-context", dict(k=100000), "context window"),
+    ("unknown-baseline", dict(baselines=["bogus"]), "unknown baseline"),
+    ("unknown-probe", dict(probes=["nope"]), "unknown probe"),
+    ("gd-of-a-wrong-type", dict(gd=0.1), "GDConfig or a preset name"),
+    ("unknown-gd-preset", dict(gd="adamw"), "unknown GD preset"),
+    ("diverging-gd", dict(gd=GDConfig.dai(lr=1e30)), "lr=1e+30"),
+    ("zero-episodes", dict(n_episodes=0), "n_episodes"),
+]
+
+
+@pytest.mark.parametrize("kwargs,fragment", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
+def test_bad_python_input(model, kwargs, fragment):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    kwargs = {"k": 2, "n_episodes": 2, "n_queries": 2, "progress": False, "artifacts": False, **kwargs}
+    with pytest.raises(IclgdError) as info:
+        compare(model, **kwargs)
+    assert "\n" not in str(info.value) and fragment in str(info.value), str(info.value)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_compare_leaves_the_global_random_state_alone_and_repeats_bitwise(model):
+    rng = torch.get_rng_state()
+    kw = dict(k=2, n_episodes=2, n_queries=2, progress=False, artifacts=False)
+    first = compare(model, **kw).table
+    torch.manual_seed(12345)  # another global state must not change the numbers
+    second = compare(model, **kw).table
+    assert first.equals(second)
+    torch.set_rng_state(rng)
