@@ -170,3 +170,23 @@ def test_report_end_to_end_on_a_tiny_model_folder(tmp_path):
     assert sorted(loaded.table["k"].unique()) == [1, 2]
     assert "Metrics as a function of k" in (tmp_path / "rep" / "index.html").read_text()
     assert (tmp_path / "rep" / "layer_01.html").is_file()
+
+
+def test_sigterm_during_render_leaves_no_temporary_folder(saved, tmp_path):
+    """SIGTERM unwinds like Ctrl-C: the half-written report folder is removed, exit 130."""
+    import signal
+    import time
+
+    out = tmp_path / "rep"
+    proc = subprocess.Popen([sys.executable, "-m", "iclgd_lens.cli", "render", str(saved), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob(".rep.tmp-*")) and proc.poll() is None:
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        pytest.skip("the render finished before the signal could be sent")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert not list(tmp_path.glob(".rep.tmp-*")) and not out.exists()
+    assert "Traceback" not in err.decode()
