@@ -21,6 +21,7 @@ earlier) for users who want another position.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -238,13 +239,17 @@ def readable_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
     return out
 
 
+_WARNED_SPLIT: set[tuple[str, ...]] = set()  # warn once per set of split label words
+
+
 def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[int]:
     """The token id that starts each label word when it follows the prompt (" " + word).
 
-    Label words that tokenize into several tokens are scored by their first token, as in
-    Dai et al.; two label words sharing a first token cannot be told apart and raise.
+    Label words that tokenize into several tokens are scored by their first token (Dai et al.
+    average the log-probabilities of all of them: docs/metrics.md, Accuracy), with a warning
+    that says so; two label words sharing a first token cannot be told apart and raise.
     """
-    ids = []
+    ids, split = [], []
     for word in label_words:
         with_space = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
         bare = tokenizer(word, add_special_tokens=False)["input_ids"]
@@ -252,6 +257,11 @@ def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[int]:
         if not toks or (len(toks) == 1 and toks[0] == tokenizer.unk_token_id):
             raise IclgdError(f"label word {word!r} is not in the tokenizer's vocabulary")
         ids.append(toks[0])
+        if len(toks) > 1:
+            split.append(word)
+    if split and tuple(split) not in _WARNED_SPLIT:
+        _WARNED_SPLIT.add(tuple(split))
+        warnings.warn(f"label word(s) {split} are several tokens; they are scored by their first token only", stacklevel=2)
     if len(set(ids)) != len(ids):
         raise IclgdError(f"label words {list(label_words)} share a first token; choose words that differ in their first token")
     return ids
