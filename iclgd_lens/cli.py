@@ -163,6 +163,7 @@ def report(
     single_file: bool = typer.Option(False, "--single-file", help="Write one self-contained report.html."),
     hooks: List[Path] = typer.Option([], "--hooks", help="Python file of @probe functions to record too (repeatable)."),
     analyses: List[Path] = typer.Option([], "--analyses", help="Python file of @analysis functions for the report (repeatable)."),
+    no_memory_check: bool = typer.Option(False, "--no-memory-check", help="Run even if the GD deltas look too big for the device."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: min(4, cpu count))."),
 ) -> None:
@@ -191,7 +192,7 @@ def report(
     parts = []
     for k_value in tqdm(ks, desc="k", disable=no_progress or len(ks) == 1):
         parts.append(compare(bridge, the_task, gd=gd_config, k=k_value, n_episodes=episodes, n_queries=queries,
-                             seed=seed, progress=not no_progress))
+                             seed=seed, progress=not no_progress, check_memory=not no_memory_check))
     results = Results.concat(parts)
     path = render_report(results, out, single_file=single_file)
     typer.echo(str(path))

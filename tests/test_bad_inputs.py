@@ -182,3 +182,15 @@ def test_compare_leaves_the_global_random_state_alone_and_repeats_bitwise(model)
     second = compare(model, **kw).table
     assert first.equals(second)
     torch.set_rng_state(rng)
+
+
+def test_gd_too_big_for_the_device_is_refused_up_front(model, monkeypatch):
+    """The estimate of the deltas' memory is checked before any work; check_memory=False overrides."""
+    import iclgd_lens.engine.compare as compare_module
+
+    monkeypatch.setattr(compare_module.os, "sysconf", lambda name: 1 if name == "SC_PAGE_SIZE" else 1024)  # a 1 KB machine
+    with pytest.raises(IclgdError, match="needs about .* of weight deltas .* check_memory=False") as info:
+        compare(model, k=2, n_episodes=2, n_queries=2, progress=False, artifacts=False)
+    assert "\n" not in str(info.value)
+    result = compare(model, k=2, n_episodes=2, n_queries=2, baselines=False, progress=False, artifacts=False, check_memory=False)
+    assert len(result.table)

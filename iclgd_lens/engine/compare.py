@@ -16,6 +16,7 @@ The user's model is never modified (tested bitwise).
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import asdict
@@ -54,13 +55,15 @@ def compare(
     batch_size: int = 64,
     progress: bool = True,
     artifacts: bool = True,
+    check_memory: bool = True,
 ) -> Results:
     """Compare ICL with GD on `task`, layer by layer, and return the tidy Results.
 
     `task` is a Task, a task name or data file (`load_task`), or None (the embedded models'
     default task). Everything that can be checked is checked before any model work (the
     prompts fit the context window, the probes' hook points exist); the global random state is
-    left alone (every draw has its own seeded generator).
+    left alone (every draw has its own seeded generator). `check_memory`: refuse, before any
+    work, a GD whose weight deltas alone would not fit the device's memory (False: try anyway).
 
     `gd` is a GDConfig or a preset name ("dai", "shen", "shen-single-layer", "deutch"); a
     preset takes the task's own learning rate (`Task.gd_lr`) where it has one, as Dai et al.
@@ -80,6 +83,8 @@ def compare(
     _check_k_fits(model, task, k)
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     _check_prompts_fit(model, task, episodes)
+    if check_memory:
+        _check_delta_memory(model, gd_config, n_episodes, ("untrained" in chosen))
     n_queries_drawn = len(episodes[0].queries)
     if n_queries_drawn < n_queries:
         warnings.warn(f"task {task.name!r} gives {n_queries_drawn} queries per episode, not the {n_queries} asked for", stacklevel=2)
@@ -239,6 +244,35 @@ def _check_prompts_fit(model, task: Task, episodes: list[Episode]) -> None:
     for episode in episodes:
         longest = max(episode.queries, key=lambda q: len(task.render_query(q)))
         encode_prompts(model.tokenizer, task, [episode.demos], [longest], [episode.label_words], max_length=n_ctx)
+
+
+def _check_delta_memory(model, gd_config: GDConfig, n_episodes: int, untrained: bool) -> None:
+    """The GD deltas of all episodes (dense at worst; Adam keeps two more moments) must fit the
+    device's memory beside the model; say the estimate and how to ask for it anyway."""
+    from iclgd_lens.engine.gd import projection_paths
+
+    n_layers = model.cfg.n_layers
+    entries = 0
+    for path in projection_paths(gd_config, n_layers):
+        module = model.get_submodule(path)
+        weight = getattr(getattr(module, "original_component", module), "weight", None)
+        entries += weight.numel() if weight is not None else 0
+    element = 4 if gd_config.delta_dtype else next(model.parameters()).element_size()
+    copies = 3 if gd_config.optimizer == "adam" else 2  # deltas + their gradients (+ Adam's moments)
+    need = entries * n_episodes * element * copies
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * (2 if untrained else 1)
+    device = _device(model)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need + model_bytes > total:
+        gb = lambda n: f"{n / 2**30:.1f} GB"
+        raise IclgdError(
+            f"GD ({gd_config.params}, {gd_config.optimizer}) on {n_episodes} episodes needs about {gb(need)} of weight deltas beside "
+            f"{gb(model_bytes)} of model, more than the {gb(total)} of {device.type}; use fewer episodes or a smaller parameter "
+            "set, or pass check_memory=False (--no-memory-check) to try anyway"
+        )
 
 
 def _check_finite(recordings: dict[str, Recording], gd_config: GDConfig) -> None:
