@@ -32,16 +32,18 @@ ANALYSES: dict[str, AnalysisFn] = REGISTRY["analyses"]
 
 STUDIES: dict[str, Any] = REGISTRY["studies"]
 """Study name -> "module:function" of its `run(...) -> StudyResult`, imported lazily (`load_study`)."""
-STUDIES.update({
-    "order-sensitivity": "iclgd_lens.analyses.order_sensitivity:run",
-    "k-sweep": "iclgd_lens.analyses.k_sweep:run",
-    "gd-trajectories": "iclgd_lens.analyses.gd_trajectories:run",
-    "weight-properties": "iclgd_lens.analyses.weight_properties:run",
-    "iclobj-vs-emergent": "iclgd_lens.analyses.iclobj_vs_emergent:run",
-    "icl-vs-iwl": "iclgd_lens.analyses.icl_vs_iwl:run",
-    "conflict-probe": "iclgd_lens.analyses.conflict_probe:run",
-    "causal": "iclgd_lens.analyses.causal:run",
-})
+STUDIES.update(
+    {
+        "order-sensitivity": "iclgd_lens.analyses.order_sensitivity:run",
+        "k-sweep": "iclgd_lens.analyses.k_sweep:run",
+        "gd-trajectories": "iclgd_lens.analyses.gd_trajectories:run",
+        "weight-properties": "iclgd_lens.analyses.weight_properties:run",
+        "iclobj-vs-emergent": "iclgd_lens.analyses.iclobj_vs_emergent:run",
+        "icl-vs-iwl": "iclgd_lens.analyses.icl_vs_iwl:run",
+        "conflict-probe": "iclgd_lens.analyses.conflict_probe:run",
+        "causal": "iclgd_lens.analyses.causal:run",
+    }
+)
 
 
 def analysis(name: str) -> Callable[[AnalysisFn], AnalysisFn]:

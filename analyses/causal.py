@@ -42,7 +42,6 @@ import plotly.express as px
 import torch
 
 from iclgd_lens import (
-    permuted_demos,
     GDConfig,
     IclgdError,
     Probe,
@@ -52,6 +51,7 @@ from iclgd_lens import (
     encode_prompts,
     label_token_ids,
     metrics,
+    permuted_demos,
     stats,
     train_deltas,
     untrained_copy,
@@ -83,7 +83,9 @@ HookList = list[tuple[str, Callable]]
 
 
 # ---- hooks ------------------------------------------------------------------------------------
-def write_at_read(values: dict[int, torch.Tensor], read_pos: torch.Tensor, point: str = "hook_attn_out") -> HookList:
+def write_at_read(
+    values: dict[int, torch.Tensor], read_pos: torch.Tensor, point: str = "hook_attn_out"
+) -> HookList:
     """Intervention hooks: at `blocks.{l}.{point}`, each row's read position gets `values[l][row]`.
 
     `values[l]` is [batch, ...] (e.g. [batch, d_model] for `hook_attn_out`, [batch, heads, d_head]
@@ -164,10 +166,14 @@ def transplant_hooks(
         store: dict[str, torch.Tensor] = {}
 
         def keep_q(act, hook, store=store):
-            store["q"] = act[torch.arange(act.shape[0], device=act.device), read_pos]  # [batch, heads, d_head]
+            store["q"] = act[
+                torch.arange(act.shape[0], device=act.device), read_pos
+            ]  # [batch, heads, d_head]
 
         def keep_scores(act, hook, store=store):  # [batch, heads, q_pos, k_pos], masked
-            store["lse"] = torch.logsumexp(act[torch.arange(act.shape[0], device=act.device), :, read_pos].float(), dim=-1)
+            store["lse"] = torch.logsumexp(
+                act[torch.arange(act.shape[0], device=act.device), :, read_pos].float(), dim=-1
+            )
 
         def add(act, hook, kv=kv, layer=layer, store=store):
             rows = torch.arange(act.shape[0], device=act.device)
@@ -181,17 +187,24 @@ def transplant_hooks(
                 group = q.shape[1] // kv.k.shape[2]
                 k = kv.k.float().repeat_interleave(group, dim=2)  # [batch, key_pos, heads, d_head]
                 v = kv.v.float().repeat_interleave(group, dim=2)
-                s = torch.einsum("bhd,bphd->bhp", q, k) * (scale if scale is not None else q.shape[-1] ** -0.5)
+                s = torch.einsum("bhd,bphd->bhp", q, k) * (
+                    scale if scale is not None else q.shape[-1] ** -0.5
+                )
                 s = s.masked_fill(~kv.mask[:, None, :], float("-inf"))
                 lse_demo = torch.logsumexp(s, dim=-1)  # [batch, heads]
                 z_demo = torch.einsum("bhp,bphd->bhd", torch.softmax(s, dim=-1), v)
                 alpha = torch.sigmoid(lse_demo - store.pop("lse"))[..., None]
                 dz = alpha * (z_demo - z)
             else:
-                dz = metrics.dual_form_update(q, kv.k.float(), kv.v.float(), kv.mask)  # [batch, heads, d_head]
+                dz = metrics.dual_form_update(
+                    q, kv.k.float(), kv.v.float(), kv.mask
+                )  # [batch, heads, d_head]
                 if mode == "linear_scaled":
                     norm = torch.linalg.vector_norm(dz, dim=-1, keepdim=True)
-                    dz = torch.where(norm > 0, dz / norm.clamp_min(1e-30), torch.zeros_like(dz)) * target_norm[layer].float()[..., None]
+                    dz = (
+                        torch.where(norm > 0, dz / norm.clamp_min(1e-30), torch.zeros_like(dz))
+                        * target_norm[layer].float()[..., None]
+                    )
             out = act.clone()
             out[rows, read_pos] = (z + dz).to(out.dtype)
             return out
@@ -221,15 +234,29 @@ def _icl_extras() -> Probe:
         b, r = ctx.batch_index, ctx.read_pos
         cos = acts["attn.hook_cos"].expand(len(b), -1, -1)[b, r]  # [batch, d_head]
         sin = acts["attn.hook_sin"].expand(len(b), -1, -1)[b, r]
-        return {"k": acts["attn.hook_rot_k"], "v": acts["attn.hook_v"], "cos": cos, "sin": sin,
-                "scores": acts["attn.hook_attn_scores"][b, :, r]}
+        return {
+            "k": acts["attn.hook_rot_k"],
+            "v": acts["attn.hook_v"],
+            "cos": cos,
+            "sin": sin,
+            "scores": acts["attn.hook_attn_scores"][b, :, r],
+        }
 
-    return Probe("icl_extras", tuple(f"blocks.{{layer}}.{p}" for p in points), fn,
-                 "keys and values of the prompt; RoPE tables and scores at the read position", compare=False)
+    return Probe(
+        "icl_extras",
+        tuple(f"blocks.{{layer}}.{p}" for p in points),
+        fn,
+        "keys and values of the prompt; RoPE tables and scores at the read position",
+        compare=False,
+    )
 
 
-READ_PROBES = (_at_read("attn_out", "hook_attn_out"), _at_read("z", "attn.hook_z"), _at_read("q", "attn.hook_q"),
-               _at_read("rot_q", "attn.hook_rot_q"))
+READ_PROBES = (
+    _at_read("attn_out", "hook_attn_out"),
+    _at_read("z", "attn.hook_z"),
+    _at_read("q", "attn.hook_q"),
+    _at_read("rot_q", "attn.hook_rot_q"),
+)
 
 
 @dataclass
@@ -245,7 +272,9 @@ class Runs:
     logits: dict[str, torch.Tensor]  # condition -> [batch, vocab] at the read position
     attn_out: dict[str, torch.Tensor]  # condition -> [n_layers, batch, d_model]
     z: dict[str, torch.Tensor]  # condition -> [n_layers, batch, heads, d_head]
-    q: dict[str, torch.Tensor]  # condition -> [n_layers, batch, heads, d_head] pre-rotary query at the read position
+    q: dict[
+        str, torch.Tensor
+    ]  # condition -> [n_layers, batch, heads, d_head] pre-rotary query at the read position
     rot_q: dict[str, torch.Tensor]  # condition -> [n_layers, batch, heads, d_head] post-rotary
     demo: dict[int, DemoKV]  # per layer, from the ICL run
     n_layers: int
@@ -271,10 +300,14 @@ def record_runs(bridge, task: Task, episodes, gd_config: GDConfig, seed: int, pr
     queries = [q for ep in episodes for q in ep.queries]
     words = [ep.label_words for ep in episodes for _ in ep.queries]
     max_len = getattr(bridge.cfg, "n_ctx", None)
-    enc = lambda demo_sets: encode_prompts(tokenizer, task, demo_sets, queries, words, max_length=max_len).to(device)
+    enc = lambda demo_sets: encode_prompts(tokenizer, task, demo_sets, queries, words, max_length=max_len).to(
+        device
+    )
     zsl_enc = enc([()] * len(queries))
     icl_enc = enc([ep.demos for ep in episodes for _ in ep.queries])
-    perm_enc = enc([permuted_demos(ep.demos, seed + 1000 + e) for e, ep in enumerate(episodes) for _ in ep.queries])
+    perm_enc = enc(
+        [permuted_demos(ep.demos, seed + 1000 + e) for e, ep in enumerate(episodes) for _ in ep.queries]
+    )
     label_ids = torch.tensor([label_token_ids(tokenizer, w) for w in words], device=device)
     labels = torch.tensor([q.label for q in queries], device=device)
 
@@ -292,9 +325,21 @@ def record_runs(bridge, task: Task, episodes, gd_config: GDConfig, seed: int, pr
     mask = demonstration_mask(icl_enc)
     _check_rope_and_scale(icl, mask)
     demo = {l: DemoKV(icl["k"][l], icl["v"][l], mask, icl["cos"][l], icl["sin"][l]) for l in range(n_layers)}
-    return Runs(rows, query, labels, label_ids, zsl_enc, icl_enc, {c: r.logits for c, r in recs.items()},
-                {c: r["attn_out"] for c, r in recs.items()}, {c: r["z"] for c, r in recs.items()},
-                {c: r["q"] for c, r in recs.items()}, {c: r["rot_q"] for c, r in recs.items()}, demo, n_layers)
+    return Runs(
+        rows,
+        query,
+        labels,
+        label_ids,
+        zsl_enc,
+        icl_enc,
+        {c: r.logits for c, r in recs.items()},
+        {c: r["attn_out"] for c, r in recs.items()},
+        {c: r["z"] for c, r in recs.items()},
+        {c: r["q"] for c, r in recs.items()},
+        {c: r["rot_q"] for c, r in recs.items()},
+        demo,
+        n_layers,
+    )
 
 
 def _check_rope_and_scale(icl, mask: torch.Tensor) -> None:
@@ -303,16 +348,28 @@ def _check_rope_and_scale(icl, mask: torch.Tensor) -> None:
     q, rot_q, cos, sin = icl["q"], icl["rot_q"], icl["cos"], icl["sin"]  # [L, batch, heads, d], [L, batch, d]
     for layer in range(q.shape[0]):
         mine = rotate(q[layer].float(), cos[layer].float(), sin[layer].float())
-        err = float((mine - rot_q[layer].float()).abs().max() / rot_q[layer].float().abs().max().clamp_min(1e-30))
+        err = float(
+            (mine - rot_q[layer].float()).abs().max() / rot_q[layer].float().abs().max().clamp_min(1e-30)
+        )
         if err > 1e-4:
-            raise IclgdError(f"the model's rotary embedding is not LLaMA's rotate_half form (layer {layer}: relative error {err:.1e}); the transplant cannot rotate queries")
+            raise IclgdError(
+                f"the model's rotary embedding is not LLaMA's rotate_half form (layer {layer}: relative error {err:.1e}); the transplant cannot rotate queries"
+            )
         k = icl["k"][layer].float()
         group = rot_q.shape[2] // k.shape[2]
-        mine_s = torch.einsum("bhd,bphd->bhp", rot_q[layer].float(), k.repeat_interleave(group, dim=2)) * rot_q.shape[-1] ** -0.5
+        mine_s = (
+            torch.einsum("bhd,bphd->bhp", rot_q[layer].float(), k.repeat_interleave(group, dim=2))
+            * rot_q.shape[-1] ** -0.5
+        )
         theirs = icl["scores"][layer].float()
-        err = float(((mine_s - theirs).abs() * mask[:, None]).max() / (theirs.abs() * mask[:, None]).max().clamp_min(1e-30))
+        err = float(
+            ((mine_s - theirs).abs() * mask[:, None]).max()
+            / (theirs.abs() * mask[:, None]).max().clamp_min(1e-30)
+        )
         if err > 1e-4:
-            raise IclgdError(f"attention scores are not q.k / sqrt(d_head) (layer {layer}: relative error {err:.1e}); the softmax transplant needs the model's scale")
+            raise IclgdError(
+                f"attention scores are not q.k / sqrt(d_head) (layer {layer}: relative error {err:.1e}); the softmax transplant needs the model's scale"
+            )
 
 
 # ---- the interventions ------------------------------------------------------------------------
@@ -335,11 +392,17 @@ def scopes(n_layers: int, kinds: Sequence[str] = SCOPES) -> list[tuple[str, int,
     """(scope, layer, layers touched): "single" layer l; "bottom", cumulative from the bottom
     (layers 0..l); "top", cumulative from the top (layers l..L-1). Every layer at once is
     ("bottom", L-1) (= ("top", 0))."""
-    touched = {"single": lambda l: [l], "bottom": lambda l: list(range(l + 1)), "top": lambda l: list(range(l, n_layers))}
+    touched = {
+        "single": lambda l: [l],
+        "bottom": lambda l: list(range(l + 1)),
+        "top": lambda l: list(range(l, n_layers)),
+    }
     return [(kind, l, touched[kind](l)) for kind in kinds for l in range(n_layers)]
 
 
-def intervention_logits(bridge, runs: Runs, *, seed: int = 0, rope: str = "icl_position") -> dict[tuple[str, str, int], torch.Tensor]:
+def intervention_logits(
+    bridge, runs: Runs, *, seed: int = 0, rope: str = "icl_position"
+) -> dict[tuple[str, str, int], torch.Tensor]:
     """Read-position logits of every intervention: {(comparison, scope, layer): [batch, vocab]}
     (comparison "patch:<source>", "subst:<substitute>" or "transplant:<mode>"; `scopes`)."""
     if rope not in ROPE_MODES:
@@ -368,18 +431,34 @@ def intervention_logits(bridge, runs: Runs, *, seed: int = 0, rope: str = "icl_p
     run = lambda enc, hooks: plain.run(enc, "intervention", interventions=hooks).logits
     for source, values in patch_values.items():
         for scope, layer, layers in scopes(L):
-            out[(f"patch:{source}", scope, layer)] = run(runs.zsl_enc, write_at_read({l: values[l] for l in layers}, runs.zsl_enc.read_pos))
+            out[(f"patch:{source}", scope, layer)] = run(
+                runs.zsl_enc, write_at_read({l: values[l] for l in layers}, runs.zsl_enc.read_pos)
+            )
     for name, values in substitutes.items():
         for scope, layer, layers in scopes(L, ("single", "bottom")):
-            out[(f"subst:{name}", scope, layer)] = run(runs.icl_enc, write_at_read({l: values[l] for l in layers}, runs.icl_enc.read_pos))
-    z_norm = torch.linalg.vector_norm(runs.z["icl"].float() - runs.z["zsl"].float(), dim=-1)  # [L, batch, heads]
+            out[(f"subst:{name}", scope, layer)] = run(
+                runs.icl_enc, write_at_read({l: values[l] for l in layers}, runs.icl_enc.read_pos)
+            )
+    z_norm = torch.linalg.vector_norm(
+        runs.z["icl"].float() - runs.z["zsl"].float(), dim=-1
+    )  # [L, batch, heads]
     directions = _unit_gaussian(runs.z["icl"].shape, seed + 11, z_norm.device)
-    demo = runs.demo if rope == "icl_position" else {l: DemoKV(kv.k, kv.v, kv.mask) for l, kv in runs.demo.items()}
+    demo = (
+        runs.demo
+        if rope == "icl_position"
+        else {l: DemoKV(kv.k, kv.v, kv.mask) for l, kv in runs.demo.items()}
+    )
     q_point = "attn.hook_q" if rope == "icl_position" else "attn.hook_rot_q"
     for mode in TRANSPLANTS:
         for scope, layer, layers in scopes(L, ("single", "bottom")):
-            hooks = transplant_hooks({l: demo[l] for l in layers}, runs.zsl_enc.read_pos, mode=mode, q_point=q_point,
-                                     target_norm={l: z_norm[l] for l in layers}, directions={l: directions[l] for l in layers})
+            hooks = transplant_hooks(
+                {l: demo[l] for l in layers},
+                runs.zsl_enc.read_pos,
+                mode=mode,
+                q_point=q_point,
+                target_norm={l: z_norm[l] for l in layers},
+                directions={l: directions[l] for l in layers},
+            )
             out[(f"transplant:{mode}", scope, layer)] = run(runs.zsl_enc, hooks)
     return out
 
@@ -408,14 +487,25 @@ def query_metrics(logits: torch.Tensor, runs: Runs) -> dict[str, torch.Tensor]:
     }
 
 
-def episode_ratios(per_query: dict[str, torch.Tensor], reference: dict[str, dict[str, torch.Tensor]], rows: torch.Tensor, n_episodes: int) -> dict[str, np.ndarray]:
+def episode_ratios(
+    per_query: dict[str, torch.Tensor],
+    reference: dict[str, dict[str, torch.Tensor]],
+    rows: torch.Tensor,
+    n_episodes: int,
+) -> dict[str, np.ndarray]:
     """Per episode (ratios of the episode's sums over its queries, NaN where the denominator is 0):
 
-        recovered    = sum_q (LD_run - LD_ZSL) / sum_q (LD_ICL - LD_ZSL)
-        kl_reduction = 1 - sum_q KL(ICL || run) / sum_q KL(ICL || ZSL)
+    recovered    = sum_q (LD_run - LD_ZSL) / sum_q (LD_ICL - LD_ZSL)
+    kl_reduction = 1 - sum_q KL(ICL || run) / sum_q KL(ICL || ZSL)
     """
+
     def sums(x):
-        return torch.zeros(n_episodes, dtype=torch.float64, device=x.device).index_add_(0, rows, x.double()).cpu().numpy()
+        return (
+            torch.zeros(n_episodes, dtype=torch.float64, device=x.device)
+            .index_add_(0, rows, x.double())
+            .cpu()
+            .numpy()
+        )
 
     zsl, icl = reference["zsl"], reference["icl"]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -426,8 +516,16 @@ def episode_ratios(per_query: dict[str, torch.Tensor], reference: dict[str, dict
     return {"recovered": recovered, "kl_reduction": kl_reduction}
 
 
-def causal_table(bridge, task: Task, episodes, gd_config: GDConfig, *, seed: int = 0, rope: str = "icl_position",
-                 progress: bool = False) -> tuple[pd.DataFrame, dict]:
+def causal_table(
+    bridge,
+    task: Task,
+    episodes,
+    gd_config: GDConfig,
+    *,
+    seed: int = 0,
+    rope: str = "icl_position",
+    progress: bool = False,
+) -> tuple[pd.DataFrame, dict]:
     """The tidy table of one model (COLUMNS), and run facts (the exactness check's error)."""
     runs = record_runs(bridge, task, episodes, gd_config, seed, progress)
     logits = {(c, "none", -1): runs.logits[c] for c in ("zsl", "icl", "gd", "icl_perm")}
@@ -439,16 +537,43 @@ def causal_table(bridge, task: Task, episodes, gd_config: GDConfig, *, seed: int
     for (comparison, scope, layer), lg in logits.items():
         pq = query_metrics(lg, runs)
         for metric, values in pq.items():
-            frames.append(pd.DataFrame({"metric": metric, "comparison": comparison, "scope": scope, "layer": layer, "head": -1,
-                                        "episode": rows_np, "query": query_np, "value": values.double().cpu().numpy()}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "metric": metric,
+                        "comparison": comparison,
+                        "scope": scope,
+                        "layer": layer,
+                        "head": -1,
+                        "episode": rows_np,
+                        "query": query_np,
+                        "value": values.double().cpu().numpy(),
+                    }
+                )
+            )
         for metric, values in episode_ratios(pq, reference, runs.rows, n_ep).items():
-            frames.append(pd.DataFrame({"metric": metric, "comparison": comparison, "scope": scope, "layer": layer, "head": -1,
-                                        "episode": np.arange(n_ep), "query": -1, "value": values}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "metric": metric,
+                        "comparison": comparison,
+                        "scope": scope,
+                        "layer": layer,
+                        "head": -1,
+                        "episode": np.arange(n_ep),
+                        "query": -1,
+                        "value": values,
+                    }
+                )
+            )
     frames.append(dual_form_rows(runs, rope))
     table = pd.concat(frames, ignore_index=True)[COLUMNS]
     all_layers = logits[("patch:icl", "bottom", runs.n_layers - 1)]
-    facts = {"all_layer_patch_max_abs_err": float((all_layers - runs.logits["icl"]).abs().max()),
-             "n_layers": runs.n_layers, "n_demo_tokens_mean": float(runs.demo[0].mask.sum(1).float().mean())}
+    facts = {
+        "all_layer_patch_max_abs_err": float((all_layers - runs.logits["icl"]).abs().max()),
+        "n_layers": runs.n_layers,
+        "n_demo_tokens_mean": float(runs.demo[0].mask.sum(1).float().mean()),
+    }
     return table, facts
 
 
@@ -465,14 +590,25 @@ def dual_form_rows(runs: Runs, rope: str = "icl_position") -> pd.DataFrame:
             q = runs.rot_q["zsl"][layer].float()
         dz = metrics.dual_form_update(q, kv.k.float(), kv.v.float(), kv.mask)  # [batch, heads, d_head]
         true = runs.z["icl"][layer].float() - runs.z["zsl"][layer].float()
-        values = {"dual_form_cos": torch.nn.functional.cosine_similarity(dz, true, dim=-1),
-                  "dual_form_ratio": torch.linalg.vector_norm(dz, dim=-1) / torch.linalg.vector_norm(true, dim=-1)}
+        values = {
+            "dual_form_cos": torch.nn.functional.cosine_similarity(dz, true, dim=-1),
+            "dual_form_ratio": torch.linalg.vector_norm(dz, dim=-1) / torch.linalg.vector_norm(true, dim=-1),
+        }
         for metric, v in values.items():  # [batch, heads]
-            frames.append(pd.DataFrame({
-                "metric": metric, "comparison": "transplant:linear", "scope": "single", "layer": layer,
-                "head": np.tile(np.arange(n_heads), len(runs.rows)),
-                "episode": runs.rows.cpu().numpy().repeat(n_heads), "query": runs.query.cpu().numpy().repeat(n_heads),
-                "value": v.double().cpu().numpy().ravel()}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "metric": metric,
+                        "comparison": "transplant:linear",
+                        "scope": "single",
+                        "layer": layer,
+                        "head": np.tile(np.arange(n_heads), len(runs.rows)),
+                        "episode": runs.rows.cpu().numpy().repeat(n_heads),
+                        "query": runs.query.cpu().numpy().repeat(n_heads),
+                        "value": v.double().cpu().numpy().ravel(),
+                    }
+                )
+            )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -513,14 +649,27 @@ def run(
     parts = [table]
     if untrained:
         copy = untrained_copy(bridge, seed=seed)
-        base, base_facts = causal_table(copy, task, episodes, gd_config, seed=seed, rope=rope, progress=progress)
+        base, base_facts = causal_table(
+            copy, task, episodes, gd_config, seed=seed, rope=rope, progress=progress
+        )
         parts.append(base.assign(comparison="untrained:" + base["comparison"]))
         facts["untrained_all_layer_patch_max_abs_err"] = base_facts["all_layer_patch_max_abs_err"]
         del copy
     table = pd.concat(parts, ignore_index=True)
-    config = dict(model=model_name(bridge), task=task.name, k=k, n_episodes=n_episodes, n_queries=len(episodes[0].queries),
-                  seed=seed, gd={**gd_config.__dict__}, untrained=untrained, rope=rope, **facts, versions=versions(),
-                  run_time_s=round(time.time() - started, 2))
+    config = dict(
+        model=model_name(bridge),
+        task=task.name,
+        k=k,
+        n_episodes=n_episodes,
+        n_queries=len(episodes[0].queries),
+        seed=seed,
+        gd={**gd_config.__dict__},
+        untrained=untrained,
+        rope=rope,
+        **facts,
+        versions=versions(),
+        run_time_s=round(time.time() - started, 2),
+    )
     return StudyResult("causal", QUESTION, table, figures(table), findings(table, facts), config)
 
 
@@ -533,9 +682,24 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
 
 def _line(sub: pd.DataFrame, title: str, **kw):
     sub = sub.assign(err_plus=sub.ci_high - sub["mean"], err_minus=sub["mean"] - sub.ci_low)
-    fig = px.line(sub, x="layer", y="mean", color="comparison", markers=True, error_y="err_plus", error_y_minus="err_minus",
-                  facet_col="scope", facet_row="metric", category_orders={"scope": list(SCOPES)}, title=title,
-                  labels={"layer": "layer l (single: l; bottom: 0..l; top: l..L-1)", "mean": "mean [95% CI over episodes]"}, **kw)
+    fig = px.line(
+        sub,
+        x="layer",
+        y="mean",
+        color="comparison",
+        markers=True,
+        error_y="err_plus",
+        error_y_minus="err_minus",
+        facet_col="scope",
+        facet_row="metric",
+        category_orders={"scope": list(SCOPES)},
+        title=title,
+        labels={
+            "layer": "layer l (single: l; bottom: 0..l; top: l..L-1)",
+            "mean": "mean [95% CI over episodes]",
+        },
+        **kw,
+    )
     fig.update_yaxes(matches=None, showticklabels=True)
     return fig
 
@@ -547,13 +711,27 @@ def figures(table: pd.DataFrame) -> list:
     figs = []
     patch = s[s.comparison.str.startswith("patch:") & s.metric.isin(EPISODE_METRICS)]
     if not patch.empty:
-        figs.append(_line(patch, "Activation patching into ZSL at the read position: share of ICL's effect recovered"))
+        figs.append(
+            _line(patch, "Activation patching into ZSL at the read position: share of ICL's effect recovered")
+        )
     subst = s[s.comparison.str.startswith("subst:") & s.metric.isin(["kl_to_icl", "agreement", "accuracy"])]
     if not subst.empty:
-        figs.append(_line(subst, "Update substitution in the ICL run: ICL's attention update at the read position replaced"))
-    trans = s[s.comparison.str.startswith("transplant:") & s.metric.isin(["accuracy", "kl_to_icl", "kl_to_gd", "recovered"])]
+        figs.append(
+            _line(
+                subst,
+                "Update substitution in the ICL run: ICL's attention update at the read position replaced",
+            )
+        )
+    trans = s[
+        s.comparison.str.startswith("transplant:")
+        & s.metric.isin(["accuracy", "kl_to_icl", "kl_to_gd", "recovered"])
+    ]
     if not trans.empty:
-        figs.append(_line(trans, "Dual-form transplant into ZSL: dW_ICL q added to each head's z at the read position"))
+        figs.append(
+            _line(
+                trans, "Dual-form transplant into ZSL: dW_ICL q added to each head's z at the read position"
+            )
+        )
     return figs
 
 
@@ -571,7 +749,12 @@ def _fmt(row) -> str:
 
 def _paired(table: pd.DataFrame, metric: str, a: str, b: str, scope: str, layer: int):
     def per_episode(comparison):
-        sub = table[(table.metric == metric) & (table.comparison == comparison) & (table.scope == scope) & (table.layer == layer)]
+        sub = table[
+            (table.metric == metric)
+            & (table.comparison == comparison)
+            & (table.scope == scope)
+            & (table.layer == layer)
+        ]
         return stats.episode_means(sub.value.to_numpy(), sub.episode.to_numpy())
 
     return stats.paired_test(per_episode(a), per_episode(b))
@@ -583,10 +766,18 @@ def findings(table: pd.DataFrame, facts: dict | None = None) -> str:
     lines = []
     L = int(table.loc[table.layer >= 0, "layer"].max()) + 1
     if facts and "all_layer_patch_max_abs_err" in facts:
-        lines.append(f"Patching the read position's attention output with ICL's at every layer reproduces ICL's logits "
-                     f"(max |diff| {facts['all_layer_patch_max_abs_err']:.1e}).")
+        lines.append(
+            f"Patching the read position's attention output with ICL's at every layer reproduces ICL's logits "
+            f"(max |diff| {facts['all_layer_patch_max_abs_err']:.1e})."
+        )
     acc = {c: _get(s, "accuracy", c, "none", -1) for c in ("zsl", "icl", "gd", "icl_perm")}
-    lines.append("Accuracy: " + ", ".join(f"{c.upper() if c != 'icl_perm' else 'ICL (other order)'} {_fmt(r)}" for c, r in acc.items()) + ".")
+    lines.append(
+        "Accuracy: "
+        + ", ".join(
+            f"{c.upper() if c != 'icl_perm' else 'ICL (other order)'} {_fmt(r)}" for c, r in acc.items()
+        )
+        + "."
+    )
     # patching
     best = {}
     for source in PATCH_SOURCES:
@@ -596,46 +787,79 @@ def findings(table: pd.DataFrame, facts: dict | None = None) -> str:
             best[source] = max(vals, key=lambda t: t[0]["mean"])
     if best:
         parts = [f"{src} {_fmt(r)} (layer {l})" for src, (r, l) in best.items()]
-        line = "Patching one layer into ZSL, best share of ICL's logit-diff effect recovered: " + "; ".join(parts)
+        line = "Patching one layer into ZSL, best share of ICL's logit-diff effect recovered: " + "; ".join(
+            parts
+        )
         if "gd_scaled" in best:
             l = best["gd_scaled"][1]
             test = _paired(table, "recovered", "patch:gd_scaled", "patch:random", "single", l)
-            line += f"; GD rescaled vs random at layer {l}: diff {test.diff_mean:+.2f}, p = {test.p_value:.3f}"
+            line += (
+                f"; GD rescaled vs random at layer {l}: diff {test.diff_mean:+.2f}, p = {test.p_value:.3f}"
+            )
         lines.append(line + ".")
         bottom = ", ".join(f"0..{l} {_fmt(_get(s, 'recovered', 'patch:icl', 'bottom', l))}" for l in range(L))
         top = ", ".join(f"{l}..{L - 1} {_fmt(_get(s, 'recovered', 'patch:icl', 'top', l))}" for l in range(L))
-        lines.append(f"ICL's own values patched into ZSL, cumulatively from the bottom: {bottom}; from the top: {top}.")
+        lines.append(
+            f"ICL's own values patched into ZSL, cumulatively from the bottom: {bottom}; from the top: {top}."
+        )
         all_gd = _get(s, "recovered", "patch:gd", "bottom", L - 1)
         all_gds = _get(s, "recovered", "patch:gd_scaled", "bottom", L - 1)
         all_rand = _get(s, "recovered", "patch:random", "bottom", L - 1)
         klr = _get(s, "kl_reduction", "patch:gd_scaled", "bottom", L - 1)
-        lines.append(f"All layers patched: GD recovers {_fmt(all_gd)} as is, {_fmt(all_gds)} rescaled (KL reduction {_fmt(klr)}); "
-                     f"a random update of ICL's norm {_fmt(all_rand)}.")
+        lines.append(
+            f"All layers patched: GD recovers {_fmt(all_gd)} as is, {_fmt(all_gds)} rescaled (KL reduction {_fmt(klr)}); "
+            f"a random update of ICL's norm {_fmt(all_rand)}."
+        )
     # substitution
     none = [(_get(s, "kl_to_icl", "subst:none", "single", l), l) for l in range(L)]
     none = [(r, l) for r, l in none if r is not None]
     if none:
         _, l = max(none, key=lambda t: t[0]["mean"])
         parts = [f"{name} {_fmt(_get(s, 'kl_to_icl', f'subst:{name}', 'single', l))}" for name in SUBSTITUTES]
-        agree = [f"{name} {_fmt(_get(s, 'agreement', f'subst:{name}', 'bottom', L - 1))}" for name in SUBSTITUTES]
-        lines.append(f"Substituting ICL's update at layer {l} (where removing it matters most), KL(ICL || substituted): "
-                     + ", ".join(parts) + ". All layers at once, agreement with ICL's label: " + ", ".join(agree) + ".")
+        agree = [
+            f"{name} {_fmt(_get(s, 'agreement', f'subst:{name}', 'bottom', L - 1))}" for name in SUBSTITUTES
+        ]
+        lines.append(
+            f"Substituting ICL's update at layer {l} (where removing it matters most), KL(ICL || substituted): "
+            + ", ".join(parts)
+            + ". All layers at once, agreement with ICL's label: "
+            + ", ".join(agree)
+            + "."
+        )
     # transplant
-    t_all = {m: tuple(_get(s, metric, f"transplant:{m}", "bottom", L - 1) for metric in ("accuracy", "kl_to_icl", "kl_to_gd"))
-             for m in TRANSPLANTS}
-    ratio = [(_get(s, "dual_form_ratio", "transplant:linear", "single", l), _get(s, "dual_form_cos", "transplant:linear", "single", l)) for l in range(L)]
+    t_all = {
+        m: tuple(
+            _get(s, metric, f"transplant:{m}", "bottom", L - 1)
+            for metric in ("accuracy", "kl_to_icl", "kl_to_gd")
+        )
+        for m in TRANSPLANTS
+    }
+    ratio = [
+        (
+            _get(s, "dual_form_ratio", "transplant:linear", "single", l),
+            _get(s, "dual_form_cos", "transplant:linear", "single", l),
+        )
+        for l in range(L)
+    ]
     if all(r is not None for r, _ in ratio):
-        lines.append("Linear dual form dW_ICL q against ICL's real update of z, per layer (norm ratio; cosine; mean over heads): "
-                     + ", ".join(f"layer {l} {_fmt(r)}; {_fmt(c)}" for l, (r, c) in enumerate(ratio)) + ".")
+        lines.append(
+            "Linear dual form dW_ICL q against ICL's real update of z, per layer (norm ratio; cosine; mean over heads): "
+            + ", ".join(f"layer {l} {_fmt(r)}; {_fmt(c)}" for l, (r, c) in enumerate(ratio))
+            + "."
+        )
     if any(v[0] is not None for v in t_all.values()):
-        lines.append("Dual-form transplant into ZSL at all layers (accuracy; KL to ICL; KL to GD): "
-                     + "; ".join(f"{m} {_fmt(a)}; {_fmt(ki)}; {_fmt(kg)}" for m, (a, ki, kg) in t_all.items())
-                     + f". Reference KL(ICL || ZSL) {_fmt(_get(s, 'kl_to_icl', 'zsl', 'none', -1))}, KL(GD || ZSL) {_fmt(_get(s, 'kl_to_gd', 'zsl', 'none', -1))}.")
+        lines.append(
+            "Dual-form transplant into ZSL at all layers (accuracy; KL to ICL; KL to GD): "
+            + "; ".join(f"{m} {_fmt(a)}; {_fmt(ki)}; {_fmt(kg)}" for m, (a, ki, kg) in t_all.items())
+            + f". Reference KL(ICL || ZSL) {_fmt(_get(s, 'kl_to_icl', 'zsl', 'none', -1))}, KL(GD || ZSL) {_fmt(_get(s, 'kl_to_gd', 'zsl', 'none', -1))}."
+        )
     # untrained
     u_acc = {c: _get(s, "accuracy", f"untrained:{c}", "none", -1) for c in ("zsl", "icl", "gd")}
     if u_acc["icl"] is not None:
         u_kl = _get(s, "kl_to_icl", "untrained:zsl", "none", -1)
         u_rec = _get(s, "kl_reduction", "untrained:patch:gd_scaled", "bottom", L - 1)
-        lines.append(f"Untrained copy: accuracy ZSL {_fmt(u_acc['zsl'])}, ICL {_fmt(u_acc['icl'])}, GD {_fmt(u_acc['gd'])}; "
-                     f"KL(ICL || ZSL) {_fmt(u_kl)}; all-layer GD-rescaled patch KL reduction {_fmt(u_rec)}.")
+        lines.append(
+            f"Untrained copy: accuracy ZSL {_fmt(u_acc['zsl'])}, ICL {_fmt(u_acc['icl'])}, GD {_fmt(u_acc['gd'])}; "
+            f"KL(ICL || ZSL) {_fmt(u_kl)}; all-layer GD-rescaled patch KL reduction {_fmt(u_rec)}."
+        )
     return "\n".join(lines)

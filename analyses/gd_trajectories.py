@@ -24,12 +24,8 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
+from iclgd_lens import PARAM_SETS, GDConfig, IclgdError, StudyResult, Task, compare, versions
 from iclgd_lens.study import as_bridge, layer_mean, model_name, parse_numbers
-from iclgd_lens import compare, versions
-from iclgd_lens import IclgdError
-from iclgd_lens import PARAM_SETS, GDConfig
-from iclgd_lens import StudyResult
-from iclgd_lens import Task
 
 QUESTION = "Does any GD setting (learning rate, trained parameters, epochs) make GD agree with ICL as well as ICL agrees with itself?"
 PROBES = ("attn_out", "scores", "kv_outer")
@@ -65,7 +61,9 @@ def run(
     param_list = [p.strip() for part in param_list for p in part.split(",") if p.strip()]
     unknown = [p for p in param_list if p not in PARAM_SETS]
     if unknown or not param_list:
-        raise IclgdError(f"unknown parameter set(s) {unknown or params!r}; choose from {', '.join(PARAM_SETS)}")
+        raise IclgdError(
+            f"unknown parameter set(s) {unknown or params!r}; choose from {', '.join(PARAM_SETS)}"
+        )
     if target not in TRACKED:
         raise IclgdError(f"target must be one of {', '.join(TRACKED)}, got {target!r}")
     if task is None:
@@ -79,29 +77,76 @@ def run(
         if progress:
             print(f"[gd-trajectories {i + 1}/{len(cells)}] params={p} lr={lr:g} epochs={e}", flush=True)
         try:
-            res = compare(bridge, task, gd=config, k=k, n_episodes=n_episodes, n_queries=n_queries, seed=seed,
-                          baselines=("icl_perm",), probes=PROBES, progress=False, artifacts=False)
+            res = compare(
+                bridge,
+                task,
+                gd=config,
+                k=k,
+                n_episodes=n_episodes,
+                n_queries=n_queries,
+                seed=seed,
+                baselines=("icl_perm",),
+                probes=PROBES,
+                progress=False,
+                artifacts=False,
+            )
         except IclgdError as err:
             if "diverged" not in str(err):
                 raise
-            frames.append(pd.DataFrame([dict(metric="diverged", comparison="gd", layer=-1, head=-1, episode=-1, query=-1, value=1.0)]))
+            frames.append(
+                pd.DataFrame(
+                    [
+                        dict(
+                            metric="diverged",
+                            comparison="gd",
+                            layer=-1,
+                            head=-1,
+                            episode=-1,
+                            query=-1,
+                            value=1.0,
+                        )
+                    ]
+                )
+            )
         else:
             t = res.table
             frames.append(t[t.metric.isin(TRACKED) & (t["head"] == -1)])
         frames[-1] = frames[-1].assign(lr=lr, params=p, epochs=e)
     table = pd.concat(frames, ignore_index=True)
-    config = dict(model=model_name(bridge), task=task.name, lrs=lr_list, params=param_list, epochs=epoch_list,
-                  loss_on=loss_on, optimizer=optimizer, k=k, n_episodes=n_episodes, n_queries=n_queries, target=target,
-                  seed=seed, versions=versions(), run_time_s=round(time.time() - started, 2))
+    config = dict(
+        model=model_name(bridge),
+        task=task.name,
+        lrs=lr_list,
+        params=param_list,
+        epochs=epoch_list,
+        loss_on=loss_on,
+        optimizer=optimizer,
+        k=k,
+        n_episodes=n_episodes,
+        n_queries=n_queries,
+        target=target,
+        seed=seed,
+        versions=versions(),
+        run_time_s=round(time.time() - started, 2),
+    )
     best = best_cell(table, target)
-    return StudyResult("gd-trajectories", QUESTION, table, figures(table, target, best), findings(table, target, best), config)
+    return StudyResult(
+        "gd-trajectories",
+        QUESTION,
+        table,
+        figures(table, target, best),
+        findings(table, target, best),
+        config,
+    )
 
 
 def cell_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Mean (over layers, then queries) per (params, lr, epochs, metric, comparison)."""
     parts = []
     for (p, lr, e), group in table[table.metric != "diverged"].groupby(["params", "lr", "epochs"]):
-        parts.append(layer_mean(group.drop(columns=["params", "lr", "epochs"])).assign(params=p, lr=lr, epochs=e))
+        parts.append(
+            layer_mean(group.drop(columns=["params", "lr", "epochs"])).assign(params=p, lr=lr, epochs=e)
+        )
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
@@ -115,7 +160,9 @@ def best_cell(table: pd.DataFrame, target: str) -> dict | None:
     if rows.empty:
         return None
     row = rows.loc[rows["mean"].idxmin() if target == "kl" else rows["mean"].idxmax()]
-    return dict(params=row["params"], lr=float(row["lr"]), epochs=int(row["epochs"]), value=float(row["mean"]))
+    return dict(
+        params=row["params"], lr=float(row["lr"]), epochs=int(row["epochs"]), value=float(row["mean"])
+    )
 
 
 def figures(table: pd.DataFrame, target: str, best: dict | None) -> list:
@@ -125,21 +172,44 @@ def figures(table: pd.DataFrame, target: str, best: dict | None) -> list:
     if s.empty:
         return []
     figs = []
-    for metric, comparison, floor_comparison in ((target, "gd" if target == "accuracy" else "icl~gd", "icl" if target == "accuracy" else "icl~icl_perm"),
-                                                  ("accuracy", "gd", "icl")):
+    for metric, comparison, floor_comparison in (
+        (
+            target,
+            "gd" if target == "accuracy" else "icl~gd",
+            "icl" if target == "accuracy" else "icl~icl_perm",
+        ),
+        ("accuracy", "gd", "icl"),
+    ):
         sub = s[(s.metric == metric) & (s.comparison == comparison)].sort_values("epochs")
         if sub.empty:
             continue
-        fig = px.line(sub, x="epochs", y="mean", color=sub["lr"].map(lambda v: f"lr={v:g}"), facet_col="params", markers=True, log_x=True,
-                      labels={"mean": f"{metric} ({comparison})", "color": "learning rate"},
-                      title=f"{metric} ({comparison}) against GD epochs; dotted: {floor_comparison}")
+        fig = px.line(
+            sub,
+            x="epochs",
+            y="mean",
+            color=sub["lr"].map(lambda v: f"lr={v:g}"),
+            facet_col="params",
+            markers=True,
+            log_x=True,
+            labels={"mean": f"{metric} ({comparison})", "color": "learning rate"},
+            title=f"{metric} ({comparison}) against GD epochs; dotted: {floor_comparison}",
+        )
         floor = s[(s.metric == metric) & (s.comparison == floor_comparison)]["mean"].mean()
         if np.isfinite(floor):
             fig.add_hline(y=floor, line_dash="dot", annotation_text=floor_comparison)
         if best is not None and metric == target:
             panel = list(dict.fromkeys(sub["params"])).index(best["params"]) + 1
-            fig.add_trace(go.Scatter(x=[best["epochs"]], y=[best["value"]], mode="markers", name="best",
-                                     marker=dict(symbol="star", size=16, color="black")), row=1, col=panel)
+            fig.add_trace(
+                go.Scatter(
+                    x=[best["epochs"]],
+                    y=[best["value"]],
+                    mode="markers",
+                    name="best",
+                    marker=dict(symbol="star", size=16, color="black"),
+                ),
+                row=1,
+                col=panel,
+            )
         figs.append(fig)
     return figs
 
@@ -150,18 +220,30 @@ def findings(table: pd.DataFrame, target: str, best: dict | None) -> str:
     lines = []
     diverged = table[table.metric == "diverged"][["params", "lr", "epochs"]].drop_duplicates()
     if len(diverged):
-        lines.append("GD diverged at: " + "; ".join(f"{r.params} lr={r.lr:g} epochs={r.epochs}" for r in diverged.itertuples()) + ".")
+        lines.append(
+            "GD diverged at: "
+            + "; ".join(f"{r.params} lr={r.lr:g} epochs={r.epochs}" for r in diverged.itertuples())
+            + "."
+        )
     if best is None:
         return "\n".join(lines + ["No GD setting finished; lower the learning rates."])
-    lines.append(f"Best agreement ({target}, icl~gd): params={best['params']}, lr={best['lr']:g}, epochs={best['epochs']}: {best['value']:.3f}.")
+    lines.append(
+        f"Best agreement ({target}, icl~gd): params={best['params']}, lr={best['lr']:g}, epochs={best['epochs']}: {best['value']:.3f}."
+    )
     floor = s[(s.metric == target) & (s.comparison == "icl~icl_perm")]["mean"].mean()
     if np.isfinite(floor) and target != "accuracy":
         closes = best["value"] >= floor if target != "kl" else best["value"] <= floor
-        lines.append(f"ICL against itself under another demonstration order: {floor:.3f}; the best GD setting "
-                     + ("reaches that floor." if closes else f"stays {abs(floor - best['value']):.3f} away from it."))
+        lines.append(
+            f"ICL against itself under another demonstration order: {floor:.3f}; the best GD setting "
+            + ("reaches that floor." if closes else f"stays {abs(floor - best['value']):.3f} away from it.")
+        )
     acc = s[s.metric == "accuracy"]
-    cell = acc[(acc.params == best["params"]) & (acc.lr == best["lr"]) & (acc.epochs == best["epochs"])].set_index("comparison")["mean"]
+    cell = acc[
+        (acc.params == best["params"]) & (acc.lr == best["lr"]) & (acc.epochs == best["epochs"])
+    ].set_index("comparison")["mean"]
     if {"zsl", "icl", "gd"} <= set(cell.index):
-        lines.append(f"Accuracy there: zero-shot {cell['zsl']:.2f}, ICL {cell['icl']:.2f}, GD {cell['gd']:.2f}; "
-                     f"best GD accuracy anywhere in the grid {acc[acc.comparison == 'gd']['mean'].max():.2f}.")
+        lines.append(
+            f"Accuracy there: zero-shot {cell['zsl']:.2f}, ICL {cell['icl']:.2f}, GD {cell['gd']:.2f}; "
+            f"best GD accuracy anywhere in the grid {acc[acc.comparison == 'gd']['mean'].max():.2f}."
+        )
     return "\n".join(lines)

@@ -16,18 +16,23 @@ from typing import Sequence
 import pandas as pd
 import plotly.express as px
 
+from iclgd_lens import GDConfig, IclgdError, StudyResult, Task, compare, stats, versions
 from iclgd_lens.study import as_bridge, layer_mean, model_name
-from iclgd_lens import compare, versions
-from iclgd_lens import IclgdError
-from iclgd_lens import GDConfig
-from iclgd_lens import stats
-from iclgd_lens import StudyResult
-from iclgd_lens import Task
 
 QUESTION = "Does ICL learned through an explicit ICL objective agree with GD differently from ICL that emerged in pretraining?"
 DEFAULT_MODELS = ("tiny-llama-icl", "tiny-llama-iclobj")
-COMPARED = (("accuracy", "zsl"), ("accuracy", "icl"), ("accuracy", "gd"), ("simaou", "icl~gd"), ("simaou_norm", "icl~gd"),
-            ("simam_delta", "icl~gd"), ("dw_cos", "icl~gd"), ("token_overlap", "icl~gd"), ("kl", "icl~gd"), ("simaou", "icl~icl_perm"))
+COMPARED = (
+    ("accuracy", "zsl"),
+    ("accuracy", "icl"),
+    ("accuracy", "gd"),
+    ("simaou", "icl~gd"),
+    ("simaou_norm", "icl~gd"),
+    ("simam_delta", "icl~gd"),
+    ("dw_cos", "icl~gd"),
+    ("token_overlap", "icl~gd"),
+    ("kl", "icl~gd"),
+    ("simaou", "icl~icl_perm"),
+)
 """(metric, comparison) pairs tested for a difference between the two models."""
 
 
@@ -66,15 +71,37 @@ def run(
     for name, bridge in zip(names, bridges):
         if progress:
             print(f"[iclobj-vs-emergent] {name}", flush=True)
-        res = compare(bridge, task, gd=gd, k=k, n_episodes=n_episodes, n_queries=n_queries, seed=seed,
-                      baselines=baselines, progress=progress, artifacts=False)
+        res = compare(
+            bridge,
+            task,
+            gd=gd,
+            k=k,
+            n_episodes=n_episodes,
+            n_queries=n_queries,
+            seed=seed,
+            baselines=baselines,
+            progress=progress,
+            artifacts=False,
+        )
         frames.append(res.table.assign(model=name))
     table = pd.concat(frames, ignore_index=True)
     diffs = differences(table, names)
-    config = dict(models=names, task=task.name, k=k, gd=gd if isinstance(gd, str) else gd.__dict__, n_episodes=n_episodes,
-                  n_queries=n_queries, baselines=baselines, alpha=alpha, seed=seed, versions=versions(),
-                  run_time_s=round(time.time() - started, 2))
-    return StudyResult("iclobj-vs-emergent", QUESTION, table, figures(table, diffs), findings(diffs, names, alpha), config)
+    config = dict(
+        models=names,
+        task=task.name,
+        k=k,
+        gd=gd if isinstance(gd, str) else gd.__dict__,
+        n_episodes=n_episodes,
+        n_queries=n_queries,
+        baselines=baselines,
+        alpha=alpha,
+        seed=seed,
+        versions=versions(),
+        run_time_s=round(time.time() - started, 2),
+    )
+    return StudyResult(
+        "iclobj-vs-emergent", QUESTION, table, figures(table, diffs), findings(diffs, names, alpha), config
+    )
 
 
 def _per_query(table: pd.DataFrame, metric: str, comparison: str, layer: int | None = None) -> pd.Series:
@@ -96,17 +123,32 @@ def differences(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     rows = []
     for metric, comparison, layer in keys:
         values = _per_query(table, metric, comparison, layer)
-        if values.empty or a not in values.index.get_level_values(0) or b not in values.index.get_level_values(0):
+        if (
+            values.empty
+            or a not in values.index.get_level_values(0)
+            or b not in values.index.get_level_values(0)
+        ):
             continue
         per_episode = values.groupby(level=["model", "episode"]).mean()  # NaNs dropped within an episode
         ea, eb = per_episode.loc[a].dropna(), per_episode.loc[b].dropna()
         if len(ea) < 2 or len(eb) < 2:
             continue
         test = stats.paired_test(eb, ea)  # paired by episode
-        rows.append(dict(metric=metric, comparison=comparison, layer=-1 if layer is None else layer,
-                         mean_a=float(ea.mean()), mean_b=float(eb.mean()), diff=test.diff_mean, p_value=test.p_value,
-                         n_episodes=test.n_episodes))
-    return pd.DataFrame(rows, columns=["metric", "comparison", "layer", "mean_a", "mean_b", "diff", "p_value", "n_episodes"])
+        rows.append(
+            dict(
+                metric=metric,
+                comparison=comparison,
+                layer=-1 if layer is None else layer,
+                mean_a=float(ea.mean()),
+                mean_b=float(eb.mean()),
+                diff=test.diff_mean,
+                p_value=test.p_value,
+                n_episodes=test.n_episodes,
+            )
+        )
+    return pd.DataFrame(
+        rows, columns=["metric", "comparison", "layer", "mean_a", "mean_b", "diff", "p_value", "n_episodes"]
+    )
 
 
 def figures(table: pd.DataFrame, diffs: pd.DataFrame) -> list:
@@ -114,20 +156,44 @@ def figures(table: pd.DataFrame, diffs: pd.DataFrame) -> list:
     the differences table."""
     rows = table[(table.metric == "simaou") & (table["head"] == -1) & (table.layer >= 0)]
     curve = rows.groupby(["model", "comparison", "layer"], as_index=False)["value"].mean()
-    fig_layers = px.line(curve, x="layer", y="value", color="model", line_dash="comparison", markers=True,
-                         labels={"value": "SimAOU (raw)"}, title="Per-layer SimAOU of both models (icl~gd and its baselines)")
+    fig_layers = px.line(
+        curve,
+        x="layer",
+        y="value",
+        color="model",
+        line_dash="comparison",
+        markers=True,
+        labels={"value": "SimAOU (raw)"},
+        title="Per-layer SimAOU of both models (icl~gd and its baselines)",
+    )
     acc = layer_mean(table[table.metric == "accuracy"])
     acc = acc.assign(err_plus=acc.ci_high - acc["mean"], err_minus=acc["mean"] - acc.ci_low)
-    fig_acc = px.bar(acc, x="comparison", y="mean", color="model", barmode="group", error_y="err_plus", error_y_minus="err_minus",
-                     range_y=[0, 1.05], labels={"mean": "accuracy (argmax over label words)", "comparison": "condition"},
-                     title="Accuracy of zero-shot, ICL and GD per model (95% CI)")
+    fig_acc = px.bar(
+        acc,
+        x="comparison",
+        y="mean",
+        color="model",
+        barmode="group",
+        error_y="err_plus",
+        error_y_minus="err_minus",
+        range_y=[0, 1.05],
+        labels={"mean": "accuracy (argmax over label words)", "comparison": "condition"},
+        title="Accuracy of zero-shot, ICL and GD per model (95% CI)",
+    )
     figs = [fig_layers, fig_acc]
     if not diffs.empty:
         import plotly.graph_objects as go
 
         shown = diffs.round(4)
-        figs.append(go.Figure(go.Table(header=dict(values=list(shown.columns)), cells=dict(values=[shown[c] for c in shown.columns])),
-                              layout=dict(title="Differences between the models (paired sign-flip test over episodes)")))
+        figs.append(
+            go.Figure(
+                go.Table(
+                    header=dict(values=list(shown.columns)),
+                    cells=dict(values=[shown[c] for c in shown.columns]),
+                ),
+                layout=dict(title="Differences between the models (paired sign-flip test over episodes)"),
+            )
+        )
     return figs
 
 
@@ -139,15 +205,29 @@ def findings(diffs: pd.DataFrame, names: list[str], alpha: float) -> str:
     lines = []
     acc = diffs[diffs.metric == "accuracy"].set_index("comparison")
     if len(acc):
-        lines.append("Accuracy " + "; ".join(f"{c}: {a} {r.mean_a:.2f} vs {b} {r.mean_b:.2f}" for c, r in acc.iterrows()) + ".")
+        lines.append(
+            "Accuracy "
+            + "; ".join(f"{c}: {a} {r.mean_a:.2f} vs {b} {r.mean_b:.2f}" for c, r in acc.iterrows())
+            + "."
+        )
     model_level = diffs[(diffs.layer == -1) & (diffs.metric != "accuracy")]
     sig = model_level[model_level.p_value < alpha]
     for r in sig.itertuples():
-        lines.append(f"{r.metric} ({r.comparison}) differs: {a} {r.mean_a:.3f} vs {b} {r.mean_b:.3f} (p = {r.p_value:.2g}).")
+        lines.append(
+            f"{r.metric} ({r.comparison}) differs: {a} {r.mean_a:.3f} vs {b} {r.mean_b:.3f} (p = {r.p_value:.2g})."
+        )
     same = model_level[model_level.p_value >= alpha]
     if len(same):
-        lines.append(f"No significant difference (p >= {alpha}) in: " + ", ".join(f"{r.metric} ({r.comparison})" for r in same.itertuples()) + ".")
+        lines.append(
+            f"No significant difference (p >= {alpha}) in: "
+            + ", ".join(f"{r.metric} ({r.comparison})" for r in same.itertuples())
+            + "."
+        )
     layers = diffs[(diffs.layer >= 0) & (diffs.p_value < alpha)]
     if len(layers):
-        lines.append("SimAOU icl~gd differs significantly at layer(s) " + ", ".join(str(int(l)) for l in layers.layer) + ".")
+        lines.append(
+            "SimAOU icl~gd differs significantly at layer(s) "
+            + ", ".join(str(int(l)) for l in layers.layer)
+            + "."
+        )
     return "\n".join(lines)

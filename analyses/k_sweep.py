@@ -24,15 +24,23 @@ import plotly.express as px
 import torch
 from tqdm.auto import tqdm
 
-from iclgd_lens import metrics
-from iclgd_lens import compare, versions
-from iclgd_lens import IclgdError
-from iclgd_lens import GDConfig, train_deltas
-from iclgd_lens import Recorder
+from iclgd_lens import (
+    GDConfig,
+    IclgdError,
+    Recorder,
+    Task,
+    compare,
+    encode_prompts,
+    label_token_ids,
+    metrics,
+    train_deltas,
+    versions,
+)
 from iclgd_lens.study import StudyResult, as_bridge, device_of, layer_mean, model_name, parse_numbers
-from iclgd_lens import Task, encode_prompts, label_token_ids
 
-QUESTION = "How do ICL, GD and their agreement change with the number of demonstrations k, per task and model?"
+QUESTION = (
+    "How do ICL, GD and their agreement change with the number of demonstrations k, per task and model?"
+)
 HEADLINE = ("accuracy", "simaou", "simam_delta", "token_overlap", "dw_cos")
 """Metrics drawn against k (every metric of the engine is in the table)."""
 
@@ -72,8 +80,18 @@ def run(
             too_long = []
             for k in tqdm(ks, desc=f"k sweep {t.name}", disable=not progress):
                 try:
-                    res = compare(bridge, t, gd=gd, k=k, n_episodes=n_episodes, n_queries=n_queries, seed=seed,
-                                  baselines=baselines, progress=False, artifacts=False)
+                    res = compare(
+                        bridge,
+                        t,
+                        gd=gd,
+                        k=k,
+                        n_episodes=n_episodes,
+                        n_queries=n_queries,
+                        seed=seed,
+                        baselines=baselines,
+                        progress=False,
+                        artifacts=False,
+                    )
                 except IclgdError as err:  # ICL prompts past the context window: GD only for this k
                     if "context window" not in str(err):
                         raise
@@ -81,15 +99,31 @@ def run(
                     continue
                 frames.append(res.table.assign(model=model_name(bridge), task=t.name))
             for k in [k for k in extra if k not in ks] + too_long:
-                frames.append(gd_only_table(bridge, t, gd, k, n_episodes, n_queries, seed).assign(model=model_name(bridge), task=t.name))
+                frames.append(
+                    gd_only_table(bridge, t, gd, k, n_episodes, n_queries, seed).assign(
+                        model=model_name(bridge), task=t.name
+                    )
+                )
     table = pd.concat(frames, ignore_index=True)
-    config = dict(models=[model_name(b) for b in models], tasks=[t.name for t in tasks], ks=ks, gd_only_ks=extra,
-                  gd=gd if isinstance(gd, str) else gd.__dict__, n_episodes=n_episodes, n_queries=n_queries,
-                  baselines=baselines, seed=seed, versions=versions(), run_time_s=round(time.time() - started, 2))
+    config = dict(
+        models=[model_name(b) for b in models],
+        tasks=[t.name for t in tasks],
+        ks=ks,
+        gd_only_ks=extra,
+        gd=gd if isinstance(gd, str) else gd.__dict__,
+        n_episodes=n_episodes,
+        n_queries=n_queries,
+        baselines=baselines,
+        seed=seed,
+        versions=versions(),
+        run_time_s=round(time.time() - started, 2),
+    )
     return StudyResult("k-sweep", QUESTION, table, figures(table), findings(table), config)
 
 
-def gd_only_table(bridge, task: Task, gd: GDConfig | str, k: int, n_episodes: int, n_queries: int, seed: int) -> pd.DataFrame:
+def gd_only_table(
+    bridge, task: Task, gd: GDConfig | str, k: int, n_episodes: int, n_queries: int, seed: int
+) -> pd.DataFrame:
     """ZSL and GD accuracy (argmax over the label words) for k demonstrations that need not fit
     in the context: tidy rows (metric, comparison, layer, head, episode, query, value, k)."""
     config = GDConfig.resolve(gd, task)  # as compare(): a preset name takes the task's gd_lr
@@ -98,9 +132,14 @@ def gd_only_table(bridge, task: Task, gd: GDConfig | str, k: int, n_episodes: in
     recorder = Recorder(bridge, [])
     queries = [q for episode in episodes for q in episode.queries]
     words = [episode.label_words for episode in episodes for _ in episode.queries]
-    row_episode = torch.tensor([e for e, episode in enumerate(episodes) for _ in episode.queries], dtype=torch.long)
+    row_episode = torch.tensor(
+        [e for e, episode in enumerate(episodes) for _ in episode.queries], dtype=torch.long
+    )
     enc = encode_prompts(bridge.tokenizer, task, [()] * len(queries), queries, words).to(device_of(bridge))
-    runs = {"zsl": recorder.run_batched(enc, "zsl"), "gd": recorder.run_batched(enc, "gd", deltas=deltas, row_episode=row_episode)}
+    runs = {
+        "zsl": recorder.run_batched(enc, "zsl"),
+        "gd": recorder.run_batched(enc, "gd", deltas=deltas, row_episode=row_episode),
+    }
     rows = []
     for condition, rec in runs.items():
         start = 0
@@ -108,7 +147,12 @@ def gd_only_table(bridge, task: Task, gd: GDConfig | str, k: int, n_episodes: in
             n = len(episode.queries)
             label_ids = label_token_ids(bridge.tokenizer, episode.label_words)
             labels = torch.tensor([q.label for q in episode.queries], device=device_of(bridge))
-            correct = metrics.label_correct(rec.logits[start : start + n][:, label_ids], labels).float().cpu().numpy()
+            correct = (
+                metrics.label_correct(rec.logits[start : start + n][:, label_ids], labels)
+                .float()
+                .cpu()
+                .numpy()
+            )
             rows += [("accuracy", condition, -1, -1, e, q, float(v)) for q, v in enumerate(correct)]
             start += n
     frame = pd.DataFrame(rows, columns=["metric", "comparison", "layer", "head", "episode", "query", "value"])
@@ -124,9 +168,20 @@ def figures(table: pd.DataFrame) -> list:
         if sub.empty:
             continue
         sub = sub.assign(err_plus=sub.ci_high - sub["mean"], err_minus=sub["mean"] - sub.ci_low)
-        fig = px.line(sub, x="k", y="mean", color="comparison", line_dash="model", facet_col="task", markers=True,
-                      error_y="err_plus", error_y_minus="err_minus", log_x=True,
-                      labels={"mean": metric, "k": "demonstrations k"}, title=f"{metric} against k (mean over layers and queries, 95% CI)")
+        fig = px.line(
+            sub,
+            x="k",
+            y="mean",
+            color="comparison",
+            line_dash="model",
+            facet_col="task",
+            markers=True,
+            error_y="err_plus",
+            error_y_minus="err_minus",
+            log_x=True,
+            labels={"mean": metric, "k": "demonstrations k"},
+            title=f"{metric} against k (mean over layers and queries, 95% CI)",
+        )
         figs.append(fig)
     return figs
 
@@ -147,16 +202,24 @@ def findings(table: pd.DataFrame) -> str:
             )
         gd_only = [int(k) for k in acc.index if "icl" not in acc or pd.isna(acc.loc[k, "icl"])]
         if gd_only:
-            lines.append(f"GD only (no ICL prompt: beyond the context window or asked for) at k = {', '.join(map(str, gd_only))}.")
+            lines.append(
+                f"GD only (no ICL prompt: beyond the context window or asked for) at k = {', '.join(map(str, gd_only))}."
+            )
         if "gd" in acc:
             gd = acc["gd"].dropna()
-            lines.append(f"GD accuracy goes from {gd.iloc[0]:.2f} (k={gd.index[0]}) to {gd.iloc[-1]:.2f} (k={gd.index[-1]}).")
+            lines.append(
+                f"GD accuracy goes from {gd.iloc[0]:.2f} (k={gd.index[0]}) to {gd.iloc[-1]:.2f} (k={gd.index[-1]})."
+            )
         sim = sub[sub.metric == "simaou"].pivot_table(index="k", columns="comparison", values="mean")
         if "icl~gd" in sim and sim["icl~gd"].notna().sum() >= 2:
             s = sim["icl~gd"].dropna()
             trend = np.corrcoef(np.log(s.index.to_numpy(float)), s.to_numpy())[0, 1]
             base = sim["icl~random_update"].dropna() if "icl~random_update" in sim else None
-            base_txt = f" (random update of equal norm: {base.min():.3f} .. {base.max():.3f})" if base is not None and len(base) else ""
+            base_txt = (
+                f" (random update of equal norm: {base.min():.3f} .. {base.max():.3f})"
+                if base is not None and len(base)
+                else ""
+            )
             lines.append(
                 f"SimAOU icl~gd ranges {s.min():.3f} .. {s.max():.3f}{base_txt}; its correlation with log k is {trend:+.2f}."
             )

@@ -34,14 +34,22 @@ import pandas as pd
 import plotly.express as px
 import torch
 
-from iclgd_lens import metrics, stats
+from iclgd_lens import (
+    Episode,
+    GDConfig,
+    IclgdError,
+    Recorder,
+    Recording,
+    StudyResult,
+    Task,
+    demo_order,
+    encode_prompts,
+    metrics,
+    stats,
+    train_deltas,
+    versions,
+)
 from iclgd_lens.study import as_bridge, device_of, model_name, parse_numbers
-from iclgd_lens import versions
-from iclgd_lens import IclgdError
-from iclgd_lens import GDConfig, demo_order, train_deltas
-from iclgd_lens import Recorder, Recording
-from iclgd_lens import StudyResult
-from iclgd_lens import Episode, Task, encode_prompts
 
 QUESTION = "How much does the order of the demonstrations change the output of ICL, and of GD with different batch sizes?"
 COLUMNS = ["metric", "method", "batch_size", "layer", "episode", "query", "value"]
@@ -76,7 +84,9 @@ def run(
         raise IclgdError(f"order sensitivity needs k >= 2 demonstrations to permute, got k={k}")
     if n_permutations < 2:
         raise IclgdError(f"order sensitivity needs n_permutations >= 2, got {n_permutations}")
-    base = GDConfig.resolve(gd, task)  # a preset name takes the task's learning rate (Task.gd_lr), as in compare()
+    base = GDConfig.resolve(
+        gd, task
+    )  # a preset name takes the task's learning rate (Task.gd_lr), as in compare()
     none_given = np.size(batch_sizes) == 0 or (isinstance(batch_sizes, str) and not batch_sizes.strip(", "))
     given = [] if none_given else parse_numbers(batch_sizes, "batch_sizes")  # () -> full batch only
     sizes = [b for b in given if 1 <= b < k] + [k]
@@ -91,27 +101,54 @@ def run(
     for size in sizes:
         config = replace(base, batch_size=size, order_seed=None)
         deltas = train_deltas(bridge, bridge.tokenizer, task, permuted, config, progress=progress)
-        runs[f"gd_b{size}" if size < k else "gd_full"] = _record(recorder, task, permuted, [False] * len(permuted), "gd", batch_size, deltas)
+        runs[f"gd_b{size}" if size < k else "gd_full"] = _record(
+            recorder, task, permuted, [False] * len(permuted), "gd", batch_size, deltas
+        )
 
     shape = dict(e=n_episodes, p=n_permutations)
-    frames = [sensitivity_rows(name, rec, zsl, shape, size) for (name, rec), size in zip(runs.items(), [0] + sizes)]
+    frames = [
+        sensitivity_rows(name, rec, zsl, shape, size) for (name, rec), size in zip(runs.items(), [0] + sizes)
+    ]
     p_icl = _probs(runs["icl"], shape)
     for (name, rec), size in zip(list(runs.items())[1:], sizes):
         overlap = metrics.token_overlap(p_icl, _probs(rec, shape), 10).mean(1)  # [E, Q]
         frames.append(_rows("icl_gd_overlap", name, size, -1, overlap))
     table = pd.concat(frames, ignore_index=True)
-    config = dict(model=model_name(bridge), task=task.name, k=k, n_permutations=n_permutations, batch_sizes=sizes,
-                  order_seeds=order_seeds, gd=base.__dict__, n_episodes=n_episodes, n_queries=len(episodes[0].queries),
-                  seed=seed, versions=versions(), run_time_s=round(time.time() - started, 2))
+    config = dict(
+        model=model_name(bridge),
+        task=task.name,
+        k=k,
+        n_permutations=n_permutations,
+        batch_sizes=sizes,
+        order_seeds=order_seeds,
+        gd=base.__dict__,
+        n_episodes=n_episodes,
+        n_queries=len(episodes[0].queries),
+        seed=seed,
+        versions=versions(),
+        run_time_s=round(time.time() - started, 2),
+    )
     return StudyResult("order-sensitivity", QUESTION, table, figures(table), findings(table, k), config)
 
 
 def permuted_episodes(episodes: list[Episode], orders: list[list[int]]) -> list[Episode]:
     """Every episode under every order of its demonstrations: index e * len(orders) + p."""
-    return [Episode(tuple(ep.demos[i] for i in order), ep.queries, ep.label_words) for ep in episodes for order in orders]
+    return [
+        Episode(tuple(ep.demos[i] for i in order), ep.queries, ep.label_words)
+        for ep in episodes
+        for order in orders
+    ]
 
 
-def _record(recorder: Recorder, task: Task, episodes: list[Episode], with_demos: list[bool], condition: str, batch_size: int, deltas=None) -> Recording:
+def _record(
+    recorder: Recorder,
+    task: Task,
+    episodes: list[Episode],
+    with_demos: list[bool],
+    condition: str,
+    batch_size: int,
+    deltas=None,
+) -> Recording:
     """Attention output and read logits of every (episode, query): rows e * Q + q.
 
     With `deltas` (one delta per episode of `episodes`) the GD condition is recorded.
@@ -124,7 +161,9 @@ def _record(recorder: Recorder, task: Task, episodes: list[Episode], with_demos:
             queries.append(query)
             words.append(episode.label_words)
             row_episode.append(e)
-    enc = encode_prompts(model.tokenizer, task, demo_sets, queries, words, max_length=getattr(model.cfg, "n_ctx", None)).to(device_of(model))
+    enc = encode_prompts(
+        model.tokenizer, task, demo_sets, queries, words, max_length=getattr(model.cfg, "n_ctx", None)
+    ).to(device_of(model))
     rows = torch.tensor(row_episode, dtype=torch.long)
     return recorder.run_batched(enc, condition, batch_size=batch_size, deltas=deltas, row_episode=rows)
 
@@ -157,8 +196,17 @@ def _rows(metric: str, method: str, size: int, layer: int, values: torch.Tensor)
     """Tidy rows of a [E, Q] tensor."""
     v = values.detach().float().cpu().numpy()
     E, Q = v.shape
-    return pd.DataFrame({"metric": metric, "method": method, "batch_size": size, "layer": layer,
-                         "episode": np.repeat(np.arange(E), Q), "query": np.tile(np.arange(Q), E), "value": v.reshape(-1)})[COLUMNS]
+    return pd.DataFrame(
+        {
+            "metric": metric,
+            "method": method,
+            "batch_size": size,
+            "layer": layer,
+            "episode": np.repeat(np.arange(E), Q),
+            "query": np.tile(np.arange(Q), E),
+            "value": v.reshape(-1),
+        }
+    )[COLUMNS]
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
@@ -173,17 +221,41 @@ def figures(table: pd.DataFrame) -> list:
     s = summary(table)
     s = s.assign(err_plus=s.ci_high - s["mean"], err_minus=s["mean"] - s.ci_low)
     sen = s[s.metric == "sen"]
-    fig_sen = px.bar(sen, x="method", y="mean", error_y="err_plus", error_y_minus="err_minus", color="method",
-                     labels={"mean": "Sen (sum over vocabulary of std over orders)"},
-                     title="Order sensitivity of the output distribution (Shen et al.), 95% CI over episodes")
+    fig_sen = px.bar(
+        sen,
+        x="method",
+        y="mean",
+        error_y="err_plus",
+        error_y_minus="err_minus",
+        color="method",
+        labels={"mean": "Sen (sum over vocabulary of std over orders)"},
+        title="Order sensitivity of the output distribution (Shen et al.), 95% CI over episodes",
+    )
     layers = s[s.metric == "attn_sen"]
-    fig_layers = px.line(layers, x="layer", y="mean", color="method", markers=True, error_y="err_plus", error_y_minus="err_minus",
-                         labels={"mean": "|std over orders of h| / |mean update h - h_ZSL|"},
-                         title="Order sensitivity of the attention update at the read position, per layer")
+    fig_layers = px.line(
+        layers,
+        x="layer",
+        y="mean",
+        color="method",
+        markers=True,
+        error_y="err_plus",
+        error_y_minus="err_minus",
+        labels={"mean": "|std over orders of h| / |mean update h - h_ZSL|"},
+        title="Order sensitivity of the attention update at the read position, per layer",
+    )
     overlap = s[s.metric.isin(["order_overlap", "icl_gd_overlap"])]
-    fig_overlap = px.bar(overlap, x="method", y="mean", color="metric", barmode="group", error_y="err_plus", error_y_minus="err_minus",
-                         range_y=[0, 1.05], labels={"mean": "top-10 token overlap"},
-                         title="Agreement across orders (order_overlap; ICL's is Shen's floor) and ICL vs GD under the same order")
+    fig_overlap = px.bar(
+        overlap,
+        x="method",
+        y="mean",
+        color="metric",
+        barmode="group",
+        error_y="err_plus",
+        error_y_minus="err_minus",
+        range_y=[0, 1.05],
+        labels={"mean": "top-10 token overlap"},
+        title="Agreement across orders (order_overlap; ICL's is Shen's floor) and ICL vs GD under the same order",
+    )
     return [fig_sen, fig_layers, fig_overlap]
 
 
@@ -195,25 +267,44 @@ def findings(table: pd.DataFrame, k: int) -> str:
     ci = s.loc["sen"][["ci_low", "ci_high"]].droplevel("layer")
     parts = [f"{m}: {sen[m]:.4f} [{ci.loc[m, 'ci_low']:.4f}, {ci.loc[m, 'ci_high']:.4f}]" for m in sen.index]
     n_episodes = int(s.loc["sen"]["n_episodes"].max())
-    lines = [f"Order sensitivity Sen over {k} demonstrations (mean, 95% CI over {n_episodes} episodes): " + "; ".join(parts) + "."]
+    lines = [
+        f"Order sensitivity Sen over {k} demonstrations (mean, 95% CI over {n_episodes} episodes): "
+        + "; ".join(parts)
+        + "."
+    ]
     gd_methods = [m for m in sen.index if m.startswith("gd_b")]
     if gd_methods:
         most = max(gd_methods, key=lambda m: sen[m])
         if sen[most] > 0:
-            lines.append(f"ICL is {sen['icl'] / sen[most]:.1f}x as order-sensitive as the most order-sensitive GD setting ({most}).")
+            lines.append(
+                f"ICL is {sen['icl'] / sen[most]:.1f}x as order-sensitive as the most order-sensitive GD setting ({most})."
+            )
         else:
-            lines.append("No GD setting is order-sensitive at all here (Sen 0): check that GD moves the model (learning rate).")
+            lines.append(
+                "No GD setting is order-sensitive at all here (Sen 0): check that GD moves the model (learning rate)."
+            )
     if "gd_full" in sen:
-        lines.append(f"Full-batch GD: Sen = {sen['gd_full']:.2e} (order-invariant up to float rounding, as it must be).")
+        lines.append(
+            f"Full-batch GD: Sen = {sen['gd_full']:.2e} (order-invariant up to float rounding, as it must be)."
+        )
     layer_sen = s.loc["attn_sen"]["mean"]
     if "icl" in layer_sen.index.get_level_values(0):
         icl_layers = layer_sen.loc["icl"]
-        lines.append(f"The ICL attention update is most order-sensitive at layer {int(icl_layers.idxmax())} "
-                     f"(relative spread {icl_layers.max():.3f}; least at layer {int(icl_layers.idxmin())}: {icl_layers.min():.3f}).")
+        lines.append(
+            f"The ICL attention update is most order-sensitive at layer {int(icl_layers.idxmax())} "
+            f"(relative spread {icl_layers.max():.3f}; least at layer {int(icl_layers.idxmin())}: {icl_layers.min():.3f})."
+        )
     overlap = s.loc["order_overlap"]["mean"].droplevel("layer")
-    lines.append(f"Top-10 overlap across orders: ICL {overlap['icl']:.2f} (the ICL-vs-ICL floor)"
-                 + "".join(f", {m} {overlap[m]:.2f}" for m in overlap.index if m != "icl") + ".")
+    lines.append(
+        f"Top-10 overlap across orders: ICL {overlap['icl']:.2f} (the ICL-vs-ICL floor)"
+        + "".join(f", {m} {overlap[m]:.2f}" for m in overlap.index if m != "icl")
+        + "."
+    )
     if "icl_gd_overlap" in s.index.get_level_values(0):
         icl_gd = s.loc["icl_gd_overlap"]["mean"].droplevel("layer")
-        lines.append("ICL vs GD overlap under the same order: " + ", ".join(f"{m} {icl_gd[m]:.2f}" for m in icl_gd.index) + ".")
+        lines.append(
+            "ICL vs GD overlap under the same order: "
+            + ", ".join(f"{m} {icl_gd[m]:.2f}" for m in icl_gd.index)
+            + "."
+        )
     return "\n".join(lines)

@@ -33,9 +33,8 @@ import plotly.express as px
 import torch
 from torch import Tensor, nn
 
-from iclgd_lens import IclgdError
+from iclgd_lens import IclgdError, StudyResult
 from iclgd_lens.worlds.oswald import hand_built_weights
-from iclgd_lens import StudyResult
 
 THRESHOLDS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 MATRICES = ("W_Q", "W_K", "W_V")
@@ -81,7 +80,9 @@ def score_matrix_structure(w_k: Tensor, w_q: Tensor, rank_rtol: float = 1e-4) ->
     norm_sq = (singular**2).sum(-1)  # ||M||_F^2
     inner = (singular * (left * right).sum(-2) * kept).sum(-1)  # <M, P>_F = sum_j s_j <l_j, r_j>
     dist_sq = (norm_sq - inner**2 / rank.clamp_min(1)).clamp_min(0.0)
-    distance = torch.where(norm_sq > 0, dist_sq.sqrt() / norm_sq.sqrt().clamp_min(1e-300), torch.zeros_like(norm_sq))
+    distance = torch.where(
+        norm_sq > 0, dist_sq.sqrt() / norm_sq.sqrt().clamp_min(1e-300), torch.zeros_like(norm_sq)
+    )
     return distance, rank
 
 
@@ -95,14 +96,18 @@ def _hf_model(model: Any) -> nn.Module:
         return model.original_model
     if isinstance(model, nn.Module) and hasattr(model, "config"):
         return model
-    raise IclgdError(f"model must be a model name, a TransformerBridge or a HF LlamaForCausalLM, got {type(model).__name__}")
+    raise IclgdError(
+        f"model must be a model name, a TransformerBridge or a HF LlamaForCausalLM, got {type(model).__name__}"
+    )
 
 
 def _model_name(model: Any) -> str:
     """A label for the model in tables and figures."""
     if isinstance(model, str):
         return model
-    name = getattr(getattr(model, "cfg", None), "model_name", None) or getattr(_hf_model(model).config, "name_or_path", None)
+    name = getattr(getattr(model, "cfg", None), "model_name", None) or getattr(
+        _hf_model(model).config, "name_or_path", None
+    )
     return str(name) if name else "model"
 
 
@@ -120,7 +125,9 @@ def attention_weights(model: Any) -> tuple[list[dict[str, Tensor]], dict[str, in
         if match:
             found.setdefault(int(match.group(1)), {})[f"W_{match.group(2).upper()}"] = param.detach()
     if not found or any(len(found[l]) != 3 for l in found):
-        raise IclgdError("no LLaMA attention weights (layers.N.self_attn.{q,k,v}_proj.weight) found in this model")
+        raise IclgdError(
+            "no LLaMA attention weights (layers.N.self_attn.{q,k,v}_proj.weight) found in this model"
+        )
     cfg = hf.config
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
@@ -135,23 +142,57 @@ def _per_head(w_q: Tensor, w_k: Tensor, n_heads: int, n_kv: int, d_head: int) ->
     return q, einops.repeat(k, "g e d -> (g r) e d", r=n_heads // n_kv)
 
 
-def _rows(source: str, layer: int, weights: dict[str, Tensor], heads: tuple[int, int, int], thresholds, rank_rtol) -> list[dict]:
+def _rows(
+    source: str, layer: int, weights: dict[str, Tensor], heads: tuple[int, int, int], thresholds, rank_rtol
+) -> list[dict]:
     """Tidy rows of all measurements for one set of W_Q, W_K, W_V."""
     rows = []
     for matrix in MATRICES:
         w = weights[matrix]
         for t, frac in near_zero_fraction(w, thresholds).items():
-            rows.append(dict(source=source, matrix=matrix, layer=layer, head=-1, metric="near_zero_fraction", threshold=t, value=frac))
+            rows.append(
+                dict(
+                    source=source,
+                    matrix=matrix,
+                    layer=layer,
+                    head=-1,
+                    metric="near_zero_fraction",
+                    threshold=t,
+                    value=frac,
+                )
+            )
         rank = numerical_rank(w, rank_rtol)
-        rows.append(dict(source=source, matrix=matrix, layer=layer, head=-1, metric="rank", threshold=None, value=float(rank)))
-        rows.append(dict(source=source, matrix=matrix, layer=layer, head=-1, metric="rank_fraction", threshold=None, value=rank / min(w.shape)))
+        rows.append(
+            dict(
+                source=source,
+                matrix=matrix,
+                layer=layer,
+                head=-1,
+                metric="rank",
+                threshold=None,
+                value=float(rank),
+            )
+        )
+        rows.append(
+            dict(
+                source=source,
+                matrix=matrix,
+                layer=layer,
+                head=-1,
+                metric="rank_fraction",
+                threshold=None,
+                value=rank / min(w.shape),
+            )
+        )
     q, k = _per_head(weights["W_Q"], weights["W_K"], *heads)
     distance, rank = score_matrix_structure(k, q, rank_rtol)
     for head in range(q.shape[0]):
         common = dict(source=source, matrix=SCORE_MATRIX, layer=layer, head=head, threshold=None)
         rows.append(dict(common, metric="scaled_identity_distance", value=float(distance[head])))
         rows.append(dict(common, metric="rank", value=float(rank[head])))
-        rows.append(dict(common, metric="rank_fraction", value=float(rank[head]) / min(q.shape[1], q.shape[2])))
+        rows.append(
+            dict(common, metric="rank_fraction", value=float(rank[head]) / min(q.shape[1], q.shape[2]))
+        )
     return rows
 
 
@@ -196,45 +237,100 @@ def run(
     if gaussian_baseline:
         gen = torch.Generator().manual_seed(seed)
         gaussian = {m: torch.randn(*layers[0][m].shape, generator=gen) for m in MATRICES}
-        rows += _rows("Gaussian", -1, gaussian, (heads["n_heads"], heads["n_kv_heads"], heads["d_head"]), thresholds, rank_rtol)
+        rows += _rows(
+            "Gaussian",
+            -1,
+            gaussian,
+            (heads["n_heads"], heads["n_kv_heads"], heads["d_head"]),
+            thresholds,
+            rank_rtol,
+        )
     for layer, weights in enumerate(layers):
-        rows += _rows(model_name, layer, weights, (heads["n_heads"], heads["n_kv_heads"], heads["d_head"]), thresholds, rank_rtol)
+        rows += _rows(
+            model_name,
+            layer,
+            weights,
+            (heads["n_heads"], heads["n_kv_heads"], heads["d_head"]),
+            thresholds,
+            rank_rtol,
+        )
     table = pd.DataFrame(rows, columns=["source", "matrix", "layer", "head", "metric", "threshold", "value"])
     config = dict(
-        model=model_name, n_layers=len(layers), d_model=d_model, **heads, thresholds=list(thresholds), d_x=d_x, d_y=d_y,
-        lr=lr, n_context=n_context, rank_rtol=rank_rtol, seed=seed, torch=torch.__version__,
+        model=model_name,
+        n_layers=len(layers),
+        d_model=d_model,
+        **heads,
+        thresholds=list(thresholds),
+        d_x=d_x,
+        d_y=d_y,
+        lr=lr,
+        n_context=n_context,
+        rank_rtol=rank_rtol,
+        seed=seed,
+        torch=torch.__version__,
         run_time_s=round(time.perf_counter() - started, 2),
     )
     return StudyResult(
-        name="weight-properties", question=QUESTION, table=table, figures=_figures(table),
-        findings=_findings(table, model_name), config=config,
+        name="weight-properties",
+        question=QUESTION,
+        table=table,
+        figures=_figures(table),
+        findings=_findings(table, model_name),
+        config=config,
     )
 
 
 def _figures(table: pd.DataFrame) -> list:
     """Grouped bars: near-zero fraction by threshold; scaled-identity distance; rank fractions."""
-    near = table[table.metric == "near_zero_fraction"].groupby(["source", "matrix", "threshold"], as_index=False, sort=False).value
+    near = (
+        table[table.metric == "near_zero_fraction"]
+        .groupby(["source", "matrix", "threshold"], as_index=False, sort=False)
+        .value
+    )
     near = near.agg(["mean", "min", "max"])
     near["t"] = near.threshold.map(lambda t: f"{t:g}")
     fig_near = px.bar(
-        near, x="t", y="mean", color="source", facet_col="matrix", barmode="group",
-        error_y=near["max"] - near["mean"], error_y_minus=near["mean"] - near["min"],
+        near,
+        x="t",
+        y="mean",
+        color="source",
+        facet_col="matrix",
+        barmode="group",
+        error_y=near["max"] - near["mean"],
+        error_y_minus=near["mean"] - near["min"],
         labels={"t": "threshold t (|w| < t max|w|)", "mean": "near-zero fraction"},
         title="Near-zero entries (model: mean over layers, bars = min..max)",
     )
-    fig_near.add_hline(y=SHEN_MODEL_MAX_NEAR_ZERO, line_dash="dot", annotation_text="Shen et al.: LLaMa-7B < ~0.6")
+    fig_near.add_hline(
+        y=SHEN_MODEL_MAX_NEAR_ZERO, line_dash="dot", annotation_text="Shen et al.: LLaMa-7B < ~0.6"
+    )
     dist = table[table.metric == "scaled_identity_distance"].copy()
     dist["where"] = dist.layer.map(lambda l: "construction / baseline" if l < 0 else f"layer {l}")
     dist = dist.groupby(["source", "where"], as_index=False, sort=False).value.mean()
     fig_dist = px.bar(
-        dist, x="where", y="value", color="source", barmode="group", range_y=[0, 1.05],
+        dist,
+        x="where",
+        y="value",
+        color="source",
+        barmode="group",
+        range_y=[0, 1.05],
         labels={"where": "", "value": "min_c ||M - cP|| / ||M||  (mean over heads)"},
         title="Distance of W_K^T W_Q from a scaled identity on its row space",
     )
-    ranks = table[table.metric == "rank_fraction"].groupby(["source", "matrix"], as_index=False, sort=False).value.mean()
+    ranks = (
+        table[table.metric == "rank_fraction"]
+        .groupby(["source", "matrix"], as_index=False, sort=False)
+        .value.mean()
+    )
     fig_rank = px.bar(
-        ranks, x="matrix", y="value", color="source", barmode="group", range_y=[0, 1.05],
-        labels={"value": "numerical rank / max rank (mean)"}, title="Numerical ranks",
+        ranks,
+        x="matrix",
+        y="value",
+        color="source",
+        barmode="group",
+        range_y=[0, 1.05],
+        labels={"value": "numerical rank / max rank (mean)"},
+        title="Numerical ranks",
     )
     return [fig_near, fig_dist, fig_rank]
 
@@ -245,7 +341,11 @@ def _findings(table: pd.DataFrame, model_name: str) -> str:
     lines = []
     for matrix in MATRICES:
         model_max = near[(near.source == model_name) & (near.matrix == matrix)].value.max()
-        built = near[(near.source.str.startswith("von Oswald")) & (near.matrix == matrix)].groupby("source").value.min()
+        built = (
+            near[(near.source.str.startswith("von Oswald")) & (near.matrix == matrix)]
+            .groupby("source")
+            .value.min()
+        )
         built_text = ", ".join(f"{src} {v:.2%}" for src, v in built.items())
         verdict = "below" if model_max < SHEN_MODEL_MAX_NEAR_ZERO else "above"
         need = SHEN_CONSTRUCTION_NEAR_ZERO[matrix]
@@ -255,9 +355,23 @@ def _findings(table: pd.DataFrame, model_name: str) -> str:
             f"({verdict} Shen et al.'s ~60% for LLaMa-7B, {gap} the >= {need:.2%} they say the construction needs); "
             f"our hand-built weights: {built_text}."
         )
-    dist = table[table.metric == "scaled_identity_distance"].groupby("source").value.agg(["mean", "min", "max"])
-    parts = [f"{src} {row['mean']:.3f} (heads {row['min']:.3f}..{row['max']:.3f})" for src, row in dist.iterrows()]
-    lines.append("Scaled-identity distance of W_K^T W_Q (0 = a multiple of a projector, as the construction): " + "; ".join(parts) + ".")
-    ranks = table[(table.metric == "rank_fraction") & (table.source == model_name)].groupby("matrix").value.mean()
-    lines.append(f"{model_name} numerical rank / max rank: " + ", ".join(f"{m} {v:.2f}" for m, v in ranks.items()) + ".")
+    dist = (
+        table[table.metric == "scaled_identity_distance"].groupby("source").value.agg(["mean", "min", "max"])
+    )
+    parts = [
+        f"{src} {row['mean']:.3f} (heads {row['min']:.3f}..{row['max']:.3f})" for src, row in dist.iterrows()
+    ]
+    lines.append(
+        "Scaled-identity distance of W_K^T W_Q (0 = a multiple of a projector, as the construction): "
+        + "; ".join(parts)
+        + "."
+    )
+    ranks = (
+        table[(table.metric == "rank_fraction") & (table.source == model_name)].groupby("matrix").value.mean()
+    )
+    lines.append(
+        f"{model_name} numerical rank / max rank: "
+        + ", ".join(f"{m} {v:.2f}" for m, v in ranks.items())
+        + "."
+    )
     return "\n".join(lines)

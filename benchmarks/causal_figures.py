@@ -22,9 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pandas as pd
 import torch
+from iclgd_lens.analyses import causal
 
 from iclgd_lens import load_model, stats
-from iclgd_lens.analyses import causal
 
 MODELS = ("tiny-llama-icl", "tiny-llama-iclobj")
 
@@ -54,7 +54,9 @@ def paired(t: pd.DataFrame, metric: str, a: str, b: str, scope: str, layer: int)
         return stats.episode_means(sub.value.to_numpy(), sub.episode.to_numpy())
 
     test = stats.paired_test(per_episode(a), per_episode(b))
-    return f"{test.diff_mean:+.2f} [{test.diff_ci_low:+.2f}, {test.diff_ci_high:+.2f}], p = {test.p_value:.4f}"
+    return (
+        f"{test.diff_mean:+.2f} [{test.diff_ci_low:+.2f}, {test.diff_ci_high:+.2f}], p = {test.p_value:.4f}"
+    )
 
 
 def report(model: str) -> None:
@@ -66,11 +68,15 @@ def report(model: str) -> None:
     L = int(result.config["n_layers"])
     c = result.config
     print(f"## {model}\n")
-    print(f"run time {elapsed:.1f} s (one CPU thread, untrained baseline included); k={c['k']}, {c['n_episodes']} episodes x "
-          f"{c['n_queries']} queries, GD preset {c['gd']['name']} at lr {c['gd']['lr']}, seed {c['seed']}; "
-          f"{c['n_demo_tokens_mean']:.0f} demonstration tokens per prompt on average")
-    print(f"all-layer ICL patch: max |logits - ICL logits| = {c['all_layer_patch_max_abs_err']:.1e} "
-          f"(untrained copy: {c.get('untrained_all_layer_patch_max_abs_err', float('nan')):.1e})\n")
+    print(
+        f"run time {elapsed:.1f} s (one CPU thread, untrained baseline included); k={c['k']}, {c['n_episodes']} episodes x "
+        f"{c['n_queries']} queries, GD preset {c['gd']['name']} at lr {c['gd']['lr']}, seed {c['seed']}; "
+        f"{c['n_demo_tokens_mean']:.0f} demonstration tokens per prompt on average"
+    )
+    print(
+        f"all-layer ICL patch: max |logits - ICL logits| = {c['all_layer_patch_max_abs_err']:.1e} "
+        f"(untrained copy: {c.get('untrained_all_layer_patch_max_abs_err', float('nan')):.1e})\n"
+    )
     print("Findings as printed:\n")
     print(result.findings + "\n")
 
@@ -78,57 +84,147 @@ def report(model: str) -> None:
     rows = []
     for prefix in ("", "untrained:"):
         for cond in ("zsl", "icl", "gd", "icl_perm"):
-            rows.append([f"{prefix}{cond}"] + [cell(s, m, f"{prefix}{cond}", "none", -1) for m in ("accuracy", "logit_diff", "kl_to_icl", "kl_to_gd", "recovered")])
+            rows.append(
+                [f"{prefix}{cond}"]
+                + [
+                    cell(s, m, f"{prefix}{cond}", "none", -1)
+                    for m in ("accuracy", "logit_diff", "kl_to_icl", "kl_to_gd", "recovered")
+                ]
+            )
     print(table(["condition", "accuracy", "logit diff", "KL(ICL‖·)", "KL(GD‖·)", "recovered"], rows) + "\n")
 
-    for metric, title in (("recovered", "share of ICL's logit-diff effect recovered"), ("kl_reduction", "KL reduction 1 - KL(ICL‖patched)/KL(ICL‖ZSL)")):
+    for metric, title in (
+        ("recovered", "share of ICL's logit-diff effect recovered"),
+        ("kl_reduction", "KL reduction 1 - KL(ICL‖patched)/KL(ICL‖ZSL)"),
+    ):
         print(f"### Activation patching into ZSL: {title}\n")
-        rows = [[scope, layer_label(scope, l, L)] + [cell(s, metric, f"patch:{src}", scope, l) for src in causal.PATCH_SOURCES]
-                for scope, l, _ in causal.scopes(L)]
+        rows = [
+            [scope, layer_label(scope, l, L)]
+            + [cell(s, metric, f"patch:{src}", scope, l) for src in causal.PATCH_SOURCES]
+            for scope, l, _ in causal.scopes(L)
+        ]
         print(table(["scope", "layers", *causal.PATCH_SOURCES], rows) + "\n")
-    print("paired over episodes, recovered, gd_scaled - random: "
-          + "; ".join(f"layer {l}: {paired(t, 'recovered', 'patch:gd_scaled', 'patch:random', 'single', l)}" for l in range(L))
-          + f"; all layers: {paired(t, 'recovered', 'patch:gd_scaled', 'patch:random', 'bottom', L - 1)}\n")
+    print(
+        "paired over episodes, recovered, gd_scaled - random: "
+        + "; ".join(
+            f"layer {l}: {paired(t, 'recovered', 'patch:gd_scaled', 'patch:random', 'single', l)}"
+            for l in range(L)
+        )
+        + f"; all layers: {paired(t, 'recovered', 'patch:gd_scaled', 'patch:random', 'bottom', L - 1)}\n"
+    )
 
-    for metric, title in (("kl_to_icl", "KL(ICL‖substituted)"), ("agreement", "agreement with ICL's label"), ("accuracy", "accuracy")):
+    for metric, title in (
+        ("kl_to_icl", "KL(ICL‖substituted)"),
+        ("agreement", "agreement with ICL's label"),
+        ("accuracy", "accuracy"),
+    ):
         print(f"### Update substitution in the ICL run: {title}\n")
-        rows = [[scope, layer_label(scope, l, L)] + [cell(s, metric, f"subst:{name}", scope, l) for name in causal.SUBSTITUTES]
-                for scope, l, _ in causal.scopes(L, ("single", "bottom"))]
+        rows = [
+            [scope, layer_label(scope, l, L)]
+            + [cell(s, metric, f"subst:{name}", scope, l) for name in causal.SUBSTITUTES]
+            for scope, l, _ in causal.scopes(L, ("single", "bottom"))
+        ]
         print(table(["scope", "layers", *causal.SUBSTITUTES], rows) + "\n")
-    print("paired over episodes, KL(ICL‖substituted), gd_scaled - random: "
-          + "; ".join(f"layer {l}: {paired(t, 'kl_to_icl', 'subst:gd_scaled', 'subst:random', 'single', l)}" for l in range(L)) + "\n")
+    print(
+        "paired over episodes, KL(ICL‖substituted), gd_scaled - random: "
+        + "; ".join(
+            f"layer {l}: {paired(t, 'kl_to_icl', 'subst:gd_scaled', 'subst:random', 'single', l)}"
+            for l in range(L)
+        )
+        + "\n"
+    )
 
-    for metric, title in (("accuracy", "accuracy"), ("kl_to_icl", "KL(ICL‖transplanted)"), ("kl_to_gd", "KL(GD‖transplanted)"), ("recovered", "recovered")):
+    for metric, title in (
+        ("accuracy", "accuracy"),
+        ("kl_to_icl", "KL(ICL‖transplanted)"),
+        ("kl_to_gd", "KL(GD‖transplanted)"),
+        ("recovered", "recovered"),
+    ):
         print(f"### Dual-form transplant into ZSL: {title}\n")
-        rows = [[scope, layer_label(scope, l, L)] + [cell(s, metric, f"transplant:{m}", scope, l) for m in causal.TRANSPLANTS]
-                for scope, l, _ in causal.scopes(L, ("single", "bottom"))]
+        rows = [
+            [scope, layer_label(scope, l, L)]
+            + [cell(s, metric, f"transplant:{m}", scope, l) for m in causal.TRANSPLANTS]
+            for scope, l, _ in causal.scopes(L, ("single", "bottom"))
+        ]
         print(table(["scope", "layers", *causal.TRANSPLANTS], rows) + "\n")
-    print("paired over episodes, KL(ICL‖transplanted) at all layers, linear_scaled - random: "
-          + paired(t, "kl_to_icl", "transplant:linear_scaled", "transplant:random", "bottom", L - 1) + "\n")
+    print(
+        "paired over episodes, KL(ICL‖transplanted) at all layers, linear_scaled - random: "
+        + paired(t, "kl_to_icl", "transplant:linear_scaled", "transplant:random", "bottom", L - 1)
+        + "\n"
+    )
 
-    print("### Linear dual form against ICL's real update of z (clean ZSL query; mean over heads and queries)\n")
-    rows = [[str(l), cell(s, "dual_form_ratio", "transplant:linear", "single", l, digits=0), cell(s, "dual_form_cos", "transplant:linear", "single", l)]
-            for l in range(L)]
-    print(table(["layer", "norm ratio ‖dW_ICL q‖ / ‖z_ICL − z_ZSL‖", "cos(dW_ICL q, z_ICL − z_ZSL)"], rows) + "\n")
+    print(
+        "### Linear dual form against ICL's real update of z (clean ZSL query; mean over heads and queries)\n"
+    )
+    rows = [
+        [
+            str(l),
+            cell(s, "dual_form_ratio", "transplant:linear", "single", l, digits=0),
+            cell(s, "dual_form_cos", "transplant:linear", "single", l),
+        ]
+        for l in range(L)
+    ]
+    print(
+        table(["layer", "norm ratio ‖dW_ICL q‖ / ‖z_ICL − z_ZSL‖", "cos(dW_ICL q, z_ICL − z_ZSL)"], rows)
+        + "\n"
+    )
 
     started = time.time()
     other = causal.run(bridge, progress=False, untrained=False, rope="zsl_position")
     so = causal.summary(other.table)
-    print(f"### The RoPE choice: the query at its ZSL position (rope='zsl_position', {time.time() - started:.1f} s)\n")
-    rows = [[str(l), cell(so, "dual_form_cos", "transplant:linear", "single", l), cell(s, "dual_form_cos", "transplant:linear", "single", l)]
-            for l in range(L)]
+    print(
+        f"### The RoPE choice: the query at its ZSL position (rope='zsl_position', {time.time() - started:.1f} s)\n"
+    )
+    rows = [
+        [
+            str(l),
+            cell(so, "dual_form_cos", "transplant:linear", "single", l),
+            cell(s, "dual_form_cos", "transplant:linear", "single", l),
+        ]
+        for l in range(L)
+    ]
     print(table(["layer", "cos, zsl_position", "cos, icl_position (default)"], rows) + "\n")
-    rows = [[m, cell(so, "kl_to_icl", f"transplant:{m}", "bottom", L - 1), cell(s, "kl_to_icl", f"transplant:{m}", "bottom", L - 1),
-             cell(so, "recovered", f"transplant:{m}", "bottom", L - 1), cell(s, "recovered", f"transplant:{m}", "bottom", L - 1)]
-            for m in ("linear", "linear_scaled", "softmax")]
-    print(table(["transplant, all layers", "KL(ICL‖·) zsl_position", "KL(ICL‖·) icl_position", "recovered zsl_position",
-                 "recovered icl_position"], rows) + "\n")
+    rows = [
+        [
+            m,
+            cell(so, "kl_to_icl", f"transplant:{m}", "bottom", L - 1),
+            cell(s, "kl_to_icl", f"transplant:{m}", "bottom", L - 1),
+            cell(so, "recovered", f"transplant:{m}", "bottom", L - 1),
+            cell(s, "recovered", f"transplant:{m}", "bottom", L - 1),
+        ]
+        for m in ("linear", "linear_scaled", "softmax")
+    ]
+    print(
+        table(
+            [
+                "transplant, all layers",
+                "KL(ICL‖·) zsl_position",
+                "KL(ICL‖·) icl_position",
+                "recovered zsl_position",
+                "recovered icl_position",
+            ],
+            rows,
+        )
+        + "\n"
+    )
 
     print("### Untrained copy (Deutch et al.'s baseline), all layers at once\n")
-    rows = [[f"patch:{src}"] + [cell(s, m, f"untrained:patch:{src}", "bottom", L - 1) for m in ("recovered", "kl_reduction", "accuracy")]
-            for src in causal.PATCH_SOURCES]
-    rows += [[f"transplant:{m}"] + [cell(s, x, f"untrained:transplant:{m}", "bottom", L - 1) for x in ("recovered", "kl_reduction", "accuracy")]
-             for m in causal.TRANSPLANTS]
+    rows = [
+        [f"patch:{src}"]
+        + [
+            cell(s, m, f"untrained:patch:{src}", "bottom", L - 1)
+            for m in ("recovered", "kl_reduction", "accuracy")
+        ]
+        for src in causal.PATCH_SOURCES
+    ]
+    rows += [
+        [f"transplant:{m}"]
+        + [
+            cell(s, x, f"untrained:transplant:{m}", "bottom", L - 1)
+            for x in ("recovered", "kl_reduction", "accuracy")
+        ]
+        for m in causal.TRANSPLANTS
+    ]
     print(table(["intervention", "recovered", "KL reduction", "accuracy"], rows) + "\n")
 
 

@@ -44,17 +44,17 @@ import typer
 from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from iclgd_lens.hooks import DEFAULT_PROBES  # noqa: E402
 from reference_protocol import reference_compare  # noqa: E402
 
 from iclgd_lens.engine.compare import compare  # noqa: E402
-from iclgd_lens.tasks.mapping import CATEGORIES, SEPARATOR, TEMPLATE  # noqa: E402
 from iclgd_lens.engine.gd import GDConfig  # noqa: E402
-from iclgd_lens.hooks import DEFAULT_PROBES  # noqa: E402
-from iclgd_lens.models import load_model  # noqa: E402
 from iclgd_lens.engine.record import Recorder, Recording  # noqa: E402
-from iclgd_lens.tasks import Example, Task, encode_prompts  # noqa: E402
+from iclgd_lens.models import load_model  # noqa: E402
 from iclgd_lens.models.making.tokenizer import build_tokenizer  # noqa: E402
 from iclgd_lens.models.making.training import TrainConfig, model_config  # noqa: E402
+from iclgd_lens.tasks import Example, Task, encode_prompts  # noqa: E402
+from iclgd_lens.tasks.mapping import CATEGORIES, SEPARATOR, TEMPLATE  # noqa: E402
 
 BENCH_PROBES = ["attn_out", "head_out", "scores"]
 """The probes both sides compute (SimAOU raw/normalised per layer and head, SimAM)."""
@@ -88,12 +88,22 @@ def random_llama(shape: Shape, seed: int = 0):
     cfg = replace_config(model_config(TrainConfig(), tokenizer), shape)
     torch.manual_seed(seed)
     hf = LlamaForCausalLM(cfg).eval()
-    return load_model(f"random-llama-{shape.label().replace(' ', '-').replace('/', '-')}", hf_model=hf, tokenizer=tokenizer, device="cpu", copy_hf_model=False)
+    return load_model(
+        f"random-llama-{shape.label().replace(' ', '-').replace('/', '-')}",
+        hf_model=hf,
+        tokenizer=tokenizer,
+        device="cpu",
+        copy_hf_model=False,
+    )
 
 
 def replace_config(cfg, shape: Shape):
     cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = shape.n_layers, shape.d_model, shape.d_mlp
-    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.max_position_embeddings = shape.n_heads, shape.n_kv_heads, shape.n_ctx
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.max_position_embeddings = (
+        shape.n_heads,
+        shape.n_kv_heads,
+        shape.n_ctx,
+    )
     cfg.head_dim = shape.d_model // shape.n_heads
     return cfg
 
@@ -105,8 +115,17 @@ def tiny_llama_icl():
     if (TINY_FOLDER / "config.json").is_file():
         return load_model("tiny-llama-icl", device="cpu"), "tiny-llama-icl (shipped weights)"
     t = TrainConfig()
-    shape = Shape(t.num_hidden_layers, t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size, t.max_position_embeddings)
-    return random_llama(shape), f"RANDOM LLaMA of tiny-llama-icl's shape ({shape.label()}; {TINY_FOLDER.name} is not shipped yet)"
+    shape = Shape(
+        t.num_hidden_layers,
+        t.hidden_size,
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.intermediate_size,
+        t.max_position_embeddings,
+    )
+    return random_llama(
+        shape
+    ), f"RANDOM LLaMA of tiny-llama-icl's shape ({shape.label()}; {TINY_FOLDER.name} is not shipped yet)"
 
 
 def bench_task() -> Task:
@@ -115,7 +134,9 @@ def bench_task() -> Task:
     36 items, so up to 32 queries per demonstration set; demos are drawn from the same pool
     (the benchmark measures speed and agreement, not generalisation)."""
     examples = tuple(Example(item, c % 2) for c, items in enumerate(CATEGORIES.values()) for item in items)
-    return Task("bench-mapping", TEMPLATE, ("alpha", "beta"), train=examples, test=examples, separator=SEPARATOR)
+    return Task(
+        "bench-mapping", TEMPLATE, ("alpha", "beta"), train=examples, test=examples, separator=SEPARATOR
+    )
 
 
 # ---- one configuration, both sides ----------------------------------------------------------
@@ -134,8 +155,17 @@ def run_engine(model, task: Task, c: Config) -> tuple[pd.DataFrame, float]:
     """`compare` with the reference's metric set -> (tidy table, seconds)."""
     start = time.perf_counter()
     results = compare(
-        model, task, gd=GDConfig.dai(lr=c.lr), k=c.k, n_episodes=c.n_episodes, n_queries=c.n_queries, seed=c.seed,
-        baselines=False, probes=BENCH_PROBES, progress=False, artifacts=False,
+        model,
+        task,
+        gd=GDConfig.dai(lr=c.lr),
+        k=c.k,
+        n_episodes=c.n_episodes,
+        n_queries=c.n_queries,
+        seed=c.seed,
+        baselines=False,
+        probes=BENCH_PROBES,
+        progress=False,
+        artifacts=False,
     )
     return results.table, time.perf_counter() - start
 
@@ -160,7 +190,9 @@ def agreement(engine: pd.DataFrame, reference: pd.DataFrame) -> dict:
     query's own scores are the same under ICL and ZSL in exact arithmetic (keys and queries
     depend on the token alone, RoPE on the relative position only), so m_ICL - m_ZSL is
     floating-point noise and its cosine is arbitrary on both sides."""
-    merged = engine[KEY + ["value"]].merge(reference[KEY + ["value"]], on=KEY, how="outer", suffixes=("_engine", "_ref"), indicator=True)
+    merged = engine[KEY + ["value"]].merge(
+        reference[KEY + ["value"]], on=KEY, how="outer", suffixes=("_engine", "_ref"), indicator=True
+    )
     both = merged[merged["_merge"] == "both"]
     noise = (both["metric"] == "simam_delta") & (both["layer"] == 0)
     both, noise_rows = both[~noise], both[noise]
@@ -180,7 +212,9 @@ def agreement(engine: pd.DataFrame, reference: pd.DataFrame) -> dict:
         "max_row_diff_per_metric": per_metric,
         "rows_compared": int(len(both)),
         "rows_only_one_side": int((merged["_merge"] != "both").sum()),
-        "simam_delta_layer0_diff": float((noise_rows["value_engine"] - noise_rows["value_ref"]).abs().max()) if len(noise_rows) else float("nan"),
+        "simam_delta_layer0_diff": float((noise_rows["value_engine"] - noise_rows["value_ref"]).abs().max())
+        if len(noise_rows)
+        else float("nan"),
         "simaou_layer_means": [round(float(v), 4) for v in means_e],
     }
 
@@ -236,7 +270,11 @@ def prompt_of_length(tokenizer, task: Task, n_tokens: int):
     base = len(encode_prompts(tokenizer, task, [()], [query], [task.label_words]).input_ids[0])  # <bos> query
     one = Example(items[1].text, items[1].label)
     two = Example(f"{items[1].text} {items[2].text}", items[1].label)
-    per_one = len(tokenizer(task.render_demo(one, task.label_words) + task.separator, add_special_tokens=False)["input_ids"])
+    per_one = len(
+        tokenizer(task.render_demo(one, task.label_words) + task.separator, add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
     per_two = per_one + 1
     for n_two in range(per_one):
         rest = n_tokens - base - n_two * per_two
@@ -256,20 +294,34 @@ def measure_memory(model, task: Task, n_tokens: int = 512) -> list[dict]:
     full = tensor_bytes(cache.values())
     del cache
     rows = []
-    for label, probes in (("benchmark probes " + "+".join(BENCH_PROBES), BENCH_PROBES), ("default probes (all 7)", list(DEFAULT_PROBES))):
+    for label, probes in (
+        ("benchmark probes " + "+".join(BENCH_PROBES), BENCH_PROBES),
+        ("default probes (all 7)", list(DEFAULT_PROBES)),
+    ):
         recorder = Recorder(model, probes)
         kept_full_pass = recording_bytes(recorder.run(prompt, "icl"))
         prefix, queries = recorder.run_shared_prefix(prompt, "icl")
         kept_shared = recording_bytes(prefix) + recording_bytes(queries)
         for path, kept in (("one pass", kept_full_pass), ("shared prefix", kept_shared)):
-            rows.append({"probes": label, "path": path, "tokens": n_tokens, "full_cache_bytes": full, "recorded_bytes": kept, "ratio": round(full / kept, 1)})
+            rows.append(
+                {
+                    "probes": label,
+                    "path": path,
+                    "tokens": n_tokens,
+                    "full_cache_bytes": full,
+                    "recorded_bytes": kept,
+                    "ratio": round(full / kept, 1),
+                }
+            )
     return rows
 
 
 # ---- output ---------------------------------------------------------------------------------
 def markdown(frame: pd.DataFrame) -> str:
     """A DataFrame as a GitHub markdown table (no tabulate dependency)."""
-    cells = [[str(c) for c in frame.columns]] + [[_fmt(v) for v in row] for row in frame.itertuples(index=False)]
+    cells = [[str(c) for c in frame.columns]] + [
+        [_fmt(v) for v in row] for row in frame.itertuples(index=False)
+    ]
     lines = ["| " + " | ".join(r) + " |" for r in cells]
     lines.insert(1, "|" + "---|" * len(frame.columns))
     return "\n".join(lines)
@@ -282,14 +334,30 @@ def _fmt(v) -> str:
 
 
 def speed_columns(rows: list[dict]) -> pd.DataFrame:
-    cols = ["model", "k", "n_episodes", "n_queries", "engine_qps", "reference_qps", "speedup", "speedup_range", "target", "simaou_layer_mean_diff", "max_row_diff", "rows_only_one_side"]
+    cols = [
+        "model",
+        "k",
+        "n_episodes",
+        "n_queries",
+        "engine_qps",
+        "reference_qps",
+        "speedup",
+        "speedup_range",
+        "target",
+        "simaou_layer_mean_diff",
+        "max_row_diff",
+        "rows_only_one_side",
+    ]
     return pd.DataFrame(rows)[[c for c in cols if c in rows[0]]]
 
 
 def main(
     threads: int = typer.Option(2, help="torch threads for both sides"),
     quick: bool = typer.Option(False, help="a micro configuration that runs in seconds (the smoke test)"),
-    reps: int = typer.Option(2, help="repetitions of the two target configurations (engine and reference alternate); sweeps run once"),
+    reps: int = typer.Option(
+        2,
+        help="repetitions of the two target configurations (engine and reference alternate); sweeps run once",
+    ),
     scaling: bool = typer.Option(True, help="also the k / layers / queries-per-demo-set sweeps"),
     memory_tokens: int = typer.Option(512, help="prompt length of the memory measurement"),
     json_out: Path = typer.Option(None, "--json", help="write every measured number to this JSON file"),
@@ -298,34 +366,57 @@ def main(
     torch.set_num_threads(threads)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     task = bench_task()
-    print(f"# engine benchmark {started}  threads={threads}/{_cpu_count()} cpus  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}  "
-          f"load={_load()}  torch {torch.__version__}  python {platform.python_version()}")
-    results: dict = {"started": started, "threads": threads, "load_before": _load(), "speed": [], "scaling": [], "memory": []}
+    print(
+        f"# engine benchmark {started}  threads={threads}/{_cpu_count()} cpus  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}  "
+        f"load={_load()}  torch {torch.__version__}  python {platform.python_version()}"
+    )
+    results: dict = {
+        "started": started,
+        "threads": threads,
+        "load_before": _load(),
+        "speed": [],
+        "scaling": [],
+        "memory": [],
+    }
 
     if quick:
         model = random_llama(Shape(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, n_ctx=256))
         warm_up(model, task)
         row = measure(model, task, Config(k=3, n_episodes=2, n_queries=4, lr=0.05), reps=1)
         results["speed"].append({"model": "micro random LLaMA (L2 d32)", "target": None, **row})
-        results["memory"] = [{"model": "micro", **r} for r in measure_memory(model, task, n_tokens=min(memory_tokens, 128))]
+        results["memory"] = [
+            {"model": "micro", **r} for r in measure_memory(model, task, n_tokens=min(memory_tokens, 128))
+        ]
     else:
         tiny, tiny_label = tiny_llama_icl()
         print(f"# tiny model: {tiny_label}")
         warm_up(tiny, task)
-        results["speed"].append({"model": tiny_label.split(" (")[0], "target": 20, **measure(tiny, task, Config(k=16, n_episodes=8, n_queries=32), reps)})
+        results["speed"].append(
+            {
+                "model": tiny_label.split(" (")[0],
+                "target": 20,
+                **measure(tiny, task, Config(k=16, n_episodes=8, n_queries=32), reps),
+            }
+        )
         _progress(results["speed"][-1])
         mid = random_llama(MID)
         warm_up(mid, task)
         main_config = Config(k=16, n_episodes=8, n_queries=32)
-        results["speed"].append({"model": f"random {MID.label()}", "target": 8, **measure(mid, task, main_config, reps)})
+        results["speed"].append(
+            {"model": f"random {MID.label()}", "target": 8, **measure(mid, task, main_config, reps)}
+        )
         _progress(results["speed"][-1])
         if scaling:
             for label, cfg, model in [*_sweep(mid), *_demo_set_sweep(tiny, tiny_label)]:
                 row = measure(model, task, cfg, 1)
                 results["scaling"].append({"model": label, **row})
                 _progress(results["scaling"][-1])
-        results["memory"] = [{"model": tiny_label.split(" (")[0], **r} for r in measure_memory(tiny, task, memory_tokens)]
-        results["memory"] += [{"model": f"random {MID.label()}", **r} for r in measure_memory(mid, task, memory_tokens)]
+        results["memory"] = [
+            {"model": tiny_label.split(" (")[0], **r} for r in measure_memory(tiny, task, memory_tokens)
+        ]
+        results["memory"] += [
+            {"model": f"random {MID.label()}", **r} for r in measure_memory(mid, task, memory_tokens)
+        ]
 
     results["load_after"] = _load()
     print("\n## speed (queries per second, medians; speedup = reference time / engine time)\n")
@@ -333,14 +424,18 @@ def main(
     if results["scaling"]:
         print("\n## scaling (mid-size shape unless noted)\n")
         print(markdown(speed_columns(results["scaling"]).drop(columns=["target"], errors="ignore")))
-    print(f"\n## recorded memory vs full run_with_cache, one {memory_tokens if not quick else min(memory_tokens, 128)}-token ICL prompt\n")
+    print(
+        f"\n## recorded memory vs full run_with_cache, one {memory_tokens if not quick else min(memory_tokens, 128)}-token ICL prompt\n"
+    )
     mem = pd.DataFrame(results["memory"])
     mem["full_cache_MB"] = (mem.pop("full_cache_bytes") / 2**20).round(2)
     mem["recorded_KB"] = (mem.pop("recorded_bytes") / 2**10).round(1)
     print(markdown(mem[["model", "probes", "path", "tokens", "full_cache_MB", "recorded_KB", "ratio"]]))
     print(f"\n# load average before/after: {results['load_before']} / {results['load_after']}")
     worst = max(r["simaou_layer_mean_diff"] for r in results["speed"] + results["scaling"])
-    print(f"# max per-layer mean SimAOU difference engine vs reference: {worst:.2e} ({'OK' if worst < 1e-4 else 'FAIL'}: < 1e-4)")
+    print(
+        f"# max per-layer mean SimAOU difference engine vs reference: {worst:.2e} ({'OK' if worst < 1e-4 else 'FAIL'}: < 1e-4)"
+    )
     if json_out:
         json_out.write_text(json.dumps(results, indent=1, default=str))
 
@@ -363,8 +458,11 @@ def _demo_set_sweep(tiny, tiny_label):
 
 
 def _progress(row: dict) -> None:
-    print(f"  {row['model']:>28} k={row['k']:>2} q={row['n_queries']:>2}: engine {row['engine_s']:7.2f}s  reference {row['reference_s']:7.2f}s  "
-          f"speedup {row['speedup']:6.2f}  SimAOU diff {row['simaou_layer_mean_diff']:.1e}", flush=True)
+    print(
+        f"  {row['model']:>28} k={row['k']:>2} q={row['n_queries']:>2}: engine {row['engine_s']:7.2f}s  reference {row['reference_s']:7.2f}s  "
+        f"speedup {row['speedup']:6.2f}  SimAOU diff {row['simaou_layer_mean_diff']:.1e}",
+        flush=True,
+    )
 
 
 def _load() -> str:

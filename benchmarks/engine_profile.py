@@ -28,13 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import BENCH_PROBES, MID, bench_task, random_llama  # noqa: E402
 
 from iclgd_lens.engine import compare as comparison  # noqa: E402
-from iclgd_lens.engine.gd import train as gd  # noqa: E402  (LOW_RANK_LIMIT is read there)
 from iclgd_lens.engine.gd import GDConfig  # noqa: E402
+from iclgd_lens.engine.gd import train as gd  # noqa: E402  (LOW_RANK_LIMIT is read there)
 
 KEY = ["metric", "comparison", "layer", "head", "episode", "query"]
 
 
-def timed_compare(bridge, task, limit: float, n_episodes: int, k: int, n_queries: int) -> tuple[float, float, object]:
+def timed_compare(
+    bridge, task, limit: float, n_episodes: int, k: int, n_queries: int
+) -> tuple[float, float, object]:
     """(compare seconds, train_deltas seconds, Results) with gd.LOW_RANK_LIMIT = limit."""
     spent = []
     original = comparison.train_deltas
@@ -49,8 +51,19 @@ def timed_compare(bridge, task, limit: float, n_episodes: int, k: int, n_queries
     gd.LOW_RANK_LIMIT, comparison.train_deltas = limit, train_deltas
     try:
         start = time.perf_counter()
-        res = comparison.compare(bridge, task, gd=GDConfig.dai(lr=1e-2), k=k, n_episodes=n_episodes, n_queries=n_queries,
-                                 seed=0, baselines=False, artifacts=False, probes=BENCH_PROBES, progress=False)
+        res = comparison.compare(
+            bridge,
+            task,
+            gd=GDConfig.dai(lr=1e-2),
+            k=k,
+            n_episodes=n_episodes,
+            n_queries=n_queries,
+            seed=0,
+            baselines=False,
+            artifacts=False,
+            probes=BENCH_PROBES,
+            progress=False,
+        )
         total = time.perf_counter() - start
     finally:
         gd.LOW_RANK_LIMIT, comparison.train_deltas = saved, original
@@ -61,8 +74,10 @@ def main(reps: int = 2, threads: int = 1, n_episodes: int = 8, k: int = 16, n_qu
     """Print the timing table."""
     torch.set_num_threads(threads)
     bridge, task = random_llama(MID), bench_task()
-    print(f"# {MID.label()}, k={k}, {n_episodes} demo sets x {n_queries} queries, {threads} threads, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"# {MID.label()}, k={k}, {n_episodes} demo sets x {n_queries} queries, {threads} threads, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     timed_compare(bridge, task, 1.0, 1, k, 2)  # warm-up
     rows, tables = {"dense": [], "low-rank": []}, {}
     for _ in range(reps):
@@ -71,20 +86,26 @@ def main(reps: int = 2, threads: int = 1, n_episodes: int = 8, k: int = 16, n_qu
             rows[name].append((total, train))
             tables[name] = res.table
     print(f"# load average after: {os.getloadavg()[0]:.1f}\n")
-    print("| GD deltas | `compare` | of which `train_deltas` | rest (encoding, ZSL/ICL/GD recording, metrics) |")
+    print(
+        "| GD deltas | `compare` | of which `train_deltas` | rest (encoding, ZSL/ICL/GD recording, metrics) |"
+    )
     print("|---|---|---|---|")
     for name, values in rows.items():
         totals, trains = [t for t, _ in values], [g for _, g in values]
         rests = [t - g for t, g in values]
         share = [g / t for t, g in values]
-        print(f"| {name} | {min(totals):.1f}-{max(totals):.1f} s | {min(trains):.1f}-{max(trains):.1f} s "
-              f"({100 * min(share):.0f}-{100 * max(share):.0f}%) | {min(rests):.1f}-{max(rests):.1f} s |")
+        print(
+            f"| {name} | {min(totals):.1f}-{max(totals):.1f} s | {min(trains):.1f}-{max(trains):.1f} s "
+            f"({100 * min(share):.0f}-{100 * max(share):.0f}%) | {min(rests):.1f}-{max(rests):.1f} s |"
+        )
     a = tables["dense"].set_index(KEY)["value"]
     b = tables["low-rank"].set_index(KEY)["value"]
     same_rows = a.index.sort_values().equals(b.index.sort_values())
     diff = (a - b.reindex(a.index)).abs()
     worst = diff.idxmax()
-    print(f"\nthe two paths' tables: {len(a):,} rows, same rows: {same_rows}, largest difference {diff.max():.1e} ({worst[0]}, layer {worst[2]})")
+    print(
+        f"\nthe two paths' tables: {len(a):,} rows, same rows: {same_rows}, largest difference {diff.max():.1e} ({worst[0]}, layer {worst[2]})"
+    )
 
 
 if __name__ == "__main__":

@@ -14,16 +14,28 @@ import time
 
 import torch
 import typer
-
 from iclgd_lens.analyses.iclobj_vs_emergent import DEFAULT_MODELS, differences, run
+
 from iclgd_lens.engine.compare import compare
-from iclgd_lens.tasks.mapping import default_task
 from iclgd_lens.engine.gd import GDConfig
 from iclgd_lens.study import as_bridge, layer_mean
+from iclgd_lens.tasks.mapping import default_task
 
-ROWS = (("accuracy", "zsl"), ("accuracy", "icl"), ("accuracy", "gd"), ("simaou", "icl~gd"), ("simaou", "icl~random_update"),
-        ("simaou", "icl~random"), ("simaou", "icl~icl_perm"), ("simaou_norm", "icl~gd"), ("simam_delta", "icl~gd"),
-        ("dw_cos", "icl~gd"), ("token_overlap", "icl~gd"), ("kl", "icl~gd"), ("kl", "gd~zsl"))
+ROWS = (
+    ("accuracy", "zsl"),
+    ("accuracy", "icl"),
+    ("accuracy", "gd"),
+    ("simaou", "icl~gd"),
+    ("simaou", "icl~random_update"),
+    ("simaou", "icl~random"),
+    ("simaou", "icl~icl_perm"),
+    ("simaou_norm", "icl~gd"),
+    ("simam_delta", "icl~gd"),
+    ("dw_cos", "icl~gd"),
+    ("token_overlap", "icl~gd"),
+    ("kl", "icl~gd"),
+    ("kl", "gd~zsl"),
+)
 SWEEP_LRS = (3e-2, 1e-1, 3e-1, 1.0)
 
 
@@ -33,11 +45,15 @@ def study_table() -> None:
     result = run(progress=False)
     names = result.config["models"]
     n_ep = result.table.groupby("model").episode.nunique().min()
-    print(f"study: {names[0]} vs {names[1]}, {time.time() - start:.1f}s; {n_ep} episodes per model; intervals over episode means\n")
+    print(
+        f"study: {names[0]} vs {names[1]}, {time.time() - start:.1f}s; {n_ep} episodes per model; intervals over episode means\n"
+    )
     means = layer_mean(result.table).set_index(["model", "metric", "comparison"])
     diffs = differences(result.table, names)
     p_values = {(r.metric, r.comparison): r.p_value for r in diffs[diffs.layer == -1].itertuples()}
-    print(f"| metric (comparison) | {names[0]} mean [95% CI] | {names[1]} mean [95% CI] | paired p (episodes) |")
+    print(
+        f"| metric (comparison) | {names[0]} mean [95% CI] | {names[1]} mean [95% CI] | paired p (episodes) |"
+    )
     print("|---|---|---|---|")
     for metric, comparison in ROWS:
         cells = []
@@ -58,11 +74,23 @@ def lr_sweep() -> None:
     for name in DEFAULT_MODELS:
         bridge = as_bridge(name)
         for lr in SWEEP_LRS:
-            res = compare(bridge, default_task(), gd=GDConfig.dai(lr=lr), k=8, n_episodes=4, n_queries=16, seed=0,
-                          baselines=(), progress=False, artifacts=False)
+            res = compare(
+                bridge,
+                default_task(),
+                gd=GDConfig.dai(lr=lr),
+                k=8,
+                n_episodes=4,
+                n_queries=16,
+                seed=0,
+                baselines=(),
+                progress=False,
+                artifacts=False,
+            )
             means = layer_mean(res.table).set_index(["metric", "comparison"])["mean"]
-            print(f"| {name} | {lr:g} | {means[('accuracy', 'gd')]:.3f} | {means[('kl', 'gd~zsl')]:.3f} | "
-                  f"{means[('simaou', 'icl~gd')]:.3f} |")
+            print(
+                f"| {name} | {lr:g} | {means[('accuracy', 'gd')]:.3f} | {means[('kl', 'gd~zsl')]:.3f} | "
+                f"{means[('simaou', 'icl~gd')]:.3f} |"
+            )
 
 
 def main(threads: int = 1) -> None:

@@ -22,10 +22,10 @@ import torch
 import typer
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from iclgd_lens.tasks.mapping import World, default_task
 from iclgd_lens.models.making.evaluation import kshot_accuracy
 from iclgd_lens.models.making.tokenizer import build_tokenizer
 from iclgd_lens.models.making.training import make_batch
+from iclgd_lens.tasks.mapping import World, default_task
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "iclgd_lens" / "models"
 MODEL_NAMES = ("tiny-llama-icl", "tiny-llama-iclobj")
@@ -48,14 +48,20 @@ def training_summary(folder: Path) -> str:
         f"{len(losses)} steps, seed {log['seed']}, {log['train_seconds']:.0f}s wall clock{cpu_text}, "
         f"loss {first:.3f} (first 50 steps) -> {last:.3f} (last 50 steps)",
         "  loss, mean over the 50 steps ending at step: "
-        + ", ".join(f"{end}: {sum(losses[end - 50:end]) / 50:.3f}" for end in LOSS_WINDOWS.get(log["model"], ()) if end <= len(losses)),
+        + ", ".join(
+            f"{end}: {sum(losses[end - 50 : end]) / 50:.3f}"
+            for end in LOSS_WINDOWS.get(log["model"], ())
+            if end <= len(losses)
+        ),
     ]
     checks = log.get("kshot_during_training", [])
     if checks:
         ks = sorted({int(k) for c in checks for k in c["accuracy"]})
         lines.append("  k-shot checks during training | step " + " | ".join(f"{c['step']:,}" for c in checks))
         for k in ks:
-            lines.append(f"    {k}-shot | " + " | ".join(f"{100 * c['accuracy'][str(k)]:.0f}%" for c in checks))
+            lines.append(
+                f"    {k}-shot | " + " | ".join(f"{100 * c['accuracy'][str(k)]:.0f}%" for c in checks)
+            )
     return "\n".join(lines)
 
 
@@ -87,8 +93,12 @@ def main(episodes: int = 100, queries: int = 4, seed: int = 0, threads: int = 1)
     episode = task.episodes(16, 1, 1, seed=seed)[0]
     tokenizer = build_tokenizer(World())
     prompt = task.icl_prompt(episode.demos, episode.queries[0], episode.label_words)
-    print(f"a 16-shot prompt of the default task: {len(tokenizer(prompt)['input_ids'])} tokens (BOS included)")
-    print(f"label loss of a perfect in-context learner on iclobj's 128-token training prompts: {oracle_label_loss():.3f}\n")
+    print(
+        f"a 16-shot prompt of the default task: {len(tokenizer(prompt)['input_ids'])} tokens (BOS included)"
+    )
+    print(
+        f"label loss of a perfect in-context learner on iclobj's 128-token training prompts: {oracle_label_loss():.3f}\n"
+    )
     rows = {}
     for name in MODEL_NAMES:
         folder = MODELS_DIR / name
@@ -102,7 +112,9 @@ def main(episodes: int = 100, queries: int = 4, seed: int = 0, threads: int = 1)
         rows[name] = kshot_accuracy(model, tokenizer, task, KS, episodes, queries, seed=seed)
         print(f"  measured in {time.time() - start:.1f}s")
     n = episodes * min(queries, 6)
-    print(f"\nk-shot accuracy, 2-way, {episodes} episodes x {min(queries, 6)} queries = {n} queries per k, seed {seed}:\n")
+    print(
+        f"\nk-shot accuracy, 2-way, {episodes} episodes x {min(queries, 6)} queries = {n} queries per k, seed {seed}:\n"
+    )
     print("| model | " + " | ".join(f"k={k}" for k in KS) + " |")
     print("|---|" + "---|" * len(KS))
     for name, acc in rows.items():

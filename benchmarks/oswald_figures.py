@@ -29,14 +29,18 @@ from iclgd_lens.worlds.oswald import (
 )
 
 
-def figures(n_tasks: int = 1000, d_x: int = 10, n_context: int = 10, fit_seed: int = 0, eval_seed: int = 1) -> dict:
+def figures(
+    n_tasks: int = 1000, d_x: int = 10, n_context: int = 10, fit_seed: int = 0, eval_seed: int = 1
+) -> dict:
     """The figures as a dict: lr, gd_loss, zero_loss, icl_loss (held-out) and the in-sample losses."""
     d_y = 1
     fit = regression_tasks(n_tasks, n_context=n_context, d_x=d_x, d_y=d_y, seed=fit_seed)
     lr = best_gd_lr(*fit)
     out = {"lr": lr}
-    for label, data in (("", regression_tasks(n_tasks, n_context=n_context, d_x=d_x, d_y=d_y, seed=eval_seed)),
-                        ("fit_", fit)):
+    for label, data in (
+        ("", regression_tasks(n_tasks, n_context=n_context, d_x=d_x, d_y=d_y, seed=eval_seed)),
+        ("fit_", fit),
+    ):
         xc, yc, xq, yq = data
         gd_pred = torch.einsum("tox,tx->to", gd_step(xc, yc, None, lr), xq)
         out[f"{label}gd_loss"] = float(regression_loss(gd_pred, yq))
@@ -48,17 +52,27 @@ def figures(n_tasks: int = 1000, d_x: int = 10, n_context: int = 10, fit_seed: i
     return out
 
 
-def main(n_tasks: int = 1000, large: int = 100_000, d_x: int = 10, n_context: int = 10, fit_seed: int = 0,
-         eval_seed: int = 1) -> None:
+def main(
+    n_tasks: int = 1000,
+    large: int = 100_000,
+    d_x: int = 10,
+    n_context: int = 10,
+    fit_seed: int = 0,
+    eval_seed: int = 1,
+) -> None:
     """Print the figures for `n_tasks` tasks (the test's protocol), then for `large` tasks."""
     torch.set_num_threads(1)
     print(f"von Oswald task distribution: x ~ U(-0.5, 0.5)^{d_x}, W ~ N(0, I), N = {n_context}, d_y = 1")
     for n in (n_tasks, large):
         f = figures(n, d_x, n_context, fit_seed, eval_seed)
         print(f"\n{n} tasks: best one-step GD learning rate (fitted on seed {fit_seed}): {f['lr']:.2f}")
-        print(f"  in-sample loss (the fitting tasks): GD {f['fit_gd_loss']:.3f}, predicting zero {f['fit_zero_loss']:.3f}")
-        print(f"  held-out loss (seed {eval_seed}): GD {f['gd_loss']:.3f}, predicting zero {f['zero_loss']:.3f}, "
-              f"hand-built attention layer {f['icl_loss']:.3f}")
+        print(
+            f"  in-sample loss (the fitting tasks): GD {f['fit_gd_loss']:.3f}, predicting zero {f['fit_zero_loss']:.3f}"
+        )
+        print(
+            f"  held-out loss (seed {eval_seed}): GD {f['gd_loss']:.3f}, predicting zero {f['zero_loss']:.3f}, "
+            f"hand-built attention layer {f['icl_loss']:.3f}"
+        )
     print(f"\nexpected loss of predicting zero: d_x / 24 = {d_x / 24:.3f}")
 
 

@@ -48,7 +48,9 @@ def finetune_kv(model, tokenizer, task: Task, episode: Episode, lr: float):
             kv.append(weight.requires_grad_(True))
     optimizer = torch.optim.SGD(kv, lr=lr, momentum=0.0, weight_decay=0.0)
     for demo in episode.demos:
-        ids = tokenizer(task.render_demo(demo, episode.label_words), return_tensors="pt")["input_ids"].to(kv[0].device)  # [1, pos]
+        ids = tokenizer(task.render_demo(demo, episode.label_words), return_tensors="pt")["input_ids"].to(
+            kv[0].device
+        )  # [1, pos]
         logits = tuned(ids)  # [1, pos, vocab]
         loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
         optimizer.zero_grad()
@@ -63,13 +65,26 @@ def read_out(cache, logits: torch.Tensor, encoded, n_layers: int) -> dict[str, t
     """What the metrics need from one full cache of one prompt, read at its read position."""
     read = int(encoded.read_pos[0])
     query_keys = (encoded.segments[0] == QUERY_SEGMENT).nonzero().squeeze(-1)  # [n_query_tokens]
-    attn_out = torch.stack([cache[f"blocks.{l}.hook_attn_out"][0, read] for l in range(n_layers)])  # [L, d_model]
-    head_out = torch.stack([cache[f"blocks.{l}.attn.hook_z"][0, read] for l in range(n_layers)])  # [L, H, d_head]
-    scores = torch.stack([cache[f"blocks.{l}.attn.hook_attn_scores"][0, :, read, query_keys] for l in range(n_layers)])  # [L, H, n_query_tokens]
-    return {"attn_out": attn_out, "head_out": head_out, "scores": scores.float(), "logits": logits[0, read]}  # logits [vocab]
+    attn_out = torch.stack(
+        [cache[f"blocks.{l}.hook_attn_out"][0, read] for l in range(n_layers)]
+    )  # [L, d_model]
+    head_out = torch.stack(
+        [cache[f"blocks.{l}.attn.hook_z"][0, read] for l in range(n_layers)]
+    )  # [L, H, d_head]
+    scores = torch.stack(
+        [cache[f"blocks.{l}.attn.hook_attn_scores"][0, :, read, query_keys] for l in range(n_layers)]
+    )  # [L, H, n_query_tokens]
+    return {
+        "attn_out": attn_out,
+        "head_out": head_out,
+        "scores": scores.float(),
+        "logits": logits[0, read],
+    }  # logits [vocab]
 
 
-def query_rows(zsl: dict, icl: dict, gd: dict, label: int, label_ids: list[int], episode: int, query: int) -> tuple[list[tuple], dict[str, bool]]:
+def query_rows(
+    zsl: dict, icl: dict, gd: dict, label: int, label_ids: list[int], episode: int, query: int
+) -> tuple[list[tuple], dict[str, bool]]:
     """Every metric of one query as tidy tuples, and whether ZSL / ICL / GD got it right."""
     rows: list[tuple] = []
 
@@ -77,7 +92,11 @@ def query_rows(zsl: dict, icl: dict, gd: dict, label: int, label_ids: list[int],
         rows.extend((metric, comparison, l, -1, episode, query, float(v)) for l, v in enumerate(values))
 
     def per_head(metric, comparison, values):  # values [L, H]
-        rows.extend((metric, comparison, l, h, episode, query, float(values[l, h])) for l in range(values.shape[0]) for h in range(values.shape[1]))
+        rows.extend(
+            (metric, comparison, l, h, episode, query, float(values[l, h]))
+            for l in range(values.shape[0])
+            for h in range(values.shape[1])
+        )
 
     for fn, metric in ((metrics.delta_cosine, "simaou"), (metrics.simaou_norm, "simaou_norm")):
         per_layer(metric, "icl~gd", fn(icl["attn_out"], gd["attn_out"], zsl["attn_out"]))
@@ -96,9 +115,26 @@ def query_rows(zsl: dict, icl: dict, gd: dict, label: int, label_ids: list[int],
     for name, rec in (("zsl", zsl), ("icl", icl), ("gd", gd)):
         correct[name] = bool(metrics.label_correct(rec["logits"][label_ids][None], label_t)[0])
         rows.append(("accuracy", name, -1, -1, episode, query, float(correct[name])))
-        rows.append(("accuracy_vocab", name, -1, -1, episode, query, float(int(rec["logits"].argmax()) == label_ids[label])))
-    logp = {name: F.log_softmax(rec["logits"].float(), -1) for name, rec in (("zsl", zsl), ("icl", icl), ("gd", gd))}
-    for comparison, (a, b) in {"icl~gd": ("icl", "gd"), "gd~zsl": ("gd", "zsl"), "icl~zsl": ("icl", "zsl")}.items():
+        rows.append(
+            (
+                "accuracy_vocab",
+                name,
+                -1,
+                -1,
+                episode,
+                query,
+                float(int(rec["logits"].argmax()) == label_ids[label]),
+            )
+        )
+    logp = {
+        name: F.log_softmax(rec["logits"].float(), -1)
+        for name, rec in (("zsl", zsl), ("icl", icl), ("gd", gd))
+    }
+    for comparison, (a, b) in {
+        "icl~gd": ("icl", "gd"),
+        "gd~zsl": ("gd", "zsl"),
+        "icl~zsl": ("icl", "zsl"),
+    }.items():
         p1, p2 = logp[a].exp(), logp[b].exp()
         for metric, value in (
             ("token_overlap", metrics.token_overlap(p1, p2, 10)),
@@ -122,7 +158,9 @@ def reference_compare(model, task: Task, episodes: list[Episode], *, lr: float) 
         correct = {"zsl": [], "icl": [], "gd": []}
         for q, query in enumerate(episode.queries):
             zsl_enc = encode_prompts(tokenizer, task, [()], [query], [episode.label_words]).to(device)
-            icl_enc = encode_prompts(tokenizer, task, [episode.demos], [query], [episode.label_words]).to(device)
+            icl_enc = encode_prompts(tokenizer, task, [episode.demos], [query], [episode.label_words]).to(
+                device
+            )
             with torch.no_grad():
                 zsl = read_out(*_run_with_cache(model, zsl_enc), zsl_enc, n_layers)
                 icl = read_out(*_run_with_cache(model, icl_enc), icl_enc, n_layers)

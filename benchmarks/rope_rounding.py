@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from iclgd_lens import load_model
-from iclgd_lens.tasks.mapping import default_task
 from iclgd_lens.engine.record import Recorder
 from iclgd_lens.tasks import encode_prompts
+from iclgd_lens.tasks.mapping import default_task
 
 
 def relative_update(model, task, k: int, seed: int = 0) -> tuple[int, float, float]:

@@ -27,8 +27,12 @@ print(task.icl_prompt(episode.demos, episode.queries[0], episode.label_words))
 
 # %%
 n = len(episode.queries)
-icl_prompts = encode_prompts(model.tokenizer, task, [episode.demos] * n, list(episode.queries), [episode.label_words] * n)
-zsl_prompts = encode_prompts(model.tokenizer, task, [()] * n, list(episode.queries), [episode.label_words] * n)
+icl_prompts = encode_prompts(
+    model.tokenizer, task, [episode.demos] * n, list(episode.queries), [episode.label_words] * n
+)
+zsl_prompts = encode_prompts(
+    model.tokenizer, task, [()] * n, list(episode.queries), [episode.label_words] * n
+)
 
 recorder = Recorder(model, probes=["attn_out", "scores"])
 with recorder.attach(icl_prompts, "icl"):
@@ -50,9 +54,15 @@ print("|h_ICL - h_ZSL| per layer:", [round(float(u), 3) for u in update])
 # ## 2. A whole comparison: ICL vs GD, layer by layer, with baselines
 
 # %%
-results = compare(model, task, gd=GDConfig.dai(lr=1e-2), k=4, n_episodes=2, n_queries=6, seed=0, progress=False)
+results = compare(
+    model, task, gd=GDConfig.dai(lr=1e-2), k=4, n_episodes=2, n_queries=6, seed=0, progress=False
+)
 summary = results.summary()
-print(summary[(summary.metric == "simaou") & (summary["head"] == -1)][["comparison", "layer", "mean", "ci_low", "ci_high"]])
+print(
+    summary[(summary.metric == "simaou") & (summary["head"] == -1)][
+        ["comparison", "layer", "mean", "ci_low", "ci_high"]
+    ]
+)
 results  # in a notebook this cell shows the HTML summary (Results._repr_html_)
 
 # %% [markdown]
@@ -70,6 +80,7 @@ fig = layer_curve_figure(results, "simaou")
 # One decorated function: the hook points it needs, what to keep. It is then recorded in ZSL,
 # ICL and GD and compared layer by layer (`probe:mlp_out` in the table and the report).
 
+
 # %%
 @probe("mlp_out", points=["blocks.{layer}.hook_mlp_out"])
 def mlp_out(acts, ctx):
@@ -79,7 +90,17 @@ def mlp_out(acts, ctx):
     return {"mlp_out": acts["hook_mlp_out"][ctx.batch_index, ctx.read_pos]}  # [batch, d_model]
 
 
-results = compare(model, task, gd=GDConfig.dai(lr=1e-2), k=4, n_episodes=1, n_queries=6, baselines=("random",), progress=False, artifacts=False)
+results = compare(
+    model,
+    task,
+    gd=GDConfig.dai(lr=1e-2),
+    k=4,
+    n_episodes=1,
+    n_queries=6,
+    baselines=("random",),
+    progress=False,
+    artifacts=False,
+)
 mlp = results.summary().query("metric == 'probe:mlp_out' and comparison == 'icl~gd'")
 print(mlp[["layer", "mean"]])
 assert len(mlp) == model.cfg.n_layers

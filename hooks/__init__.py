@@ -97,17 +97,27 @@ PROBES: dict[str, Probe] = REGISTRY["probes"]
 plug-in registry's "probes" (iclgd_lens.plugins)."""
 
 
-def probe(name: str, points: list[str] | tuple[str, ...], *, description: str = "", compare: bool = True) -> Callable[[ProbeFn], ProbeFn]:
+def probe(
+    name: str, points: list[str] | tuple[str, ...], *, description: str = "", compare: bool = True
+) -> Callable[[ProbeFn], ProbeFn]:
     """Register a hook function as a probe (see the module docstring for the contract)."""
     if not points:
         raise IclgdError(f"probe {name!r} must name at least one hook point")
     if isinstance(points, str):
-        raise IclgdError(f"probe {name!r}: points must be a list of hook point names, got the string {points!r}")
+        raise IclgdError(
+            f"probe {name!r}: points must be a list of hook point names, got the string {points!r}"
+        )
 
     def decorate(fn: ProbeFn) -> ProbeFn:
         if name in DEFAULT_PROBES and not getattr(fn, "__module__", "").startswith("iclgd_lens.hooks."):
-            raise IclgdError(f"probe name {name!r} is a built-in probe's; give yours another name (built-in: {', '.join(DEFAULT_PROBES)})")
-        register("probes", name, Probe(name, tuple(points), fn, description or (fn.__doc__ or "").strip().split("\n")[0], compare))
+            raise IclgdError(
+                f"probe name {name!r} is a built-in probe's; give yours another name (built-in: {', '.join(DEFAULT_PROBES)})"
+            )
+        register(
+            "probes",
+            name,
+            Probe(name, tuple(points), fn, description or (fn.__doc__ or "").strip().split("\n")[0], compare),
+        )
         return fn
 
     return decorate
@@ -124,12 +134,20 @@ def get_probes(names: list[str] | None = None) -> list[Probe]:
     return [PROBES[n] for n in names]
 
 
-DEFAULT_PROBES = ("attn_out", "head_out", "scores", "demo_attention", "query_vectors", "kv_outer", "resid_out")
+DEFAULT_PROBES = (
+    "attn_out",
+    "head_out",
+    "scores",
+    "demo_attention",
+    "query_vectors",
+    "kv_outer",
+    "resid_out",
+)
 """What `compare` records unless told otherwise."""
 
 
 def _load_builtin() -> None:
-    from iclgd_lens.hooks import attention, keys_values, scores, residual  # noqa: F401  (registers)
+    from iclgd_lens.hooks import attention, keys_values, residual, scores  # noqa: F401  (registers)
 
 
 __all__ = ["probe", "Probe", "ReadContext", "PROBES", "get_probes", "DEFAULT_PROBES"]

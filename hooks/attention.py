@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from iclgd_lens.hooks import ReadContext, probe
 
 

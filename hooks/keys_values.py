@@ -10,9 +10,9 @@ post-rotary (`hook_rot_k`), as the real attention sees them; under GQA there are
 from __future__ import annotations
 
 import torch
+from iclgd_lens.hooks import ReadContext, probe
 
 from iclgd_lens import metrics
-from iclgd_lens.hooks import ReadContext, probe
 
 
 @probe(
@@ -36,7 +36,9 @@ def kv_outer(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch
     return out
 
 
-@probe("query_vectors", points=["blocks.{layer}.attn.hook_q", "blocks.{layer}.attn.hook_rot_q"], compare=False)
+@probe(
+    "query_vectors", points=["blocks.{layer}.attn.hook_q", "blocks.{layer}.attn.hook_rot_q"], compare=False
+)
 def query_vectors(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch.Tensor]:
     """The query vector of the read position (`q`, pre-rotary; `rot_q`, post-rotary) and,
     where this pass holds demonstrations, the pre-rotary queries of their tokens (`q_demo`)."""

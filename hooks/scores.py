@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from iclgd_lens.hooks import ReadContext, probe
+
 from iclgd_lens import QUERY_SEGMENT, metrics
 
 
@@ -23,7 +23,9 @@ def scores(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch.T
         return {}
     s = acts["attn.hook_attn_scores"]  # [batch, n_heads, q_pos, key_pos]
     row = s[ctx.batch_index, :, ctx.read_pos]  # [batch, n_heads, key_pos]
-    out = {"scores": metrics.select_keys(row, ctx.segments == QUERY_SEGMENT)[0]}  # [batch, n_heads, n_query_tokens]
+    out = {
+        "scores": metrics.select_keys(row, ctx.segments == QUERY_SEGMENT)[0]
+    }  # [batch, n_heads, n_query_tokens]
     if ctx.condition == "icl":
         out["demo_scores"] = row.sum(1).masked_fill(~(ctx.segments > 0), float("nan"))  # [batch, key_pos]
     return out

@@ -18,13 +18,12 @@ import os
 # 30x slower (docs/performance.md). Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from dataclasses import replace
-
 import inspect
 import json
 import signal
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
@@ -148,22 +147,44 @@ def _say(message: str) -> None:
 @app.command()
 def report(
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local HF folder, or hub id."),
-    task: Optional[str] = typer.Option(None, help="Paper task name or data file/folder (default: the embedded models' task)."),
-    k: List[str] = typer.Option(["8"], "--k", help="Demonstrations per episode; repeat or comma-separate for a k sweep."),
-    queries: int = typer.Option(6, min=1, help="Queries per episode (the embedded models' task holds out at most 6)."),
-    episodes: int = typer.Option(8, min=1, help="Demonstration sets (episodes): the unit of every interval and test (8 gives p down to 0.0078)."),
+    task: Optional[str] = typer.Option(
+        None, help="Paper task name or data file/folder (default: the embedded models' task)."
+    ),
+    k: List[str] = typer.Option(
+        ["8"], "--k", help="Demonstrations per episode; repeat or comma-separate for a k sweep."
+    ),
+    queries: int = typer.Option(
+        6, min=1, help="Queries per episode (the embedded models' task holds out at most 6)."
+    ),
+    episodes: int = typer.Option(
+        8,
+        min=1,
+        help="Demonstration sets (episodes): the unit of every interval and test (8 gives p down to 0.0078).",
+    ),
     gd: str = typer.Option("dai", help="GD preset: dai, shen, shen-single-layer, deutch."),
-    lr: Optional[float] = typer.Option(None, help="Override the learning rate (default: the task's own, else the preset's)."),
+    lr: Optional[float] = typer.Option(
+        None, help="Override the learning rate (default: the task's own, else the preset's)."
+    ),
     epochs: Optional[int] = typer.Option(None, help="Override the preset's epochs."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the preset's GD batch size."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Override the preset's GD batch size."
+    ),
     seed: int = typer.Option(0, help="Seed for episodes, baselines and GD order."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16."),
-    out: Path = typer.Option(Path(DEFAULT_OUT), help="Report folder (replaced only when the new one is complete)."),
+    out: Path = typer.Option(
+        Path(DEFAULT_OUT), help="Report folder (replaced only when the new one is complete)."
+    ),
     single_file: bool = typer.Option(False, "--single-file", help="Write one self-contained report.html."),
-    hooks: List[Path] = typer.Option([], "--hooks", help="Python file of @probe functions to record too (repeatable)."),
-    analyses: List[Path] = typer.Option([], "--analyses", help="Python file of @analysis functions for the report (repeatable)."),
-    no_memory_check: bool = typer.Option(False, "--no-memory-check", help="Run even if the GD deltas look too big for the device."),
+    hooks: List[Path] = typer.Option(
+        [], "--hooks", help="Python file of @probe functions to record too (repeatable)."
+    ),
+    analyses: List[Path] = typer.Option(
+        [], "--analyses", help="Python file of @analysis functions for the report (repeatable)."
+    ),
+    no_memory_check: bool = typer.Option(
+        False, "--no-memory-check", help="Run even if the GD deltas look too big for the device."
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: min(4, cpu count))."),
 ) -> None:
@@ -179,20 +200,36 @@ def report(
     from iclgd_lens.engine.compare import compare
     from iclgd_lens.engine.gd import GDConfig
     from iclgd_lens.engine.results import Results
-    from iclgd_lens.tasks.mapping import default_task
     from iclgd_lens.models import load_model
     from iclgd_lens.report import render_report
+    from iclgd_lens.tasks.mapping import default_task
 
     the_task = _load_task(task, seed)
-    overrides = {name: value for name, value in (("lr", lr), ("epochs", epochs), ("batch_size", batch_size))
-                 if value is not None}
-    gd_config = replace(GDConfig.resolve(gd, the_task if the_task is not None else default_task(seed=seed)), **overrides)
+    overrides = {
+        name: value
+        for name, value in (("lr", lr), ("epochs", epochs), ("batch_size", batch_size))
+        if value is not None
+    }
+    gd_config = replace(
+        GDConfig.resolve(gd, the_task if the_task is not None else default_task(seed=seed)), **overrides
+    )
     _say(f"loading model {model} ...")
     bridge = load_model(model, device=device, dtype=dtype)
     parts = []
     for k_value in tqdm(ks, desc="k", disable=no_progress or len(ks) == 1):
-        parts.append(compare(bridge, the_task, gd=gd_config, k=k_value, n_episodes=episodes, n_queries=queries,
-                             seed=seed, progress=not no_progress, check_memory=not no_memory_check))
+        parts.append(
+            compare(
+                bridge,
+                the_task,
+                gd=gd_config,
+                k=k_value,
+                n_episodes=episodes,
+                n_queries=queries,
+                seed=seed,
+                progress=not no_progress,
+                check_memory=not no_memory_check,
+            )
+        )
     results = Results.concat(parts)
     path = render_report(results, out, single_file=single_file)
     typer.echo(str(path))
@@ -203,11 +240,13 @@ def render(
     results: Path = typer.Argument(..., help="results.json, results.parquet, or a folder holding them."),
     out: Path = typer.Option(Path(DEFAULT_OUT), help="Report folder."),
     single_file: bool = typer.Option(False, "--single-file", help="Write one self-contained report.html."),
-    analyses: List[Path] = typer.Option([], "--analyses", help="Python file of @analysis functions (repeatable)."),
+    analyses: List[Path] = typer.Option(
+        [], "--analyses", help="Python file of @analysis functions (repeatable)."
+    ),
 ) -> None:
     """Write the report for saved results (no model needed)."""
-    from iclgd_lens.report import render_report
     from iclgd_lens.engine.results import Results
+    from iclgd_lens.report import render_report
 
     load_user_files((), analyses)
     loaded = Results.load(results)
@@ -218,10 +257,14 @@ def render(
 @app.command()
 def study(
     name: str = typer.Argument(..., help="Study name (see `iclgd-lens list`)."),
-    model: Optional[str] = typer.Option(None, help="Model name or path, for studies that take one (default: the study's)."),
+    model: Optional[str] = typer.Option(
+        None, help="Model name or path, for studies that take one (default: the study's)."
+    ),
     task: Optional[str] = typer.Option(None, help="Task name or data file, for studies that take one."),
     seed: int = typer.Option(0, help="Seed."),
-    settings: List[str] = typer.Option([], "--set", help="Study parameter name=value (repeatable; JSON values)."),
+    settings: List[str] = typer.Option(
+        [], "--set", help="Study parameter name=value (repeatable; JSON values)."
+    ),
     out: Optional[Path] = typer.Option(None, help="Report folder (default: iclgd-study-NAME/)."),
     single_file: bool = typer.Option(False, "--single-file", help="Write one self-contained report.html."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
@@ -230,9 +273,9 @@ def study(
     """Run one study (an experiment in iclgd_lens.analyses) and write its report."""
     import pandas as pd
 
+    from iclgd_lens.engine.results import TABLE_COLUMNS, Results
     from iclgd_lens.plugins import load_study
     from iclgd_lens.report import render_report
-    from iclgd_lens.engine.results import TABLE_COLUMNS, Results
 
     run = load_study(name)
     set_threads(threads)
@@ -240,7 +283,9 @@ def study(
     kwargs = parse_settings(settings)
     unknown = sorted(set(kwargs) - set(params))
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        raise IclgdError(f"study {name!r} has no parameter {unknown[0]!r}; it takes {', '.join(params) or 'none'}")
+        raise IclgdError(
+            f"study {name!r} has no parameter {unknown[0]!r}; it takes {', '.join(params) or 'none'}"
+        )
     if "seed" in params:
         kwargs.setdefault("seed", seed)
     if "progress" in params:
@@ -254,9 +299,16 @@ def study(
             raise IclgdError(f"study {name!r} does not take a task")
         kwargs["task"] = _load_task(task, seed)
     result = run(**kwargs)
-    empty = Results(pd.DataFrame(columns=list(TABLE_COLUMNS)), {"study": name, **getattr(result, "config", {})}, {})
-    path = render_report(empty, out or Path(f"iclgd-study-{name}"), single_file=single_file, study_results=[result],
-                         analyses={})
+    empty = Results(
+        pd.DataFrame(columns=list(TABLE_COLUMNS)), {"study": name, **getattr(result, "config", {})}, {}
+    )
+    path = render_report(
+        empty,
+        out or Path(f"iclgd-study-{name}"),
+        single_file=single_file,
+        study_results=[result],
+        analyses={},
+    )
     table = getattr(result, "table", None)
     if isinstance(table, pd.DataFrame):
         table.to_csv(path.parent / f"study_{name}.csv", index=False)
@@ -265,7 +317,10 @@ def study(
 
 @app.command("train")
 def train_model(
-    variant: str = typer.Option(..., help="icl (next-token loss on the corpus; ICL has to emerge) or iclobj (the explicit ICL objective)."),
+    variant: str = typer.Option(
+        ...,
+        help="icl (next-token loss on the corpus; ICL has to emerge) or iclobj (the explicit ICL objective).",
+    ),
     out: Path = typer.Option(..., help="Folder for the model, tokenizer and training_log.json."),
     steps: Optional[int] = typer.Option(None, min=1, help="Training steps (default: the configuration's)."),
     seed: int = typer.Option(0, help="Seed of the model init and the data."),
@@ -318,7 +373,10 @@ def list_things() -> None:
         from iclgd_lens.hooks import PROBES, get_probes
 
         get_probes(None)  # loads the built-in probes
-        show("probes", [f"{n}: {p.description}" if getattr(p, "description", "") else n for n, p in PROBES.items()])
+        show(
+            "probes",
+            [f"{n}: {p.description}" if getattr(p, "description", "") else n for n, p in PROBES.items()],
+        )
     except ImportError:
         show("probes", [])
     import importlib.util

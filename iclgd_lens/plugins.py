@@ -25,7 +25,11 @@ from typing import Any, Callable
 from iclgd_lens.errors import IclgdError
 
 KINDS = ("probes", "analyses", "studies")
-ENTRY_POINT_GROUPS = {"probes": "iclgd_lens.hooks", "analyses": "iclgd_lens.analyses", "studies": "iclgd_lens.studies"}
+ENTRY_POINT_GROUPS = {
+    "probes": "iclgd_lens.hooks",
+    "analyses": "iclgd_lens.analyses",
+    "studies": "iclgd_lens.studies",
+}
 
 REGISTRY: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
 """kind -> {name: probe | analysis function | study ("module:function" or a function)}."""
@@ -51,7 +55,9 @@ def load_entry_points(kind: str) -> dict[str, Any]:
             obj = ep.load()
         except Exception as err:  # a broken plugin is the plugin's fault: say which one
             raise IclgdError(f"cannot load {kind[:-1]} entry point {ep.name!r} ({ep.value}): {err}") from None
-        if kind != "probes" and callable(obj) and ep.name not in REGISTRY[kind]:  # probes register through @probe
+        if (
+            kind != "probes" and callable(obj) and ep.name not in REGISTRY[kind]
+        ):  # probes register through @probe
             register(kind, ep.name, obj)
     return REGISTRY[kind]
 
@@ -93,7 +99,9 @@ def load_study(name: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name and module_name.startswith(err.name):  # the study module itself is missing
-            raise IclgdError(f"study {name!r} is not available: module {module_name} is not installed") from None
+            raise IclgdError(
+                f"study {name!r} is not available: module {module_name} is not installed"
+            ) from None
         raise IclgdError(f"study {name!r} needs a missing module: {err}") from None
     fn = getattr(module, func_name, None)
     if not callable(fn):

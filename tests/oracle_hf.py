@@ -67,7 +67,9 @@ def load_hf_model(folder: Path = MODEL_FOLDER) -> LlamaForCausalLM:
 
 def load_tokenizer(folder: Path = MODEL_FOLDER):
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id, "oracle expects the tokenizer to prepend BOS"
+    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id, (
+        "oracle expects the tokenizer to prepend BOS"
+    )
     return tokenizer
 
 
@@ -88,7 +90,9 @@ def prompts(tokenizer, task, demos: Sequence, queries: Sequence, label_words: Se
     out = []
     for b in range(n):
         length = int(enc.attention_mask[b].sum())
-        out.append(Prompt(enc.input_ids[b, :length].tolist(), enc.segments[b, :length].clone(), int(enc.read_pos[b])))
+        out.append(
+            Prompt(enc.input_ids[b, :length].tolist(), enc.segments[b, :length].clone(), int(enc.read_pos[b]))
+        )
     return out
 
 
@@ -136,7 +140,9 @@ def _dims(model) -> tuple[int, int, int, int]:
 
 def _register(model) -> tuple[dict, list]:
     """Forward hooks on every layer's modules, keeping batch row 0 of each output."""
-    store: dict[str, dict[int, torch.Tensor]] = {n: {} for n in ("h", "probs", "o_in", "q", "k", "v", "resid")}
+    store: dict[str, dict[int, torch.Tensor]] = {
+        n: {} for n in ("h", "probs", "o_in", "q", "k", "v", "resid")
+    }
     handles = []
 
     def keep(name: str, layer: int, pick):
@@ -154,7 +160,9 @@ def _register(model) -> tuple[dict, list]:
             attn.q_proj.register_forward_hook(keep("q", l, lambda a, o: o[0])),  # [P, H*D]
             attn.k_proj.register_forward_hook(keep("k", l, lambda a, o: o[0])),  # [P, G*D]
             attn.v_proj.register_forward_hook(keep("v", l, lambda a, o: o[0])),  # [P, G*D]
-            block.register_forward_hook(keep("resid", l, lambda a, o: (o[0] if isinstance(o, tuple) else o)[0])),  # [P, d]
+            block.register_forward_hook(
+                keep("resid", l, lambda a, o: (o[0] if isinstance(o, tuple) else o)[0])
+            ),  # [P, d]
         ]
     return store, handles
 
@@ -163,7 +171,9 @@ def rotary(model, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch
     """Post-rotary q [P, H, D] and k [P, G, D] at positions 0..P-1 (HF's own RoPE)."""
     positions = torch.arange(q.shape[0])[None]  # [1, P]
     cos, sin = model.model.rotary_emb(q, positions)  # [1, P, D]
-    q_rot, k_rot = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)  # [1, H|G, P, D]
+    q_rot, k_rot = apply_rotary_pos_emb(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin
+    )  # [1, H|G, P, D]
     return q_rot[0].transpose(0, 1), k_rot[0].transpose(0, 1)
 
 
@@ -205,7 +215,9 @@ def read_scores(p: Pass) -> torch.Tensor:
     """Pre-softmax scores q_rot . k_rot / sqrt(D) of the read position over every key: [L, H, P] float64."""
     D = p.q.shape[-1]
     q = p.q_rot[:, p.read].double()  # [L, H, D]
-    k = repeat_kv(p.k_rot[:, : p.read + 1].double(), q.shape[1])  # [L, P', H, D] (causal: keys up to the read position)
+    k = repeat_kv(
+        p.k_rot[:, : p.read + 1].double(), q.shape[1]
+    )  # [L, P', H, D] (causal: keys up to the read position)
     return torch.einsum("lhd,lphd->lhp", q, k) / math.sqrt(D)
 
 
@@ -215,7 +227,9 @@ class GDRun:
     """A fine-tuned deep copy and what fine-tuning saw."""
 
     model: LlamaForCausalLM
-    train_q: list[torch.Tensor]  # per demonstration (in training order): [L, n_tokens (BOS excluded), H*D] q_proj outputs
+    train_q: list[
+        torch.Tensor
+    ]  # per demonstration (in training order): [L, n_tokens (BOS excluded), H*D] q_proj outputs
     losses: list[float]  # per step, before the step's update
     texts: list[str]
 
@@ -242,7 +256,9 @@ def train_gd(hf_model, tokenizer, task, episode, projections: Sequence[str], lr:
         ids = torch.tensor(tokenizer(text)["input_ids"])[None]  # [1, P], BOS first
         recorded: dict[int, torch.Tensor] = {}
         handles = [
-            block.self_attn.q_proj.register_forward_hook(lambda m, a, o, l=l: recorded.__setitem__(l, o[0].detach().clone()))
+            block.self_attn.q_proj.register_forward_hook(
+                lambda m, a, o, l=l: recorded.__setitem__(l, o[0].detach().clone())
+            )
             for l, block in enumerate(model.model.layers)
         ]
         try:
@@ -266,7 +282,9 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.double(), b.double()
     dot = (a * b).sum(-1)
     norm = a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(norm > 0, dot / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(dot))
+    return torch.where(
+        norm > 0, dot / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(dot)
+    )
 
 
 def unit(h: torch.Tensor) -> torch.Tensor:
@@ -296,7 +314,9 @@ def simaou_norm_random(h_icl, h_zsl, r) -> torch.Tensor:
 
 def random_update_vector(shape: Sequence[int], seed: int) -> torch.Tensor:
     """r ~ U[0, 1) from torch.Generator().manual_seed(seed), float32 as drawn, returned as float64."""
-    return torch.rand(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32).double()
+    return torch.rand(
+        tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32
+    ).double()
 
 
 def query_map(p: Pass) -> torch.Tensor:
@@ -318,7 +338,9 @@ def map_cond(scale: torch.Tensor, *maps: torch.Tensor) -> torch.Tensor:
     """Conditioning of a cosine of score maps (or of their differences) [L, H, slots]: scale / |map|, >= 1."""
     out = torch.ones_like(scale)
     for m in maps:
-        out = torch.maximum(out, (scale / m.double().norm(dim=-1)).nan_to_num(COND_CAP, COND_CAP).clamp(1.0, COND_CAP))
+        out = torch.maximum(
+            out, (scale / m.double().norm(dim=-1)).nan_to_num(COND_CAP, COND_CAP).clamp(1.0, COND_CAP)
+        )
     return out
 
 
@@ -357,7 +379,9 @@ def matrix_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def act(dw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """dW q per query head: dw [L, G, D, D], q [L, H, D] -> [L, H, D]."""
-    return torch.einsum("lhvk,lhk->lhv", dw.double().repeat_interleave(q.shape[1] // dw.shape[1], dim=1), q.double())
+    return torch.einsum(
+        "lhvk,lhk->lhv", dw.double().repeat_interleave(q.shape[1] // dw.shape[1], dim=1), q.double()
+    )
 
 
 def update_cond(*pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -408,7 +432,9 @@ def kendall_per_head_sides(p_icl: Pass, p_gd: Pass) -> tuple[torch.Tensor, torch
 def kendalltau(a, b) -> float:
     with warnings.catch_warnings():  # constant input -> NaN with a warning
         warnings.simplefilter("ignore")
-        return float(scipy.stats.kendalltau(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)).statistic)
+        return float(
+            scipy.stats.kendalltau(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)).statistic
+        )
 
 
 def per_demo_sums(values: torch.Tensor, ids: torch.Tensor, n_demos: int) -> torch.Tensor:
@@ -460,14 +486,21 @@ class EpisodePasses:
     gd_run: GDRun
 
 
-def episode_passes(hf_model, tokenizer, task, episode, e: int, *, projections, lr, seed, with_perm) -> EpisodePasses:
+def episode_passes(
+    hf_model, tokenizer, task, episode, e: int, *, projections, lr, seed, with_perm
+) -> EpisodePasses:
     words = episode.label_words
     zsl_prompts = prompts(tokenizer, task, (), episode.queries, words)
     icl_prompts = prompts(tokenizer, task, episode.demos, episode.queries, words)
     gd_run = train_gd(hf_model, tokenizer, task, episode, projections, lr)
     perm = None
     if with_perm:
-        perm = [run_pass(hf_model, p) for p in prompts(tokenizer, task, permuted(episode.demos, seed + 1000 + e), episode.queries, words)]
+        perm = [
+            run_pass(hf_model, p)
+            for p in prompts(
+                tokenizer, task, permuted(episode.demos, seed + 1000 + e), episode.queries, words
+            )
+        ]
     return EpisodePasses(
         zsl=[run_pass(hf_model, p) for p in zsl_prompts],
         icl=[run_pass(hf_model, p) for p in icl_prompts],
@@ -484,9 +517,20 @@ class _Rows:
     rows: list[tuple] = field(default_factory=list)
 
     def add(self, metric, comparison, layer, head, episode, query, value, cond=1.0) -> None:
-        self.rows.append((metric, comparison, int(layer), int(head), int(episode), int(query), float(value), float(cond)))
+        self.rows.append(
+            (metric, comparison, int(layer), int(head), int(episode), int(query), float(value), float(cond))
+        )
 
-    def heads(self, metric, comparison, e, q, values: torch.Tensor, cond: torch.Tensor | None = None, mean: bool = True) -> None:
+    def heads(
+        self,
+        metric,
+        comparison,
+        e,
+        q,
+        values: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        mean: bool = True,
+    ) -> None:
         """values [L, heads]: one row per (layer, head) and, with `mean`, head -1 = nanmean over heads."""
         cond = torch.ones_like(values, dtype=torch.float64) if cond is None else cond
         for l in range(values.shape[0]):
@@ -495,9 +539,20 @@ class _Rows:
             if mean:
                 row = values[l].double()
                 real = ~row.isnan()
-                self.add(metric, comparison, l, -1, e, q, row[real].mean() if real.any() else float("nan"), cond[l][real].double().mean() if real.any() else 1.0)  # |error of a mean| <= mean of the errors
+                self.add(
+                    metric,
+                    comparison,
+                    l,
+                    -1,
+                    e,
+                    q,
+                    row[real].mean() if real.any() else float("nan"),
+                    cond[l][real].double().mean() if real.any() else 1.0,
+                )  # |error of a mean| <= mean of the errors
 
-    def layers(self, metric, comparison, e, q, values: torch.Tensor, cond: torch.Tensor | None = None) -> None:
+    def layers(
+        self, metric, comparison, e, q, values: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> None:
         """values [L]: one row per layer, head -1."""
         for l in range(values.shape[0]):
             self.add(metric, comparison, l, -1, e, q, values[l], 1.0 if cond is None else cond[l])
@@ -506,21 +561,43 @@ class _Rows:
         return pd.DataFrame(self.rows, columns=[*KEYS, "value", "cond"])
 
 
-def oracle_table(hf_model, tokenizer, task, episodes, *, projections=("k_proj", "v_proj"), lr: float, seed: int = 0,
-                 with_perm: bool = True, with_random: bool = True) -> tuple[pd.DataFrame, list[EpisodePasses]]:
+def oracle_table(
+    hf_model,
+    tokenizer,
+    task,
+    episodes,
+    *,
+    projections=("k_proj", "v_proj"),
+    lr: float,
+    seed: int = 0,
+    with_perm: bool = True,
+    with_random: bool = True,
+) -> tuple[pd.DataFrame, list[EpisodePasses]]:
     """Every metric of compare()'s table that the oracle knows, as tidy rows (KEYS, value, cond),
     and the passes. Not computed: the random-weight baselines (icl~random_update) and Kendall's
     icl~random. Pass a float64 copy of the model for a reference free of float32 rounding."""
     out = _Rows()
     all_passes = []
     for e, episode in enumerate(episodes):
-        ep = episode_passes(hf_model, tokenizer, task, episode, e, projections=projections, lr=lr, seed=seed, with_perm=with_perm)
+        ep = episode_passes(
+            hf_model,
+            tokenizer,
+            task,
+            episode,
+            e,
+            projections=projections,
+            lr=lr,
+            seed=seed,
+            with_perm=with_perm,
+        )
         all_passes.append(ep)
         others = {"icl~gd": ep.gd, **({"icl~icl_perm": ep.perm} if ep.perm is not None else {})}
         n_q = len(episode.queries)
         L, d = ep.zsl[0].h.shape
         _, H, D = ep.zsl[0].z.shape
-        r_h = random_update_vector((L, n_q, d), seed + e)  # Dai's r for attn_out (and resid_out: same shape, same seed)
+        r_h = random_update_vector(
+            (L, n_q, d), seed + e
+        )  # Dai's r for attn_out (and resid_out: same shape, same seed)
         r_z = random_update_vector((L, n_q, H, D), seed + e)  # and for head_out
         dwi = dw_icl(ep.icl[0])  # the same demonstrations for every query of the episode
         labels = [q.label for q in episode.queries]
@@ -531,43 +608,149 @@ def oracle_table(hf_model, tokenizer, task, episodes, *, projections=("k_proj", 
             # SimAOU, SimAOU_norm: layer level from h (head -1), per head from z; heads not averaged
             for comparison, passes in others.items():
                 x = passes[q]
-                out.layers("simaou", comparison, e, q, simaou(icl.h, x.h, zsl.h), update_cond((icl.h, zsl.h), (x.h, zsl.h)))
-                out.heads("simaou", comparison, e, q, simaou(icl.z, x.z, zsl.z), update_cond((icl.z, zsl.z), (x.z, zsl.z)), mean=False)
-                out.layers("simaou_norm", comparison, e, q, simaou_norm(icl.h, x.h, zsl.h),
-                           update_cond((unit(icl.h), unit(zsl.h)), (unit(x.h), unit(zsl.h))))
-                out.heads("simaou_norm", comparison, e, q, simaou_norm(icl.z, x.z, zsl.z),
-                          update_cond((unit(icl.z), unit(zsl.z)), (unit(x.z), unit(zsl.z))), mean=False)
-                out.layers("probe:resid_out", comparison, e, q, simaou(icl.resid, x.resid, zsl.resid),
-                           update_cond((icl.resid, zsl.resid), (x.resid, zsl.resid)))
+                out.layers(
+                    "simaou",
+                    comparison,
+                    e,
+                    q,
+                    simaou(icl.h, x.h, zsl.h),
+                    update_cond((icl.h, zsl.h), (x.h, zsl.h)),
+                )
+                out.heads(
+                    "simaou",
+                    comparison,
+                    e,
+                    q,
+                    simaou(icl.z, x.z, zsl.z),
+                    update_cond((icl.z, zsl.z), (x.z, zsl.z)),
+                    mean=False,
+                )
+                out.layers(
+                    "simaou_norm",
+                    comparison,
+                    e,
+                    q,
+                    simaou_norm(icl.h, x.h, zsl.h),
+                    update_cond((unit(icl.h), unit(zsl.h)), (unit(x.h), unit(zsl.h))),
+                )
+                out.heads(
+                    "simaou_norm",
+                    comparison,
+                    e,
+                    q,
+                    simaou_norm(icl.z, x.z, zsl.z),
+                    update_cond((unit(icl.z), unit(zsl.z)), (unit(x.z), unit(zsl.z))),
+                    mean=False,
+                )
+                out.layers(
+                    "probe:resid_out",
+                    comparison,
+                    e,
+                    q,
+                    simaou(icl.resid, x.resid, zsl.resid),
+                    update_cond((icl.resid, zsl.resid), (x.resid, zsl.resid)),
+                )
             if with_random:
-                out.layers("simaou", "icl~random", e, q, simaou_random(icl.h, zsl.h, r_h[:, q]), update_cond((icl.h, zsl.h)))
-                out.heads("simaou", "icl~random", e, q, simaou_random(icl.z, zsl.z, r_z[:, q]), update_cond((icl.z, zsl.z)), mean=False)
-                out.layers("simaou_norm", "icl~random", e, q, simaou_norm_random(icl.h, zsl.h, r_h[:, q]), update_cond((unit(icl.h), unit(zsl.h))))
-                out.heads("simaou_norm", "icl~random", e, q, simaou_norm_random(icl.z, zsl.z, r_z[:, q]),
-                          update_cond((unit(icl.z), unit(zsl.z))), mean=False)
-                out.layers("probe:resid_out", "icl~random", e, q, simaou_random(icl.resid, zsl.resid, r_h[:, q]), update_cond((icl.resid, zsl.resid)))
+                out.layers(
+                    "simaou",
+                    "icl~random",
+                    e,
+                    q,
+                    simaou_random(icl.h, zsl.h, r_h[:, q]),
+                    update_cond((icl.h, zsl.h)),
+                )
+                out.heads(
+                    "simaou",
+                    "icl~random",
+                    e,
+                    q,
+                    simaou_random(icl.z, zsl.z, r_z[:, q]),
+                    update_cond((icl.z, zsl.z)),
+                    mean=False,
+                )
+                out.layers(
+                    "simaou_norm",
+                    "icl~random",
+                    e,
+                    q,
+                    simaou_norm_random(icl.h, zsl.h, r_h[:, q]),
+                    update_cond((unit(icl.h), unit(zsl.h))),
+                )
+                out.heads(
+                    "simaou_norm",
+                    "icl~random",
+                    e,
+                    q,
+                    simaou_norm_random(icl.z, zsl.z, r_z[:, q]),
+                    update_cond((unit(icl.z), unit(zsl.z))),
+                    mean=False,
+                )
+                out.layers(
+                    "probe:resid_out",
+                    "icl~random",
+                    e,
+                    q,
+                    simaou_random(icl.resid, zsl.resid, r_h[:, q]),
+                    update_cond((icl.resid, zsl.resid)),
+                )
 
             # SimAM before / after / delta over the query's own tokens
             m_zsl, m_icl, m_gd = query_map(zsl), query_map(icl), query_map(gd)
-            scale = torch.maximum(torch.maximum(score_scale(zsl), score_scale(icl)), score_scale(gd))  # [L, H]
+            scale = torch.maximum(
+                torch.maximum(score_scale(zsl), score_scale(icl)), score_scale(gd)
+            )  # [L, H]
             out.heads("simam_before", "icl~zsl", e, q, cos(m_icl, m_zsl), map_cond(scale, m_icl, m_zsl))
             out.heads("simam_after", "icl~gd", e, q, cos(m_icl, m_gd), map_cond(scale, m_icl, m_gd))
-            out.heads("simam_delta", "icl~gd", e, q, simam_delta(m_icl, m_gd, m_zsl), map_cond(scale, m_icl - m_zsl, m_gd - m_zsl))
+            out.heads(
+                "simam_delta",
+                "icl~gd",
+                e,
+                q,
+                simam_delta(m_icl, m_gd, m_zsl),
+                map_cond(scale, m_icl - m_zsl, m_gd - m_zsl),
+            )
             if ep.perm is not None:
                 m_perm = query_map(ep.perm[q])
                 scale_perm = torch.maximum(scale, score_scale(ep.perm[q]))
-                out.heads("simam_delta", "icl~icl_perm", e, q, simam_delta(m_icl, m_perm, m_zsl), map_cond(scale_perm, m_icl - m_zsl, m_perm - m_zsl))
+                out.heads(
+                    "simam_delta",
+                    "icl~icl_perm",
+                    e,
+                    q,
+                    simam_delta(m_icl, m_perm, m_zsl),
+                    map_cond(scale_perm, m_icl - m_zsl, m_perm - m_zsl),
+                )
 
             # implicit weights: dW_ICL vs dW_GD per kv head, their action on ICL's query per query head
             dwg, kv_zsl = dw_gd(gd, zsl), kv_context(zsl)
-            out.heads("dw_cos", "icl~gd", e, q, matrix_cos(dwi, dwg), update_cond((kv_zsl.flatten(-2) + dwg.flatten(-2), kv_zsl.flatten(-2))))
+            out.heads(
+                "dw_cos",
+                "icl~gd",
+                e,
+                q,
+                matrix_cos(dwi, dwg),
+                update_cond((kv_zsl.flatten(-2) + dwg.flatten(-2), kv_zsl.flatten(-2))),
+            )
             q_rot = icl.q_rot[:, icl.read]  # [L, H, D]
-            out.heads("dw_action_cos", "icl~gd", e, q, cos(act(dwi, q_rot), act(dwg, q_rot)),
-                      update_cond((act(kv_zsl + dwg, q_rot), act(kv_zsl, q_rot))))
+            out.heads(
+                "dw_action_cos",
+                "icl~gd",
+                e,
+                q,
+                cos(act(dwi, q_rot), act(dwg, q_rot)),
+                update_cond((act(kv_zsl + dwg, q_rot), act(kv_zsl, q_rot))),
+            )
             dual = cos(act(dwi, q_rot), icl.z.double() - zsl.z.double())
             dual_cond = update_cond((icl.z, zsl.z))
             out.heads("dual_form_cos", "icl~dual_form", e, q, dual, dual_cond)
-            out.heads("dual_form_rel_err", "icl~dual_form", e, q, torch.sqrt(torch.clamp(1 - dual**2, min=0)), dual_cond)
+            out.heads(
+                "dual_form_rel_err",
+                "icl~dual_form",
+                e,
+                q,
+                torch.sqrt(torch.clamp(1 - dual**2, min=0)),
+                dual_cond,
+            )
 
             # Kendall (Dai, LMOps understand_icl): token and example level, head -1
             a, a_ids = kendall_icl_side(icl)
@@ -575,11 +758,37 @@ def oracle_table(hf_model, tokenizer, task, episodes, *, projections=("k_proj", 
             k = len(episode.demos)
             same_layout = torch.equal(torch.bincount(a_ids, minlength=k), torch.bincount(b_ids, minlength=k))
             for l in range(L):
-                out.add("kendall_token", "icl~gd", l, -1, e, q, kendalltau(a[l], b[l]) if same_layout else float("nan"))
-                out.add("kendall_example", "icl~gd", l, -1, e, q, kendalltau(per_demo_sums(a[l], a_ids, k), per_demo_sums(b[l], b_ids, k)))
+                out.add(
+                    "kendall_token",
+                    "icl~gd",
+                    l,
+                    -1,
+                    e,
+                    q,
+                    kendalltau(a[l], b[l]) if same_layout else float("nan"),
+                )
+                out.add(
+                    "kendall_example",
+                    "icl~gd",
+                    l,
+                    -1,
+                    e,
+                    q,
+                    kendalltau(per_demo_sums(a[l], a_ids, k), per_demo_sums(b[l], b_ids, k)),
+                )
             att, dots, ids = kendall_per_head_sides(icl, gd)
-            tau_token = torch.tensor([[kendalltau(att[l, h], dots[l, h]) for h in range(H)] for l in range(L)])
-            tau_example = torch.tensor([[kendalltau(per_demo_sums(att[l, h], ids, k), per_demo_sums(dots[l, h], ids, k)) for h in range(H)] for l in range(L)])
+            tau_token = torch.tensor(
+                [[kendalltau(att[l, h], dots[l, h]) for h in range(H)] for l in range(L)]
+            )
+            tau_example = torch.tensor(
+                [
+                    [
+                        kendalltau(per_demo_sums(att[l, h], ids, k), per_demo_sums(dots[l, h], ids, k))
+                        for h in range(H)
+                    ]
+                    for l in range(L)
+                ]
+            )
             out.heads("kendall_token_per_head", "icl~gd", e, q, tau_token)
             out.heads("kendall_example_per_head", "icl~gd", e, q, tau_example)
 
@@ -588,10 +797,28 @@ def oracle_table(hf_model, tokenizer, task, episodes, *, projections=("k_proj", 
                 ok = int(torch.argmax(p.logits[label_ids])) == labels[q]
                 correct[c].append(ok)
                 out.add("accuracy", c, -1, -1, e, q, float(ok))
-                out.add("accuracy_vocab", c, -1, -1, e, q, float(int(torch.argmax(p.logits)) == label_ids[labels[q]]))
-            logits = {"zsl": zsl.logits, "icl": icl.logits, "gd": gd.logits, **({"icl_perm": ep.perm[q].logits} if ep.perm is not None else {})}
+                out.add(
+                    "accuracy_vocab",
+                    c,
+                    -1,
+                    -1,
+                    e,
+                    q,
+                    float(int(torch.argmax(p.logits)) == label_ids[labels[q]]),
+                )
+            logits = {
+                "zsl": zsl.logits,
+                "icl": icl.logits,
+                "gd": gd.logits,
+                **({"icl_perm": ep.perm[q].logits} if ep.perm is not None else {}),
+            }
             logp = {c: torch.log_softmax(z.double(), -1) for c, z in logits.items()}
-            for comparison, (x, y) in {"icl~gd": ("icl", "gd"), "icl~icl_perm": ("icl", "icl_perm"), "gd~zsl": ("gd", "zsl"), "icl~zsl": ("icl", "zsl")}.items():
+            for comparison, (x, y) in {
+                "icl~gd": ("icl", "gd"),
+                "icl~icl_perm": ("icl", "icl_perm"),
+                "gd~zsl": ("gd", "zsl"),
+                "icl~zsl": ("icl", "zsl"),
+            }.items():
                 if x in logp and y in logp:
                     p1, p2 = logp[x].exp(), logp[y].exp()
                     out.add("token_overlap", comparison, -1, -1, e, q, token_overlap(p1, p2))

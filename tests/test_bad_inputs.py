@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from iclgd_lens.hooks import PROBES, get_probes
 from typer.testing import CliRunner
 
 from iclgd_lens import GDConfig, IclgdError, compare, load_model
 from iclgd_lens.cli import app
-from iclgd_lens.hooks import PROBES, get_probes
 
 get_probes(None)  # the built-in probes are registered before any case takes a snapshot of the registry
 runner = CliRunner()
@@ -37,7 +37,9 @@ def probe_file(folder: Path, name: str) -> Path:
     if name == "builtin_name.py":
         probe_name, body = "attn_out", "def f(acts, ctx):\n    return {}\n"
     path = folder / name
-    path.write_text(f"from iclgd_lens.hooks import probe\n{body}probe({probe_name!r}, points=[{point!r}])(f)\n")
+    path.write_text(
+        f"from iclgd_lens.hooks import probe\n{body}probe({probe_name!r}, points=[{point!r}])(f)\n"
+    )
     return path
 
 
@@ -51,7 +53,9 @@ def make_inputs(folder: Path) -> dict[str, Path]:
     (folder / "a_file.txt").write_text("x")
     gpt2 = folder / "gpt2_folder"
     gpt2.mkdir()
-    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (gpt2 / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
     (folder / "no_config").mkdir()
     damaged = folder / "damaged"
     damaged.mkdir()
@@ -125,19 +129,27 @@ def test_bad_command_line_input(argv, fragment, tmp_path):
     (old / "index.html").write_text("the earlier report")
     argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
     if argv[0] == "report":
-        argv = argv[:1] + FAST + argv[1:] + ([] if "--out" in argv else ["--out", str(old)])  # the case's options win
+        argv = (
+            argv[:1] + FAST + argv[1:] + ([] if "--out" in argv else ["--out", str(old)])
+        )  # the case's options win
     before = set(PROBES)
     try:
         result = runner.invoke(app, argv)
     finally:
         for name in set(PROBES) - before:
             PROBES.pop(name)
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "it/s]" not in line and not line.startswith("loading model")]
+    lines = [
+        line
+        for line in result.stderr.splitlines()
+        if line.strip() and "it/s]" not in line and not line.startswith("loading model")
+    ]
     assert result.exit_code == 2, (result.exit_code, result.output)
     assert len(lines) == 1 and "error" in lines[0], result.stderr
     assert "Traceback" not in result.output
     assert fragment in lines[0], lines[0]
-    assert (old / "index.html").read_text() == "the earlier report" and sorted(p.name for p in old.iterdir()) == ["index.html"]
+    assert (old / "index.html").read_text() == "the earlier report" and sorted(
+        p.name for p in old.iterdir()
+    ) == ["index.html"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a temporary folder was left behind"
     assert (tmp_path / "foreign" / "thesis.tex").read_text() == "mine"
 
@@ -188,9 +200,20 @@ def test_gd_too_big_for_the_device_is_refused_up_front(model, monkeypatch):
     """The estimate of the deltas' memory is checked before any work; check_memory=False overrides."""
     import iclgd_lens.engine.compare as compare_module
 
-    monkeypatch.setattr(compare_module.os, "sysconf", lambda name: 1 if name == "SC_PAGE_SIZE" else 1024)  # a 1 KB machine
+    monkeypatch.setattr(
+        compare_module.os, "sysconf", lambda name: 1 if name == "SC_PAGE_SIZE" else 1024
+    )  # a 1 KB machine
     with pytest.raises(IclgdError, match="needs about .* of weight deltas .* check_memory=False") as info:
         compare(model, k=2, n_episodes=2, n_queries=2, progress=False, artifacts=False)
     assert "\n" not in str(info.value)
-    result = compare(model, k=2, n_episodes=2, n_queries=2, baselines=False, progress=False, artifacts=False, check_memory=False)
+    result = compare(
+        model,
+        k=2,
+        n_episodes=2,
+        n_queries=2,
+        baselines=False,
+        progress=False,
+        artifacts=False,
+        check_memory=False,
+    )
     assert len(result.table)

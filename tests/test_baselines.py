@@ -16,8 +16,15 @@ INIT_STD = 0.3  # far from the trained-weight scale below, so a re-draw is visib
 
 def tiny_llama(seed=0):
     config = LlamaConfig(
-        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, initializer_range=INIT_STD, attention_bias=True,
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=INIT_STD,
+        attention_bias=True,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
@@ -32,8 +39,13 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="w1", eos_token="w2", unk_token="w0", pad_token="w3",
-        name_or_path="tiny-test-llama", add_bos_token=True,
+        tokenizer_object=tok,
+        bos_token="w1",
+        eos_token="w2",
+        unk_token="w0",
+        pad_token="w3",
+        name_or_path="tiny-test-llama",
+        add_bos_token=True,
     )
 
 
@@ -60,7 +72,9 @@ def test_scaled_random_like_keeps_norms_and_zero_episodes():
     dense = torch.randn(5, 8, 16, generator=gen)
     dense[2] = 0
     low_rank = (torch.randn(5, 8, 3, generator=gen), torch.randn(5, 12, 3, generator=gen))
-    deltas = Deltas({"blocks.0.attn.k": dense, "blocks.0.attn.v": low_rank}, GDConfig.dai(), torch.zeros(1, 5))
+    deltas = Deltas(
+        {"blocks.0.attn.k": dense, "blocks.0.attn.v": low_rank}, GDConfig.dai(), torch.zeros(1, 5)
+    )
     state = torch.random.get_rng_state()
     r = deltas.scaled_random_like(seed=3)
     assert torch.equal(torch.random.get_rng_state(), state)  # global random state untouched
@@ -68,7 +82,9 @@ def test_scaled_random_like_keeps_norms_and_zero_episodes():
     for path, norm in r.norms().items():
         assert r.tensors[path].shape == deltas.tensors[path].shape and path not in r.factors  # dense
         assert torch.allclose(norm, norms[path], atol=1e-5)
-        cos = torch.nn.functional.cosine_similarity(r.tensors[path].flatten(1), deltas.tensors[path].flatten(1), dim=1)
+        cos = torch.nn.functional.cosine_similarity(
+            r.tensors[path].flatten(1), deltas.tensors[path].flatten(1), dim=1
+        )
         assert cos[[0, 1, 3, 4]].abs().max() < 0.6  # a different direction
     assert torch.equal(r.tensors["blocks.0.attn.k"][2], torch.zeros(8, 16))
     again, other = deltas.scaled_random_like(seed=3), deltas.scaled_random_like(seed=4)
@@ -103,7 +119,10 @@ def test_untrained_copy_of_hf_model_leaves_it_untouched():
     again = untrained_copy(model, seed=0).state_dict()
     assert all(torch.equal(again[k], v) for k, v in fresh.state_dict().items())
     other = untrained_copy(model, seed=1).state_dict()
-    assert not torch.equal(other["model.layers.0.self_attn.q_proj.weight"], fresh.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        other["model.layers.0.self_attn.q_proj.weight"],
+        fresh.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 def test_untrained_copy_of_bridge_is_a_new_bridge():
@@ -111,7 +130,9 @@ def test_untrained_copy_of_bridge_is_a_new_bridge():
 
     hf = tiny_llama()
     clean = {k: v.clone() for k, v in hf.state_dict().items()}
-    bridge = TransformerBridge.boot_transformers("tiny-test-llama", hf_model=hf, tokenizer=tiny_tokenizer(), device="cpu")
+    bridge = TransformerBridge.boot_transformers(
+        "tiny-test-llama", hf_model=hf, tokenizer=tiny_tokenizer(), device="cpu"
+    )
     before = {k: v.clone() for k, v in bridge.original_model.state_dict().items()}
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     with torch.no_grad():
@@ -125,7 +146,9 @@ def test_untrained_copy_of_bridge_is_a_new_bridge():
     assert isinstance(untrained, TransformerBridge) and untrained.original_model is not hf
     assert "blocks.1.attn.hook_z" in untrained.hook_dict
     assert not torch.allclose(logits_untrained, logits_before)
-    fresh_sd = {k.replace("._original_component", ""): v for k, v in untrained.original_model.state_dict().items()}
+    fresh_sd = {
+        k.replace("._original_component", ""): v for k, v in untrained.original_model.state_dict().items()
+    }
     check_untrained(clean, fresh_sd)
 
 

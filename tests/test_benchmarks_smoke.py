@@ -49,7 +49,9 @@ def test_engine_and_reference_compute_the_same_rows_and_numbers(tables):
     assert result["rows_compared"] + layer0_simam_delta == len(reference_table) == len(engine_table) > 100
     assert result["simaou_layer_mean_diff"] < 1e-4
     assert result["max_row_diff"] < 1e-4
-    assert {"simaou", "simaou_norm", "simam_before", "simam_after", "simam_delta", "accuracy"} <= set(result["max_row_diff_per_metric"])
+    assert {"simaou", "simaou_norm", "simam_before", "simam_after", "simam_delta", "accuracy"} <= set(
+        result["max_row_diff_per_metric"]
+    )
 
 
 def test_agreement_catches_a_difference(tables):
@@ -60,7 +62,9 @@ def test_agreement_catches_a_difference(tables):
     broken.loc[row, "value"] += 0.1
     result = engine.agreement(engine_table, broken)
     assert result["max_row_diff"] == pytest.approx(0.1, abs=1e-4)
-    assert result["simaou_layer_mean_diff"] == pytest.approx(0.1 / 8, abs=1e-4)  # 2 episodes x 4 queries per layer
+    assert result["simaou_layer_mean_diff"] == pytest.approx(
+        0.1 / 8, abs=1e-4
+    )  # 2 episodes x 4 queries per layer
     assert engine.agreement(engine_table, broken.drop(index=row))["rows_only_one_side"] == 1
 
 

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_results import BOS_LIKE_TOKEN, EVIL_IMG_TOKEN, EVIL_TOKEN, make_results
 
 from iclgd_lens.report import render_report
-from test_results import BOS_LIKE_TOKEN, EVIL_IMG_TOKEN, EVIL_TOKEN, make_results
 
 pytestmark = pytest.mark.browser
 
@@ -32,7 +32,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).parent / "artifacts"
 if CHROMIUM is None:
     if os.environ.get("CI") == "true":  # under CI a missing browser is a failed install, not a reason to skip
-        raise RuntimeError("chromium is not installed but CI=true: .ci/install must install it (apt-get install -y chromium)")
+        raise RuntimeError(
+            "chromium is not installed but CI=true: .ci/install must install it (apt-get install -y chromium)"
+        )
     pytest.skip("chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
 
 
@@ -50,13 +52,29 @@ class DevTools:
             os.dup2(high_w, 4)
 
         self.proc = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-             "--disable-extensions", "--no-default-browser-check", "--host-resolver-rules=MAP * ~NOTFOUND",
-             f"--user-data-dir={user_data_dir}", "--remote-debugging-pipe", "--window-size=1280,2000",
-             "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=wire_fds, close_fds=False,  # keep fds 3/4 made by wire_fds
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-quic",
+                "--disable-extensions",
+                "--no-default-browser-check",
+                "--host-resolver-rules=MAP * ~NOTFOUND",
+                f"--user-data-dir={user_data_dir}",
+                "--remote-debugging-pipe",
+                "--window-size=1280,2000",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=wire_fds,
+            close_fds=False,  # keep fds 3/4 made by wire_fds
         )
         os.close(cmd_r)
         os.close(resp_w)
@@ -92,7 +110,9 @@ class DevTools:
         raw, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(raw)
 
-    def send(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 30) -> dict:
+    def send(
+        self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 30
+    ) -> dict:
         self._next_id += 1
         msg = {"id": self._next_id, "method": method, "params": params or {}}
         if session:
@@ -113,8 +133,12 @@ class DevTools:
         self.events.append(event)
         if event.get("method") == "Page.javascriptDialogOpening" and session:
             # dismiss it so the page goes on; the test fails on the recorded event
-            msg = {"id": 10**9 + len(self.events), "method": "Page.handleJavaScriptDialog",
-                   "params": {"accept": True}, "sessionId": session}
+            msg = {
+                "id": 10**9 + len(self.events),
+                "method": "Page.handleJavaScriptDialog",
+                "params": {"accept": True},
+                "sessionId": session,
+            }
             os.write(self._cmd_w, json.dumps(msg).encode() + b"\0")
 
     def pump(self, seconds: float, session: str) -> None:
@@ -134,8 +158,11 @@ def open_page(url: str, screenshot: Path | None = None, settle_s: float = 30) ->
         session = devtools.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for method in ("Page.enable", "Runtime.enable", "Log.enable", "Network.enable"):
             devtools.send(method, session=session)
-        devtools.send("Network.emulateNetworkConditions", {"offline": True, "latency": 0, "downloadThroughput": -1,
-                                                          "uploadThroughput": -1}, session=session)
+        devtools.send(
+            "Network.emulateNetworkConditions",
+            {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+            session=session,
+        )
         devtools.send("Page.navigate", {"url": url}, session=session)
         check = """(() => {
             const graphs = [...document.querySelectorAll('.plotly-graph-div')];
@@ -153,18 +180,32 @@ def open_page(url: str, screenshot: Path | None = None, settle_s: float = 30) ->
         state: dict = {}
         while time.monotonic() < deadline:
             devtools.pump(0.5, session)
-            state = devtools.send("Runtime.evaluate", {"expression": check, "returnByValue": True},
-                                  session=session)["result"].get("value") or {}
-            if (state.get("ready") == "complete" and state["graphs"] == state["graphs_rendered"]
-                    and state["widgets"] == state["widgets_rendered"]):
+            state = (
+                devtools.send(
+                    "Runtime.evaluate", {"expression": check, "returnByValue": True}, session=session
+                )["result"].get("value")
+                or {}
+            )
+            if (
+                state.get("ready") == "complete"
+                and state["graphs"] == state["graphs_rendered"]
+                and state["widgets"] == state["widgets_rendered"]
+            ):
                 break
         devtools.pump(1.0, session)  # late errors
         if screenshot is not None:
             metrics = devtools.send("Page.getLayoutMetrics", session=session)
             height = min(int(metrics["cssContentSize"]["height"]), 6000)
-            shot = devtools.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
-                                                            "clip": {"x": 0, "y": 0, "width": 1280, "height": height,
-                                                                     "scale": 1}}, session=session, timeout=60)
+            shot = devtools.send(
+                "Page.captureScreenshot",
+                {
+                    "format": "png",
+                    "captureBeyondViewport": True,
+                    "clip": {"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1},
+                },
+                session=session,
+                timeout=60,
+            )
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             screenshot.write_bytes(base64.b64decode(shot["data"]))
     finally:
@@ -173,15 +214,25 @@ def open_page(url: str, screenshot: Path | None = None, settle_s: float = 30) ->
 
     events = devtools.events
     state["dialogs"] = [e["params"] for e in events if e.get("method") == "Page.javascriptDialogOpening"]
-    state["exceptions"] = [e["params"]["exceptionDetails"].get("exception", {}).get("description")
-                           or e["params"]["exceptionDetails"].get("text")
-                           for e in events if e.get("method") == "Runtime.exceptionThrown"]
-    state["console_errors"] = [" ".join(str(a.get("value", a.get("description", ""))) for a in e["params"]["args"])
-                               for e in events if e.get("method") == "Runtime.consoleAPICalled"
-                               and e["params"]["type"] in ("error", "assert")]
-    state["log_errors"] = [e["params"]["entry"]["text"] for e in events
-                           if e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"]
-    state["requests"] = [e["params"]["request"]["url"] for e in events if e.get("method") == "Network.requestWillBeSent"]
+    state["exceptions"] = [
+        e["params"]["exceptionDetails"].get("exception", {}).get("description")
+        or e["params"]["exceptionDetails"].get("text")
+        for e in events
+        if e.get("method") == "Runtime.exceptionThrown"
+    ]
+    state["console_errors"] = [
+        " ".join(str(a.get("value", a.get("description", ""))) for a in e["params"]["args"])
+        for e in events
+        if e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert")
+    ]
+    state["log_errors"] = [
+        e["params"]["entry"]["text"]
+        for e in events
+        if e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"
+    ]
+    state["requests"] = [
+        e["params"]["request"]["url"] for e in events if e.get("method") == "Network.requestWillBeSent"
+    ]
     return state
 
 

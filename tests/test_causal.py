@@ -10,10 +10,17 @@ demonstrations. No measured figure of the embedded models is frozen here.
 
 import pytest
 import torch
-
 from iclgd_lens.analyses import causal
+
 from iclgd_lens import GDConfig
-from iclgd_lens.worlds.oswald import LinearSelfAttention, build_tokens, gd_step, hand_built_weights, predict_icl, regression_tasks
+from iclgd_lens.worlds.oswald import (
+    LinearSelfAttention,
+    build_tokens,
+    gd_step,
+    hand_built_weights,
+    predict_icl,
+    regression_tasks,
+)
 
 torch.set_num_threads(1)
 
@@ -48,10 +55,14 @@ def _all_layers(values, n_layers):
 def test_patching_every_layer_with_icl_values_is_icl(icl_model, runs):
     L, zsl, icl = runs.n_layers, runs.zsl_enc, runs.icl_enc
     icl_logits = _logits(icl_model, icl)  # independent of the Recorder's own ICL recording
-    patched = _logits(icl_model, zsl, causal.write_at_read(_all_layers(runs.attn_out["icl"], L), zsl.read_pos))
+    patched = _logits(
+        icl_model, zsl, causal.write_at_read(_all_layers(runs.attn_out["icl"], L), zsl.read_pos)
+    )
     assert torch.allclose(patched, icl_logits, atol=1e-5, rtol=0)
     # per-head outputs z (before W_O) as well: the transplant writes there
-    patched_z = _logits(icl_model, zsl, causal.write_at_read(_all_layers(runs.z["icl"], L), zsl.read_pos, "attn.hook_z"))
+    patched_z = _logits(
+        icl_model, zsl, causal.write_at_read(_all_layers(runs.z["icl"], L), zsl.read_pos, "attn.hook_z")
+    )
     assert torch.allclose(patched_z, icl_logits, atol=1e-5, rtol=0)
     # the property needs every layer: leaving one out is not ICL
     some = {l: runs.attn_out["icl"][l] for l in range(1, L)}
@@ -105,27 +116,40 @@ def test_linear_transplant_is_icl_on_von_oswalds_layer(hand_built):
         gen = torch.Generator().manual_seed(1)
         weights = {name: w + 0.3 * torch.randn(w.shape, generator=gen) for name, w in weights.items()}
     model = LinearSelfAttention(d_x, d_y, weights)
-    icl_tokens, zsl_tokens = build_tokens(xc, yc, xq), build_tokens(xc[:, :0], yc[:, :0], xq)  # [T, N+1, d], [T, 1, d]
+    icl_tokens, zsl_tokens = (
+        build_tokens(xc, yc, xq),
+        build_tokens(xc[:, :0], yc[:, :0], xq),
+    )  # [T, N+1, d], [T, 1, d]
     store = {}
 
     def keep(t, hook):
         store[hook.name] = t.detach().clone()
 
-    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_k", keep), ("blocks.0.attn.hook_v", keep), ("blocks.0.attn.hook_z", keep)]):
+    with model.hooks(
+        fwd_hooks=[
+            ("blocks.0.attn.hook_k", keep),
+            ("blocks.0.attn.hook_v", keep),
+            ("blocks.0.attn.hook_z", keep),
+        ]
+    ):
         icl_out = model(icl_tokens)
     context = (torch.arange(n + 1) < n).expand(len(xq), -1)  # keys and values: the context tokens
     demo = {0: causal.DemoKV(store["blocks.0.attn.hook_k"], store["blocks.0.attn.hook_v"], context)}
     read = torch.zeros(len(xq), dtype=torch.long)  # the query alone: position 0
     with model.hooks(fwd_hooks=causal.transplant_hooks(demo, read, mode="linear")):
         out = model(zsl_tokens)
-    assert not torch.allclose(model(zsl_tokens)[:, -1], icl_out[:, -1], atol=1e-3)  # without it: no context at all
+    assert not torch.allclose(
+        model(zsl_tokens)[:, -1], icl_out[:, -1], atol=1e-3
+    )  # without it: no context at all
     assert torch.allclose(out[:, -1], icl_out[:, -1], atol=1e-5)
     # the same direction at ICL's own norm is the same update
     z_norm = {0: torch.linalg.vector_norm(store["blocks.0.attn.hook_z"][:, -1], dim=-1)}  # z_ZSL = 0 here
     with model.hooks(fwd_hooks=causal.transplant_hooks(demo, read, mode="linear_scaled", target_norm=z_norm)):
         assert torch.allclose(model(zsl_tokens)[:, -1], icl_out[:, -1], atol=1e-5)
     if hand_built:  # ICL is one GD step: the transplanted prediction is dW x_test
-        assert torch.allclose(-out[:, -1, d_x:], torch.einsum("tox,tx->to", gd_step(xc, yc, None, lr), xq), atol=1e-5)
+        assert torch.allclose(
+            -out[:, -1, d_x:], torch.einsum("tox,tx->to", gd_step(xc, yc, None, lr), xq), atol=1e-5
+        )
         assert torch.allclose(-out[:, -1, d_x:], predict_icl(model, xc, yc, xq), atol=1e-5)
     assert all(len(hp.fwd_hooks) == 0 for hp in model.hook_dict.values())
 
@@ -137,10 +161,16 @@ def test_study_table_and_model_untouched(icl_model):
     assert all(len(hp.fwd_hooks) == 0 for hp in icl_model.hook_dict.values())
     t = r.table
     assert list(t.columns) == causal.COLUMNS
-    assert set(t.metric) == set(causal.QUERY_METRICS) | set(causal.EPISODE_METRICS) | set(causal.DUAL_FORM_METRICS)
+    assert set(t.metric) == set(causal.QUERY_METRICS) | set(causal.EPISODE_METRICS) | set(
+        causal.DUAL_FORM_METRICS
+    )
     assert set(t[t.metric.isin(causal.DUAL_FORM_METRICS)]["head"]) == set(range(icl_model.cfg.n_heads))
-    expected = {"zsl", "icl", "gd", "icl_perm"} | {f"patch:{s}" for s in causal.PATCH_SOURCES} \
-        | {f"subst:{s}" for s in causal.SUBSTITUTES} | {f"transplant:{m}" for m in causal.TRANSPLANTS}
+    expected = (
+        {"zsl", "icl", "gd", "icl_perm"}
+        | {f"patch:{s}" for s in causal.PATCH_SOURCES}
+        | {f"subst:{s}" for s in causal.SUBSTITUTES}
+        | {f"transplant:{m}" for m in causal.TRANSPLANTS}
+    )
     assert set(t.comparison) == expected | {f"untrained:{c}" for c in expected}
     assert set(t[t.comparison.str.startswith("patch:")].scope) == {"single", "bottom", "top"}
     assert (t[t.metric.isin(causal.EPISODE_METRICS)]["query"] == -1).all()
@@ -149,7 +179,9 @@ def test_study_table_and_model_untouched(icl_model):
     L = icl_model.cfg.n_layers
     assert r.config["all_layer_patch_max_abs_err"] <= causal.RESULT_TOL
     # the table's all-layer ICL patch recovers exactly ICL's effect, and ZSL/ICL are the 0/1 anchors
-    rec = t[(t.metric == "recovered") & (t.comparison == "patch:icl") & (t.scope == "bottom") & (t.layer == L - 1)]
+    rec = t[
+        (t.metric == "recovered") & (t.comparison == "patch:icl") & (t.scope == "bottom") & (t.layer == L - 1)
+    ]
     assert rec.value.to_numpy() == pytest.approx(1.0, abs=1e-5)
     assert t[(t.metric == "recovered") & (t.comparison == "zsl")].value.to_numpy() == pytest.approx(0.0)
     assert t[(t.metric == "kl_to_icl") & (t.comparison == "icl")].value.abs().max() < 1e-6

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_results import make_results
 from typer.testing import CliRunner
 
 from iclgd_lens import analyses as analyses_pkg
 from iclgd_lens.cli import app, parse_settings
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.study import StudyResult, parse_numbers
-from test_results import make_results
 
 runner = CliRunner()
 
@@ -86,8 +86,11 @@ def test_usage_errors_are_one_line():
 
 def test_study_errors_are_one_line():
     assert_one_line_error(run("study", "no-such-study"), "unknown study", "order-sensitivity")
-    missing = [n for n, target in analyses_pkg.STUDIES.items()
-               if __import__("importlib").util.find_spec(target.partition(":")[0]) is None]
+    missing = [
+        n
+        for n, target in analyses_pkg.STUDIES.items()
+        if __import__("importlib").util.find_spec(target.partition(":")[0]) is None
+    ]
     if missing:
         assert_one_line_error(run("study", missing[0]), "not available")
 
@@ -95,8 +98,13 @@ def test_study_errors_are_one_line():
 def fake_study(*, n: int = 3, seed: int = 0) -> StudyResult:
     """A study for the CLI test (found through STUDIES as test_cli:fake_study)."""
     table = pd.DataFrame({"i": range(n), "value": [seed + i for i in range(n)]})
-    return StudyResult(name="fake", question="Does the CLI pass settings through?", table=table,
-                       findings=f"{n} rows, seed {seed}", config={"n": n})
+    return StudyResult(
+        name="fake",
+        question="Does the CLI pass settings through?",
+        table=table,
+        findings=f"{n} rows, seed {seed}",
+        config={"n": n},
+    )
 
 
 def test_study_runs_and_passes_settings(tmp_path, monkeypatch):
@@ -124,10 +132,18 @@ def test_list_and_help():
 def test_train_bad_options_exit_2_with_one_line(tmp_path):
     assert_one_line_error(run("train", "--out", tmp_path / "m"), "--variant")  # required
     assert_one_line_error(run("train", "--variant", "icl"), "--out")
-    assert_one_line_error(run("train", "--variant", "icl", "--out", tmp_path / "m", "--steps", "many"), "--steps")
-    assert_one_line_error(run("train", "--variant", "icl", "--out", tmp_path / "m", "--threads", "0"), "--threads")
-    assert_one_line_error(run("train", "--variant", "big", "--out", tmp_path / "m"), "--variant", "icl, iclobj", "'big'")
-    assert_one_line_error(run("train", "--variant", "icl", "--out", tmp_path / "m", "--epochs", "2"), "--epochs")
+    assert_one_line_error(
+        run("train", "--variant", "icl", "--out", tmp_path / "m", "--steps", "many"), "--steps"
+    )
+    assert_one_line_error(
+        run("train", "--variant", "icl", "--out", tmp_path / "m", "--threads", "0"), "--threads"
+    )
+    assert_one_line_error(
+        run("train", "--variant", "big", "--out", tmp_path / "m"), "--variant", "icl, iclobj", "'big'"
+    )
+    assert_one_line_error(
+        run("train", "--variant", "icl", "--out", tmp_path / "m", "--epochs", "2"), "--epochs"
+    )
     assert not (tmp_path / "m").exists()
 
 
@@ -136,13 +152,23 @@ def test_k_numbers_and_settings():
     assert parse_numbers(["1,2", "8", "2"], "--k", minimum=0) == [1, 2, 8]
     with pytest.raises(IclgdError):
         parse_numbers(["-1"], "--k", minimum=0)
-    assert parse_settings(["n=3", "name=abc", "ks=[1, 2]", "lr=1e-3"]) == {"n": 3, "name": "abc", "ks": [1, 2], "lr": 1e-3}
+    assert parse_settings(["n=3", "name=abc", "ks=[1, 2]", "lr=1e-3"]) == {
+        "n": 3,
+        "name": "abc",
+        "ks": [1, 2],
+        "lr": 1e-3,
+    }
 
 
 def test_console_entry_prints_no_traceback(tmp_path):
     """The real process: exit 2 and one stderr line, through `python -m iclgd_lens.cli`."""
-    proc = subprocess.run([sys.executable, "-m", "iclgd_lens.cli", "render", str(tmp_path / "nope.json")],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "iclgd_lens.cli", "render", str(tmp_path / "nope.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "not found" in proc.stderr
 
@@ -158,13 +184,36 @@ def test_report_end_to_end_on_a_tiny_model_folder(tmp_path):
     torch.set_num_threads(1)
     tok = build_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
-    result = run("report", "--model", tmp_path / "model", "--k", "1,2", "--episodes", "2", "--queries", "2",
-                 "--out", tmp_path / "rep", "--no-progress", "--threads", "1")
+    result = run(
+        "report",
+        "--model",
+        tmp_path / "model",
+        "--k",
+        "1,2",
+        "--episodes",
+        "2",
+        "--queries",
+        "2",
+        "--out",
+        tmp_path / "rep",
+        "--no-progress",
+        "--threads",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     loaded = __import__("iclgd_lens.engine.results", fromlist=["Results"]).Results.load(tmp_path / "rep")
     assert sorted(loaded.table["k"].unique()) == [1, 2]
@@ -178,8 +227,12 @@ def test_sigterm_during_render_leaves_no_temporary_folder(saved, tmp_path):
     import time
 
     out = tmp_path / "rep"
-    proc = subprocess.Popen([sys.executable, "-m", "iclgd_lens.cli", "render", str(saved), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iclgd_lens.cli", "render", str(saved), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not list(tmp_path.glob(".rep.tmp-*")) and proc.poll() is None:
         time.sleep(0.005)

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_bridge, tiny_task, tiny_tokenizer
 
 from iclgd_lens.engine.compare import compare
-from iclgd_lens.errors import IclgdError
 from iclgd_lens.engine.gd import GDConfig
-from tiny import tiny_bridge, tiny_task, tiny_tokenizer
+from iclgd_lens.errors import IclgdError
 
 torch.set_num_threads(1)
 
@@ -21,15 +21,40 @@ def bridge():
 
 @pytest.fixture(scope="module")
 def results(bridge):
-    return compare(bridge, tiny_task(), gd=GDConfig.dai(lr=0.05), baselines=("random", "random_update", "icl_perm"), **SMALL)
+    return compare(
+        bridge,
+        tiny_task(),
+        gd=GDConfig.dai(lr=0.05),
+        baselines=("random", "random_update", "icl_perm"),
+        **SMALL,
+    )
 
 
 def test_table_has_the_literature_metrics(results):
     t = results.table
-    expected = {"simaou", "simaou_norm", "simam_before", "simam_after", "simam_delta", "kendall_example", "kendall_token",
-                "dw_cos", "dw_action_cos", "dual_form_cos", "accuracy", "rec2ftp", "token_overlap", "overlap_cosine", "kl", "js", "probe:resid_out"}
+    expected = {
+        "simaou",
+        "simaou_norm",
+        "simam_before",
+        "simam_after",
+        "simam_delta",
+        "kendall_example",
+        "kendall_token",
+        "dw_cos",
+        "dw_action_cos",
+        "dual_form_cos",
+        "accuracy",
+        "rec2ftp",
+        "token_overlap",
+        "overlap_cosine",
+        "kl",
+        "js",
+        "probe:resid_out",
+    }
     assert expected <= set(t["metric"])
-    assert {"icl~gd", "icl~random", "icl~random_update", "icl~icl_perm"} <= set(t.loc[t.metric == "simaou", "comparison"])
+    assert {"icl~gd", "icl~random", "icl~random_update", "icl~icl_perm"} <= set(
+        t.loc[t.metric == "simaou", "comparison"]
+    )
     # one value per (layer, query) for layer-level SimAOU: 2 layers x 2 episodes x 4 queries
     layer_level = t[(t.metric == "simaou") & (t.comparison == "icl~gd") & (t["head"] == -1)]
     assert len(layer_level) == 2 * 2 * 4
@@ -62,7 +87,9 @@ def test_model_unchanged_also_when_gd_diverges(bridge, monkeypatch):
             delta.mul_(float("inf"))
 
     monkeypatch.setattr(gd_train, "_sgd_step_", exploding_step)
-    monkeypatch.setattr(gd_train, "LOW_RANK_LIMIT", 0)  # dense deltas from the start: _sgd_step_ is their SGD step
+    monkeypatch.setattr(
+        gd_train, "LOW_RANK_LIMIT", 0
+    )  # dense deltas from the start: _sgd_step_ is their SGD step
     with pytest.raises(IclgdError, match="lr=0.05"):
         compare(bridge, tiny_task(), gd=GDConfig.dai(lr=0.05), baselines=False, **SMALL)
     assert all(torch.equal(before[k], v) for k, v in bridge.state_dict().items())
@@ -89,7 +116,9 @@ def test_zero_shots_make_icl_equal_zsl(bridge):
 
 
 def test_untrained_baseline_is_recorded(bridge):
-    r = compare(bridge, tiny_task(), gd=GDConfig.dai(lr=0.05), baselines=("untrained",), artifacts=False, **SMALL)
+    r = compare(
+        bridge, tiny_task(), gd=GDConfig.dai(lr=0.05), baselines=("untrained",), artifacts=False, **SMALL
+    )
     assert "untrained:icl~gd" in set(r.table.comparison)
 
 
@@ -115,9 +144,16 @@ def test_simam_delta_keeps_gd_changes_of_any_size():
     m_icl = m_zsl + torch.randn(L, B, H, W, generator=gen, dtype=torch.float64)
     d_gd = 1e-6 * torch.randn(L, B, H, W, generator=gen, dtype=torch.float64)  # a tiny but real GD update
     logits = torch.randn(B, V, generator=gen)
-    rec = {name: Recording(name, {"scores": m}, logits) for name, m in (("zsl", m_zsl), ("icl", m_icl), ("gd", m_zsl + d_gd))}
+    rec = {
+        name: Recording(name, {"scores": m}, logits)
+        for name, m in (("zsl", m_zsl), ("icl", m_icl), ("gd", m_zsl + d_gd))
+    }
     table = episode_table(rec, torch.tensor([0, 1]), [2, 3], episode=0, chosen=(), seed=0, rotary=False)
-    got = table[(table.metric == "simam_delta") & (table["head"] >= 0)].sort_values(["layer", "query", "head"])["value"].to_numpy()
+    got = (
+        table[(table.metric == "simam_delta") & (table["head"] >= 0)]
+        .sort_values(["layer", "query", "head"])["value"]
+        .to_numpy()
+    )
     a, b = (m_icl - m_zsl).numpy(), d_gd.numpy()
     expected = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))  # [L, B, H]
     np.testing.assert_allclose(got, expected.reshape(-1), atol=1e-6)
@@ -130,17 +166,33 @@ def test_metrics_come_from_what_probes_declare(bridge):
     from iclgd_lens.hooks import PROBES, probe
 
     def mlp(acts, ctx):
-        return {} if ctx.condition == "icl_prefix" else {"q_mlp": acts["hook_mlp_out"][ctx.batch_index, ctx.read_pos]}
+        return (
+            {}
+            if ctx.condition == "icl_prefix"
+            else {"q_mlp": acts["hook_mlp_out"][ctx.batch_index, ctx.read_pos]}
+        )
 
     try:
         probe("t_compared", points=["blocks.{layer}.hook_mlp_out"])(mlp)
         probe("t_silent", points=["blocks.{layer}.hook_mlp_out"], compare=False)(
-            lambda acts, ctx: {} if ctx.condition == "icl_prefix" else {"silent": acts["hook_mlp_out"][ctx.batch_index, ctx.read_pos]})
+            lambda acts, ctx: (
+                {}
+                if ctx.condition == "icl_prefix"
+                else {"silent": acts["hook_mlp_out"][ctx.batch_index, ctx.read_pos]}
+            )
+        )
         kw = dict(gd=GDConfig.dai(lr=0.05), baselines=False, artifacts=False, **SMALL)
-        metrics = set(compare(bridge, tiny_task(), probes=["attn_out", "t_compared", "t_silent"], **kw).table.metric)
+        metrics = set(
+            compare(bridge, tiny_task(), probes=["attn_out", "t_compared", "t_silent"], **kw).table.metric
+        )
         assert "probe:q_mlp" in metrics and "probe:silent" not in metrics
         probe("t_clash", points=["blocks.{layer}.hook_mlp_out"])(
-            lambda acts, ctx: {} if ctx.condition == "icl_prefix" else {"attn_out": acts["hook_mlp_out"][ctx.batch_index, ctx.read_pos]})
+            lambda acts, ctx: (
+                {}
+                if ctx.condition == "icl_prefix"
+                else {"attn_out": acts["hook_mlp_out"][ctx.batch_index, ctx.read_pos]}
+            )
+        )
         with pytest.raises(IclgdError, match="both return 'attn_out'") as info:
             compare(bridge, tiny_task(), probes=["attn_out", "t_clash"], **kw)
         assert "\n" not in str(info.value)

@@ -10,9 +10,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from iclgd_lens.tasks.formats import PAPER_FORMATS, check_label_words, format_name, load_task
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.tasks import Example, Task, encode_prompts, label_token_ids
+from iclgd_lens.tasks.formats import PAPER_FORMATS, check_label_words, format_name, load_task
 
 torch.set_num_threads(1)
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -20,15 +20,24 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def word_tokenizer(texts: list[str], split_punctuation: bool = False) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over every word of `texts` that prepends <s>."""
-    pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]) if split_punctuation else pre_tokenizers.WhitespaceSplit()
+    pre = (
+        pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+        if split_punctuation
+        else pre_tokenizers.WhitespaceSplit()
+    )
     words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)})
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + words)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        name_or_path="test-words", add_bos_token=True,
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        name_or_path="test-words",
+        add_bos_token=True,
     )
 
 
@@ -65,14 +74,20 @@ def test_jsonl_with_split_column_ints_and_label_words():
     assert [e.label for e in task.test] == [1, 0, 1]  # the blank line is skipped, "1" -> 1
     assert task.train[0] == Example("a gripping and funny film", 1)
     prompt = task.icl_prompt(task.train[:1], task.test[0], task.label_words)
-    assert prompt == "Sentence: a gripping and funny film Label: Positive\nSentence: a warm and funny story Label:"
+    assert (
+        prompt
+        == "Sentence: a gripping and funny film Label: Positive\nSentence: a warm and funny story Label:"
+    )
 
 
 def test_csv_pair_task_is_preformatted_into_text():
     task = load_task(str(FIXTURES / "cb.csv"))
     assert [e.label for e in task.train] == [0, 1, 2, 0] and [e.label for e in task.test] == [1, 2]
     assert task.train[2].text == "she said, maybe it rains Question: it rains True, False or Neither?"
-    assert task.render_query(task.test[0]) == "the dog ran home Question: the dog slept True, False or Neither? Answer:"
+    assert (
+        task.render_query(task.test[0])
+        == "the dog ran home Question: the dog slept True, False or Neither? Answer:"
+    )
 
 
 def test_folder_with_split_files_and_explicit_format(tmp_path):
@@ -96,7 +111,9 @@ def test_max_examples_is_a_seeded_sample_per_split():
 
 
 def test_label_word_and_template_overrides():
-    task = load_task(str(FIXTURES / "sst2.jsonl"), label_words=["bad", "good"], template="Review: {text} Sentiment:")
+    task = load_task(
+        str(FIXTURES / "sst2.jsonl"), label_words=["bad", "good"], template="Review: {text} Sentiment:"
+    )
     assert task.label_words == ("bad", "good") and task.train[2].label == 1
     with pytest.raises(IclgdError, match="duplicated label words"):
         load_task(str(FIXTURES / "sst2.jsonl"), label_words=["good", "good"])
@@ -110,17 +127,34 @@ def test_label_word_and_template_overrides():
 @pytest.mark.parametrize(
     "lines, message",
     [
-        (['{"text": "ok", "label": 0, "split": "train"}', '{"text": "x", "split": "train"}'], r"bad\.jsonl:2: missing label"),
-        (['{"text": "ok", "label": 0, "split": "train"}', '{"text": "x", "label": 2, "split": "train"}'], r"bad\.jsonl:2: label 2 out of range 0\.\.1"),
+        (
+            ['{"text": "ok", "label": 0, "split": "train"}', '{"text": "x", "split": "train"}'],
+            r"bad\.jsonl:2: missing label",
+        ),
+        (
+            ['{"text": "ok", "label": 0, "split": "train"}', '{"text": "x", "label": 2, "split": "train"}'],
+            r"bad\.jsonl:2: label 2 out of range 0\.\.1",
+        ),
         (['{"text": "ok", "label": -1, "split": "train"}'], r"bad\.jsonl:1: label -1 out of range"),
-        (['{"text": "ok", "label": "Neutral", "split": "train"}'], r"bad\.jsonl:1: label 'Neutral' is not one of the label words"),
-        (['{"text": "ok", "label": 0, "split": "train"}', "", '{"label": 0, "split": "train"}'], r"bad\.jsonl:3: missing or empty text"),
-        (['{"text": "ok", "label": 0, "split": "train"}', '{"text": "x", "label": 0'], r"bad\.jsonl:2: not valid JSON"),
+        (
+            ['{"text": "ok", "label": "Neutral", "split": "train"}'],
+            r"bad\.jsonl:1: label 'Neutral' is not one of the label words",
+        ),
+        (
+            ['{"text": "ok", "label": 0, "split": "train"}', "", '{"label": 0, "split": "train"}'],
+            r"bad\.jsonl:3: missing or empty text",
+        ),
+        (
+            ['{"text": "ok", "label": 0, "split": "train"}', '{"text": "x", "label": 0'],
+            r"bad\.jsonl:2: not valid JSON",
+        ),
         (['{"text": "ok", "label": 0}'], r"bad\.jsonl:1: no 'split' column"),
     ],
 )
 def test_bad_jsonl_rows_name_file_and_line(tmp_path, lines, message):
-    path = write(tmp_path, "bad.jsonl", "\n".join(lines + ['{"text": "q", "label": 1, "split": "test"}']) + "\n")
+    path = write(
+        tmp_path, "bad.jsonl", "\n".join(lines + ['{"text": "q", "label": 1, "split": "test"}']) + "\n"
+    )
     with pytest.raises(IclgdError, match=message) as info:
         load_task(str(path), task_format="sst2")
     assert "\n" not in str(info.value)
@@ -128,7 +162,9 @@ def test_bad_jsonl_rows_name_file_and_line(tmp_path, lines, message):
 
 def test_bad_csv_rows_name_file_and_line(tmp_path):
     path = write(tmp_path, "bad.csv", 'text,label,split\nfine,0,train\n"two\nlines",7,train\nq,1,test\n')
-    with pytest.raises(IclgdError, match=r"bad\.csv:4: label 7 out of range"):  # the quoted row ends on line 4
+    with pytest.raises(
+        IclgdError, match=r"bad\.csv:4: label 7 out of range"
+    ):  # the quoted row ends on line 4
         load_task(str(path), task_format="mr")
     no_text = write(tmp_path, "notext.csv", "sentence_typo,label,split\nfine,0,train\nq,1,test\n")
     with pytest.raises(IclgdError, match=r"notext\.csv:2: missing or empty text field text \(or sentence\)"):
@@ -156,7 +192,12 @@ def test_hub_path_converts_a_datasets_split(monkeypatch):
 
     def fake_load_dataset(path, name=None, split=None):
         calls.append((path, name, split))
-        rows = {"premise": ["p one", "p two"], "hypothesis": ["h one", "h two"], "idx": [0, 1], "label": [2, 0]}
+        rows = {
+            "premise": ["p one", "p two"],
+            "hypothesis": ["h one", "h two"],
+            "idx": [0, 1],
+            "label": [2, 0],
+        }
         return datasets.Dataset.from_dict(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
@@ -164,7 +205,11 @@ def test_hub_path_converts_a_datasets_split(monkeypatch):
     assert calls == [("aps/super_glue", "cb", "train"), ("aps/super_glue", "cb", "validation")]
     assert task.train[0] == Example("p one Question: h one True, False or Neither?", 2)
 
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"sentence": ["s"], "label": [-1]}))
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda *a, **k: datasets.Dataset.from_dict({"sentence": ["s"], "label": [-1]}),
+    )
     with pytest.raises(IclgdError, match=r"stanfordnlp/sst2 split 'train' row 0: label -1 out of range"):
         load_task("sst2")
 
@@ -176,13 +221,15 @@ def test_hub_path_errors_suggest_a_local_file(monkeypatch):
         raise ConnectionError("Couldn't reach 'SetFit/subj' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(IclgdError, match="cannot download SetFit/subj.*no network.*local .jsonl/.csv.*task_format='subj'"):
+    with pytest.raises(
+        IclgdError, match="cannot download SetFit/subj.*no network.*local .jsonl/.csv.*task_format='subj'"
+    ):
         load_task("subj")
 
     def bad_split(path, name=None, split=None):
         if split != "dev":
             return datasets.Dataset.from_dict({"text": ["s"], "label": [0]})
-        raise ValueError('Unknown split "dev". Should be one of [\'train\', \'test\'].')
+        raise ValueError("Unknown split \"dev\". Should be one of ['train', 'test'].")
 
     monkeypatch.setattr(datasets, "load_dataset", bad_split)
     with pytest.raises(IclgdError, match="has no split 'dev'"):
@@ -214,8 +261,13 @@ def test_prompt_longer_than_the_context_window_raises():
     demos = task.train[:4]
     full = encode_prompts(tok, task, [demos], task.test[:1], [task.label_words])
     n_tokens = int(full.lengths[0])
-    assert encode_prompts(tok, task, [demos], task.test[:1], [task.label_words], max_length=n_tokens).lengths[0] == n_tokens
-    with pytest.raises(IclgdError, match=f"prompt of {n_tokens} tokens exceeds the context window of {n_tokens - 1}"):
+    assert (
+        encode_prompts(tok, task, [demos], task.test[:1], [task.label_words], max_length=n_tokens).lengths[0]
+        == n_tokens
+    )
+    with pytest.raises(
+        IclgdError, match=f"prompt of {n_tokens} tokens exceeds the context window of {n_tokens - 1}"
+    ):
         encode_prompts(tok, task, [demos], task.test[:1], [task.label_words], max_length=n_tokens - 1)
 
 

@@ -11,19 +11,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import iclgd_lens.engine.gd.train as gd  # the training module: LOW_RANK_LIMIT and _densify are read there
-from iclgd_lens.errors import IclgdError
 from iclgd_lens.engine.gd import Deltas, GDConfig, delta_hooks, demo_order, projection_paths, train_deltas
+from iclgd_lens.errors import IclgdError
 from iclgd_lens.tasks import Episode, Example, Task
 
 torch.set_num_threads(1)
 
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "Input:", "Label:", "very"] + list("abcdefgh") + ["yes", "no"]
-HF_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-            "gate": "mlp.gate_proj", "in": "mlp.up_proj", "out": "mlp.down_proj"}
+HF_NAMES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "in": "mlp.up_proj",
+    "out": "mlp.down_proj",
+}
 K = 4
 
 
@@ -31,15 +38,30 @@ K = 4
 def make_tokenizer() -> PreTrainedTokenizerFast:
     word_level = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                                   pad_token="<pad>", name_or_path="tiny-words", add_bos_token=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=word_level,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        name_or_path="tiny-words",
+        add_bos_token=True,
+    )
 
 
 def make_hf(gqa: bool) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2 if gqa else 4, max_position_embeddings=64,
-                         initializer_range=0.1, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2 if gqa else 4,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -52,21 +74,37 @@ def tok():
 def models_(request, tok):
     """(untouched HF model, bridge booted on a deep copy of it)."""
     hf = make_hf(request.param)
-    bridge = TransformerBridge.boot_transformers("tiny", hf_model=copy.deepcopy(hf), tokenizer=tok, device="cpu")
+    bridge = TransformerBridge.boot_transformers(
+        "tiny", hf_model=copy.deepcopy(hf), tokenizer=tok, device="cpu"
+    )
     return hf, bridge
 
 
 @pytest.fixture(scope="module")
 def mha(tok):
     hf = make_hf(False)
-    return hf, TransformerBridge.boot_transformers("tiny", hf_model=copy.deepcopy(hf), tokenizer=tok, device="cpu")
+    return hf, TransformerBridge.boot_transformers(
+        "tiny", hf_model=copy.deepcopy(hf), tokenizer=tok, device="cpu"
+    )
 
 
 TASK = Task(name="tiny", template="Input: {text} Label:", label_words=("yes", "no"))
 EPISODES = [  # demos of different lengths (padding), three episodes
-    Episode((Example("a b", 0), Example("c", 1), Example("d e f", 0), Example("g", 1)), (Example("a c", 0), Example("h", 1)), ("yes", "no")),
-    Episode((Example("h h", 1), Example("b c d", 0), Example("e", 0), Example("f a", 1)), (Example("a c", 0), Example("h", 1)), ("no", "yes")),
-    Episode((Example("g f e d", 0), Example("a", 1), Example("c c", 1), Example("b", 0)), (Example("a c", 0), Example("h", 1)), ("yes", "no")),
+    Episode(
+        (Example("a b", 0), Example("c", 1), Example("d e f", 0), Example("g", 1)),
+        (Example("a c", 0), Example("h", 1)),
+        ("yes", "no"),
+    ),
+    Episode(
+        (Example("h h", 1), Example("b c d", 0), Example("e", 0), Example("f a", 1)),
+        (Example("a c", 0), Example("h", 1)),
+        ("no", "yes"),
+    ),
+    Episode(
+        (Example("g f e d", 0), Example("a", 1), Example("c c", 1), Example("b", 0)),
+        (Example("a c", 0), Example("h", 1)),
+        ("yes", "no"),
+    ),
 ]
 
 
@@ -96,7 +134,9 @@ def batches(episode: Episode, config: GDConfig) -> list[list[str]]:
     return steps * config.epochs
 
 
-def encode_with_labels(tok, texts: list[str], label_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_with_labels(
+    tok, texts: list[str], label_only: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, mask and HF `labels` (-100 on padding, and on non-label tokens if label_only)."""
     rows = [tok(t)["input_ids"] for t in texts]
     width = max(map(len, rows))
@@ -106,7 +146,11 @@ def encode_with_labels(tok, texts: list[str], label_only: bool) -> tuple[torch.T
     for r, (row, text) in enumerate(zip(rows, texts)):
         ids[r, : len(row)] = torch.tensor(row)
         mask[r, : len(row)] = 1
-        n_label = len(tok(" " + text.split("Label: ")[1], add_special_tokens=False)["input_ids"]) if label_only else len(row)
+        n_label = (
+            len(tok(" " + text.split("Label: ")[1], add_special_tokens=False)["input_ids"])
+            if label_only
+            else len(row)
+        )
         labels[r, len(row) - n_label : len(row)] = torch.tensor(row[len(row) - n_label :])
     return ids, mask, labels
 
@@ -116,7 +160,11 @@ def reference_gd(hf, tok, episode: Episode, config: GDConfig, paths: list[str]) 
     ref = copy.deepcopy(hf)
     ref.requires_grad_(False)
     trained = [ref.get_parameter(hf_param_name(p)).requires_grad_(True) for p in paths]
-    opt = torch.optim.SGD(trained, lr=config.lr) if config.optimizer == "sgd" else torch.optim.Adam(trained, lr=config.lr)
+    opt = (
+        torch.optim.SGD(trained, lr=config.lr)
+        if config.optimizer == "sgd"
+        else torch.optim.Adam(trained, lr=config.lr)
+    )
     for texts in batches(episode, config):
         ids, mask, labels = encode_with_labels(tok, texts, config.loss_on == "label_tokens")
         loss = ref(ids, attention_mask=mask, labels=labels).loss
@@ -134,17 +182,23 @@ def query_batch(tok, episodes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return enc["input_ids"], enc["attention_mask"], rows
 
 
-def assert_deltas_close(ours: torch.Tensor, learned: torch.Tensor, path: str, atol: float, outliers: float) -> None:
+def assert_deltas_close(
+    ours: torch.Tensor, learned: torch.Tensor, path: str, atol: float, outliers: float
+) -> None:
     """|ours - learned| <= atol everywhere, or (outliers > 0) on all but that fraction of
     entries, which must still be within 10 * atol."""
     diff = (ours - learned).abs()
     if outliers == 0:
         torch.testing.assert_close(ours, learned, atol=atol, rtol=0, msg=path)
         return
-    assert (diff > atol).float().mean() <= outliers and diff.max() <= 10 * atol, f"{path}: max |diff| {diff.max():.2e}"
+    assert (diff > atol).float().mean() <= outliers and diff.max() <= 10 * atol, (
+        f"{path}: max |diff| {diff.max():.2e}"
+    )
 
 
-def check_against_reference(hf, bridge, tok, config: GDConfig, atol: float = 1e-5, outliers: float = 0.0) -> Deltas:
+def check_against_reference(
+    hf, bridge, tok, config: GDConfig, atol: float = 1e-5, outliers: float = 0.0
+) -> Deltas:
     before = state_of(bridge)
     deltas = train_deltas(bridge, tok, TASK, EPISODES, config)
     assert_bitwise_equal(before, bridge)
@@ -162,9 +216,13 @@ def check_against_reference(hf, bridge, tok, config: GDConfig, atol: float = 1e-
             assert learned.abs().max() > 1e-4, f"{path}: the reference did not move"
             assert_deltas_close(deltas.tensors[path][e], learned.detach(), path, atol, outliers)
         with torch.no_grad():
-            ref_logits = ref(ids[e * n_q : (e + 1) * n_q], attention_mask=mask[e * n_q : (e + 1) * n_q]).logits
+            ref_logits = ref(
+                ids[e * n_q : (e + 1) * n_q], attention_mask=mask[e * n_q : (e + 1) * n_q]
+            ).logits
         real = mask[e * n_q : (e + 1) * n_q].bool()
-        torch.testing.assert_close(gd_logits[e * n_q : (e + 1) * n_q][real], ref_logits[real], atol=atol, rtol=0)
+        torch.testing.assert_close(
+            gd_logits[e * n_q : (e + 1) * n_q][real], ref_logits[real], atol=atol, rtol=0
+        )
     return deltas
 
 
@@ -174,10 +232,19 @@ def test_hook_in_is_exactly_what_hf_projection_receives(mha, tok):
     ids = tok(["Input: a b Label: yes"], return_tensors="pt")["input_ids"]
     hf_inputs, hook_inputs = {}, {}
     layer = bridge.original_model.model.layers[1].self_attn
-    handles = [getattr(layer, f"{p}_proj").original_component.register_forward_hook(
-        lambda m, i, o, p=p: hf_inputs.__setitem__(p, i[0])) for p in "ko"]
+    handles = [
+        getattr(layer, f"{p}_proj").original_component.register_forward_hook(
+            lambda m, i, o, p=p: hf_inputs.__setitem__(p, i[0])
+        )
+        for p in "ko"
+    ]
     try:
-        with bridge.hooks(fwd_hooks=[(f"blocks.1.attn.{p}.hook_in", lambda t, hook, p=p: hook_inputs.__setitem__(p, t)) for p in "ko"]):
+        with bridge.hooks(
+            fwd_hooks=[
+                (f"blocks.1.attn.{p}.hook_in", lambda t, hook, p=p: hook_inputs.__setitem__(p, t))
+                for p in "ko"
+            ]
+        ):
             bridge(ids)
     finally:
         for h in handles:
@@ -188,7 +255,11 @@ def test_hook_in_is_exactly_what_hf_projection_receives(mha, tok):
 
 
 # ---- oracle: batched deltas == torch.optim on a deep copy -------------------------------
-LOW_RANK = {"factors": float("inf"), "default": gd.LOW_RANK_LIMIT, "dense": 0.0}  # LOW_RANK_LIMIT per SGD path
+LOW_RANK = {
+    "factors": float("inf"),
+    "default": gd.LOW_RANK_LIMIT,
+    "dense": 0.0,
+}  # LOW_RANK_LIMIT per SGD path
 
 
 @pytest.mark.parametrize("path", list(LOW_RANK))
@@ -219,7 +290,9 @@ def test_adam_matches_torch_adam(models_, tok, params):
 def test_label_token_loss_matches_torch_sgd(mha, tok, path, monkeypatch):
     hf, bridge = mha
     monkeypatch.setattr(gd, "LOW_RANK_LIMIT", LOW_RANK[path])
-    check_against_reference(hf, bridge, tok, GDConfig(params="qkvo", lr=0.05, epochs=2, loss_on="label_tokens"))
+    check_against_reference(
+        hf, bridge, tok, GDConfig(params="qkvo", lr=0.05, epochs=2, loss_on="label_tokens")
+    )
 
 
 # ---- order ------------------------------------------------------------------------------
@@ -245,8 +318,12 @@ def test_order_seed_permutes_steps_and_none_keeps_prompt_order(mha, tok):
 
 def test_full_batch_gd_is_invariant_to_order(mha, tok):
     _, bridge = mha
-    runs = [train_deltas(bridge, tok, TASK, EPISODES, GDConfig(params="kv", lr=0.05, epochs=2, batch_size=K, order_seed=s))
-            for s in (None, 1, 2)]
+    runs = [
+        train_deltas(
+            bridge, tok, TASK, EPISODES, GDConfig(params="kv", lr=0.05, epochs=2, batch_size=K, order_seed=s)
+        )
+        for s in (None, 1, 2)
+    ]
     for run in runs[1:]:
         for path in run.tensors:
             torch.testing.assert_close(run.tensors[path], runs[0].tensors[path], atol=1e-6, rtol=0)
@@ -255,11 +332,15 @@ def test_full_batch_gd_is_invariant_to_order(mha, tok):
 # ---- losses -----------------------------------------------------------------------------
 def test_label_token_loss_is_the_loss_of_the_label_positions_only(mha, tok):
     hf, bridge = mha
-    task = Task(name="tiny", template="Input: {text} Label:", label_words=("very yes", "no"))  # a 2-token label
+    task = Task(
+        name="tiny", template="Input: {text} Label:", label_words=("very yes", "no")
+    )  # a 2-token label
     episodes = [Episode((Example("a b", 0), Example("c", 1)), (), ("very yes", "no"))]
     config = GDConfig(params="kv", lr=0.05, batch_size=2, loss_on="label_tokens")
     first_step = train_deltas(bridge, tok, task, episodes, config).losses[0, 0]
-    all_tokens = train_deltas(bridge, tok, task, episodes, GDConfig(params="kv", lr=0.05, batch_size=2)).losses[0, 0]
+    all_tokens = train_deltas(
+        bridge, tok, task, episodes, GDConfig(params="kv", lr=0.05, batch_size=2)
+    ).losses[0, 0]
     # by hand: demo 1 = [bos Input: a b Label: very yes] -> label tokens at 5, 6; demo 2 = [bos Input: c Label: no] -> 4
     losses = []
     for text, label_positions in (("Input: a b Label: very yes", [5, 6]), ("Input: c Label: no", [4])):
@@ -299,7 +380,12 @@ def layer_causal_reference(hf, tok, episode: Episode, lr: float, paths: list[str
         rotary = ref.model.rotary_emb(h, positions)
         loss = 0.0
         for l, layer in enumerate(ref.model.layers):
-            h = layer(h.detach() if l > 0 else h, attention_mask=causal, position_ids=positions, position_embeddings=rotary)
+            h = layer(
+                h.detach() if l > 0 else h,
+                attention_mask=causal,
+                position_ids=positions,
+                position_embeddings=rotary,
+            )
             h = h[0] if isinstance(h, tuple) else h
             logits = ref.lm_head(ref.model.norm(h))
             loss = loss + F.cross_entropy(logits[0, :-1], ids[0, 1:])
@@ -321,8 +407,13 @@ def test_layer_causal_matches_hand_written_loop(models_, tok, path, monkeypatch)
         ref = layer_causal_reference(hf, tok, episode, 0.05, paths)
         for path in paths:
             name = hf_param_name(path)
-            torch.testing.assert_close(deltas.tensors[path][e], (ref.get_parameter(name) - hf.get_parameter(name)).detach(),
-                                       atol=1e-5, rtol=0, msg=path)
+            torch.testing.assert_close(
+                deltas.tensors[path][e],
+                (ref.get_parameter(name) - hf.get_parameter(name)).detach(),
+                atol=1e-5,
+                rtol=0,
+                msg=path,
+            )
     # the last layer learns from its own exit in both; the first layer does not
     assert (deltas.tensors["blocks.0.attn.k"] - plain.tensors["blocks.0.attn.k"]).abs().max() > 1e-4
 
@@ -368,7 +459,9 @@ def test_norms_and_scaled_random_like(mha, tok):
         assert torch.equal(rand.tensors[path], again.tensors[path])
         cos = F.cosine_similarity(rand.tensors[path].flatten(1), deltas.tensors[path].flatten(1), dim=1)
         assert cos.abs().max() < 0.5
-    assert not torch.equal(deltas.scaled_random_like(1).tensors["blocks.0.attn.k"], rand.tensors["blocks.0.attn.k"])
+    assert not torch.equal(
+        deltas.scaled_random_like(1).tensors["blocks.0.attn.k"], rand.tensors["blocks.0.attn.k"]
+    )
 
 
 # ---- safety: divergence, the user's model untouched -------------------------------------
@@ -376,7 +469,9 @@ def test_norms_and_scaled_random_like(mha, tok):
 def half(tok):
     """A float16 bridge: its deltas overflow to inf at a large learning rate, as real runs do."""
     hf = make_hf(False).half()
-    return hf, TransformerBridge.boot_transformers("tiny", hf_model=copy.deepcopy(hf), tokenizer=tok, device="cpu")
+    return hf, TransformerBridge.boot_transformers(
+        "tiny", hf_model=copy.deepcopy(hf), tokenizer=tok, device="cpu"
+    )
 
 
 def test_divergence_raises_one_clear_line_and_leaves_model_unchanged(half, tok):
@@ -385,7 +480,9 @@ def test_divergence_raises_one_clear_line_and_leaves_model_unchanged(half, tok):
     with pytest.raises(IclgdError) as info:
         train_deltas(bridge, tok, TASK, EPISODES, GDConfig.dai(lr=1e6))
     message = str(info.value)
-    assert re.fullmatch(r"GD diverged at step \d+ with lr=1e\+06 \(preset dai\); lower the learning rate", message), message
+    assert re.fullmatch(
+        r"GD diverged at step \d+ with lr=1e\+06 \(preset dai\); lower the learning rate", message
+    ), message
     assert_bitwise_equal(before, bridge)
 
 
@@ -423,7 +520,9 @@ def test_model_unchanged_after_exception_inside_a_hook(mha, tok):
     assert all(p.grad is None for p in bridge.parameters())
     ids, mask, _ = query_batch(tok, EPISODES)
     with torch.no_grad():  # no delta hook left behind
-        torch.testing.assert_close(bridge(ids, attention_mask=mask), hf(ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            bridge(ids, attention_mask=mask), hf(ids, attention_mask=mask).logits, atol=1e-5, rtol=0
+        )
 
 
 # ---- configuration ----------------------------------------------------------------------
@@ -463,9 +562,15 @@ def test_presets_and_bad_settings():
     assert GDConfig.shen().params == "all"
     assert projection_paths(GDConfig.shen(params="v_single"), 4) == ["blocks.2.attn.v"]
     assert len(projection_paths(GDConfig.shen(), 2)) == 2 * 7 + 1
-    for bad in (lambda: GDConfig.preset("adamw"), lambda: GDConfig.preset("dai", momentum=0.9),
-                lambda: GDConfig(optimizer="rmsprop"), lambda: GDConfig(lr=-1), lambda: GDConfig(params="kv", layer=1),
-                lambda: GDConfig(batch_size=0), lambda: projection_paths(GDConfig(params="v_single", layer=5), 2)):
+    for bad in (
+        lambda: GDConfig.preset("adamw"),
+        lambda: GDConfig.preset("dai", momentum=0.9),
+        lambda: GDConfig(optimizer="rmsprop"),
+        lambda: GDConfig(lr=-1),
+        lambda: GDConfig(params="kv", layer=1),
+        lambda: GDConfig(batch_size=0),
+        lambda: projection_paths(GDConfig(params="v_single", layer=5), 2),
+    ):
         with pytest.raises(IclgdError) as info:
             bad()
         assert "\n" not in str(info.value)
@@ -519,7 +624,9 @@ def test_factor_path_equals_dense_path(models_, tok, name, monkeypatch):
     for path, dw in dense.tensors.items():
         assert dw.abs().max() > 1e-4, path
         torch.testing.assert_close(low_rank.tensors[path], dw, atol=1e-5, rtol=0, msg=path)
-        torch.testing.assert_close(low_rank.norms()[path], dense.norms()[path], atol=1e-6, rtol=1e-5, msg=path)
+        torch.testing.assert_close(
+            low_rank.norms()[path], dense.norms()[path], atol=1e-6, rtol=1e-5, msg=path
+        )
     torch.testing.assert_close(low_rank.losses, dense.losses, atol=1e-5, rtol=0)
     logits = gd_logits(bridge, tok, low_rank)
     torch.testing.assert_close(logits, gd_logits(bridge, tok, dense), atol=1e-5, rtol=0)
@@ -534,7 +641,10 @@ def test_rank_is_the_number_of_padded_training_tokens(mha, tok, monkeypatch):
     deltas = train_with_limit(bridge, tok, config, float("inf"), monkeypatch)
     steps = [batches(e, config) for e in EPISODES]  # [episode][step] -> texts
     # every step adds rows x padded width columns per episode (the width is shared by all episodes)
-    rank = sum(len(steps[0][i]) * max(len(tok(t)["input_ids"]) for e in steps for t in e[i]) for i in range(len(steps[0])))
+    rank = sum(
+        len(steps[0][i]) * max(len(tok(t)["input_ids"]) for e in steps for t in e[i])
+        for i in range(len(steps[0]))
+    )
     for path, (u, v) in deltas.factors.items():
         d_out, d_in = bridge.get_submodule(path).original_component.weight.shape
         assert u.shape == (len(EPISODES), d_out, rank) and v.shape == (len(EPISODES), d_in, rank), path
@@ -544,7 +654,9 @@ def test_densification_kicks_in_and_matches_torch_sgd(mha, tok, monkeypatch):
     hf, bridge = mha
     densified = []
     real_densify = gd._densify
-    monkeypatch.setattr(gd, "_densify", lambda factors: densified.append(factors[0].shape[-1]) or real_densify(factors))
+    monkeypatch.setattr(
+        gd, "_densify", lambda factors: densified.append(factors[0].shape[-1]) or real_densify(factors)
+    )
     monkeypatch.setattr(gd, "LOW_RANK_LIMIT", 1.0)
     # k/v are 32 x 32 here: break-even rank 16; a step of batch 2 adds 2 x (6..9) columns, so
     # every projection trains step 1 low-rank and is multiplied out, non-zero, before step 2
@@ -557,8 +669,12 @@ def test_low_rank_path_needs_no_parameter_gradients(tok, monkeypatch):
     """The factor path takes gradients w.r.t. projection outputs: it must still work when no
     parameter of the model requires grad (a frozen model), and leave the flags as they were."""
     hf = make_hf(False)
-    frozen = TransformerBridge.boot_transformers("tiny", hf_model=copy.deepcopy(hf).requires_grad_(False), tokenizer=tok, device="cpu")
-    plain = TransformerBridge.boot_transformers("tiny", hf_model=copy.deepcopy(hf), tokenizer=tok, device="cpu")
+    frozen = TransformerBridge.boot_transformers(
+        "tiny", hf_model=copy.deepcopy(hf).requires_grad_(False), tokenizer=tok, device="cpu"
+    )
+    plain = TransformerBridge.boot_transformers(
+        "tiny", hf_model=copy.deepcopy(hf), tokenizer=tok, device="cpu"
+    )
     for config in (GDConfig(params="qkvo", lr=0.05, epochs=2), GDConfig.deutch(lr=0.05)):
         ours = train_with_limit(frozen, tok, config, float("inf"), monkeypatch)
         expected = train_with_limit(plain, tok, config, 0.0, monkeypatch)
@@ -584,7 +700,9 @@ def test_factor_deltas_keep_dtype_norms_random_baseline_and_row_order(mha, half,
     torch.testing.assert_close(shuffled, grouped[shuffle], atol=1e-6, rtol=0)
     torch.testing.assert_close(second, grouped[2:4], atol=1e-6, rtol=0)
     _, half_bridge = half
-    fp32 = train_with_limit(half_bridge, tok, GDConfig(params="kv", lr=0.05, delta_dtype="float32"), float("inf"), monkeypatch)
+    fp32 = train_with_limit(
+        half_bridge, tok, GDConfig(params="kv", lr=0.05, delta_dtype="float32"), float("inf"), monkeypatch
+    )
     assert all(u.dtype == v.dtype == torch.float32 for u, v in fp32.factors.values())
     fp16 = train_with_limit(half_bridge, tok, GDConfig(params="kv", lr=0.05), float("inf"), monkeypatch)
     assert all(u.dtype == torch.float16 for u, _ in fp16.factors.values())
@@ -594,7 +712,9 @@ def test_factor_deltas_keep_dtype_norms_random_baseline_and_row_order(mha, half,
 def test_low_rank_divergence_raises_one_clear_line(half, tok, monkeypatch):
     _, bridge = half
     before = state_of(bridge)
-    with pytest.raises(IclgdError, match=r"^GD diverged at step \d+ with lr=1e\+06 \(preset dai\); lower the learning rate$"):
+    with pytest.raises(
+        IclgdError, match=r"^GD diverged at step \d+ with lr=1e\+06 \(preset dai\); lower the learning rate$"
+    ):
         train_with_limit(bridge, tok, GDConfig.dai(lr=1e6), float("inf"), monkeypatch)
     assert_bitwise_equal(before, bridge)
 

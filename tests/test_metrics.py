@@ -54,8 +54,12 @@ def test_random_baselines_follow_dai_definitions():
     for i in range(5):
         a, z, ri = (x[i].numpy() for x in (h_icl, h_zsl, r))
         assert raw[i].item() == pytest.approx(np_cos(a - z, ri), abs=1e-12)
-        assert norm[i].item() == pytest.approx(np_cos(a / np.linalg.norm(a) - z / np.linalg.norm(z), ri), abs=1e-12)
-    assert (norm - metrics.simaou_norm(h_icl, h_zsl + r, h_zsl)).abs().max() > 0.05  # the old, wrong recipe differs
+        assert norm[i].item() == pytest.approx(
+            np_cos(a / np.linalg.norm(a) - z / np.linalg.norm(z), ri), abs=1e-12
+        )
+    assert (
+        norm - metrics.simaou_norm(h_icl, h_zsl + r, h_zsl)
+    ).abs().max() > 0.05  # the old, wrong recipe differs
 
 
 def test_simaou_norm_floor_of_one_quarter_while_raw_is_zero():
@@ -66,7 +70,9 @@ def test_simaou_norm_floor_of_one_quarter_while_raw_is_zero():
     def noise_orthogonal_to_z(seed):
         n = torch.randn(n_trials, d, generator=gen(seed), dtype=torch.float64)
         n = n - (n * z).sum(-1, keepdim=True) / (z * z).sum(-1, keepdim=True) * z
-        return n / n.norm(dim=-1, keepdim=True) * math.sqrt(3.0) * z.norm(dim=-1, keepdim=True)  # |z+n|^2 = 4|z|^2
+        return (
+            n / n.norm(dim=-1, keepdim=True) * math.sqrt(3.0) * z.norm(dim=-1, keepdim=True)
+        )  # |z+n|^2 = 4|z|^2
 
     h_icl, h_gd = z + noise_orthogonal_to_z(2), z + noise_orthogonal_to_z(3)
     assert torch.allclose((h_icl).norm(dim=-1), 2 * z.norm(dim=-1))
@@ -99,7 +105,9 @@ def test_matrix_cosine_is_frobenius():
     b = torch.randn(3, 4, 5, generator=gen(8), dtype=torch.float64)
     got = metrics.matrix_cosine(a, b)
     for i in range(3):
-        want = np.trace(a[i].numpy().T @ b[i].numpy()) / (np.linalg.norm(a[i].numpy()) * np.linalg.norm(b[i].numpy()))
+        want = np.trace(a[i].numpy().T @ b[i].numpy()) / (
+            np.linalg.norm(a[i].numpy()) * np.linalg.norm(b[i].numpy())
+        )
         assert got[i].item() == pytest.approx(want, abs=1e-12)
     assert metrics.matrix_cosine(torch.zeros(4, 5), b[0]).item() == 0.0
 
@@ -107,7 +115,9 @@ def test_matrix_cosine_is_frobenius():
 # ---- attention maps -------------------------------------------------------------------------
 def test_simam_and_simam_delta_per_head_over_variable_lengths():
     batch, heads, keys = 3, 2, 6
-    m_icl, m_gd, m_zsl = (torch.randn(batch, heads, keys, generator=gen(20 + i), dtype=torch.float64) for i in range(3))
+    m_icl, m_gd, m_zsl = (
+        torch.randn(batch, heads, keys, generator=gen(20 + i), dtype=torch.float64) for i in range(3)
+    )
     lengths = [6, 4, 2]
     mask = torch.arange(keys)[None, :] < torch.tensor(lengths)[:, None]
     s = metrics.simam(m_icl, m_gd, mask)
@@ -122,8 +132,22 @@ def test_simam_and_simam_delta_per_head_over_variable_lengths():
 
 def test_select_keys_aligns_query_tokens_across_layouts():
     # ICL prompt: bos, demo (2 tokens), sep, query (3 tokens); ZSL prompt: bos, query (3 tokens), pad
-    seg_icl = torch.tensor([[OTHER_SEGMENT, 1, 1, OTHER_SEGMENT, QUERY_SEGMENT, QUERY_SEGMENT, QUERY_SEGMENT]])
-    seg_zsl = torch.tensor([[OTHER_SEGMENT, QUERY_SEGMENT, QUERY_SEGMENT, QUERY_SEGMENT, OTHER_SEGMENT, OTHER_SEGMENT, OTHER_SEGMENT]])
+    seg_icl = torch.tensor(
+        [[OTHER_SEGMENT, 1, 1, OTHER_SEGMENT, QUERY_SEGMENT, QUERY_SEGMENT, QUERY_SEGMENT]]
+    )
+    seg_zsl = torch.tensor(
+        [
+            [
+                OTHER_SEGMENT,
+                QUERY_SEGMENT,
+                QUERY_SEGMENT,
+                QUERY_SEGMENT,
+                OTHER_SEGMENT,
+                OTHER_SEGMENT,
+                OTHER_SEGMENT,
+            ]
+        ]
+    )
     scores_icl = torch.arange(14.0).reshape(1, 2, 7)
     scores_zsl = torch.arange(14.0).reshape(1, 2, 7) * 10
     packed_icl, mask_icl = metrics.select_keys(scores_icl, seg_icl == QUERY_SEGMENT)
@@ -144,7 +168,7 @@ def test_select_keys_pads_ragged_rows_with_nan():
         idx = keep[b].nonzero().squeeze(-1)
         assert mask[b].tolist() == [True] * len(idx) + [False] * (9 - len(idx))
         assert torch.equal(packed[b, :, : len(idx)], scores[b][:, idx])
-        assert torch.isnan(packed[b, :, len(idx):]).all()
+        assert torch.isnan(packed[b, :, len(idx) :]).all()
     packed, mask = metrics.select_keys(scores[:, :, :4], torch.zeros(6, 4, dtype=torch.bool))
     assert packed.shape == (6, 3, 0) and mask.shape == (6, 0)
 
@@ -213,10 +237,14 @@ def test_kl_and_js_match_scipy_including_zero_probabilities():
 
 
 def test_order_sensitivity_is_population_std_summed():
-    probs = torch.softmax(torch.randn(10, 3, 25, generator=gen(60), dtype=torch.float64), -1)  # [perms, batch, vocab]
+    probs = torch.softmax(
+        torch.randn(10, 3, 25, generator=gen(60), dtype=torch.float64), -1
+    )  # [perms, batch, vocab]
     want = np.std(probs.numpy(), axis=0, ddof=0).sum(-1)
     assert np.allclose(metrics.order_sensitivity(probs).numpy(), want)
-    assert torch.allclose(metrics.order_sensitivity(probs[:1].expand(4, -1, -1)), torch.zeros(3, dtype=torch.float64))
+    assert torch.allclose(
+        metrics.order_sensitivity(probs[:1].expand(4, -1, -1)), torch.zeros(3, dtype=torch.float64)
+    )
 
 
 # ---- predictions ----------------------------------------------------------------------------
@@ -241,7 +269,11 @@ def test_rec2ftp_counts_and_denominator():
     assert metrics.rec2ftp(torch.tensor(z), torch.tensor(i), torch.tensor(g)) == pytest.approx(
         100 * np.sum(~z & g & i) / np.sum(~z & g)
     )
-    assert math.isnan(metrics.rec2ftp(torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)))
+    assert math.isnan(
+        metrics.rec2ftp(
+            torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
+        )
+    )
 
 
 # ---- implicit weights -----------------------------------------------------------------------

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from iclgd_lens.tasks.mapping import default_task
 from iclgd_lens.models.making.evaluation import kshot_accuracy
+from iclgd_lens.tasks.mapping import default_task
 
 torch.set_num_threads(1)
 

@@ -22,7 +22,9 @@ torch.set_num_threads(1)
 WORDS = ["Sentence:", "Label:", "good", "bad", "film", "a", "dull", "fun"]
 
 
-def tokenizer(pad: bool = True, bos_post_processor: bool = True, add_bos_token: bool = True, bos: bool = True) -> PreTrainedTokenizerFast:
+def tokenizer(
+    pad: bool = True, bos_post_processor: bool = True, add_bos_token: bool = True, bos: bool = True
+) -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + WORDS)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -39,9 +41,17 @@ def tokenizer(pad: bool = True, bos_post_processor: bool = True, add_bos_token: 
 def hf_llama(n_heads: int = 4, n_kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(WORDS) + 4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=64,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, attn_implementation="eager",
+        vocab_size=len(WORDS) + 4,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        attn_implementation="eager",
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -109,7 +119,12 @@ def test_bridge_logits_equal_hf_eager_logits_with_and_without_gqa(n_heads, n_kv_
     info = model_info(bridge)
     assert info["n_kv_heads"] == n_kv_heads and info["n_heads"] == n_heads and info["d_head"] == 32 // n_heads
     assert info["n_params"] == sum(p.numel() for p in hf.parameters())
-    assert (info["dtype"], info["device"], info["n_layers"], info["d_vocab"]) == ("float32", "cpu", 2, len(WORDS) + 4)
+    assert (info["dtype"], info["device"], info["n_layers"], info["d_vocab"]) == (
+        "float32",
+        "cpu",
+        2,
+        len(WORDS) + 4,
+    )
     assert info["name"] == "in-memory-llama" or info["name"] == hf.name_or_path
 
 
@@ -200,12 +215,21 @@ def test_hub_errors_say_offline_gated_or_not_found(offline_hub, monkeypatch):
         load_model("org/absent", device="cpu")
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("iclgd_lens.models._hub_reachable", lambda *args, **kwargs: True)  # a hub that answers
+    monkeypatch.setattr(
+        "iclgd_lens.models._hub_reachable", lambda *args, **kwargs: True
+    )  # a hub that answers
     response = types.SimpleNamespace(headers={}, request=None)
     for error, message in [
-        (GatedRepoError("403 gated", response=response), r"'meta-llama/Llama-2-7b-hf' is a gated hub model: request access"),
-        (RepositoryNotFoundError("404", response=response), r"model 'org/typo' not found on the Hugging Face hub"),
+        (
+            GatedRepoError("403 gated", response=response),
+            r"'meta-llama/Llama-2-7b-hf' is a gated hub model: request access",
+        ),
+        (
+            RepositoryNotFoundError("404", response=response),
+            r"model 'org/typo' not found on the Hugging Face hub",
+        ),
     ]:
+
         def download(*args, _error=error, **kwargs):
             raise _error
 
@@ -218,7 +242,9 @@ def test_hub_errors_say_offline_gated_or_not_found(offline_hub, monkeypatch):
 
 # ---- user errors ---------------------------------------------------------------------------
 def test_unknown_names(tmp_path):
-    with pytest.raises(IclgdError, match=r"unknown model 'tiny-llama-ilc' \(did you mean 'tiny-llama-icl'\?\)"):
+    with pytest.raises(
+        IclgdError, match=r"unknown model 'tiny-llama-ilc' \(did you mean 'tiny-llama-icl'\?\)"
+    ):
         load_model("tiny-llama-ilc")
     with pytest.raises(IclgdError, match="not an existing folder"):
         load_model(str(tmp_path / "nowhere" / "model"))
@@ -241,7 +267,10 @@ def test_missing_tokenizer(tmp_path):
 
 def test_non_llama_architecture(tmp_path):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=12, n_positions=32))
-    with pytest.raises(IclgdError, match=f"hf_model is a GPT2LMHeadModel; iclgd-lens supports {SUPPORTED_ARCHITECTURES[0]} only"):
+    with pytest.raises(
+        IclgdError,
+        match=f"hf_model is a GPT2LMHeadModel; iclgd-lens supports {SUPPORTED_ARCHITECTURES[0]} only",
+    ):
         load_model(hf_model=gpt2, tokenizer=tokenizer())
     saved_folder(tmp_path / "gpt2", gpt2)
     with pytest.raises(IclgdError, match="is a GPT2LMHeadModel; iclgd-lens supports LlamaForCausalLM only"):

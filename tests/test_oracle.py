@@ -30,17 +30,17 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import oracle_hf as O
 import pandas as pd
 import pytest
 import torch
 
-import oracle_hf as O
 from iclgd_lens import compare, load_model
 from iclgd_lens.engine.baselines import untrained_copy
-from iclgd_lens.tasks.mapping import default_task
 from iclgd_lens.engine.gd import GDConfig, delta_hooks, train_deltas
 from iclgd_lens.engine.record import Recorder
 from iclgd_lens.tasks import Example, Task, encode_prompts
+from iclgd_lens.tasks.mapping import default_task
 
 torch.set_num_threads(1)
 
@@ -56,20 +56,44 @@ def ragged_task() -> Task:
     batches are right-padded, the episodes' shared prefixes differ in length, the query maps of
     SimAM have 2-4 slots (NaN-padded in a batch). The default task has none of this (every
     query is 2 tokens, every demonstration 3)."""
-    train = [("cow", 0), ("dog is animal", 0), ("goat pig", 0), ("sheep", 0),
-             ("saw drill", 1), ("hammer", 1), ("wrench is tool", 1), ("pliers chisel saw", 1)]
+    train = [
+        ("cow", 0),
+        ("dog is animal", 0),
+        ("goat pig", 0),
+        ("sheep", 0),
+        ("saw drill", 1),
+        ("hammer", 1),
+        ("wrench is tool", 1),
+        ("pliers chisel saw", 1),
+    ]
     test = [("horse", 0), ("pig is", 0), ("drill", 1), ("chisel is tool", 1), ("cow goat", 0)]
-    return Task(name="ragged", template="{text} =", label_words=("alpha", "beta"), separator="\n", gd_lr=3e-2,
-                train=tuple(Example(t, y) for t, y in train), test=tuple(Example(t, y) for t, y in test))
+    return Task(
+        name="ragged",
+        template="{text} =",
+        label_words=("alpha", "beta"),
+        separator="\n",
+        gd_lr=3e-2,
+        train=tuple(Example(t, y) for t, y in train),
+        test=tuple(Example(t, y) for t, y in test),
+    )
 
 
 RUNS = {
     # task; compare()'s gd argument given the task; the HF projections the oracle trains; compare()'s baselines; k
-    "dai": dict(task=lambda: default_task(seed=0), gd=lambda task: "dai", projections=KV, baselines=True, k=4),
+    "dai": dict(
+        task=lambda: default_task(seed=0), gd=lambda task: "dai", projections=KV, baselines=True, k=4
+    ),
     # lr None: the task's gd_lr (GDConfig.for_task), what the oracle trains with
-    "qkvo": dict(task=lambda: default_task(seed=0), gd=lambda task: GDConfig(params="qkvo"), projections=QKVO,
-                 baselines=("random", "icl_perm"), k=4),
-    "ragged": dict(task=ragged_task, gd=lambda task: "dai", projections=KV, baselines=("random", "icl_perm"), k=3),
+    "qkvo": dict(
+        task=lambda: default_task(seed=0),
+        gd=lambda task: GDConfig(params="qkvo"),
+        projections=QKVO,
+        baselines=("random", "icl_perm"),
+        k=4,
+    ),
+    "ragged": dict(
+        task=ragged_task, gd=lambda task: "dai", projections=KV, baselines=("random", "icl_perm"), k=3
+    ),
 }
 N_EPISODES, N_QUERIES = 2, 4
 
@@ -88,7 +112,11 @@ FAMILIES = {
     "kendall_per_head": [("kendall_token_per_head", "icl~gd"), ("kendall_example_per_head", "icl~gd")],
     "accuracy": [(m, c) for m in ("accuracy", "accuracy_vocab") for c in ("zsl", "icl", "gd")],
     "rec2ftp": [("rec2ftp", "icl~gd")],
-    "top10_overlap": [(m, c) for m in ("token_overlap", "overlap_cosine") for c in ("icl~gd", "icl~icl_perm", "gd~zsl", "icl~zsl")],
+    "top10_overlap": [
+        (m, c)
+        for m in ("token_overlap", "overlap_cosine")
+        for c in ("icl~gd", "icl~icl_perm", "gd~zsl", "icl~zsl")
+    ],
     "kl_js": [(m, c) for m in ("kl", "js") for c in ("icl~gd", "icl~icl_perm", "gd~zsl", "icl~zsl")],
     "probe_resid_out": [("probe:resid_out", c) for c in ("icl~gd", "icl~icl_perm", "icl~random")],
 }
@@ -103,7 +131,9 @@ NOT_CHECKED = {
 
 UNTRAINED = "untrained:icl~gd"
 UNTRAINED_FAMILIES = {
-    name: [(m, UNTRAINED) for m, c in pairs if c == "icl~gd"] for name, pairs in FAMILIES.items() if any(c == "icl~gd" for _, c in pairs)
+    name: [(m, UNTRAINED) for m, c in pairs if c == "icl~gd"]
+    for name, pairs in FAMILIES.items()
+    if any(c == "icl~gd" for _, c in pairs)
 }
 
 
@@ -112,7 +142,12 @@ UNTRAINED_FAMILIES = {
 def world():
     """The bridge compare() runs on, and the same weights as a plain HF model (fp32 and a float64 copy)."""
     hf32 = O.load_hf_model()
-    return {"model": load_model(), "hf32": hf32, "hf64": copy.deepcopy(hf32).double(), "tokenizer": O.load_tokenizer()}
+    return {
+        "model": load_model(),
+        "hf32": hf32,
+        "hf64": copy.deepcopy(hf32).double(),
+        "tokenizer": O.load_tokenizer(),
+    }
 
 
 _CACHE: dict[str, dict] = {}
@@ -124,14 +159,37 @@ def _run(world, name: str) -> dict:
         spec = RUNS[name]
         task, tok = spec["task"](), world["tokenizer"]
         episodes = task.episodes(spec["k"], N_EPISODES, N_QUERIES, SEED)
-        table = compare(world["model"], task, gd=spec["gd"](task), k=spec["k"], n_episodes=N_EPISODES, n_queries=N_QUERIES, seed=SEED,
-                        baselines=spec["baselines"], progress=False, artifacts=False).table
-        oracle, passes = O.oracle_table(world["hf64"], tok, task, episodes, projections=spec["projections"], lr=task.gd_lr, seed=SEED)
+        table = compare(
+            world["model"],
+            task,
+            gd=spec["gd"](task),
+            k=spec["k"],
+            n_episodes=N_EPISODES,
+            n_queries=N_QUERIES,
+            seed=SEED,
+            baselines=spec["baselines"],
+            progress=False,
+            artifacts=False,
+        ).table
+        oracle, passes = O.oracle_table(
+            world["hf64"], tok, task, episodes, projections=spec["projections"], lr=task.gd_lr, seed=SEED
+        )
         out = {"task": task, "episodes": episodes, "table": table, "oracle": oracle, "passes": passes}
-        if spec["baselines"] is True:  # the untrained baseline: the same pipeline on untrained_copy(seed=0), icl~gd rows only
+        if (
+            spec["baselines"] is True
+        ):  # the untrained baseline: the same pipeline on untrained_copy(seed=0), icl~gd rows only
             untrained = untrained_copy(world["hf32"], seed=0).double().requires_grad_(False)
-            base, _ = O.oracle_table(untrained, tok, task, episodes, projections=spec["projections"], lr=task.gd_lr, seed=SEED,
-                                     with_perm=False, with_random=False)
+            base, _ = O.oracle_table(
+                untrained,
+                tok,
+                task,
+                episodes,
+                projections=spec["projections"],
+                lr=task.gd_lr,
+                seed=SEED,
+                with_perm=False,
+                with_random=False,
+            )
             out["untrained"] = base[base.comparison == "icl~gd"].assign(comparison=UNTRAINED)
         _CACHE[name] = out
     return _CACHE[name]
@@ -155,7 +213,9 @@ def assert_matches(table: pd.DataFrame, oracle: pd.DataFrame, pairs) -> None:
     got = _select(table, pairs)[[*O.KEYS, "value"]]
     assert len(want), f"the oracle has no rows for {pairs}"
     duplicated = got[got.duplicated(O.KEYS, keep=False)]
-    assert duplicated.empty, f"rows appear more than once in compare()'s table:\n{duplicated.head(10).to_string()}"
+    assert duplicated.empty, (
+        f"rows appear more than once in compare()'s table:\n{duplicated.head(10).to_string()}"
+    )
     merged = want.merge(got, on=O.KEYS, how="outer", suffixes=("_oracle", "_project"), indicator=True)
     missing = merged[merged._merge == "left_only"]
     extra = merged[merged._merge == "right_only"]
@@ -166,13 +226,19 @@ def assert_matches(table: pd.DataFrame, oracle: pd.DataFrame, pairs) -> None:
     bad = both[(nan_o != nan_p) | (~nan_o & ~nan_p & ~(both["diff"] <= both["tol"]))]
     problems = []
     if len(missing):
-        problems.append(f"{len(missing)} oracle rows missing from compare()'s table, e.g.\n{missing[O.KEYS].head(8).to_string()}")
+        problems.append(
+            f"{len(missing)} oracle rows missing from compare()'s table, e.g.\n{missing[O.KEYS].head(8).to_string()}"
+        )
     if len(extra):
-        problems.append(f"{len(extra)} rows in compare()'s table the oracle does not define, e.g.\n{extra[[*O.KEYS, 'value_project']].head(8).to_string()}")
+        problems.append(
+            f"{len(extra)} rows in compare()'s table the oracle does not define, e.g.\n{extra[[*O.KEYS, 'value_project']].head(8).to_string()}"
+        )
     if len(bad):
         worst = bad.assign(order=bad["diff"].fillna(np.inf)).sort_values("order", ascending=False)
         cols = [*O.KEYS, "value_project", "value_oracle", "diff", "tol"]
-        problems.append(f"{len(bad)} of {len(both)} values disagree with the oracle, worst first:\n{worst[cols].head(12).to_string()}")
+        problems.append(
+            f"{len(bad)} of {len(both)} values disagree with the oracle, worst first:\n{worst[cols].head(12).to_string()}"
+        )
     assert not problems, "\n\n".join(problems)
 
 
@@ -199,7 +265,13 @@ def test_every_number_of_the_table_is_checked(world, run):
     table = _run(world, run)["table"]
     checked = {pair for pairs in (*FAMILIES.values(), *UNTRAINED_FAMILIES.values()) for pair in pairs}
     skipped = lambda m, c: (None, c) in NOT_CHECKED or (m, c) in NOT_CHECKED
-    unchecked = sorted({(m, c) for m, c in zip(table.metric, table.comparison) if (m, c) not in checked and not skipped(m, c)})
+    unchecked = sorted(
+        {
+            (m, c)
+            for m, c in zip(table.metric, table.comparison)
+            if (m, c) not in checked and not skipped(m, c)
+        }
+    )
     assert not unchecked, f"compare() writes numbers no oracle test checks: {unchecked}"
 
 
@@ -219,15 +291,23 @@ def test_gd_deltas_and_losses_equal_torch_optim_on_a_deep_copy(world, run):
     deltas = train_deltas(model, model.tokenizer, task, episodes, _gd_config(task, run))
     short = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}
     projections = RUNS[run]["projections"]
-    assert set(deltas.parts) == {f"blocks.{l}.attn.{short[p]}" for l in range(model.cfg.n_layers) for p in projections}
+    assert set(deltas.parts) == {
+        f"blocks.{l}.attn.{short[p]}" for l in range(model.cfg.n_layers) for p in projections
+    }
     for e, ep in enumerate(passes):
-        np.testing.assert_allclose(deltas.losses[:, e].double().cpu().numpy(), np.array(ep.gd_run.losses), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            deltas.losses[:, e].double().cpu().numpy(), np.array(ep.gd_run.losses), atol=1e-5, rtol=0
+        )
         for l, (base, tuned) in enumerate(zip(world["hf64"].model.layers, ep.gd_run.model.model.layers)):
             for p in projections:
-                want = getattr(tuned.self_attn, p).weight - getattr(base.self_attn, p).weight  # [d_out, d_in] float64
+                want = (
+                    getattr(tuned.self_attn, p).weight - getattr(base.self_attn, p).weight
+                )  # [d_out, d_in] float64
                 got = deltas.tensors[f"blocks.{l}.attn.{short[p]}"][e].detach().cpu().double()
                 rel = float((got - want).norm() / want.norm())
-                assert rel < 1e-5, f"episode {e} layer {l} {p}: |dW_project - dW_torch.optim| / |dW| = {rel:.2e}"
+                assert rel < 1e-5, (
+                    f"episode {e} layer {l} {p}: |dW_project - dW_torch.optim| / |dW| = {rel:.2e}"
+                )
 
 
 @pytest.mark.parametrize("precision", ["float64", "float32"])
@@ -244,19 +324,25 @@ def test_gd_condition_h_equals_the_fine_tuned_copy(world, run, precision):
     row_episode = torch.tensor([e for e, ep in enumerate(episodes) for _ in ep.queries])
     device = next(model.parameters()).device
     enc = encode_prompts(model.tokenizer, task, [()] * len(queries), queries, words).to(device)
-    rec = Recorder(model, ["attn_out", "head_out"]).run(enc, "gd", interventions=delta_hooks(deltas, row_episode.to(device)))
+    rec = Recorder(model, ["attn_out", "head_out"]).run(
+        enc, "gd", interventions=delta_hooks(deltas, row_episode.to(device))
+    )
     b = 0
     for e, episode in enumerate(episodes):
         if precision == "float64":
             gd_passes = r["passes"][e].gd
         else:
             tuned = O.train_gd(world["hf32"], tok, task, episode, RUNS[run]["projections"], task.gd_lr).model
-            gd_passes = [O.run_pass(tuned, p) for p in O.prompts(tok, task, (), episode.queries, episode.label_words)]
+            gd_passes = [
+                O.run_pass(tuned, p) for p in O.prompts(tok, task, (), episode.queries, episode.label_words)
+            ]
         for q, gd in enumerate(gd_passes):
             for name, want in (("attn_out", gd.h), ("head_out", gd.z)):
                 got = rec[name][:, b].detach().cpu().double()  # [L, d] / [L, H, D]
                 err = float((got - want.double()).abs().max())
-                assert err < 1e-5 * max(1.0, float(want.abs().max())), f"episode {e} query {q} {name}: max |project - torch.optim copy| = {err:.2e}"
+                assert err < 1e-5 * max(1.0, float(want.abs().max())), (
+                    f"episode {e} query {q} {name}: max |project - torch.optim copy| = {err:.2e}"
+                )
             b += 1
 
 
@@ -272,9 +358,13 @@ def test_oracle_scores_reproduce_hf_attention(world, run):
             probs = torch.softmax(O.read_scores(p), -1)  # [L, H, P']
             # HF's eager attention takes its softmax in float32 even in a float64 model: ~1e-7
             torch.testing.assert_close(probs, p.probs_hf[..., : p.read + 1].double(), atol=1e-6, rtol=0)
-            assert float(p.probs_hf[..., p.read + 1 :].abs().sum()) == 0.0  # causal: nothing after the read position
+            assert (
+                float(p.probs_hf[..., p.read + 1 :].abs().sum()) == 0.0
+            )  # causal: nothing after the read position
             v = O.repeat_kv(p.v[:, : p.read + 1].double(), probs.shape[1])  # [L, P', H, D]
-            torch.testing.assert_close(torch.einsum("lhp,lphd->lhd", probs, v), p.z.double(), atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                torch.einsum("lhp,lphd->lhd", probs, v), p.z.double(), atol=1e-6, rtol=0
+            )
     p = passes[0].icl[0]
     for l, block in enumerate(hf.model.layers):
         torch.testing.assert_close(block.self_attn.o_proj(p.z[l].reshape(-1)), p.h[l], atol=1e-10, rtol=0)
@@ -290,7 +380,9 @@ def test_oracle_prompts_and_gd_texts(world, run):
         for zsl, icl in zip(ep.zsl, ep.icl):
             assert zsl.read == len(zsl.prompt.ids) - 1 and icl.read == len(icl.prompt.ids) - 1
             assert zsl.prompt.ids[0] == tok.bos_token_id and icl.prompt.ids[0] == tok.bos_token_id
-            assert icl.prompt.ids[-len(zsl.prompt.ids) + 1 :] == zsl.prompt.ids[1:]  # the query ends the ICL prompt
+            assert (
+                icl.prompt.ids[-len(zsl.prompt.ids) + 1 :] == zsl.prompt.ids[1:]
+            )  # the query ends the ICL prompt
             seg = icl.prompt.segments
             for i, q_train in enumerate(ep.gd_run.train_q):
                 assert int((seg == i + 1).sum()) == q_train.shape[1]

@@ -51,7 +51,11 @@ def record_attn_out(model, tokens):
 def test_icl_update_is_one_gd_step(with_w0):
     d_x, d_y, n, lr = 5, 2, 8, 1.7
     xc, yc, xq, _ = regression_tasks(64, n_context=n, d_x=d_x, d_y=d_y, seed=3)
-    w0 = torch.randn(d_y, d_x, generator=torch.Generator().manual_seed(9)) if with_w0 else torch.zeros(d_y, d_x)
+    w0 = (
+        torch.randn(d_y, d_x, generator=torch.Generator().manual_seed(9))
+        if with_w0
+        else torch.zeros(d_y, d_x)
+    )
     dw = autograd_gd_step(xc, yc, w0, lr)  # [T, d_y, d_x]
     assert torch.allclose(gd_step(xc, yc, w0 if with_w0 else None, lr), dw, atol=1e-6)
 
@@ -101,7 +105,12 @@ def test_dual_form_is_exact_on_linear_attention():
     def keep(tensor, hook):
         store[hook.name.split(".", 2)[-1]] = tensor.detach().clone()
 
-    names = ["blocks.0.attn.q.hook_out", "blocks.0.attn.k.hook_out", "blocks.0.attn.v.hook_out", "blocks.0.hook_attn_out"]
+    names = [
+        "blocks.0.attn.q.hook_out",
+        "blocks.0.attn.k.hook_out",
+        "blocks.0.attn.v.hook_out",
+        "blocks.0.hook_attn_out",
+    ]
     with model.hooks(fwd_hooks=[(name, keep) for name in names]):
         model(build_tokens(xc, yc, xq))
     k_ctx, v_ctx = store["attn.k.hook_out"][:, :n], store["attn.v.hook_out"][:, :n]  # [T, N, 1, d]
@@ -140,7 +149,9 @@ def test_gd_plus_plus_transforms_inputs_and_keeps_the_y_update():
     d_x, d_y, n, lr, gamma = 5, 2, 6, 1.1, 0.3
     xc, yc, xq, _ = regression_tasks(8, n_context=n, d_x=d_x, d_y=d_y, seed=4)
     tokens = build_tokens(xc, yc, xq)
-    out = LinearSelfAttention(d_x, d_y, hand_built_weights(d_x, d_y, lr, n, gd_plus_plus=True, gamma=gamma))(tokens)
+    out = LinearSelfAttention(d_x, d_y, hand_built_weights(d_x, d_y, lr, n, gd_plus_plus=True, gamma=gamma))(
+        tokens
+    )
     plain = LinearSelfAttention(d_x, d_y, hand_built_weights(d_x, d_y, lr, n))(tokens)
     assert torch.isfinite(out).all()
     assert torch.allclose(out[..., d_x:], plain[..., d_x:], atol=1e-6)
@@ -181,8 +192,15 @@ def test_recorder_reads_the_construction_exactly():
 
     def record(tokens, condition):
         batch, pos = tokens.shape[:2]
-        segments = torch.cat([torch.arange(1, pos).expand(batch, -1), torch.full((batch, 1), QUERY_SEGMENT)], dim=1)
-        prompts = EncodedPrompts(torch.zeros(batch, pos, dtype=torch.long), torch.ones(batch, pos, dtype=torch.long), segments, torch.full((batch,), pos - 1))
+        segments = torch.cat(
+            [torch.arange(1, pos).expand(batch, -1), torch.full((batch, 1), QUERY_SEGMENT)], dim=1
+        )
+        prompts = EncodedPrompts(
+            torch.zeros(batch, pos, dtype=torch.long),
+            torch.ones(batch, pos, dtype=torch.long),
+            segments,
+            torch.full((batch,), pos - 1),
+        )
         with recorder.attach(prompts, condition):
             model(tokens)
         return recorder.recording(condition)["attn_out"][0]  # [T, d]

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny import tiny_bridge, tiny_hf_model, tiny_task, tiny_tokenizer
 
 from iclgd_lens.engine.record import Recorder, split_shared_prefix
 from iclgd_lens.tasks import QUERY_SEGMENT, encode_prompts
-from tiny import tiny_bridge, tiny_hf_model, tiny_task, tiny_tokenizer
 
 torch.set_num_threads(1)
 
@@ -31,7 +31,9 @@ def test_shared_prefix_equals_full_passes(n_kv_heads):
     torch.testing.assert_close(prefix["kv_demo"][:, 0], full["kv_demo"][:, 0], atol=1e-5, rtol=1e-5)
     # attention rows: the prefix version covers prefix + suffix keys; same values where real
     width = full["demo_attention"].shape[-1]
-    torch.testing.assert_close(shared["demo_attention"][..., :width], full["demo_attention"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        shared["demo_attention"][..., :width], full["demo_attention"], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_recorded_values_match_hf_eager_attention():
@@ -47,9 +49,12 @@ def test_recorded_values_match_hf_eager_attention():
     def grab(layer):
         def hook(module, args, kwargs, output):
             captured[layer] = (output[0].detach(), output[1].detach())
+
         return hook
 
-    handles = [hf.model.layers[l].self_attn.register_forward_hook(grab(l), with_kwargs=True) for l in range(2)]
+    handles = [
+        hf.model.layers[l].self_attn.register_forward_hook(grab(l), with_kwargs=True) for l in range(2)
+    ]
     try:
         with torch.no_grad():
             hf(enc.input_ids, attention_mask=enc.attention_mask, output_attentions=True)
@@ -69,7 +74,9 @@ def test_recorded_values_match_hf_eager_attention():
             n = len(idx)
             assert torch.isnan(scores[b, :, n:]).all()
             log_hf = torch.log(hf_rows[b][:, idx])
-            torch.testing.assert_close(log_hf - log_hf[:, :1], scores[b, :, :n] - scores[b, :, :1], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                log_hf - log_hf[:, :1], scores[b, :, :n] - scores[b, :, :1], atol=1e-4, rtol=1e-4
+            )
     assert rec.recording("icl").values == {}
 
 
@@ -94,7 +101,9 @@ def test_split_shared_prefix_stops_before_query():
     _, enc = _icl_batch(tok, task)
     prefix, suffix, n = split_shared_prefix(enc)
     assert (prefix.segments >= 0).all() and (suffix.segments == -1).any(-1).all()
-    assert torch.equal(torch.cat([prefix.input_ids.expand(len(suffix.input_ids), -1), suffix.input_ids], 1), enc.input_ids)
+    assert torch.equal(
+        torch.cat([prefix.input_ids.expand(len(suffix.input_ids), -1), suffix.input_ids], 1), enc.input_ids
+    )
 
 
 def test_several_episodes_share_one_prefix_pass_and_match_full_passes():
@@ -118,7 +127,9 @@ def test_several_episodes_share_one_prefix_pass_and_match_full_passes():
         for name in ["attn_out", "head_out", "scores", "q", "rot_q"]:
             torch.testing.assert_close(part[name], full[name], atol=1e-5, rtol=1e-5, equal_nan=True)
         torch.testing.assert_close(part.logits, full.logits, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(prefix.rows(g, g + 1)["kv_demo"][:, 0], full["kv_demo"][:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            prefix.rows(g, g + 1)["kv_demo"][:, 0], full["kv_demo"][:, 0], atol=1e-5, rtol=1e-5
+        )
 
 
 def _ignore_cache(keep_filling: bool):

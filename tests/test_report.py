@@ -10,15 +10,15 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
-
 from iclgd_lens.analyses import ANALYSES, analysis
+from test_results import EVIL_TOKEN, make_results
+
+from iclgd_lens.engine.results import Results
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.report import figures, render_report
 from iclgd_lens.report.assets import plotly_js
 from iclgd_lens.report.attention import attention_patterns_html
-from iclgd_lens.engine.results import Results
 from iclgd_lens.study import StudyResult
-from test_results import EVIL_TOKEN, make_results
 
 CIRCUITSVIS_MARK = "var CircuitsVis="
 PLOTLY_MARK = "plotly.js v"  # the bundle's licence banner
@@ -69,16 +69,25 @@ def test_tokens_are_escaped_never_raw(report):
 
 
 def test_widget_props_cannot_close_their_script():
-    html = attention_patterns_html(["a", "</script><script>alert(2)</script>"], np.full((1, 2, 2), 0.5).tolist())
+    html = attention_patterns_html(
+        ["a", "</script><script>alert(2)</script>"], np.full((1, 2, 2), 0.5).tolist()
+    )
     assert html.count("</script>") == 1 and html.endswith("</script>")
-    assert "\\u0026lt;/script\\u0026gt;" in html  # HTML-escaped for circuitsvis' innerHTML, then script-safe JSON
+    assert (
+        "\\u0026lt;/script\\u0026gt;" in html
+    )  # HTML-escaped for circuitsvis' innerHTML, then script-safe JSON
 
 
 def test_layer_page_sections(report):
     out, _ = report
     text = (out / "layer_02.html").read_text()
-    for heading in ("Per-head similarities", "Implicit weight updates", "Per-query SimAOU", "Attention on the example",
-                    "Tokens whose probabilities"):
+    for heading in (
+        "Per-head similarities",
+        "Implicit weight updates",
+        "Per-query SimAOU",
+        "Attention on the example",
+        "Tokens whose probabilities",
+    ):
         assert heading in text
     assert text.count('class="circuitsvis-widget"') == 3  # ZSL, ICL, GD
     assert 'href="layer_01.html"' in text and 'href="layer_03.html"' in text and 'href="index.html"' in text
@@ -130,7 +139,9 @@ def test_index_has_the_paired_tests_of_the_headline(report):
     assert "Paired tests: icl~gd against its baselines" in text
     assert "the smallest p attainable with 3 episodes is 0.25" in text
     tests = make_results().paired_tests()
-    row = tests.query("metric == 'simaou' and layer == 2 and head == -1 and baseline == 'untrained:icl~gd'").iloc[0]
+    row = tests.query(
+        "metric == 'simaou' and layer == 2 and head == -1 and baseline == 'untrained:icl~gd'"
+    ).iloc[0]
     assert f"<td>{row.diff_mean:+.3f} (p={row.p_value:.3g})</td>" in text
     assert "<th>vs untrained:icl~gd</th>" in text and "<th>vs icl~random_update</th>" in text
 
@@ -190,10 +201,13 @@ def test_registered_analyses_and_studies_become_sections(tmp_path):
     def broken(results):
         raise ValueError("no such thing")
 
-    study = StudyResult(name="order-sensitivity", question="Is ICL more order-sensitive than GD?",
-                        table=pd.DataFrame({"method": ["icl", "gd"], "sen": [0.12, 0.015]}),
-                        figures=[go.Figure(go.Bar(x=["icl", "gd"], y=[0.12, 0.015]))],
-                        findings=f"ICL Sen 0.12 > GD 0.015 {EVIL_TOKEN}")
+    study = StudyResult(
+        name="order-sensitivity",
+        question="Is ICL more order-sensitive than GD?",
+        table=pd.DataFrame({"method": ["icl", "gd"], "sen": [0.12, 0.015]}),
+        figures=[go.Figure(go.Bar(x=["icl", "gd"], y=[0.12, 0.015]))],
+        findings=f"ICL Sen 0.12 > GD 0.015 {EVIL_TOKEN}",
+    )
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -211,7 +225,9 @@ def test_registered_analyses_and_studies_become_sections(tmp_path):
 
 
 def test_study_only_report_from_empty_results(tmp_path):
-    empty = Results(pd.DataFrame(columns=["metric", "comparison", "layer", "head", "episode", "query", "value"]), {}, {})
+    empty = Results(
+        pd.DataFrame(columns=["metric", "comparison", "layer", "head", "episode", "query", "value"]), {}, {}
+    )
     study = StudyResult(name="k-sweep", question="q?", table=pd.DataFrame({"k": [1, 2], "v": [0.1, 0.2]}))
     path = render_report(empty, tmp_path / "s", study_results=[study], analyses={})
     assert "Study: k-sweep" in path.read_text()
@@ -244,10 +260,18 @@ def test_dw_figure_shows_the_stored_cosine():
     gd[1] = icl[1]
     fig = figures.dw_figure({"icl": icl.tolist(), "gd": gd.tolist(), "cos": [0.25, -0.5, None]}, layer=3)
     titles = [a.text for a in fig.layout.annotations]
-    assert titles == ["kv head 0: dW_ICL", "kv head 0: dW_GD (cos = 0.250)", "kv head 1: dW_ICL",
-                      "kv head 1: dW_GD (cos = -0.500)", "kv head 2: dW_ICL", "kv head 2: dW_GD (cos = n/a)"]
+    assert titles == [
+        "kv head 0: dW_ICL",
+        "kv head 0: dW_GD (cos = 0.250)",
+        "kv head 1: dW_ICL",
+        "kv head 1: dW_GD (cos = -0.500)",
+        "kv head 2: dW_ICL",
+        "kv head 2: dW_GD (cos = n/a)",
+    ]
     np.testing.assert_allclose(fig.data[0].z, icl[0])
-    older = figures.dw_figure({"icl": icl.tolist(), "gd": gd.tolist()}, layer=3)  # saved before "cos" was stored
+    older = figures.dw_figure(
+        {"icl": icl.tolist(), "gd": gd.tolist()}, layer=3
+    )  # saved before "cos" was stored
     assert [a.text for a in older.layout.annotations][1] == "kv head 0: dW_GD"
     assert figures.dw_figure({}, 0) is None
 
@@ -262,6 +286,8 @@ def test_head_heatmap_matches_per_head_means():
 
 
 def test_top_tokens_are_shown_as_text():
-    fig = figures.top_tokens_figure([{"token": EVIL_TOKEN, "d_icl": 0.1, "d_gd": 0.2}, {"token": "a", "d_icl": 0, "d_gd": 0}])
+    fig = figures.top_tokens_figure(
+        [{"token": EVIL_TOKEN, "d_icl": 0.1, "d_gd": 0.2}, {"token": "a", "d_icl": 0, "d_gd": 0}]
+    )
     assert fig.data[0].y[0] == "&lt;script&gt;alert(1)&lt;/script&gt;"
     assert list(fig.data[1].x) == [0.2, 0.0]

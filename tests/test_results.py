@@ -10,24 +10,42 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from iclgd_lens.errors import IclgdError
 from iclgd_lens.engine import stats as episode_stats
 from iclgd_lens.engine.results import TABLE_COLUMNS, Results
+from iclgd_lens.errors import IclgdError
 
 EVIL_TOKEN = "<script>alert(1)</script>"
 EVIL_IMG_TOKEN = '<img/src="x"onerror=alert(1)>'  # runs under innerHTML, unlike <script>
 BOS_LIKE_TOKEN = "<s>"
 
 
-def make_results(n_layers: int = 4, n_heads: int = 4, n_kv: int = 2, d_head: int = 8, n_episodes: int = 3,
-                 n_queries: int = 5, ks: tuple[int, ...] = (8,), seed: int = 0) -> Results:
+def make_results(
+    n_layers: int = 4,
+    n_heads: int = 4,
+    n_kv: int = 2,
+    d_head: int = 8,
+    n_episodes: int = 3,
+    n_queries: int = 5,
+    ks: tuple[int, ...] = (8,),
+    seed: int = 0,
+) -> Results:
     """A realistic synthetic comparison: layer, head, query and model-level rows, dW and attention artifacts."""
     rng = np.random.default_rng(seed)
     rows = []
 
     def add(metric, comparison, layer, head, episode, query, value, k):
-        rows.append(dict(metric=metric, comparison=comparison, layer=layer, head=head, episode=episode,
-                         query=query, value=float(value), k=k))
+        rows.append(
+            dict(
+                metric=metric,
+                comparison=comparison,
+                layer=layer,
+                head=head,
+                episode=episode,
+                query=query,
+                value=float(value),
+                k=k,
+            )
+        )
 
     for k in ks:
         for ep in range(n_episodes):
@@ -37,10 +55,30 @@ def make_results(n_layers: int = 4, n_heads: int = 4, n_kv: int = 2, d_head: int
                     add("simaou", "icl~gd", layer, -1, ep, q, base + 0.05 * rng.standard_normal(), k)
                     add("simaou", "icl~random", layer, -1, ep, q, 0.02 * rng.standard_normal(), k)
                     add("simaou", "icl~random_update", layer, -1, ep, q, 0.03 * rng.standard_normal(), k)
-                    add("simaou", "untrained:icl~gd", layer, -1, ep, q, 0.05 + 0.03 * rng.standard_normal(), k)
-                    add("simaou_norm", "icl~gd", layer, -1, ep, q, 0.25 + 0.5 * base + 0.02 * rng.standard_normal(), k)
+                    add(
+                        "simaou", "untrained:icl~gd", layer, -1, ep, q, 0.05 + 0.03 * rng.standard_normal(), k
+                    )
+                    add(
+                        "simaou_norm",
+                        "icl~gd",
+                        layer,
+                        -1,
+                        ep,
+                        q,
+                        0.25 + 0.5 * base + 0.02 * rng.standard_normal(),
+                        k,
+                    )
                     add("simaou_norm", "icl~random", layer, -1, ep, q, 0.25 + 0.02 * rng.standard_normal(), k)
-                    add("probe:mlp_out", "icl~gd", layer, -1, ep, q, 0.1 * layer + 0.05 * rng.standard_normal(), k)
+                    add(
+                        "probe:mlp_out",
+                        "icl~gd",
+                        layer,
+                        -1,
+                        ep,
+                        q,
+                        0.1 * layer + 0.05 * rng.standard_normal(),
+                        k,
+                    )
                     for metric in ("simam_before", "simam_after", "simam_delta"):
                         per_head = 0.3 + 0.1 * rng.standard_normal(n_heads)
                         for h in range(n_heads):
@@ -53,8 +91,26 @@ def make_results(n_layers: int = 4, n_heads: int = 4, n_kv: int = 2, d_head: int
                 for cond, p in (("zsl", 0.4), ("icl", 0.8), ("gd", 0.7)):
                     add("accuracy", cond, -1, -1, ep, q, float(rng.random() < p), k)
                 for comparison, shift in (("icl~gd", 0.0), ("icl~icl_perm", 0.2)):
-                    add("token_overlap", comparison, -1, -1, ep, q, min(1.0, 0.6 + shift + 0.1 * rng.random()), k)
-                    add("overlap_cosine", comparison, -1, -1, ep, q, min(1.0, 0.7 + shift + 0.1 * rng.random()), k)
+                    add(
+                        "token_overlap",
+                        comparison,
+                        -1,
+                        -1,
+                        ep,
+                        q,
+                        min(1.0, 0.6 + shift + 0.1 * rng.random()),
+                        k,
+                    )
+                    add(
+                        "overlap_cosine",
+                        comparison,
+                        -1,
+                        -1,
+                        ep,
+                        q,
+                        min(1.0, 0.7 + shift + 0.1 * rng.random()),
+                        k,
+                    )
                     add("kl", comparison, -1, -1, ep, q, 0.5 - shift + 0.1 * rng.random(), k)
                     add("js", comparison, -1, -1, ep, q, 0.1 - shift / 4 + 0.02 * rng.random(), k)
             add("rec2ftp", "icl~gd", -1, -1, ep, -1, 100 * rng.random(), k)
@@ -67,7 +123,11 @@ def make_results(n_layers: int = 4, n_heads: int = 4, n_kv: int = 2, d_head: int
         icl = rng.standard_normal((n_kv, d_head, d_head))
         gd = 0.5 * icl + 0.5 * rng.standard_normal((n_kv, d_head, d_head))
         cos = (icl * gd).sum((1, 2)) / (np.linalg.norm(icl, axis=(1, 2)) * np.linalg.norm(gd, axis=(1, 2)))
-        dw[layer] = {"icl": icl.tolist(), "gd": gd.tolist(), "cos": cos.tolist()}  # as example_artifacts stores
+        dw[layer] = {
+            "icl": icl.tolist(),
+            "gd": gd.tolist(),
+            "cos": cos.tolist(),
+        }  # as example_artifacts stores
     tokens = [BOS_LIKE_TOKEN, "Sentence", ":", EVIL_TOKEN, EVIL_IMG_TOKEN, "good", "Label", ":"]
     attention = {}
     for cond in ("zsl", "icl", "gd"):
@@ -77,10 +137,20 @@ def make_results(n_layers: int = 4, n_heads: int = 4, n_kv: int = 2, d_head: int
             scores = np.where(np.tril(np.ones((len(tokens), len(tokens)))) > 0, scores, -np.inf)
             pattern = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
             attention[cond][layer] = {"tokens": tokens, "pattern": pattern.tolist()}
-    top_tokens = [{"token": t, "d_icl": float(rng.normal()) / 10, "d_gd": float(rng.normal()) / 10}
-                  for t in ["Positive", "Negative", EVIL_TOKEN, " the", "\n"]]
-    config = {"model": "tiny-llama-icl", "task": "synthetic", "gd": "dai", "k": list(ks), "seed": seed,
-              "n_layers": n_layers, "versions": {"torch": "x"}, "run_time_s": 1.5}
+    top_tokens = [
+        {"token": t, "d_icl": float(rng.normal()) / 10, "d_gd": float(rng.normal()) / 10}
+        for t in ["Positive", "Negative", EVIL_TOKEN, " the", "\n"]
+    ]
+    config = {
+        "model": "tiny-llama-icl",
+        "task": "synthetic",
+        "gd": "dai",
+        "k": list(ks),
+        "seed": seed,
+        "n_layers": n_layers,
+        "versions": {"torch": "x"},
+        "run_time_s": 1.5,
+    }
     return Results(table, config, {"dw": dw, "attention": attention, "top_tokens": top_tokens})
 
 
@@ -119,8 +189,14 @@ def test_summary_matches_an_episode_level_t_interval_computed_by_hand():
     means = rows.groupby("episode")["value"].mean()  # queries of one episode share its demonstrations
     e = len(means)
     half = stats.t.ppf(0.975, e - 1) * means.std(ddof=1) / math.sqrt(e)
-    row = results.summary().query("metric == 'simaou' and comparison == 'icl~gd' and layer == 2 and head == -1")
-    assert len(row) == 1 and int(row["n"].iloc[0]) == len(rows) == 15 and int(row["n_episodes"].iloc[0]) == e == 3
+    row = results.summary().query(
+        "metric == 'simaou' and comparison == 'icl~gd' and layer == 2 and head == -1"
+    )
+    assert (
+        len(row) == 1
+        and int(row["n"].iloc[0]) == len(rows) == 15
+        and int(row["n_episodes"].iloc[0]) == e == 3
+    )
     assert row["mean"].iloc[0] == pytest.approx(means.mean())
     assert row["ci_low"].iloc[0] == pytest.approx(means.mean() - half)
     assert row["ci_high"].iloc[0] == pytest.approx(means.mean() + half)
@@ -133,7 +209,9 @@ def test_summary_drops_nans_and_gives_no_interval_for_one_value():
     mask = (table.metric == "simaou") & (table.comparison == "icl~gd") & (table.layer == 0)
     idx = table.index[mask]
     table.loc[idx[1:], "value"] = np.nan  # leave one value
-    summ = Results(table, {}, {}).summary().query("metric == 'simaou' and comparison == 'icl~gd' and layer == 0")
+    summ = (
+        Results(table, {}, {}).summary().query("metric == 'simaou' and comparison == 'icl~gd' and layer == 0")
+    )
     assert int(summ["n"].iloc[0]) == 1 and int(summ["n_episodes"].iloc[0]) == 1
     assert summ["mean"].iloc[0] == pytest.approx(table.loc[idx[0], "value"])
     assert math.isnan(summ["ci_low"].iloc[0]) and math.isnan(summ["ci_high"].iloc[0])
@@ -217,6 +295,8 @@ def test_repr_html_shows_headline_numbers_escaped():
     results = Results(table, {"model": "<b>m</b>"}, {})
     out = results._repr_html_()
     assert EVIL_TOKEN not in out and "&lt;script&gt;" in out and "<b>m</b>" not in out
-    expected = results.summary().query("metric == 'simaou' and comparison == 'icl~gd' and head == -1")["mean"].mean()
+    expected = (
+        results.summary().query("metric == 'simaou' and comparison == 'icl~gd' and head == -1")["mean"].mean()
+    )
     assert f"{expected:.3f}" in out
     assert results.headline()["simaou icl~gd"] == pytest.approx(expected)

@@ -11,16 +11,22 @@ import pytest
 from scipy import stats as sp
 
 from iclgd_lens.engine import stats
-from iclgd_lens.errors import IclgdError
 from iclgd_lens.engine.results import Results
+from iclgd_lens.errors import IclgdError
 
 
 def scipy_sign_flip(diffs) -> float:
     """scipy's paired permutation test of mean(x - y), all 2^n sign flips (exact)."""
     d = np.asarray(diffs, dtype=float)
     x, y = d, np.zeros_like(d)  # swapping x_i and y_i flips the sign of d_i
-    res = sp.permutation_test((x, y), lambda a, b, axis: np.mean(a - b, axis=axis), permutation_type="samples",
-                              vectorized=True, n_resamples=np.inf, alternative="two-sided")
+    res = sp.permutation_test(
+        (x, y),
+        lambda a, b, axis: np.mean(a - b, axis=axis),
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=np.inf,
+        alternative="two-sided",
+    )
     return float(res.pvalue)
 
 
@@ -56,7 +62,9 @@ def test_episode_interval_is_a_t_interval_over_episode_means():
     assert got.n_episodes == 5 and got.n == episodes.size - 2
     assert got.mean == pytest.approx(means.mean()) and got.mean != pytest.approx(np.nanmean(values))
     assert (got.ci_low, got.ci_high) == pytest.approx((low, high), rel=1e-12)
-    pd.testing.assert_series_equal(stats.episode_means(values, episodes), means, check_names=False, check_index_type=False)
+    pd.testing.assert_series_equal(
+        stats.episode_means(values, episodes), means, check_names=False, check_index_type=False
+    )
 
 
 def test_the_interval_is_over_episodes_not_queries():
@@ -70,10 +78,21 @@ def test_the_interval_is_over_episodes_not_queries():
     assert got.ci_high - got.ci_low > 10.0  # t(0.975, df=1) = 12.7: two episodes say little
     assert pooled.ci_high - pooled.ci_low < 0.25
     assert got.ci_low < 0.0 and got.ci_high > 1.0
-    table = pd.DataFrame({"metric": "simaou", "comparison": "icl~gd", "layer": 0, "head": -1,
-                          "episode": episodes, "query": np.tile(np.arange(50), 2), "value": values})
+    table = pd.DataFrame(
+        {
+            "metric": "simaou",
+            "comparison": "icl~gd",
+            "layer": 0,
+            "head": -1,
+            "episode": episodes,
+            "query": np.tile(np.arange(50), 2),
+            "value": values,
+        }
+    )
     row = Results(table, {}, {}).summary().iloc[0]
-    assert (row["ci_low"], row["ci_high"], row["n_episodes"], row["n"]) == pytest.approx((got.ci_low, got.ci_high, 2, 100))
+    assert (row["ci_low"], row["ci_high"], row["n_episodes"], row["n"]) == pytest.approx(
+        (got.ci_low, got.ci_high, 2, 100)
+    )
 
 
 def test_one_episode_gives_no_interval_and_none_gives_nan():
@@ -82,7 +101,11 @@ def test_one_episode_gives_no_interval_and_none_gives_nan():
     none = stats.episode_interval([np.nan, np.nan], [0, 1])
     assert none.n_episodes == 0 and none.n == 0 and math.isnan(none.mean)
     flat = stats.episode_interval([0.2, 0.4, 0.3, 0.3], [0, 0, 1, 1])  # both episodes mean 0.3
-    assert flat.ci_low == pytest.approx(0.3) and flat.ci_high == pytest.approx(0.3) and flat.ci_low <= flat.ci_high
+    assert (
+        flat.ci_low == pytest.approx(0.3)
+        and flat.ci_high == pytest.approx(0.3)
+        and flat.ci_low <= flat.ci_high
+    )
 
 
 # ---- the sign-flip test ---------------------------------------------------------------------------
@@ -93,19 +116,28 @@ def test_sign_flip_matches_scipy_permutation_test(n):
     baseline = rng.normal(0.0, 1.0, size=n)
     d = headline - baseline
     assert stats.sign_flip_pvalue(d) == pytest.approx(scipy_sign_flip(d), abs=1e-12)
-    res = sp.permutation_test((headline, baseline), lambda a, b, axis: np.mean(a - b, axis=axis),
-                              permutation_type="samples", vectorized=True, n_resamples=np.inf)
+    res = sp.permutation_test(
+        (headline, baseline),
+        lambda a, b, axis: np.mean(a - b, axis=axis),
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=np.inf,
+    )
     assert stats.paired_test(headline, baseline).p_value == pytest.approx(res.pvalue, abs=1e-12)
 
 
-@pytest.mark.parametrize("d", [[1, 1, 2, -1, 0, 3], [0.5, -0.5, 0.5, -0.5, 0.5], [0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 0.1, -0.1, 0.2]])
+@pytest.mark.parametrize(
+    "d", [[1, 1, 2, -1, 0, 3], [0.5, -0.5, 0.5, -0.5, 0.5], [0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 0.1, -0.1, 0.2]]
+)
 def test_sign_flip_counts_ties_like_scipy(d):
     assert stats.sign_flip_pvalue(d) == pytest.approx(scipy_sign_flip(d), abs=1e-12)
 
 
 def test_sign_flip_smallest_p_and_edge_cases():
     for n in (1, 2, 4, 5, 8):
-        assert stats.sign_flip_pvalue(np.arange(1.0, n + 1)) == pytest.approx(2 / 2**n) == stats.min_p_value(n)
+        assert (
+            stats.sign_flip_pvalue(np.arange(1.0, n + 1)) == pytest.approx(2 / 2**n) == stats.min_p_value(n)
+        )
     assert stats.min_p_value(4) == 0.125  # the default 4 episodes can never give p < 0.125
     assert stats.min_p_value(17) == 1 / (stats.N_RESAMPLES + 1) and math.isnan(stats.min_p_value(0))
     assert math.isnan(stats.sign_flip_pvalue([])) and math.isnan(stats.sign_flip_pvalue([np.nan]))
@@ -128,11 +160,15 @@ def test_monte_carlo_above_sixteen_episodes_is_seeded_and_close_to_exact():
 
 def test_paired_test_pairs_series_by_episode_and_drops_missing_pairs():
     headline = pd.Series([0.5, 0.7, 0.6, 0.9], index=[0, 1, 2, 3])
-    baseline = pd.Series([0.1, np.nan, 0.2, 0.3, 0.0], index=[3, 1, 0, 2, 9])  # another order, a NaN, an extra episode
+    baseline = pd.Series(
+        [0.1, np.nan, 0.2, 0.3, 0.0], index=[3, 1, 0, 2, 9]
+    )  # another order, a NaN, an extra episode
     got = stats.paired_test(headline, baseline)
     d = np.array([0.5 - 0.2, 0.6 - 0.3, 0.9 - 0.1])  # episodes 0, 2, 3
     assert got.n_episodes == 3 and got.diff_mean == pytest.approx(d.mean())
-    assert (got.diff_ci_low, got.diff_ci_high) == pytest.approx(sp.t.interval(0.95, 2, loc=d.mean(), scale=sp.sem(d)))
+    assert (got.diff_ci_low, got.diff_ci_high) == pytest.approx(
+        sp.t.interval(0.95, 2, loc=d.mean(), scale=sp.sem(d))
+    )
     assert got.p_value == pytest.approx(scipy_sign_flip(d)) == 0.25
     with pytest.raises(ValueError, match="one baseline value per headline value"):
         stats.paired_test([1.0, 2.0], [1.0])
@@ -152,7 +188,9 @@ def hand_table(n_episodes: int = 5, n_queries: int = 3, seed: int = 0) -> pd.Dat
                 if comparison == "icl~random_update" and e == 0:
                     continue
                 for q in range(n_queries):
-                    rows.append(("simaou", comparison, layer, -1, e, q, mu + ep_effect + 0.05 * rng.standard_normal()))
+                    rows.append(
+                        ("simaou", comparison, layer, -1, e, q, mu + ep_effect + 0.05 * rng.standard_normal())
+                    )
             rows.append(("dw_cos", "icl~gd", layer, -1, e, -1, 0.2 + 0.1 * rng.standard_normal()))
             rows.append(("dw_cos", "icl~random", layer, -1, e, -1, 0.1 * rng.standard_normal()))
         for q in range(n_queries):
@@ -171,13 +209,31 @@ def by_hand(table, metric, layer, baseline):
 def test_paired_tests_on_a_hand_made_table():
     table = hand_table()
     tests = stats.paired_tests(table)
-    assert list(tests.columns) == ["metric", "layer", "head", "comparison", "baseline", "diff_mean", "diff_ci_low",
-                                   "diff_ci_high", "p_value", "n_episodes"]
+    assert list(tests.columns) == [
+        "metric",
+        "layer",
+        "head",
+        "comparison",
+        "baseline",
+        "diff_mean",
+        "diff_ci_low",
+        "diff_ci_high",
+        "p_value",
+        "n_episodes",
+    ]
     simaou = tests[(tests.metric == "simaou") & (tests.layer == 1)]
-    assert simaou["baseline"].tolist() == ["icl~random", "icl~random_update", "untrained:icl~gd"]  # no icl_perm rows
+    assert simaou["baseline"].tolist() == [
+        "icl~random",
+        "icl~random_update",
+        "untrained:icl~gd",
+    ]  # no icl_perm rows
     assert set(tests["comparison"]) == {"icl~gd"} and "accuracy" not in set(tests.metric)
-    for metric, layer, baseline in [("simaou", 1, "icl~random"), ("simaou", 0, "icl~random_update"),
-                                    ("simaou", 1, "untrained:icl~gd"), ("dw_cos", 0, "icl~random")]:
+    for metric, layer, baseline in [
+        ("simaou", 1, "icl~random"),
+        ("simaou", 0, "icl~random_update"),
+        ("simaou", 1, "untrained:icl~gd"),
+        ("dw_cos", 0, "icl~random"),
+    ]:
         d, low, high = by_hand(table, metric, layer, baseline)
         row = tests[(tests.metric == metric) & (tests.layer == layer) & (tests.baseline == baseline)].iloc[0]
         assert row["n_episodes"] == len(d) == (4 if baseline == "icl~random_update" else 5)
@@ -185,7 +241,10 @@ def test_paired_tests_on_a_hand_made_table():
         assert (row["diff_ci_low"], row["diff_ci_high"]) == pytest.approx((low, high))
         assert row["p_value"] == pytest.approx(scipy_sign_flip(d), abs=1e-12)
     # a difference the same sign in all 5 episodes: the smallest p 5 episodes allow
-    assert tests[(tests.metric == "simaou") & (tests.baseline == "icl~random")]["p_value"].tolist() == [2 / 2**5] * 2
+    assert (
+        tests[(tests.metric == "simaou") & (tests.baseline == "icl~random")]["p_value"].tolist()
+        == [2 / 2**5] * 2
+    )
     assert stats.paired_tests(table[table.metric == "accuracy"]).empty
     with pytest.raises(ValueError, match="comparison"):
         stats.paired_tests(table, by=("metric", "comparison"))
@@ -194,8 +253,21 @@ def test_paired_tests_on_a_hand_made_table():
 def test_summary_carries_the_paired_p_values_on_the_headline_rows():
     results = Results(hand_table(), {}, {})
     summ = results.summary()
-    assert list(summ.columns) == ["metric", "comparison", "layer", "head", "mean", "ci_low", "ci_high", "n_episodes", "n",
-                                  "p_vs_random", "p_vs_random_update", "p_vs_untrained", "p_vs_icl_perm"]
+    assert list(summ.columns) == [
+        "metric",
+        "comparison",
+        "layer",
+        "head",
+        "mean",
+        "ci_low",
+        "ci_high",
+        "n_episodes",
+        "n",
+        "p_vs_random",
+        "p_vs_random_update",
+        "p_vs_untrained",
+        "p_vs_icl_perm",
+    ]
     tests = results.paired_tests()
     head = summ[summ.comparison == "icl~gd"].set_index(["metric", "layer"])
     for r in tests.itertuples():
@@ -208,11 +280,22 @@ def test_summary_carries_the_paired_p_values_on_the_headline_rows():
     row = summ.query("metric == 'dw_cos' and comparison == 'icl~gd' and layer == 0").iloc[0]
     assert row["n_episodes"] == row["n"] == 5
     assert (row["mean"], row["ci_low"], row["ci_high"]) == pytest.approx(tuple(stats.t_interval(dw))[:3])
-    assert set(results.summary(p_values=False).columns) == {"metric", "comparison", "layer", "head", "mean", "ci_low",
-                                                            "ci_high", "n_episodes", "n"}
+    assert set(results.summary(p_values=False).columns) == {
+        "metric",
+        "comparison",
+        "layer",
+        "head",
+        "mean",
+        "ci_low",
+        "ci_high",
+        "n_episodes",
+        "n",
+    }
     coarse = results.summary(by=("metric", "comparison"))
     d, _, _ = by_hand(results.table.assign(layer=0), "simaou", 0, "icl~random")
-    assert coarse.query("metric == 'simaou' and comparison == 'icl~gd'")["p_vs_random"].iloc[0] == pytest.approx(scipy_sign_flip(d))
+    assert coarse.query("metric == 'simaou' and comparison == 'icl~gd'")["p_vs_random"].iloc[
+        0
+    ] == pytest.approx(scipy_sign_flip(d))
 
 
 def test_results_paired_tests_keep_k_apart_and_refuse_comparison():

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from iclgd_lens.tasks.mapping import LABEL_WORDS, World, default_task
-from iclgd_lens.tasks import encode_prompts
 from iclgd_lens.models.making.tokenizer import build_tokenizer
 from iclgd_lens.models.making.training import MICRO, TrainConfig, make_batch, train
+from iclgd_lens.tasks import encode_prompts
+from iclgd_lens.tasks.mapping import LABEL_WORDS, World, default_task
 
 torch.set_num_threads(1)
 
@@ -33,12 +33,28 @@ def test_same_seed_same_losses_other_seed_other_losses(variant):
 
 def test_script_writes_a_loadable_model_and_log(tmp_path):
     out = tmp_path / "micro"
-    cmd = [sys.executable, "-m", "iclgd_lens.cli", "train", "--variant", "icl", "--out", str(out), "--micro", "--steps", "3"]
-    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)  # `iclgd-lens train ...`
+    cmd = [
+        sys.executable,
+        "-m",
+        "iclgd_lens.cli",
+        "train",
+        "--variant",
+        "icl",
+        "--out",
+        str(out),
+        "--micro",
+        "--steps",
+        "3",
+    ]
+    proc = subprocess.run(
+        cmd, check=True, capture_output=True, text=True, timeout=120
+    )  # `iclgd-lens train ...`
     assert proc.stdout.strip() == str(out) and "saved to" in proc.stderr
     log = json.loads((out / "training_log.json").read_text())
     assert log["seed"] == 0 and len(log["losses"]) == 3 and log["config"]["steps"] == 3
-    assert log["command"].startswith("iclgd-lens train --variant icl --out ") and log["command"].endswith("--steps 3 --micro")
+    assert log["command"].startswith("iclgd-lens train --variant icl --out ") and log["command"].endswith(
+        "--steps 3 --micro"
+    )
     model = LlamaForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
@@ -96,7 +112,9 @@ def test_script_reproduces_the_first_losses_of_the_shipped_model(name):
     folder = Path(__file__).resolve().parents[1] / "iclgd_lens" / "models" / name
     shipped = json.loads((folder / "training_log.json").read_text())
     config = {k: v for k, v in shipped["config"].items() if k in TrainConfig.__dataclass_fields__}
-    config.update(steps=4, eval_every=0, eval_ks=tuple(config["eval_ks"]))  # warmup lr does not depend on steps
+    config.update(
+        steps=4, eval_every=0, eval_ks=tuple(config["eval_ks"])
+    )  # warmup lr does not depend on steps
     config.setdefault("length_curriculum", ())  # logs written before the curriculum existed
     _, _, log = train(TrainConfig(**config), log=lambda msg: None)
     assert log["losses"] == pytest.approx(shipped["losses"][:4], abs=1e-3)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from iclgd_lens.analyses import weight_properties as wp
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from iclgd_lens.analyses import weight_properties as wp
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.worlds.oswald import hand_built_weights
 
@@ -20,12 +20,22 @@ def tiny_bridge():
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        name_or_path="tiny", add_bos_token=True,
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        name_or_path="tiny",
+        add_bos_token=True,
     )
     cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(vocab), max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(vocab),
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     hf = LlamaForCausalLM(cfg)
@@ -98,8 +108,12 @@ def test_attention_weights_match_hf_projections(tiny_bridge):
     # the same numbers the wrapped HF Linear uses (found through _original_component)
     ids = torch.tensor([[1, 5, 6, 7]])
     cache = {}
-    with tiny_bridge.hooks(fwd_hooks=[("blocks.1.attn.k.hook_in", lambda x, hook: cache.update(x=x)),
-                                      ("blocks.1.attn.k.hook_out", lambda x, hook: cache.update(k=x))]):
+    with tiny_bridge.hooks(
+        fwd_hooks=[
+            ("blocks.1.attn.k.hook_in", lambda x, hook: cache.update(x=x)),
+            ("blocks.1.attn.k.hook_out", lambda x, hook: cache.update(k=x)),
+        ]
+    ):
         tiny_bridge(ids)
     k_out = cache["k"].reshape(1, 4, -1)
     assert torch.allclose(k_out, cache["x"] @ layers[1]["W_K"].T, atol=1e-5)
@@ -109,8 +123,18 @@ def test_bad_input_is_one_line_error():
     with pytest.raises(IclgdError):
         wp.run(model=torch.nn.Linear(3, 3))
     with pytest.raises(IclgdError) as err:
-        wp.run(model=LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, vocab_size=20)), thresholds=[2.0])
+        wp.run(
+            model=LlamaForCausalLM(
+                LlamaConfig(
+                    hidden_size=16,
+                    intermediate_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    vocab_size=20,
+                )
+            ),
+            thresholds=[2.0],
+        )
     assert "\n" not in str(err.value)
 
 
@@ -132,7 +156,9 @@ def test_embedded_model_is_far_from_the_construction_and_left_unchanged():
     assert near.max() < wp.SHEN_MODEL_MAX_NEAR_ZERO
     heads = model_rows[model_rows.metric == "scaled_identity_distance"].value
     assert len(heads) == bridge.cfg.n_layers * bridge.cfg.n_heads and (heads > 0.5).all()
-    built = t[(t.source == f"von Oswald (d={bridge.cfg.d_model})") & (t.metric == "scaled_identity_distance")].value
+    built = t[
+        (t.source == f"von Oswald (d={bridge.cfg.d_model})") & (t.metric == "scaled_identity_distance")
+    ].value
     assert len(built) == 1 and built.abs().max() < 1e-6
     after = original_state_dict(bridge)
     assert all(torch.equal(before[k], after[k]) for k in before)

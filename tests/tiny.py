@@ -21,17 +21,32 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        name_or_path="tiny-test", add_bos_token=True,
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        name_or_path="tiny-test",
+        add_bos_token=True,
     )
 
 
-def tiny_hf_model(n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2, d_model: int = 32, seed: int = 0) -> LlamaForCausalLM:
+def tiny_hf_model(
+    n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2, d_model: int = 32, seed: int = 0
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(WORDS) + 5, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=256,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, attn_implementation="eager",
+        vocab_size=len(WORDS) + 5,
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        attn_implementation="eager",
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -41,7 +56,9 @@ def tiny_bridge(hf=None, tokenizer=None, **kw):
     from transformer_lens.model_bridge import TransformerBridge
 
     hf = hf if hf is not None else tiny_hf_model(**kw)
-    bridge = TransformerBridge.boot_transformers("tiny-test", hf_model=copy.deepcopy(hf), tokenizer=tokenizer or tiny_tokenizer(), device="cpu")
+    bridge = TransformerBridge.boot_transformers(
+        "tiny-test", hf_model=copy.deepcopy(hf), tokenizer=tokenizer or tiny_tokenizer(), device="cpu"
+    )
     bridge.eval()
     return bridge
 
@@ -49,4 +66,6 @@ def tiny_bridge(hf=None, tokenizer=None, **kw):
 def tiny_task() -> Task:
     """A 2-way task over words w0..w39 with template '{text} :' and labels A/B."""
     examples = [Example(f"w{i} w{(i * 7) % 40}", i % 2) for i in range(40)]
-    return Task("tiny", "{text} :", ("A", "B"), train=tuple(examples[:30]), test=tuple(examples[30:]), separator=" ")
+    return Task(
+        "tiny", "{text} :", ("A", "B"), train=tuple(examples[:30]), test=tuple(examples[30:]), separator=" "
+    )

@@ -12,7 +12,18 @@ from iclgd_lens.engine.gd import GDConfig, delta_hooks, train_deltas
 from iclgd_lens.engine.record import Recorder
 from iclgd_lens.tasks import Episode, Task, encode_prompts, readable_tokens
 
-def example_artifacts(model, task: Task, episode: Episode, gd_config: GDConfig, episodes, seed: int, max_tokens: int = 48, max_heads: int = 8, max_dim: int = 32) -> dict:
+
+def example_artifacts(
+    model,
+    task: Task,
+    episode: Episode,
+    gd_config: GDConfig,
+    episodes,
+    seed: int,
+    max_tokens: int = 48,
+    max_heads: int = 8,
+    max_dim: int = 32,
+) -> dict:
     """What the report draws for one example (episode 0, query 0): attention patterns of ZSL,
     ICL and GD, dW_ICL and dW_GD per layer, and the tokens whose probabilities move most."""
     from iclgd_lens.hooks import Probe, get_probes
@@ -20,20 +31,30 @@ def example_artifacts(model, task: Task, episode: Episode, gd_config: GDConfig, 
     tokenizer = model.tokenizer
     device = next(model.parameters()).device
     query = episode.queries[0]
-    full_pattern = Probe("pattern", ("blocks.{layer}.attn.hook_pattern",), lambda acts, ctx: {"pattern": acts["attn.hook_pattern"]})  # [1, H, q, k]
+    full_pattern = Probe(
+        "pattern",
+        ("blocks.{layer}.attn.hook_pattern",),
+        lambda acts, ctx: {"pattern": acts["attn.hook_pattern"]},
+    )  # [1, H, q, k]
     recorder = Recorder(model, [full_pattern, *get_probes(["kv_outer"])])
     zsl = encode_prompts(tokenizer, task, [()], [query], [episode.label_words]).to(device)
     icl = encode_prompts(tokenizer, task, [episode.demos], [query], [episode.label_words]).to(device)
     deltas = train_deltas(model, tokenizer, task, [episode], gd_config, progress=False)
     rows = torch.zeros(1, dtype=torch.long, device=device)
-    runs = {"zsl": (zsl, recorder.run(zsl, "zsl")), "icl": (icl, recorder.run(icl, "icl")), "gd": (zsl, recorder.run(zsl, "gd", interventions=delta_hooks(deltas, rows)))}
+    runs = {
+        "zsl": (zsl, recorder.run(zsl, "zsl")),
+        "icl": (icl, recorder.run(icl, "icl")),
+        "gd": (zsl, recorder.run(zsl, "gd", interventions=delta_hooks(deltas, rows))),
+    }
     attention = {}
     for condition, (enc, rec) in runs.items():
         n = int(enc.lengths[0])
         start = max(0, n - max_tokens)
         tokens = readable_tokens(tokenizer, enc.input_ids[0, start:n].tolist())
         pattern = rec["pattern"][:, 0, :max_heads, start:n, start:n].float()  # [L, H, q, k]
-        attention[condition] = {str(l): {"tokens": tokens, "pattern": _rounded(pattern[l])} for l in range(pattern.shape[0])}
+        attention[condition] = {
+            str(l): {"tokens": tokens, "pattern": _rounded(pattern[l])} for l in range(pattern.shape[0])
+        }
     dw_icl = runs["icl"][1]["kv_demo"][:, 0]  # [L, n_kv, d, d]
     dw_gd = (runs["gd"][1]["kv_context"] - runs["zsl"][1]["kv_context"])[:, 0]
     dw = {
@@ -47,8 +68,15 @@ def example_artifacts(model, task: Task, episode: Episode, gd_config: GDConfig, 
     p = {c: F.softmax(r.logits[0].float(), -1) for c, (_, r) in runs.items()}
     d_icl, d_gd = p["icl"] - p["zsl"], p["gd"] - p["zsl"]
     top = torch.topk(d_icl.abs() + d_gd.abs(), 15).indices.tolist()
-    top_tokens = [{"token": token, "d_icl": float(d_icl[i]), "d_gd": float(d_gd[i])} for i, token in zip(top, readable_tokens(tokenizer, top))]
-    example = {"icl_prompt": icl.texts[0], "zsl_prompt": zsl.texts[0], "label": episode.label_words[query.label]}
+    top_tokens = [
+        {"token": token, "d_icl": float(d_icl[i]), "d_gd": float(d_gd[i])}
+        for i, token in zip(top, readable_tokens(tokenizer, top))
+    ]
+    example = {
+        "icl_prompt": icl.texts[0],
+        "zsl_prompt": zsl.texts[0],
+        "label": episode.label_words[query.label],
+    }
     return {"attention": attention, "dw": dw, "top_tokens": top_tokens, "example": example}
 
 

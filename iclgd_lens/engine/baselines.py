@@ -55,18 +55,25 @@ def untrained_copy(model, seed: int = 0):
     bridge = model if _is_bridge(model) else None
     hf_model = bridge.original_model if bridge is not None else model
     if not isinstance(hf_model, PreTrainedModel):
-        raise IclgdError(f"untrained_copy needs a TransformerBridge or a HF PreTrainedModel, got {type(model).__name__}")
+        raise IclgdError(
+            f"untrained_copy needs a TransformerBridge or a HF PreTrainedModel, got {type(model).__name__}"
+        )
     first_param = next(hf_model.parameters())
     config = copy.deepcopy(hf_model.config)
     device = first_param.device
     rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), torch.device(device):  # HF's init draws from the global RNG
+    with (
+        torch.random.fork_rng(devices=rng_devices),
+        torch.device(device),
+    ):  # HF's init draws from the global RNG
         fresh = AutoModelForCausalLM.from_config(config, dtype=first_param.dtype)
     trained = original_state_dict(hf_model)
     wanted = fresh.state_dict()
     missing = [k for k in wanted if k not in trained]
     if missing:
-        raise IclgdError(f"cannot map the model's weights onto a fresh {type(fresh).__name__}: missing {missing[:3]}")
+        raise IclgdError(
+            f"cannot map the model's weights onto a fresh {type(fresh).__name__}: missing {missing[:3]}"
+        )
     fresh.load_state_dict({k: trained[k] for k in wanted}, strict=True)
 
     std = getattr(config, "initializer_range", None) or 0.02
@@ -80,7 +87,9 @@ def untrained_copy(model, seed: int = 0):
                     module.bias.zero_()
                 n_reinit += 1
     if n_reinit == 0:
-        raise IclgdError(f"found no attention or MLP linear layers to re-initialise in {type(fresh).__name__}")
+        raise IclgdError(
+            f"found no attention or MLP linear layers to re-initialise in {type(fresh).__name__}"
+        )
     fresh.train(hf_model.training)
 
     if bridge is None:
@@ -88,5 +97,9 @@ def untrained_copy(model, seed: int = 0):
     from transformer_lens.model_bridge import TransformerBridge
 
     return TransformerBridge.boot_transformers(
-        bridge.cfg.model_name, hf_model=fresh, tokenizer=bridge.tokenizer, device=first_param.device, dtype=first_param.dtype
+        bridge.cfg.model_name,
+        hf_model=fresh,
+        tokenizer=bridge.tokenizer,
+        device=first_param.device,
+        dtype=first_param.dtype,
     )

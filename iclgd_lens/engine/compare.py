@@ -39,7 +39,6 @@ ALL_BASELINES = ("random", "random_update", "icl_perm", "untrained")
 """Baselines recorded beside every similarity (Dai; Deutch et al.; Shen et al.)."""
 
 
-
 def compare(
     model,
     task: Task | str | None = None,
@@ -87,24 +86,48 @@ def compare(
         _check_delta_memory(model, gd_config, n_episodes, ("untrained" in chosen))
     n_queries_drawn = len(episodes[0].queries)
     if n_queries_drawn < n_queries:
-        warnings.warn(f"task {task.name!r} gives {n_queries_drawn} queries per episode, not the {n_queries} asked for", stacklevel=2)
+        warnings.warn(
+            f"task {task.name!r} gives {n_queries_drawn} queries per episode, not the {n_queries} asked for",
+            stacklevel=2,
+        )
 
-    table = _compare_once(model, task, episodes, gd_config, chosen, probe_names, seed, share_prefix, batch_size, progress)
+    table = _compare_once(
+        model, task, episodes, gd_config, chosen, probe_names, seed, share_prefix, batch_size, progress
+    )
     parts = [table]
     if "untrained" in chosen:
         from iclgd_lens.engine.baselines import untrained_copy
 
         untrained = untrained_copy(model, seed=seed)
-        base = _compare_once(untrained, task, episodes, gd_config, (), probe_names, seed, share_prefix, batch_size, progress, desc="untrained")
+        base = _compare_once(
+            untrained,
+            task,
+            episodes,
+            gd_config,
+            (),
+            probe_names,
+            seed,
+            share_prefix,
+            batch_size,
+            progress,
+            desc="untrained",
+        )
         base = base[base["comparison"] == "icl~gd"].assign(comparison="untrained:icl~gd")
         parts.append(base)
         del untrained
     table = pd.concat(parts, ignore_index=True)
     table["k"] = k
-    art = example_artifacts(model, task, episodes[0], gd_config, episodes, seed) if artifacts and k > 0 else {}
+    art = (
+        example_artifacts(model, task, episodes[0], gd_config, episodes, seed) if artifacts and k > 0 else {}
+    )
     config = {
         "model": _model_info(model),
-        "task": {"name": task.name, "template": task.template, "separator": task.separator, "read_offset": task.read_offset},
+        "task": {
+            "name": task.name,
+            "template": task.template,
+            "separator": task.separator,
+            "read_offset": task.read_offset,
+        },
         "k": k,
         "n_episodes": n_episodes,
         "n_queries": n_queries_drawn,
@@ -122,13 +145,33 @@ def compare(
 
 
 # ---- one pass over all episodes ------------------------------------------------------------
-def _compare_once(model, task, episodes, gd_config, chosen, probe_names, seed, share_prefix, batch_size, progress, desc="compare") -> pd.DataFrame:
+def _compare_once(
+    model,
+    task,
+    episodes,
+    gd_config,
+    chosen,
+    probe_names,
+    seed,
+    share_prefix,
+    batch_size,
+    progress,
+    desc="compare",
+) -> pd.DataFrame:
     tokenizer = model.tokenizer
     device = _device(model)
     k = len(episodes[0].demos)
     dai_kendall = {"scores", "query_vectors"} <= set(probe_names)
-    deltas = train_deltas(model, tokenizer, task, episodes, gd_config, progress=progress, record_queries=dai_kendall) if k > 0 else None
-    random_deltas = deltas.scaled_random_like(seed + 1) if deltas is not None and "random_update" in chosen else None
+    deltas = (
+        train_deltas(
+            model, tokenizer, task, episodes, gd_config, progress=progress, record_queries=dai_kendall
+        )
+        if k > 0
+        else None
+    )
+    random_deltas = (
+        deltas.scaled_random_like(seed + 1) if deltas is not None and "random_update" in chosen else None
+    )
     recorder = Recorder(model, probe_names)
     max_len = _context_window(model)
     rotary = getattr(model.cfg, "positional_embedding_type", "rotary") == "rotary"
@@ -136,12 +179,18 @@ def _compare_once(model, task, episodes, gd_config, chosen, probe_names, seed, s
     # the query-alone conditions of every episode together, batch_size rows per pass
     queries = [q for episode in episodes for q in episode.queries]
     words = [episode.label_words for episode in episodes for _ in episode.queries]
-    row_episode = torch.tensor([e for e, episode in enumerate(episodes) for _ in episode.queries], device=device)
-    zsl_enc = encode_prompts(tokenizer, task, [()] * len(queries), queries, words, max_length=max_len).to(device)
+    row_episode = torch.tensor(
+        [e for e, episode in enumerate(episodes) for _ in episode.queries], device=device
+    )
+    zsl_enc = encode_prompts(tokenizer, task, [()] * len(queries), queries, words, max_length=max_len).to(
+        device
+    )
     query_alone = {"zsl": recorder.run_batched(zsl_enc, "zsl", batch_size=batch_size)}
     for condition, d in (("gd", deltas), ("gd_random", random_deltas)):
         if d is not None:
-            query_alone[condition] = recorder.run_batched(zsl_enc, condition, batch_size=batch_size, deltas=d, row_episode=row_episode)
+            query_alone[condition] = recorder.run_batched(
+                zsl_enc, condition, batch_size=batch_size, deltas=d, row_episode=row_episode
+            )
     if deltas is None:
         query_alone["gd"] = query_alone["zsl"]
     _check_finite(query_alone, gd_config)
@@ -150,7 +199,10 @@ def _compare_once(model, task, episodes, gd_config, chosen, probe_names, seed, s
     icl = _icl_all(recorder, icl_encs, "icl", share_prefix and k > 0, batch_size)
     perm = None
     if "icl_perm" in chosen and k > 1:
-        perm_encs = [_encode_icl(tokenizer, task, ep, permuted_demos(ep.demos, seed + 1000 + e), max_len, device) for e, ep in enumerate(episodes)]
+        perm_encs = [
+            _encode_icl(tokenizer, task, ep, permuted_demos(ep.demos, seed + 1000 + e), max_len, device)
+            for e, ep in enumerate(episodes)
+        ]
         perm = _icl_all(recorder, perm_encs, "icl_perm", share_prefix, batch_size)
     _check_finite({"icl": Recording.concat([q for _, q in icl])}, gd_config)
 
@@ -164,18 +216,37 @@ def _compare_once(model, task, episodes, gd_config, chosen, probe_names, seed, s
         start += n
         labels = torch.tensor([q.label for q in episode.queries], device=device)
         label_ids = label_token_ids(tokenizer, episode.label_words)
-        train_queries = (deltas.train_queries[e], deltas.train_token_demo[e]) if deltas is not None and deltas.train_queries else None
-        frames.append(episode_table(rec, labels, label_ids, episode=e, chosen=chosen, seed=seed + e, rotary=rotary,
-                                    train_queries=train_queries, compared=recorder.compared_keys()))
+        train_queries = (
+            (deltas.train_queries[e], deltas.train_token_demo[e])
+            if deltas is not None and deltas.train_queries
+            else None
+        )
+        frames.append(
+            episode_table(
+                rec,
+                labels,
+                label_ids,
+                episode=e,
+                chosen=chosen,
+                seed=seed + e,
+                rotary=rotary,
+                train_queries=train_queries,
+                compared=recorder.compared_keys(),
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
 def _encode_icl(tokenizer, task: Task, episode: Episode, demos, max_len, device):
     n = len(episode.queries)
-    return encode_prompts(tokenizer, task, [demos] * n, list(episode.queries), [episode.label_words] * n, max_length=max_len).to(device)
+    return encode_prompts(
+        tokenizer, task, [demos] * n, list(episode.queries), [episode.label_words] * n, max_length=max_len
+    ).to(device)
 
 
-def _icl_all(recorder: Recorder, encs: list, condition: str, share_prefix: bool, batch_size: int) -> list[tuple[Recording, Recording]]:
+def _icl_all(
+    recorder: Recorder, encs: list, condition: str, share_prefix: bool, batch_size: int
+) -> list[tuple[Recording, Recording]]:
     """(demonstration recording, query recording) per episode. With a shared prefix, episodes
     are run together (their prefixes in one pass, their queries in another) in groups of at most
     `batch_size` query rows; otherwise each episode's full prompts in one pass."""
@@ -227,8 +298,12 @@ def _check_k_fits(model, task: Task, k: int) -> None:
     n_ctx = _context_window(model)
     if n_ctx is None or k == 0 or not task.train:
         return
-    demo = min(task.train[: 64], key=lambda e: len(e.text))
-    per_demo = len(model.tokenizer(task.render_demo(demo, task.label_words) + task.separator, add_special_tokens=False)["input_ids"])
+    demo = min(task.train[:64], key=lambda e: len(e.text))
+    per_demo = len(
+        model.tokenizer(task.render_demo(demo, task.label_words) + task.separator, add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
     if k * per_demo >= n_ctx:
         raise IclgdError(
             f"k={k} demonstrations need at least {k * per_demo} tokens ({per_demo} each), but the model's context window "
@@ -243,7 +318,9 @@ def _check_prompts_fit(model, task: Task, episodes: list[Episode]) -> None:
         return
     for episode in episodes:
         longest = max(episode.queries, key=lambda q: len(task.render_query(q)))
-        encode_prompts(model.tokenizer, task, [episode.demos], [longest], [episode.label_words], max_length=n_ctx)
+        encode_prompts(
+            model.tokenizer, task, [episode.demos], [longest], [episode.label_words], max_length=n_ctx
+        )
 
 
 def _check_delta_memory(model, gd_config: GDConfig, n_episodes: int, untrained: bool) -> None:
@@ -280,7 +357,11 @@ def _check_finite(recordings: dict[str, Recording], gd_config: GDConfig) -> None
     (e.g. GD deltas so large that activations overflow): never a report of NaNs."""
     for condition, rec in recordings.items():
         if rec is not None and rec.logits is not None and not bool(torch.isfinite(rec.logits).all()):
-            cause = f"with GD at lr={gd_config.lr:g} ({gd_config.describe()}); lower the learning rate" if condition.startswith("gd") else "(the model itself)"
+            cause = (
+                f"with GD at lr={gd_config.lr:g} ({gd_config.describe()}); lower the learning rate"
+                if condition.startswith("gd")
+                else "(the model itself)"
+            )
             raise IclgdError(f"the {condition} condition's output logits are not finite {cause}")
 
 

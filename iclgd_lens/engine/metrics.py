@@ -32,7 +32,9 @@ def _safe_cosine(a: Tensor, b: Tensor) -> Tensor:
     """cos(a, b) over the last dim; 0 where either vector is zero. [..., d] -> [...]"""
     dot = (a * b).sum(-1)
     norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-    return torch.where(norms > 0, dot / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.zeros_like(dot))
+    return torch.where(
+        norms > 0, dot / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.zeros_like(dot)
+    )
 
 
 def cosine(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -90,7 +92,9 @@ def simaou_norm_random(h_icl: Tensor, h_zsl: Tensor, r: Tensor) -> Tensor:
 
 def matrix_cosine(a: Tensor, b: Tensor) -> Tensor:
     """Frobenius cosine <A, B>_F / (|A|_F |B|_F) of the last two dims. [..., m, n] -> [...]; 0 if a zero matrix."""
-    return _safe_cosine(einops.rearrange(a, "... m n -> ... (m n)"), einops.rearrange(b, "... m n -> ... (m n)"))
+    return _safe_cosine(
+        einops.rearrange(a, "... m n -> ... (m n)"), einops.rearrange(b, "... m n -> ... (m n)")
+    )
 
 
 # ---- attention maps -------------------------------------------------------------------------
@@ -122,9 +126,13 @@ def select_keys(scores: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     """
     keep = keep.to(device=scores.device, dtype=torch.bool)
     n_max = int(keep.sum(-1).max()) if keep.numel() else 0
-    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :n_max]  # kept positions first, in order
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[
+        :, :n_max
+    ]  # kept positions first, in order
     mask = torch.gather(keep, 1, order)  # [batch, n_max]
-    packed = torch.gather(scores, 2, order[:, None, :].expand(-1, scores.shape[1], -1))  # [batch, heads, n_max]
+    packed = torch.gather(
+        scores, 2, order[:, None, :].expand(-1, scores.shape[1], -1)
+    )  # [batch, heads, n_max]
     return packed.masked_fill(~mask[:, None, :], float("nan")), mask
 
 
@@ -153,7 +161,11 @@ def kendall_tau_b(a: Tensor, b: Tensor) -> Tensor:
     db = torch.sign(b.unsqueeze(-1) - b.unsqueeze(-2)).double()
     concordance = (da * db).sum((-1, -2)) / 2
     untied = torch.sqrt(da.abs().sum((-1, -2)) / 2 * db.abs().sum((-1, -2)) / 2)
-    return torch.where(untied > 0, concordance / torch.where(untied > 0, untied, torch.ones_like(untied)), torch.full_like(untied, float("nan"))).to(a.dtype if a.is_floating_point() else torch.float64)
+    return torch.where(
+        untied > 0,
+        concordance / torch.where(untied > 0, untied, torch.ones_like(untied)),
+        torch.full_like(untied, float("nan")),
+    ).to(a.dtype if a.is_floating_point() else torch.float64)
 
 
 def kendall(a: Tensor | Sequence[float], b: Tensor | Sequence[float]) -> tuple[float, float]:
@@ -234,7 +246,9 @@ def rec2ftp(zsl_correct: Tensor, icl_correct: Tensor, gd_correct: Tensor) -> flo
     Bool [n] each. NaN when no query is wrong zero-shot and right after GD (never the
     |GD right - ICL right| denominator of docs/science.md, pitfall 6).
     """
-    zsl, icl, gd = (torch.as_tensor(t).to(torch.bool).flatten() for t in (zsl_correct, icl_correct, gd_correct))
+    zsl, icl, gd = (
+        torch.as_tensor(t).to(torch.bool).flatten() for t in (zsl_correct, icl_correct, gd_correct)
+    )
     if not (zsl.shape == icl.shape == gd.shape):
         raise IclgdError("rec2ftp needs zsl_correct, icl_correct and gd_correct of equal length")
     fixed_by_gd = ~zsl & gd

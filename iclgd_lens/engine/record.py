@@ -91,15 +91,21 @@ class Attachment:
 class Recorder:
     """Attach probes to a model and collect what they return, per condition."""
 
-    def __init__(self, model, probes: Sequence[str | Probe] | None = None, layers: Iterable[int] | None = None):
+    def __init__(
+        self, model, probes: Sequence[str | Probe] | None = None, layers: Iterable[int] | None = None
+    ):
         self.model = model
         if probes is None:
             self.probes: list[Probe] = get_probes()
         else:
             self.probes = [p if isinstance(p, Probe) else get_probes([p])[0] for p in probes]
-        self.layers = list(layers) if layers is not None else list(range(model.cfg.n_layers))  # other HookedRootModules: pass layers
+        self.layers = (
+            list(layers) if layers is not None else list(range(model.cfg.n_layers))
+        )  # other HookedRootModules: pass layers
         self._check_points()
-        self._collected: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+        self._collected: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(
+            lambda: defaultdict(dict)
+        )
         self.key_probe: dict[str, str] = {}  # each recorded key -> the probe that returns it
 
     def _check_points(self) -> None:
@@ -156,7 +162,9 @@ class Recorder:
                     _check_probe_output(p, out, ctx, layer)
                     for name, value in out.items():
                         if key_probe.setdefault(name, p.name) != p.name:
-                            raise IclgdError(f"probes {key_probe[name]!r} and {p.name!r} both return {name!r}; rename one of the keys")
+                            raise IclgdError(
+                                f"probes {key_probe[name]!r} and {p.name!r} both return {name!r}; rename one of the keys"
+                            )
                         store[name][layer] = value.detach()
                 return None
 
@@ -180,12 +188,22 @@ class Recorder:
         `iclgd_lens.engine.gd.delta_hooks`). They are registered before every probe hook, in one
         `model.hooks()` call, so a probe on the same hook point always reads the changed value.
         """
-        context = self.context(encoded, condition, prefix_len=prefix_len, segments=segments, attention_mask=attention_mask)
+        context = self.context(
+            encoded, condition, prefix_len=prefix_len, segments=segments, attention_mask=attention_mask
+        )
         hooks_context = self.model.hooks(fwd_hooks=[*interventions, *self.hooks(context)])
         hooks_context.__enter__()
         return Attachment(hooks_context)
 
-    def context(self, encoded: EncodedPrompts, condition: str, *, prefix_len: int = 0, segments=None, attention_mask=None) -> ReadContext:
+    def context(
+        self,
+        encoded: EncodedPrompts,
+        condition: str,
+        *,
+        prefix_len: int = 0,
+        segments=None,
+        attention_mask=None,
+    ) -> ReadContext:
         cfg = getattr(self.model, "cfg", None)
         n_heads = getattr(cfg, "n_heads", 1)
         return ReadContext(
@@ -199,7 +217,14 @@ class Recorder:
             n_kv_heads=getattr(cfg, "n_key_value_heads", None) or n_heads,
         )
 
-    def recording(self, condition: str, logits: torch.Tensor | None = None, segments: torch.Tensor | None = None, *, clear: bool = True) -> Recording:
+    def recording(
+        self,
+        condition: str,
+        logits: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        *,
+        clear: bool = True,
+    ) -> Recording:
         """Stack what was collected for `condition` over layers ([n_layers, batch, ...])."""
         collected = self._collected.pop(condition, {}) if clear else self._collected.get(condition, {})
         values = {}
@@ -220,15 +245,25 @@ class Recorder:
         return self.recording(condition, _read_logits(logits, encoded.read_pos), encoded.segments)
 
     def run_batched(
-        self, encoded: EncodedPrompts, condition: str, *, batch_size: int = 64, deltas=None, row_episode: torch.Tensor | None = None
+        self,
+        encoded: EncodedPrompts,
+        condition: str,
+        *,
+        batch_size: int = 64,
+        deltas=None,
+        row_episode: torch.Tensor | None = None,
     ) -> Recording:
         """`run` in chunks of at most `batch_size` rows, joined along the batch dim. With GD
         `deltas` (`iclgd_lens.engine.gd.Deltas`), row b gets the deltas of episode `row_episode[b]`."""
-        from iclgd_lens.engine.gd import delta_hooks  # gd trains through the recorder's model; imported when used
+        from iclgd_lens.engine.gd import (
+            delta_hooks,
+        )  # gd trains through the recorder's model; imported when used
 
         n = encoded.input_ids.shape[0]
         if deltas is not None and (row_episode is None or len(row_episode) != n):
-            raise IclgdError(f"run_batched with deltas needs row_episode with one episode index per row ({n} rows)")
+            raise IclgdError(
+                f"run_batched with deltas needs row_episode with one episode index per row ({n} rows)"
+            )
         parts = []
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
@@ -236,14 +271,18 @@ class Recorder:
             parts.append(self.run(encoded.rows(start, stop), condition, interventions=interventions))
         return Recording.concat(parts)
 
-    def run_shared_prefix(self, encoded: EncodedPrompts, condition: str = "icl") -> tuple[Recording, Recording]:
+    def run_shared_prefix(
+        self, encoded: EncodedPrompts, condition: str = "icl"
+    ) -> tuple[Recording, Recording]:
         """ICL prompts that share their demonstrations: the prefix once, the queries batched.
 
         Returns (prefix recording, condition "icl_prefix", one row; query recording).
         """
         return self.run_shared_prefixes([encoded], condition)
 
-    def run_shared_prefixes(self, groups: Sequence[EncodedPrompts], condition: str = "icl") -> tuple[Recording, Recording]:
+    def run_shared_prefixes(
+        self, groups: Sequence[EncodedPrompts], condition: str = "icl"
+    ) -> tuple[Recording, Recording]:
         """Several episodes at once: each group's prompts share their demonstrations.
 
         One pass runs every group's prefix (right-padded to the longest), one pass every query
@@ -255,23 +294,38 @@ class Recorder:
         prefix = _stack_right_padded([p for p, _, _ in splits])
         suffix = _stack_right_padded([s for _, s, _ in splits])
         prefix_len = prefix.input_ids.shape[1]
-        row_group = torch.cat([torch.full((len(s.input_ids),), g, dtype=torch.long) for g, (_, s, _) in enumerate(splits)]).to(prefix.input_ids.device)
+        row_group = torch.cat(
+            [torch.full((len(s.input_ids),), g, dtype=torch.long) for g, (_, s, _) in enumerate(splits)]
+        ).to(prefix.input_ids.device)
         try:
             with torch.no_grad():
                 with self.attach(prefix, "icl_prefix"):
-                    _, cache = self.model(prefix.input_ids, attention_mask=prefix.attention_mask, return_type="logits_and_cache")
+                    _, cache = self.model(
+                        prefix.input_ids, attention_mask=prefix.attention_mask, return_type="logits_and_cache"
+                    )
                 prefix_rec = self.recording("icl_prefix", segments=prefix.segments)
-                check_cache_length(cache, self.model.cfg.n_layers, prefix_len, "after the demonstrations' pass")
+                check_cache_length(
+                    cache, self.model.cfg.n_layers, prefix_len, "after the demonstrations' pass"
+                )
                 cache.batch_select_indices(row_group)
                 segments = torch.cat([prefix.segments[row_group], suffix.segments], dim=1)
                 mask = torch.cat([prefix.attention_mask[row_group], suffix.attention_mask], dim=1)
                 total_len = prefix_len + suffix.input_ids.shape[1]
                 guard, seen = key_length_guard(self.layers, total_len)
-                with self.attach(suffix, condition, interventions=guard, prefix_len=prefix_len, segments=segments, attention_mask=mask):
+                with self.attach(
+                    suffix,
+                    condition,
+                    interventions=guard,
+                    prefix_len=prefix_len,
+                    segments=segments,
+                    attention_mask=mask,
+                ):
                     logits = self.model(suffix.input_ids, attention_mask=mask, past_key_values=cache)
                 if sorted(seen) != sorted(self.layers):
                     missing = sorted(set(self.layers) - set(seen))
-                    raise IclgdError(f"{PREFIX_CACHE_BROKEN}: attention of layer(s) {missing} never showed its keys, so the cached prefix cannot be verified")
+                    raise IclgdError(
+                        f"{PREFIX_CACHE_BROKEN}: attention of layer(s) {missing} never showed its keys, so the cached prefix cannot be verified"
+                    )
                 check_cache_length(cache, self.model.cfg.n_layers, total_len, "after the queries' pass")
         finally:
             release_transient_state(self.model)
@@ -289,7 +343,9 @@ def check_cache_length(cache, n_layers: int, expected: int, when: str) -> None:
     in every layer, or the ICL numbers would silently come from prompts without demonstrations."""
     lengths = {cache.get_seq_length(layer) for layer in range(n_layers)}
     if lengths != {expected}:
-        raise IclgdError(f"{PREFIX_CACHE_BROKEN}: the cache holds {sorted(lengths)} positions {when}, expected {expected}")
+        raise IclgdError(
+            f"{PREFIX_CACHE_BROKEN}: the cache holds {sorted(lengths)} positions {when}, expected {expected}"
+        )
 
 
 def key_length_guard(layers: Sequence[int], expected: int) -> tuple[HookList, list[int]]:
@@ -300,7 +356,9 @@ def key_length_guard(layers: Sequence[int], expected: int) -> tuple[HookList, li
     def make(layer: int) -> Callable:
         def check(scores: torch.Tensor, hook) -> None:  # [batch, heads, q_pos, key_pos]
             if scores.shape[-1] != expected:
-                raise IclgdError(f"{PREFIX_CACHE_BROKEN}: attention of layer {layer} sees {scores.shape[-1]} keys, expected {expected}")
+                raise IclgdError(
+                    f"{PREFIX_CACHE_BROKEN}: attention of layer {layer} sees {scores.shape[-1]} keys, expected {expected}"
+                )
             seen.append(layer)
 
         return check
@@ -312,13 +370,19 @@ def _check_probe_output(p: Probe, out, ctx: ReadContext, layer: int) -> None:
     """A probe returns {name: tensor with a leading batch dimension}; say what is wrong otherwise."""
     where = f"(layer {layer}, condition {ctx.condition})"
     if not isinstance(out, dict):
-        raise IclgdError(f"probe {p.name!r} returned a {type(out).__name__}; expected a dict of name -> tensor {where}")
+        raise IclgdError(
+            f"probe {p.name!r} returned a {type(out).__name__}; expected a dict of name -> tensor {where}"
+        )
     batch = ctx.read_pos.shape[0]
     for name, value in out.items():
         if not isinstance(value, torch.Tensor):
-            raise IclgdError(f"probe {p.name!r} returned {type(value).__name__} for {name!r}; expected a tensor [batch={batch}, ...] {where}")
+            raise IclgdError(
+                f"probe {p.name!r} returned {type(value).__name__} for {name!r}; expected a tensor [batch={batch}, ...] {where}"
+            )
         if value.ndim == 0 or value.shape[0] != batch:
-            raise IclgdError(f"probe {p.name!r} returned {name!r} of shape {tuple(value.shape)}; expected [batch={batch}, ...] {where}")
+            raise IclgdError(
+                f"probe {p.name!r} returned {name!r} of shape {tuple(value.shape)}; expected [batch={batch}, ...] {where}"
+            )
 
 
 def _read_logits(logits: torch.Tensor, read_pos: torch.Tensor) -> torch.Tensor:
@@ -353,9 +417,16 @@ def split_shared_prefix(encoded: EncodedPrompts) -> tuple[EncodedPrompts, Encode
     if prefix_len < 1:
         raise ValueError("prompts share no prefix")
     prefix = EncodedPrompts(
-        ids[:1, :prefix_len], encoded.attention_mask[:1, :prefix_len], seg[:1, :prefix_len], torch.tensor([prefix_len - 1], device=ids.device)
+        ids[:1, :prefix_len],
+        encoded.attention_mask[:1, :prefix_len],
+        seg[:1, :prefix_len],
+        torch.tensor([prefix_len - 1], device=ids.device),
     )
     suffix = EncodedPrompts(
-        ids[:, prefix_len:], encoded.attention_mask[:, prefix_len:], seg[:, prefix_len:], encoded.read_pos - prefix_len, encoded.texts
+        ids[:, prefix_len:],
+        encoded.attention_mask[:, prefix_len:],
+        seg[:, prefix_len:],
+        encoded.read_pos - prefix_len,
+        encoded.texts,
     )
     return prefix, suffix, prefix_len

@@ -40,7 +40,15 @@ _PARQUET_META_KEY = b"iclgd_lens"
 
 
 PROVENANCE_PACKAGES = (
-    "iclgd-lens", "torch", "transformer-lens", "transformers", "numpy", "pandas", "scipy", "plotly", "circuitsvis",
+    "iclgd-lens",
+    "torch",
+    "transformer-lens",
+    "transformers",
+    "numpy",
+    "pandas",
+    "scipy",
+    "plotly",
+    "circuitsvis",
 )
 """The packages whose versions are recorded with every result (those that change numbers or pages)."""
 
@@ -78,7 +86,9 @@ def _validated_table(table: Any) -> pd.DataFrame:
         if "k" in table.columns:
             table["k"] = table["k"].astype("int64")
     except (TypeError, ValueError) as err:
-        raise IclgdError(f"results table has a column of the wrong type: {str(err).splitlines()[0]}") from None
+        raise IclgdError(
+            f"results table has a column of the wrong type: {str(err).splitlines()[0]}"
+        ) from None
     extra = [c for c in table.columns if c not in TABLE_COLUMNS]
     return table[list(TABLE_COLUMNS) + extra].reset_index(drop=True)
 
@@ -163,12 +173,16 @@ class Results:
         by = list(by)
         unknown = [c for c in by if c not in self.table.columns]
         if unknown:
-            raise IclgdError(f"cannot group by {', '.join(unknown)}; columns are {', '.join(self.table.columns)}")
+            raise IclgdError(
+                f"cannot group by {', '.join(unknown)}; columns are {', '.join(self.table.columns)}"
+            )
         if len(self.k_values) > 1 and "k" not in by:
             by.append("k")
         return by
 
-    def summary(self, by: Sequence[str] = ("metric", "comparison", "layer", "head"), *, p_values: bool = True) -> pd.DataFrame:
+    def summary(
+        self, by: Sequence[str] = ("metric", "comparison", "layer", "head"), *, p_values: bool = True
+    ) -> pd.DataFrame:
         """Episode-level mean and 95% t-interval of `value` per group of `by`, with paired p-values.
 
         Columns: [*by, mean, ci_low, ci_high, n_episodes, n] (see `stats.episode_summary`): within
@@ -195,8 +209,13 @@ class Results:
         p_cols = [c for c in wide.columns if c not in by]
         return out.astype({c: float for c in p_cols})
 
-    def paired_tests(self, by: Sequence[str] = ("metric", "layer", "head"), *, headline: str = stats.HEADLINE,
-                     baselines: Sequence[str] | None = None) -> pd.DataFrame:
+    def paired_tests(
+        self,
+        by: Sequence[str] = ("metric", "layer", "head"),
+        *,
+        headline: str = stats.HEADLINE,
+        baselines: Sequence[str] | None = None,
+    ) -> pd.DataFrame:
         """The headline comparison (`icl~gd`) against each baseline present, paired by episode.
 
         One row per group of `by` (plus `k` when the table sweeps k) and baseline: [*by,
@@ -265,7 +284,9 @@ class Results:
 
         arrow = pa.Table.from_pandas(self.table, preserve_index=False)
         meta = dict(arrow.schema.metadata or {})
-        meta[_PARQUET_META_KEY] = json.dumps({"config": payload["config"], "artifacts": payload["artifacts"]}).encode()
+        meta[_PARQUET_META_KEY] = json.dumps(
+            {"config": payload["config"], "artifacts": payload["artifacts"]}
+        ).encode()
         arrow = arrow.replace_schema_metadata(meta)
         _atomic_write(out / PARQUET_NAME, lambda tmp: pq.write_table(arrow, tmp))
         return out
@@ -316,9 +337,16 @@ class Results:
             summ = summ[summ["k"] == summ["k"].max()]
         summ = summ[summ["head"] == -1]
         for metric, comparison in [
-            ("accuracy", "zsl"), ("accuracy", "icl"), ("accuracy", "gd"), ("rec2ftp", "icl~gd"),
-            ("simaou", "icl~gd"), ("simaou", "icl~random"), ("simaou", "icl~random_update"),
-            ("simam_delta", "icl~gd"), ("dw_cos", "icl~gd"), ("token_overlap", "icl~gd"),
+            ("accuracy", "zsl"),
+            ("accuracy", "icl"),
+            ("accuracy", "gd"),
+            ("rec2ftp", "icl~gd"),
+            ("simaou", "icl~gd"),
+            ("simaou", "icl~random"),
+            ("simaou", "icl~random_update"),
+            ("simam_delta", "icl~gd"),
+            ("dw_cos", "icl~gd"),
+            ("token_overlap", "icl~gd"),
         ]:
             rows = summ[(summ["metric"] == metric) & (summ["comparison"] == comparison)]
             if not rows.empty:

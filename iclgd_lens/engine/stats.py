@@ -116,12 +116,15 @@ def episode_means(values: Sequence[float] | np.ndarray, episodes: Sequence | np.
 
     Episodes without any defined value are left out.
     """
-    frame = pd.DataFrame({"episode": np.asarray(episodes).ravel(), "value": np.asarray(values, dtype=float).ravel()})
+    frame = pd.DataFrame(
+        {"episode": np.asarray(episodes).ravel(), "value": np.asarray(values, dtype=float).ravel()}
+    )
     return frame.groupby("episode", sort=True)["value"].mean().dropna()
 
 
-def episode_interval(values: Sequence[float] | np.ndarray, episodes: Sequence | np.ndarray,
-                     confidence: float = CONFIDENCE) -> EpisodeInterval:
+def episode_interval(
+    values: Sequence[float] | np.ndarray, episodes: Sequence | np.ndarray, confidence: float = CONFIDENCE
+) -> EpisodeInterval:
     """Interval for values that come in episodes (queries sharing a demonstration set).
 
     Each episode's values are averaged first; the result is the mean of those episode means and
@@ -151,8 +154,13 @@ def _random_signs(n: int, n_resamples: int, seed: int) -> np.ndarray:
     return signs
 
 
-def sign_flip_pvalue(diffs: Sequence[float] | np.ndarray, *, exact_max: int = EXACT_MAX_EPISODES,
-                     n_resamples: int = N_RESAMPLES, seed: int = SEED) -> float:
+def sign_flip_pvalue(
+    diffs: Sequence[float] | np.ndarray,
+    *,
+    exact_max: int = EXACT_MAX_EPISODES,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = SEED,
+) -> float:
     """Two-sided p-value of the paired sign-flip permutation test of mean(diffs) = 0.
 
     `diffs`: one difference per episode (headline minus baseline; NaNs dropped). Under the null
@@ -185,7 +193,9 @@ def sign_flip_pvalue(diffs: Sequence[float] | np.ndarray, *, exact_max: int = EX
     return (hits + 1) / (int(n_resamples) + 1)
 
 
-def min_p_value(n_episodes: int, *, exact_max: int = EXACT_MAX_EPISODES, n_resamples: int = N_RESAMPLES) -> float:
+def min_p_value(
+    n_episodes: int, *, exact_max: int = EXACT_MAX_EPISODES, n_resamples: int = N_RESAMPLES
+) -> float:
     """The smallest p-value `sign_flip_pvalue` can return for `n_episodes` differences.
 
     Exact test: 2 / 2^n (only the observed signs and their mirror image are as extreme), e.g.
@@ -202,12 +212,20 @@ def min_p_value(n_episodes: int, *, exact_max: int = EXACT_MAX_EPISODES, n_resam
 def _diff_test(d: np.ndarray, confidence: float, exact_max: int, n_resamples: int, seed: int) -> PairedTest:
     d = d[~np.isnan(d)]
     mean, low, high, n = t_interval(d, confidence)
-    return PairedTest(mean, low, high, sign_flip_pvalue(d, exact_max=exact_max, n_resamples=n_resamples, seed=seed), n)
+    return PairedTest(
+        mean, low, high, sign_flip_pvalue(d, exact_max=exact_max, n_resamples=n_resamples, seed=seed), n
+    )
 
 
-def paired_test(headline: Sequence[float] | np.ndarray | pd.Series, baseline: Sequence[float] | np.ndarray | pd.Series, *,
-                confidence: float = CONFIDENCE, exact_max: int = EXACT_MAX_EPISODES, n_resamples: int = N_RESAMPLES,
-                seed: int = SEED) -> PairedTest:
+def paired_test(
+    headline: Sequence[float] | np.ndarray | pd.Series,
+    baseline: Sequence[float] | np.ndarray | pd.Series,
+    *,
+    confidence: float = CONFIDENCE,
+    exact_max: int = EXACT_MAX_EPISODES,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = SEED,
+) -> PairedTest:
     """Is the headline different from the baseline on the same episodes?
 
     `headline`, `baseline`: one value per episode (e.g. `episode_means`), in the same episode
@@ -221,7 +239,9 @@ def paired_test(headline: Sequence[float] | np.ndarray | pd.Series, baseline: Se
     else:
         a, b = np.asarray(headline, dtype=float).ravel(), np.asarray(baseline, dtype=float).ravel()
         if a.shape != b.shape:
-            raise ValueError(f"paired values need one baseline value per headline value, got {a.size} and {b.size}")
+            raise ValueError(
+                f"paired values need one baseline value per headline value, got {a.size} and {b.size}"
+            )
     return _diff_test(a - b, confidence, exact_max, n_resamples, seed)
 
 
@@ -230,8 +250,14 @@ SUMMARY_COLUMNS = ("mean", "ci_low", "ci_high", "n_episodes", "n")
 TEST_COLUMNS = ("comparison", "baseline", "diff_mean", "diff_ci_low", "diff_ci_high", "p_value", "n_episodes")
 
 
-def episode_summary(table: pd.DataFrame, by: Iterable[str], *, confidence: float = CONFIDENCE,
-                    episode: str = "episode", sort: bool = True) -> pd.DataFrame:
+def episode_summary(
+    table: pd.DataFrame,
+    by: Iterable[str],
+    *,
+    confidence: float = CONFIDENCE,
+    episode: str = "episode",
+    sort: bool = True,
+) -> pd.DataFrame:
     """`episode_interval` of `value` for each group of a tidy table: [*by, mean, ci_low,
     ci_high, n_episodes, n].
 
@@ -243,11 +269,20 @@ def episode_summary(table: pd.DataFrame, by: Iterable[str], *, confidence: float
     if not by:
         out = episode_summary(table.assign(_all=0), ["_all"], confidence=confidence, episode=episode)
         return out.drop(columns="_all")
-    per_episode = (table.groupby(by + ([] if episode in by else [episode]), dropna=False, sort=sort)["value"]
-                   .agg(["mean", "count"]).reset_index())
+    per_episode = (
+        table.groupby(by + ([] if episode in by else [episode]), dropna=False, sort=sort)["value"]
+        .agg(["mean", "count"])
+        .reset_index()
+    )
     groups = per_episode.groupby(by, dropna=False, sort=sort)
-    out = groups.agg(mean=("mean", "mean"), sd=("mean", "std"), lo=("mean", "min"), hi=("mean", "max"),
-                     n_episodes=("mean", "count"), n=("count", "sum")).reset_index()
+    out = groups.agg(
+        mean=("mean", "mean"),
+        sd=("mean", "std"),
+        lo=("mean", "min"),
+        hi=("mean", "max"),
+        n_episodes=("mean", "count"),
+        n=("count", "sum"),
+    ).reset_index()
     sd = np.where(out["lo"] == out["hi"], 0.0, out["sd"].to_numpy(dtype=float))
     half = _half_width(sd, out["n_episodes"].to_numpy(), confidence)
     out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
@@ -261,10 +296,18 @@ def p_column(baseline: str) -> str:
     return f"p_vs_{name}"
 
 
-def paired_tests(table: pd.DataFrame, by: Iterable[str] = ("metric", "layer", "head"), *, headline: str = HEADLINE,
-                 baselines: Iterable[str] | None = None, confidence: float = CONFIDENCE,
-                 exact_max: int = EXACT_MAX_EPISODES, n_resamples: int = N_RESAMPLES, seed: int = SEED,
-                 episode: str = "episode") -> pd.DataFrame:
+def paired_tests(
+    table: pd.DataFrame,
+    by: Iterable[str] = ("metric", "layer", "head"),
+    *,
+    headline: str = HEADLINE,
+    baselines: Iterable[str] | None = None,
+    confidence: float = CONFIDENCE,
+    exact_max: int = EXACT_MAX_EPISODES,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = SEED,
+    episode: str = "episode",
+) -> pd.DataFrame:
     """The headline comparison against each baseline present, per group, paired by episode.
 
     For every group of `by` (default: metric, layer, head) in which `headline` and a baseline
@@ -283,8 +326,17 @@ def paired_tests(table: pd.DataFrame, by: Iterable[str] = ("metric", "layer", "h
     if sub.empty or not (sub["comparison"] == headline).any():
         return pd.DataFrame(columns=columns)
     if not by:
-        out = paired_tests(sub.assign(_all=0), ["_all"], headline=headline, baselines=baselines, confidence=confidence,
-                           exact_max=exact_max, n_resamples=n_resamples, seed=seed, episode=episode)
+        out = paired_tests(
+            sub.assign(_all=0),
+            ["_all"],
+            headline=headline,
+            baselines=baselines,
+            confidence=confidence,
+            exact_max=exact_max,
+            n_resamples=n_resamples,
+            seed=seed,
+            episode=episode,
+        )
         return out.drop(columns="_all")
     keys = by + ["comparison"] + ([] if episode in by else [episode])
     wide = sub.groupby(keys, dropna=False, sort=True)["value"].mean().unstack("comparison")
@@ -300,11 +352,15 @@ def paired_tests(table: pd.DataFrame, by: Iterable[str] = ("metric", "layer", "h
     if out.empty:
         return out
     order = {b: i for i, b in enumerate(baselines)}
-    out = out.sort_values(by + ["baseline"], key=lambda c: c.map(order) if c.name == "baseline" else c, kind="stable")
+    out = out.sort_values(
+        by + ["baseline"], key=lambda c: c.map(order) if c.name == "baseline" else c, kind="stable"
+    )
     return out.astype({"n_episodes": "int64"}).reset_index(drop=True)
 
 
-def p_value_columns(tests: pd.DataFrame, by: Sequence[str], baselines: Iterable[str] | None = None) -> pd.DataFrame:
+def p_value_columns(
+    tests: pd.DataFrame, by: Sequence[str], baselines: Iterable[str] | None = None
+) -> pd.DataFrame:
     """`paired_tests` output as one row per group with a `p_vs_<name>` column per baseline
     (NaN where a baseline is absent): [*by, comparison, p_vs_...]."""
     by = list(by)
@@ -314,7 +370,11 @@ def p_value_columns(tests: pd.DataFrame, by: Sequence[str], baselines: Iterable[
             names.append(p_column(b))
     if tests.empty:
         return pd.DataFrame(columns=by + ["comparison"] + names)
-    wide = (tests.assign(column=tests["baseline"].map(p_column)).set_index(by + ["comparison", "column"])["p_value"]
-            .unstack("column").reindex(columns=names))
+    wide = (
+        tests.assign(column=tests["baseline"].map(p_column))
+        .set_index(by + ["comparison", "column"])["p_value"]
+        .unstack("column")
+        .reindex(columns=names)
+    )
     wide.columns.name = None
     return wide.reset_index()

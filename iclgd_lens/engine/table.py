@@ -20,9 +20,18 @@ from iclgd_lens.engine import metrics
 from iclgd_lens.engine.baselines import random_vector_like
 from iclgd_lens.engine.record import Recording
 
+
 def episode_table(
-    rec: dict[str, Recording], labels: torch.Tensor, label_ids: list[int], *, episode: int, chosen, seed: int, rotary: bool = True,
-    train_queries: tuple[torch.Tensor, torch.Tensor] | None = None, compared: tuple[str, ...] = (),
+    rec: dict[str, Recording],
+    labels: torch.Tensor,
+    label_ids: list[int],
+    *,
+    episode: int,
+    chosen,
+    seed: int,
+    rotary: bool = True,
+    train_queries: tuple[torch.Tensor, torch.Tensor] | None = None,
+    compared: tuple[str, ...] = (),
 ) -> pd.DataFrame:
     """Every metric of one episode as tidy rows (metric, comparison, layer, head, episode, query, value).
     `rotary`: the model uses rotary positions (LLaMA), which leaves SimAM-delta undefined at layer 0.
@@ -42,28 +51,64 @@ def episode_table(
         for comparison, other in {"icl~gd": gd, **others}.items():
             if other is None:
                 continue
-            out.add("simaou", comparison, metrics.delta_cosine(icl[name], other[name], zsl[name]), per_head, head_mean=False)
-            out.add("simaou_norm", comparison, metrics.simaou_norm(icl[name], other[name], zsl[name]), per_head, head_mean=False)
+            out.add(
+                "simaou",
+                comparison,
+                metrics.delta_cosine(icl[name], other[name], zsl[name]),
+                per_head,
+                head_mean=False,
+            )
+            out.add(
+                "simaou_norm",
+                comparison,
+                metrics.simaou_norm(icl[name], other[name], zsl[name]),
+                per_head,
+                head_mean=False,
+            )
         if "random" in chosen:
             r = random_vector_like(icl[name], seed)
-            out.add("simaou", "icl~random", metrics.simaou_random(icl[name], zsl[name], r), per_head, head_mean=False)
-            out.add("simaou_norm", "icl~random", metrics.simaou_norm_random(icl[name], zsl[name], r), per_head, head_mean=False)
+            out.add(
+                "simaou",
+                "icl~random",
+                metrics.simaou_random(icl[name], zsl[name], r),
+                per_head,
+                head_mean=False,
+            )
+            out.add(
+                "simaou_norm",
+                "icl~random",
+                metrics.simaou_norm_random(icl[name], zsl[name], r),
+                per_head,
+                head_mean=False,
+            )
 
     # SimAM before/after and SimAM-delta on the query's own tokens
     if "scores" in icl:
         m_icl, m_gd, m_zsl = _same_width(icl["scores"], gd["scores"], zsl["scores"])
         out.add("simam_before", "icl~zsl", metrics.simam(m_icl, m_zsl), True)
         out.add("simam_after", "icl~gd", metrics.simam(m_icl, m_gd), True)
-        out.add("simam_delta", "icl~gd", _undefined_at_layer_0(metrics.simam_delta(m_icl, m_gd, m_zsl), rotary), True)
+        out.add(
+            "simam_delta",
+            "icl~gd",
+            _undefined_at_layer_0(metrics.simam_delta(m_icl, m_gd, m_zsl), rotary),
+            True,
+        )
         for comparison, other in others.items():
             if other is not None:
                 o_icl, o_other, o_zsl = _same_width(icl["scores"], other["scores"], zsl["scores"])
-                out.add("simam_delta", comparison, _undefined_at_layer_0(metrics.simam_delta(o_icl, o_other, o_zsl), rotary), True)
+                out.add(
+                    "simam_delta",
+                    comparison,
+                    _undefined_at_layer_0(metrics.simam_delta(o_icl, o_other, o_zsl), rotary),
+                    True,
+                )
 
     # implicit weight updates: dW_ICL (demonstrations) vs dW_GD (change of sum v k^T over the query's tokens)
     prefix = rec.get("icl_prefix")
     if prefix is not None and "kv_demo" in prefix and "kv_context" in gd:
-        dw_icl = prefix["kv_demo"][:, :1] if prefix["kv_demo"].shape[1] == 1 else prefix["kv_demo"]  # [L, 1|B, n_kv, d, d]
+        dw_icl = (
+            prefix["kv_demo"][:, :1] if prefix["kv_demo"].shape[1] == 1 else prefix["kv_demo"]
+        )  # [L, 1|B, n_kv, d, d]
         for comparison, other in {"icl~gd": gd, "icl~random_update": rec.get("gd_random")}.items():
             if other is None or "kv_context" not in other:
                 continue
@@ -71,7 +116,12 @@ def episode_table(
             out.add("dw_cos", comparison, metrics.matrix_cosine(dw_icl.expand_as(dw_other), dw_other), True)
             if "rot_q" in icl:
                 q = icl["rot_q"].float()  # [L, B, n_heads, d]
-                out.add("dw_action_cos", comparison, metrics.cosine(_act(dw_icl.expand_as(dw_other), q), _act(dw_other, q)), True)
+                out.add(
+                    "dw_action_cos",
+                    comparison,
+                    metrics.cosine(_act(dw_icl.expand_as(dw_other), q), _act(dw_other, q)),
+                    True,
+                )
         if "head_out" in icl and "rot_q" in icl:
             predicted = _act(dw_icl.expand(-1, icl["rot_q"].shape[1], -1, -1, -1), icl["rot_q"].float())
             actual = (icl["head_out"] - zsl["head_out"]).float()
@@ -87,14 +137,33 @@ def episode_table(
         out.extend(_kendall_per_head_rows(prefix, icl, gd, episode, seed, "random" in chosen))
 
     # output distributions: accuracy, Rec2FTP, token overlap, overlap cosine, KL, JS
-    logp = {name: F.log_softmax(r.logits.float(), -1) for name, r in rec.items() if r is not None and r.logits is not None and name != "icl_prefix"}
+    logp = {
+        name: F.log_softmax(r.logits.float(), -1)
+        for name, r in rec.items()
+        if r is not None and r.logits is not None and name != "icl_prefix"
+    }
     correct = {}
     for name in ("zsl", "icl", "gd"):
         correct[name] = metrics.label_correct(rec[name].logits[:, label_ids], labels)
         out.add_model("accuracy", name, correct[name].float())
-        out.add_model("accuracy_vocab", name, (rec[name].logits.argmax(-1) == torch.tensor(label_ids, device=labels.device)[labels]).float())
-    out.add_model("rec2ftp", "icl~gd", torch.tensor([metrics.rec2ftp(correct["zsl"], correct["icl"], correct["gd"])]), query=-1)
-    for comparison, (a, b) in {"icl~gd": ("icl", "gd"), "icl~icl_perm": ("icl", "icl_perm"), "icl~random_update": ("icl", "gd_random"), "gd~zsl": ("gd", "zsl"), "icl~zsl": ("icl", "zsl")}.items():
+        out.add_model(
+            "accuracy_vocab",
+            name,
+            (rec[name].logits.argmax(-1) == torch.tensor(label_ids, device=labels.device)[labels]).float(),
+        )
+    out.add_model(
+        "rec2ftp",
+        "icl~gd",
+        torch.tensor([metrics.rec2ftp(correct["zsl"], correct["icl"], correct["gd"])]),
+        query=-1,
+    )
+    for comparison, (a, b) in {
+        "icl~gd": ("icl", "gd"),
+        "icl~icl_perm": ("icl", "icl_perm"),
+        "icl~random_update": ("icl", "gd_random"),
+        "gd~zsl": ("gd", "zsl"),
+        "icl~zsl": ("icl", "zsl"),
+    }.items():
         if a in logp and b in logp:
             p1, p2 = logp[a].exp(), logp[b].exp()
             out.add_model("token_overlap", comparison, metrics.token_overlap(p1, p2, 10))
@@ -109,14 +178,32 @@ def episode_table(
         per_head = icl[name].dim() == 4
         for comparison, other in {"icl~gd": gd, **others}.items():
             if other is not None and name in other:
-                out.add(f"probe:{name}", comparison, metrics.delta_cosine(icl[name].float().flatten(2 + per_head), other[name].float().flatten(2 + per_head), zsl[name].float().flatten(2 + per_head)), per_head)
+                out.add(
+                    f"probe:{name}",
+                    comparison,
+                    metrics.delta_cosine(
+                        icl[name].float().flatten(2 + per_head),
+                        other[name].float().flatten(2 + per_head),
+                        zsl[name].float().flatten(2 + per_head),
+                    ),
+                    per_head,
+                )
         if "random" in chosen:
             v = icl[name].float().flatten(2 + per_head)
-            out.add(f"probe:{name}", "icl~random", metrics.simaou_random(v, zsl[name].float().flatten(2 + per_head), random_vector_like(v, seed)), per_head)
+            out.add(
+                f"probe:{name}",
+                "icl~random",
+                metrics.simaou_random(
+                    v, zsl[name].float().flatten(2 + per_head), random_vector_like(v, seed)
+                ),
+                per_head,
+            )
     return out.frame()
 
 
-def _dai_kendall_rows(icl, gd, train_q: torch.Tensor, train_demo: torch.Tensor, episode: int, seed: int, with_random: bool) -> pd.DataFrame:
+def _dai_kendall_rows(
+    icl, gd, train_q: torch.Tensor, train_demo: torch.Tensor, episode: int, seed: int, with_random: bool
+) -> pd.DataFrame:
     """Dai et al.'s Kendall (LMOps understand_icl), one tau-b per (layer, query).
 
     ICL side: the read position's pre-softmax scores over the demonstration tokens, summed
@@ -128,7 +215,9 @@ def _dai_kendall_rows(icl, gd, train_q: torch.Tensor, train_demo: torch.Tensor, 
     """
     demo_pos = icl.segments[0] > 0  # [key_pos]: every row of an episode holds the same demonstrations
     icl_demo = icl.segments[0][demo_pos]  # [n_icl] demonstration of each ICL token
-    scores = icl["demo_scores"][..., : len(demo_pos)][..., demo_pos].float()  # [L, B, n_icl] (summed over heads by the probe)
+    scores = icl["demo_scores"][..., : len(demo_pos)][
+        ..., demo_pos
+    ].float()  # [L, B, n_icl] (summed over heads by the probe)
     p_icl = torch.softmax(scores, -1)
     d_head = gd["q"].shape[-1]
     q_gd = einops.rearrange(gd["q"].float(), "l b h d -> l b (h d)") / math.sqrt(d_head)
@@ -137,16 +226,30 @@ def _dai_kendall_rows(icl, gd, train_q: torch.Tensor, train_demo: torch.Tensor, 
     train_demo = train_demo.to(icl_demo.device)
     n_demos = int(icl_demo.max())
     out = _Rows(episode)
-    if torch.equal(torch.bincount(icl_demo, minlength=n_demos + 1), torch.bincount(train_demo, minlength=n_demos + 1)):
+    if torch.equal(
+        torch.bincount(icl_demo, minlength=n_demos + 1), torch.bincount(train_demo, minlength=n_demos + 1)
+    ):
         out.add("kendall_token", "icl~gd", metrics.kendall_tau_b(p_icl, p_gd), False)
     else:
         out.add("kendall_token", "icl~gd", torch.full(p_icl.shape[:2], float("nan")), False)
     mass_icl = metrics.demo_attention_mass(p_icl, icl_demo, n_demos)  # [L, B, k]
-    out.add("kendall_example", "icl~gd", metrics.kendall_tau_b(mass_icl, metrics.demo_attention_mass(p_gd, train_demo, n_demos)), False)
+    out.add(
+        "kendall_example",
+        "icl~gd",
+        metrics.kendall_tau_b(mass_icl, metrics.demo_attention_mass(p_gd, train_demo, n_demos)),
+        False,
+    )
     if with_random:
-        noise = torch.rand(p_icl.shape, generator=torch.Generator().manual_seed(seed)).to(p_icl.device)  # [L, B, n_icl] ~ U[0,1)
+        noise = torch.rand(p_icl.shape, generator=torch.Generator().manual_seed(seed)).to(
+            p_icl.device
+        )  # [L, B, n_icl] ~ U[0,1)
         out.add("kendall_token", "icl~random", metrics.kendall_tau_b(p_icl, noise), False)
-        out.add("kendall_example", "icl~random", metrics.kendall_tau_b(mass_icl, metrics.demo_attention_mass(noise, icl_demo, n_demos)), False)
+        out.add(
+            "kendall_example",
+            "icl~random",
+            metrics.kendall_tau_b(mass_icl, metrics.demo_attention_mass(noise, icl_demo, n_demos)),
+            False,
+        )
     return out.frame()
 
 
@@ -162,12 +265,24 @@ def _kendall_per_head_rows(prefix, icl, gd, episode, seed, with_random) -> pd.Da
     mass = icl["demo_attention"][..., : q_demo.shape[1]].float()  # [L, B, n_heads, pos]
     dots = torch.einsum("lbhd,lphd->lbhp", q_gd, q_demo)  # [L, B, n_heads, pos]
     out = _Rows(episode)
-    out.add("kendall_token_per_head", "icl~gd", metrics.kendall_tau_b(mass[..., demo_tokens], dots[..., demo_tokens]), True)
-    out.add("kendall_example_per_head", "icl~gd", metrics.kendall_tau_b(metrics.demo_attention_mass(mass, seg), metrics.demo_attention_mass(dots, seg)), True)
+    out.add(
+        "kendall_token_per_head",
+        "icl~gd",
+        metrics.kendall_tau_b(mass[..., demo_tokens], dots[..., demo_tokens]),
+        True,
+    )
+    out.add(
+        "kendall_example_per_head",
+        "icl~gd",
+        metrics.kendall_tau_b(metrics.demo_attention_mass(mass, seg), metrics.demo_attention_mass(dots, seg)),
+        True,
+    )
     if with_random:
         gen = torch.Generator().manual_seed(seed)
         noise = torch.rand(mass[..., demo_tokens].shape, generator=gen).to(mass.device)
-        out.add("kendall_token_per_head", "icl~random", metrics.kendall_tau_b(mass[..., demo_tokens], noise), True)
+        out.add(
+            "kendall_token_per_head", "icl~random", metrics.kendall_tau_b(mass[..., demo_tokens], noise), True
+        )
     return out.frame()
 
 
@@ -193,9 +308,10 @@ def _same_width(*maps: torch.Tensor) -> list[torch.Tensor]:
     """Pad score maps [L, B, H, width] with NaN to a common width (prompts of a batch may hold
     queries of different lengths); nothing else is changed."""
     width = max(m.shape[-1] for m in maps)
-    return [F.pad(m.to(torch.promote_types(m.dtype, torch.float32)), (0, width - m.shape[-1]), value=float("nan")) for m in maps]
-
-
+    return [
+        F.pad(m.to(torch.promote_types(m.dtype, torch.float32)), (0, width - m.shape[-1]), value=float("nan"))
+        for m in maps
+    ]
 
 
 class _Rows:
@@ -206,20 +322,36 @@ class _Rows:
         self.frames: list[pd.DataFrame] = []
         self.columns: list[tuple[np.ndarray, ...]] = []
 
-    def add(self, metric: str, comparison: str, values: torch.Tensor, per_head: bool, head_mean: bool = True) -> None:
+    def add(
+        self, metric: str, comparison: str, values: torch.Tensor, per_head: bool, head_mean: bool = True
+    ) -> None:
         """values [L, B] (per layer) or [L, B, H] (per head; with `head_mean` the mean over
         heads is added as head -1, the layer-level value)."""
         v = values.detach().float().cpu().numpy()
         if per_head:
             L, B, H = v.shape
-            self._frame(metric, comparison, np.repeat(np.arange(L), B * H), np.tile(np.repeat(np.arange(B), H), L), np.tile(np.arange(H), L * B), v.reshape(-1))
+            self._frame(
+                metric,
+                comparison,
+                np.repeat(np.arange(L), B * H),
+                np.tile(np.repeat(np.arange(B), H), L),
+                np.tile(np.arange(H), L * B),
+                v.reshape(-1),
+            )
             if not head_mean:
                 return
             with warnings.catch_warnings():  # all heads NaN (e.g. no update at all) -> NaN, quietly
                 warnings.simplefilter("ignore", RuntimeWarning)
                 v = np.nanmean(v, axis=-1)
         L, B = v.shape
-        self._frame(metric, comparison, np.repeat(np.arange(L), B), np.tile(np.arange(B), L), np.full(L * B, -1), v.reshape(-1))
+        self._frame(
+            metric,
+            comparison,
+            np.repeat(np.arange(L), B),
+            np.tile(np.arange(B), L),
+            np.full(L * B, -1),
+            v.reshape(-1),
+        )
 
     def add_model(self, metric: str, comparison: str, values: torch.Tensor, query: int | None = None) -> None:
         v = values.detach().float().cpu().numpy().reshape(-1)
@@ -231,12 +363,33 @@ class _Rows:
 
     def _frame(self, metric, comparison, layer, query, head, value) -> None:
         n = len(value)
-        self.columns.append((np.full(n, metric, dtype=object), np.full(n, comparison, dtype=object), layer, head, query, value))
+        self.columns.append(
+            (
+                np.full(n, metric, dtype=object),
+                np.full(n, comparison, dtype=object),
+                layer,
+                head,
+                query,
+                value,
+            )
+        )
 
     def frame(self) -> pd.DataFrame:
         cols = ["metric", "comparison", "layer", "head", "episode", "query", "value"]
         parts = list(self.frames)
         if self.columns:  # one DataFrame from all collected arrays: small frames cost more than the metrics
             metric, comparison, layer, head, query, value = (np.concatenate(c) for c in zip(*self.columns))
-            parts.append(pd.DataFrame({"metric": metric, "comparison": comparison, "layer": layer, "head": head, "episode": self.episode, "query": query, "value": value}))
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "metric": metric,
+                        "comparison": comparison,
+                        "layer": layer,
+                        "head": head,
+                        "episode": self.episode,
+                        "query": query,
+                        "value": value,
+                    }
+                )
+            )
         return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)

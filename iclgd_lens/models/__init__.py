@@ -14,8 +14,8 @@ segments). `original_state_dict(bridge)` gives the weights back under their HF n
 from __future__ import annotations
 
 import copy
-import socket
 import difflib
+import socket
 from pathlib import Path
 
 import torch
@@ -32,10 +32,14 @@ EMBEDDED_MODELS: tuple[str, ...] = ("tiny-llama-icl", "tiny-llama-iclobj")
 DEFAULT_MODEL = "tiny-llama-icl"
 
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64,  # reference runs (HF keeps RMSNorm, softmax, RoPE angles in fp32)
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,  # reference runs (HF keeps RMSNorm, softmax, RoPE angles in fp32)
 }
 """Accepted dtype spellings. Quantized (int8/int4) models are not supported: GD needs real weights."""
 
@@ -43,9 +47,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _ORIGINAL = "._original_component"
 
 __all__ = [
-    "load_model", "original_state_dict", "model_info", "embedded_model_path", "resolve_dtype",
-    "resolve_device", "prepare_tokenizer", "release_transient_state", "SUPPORTED_ARCHITECTURES",
-    "EMBEDDED_MODELS", "DTYPES",
+    "load_model",
+    "original_state_dict",
+    "model_info",
+    "embedded_model_path",
+    "resolve_dtype",
+    "resolve_device",
+    "prepare_tokenizer",
+    "release_transient_state",
+    "SUPPORTED_ARCHITECTURES",
+    "EMBEDDED_MODELS",
+    "DTYPES",
 ]
 
 
@@ -69,9 +81,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise IclgdError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise IclgdError(f"device {device!r} requested but CUDA is not available on this machine; use device='cpu' or 'auto'")
+            raise IclgdError(
+                f"device {device!r} requested but CUDA is not available on this machine; use device='cpu' or 'auto'"
+            )
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise IclgdError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise IclgdError(
+                f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     elif resolved.type == "mps" and not torch.backends.mps.is_available():
         raise IclgdError(f"device {device!r} requested but MPS is not available on this machine")
     elif resolved.type not in ("cpu", "cuda", "mps"):
@@ -85,7 +101,9 @@ def embedded_model_path(name: str) -> Path:
         raise IclgdError(f"{name!r} is not an embedded model; embedded models: {', '.join(EMBEDDED_MODELS)}")
     path = Path(__file__).parent / name
     if not (path / "config.json").is_file():
-        raise IclgdError(f"embedded model {name!r} is not installed (no config.json in {path}); reinstall iclgd-lens")
+        raise IclgdError(
+            f"embedded model {name!r} is not installed (no config.json in {path}); reinstall iclgd-lens"
+        )
     return path
 
 
@@ -96,7 +114,9 @@ def _resolve_source(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise IclgdError(f"folder {path} has no config.json; it is not a HF model folder (save_pretrained writes one)")
+            raise IclgdError(
+                f"folder {path} has no config.json; it is not a HF model folder (save_pretrained writes one)"
+            )
         return str(path)
     if path.exists():
         raise IclgdError(f"{name} is a file, not a model folder; pass the folder that holds config.json")
@@ -114,7 +134,10 @@ def _resolve_source(name: str) -> str:
 def _hub_error(name: str, error: Exception) -> IclgdError:
     """Turn a failed hub lookup into one line: gated / not found / no network / other."""
     from huggingface_hub.errors import (
-        GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
     )
 
     chain, exc = [], error
@@ -126,10 +149,13 @@ def _hub_error(name: str, error: Exception) -> IclgdError:
             f"{name!r} is a gated hub model: request access at https://huggingface.co/{name} and log in (hf auth login or HF_TOKEN)"
         )
     if any(isinstance(e, RepositoryNotFoundError) for e in chain):
-        return IclgdError(f"model {name!r} not found on the Hugging Face hub (nor as a local folder); check the name")
-    if any(isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)) for e in chain) or any(
-        "connect" in type(e).__name__.lower() for e in chain
-    ):
+        return IclgdError(
+            f"model {name!r} not found on the Hugging Face hub (nor as a local folder); check the name"
+        )
+    if any(
+        isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError))
+        for e in chain
+    ) or any("connect" in type(e).__name__.lower() for e in chain):
         return IclgdError(
             f"cannot reach the Hugging Face hub to load {name!r} and it is not in the local HF cache; "
             "connect to the network, or download it once and pass its local folder"
@@ -179,7 +205,9 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
         raise IclgdError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
     tok = copy.deepcopy(tokenizer)
     if tok.bos_token is None or tok.bos_token_id is None:
-        raise IclgdError("the tokenizer has no BOS token; iclgd-lens prompts start with <bos> (set bos_token=... when building it)")
+        raise IclgdError(
+            "the tokenizer has no BOS token; iclgd-lens prompts start with <bos> (set bos_token=... when building it)"
+        )
     if not tok.name_or_path:
         tok.name_or_path = "in-memory-tokenizer"
     tok.init_kwargs["name_or_path"] = tok.name_or_path  # TransformerLens reads it from init_kwargs
@@ -196,7 +224,9 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     tok.init_kwargs["add_bos_token"] = True  # tells TransformerLens not to reload it from the hub
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise IclgdError("the tokenizer has neither a pad nor an EOS token; set pad_token=... when building it")
+            raise IclgdError(
+                "the tokenizer has neither a pad nor an EOS token; set pad_token=... when building it"
+            )
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
@@ -208,14 +238,18 @@ def _prepends_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 # ---- loading ----------------------------------------------------------------------------
-def _load_pretrained(source: str, dtype: torch.dtype, tokenizer) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+def _load_pretrained(
+    source: str, dtype: torch.dtype, tokenizer
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """`from_pretrained` on a local folder or a hub id; config first so a wrong architecture
     fails before gigabytes of weights are read."""
     from safetensors import SafetensorError
 
     is_folder = Path(source).is_dir()
     local = {}
-    if not is_folder:  # a hub id: the local HF cache first; the network only if it is there, checked in seconds
+    if (
+        not is_folder
+    ):  # a hub id: the local HF cache first; the network only if it is there, checked in seconds
         try:
             AutoConfig.from_pretrained(source, local_files_only=True)
             local = {"local_files_only": True}
@@ -229,7 +263,9 @@ def _load_pretrained(source: str, dtype: torch.dtype, tokenizer) -> tuple[LlamaF
         config = AutoConfig.from_pretrained(source, **local)
     except (OSError, ValueError) as error:
         if is_folder:
-            raise IclgdError(f"cannot read the config of folder {source}: {str(error).splitlines()[0]}") from None
+            raise IclgdError(
+                f"cannot read the config of folder {source}: {str(error).splitlines()[0]}"
+            ) from None
         raise _hub_error(source, error) from None
     _check_architecture(config, repr(source))
     if tokenizer is None and is_folder and not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
@@ -237,11 +273,15 @@ def _load_pretrained(source: str, dtype: torch.dtype, tokenizer) -> tuple[LlamaF
             f"folder {source} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the tokenizer there or pass tokenizer=..."
         )
     try:
-        hf_model = LlamaForCausalLM.from_pretrained(source, config=config, dtype=dtype, attn_implementation="eager", **local)
+        hf_model = LlamaForCausalLM.from_pretrained(
+            source, config=config, dtype=dtype, attn_implementation="eager", **local
+        )
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(source, **local)
     except SafetensorError as error:  # a truncated or garbled weights file
-        raise IclgdError(f"cannot read the weights of {source} (model.safetensors is damaged or incomplete: {error})") from None
+        raise IclgdError(
+            f"cannot read the weights of {source} (model.safetensors is damaged or incomplete: {error})"
+        ) from None
     except (OSError, ValueError) as error:
         if is_folder:
             raise IclgdError(f"cannot load folder {source}: {str(error).splitlines()[0]}") from None
@@ -294,14 +334,22 @@ def load_model(
         raise IclgdError(f"n_ctx must be a positive integer, got {n_ctx!r}")
     if hf_model is not None:
         if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
-            raise IclgdError(f"hf_model must be a transformers LlamaForCausalLM, got {type(hf_model).__name__}")
+            raise IclgdError(
+                f"hf_model must be a transformers LlamaForCausalLM, got {type(hf_model).__name__}"
+            )
         if type(hf_model).__name__ not in SUPPORTED_ARCHITECTURES:
-            raise IclgdError(f"hf_model is a {type(hf_model).__name__}; iclgd-lens supports {', '.join(SUPPORTED_ARCHITECTURES)} only")
+            raise IclgdError(
+                f"hf_model is a {type(hf_model).__name__}; iclgd-lens supports {', '.join(SUPPORTED_ARCHITECTURES)} only"
+            )
         if any(_ORIGINAL.lstrip(".") in n for n, _ in hf_model.named_modules()):
-            raise IclgdError("hf_model is already wrapped by a TransformerBridge; pass a fresh HF model (or use that bridge)")
+            raise IclgdError(
+                "hf_model is already wrapped by a TransformerBridge; pass a fresh HF model (or use that bridge)"
+            )
         if tokenizer is None:
             raise IclgdError("hf_model was given without its tokenizer; pass tokenizer=... as well")
-        label = name if name != DEFAULT_MODEL else (getattr(hf_model, "name_or_path", "") or "in-memory-llama")
+        label = (
+            name if name != DEFAULT_MODEL else (getattr(hf_model, "name_or_path", "") or "in-memory-llama")
+        )
         if copy_hf_model:
             hf_model = copy.deepcopy(hf_model)
     else:

@@ -24,13 +24,12 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from iclgd_lens.engine import stats
+from iclgd_lens.engine.results import Results, versions
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.report import figures
 from iclgd_lens.report.assets import script_tags, write_assets
 from iclgd_lens.report.attention import attention_patterns_html
-from iclgd_lens.engine.results import versions
 from iclgd_lens.report.templates import config_block, error, escape, headline, page, section, table
-from iclgd_lens.engine.results import Results
 
 __all__ = ["render_report", "figures"]
 
@@ -73,7 +72,7 @@ def _by_layer(mapping: Any, layer: int) -> Any:
 def _layers(results: Results) -> list[int]:
     """Layer indices present in the table or the artifacts."""
     layers = {int(v) for v in results.table["layer"].unique() if v >= 0}
-    for key in (results.artifacts.get("dw") or {}):
+    for key in results.artifacts.get("dw") or {}:
         layers.add(int(key))
     for per_layer in (results.artifacts.get("attention") or {}).values():
         layers.update(int(k) for k in (per_layer or {}))
@@ -90,47 +89,81 @@ def _index_body(
     analyses: Mapping[str, Callable],
     study_results: Sequence[Any],
 ) -> str:
-    sections = [section("Headline", headline(results.headline()) or '<p class="note">(no headline metrics)</p>',
-                        "headline", "Means over layers, episodes and queries; accuracies over episodes.")]
+    sections = [
+        section(
+            "Headline",
+            headline(results.headline()) or '<p class="note">(no headline metrics)</p>',
+            "headline",
+            "Means over layers, episodes and queries; accuracies over episodes.",
+        )
+    ]
 
     similarity = [m for m in figures.layer_metrics(results) if not m.startswith("probe:")]
     curves = "\n".join(figure_html(f) for m in similarity if (f := figures.layer_curve_figure(results, m)))
-    sections.append(section(
-        "Layer-wise similarities", curves or '<p class="note">(no layer-level metrics)</p>', "layers",
-        "One trace per comparison: icl~gd is the headline, the others are baselines. Bands: 95% t-intervals "
-        "over episodes (each episode's queries averaged first; see docs/statistics.md).",
-    ))
+    sections.append(
+        section(
+            "Layer-wise similarities",
+            curves or '<p class="note">(no layer-level metrics)</p>',
+            "layers",
+            "One trace per comparison: icl~gd is the headline, the others are baselines. Bands: 95% t-intervals "
+            "over episodes (each episode's queries averaged first; see docs/statistics.md).",
+        )
+    )
 
     tests = paired_tests_table(results)
     if not tests.empty:
         n = int(tests.attrs.get("n_episodes", 0))
         floor = stats.min_p_value(n)
-        sections.append(section(
-            "Paired tests: icl~gd against its baselines",
-            table(tests) if len(tests) <= 40 else f"<details><summary>{len(tests)} rows</summary>{table(tests)}</details>",
-            "paired-tests",
-            f"Per layer: diff = mean over episodes of (icl~gd - baseline), p = two-sided paired sign-flip "
-            f"permutation test over the {n} episodes (exact up to {stats.EXACT_MAX_EPISODES}); the smallest p "
-            f"attainable with {n} episodes is {floor:.3g}. icl~icl_perm is a ceiling (ICL under another demo "
-            f"order), the others floors. Not corrected for the number of tests.",
-        ))
+        sections.append(
+            section(
+                "Paired tests: icl~gd against its baselines",
+                table(tests)
+                if len(tests) <= 40
+                else f"<details><summary>{len(tests)} rows</summary>{table(tests)}</details>",
+                "paired-tests",
+                f"Per layer: diff = mean over episodes of (icl~gd - baseline), p = two-sided paired sign-flip "
+                f"permutation test over the {n} episodes (exact up to {stats.EXACT_MAX_EPISODES}); the smallest p "
+                f"attainable with {n} episodes is {floor:.3g}. icl~icl_perm is a ceiling (ICL under another demo "
+                f"order), the others floors. Not corrected for the number of tests.",
+            )
+        )
 
     wide = model_metrics_table(results)
     if not wide.empty:
-        sections.append(section("Accuracy and output-distribution metrics", table(wide), "model-metrics",
-                                "Accuracy per condition, Rec2FTP, token overlap, overlap cosine, KL, JS: "
-                                "mean [95% t-interval over episode means] (episodes, values); n/a: no defined value."))
+        sections.append(
+            section(
+                "Accuracy and output-distribution metrics",
+                table(wide),
+                "model-metrics",
+                "Accuracy per condition, Rec2FTP, token overlap, overlap cosine, KL, JS: "
+                "mean [95% t-interval over episode means] (episodes, values); n/a: no defined value.",
+            )
+        )
 
     if len(results.k_values) > 1:
-        k_figs = "\n".join(figure_html(f) for m in results.metrics if (f := figures.k_curve_figure(results, m)))
-        sections.append(section("Metrics as a function of k", k_figs, "k-sweep",
-                                "Layer metrics are averaged over layers as well."))
+        k_figs = "\n".join(
+            figure_html(f) for m in results.metrics if (f := figures.k_curve_figure(results, m))
+        )
+        sections.append(
+            section(
+                "Metrics as a function of k",
+                k_figs,
+                "k-sweep",
+                "Layer metrics are averaged over layers as well.",
+            )
+        )
 
     probes = [m for m in figures.layer_metrics(results) if m.startswith("probe:")]
     for metric in probes:
         fig = figures.layer_curve_figure(results, metric)
-        sections.append(section(f"Probe {metric[len('probe:'):]}", figure_html(fig) if fig else "",
-                                f"probe-{metric[6:]}", f"metric {metric}, compared across conditions like SimAOU."))
+        sections.append(
+            section(
+                f"Probe {metric[len('probe:') :]}",
+                figure_html(fig) if fig else "",
+                f"probe-{metric[6:]}",
+                f"metric {metric}, compared across conditions like SimAOU.",
+            )
+        )
 
     for name, fn in analyses.items():
         try:
@@ -149,20 +182,38 @@ def _index_body(
         study_table = getattr(study, "table", None)
         if isinstance(study_table, pd.DataFrame):
             shown = study_table.head(200)
-            note = f'<p class="note">first 200 of {len(study_table)} rows</p>' if len(study_table) > 200 else ""
+            note = (
+                f'<p class="note">first 200 of {len(study_table)} rows</p>' if len(study_table) > 200 else ""
+            )
             inner += f"<details><summary>table</summary>{note}{table(shown)}</details>"
         if getattr(study, "config", None):
             inner += f"<details><summary>configuration</summary>{config_block(study.config)}</details>"
-        sections.append(section(f"Study: {getattr(study, 'name', 'study')}", inner, f"study-{getattr(study, 'name', '')}"))
+        sections.append(
+            section(f"Study: {getattr(study, 'name', 'study')}", inner, f"study-{getattr(study, 'name', '')}")
+        )
 
     links = " ".join(f'<a href="{layer_link(l)}">layer {l}</a>' for l in _layers(results))
-    sections.append(section("Layers", f'<nav class="layers">{links}</nav>', "layer-links",
-                            "Per-head similarities, dW_ICL vs dW_GD, per-query distributions, attention views."))
+    sections.append(
+        section(
+            "Layers",
+            f'<nav class="layers">{links}</nav>',
+            "layer-links",
+            "Per-head similarities, dW_ICL vs dW_GD, per-query distributions, attention views.",
+        )
+    )
 
     report_info = {"rendered": _dt.datetime.now().isoformat(timespec="seconds"), "versions": versions()}
-    sections.append(section("Configuration", config_block(results.config)
-                            + "<details><summary>report</summary>" + config_block(report_info) + "</details>",
-                            "config", "Settings, package versions, seed and run time of the comparison."))
+    sections.append(
+        section(
+            "Configuration",
+            config_block(results.config)
+            + "<details><summary>report</summary>"
+            + config_block(report_info)
+            + "</details>",
+            "config",
+            "Settings, package versions, seed and run time of the comparison.",
+        )
+    )
     return "\n".join(sections)
 
 
@@ -171,44 +222,84 @@ def _layer_body(results: Results, layer: int) -> str:
     t = results.table
     sections = []
     rows = t[(t["layer"] == layer) & (t["head"] == -1)]
-    sections.append(section("Numbers", table(wide_summary(results, rows)), f"l{layer}-numbers",
-                            "mean [95% t-interval over episode means] (episodes, values), per metric and comparison."))
+    sections.append(
+        section(
+            "Numbers",
+            table(wide_summary(results, rows)),
+            f"l{layer}-numbers",
+            "mean [95% t-interval over episode means] (episodes, values), per metric and comparison.",
+        )
+    )
 
     head_rows = t[(t["layer"] == layer) & (t["head"] >= 0)]
-    heat = [figures.head_heatmap_figure(results, layer, c)
-            for c in figures.comparison_order(head_rows["comparison"].unique().tolist())]
-    sections.append(section("Per-head similarities", "\n".join(figure_html(f) for f in heat if f)
-                            or '<p class="note">(no per-head values)</p>', f"l{layer}-heads"))
+    heat = [
+        figures.head_heatmap_figure(results, layer, c)
+        for c in figures.comparison_order(head_rows["comparison"].unique().tolist())
+    ]
+    sections.append(
+        section(
+            "Per-head similarities",
+            "\n".join(figure_html(f) for f in heat if f) or '<p class="note">(no per-head values)</p>',
+            f"l{layer}-heads",
+        )
+    )
 
     dw = figures.dw_figure(_by_layer(results.artifacts.get("dw"), layer), layer)
-    sections.append(section("Implicit weight updates: dW_ICL and dW_GD", figure_html(dw) if dw else
-                            '<p class="note">(no dW artifacts for this layer)</p>', f"l{layer}-dw",
-                            "Per kv head, episode 0. The cosine in each title is computed from the two matrices."))
+    sections.append(
+        section(
+            "Implicit weight updates: dW_ICL and dW_GD",
+            figure_html(dw) if dw else '<p class="note">(no dW artifacts for this layer)</p>',
+            f"l{layer}-dw",
+            "Per kv head, episode 0. The cosine in each title is computed from the two matrices.",
+        )
+    )
 
     dists = [figures.query_distribution_figure(results, layer, m) for m in ("simaou", "simaou_norm")]
-    sections.append(section("Per-query SimAOU against its baselines", "\n".join(figure_html(f) for f in dists if f)
-                            or '<p class="note">(no per-query SimAOU)</p>', f"l{layer}-dist"))
+    sections.append(
+        section(
+            "Per-query SimAOU against its baselines",
+            "\n".join(figure_html(f) for f in dists if f) or '<p class="note">(no per-query SimAOU)</p>',
+            f"l{layer}-dist",
+        )
+    )
 
     views = []
     attention = results.artifacts.get("attention") or {}
     for condition in CONDITIONS:
         entry = _by_layer(attention.get(condition), layer)
         if entry and entry.get("tokens") is not None and entry.get("pattern") is not None:
-            views.append(f"<h3>{escape(condition.upper())}</h3>"
-                         + attention_patterns_html(entry["tokens"], entry["pattern"]))
+            views.append(
+                f"<h3>{escape(condition.upper())}</h3>"
+                + attention_patterns_html(entry["tokens"], entry["pattern"])
+            )
     example = results.artifacts.get("example")
     if views and isinstance(example, Mapping):
-        views.insert(0, "".join(f"<p><b>{escape(key)}</b></p><pre class=\"config\">{escape(value)}</pre>"
-                                for key, value in example.items()))
-    sections.append(section("Attention on the example prompt", "\n".join(views)
-                            or '<p class="note">(no attention artifacts for this layer)</p>', f"l{layer}-attention",
-                            "circuitsvis views of ZSL, ICL and GD; hover a token to see where it attends."))
+        views.insert(
+            0,
+            "".join(
+                f'<p><b>{escape(key)}</b></p><pre class="config">{escape(value)}</pre>'
+                for key, value in example.items()
+            ),
+        )
+    sections.append(
+        section(
+            "Attention on the example prompt",
+            "\n".join(views) or '<p class="note">(no attention artifacts for this layer)</p>',
+            f"l{layer}-attention",
+            "circuitsvis views of ZSL, ICL and GD; hover a token to see where it attends.",
+        )
+    )
 
     top = results.artifacts.get("top_tokens")
     top = _by_layer(top, layer) if isinstance(top, Mapping) else top
     fig = figures.top_tokens_figure(top or [])
-    sections.append(section("Tokens whose probabilities ICL and GD move most", figure_html(fig) if fig else
-                            '<p class="note">(no top-token artifacts)</p>', f"l{layer}-tokens"))
+    sections.append(
+        section(
+            "Tokens whose probabilities ICL and GD move most",
+            figure_html(fig) if fig else '<p class="note">(no top-token artifacts)</p>',
+            f"l{layer}-tokens",
+        )
+    )
     return "\n".join(sections)
 
 
@@ -226,7 +317,9 @@ def _name(value: Any) -> str:
 
 def _header(results: Results, subtitle: str, links: str = "") -> str:
     cfg = results.config
-    facts = ", ".join(f"{k}: {_name(cfg[k])}" for k in ("model", "task", "gd", "k", "seed", "study") if k in cfg)
+    facts = ", ".join(
+        f"{k}: {_name(cfg[k])}" for k in ("model", "task", "gd", "k", "seed", "study") if k in cfg
+    )
     return f"<h1>iclgd-lens: {escape(subtitle)}</h1><div>{escape(facts)}</div>{links}"
 
 
@@ -270,20 +363,30 @@ def paired_tests_table(results: Results, metrics: Sequence[str] = SIMILARITY_MET
         return pd.DataFrame()
     tests["cell"] = [f"{d:+.3f} (p={p:.3g})" for d, p in zip(tests["diff_mean"], tests["p_value"])]
     wide = tests.pivot(index=["metric", "layer"], columns="baseline", values="cell")
-    wide = wide[[b for b in stats.BASELINES if b in wide.columns] + [b for b in wide.columns if b not in stats.BASELINES]]
+    wide = wide[
+        [b for b in stats.BASELINES if b in wide.columns]
+        + [b for b in wide.columns if b not in stats.BASELINES]
+    ]
     wide = wide.rename(columns=lambda b: f"vs {b}").fillna("")
     n = tests.groupby(["metric", "layer"])["n_episodes"].agg(["min", "max"])
     wide.insert(0, "episodes", [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in zip(n["min"], n["max"])])
     order = {m: i for i, m in enumerate(metrics)}
-    wide = wide.reset_index().sort_values(["metric", "layer"], key=lambda c: c.map(order) if c.name == "metric" else c)
+    wide = wide.reset_index().sort_values(
+        ["metric", "layer"], key=lambda c: c.map(order) if c.name == "metric" else c
+    )
     wide.columns.name = None
     wide = wide.reset_index(drop=True)
     wide.attrs["n_episodes"] = int(tests["n_episodes"].max())
     return wide
 
 
-def _write(results: Results, folder: Path, single_file: bool, analyses: Mapping[str, Callable],
-           study_results: Sequence[Any]) -> Path:
+def _write(
+    results: Results,
+    folder: Path,
+    single_file: bool,
+    analyses: Mapping[str, Callable],
+    study_results: Sequence[Any],
+) -> Path:
     results.save(folder)
     layers = _layers(results)
     if single_file:
@@ -291,8 +394,15 @@ def _write(results: Results, folder: Path, single_file: bool, analyses: Mapping[
         for l in layers:
             body += f'\n<h1 id="layer-{l:02d}">Layer {l}</h1>\n' + _layer_body(results, l)
         target = folder / SINGLE
-        target.write_text(page("iclgd-lens report", _header(results, "ICL vs GD, layer by layer"), body,
-                               script_tags(single_file=True)), encoding="utf-8")
+        target.write_text(
+            page(
+                "iclgd-lens report",
+                _header(results, "ICL vs GD, layer by layer"),
+                body,
+                script_tags(single_file=True),
+            ),
+            encoding="utf-8",
+        )
         return target
 
     write_assets(folder / "assets")
@@ -300,17 +410,17 @@ def _write(results: Results, folder: Path, single_file: bool, analyses: Mapping[
     body = _index_body(results, layer_filename, analyses, study_results)
     nav = " | ".join(f'<a href="{layer_filename(l)}">layer {l}</a>' for l in layers)
     header = _header(results, "ICL vs GD, layer by layer", f"<div>{nav}</div>" if nav else "")
-    (folder / INDEX).write_text(page("iclgd-lens report", header, body, scripts),
-                                encoding="utf-8")
+    (folder / INDEX).write_text(page("iclgd-lens report", header, body, scripts), encoding="utf-8")
     for i, l in enumerate(layers):
         nav = [f'<a href="{INDEX}">index</a>']
         if i > 0:
             nav.append(f'<a href="{layer_filename(layers[i - 1])}">&larr; layer {layers[i - 1]}</a>')
         if i + 1 < len(layers):
             nav.append(f'<a href="{layer_filename(layers[i + 1])}">layer {layers[i + 1]} &rarr;</a>')
-        header = _header(results, f"layer {l}", '<div>' + " | ".join(nav) + "</div>")
-        (folder / layer_filename(l)).write_text(page(f"iclgd-lens layer {l}", header, _layer_body(results, l), scripts),
-                                                encoding="utf-8")
+        header = _header(results, f"layer {l}", "<div>" + " | ".join(nav) + "</div>")
+        (folder / layer_filename(l)).write_text(
+            page(f"iclgd-lens layer {l}", header, _layer_body(results, l), scripts), encoding="utf-8"
+        )
     return folder / INDEX
 
 

@@ -38,7 +38,9 @@ def attention_patterns_html(tokens: Sequence[str], pattern: Sequence) -> str:
     they are HTML-escaped here, at the one boundary where they enter the widget: `<s>` shows as
     `<s>` and markup in a token never runs.
     """
-    return render_widget("AttentionPatterns", tokens=[html.escape(str(t), quote=True) for t in tokens], attention=pattern)
+    return render_widget(
+        "AttentionPatterns", tokens=[html.escape(str(t), quote=True) for t in tokens], attention=pattern
+    )
 
 
 def escape(text: object) -> str:

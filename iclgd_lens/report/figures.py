@@ -41,24 +41,43 @@ def label(text: Any) -> str:
     return html.escape(str(text), quote=False)
 
 
-def _band_traces(x: Sequence, mean: Sequence, low: Sequence, high: Sequence, name: str, i: int) -> list[go.Scatter]:
+def _band_traces(
+    x: Sequence, mean: Sequence, low: Sequence, high: Sequence, name: str, i: int
+) -> list[go.Scatter]:
     """A line with markers and a shaded 95% confidence band around it (`low`, `high` as given)."""
     x, low, high = list(x), list(low), list(high)
     has_band = any(not (isinstance(v, float) and math.isnan(v)) for v in low)
     traces = []
     if has_band:
-        traces.append(go.Scatter(
-            x=x + x[::-1], y=high + low[::-1], fill="toself", fillcolor=_colour(i, 0.18),
-            mode="lines", line=dict(width=0), hoverinfo="skip", showlegend=False, legendgroup=name,
-            name=f"{name} 95% CI",
-        ))
-    traces.append(go.Scatter(
-        x=x, y=list(mean), mode="lines+markers", name=label(name), legendgroup=name,
-        line=dict(color=_colour(i), width=2.5 if name == HEADLINE else 1.5),
-        error_y=None,
-        customdata=np.stack([low, high], axis=-1) if x else None,
-        hovertemplate="%{x}: %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]<extra>" + label(name) + "</extra>",
-    ))
+        traces.append(
+            go.Scatter(
+                x=x + x[::-1],
+                y=high + low[::-1],
+                fill="toself",
+                fillcolor=_colour(i, 0.18),
+                mode="lines",
+                line=dict(width=0),
+                hoverinfo="skip",
+                showlegend=False,
+                legendgroup=name,
+                name=f"{name} 95% CI",
+            )
+        )
+    traces.append(
+        go.Scatter(
+            x=x,
+            y=list(mean),
+            mode="lines+markers",
+            name=label(name),
+            legendgroup=name,
+            line=dict(color=_colour(i), width=2.5 if name == HEADLINE else 1.5),
+            error_y=None,
+            customdata=np.stack([low, high], axis=-1) if x else None,
+            hovertemplate="%{x}: %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]<extra>"
+            + label(name)
+            + "</extra>",
+        )
+    )
     return traces
 
 
@@ -96,8 +115,12 @@ def layer_curve_figure(results: Results, metric: str) -> go.Figure | None:
             fig.add_trace(trace)
     k_note = f" (k = {max(results.k_values)})" if len(results.k_values) > 1 else ""
     fig.update_layout(
-        template=TEMPLATE, title=label(f"{metric} by layer{k_note}"), height=360,
-        xaxis=dict(title="layer", dtick=1), yaxis=dict(title=label(metric)), legend=dict(title="comparison"),
+        template=TEMPLATE,
+        title=label(f"{metric} by layer{k_note}"),
+        height=360,
+        xaxis=dict(title="layer", dtick=1),
+        yaxis=dict(title=label(metric)),
+        legend=dict(title="comparison"),
         margin=dict(l=60, r=20, t=50, b=50),
     )
     return fig
@@ -118,8 +141,11 @@ def k_curve_figure(results: Results, metric: str) -> go.Figure | None:
         for trace in _band_traces(s["k"], s["mean"], s["ci_low"], s["ci_high"], comparison, i):
             fig.add_trace(trace)
     fig.update_layout(
-        template=TEMPLATE, title=label(f"{metric} as a function of k"), height=340,
-        xaxis=dict(title="k (demonstrations)", type="log", tickvals=results.k_values), yaxis=dict(title=label(metric)),
+        template=TEMPLATE,
+        title=label(f"{metric} as a function of k"),
+        height=340,
+        xaxis=dict(title="k (demonstrations)", type="log", tickvals=results.k_values),
+        yaxis=dict(title=label(metric)),
         margin=dict(l=60, r=20, t=50, b=50),
     )
     return fig
@@ -134,15 +160,23 @@ def head_heatmap_figure(results: Results, layer: int, comparison: str = HEADLINE
     summ = Results(rows, {}, {}).summary(by=("metric", "head"))
     grid = summ.pivot(index="metric", columns="head", values="mean")
     counts = summ.pivot(index="metric", columns="head", values="n")
-    fig = go.Figure(go.Heatmap(
-        z=grid.to_numpy(), x=[f"head {h}" for h in grid.columns], y=[label(m) for m in grid.index],
-        customdata=counts.to_numpy(), colorscale="RdBu", zmid=0,
-        hovertemplate="%{y}, %{x}: %{z:.3f} (n=%{customdata})<extra></extra>",
-        colorbar=dict(title="mean"),
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=[f"head {h}" for h in grid.columns],
+            y=[label(m) for m in grid.index],
+            customdata=counts.to_numpy(),
+            colorscale="RdBu",
+            zmid=0,
+            hovertemplate="%{y}, %{x}: %{z:.3f} (n=%{customdata})<extra></extra>",
+            colorbar=dict(title="mean"),
+        )
+    )
     fig.update_layout(
-        template=TEMPLATE, title=label(f"layer {layer}: per-head similarities ({comparison})"),
-        height=140 + 40 * len(grid.index), margin=dict(l=140, r=20, t=50, b=40),
+        template=TEMPLATE,
+        title=label(f"layer {layer}: per-head similarities ({comparison})"),
+        height=140 + 40 * len(grid.index),
+        margin=dict(l=140, r=20, t=50, b=40),
     )
     return fig
 
@@ -172,19 +206,35 @@ def dw_figure(dw_layer: dict, layer: int) -> go.Figure | None:
         else:
             shown = f" (cos = {stored[h]:.3f})"
         titles += [f"kv head {h}: dW_ICL", f"kv head {h}: dW_GD{shown}"]
-    fig = make_subplots(rows=n_kv, cols=2, subplot_titles=titles, horizontal_spacing=0.08,
-                        vertical_spacing=min(0.08, 0.3 / max(n_kv, 1)))
+    fig = make_subplots(
+        rows=n_kv,
+        cols=2,
+        subplot_titles=titles,
+        horizontal_spacing=0.08,
+        vertical_spacing=min(0.08, 0.3 / max(n_kv, 1)),
+    )
     for h in range(n_kv):
         for col, (name, mat) in enumerate((("ICL", icl[h]), ("GD", gd[h])), start=1):
             scale = float(np.abs(mat).max()) or 1.0  # each matrix on its own symmetric scale
-            fig.add_trace(go.Heatmap(
-                z=mat, zmin=-scale, zmax=scale, zmid=0, colorscale="RdBu", showscale=False,
-                hovertemplate=f"dW_{name} kv {h}" + " [%{y}, %{x}] = %{z:.3g}<extra></extra>",
-            ), row=h + 1, col=col)
+            fig.add_trace(
+                go.Heatmap(
+                    z=mat,
+                    zmin=-scale,
+                    zmax=scale,
+                    zmid=0,
+                    colorscale="RdBu",
+                    showscale=False,
+                    hovertemplate=f"dW_{name} kv {h}" + " [%{y}, %{x}] = %{z:.3g}<extra></extra>",
+                ),
+                row=h + 1,
+                col=col,
+            )
             fig.update_yaxes(autorange="reversed", row=h + 1, col=col)
     fig.update_layout(
-        template=TEMPLATE, title=f"layer {layer}: implicit weight updates (each panel on its own colour scale)",
-        height=120 + 300 * n_kv, margin=dict(l=40, r=20, t=80, b=30),
+        template=TEMPLATE,
+        title=f"layer {layer}: implicit weight updates (each panel on its own colour scale)",
+        height=120 + 300 * n_kv,
+        margin=dict(l=40, r=20, t=80, b=30),
     )
     return fig
 
@@ -198,20 +248,37 @@ def query_distribution_figure(results: Results, layer: int, metric: str = "simao
     fig = go.Figure()
     for i, comparison in enumerate(comparison_order(rows["comparison"].unique().tolist())):
         values = rows.loc[rows["comparison"] == comparison, "value"].dropna()
-        fig.add_trace(go.Box(y=values, name=label(comparison), boxpoints="all", jitter=0.4, pointpos=0,
-                             marker=dict(color=_colour(i), size=4), line=dict(color=_colour(i))))
+        fig.add_trace(
+            go.Box(
+                y=values,
+                name=label(comparison),
+                boxpoints="all",
+                jitter=0.4,
+                pointpos=0,
+                marker=dict(color=_colour(i), size=4),
+                line=dict(color=_colour(i)),
+            )
+        )
     fig.update_layout(
-        template=TEMPLATE, title=label(f"layer {layer}: per-query {metric} against its baselines"),
-        height=360, yaxis=dict(title=label(metric)), showlegend=False, margin=dict(l=60, r=20, t=50, b=50),
+        template=TEMPLATE,
+        title=label(f"layer {layer}: per-query {metric} against its baselines"),
+        height=360,
+        yaxis=dict(title=label(metric)),
+        showlegend=False,
+        margin=dict(l=60, r=20, t=50, b=50),
     )
     return fig
 
 
-def top_tokens_figure(top_tokens: Sequence[dict], title: str = "tokens whose probability ICL and GD move most") -> go.Figure | None:
+def top_tokens_figure(
+    top_tokens: Sequence[dict], title: str = "tokens whose probability ICL and GD move most"
+) -> go.Figure | None:
     """Change of each token's probability under ICL and GD (vs ZSL), grouped bars."""
     if not top_tokens:
         return None
-    tokens = [label(repr(str(row.get("token", "")))[1:-1]) for row in top_tokens]  # repr shows spaces/newlines
+    tokens = [
+        label(repr(str(row.get("token", "")))[1:-1]) for row in top_tokens
+    ]  # repr shows spaces/newlines
     seen: dict[str, int] = {}
     for i, tok in enumerate(tokens):  # plotly merges equal categories: keep them apart
         seen[tok] = seen.get(tok, 0) + 1
@@ -219,11 +286,22 @@ def top_tokens_figure(top_tokens: Sequence[dict], title: str = "tokens whose pro
             tokens[i] = f"{tok} ({seen[tok]})"
     fig = go.Figure()
     for i, (key, name) in enumerate((("d_icl", "ICL - ZSL"), ("d_gd", "GD - ZSL"))):
-        fig.add_trace(go.Bar(y=tokens, x=[float(row.get(key, math.nan)) for row in top_tokens], name=name,
-                             orientation="h", marker_color=_colour(i)))
+        fig.add_trace(
+            go.Bar(
+                y=tokens,
+                x=[float(row.get(key, math.nan)) for row in top_tokens],
+                name=name,
+                orientation="h",
+                marker_color=_colour(i),
+            )
+        )
     fig.update_layout(
-        template=TEMPLATE, title=label(title), barmode="group", height=160 + 22 * len(tokens),
-        yaxis=dict(autorange="reversed", type="category"), xaxis=dict(title="change in probability"),
+        template=TEMPLATE,
+        title=label(title),
+        barmode="group",
+        height=160 + 22 * len(tokens),
+        yaxis=dict(autorange="reversed", type="category"),
+        xaxis=dict(title="change in probability"),
         margin=dict(l=160, r=20, t=50, b=50),
     )
     return fig

@@ -72,7 +72,11 @@ def table(df: pd.DataFrame, digits: int = 3) -> str:
     if df is None or df.empty:
         return '<p class="note">(empty)</p>'
     return df.to_html(
-        index=False, classes="data", border=0, escape=True, na_rep="",
+        index=False,
+        classes="data",
+        border=0,
+        escape=True,
+        na_rep="",
         float_format=lambda v: f"{v:.{digits}f}",
     )
 

@@ -147,7 +147,9 @@ class EncodedPrompts:
         )
 
 
-def _char_spans(task: Task, demos: Sequence[Example], query: Example, label_words: Sequence[str]) -> list[tuple[int, int, int]]:
+def _char_spans(
+    task: Task, demos: Sequence[Example], query: Example, label_words: Sequence[str]
+) -> list[tuple[int, int, int]]:
     """Character spans (start, end, segment) of each demonstration and of the query."""
     spans, cursor = [], 0
     for i, demo in enumerate(demos):
@@ -187,10 +189,10 @@ def encode_prompts(
             )
         spans = _char_spans(task, demos, query, words)
         seg = []
-        for (start, end) in offsets:
+        for start, end in offsets:
             s = OTHER_SEGMENT
             if end > start:
-                for (a, b, sid) in spans:
+                for a, b, sid in spans:
                     if start < b and end > a:
                         s = sid
                         break
@@ -235,7 +237,9 @@ def readable_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
     out = []
     for i in ids:
         text = tokenizer.decode([int(i)])
-        out.append(text if text.strip() else text.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅")
+        out.append(
+            text if text.strip() else text.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅"
+        )
     return out
 
 
@@ -261,7 +265,12 @@ def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[int]:
             split.append(word)
     if split and tuple(split) not in _WARNED_SPLIT:
         _WARNED_SPLIT.add(tuple(split))
-        warnings.warn(f"label word(s) {split} are several tokens; they are scored by their first token only", stacklevel=2)
+        warnings.warn(
+            f"label word(s) {split} are several tokens; they are scored by their first token only",
+            stacklevel=2,
+        )
     if len(set(ids)) != len(ids):
-        raise IclgdError(f"label words {list(label_words)} share a first token; choose words that differ in their first token")
+        raise IclgdError(
+            f"label words {list(label_words)} share a first token; choose words that differ in their first token"
+        )
     return ids

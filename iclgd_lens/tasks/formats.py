@@ -45,18 +45,46 @@ class PaperFormat(NamedTuple):
 
 
 PAPER_FORMATS: dict[str, PaperFormat] = {
-    "sst2": PaperFormat("Sentence: {text} Label:", ("Negative", "Positive"), "stanfordnlp/sst2", ("sentence",), test_split="validation"),
-    "sst5": PaperFormat("Sentence: {text} Label:", ("terrible", "bad", "neutral", "good", "great"), "SetFit/sst5", ("text",)),
-    "mr": PaperFormat("Review: {text} Sentiment:", ("Negative", "Positive"), "cornell-movie-review-data/rotten_tomatoes", ("text",)),
+    "sst2": PaperFormat(
+        "Sentence: {text} Label:",
+        ("Negative", "Positive"),
+        "stanfordnlp/sst2",
+        ("sentence",),
+        test_split="validation",
+    ),
+    "sst5": PaperFormat(
+        "Sentence: {text} Label:", ("terrible", "bad", "neutral", "good", "great"), "SetFit/sst5", ("text",)
+    ),
+    "mr": PaperFormat(
+        "Review: {text} Sentiment:",
+        ("Negative", "Positive"),
+        "cornell-movie-review-data/rotten_tomatoes",
+        ("text",),
+    ),
     "subj": PaperFormat("Input: {text} Type:", ("objective", "subjective"), "SetFit/subj", ("text",)),
-    "agnews": PaperFormat("Article: {text} Answer:", ("World", "Sports", "Business", "Technology"), "fancyzhx/ag_news", ("text",)),
+    "agnews": PaperFormat(
+        "Article: {text} Answer:",
+        ("World", "Sports", "Business", "Technology"),
+        "fancyzhx/ag_news",
+        ("text",),
+    ),
     "cb": PaperFormat(
-        "{text} Answer:", ("True", "False", "Neither"), "aps/super_glue", ("premise", "hypothesis"), hf_config="cb",
-        text_format="{0} Question: {1} True, False or Neither?", test_split="validation",
+        "{text} Answer:",
+        ("True", "False", "Neither"),
+        "aps/super_glue",
+        ("premise", "hypothesis"),
+        hf_config="cb",
+        text_format="{0} Question: {1} True, False or Neither?",
+        test_split="validation",
     ),
     "rte": PaperFormat(
-        "{text} Answer:", ("True", "False"), "aps/super_glue", ("premise", "hypothesis"), hf_config="rte",
-        text_format="{0} Question: {1} True or False?", test_split="validation",
+        "{text} Answer:",
+        ("True", "False"),
+        "aps/super_glue",
+        ("premise", "hypothesis"),
+        hf_config="rte",
+        text_format="{0} Question: {1} True or False?",
+        test_split="validation",
     ),
 }
 """Paper tasks by name. Templates and label words of SST-2/SST-5/MR/Subj/AGNews/CB follow
@@ -83,7 +111,9 @@ def check_label_words(words: Sequence[str]) -> tuple[str, ...]:
     stripped = [w.strip() for w in words]
     duplicates = sorted({w for w in stripped if stripped.count(w) > 1})
     if duplicates:
-        raise IclgdError(f"duplicated label words {duplicates} in {list(words)}; each class needs its own word")
+        raise IclgdError(
+            f"duplicated label words {duplicates} in {list(words)}; each class needs its own word"
+        )
     return tuple(stripped)
 
 
@@ -123,7 +153,12 @@ def load_task(
     if max_examples is not None and max_examples <= 0:
         raise IclgdError(f"max_examples must be a positive integer, got {max_examples}")
     path = Path(name_or_path).expanduser()
-    is_local = path.exists() or path.suffix.lower() in (".jsonl", ".csv") or "/" in name_or_path or "\\" in name_or_path
+    is_local = (
+        path.exists()
+        or path.suffix.lower() in (".jsonl", ".csv")
+        or "/" in name_or_path
+        or "\\" in name_or_path
+    )
     if is_local:
         if not path.exists():
             raise IclgdError(f"data file {name_or_path} does not exist")
@@ -141,11 +176,15 @@ def load_task(
     fmt = PAPER_FORMATS[key]
     words = check_label_words(label_words if label_words is not None else fmt.label_words)
     if len(words) != len(fmt.label_words) and label_words is not None:
-        raise IclgdError(f"task {key!r} has {len(fmt.label_words)} classes but {len(words)} label words were given")
+        raise IclgdError(
+            f"task {key!r} has {len(fmt.label_words)} classes but {len(words)} label words were given"
+        )
     task_template = check_template(template if template is not None else fmt.template)
     test_split = split_test or ("test" if is_local else fmt.test_split)
     if split_train == test_split:
-        raise IclgdError(f"split_train and split_test are both {split_train!r}; demonstrations and queries must come from different splits")
+        raise IclgdError(
+            f"split_train and split_test are both {split_train!r}; demonstrations and queries must come from different splits"
+        )
     if is_local:
         train, test = (_local_split(path, split, fmt, words) for split in (split_train, test_split))
         source = str(path)
@@ -156,7 +195,11 @@ def load_task(
         rng = random.Random(seed)
         train, test = (rng.sample(rows, min(max_examples, len(rows))) for rows in (train, test))
     return Task(
-        name=key, template=task_template, label_words=words, train=tuple(train), test=tuple(test),
+        name=key,
+        template=task_template,
+        label_words=words,
+        train=tuple(train),
+        test=tuple(test),
         description=f"{key} in the paper format, from {source} ({split_train}/{test_split})",
     )
 
@@ -194,11 +237,15 @@ def _label_id(label: Any, words: Sequence[str], where: str, aliases: Sequence[Se
         if label.lstrip("-").isdigit():
             label = int(label)
         else:
-            raise IclgdError(f"{where}: label {label!r} is not one of the label words {list(words)} nor an integer id")
+            raise IclgdError(
+                f"{where}: label {label!r} is not one of the label words {list(words)} nor an integer id"
+            )
     if not isinstance(label, int):
         raise IclgdError(f"{where}: label {label!r} is neither an integer id nor a label word")
     if not 0 <= label < len(words):
-        raise IclgdError(f"{where}: label {label} out of range 0..{len(words) - 1} ({len(words)} label words {list(words)})")
+        raise IclgdError(
+            f"{where}: label {label} out of range 0..{len(words) - 1} ({len(words)} label words {list(words)})"
+        )
     return label
 
 
@@ -254,15 +301,23 @@ def _hub_split(key: str, fmt: PaperFormat, split: str, words: Sequence[str]) -> 
     try:
         import datasets
     except ImportError:
-        raise IclgdError(f"loading {key!r} from the hub needs the `datasets` package (pip install 'iclgd-lens[datasets]'), {hint}") from None
+        raise IclgdError(
+            f"loading {key!r} from the hub needs the `datasets` package (pip install 'iclgd-lens[datasets]'), {hint}"
+        ) from None
     try:
         dataset = datasets.load_dataset(fmt.hf_dataset, fmt.hf_config, split=split)
     except ValueError as error:
         if "split" in str(error).lower():
-            raise IclgdError(f"{fmt.hf_dataset} has no split {split!r}: {str(error).splitlines()[0]}") from None
-        raise IclgdError(f"could not load {fmt.hf_dataset} ({key}): {str(error).splitlines()[0]}; {hint}") from None
+            raise IclgdError(
+                f"{fmt.hf_dataset} has no split {split!r}: {str(error).splitlines()[0]}"
+            ) from None
+        raise IclgdError(
+            f"could not load {fmt.hf_dataset} ({key}): {str(error).splitlines()[0]}; {hint}"
+        ) from None
     except (ConnectionError, OSError, TimeoutError):
-        raise IclgdError(f"cannot download {fmt.hf_dataset} ({key}): no network or not in the HF cache; {hint}") from None
+        raise IclgdError(
+            f"cannot download {fmt.hf_dataset} ({key}): no network or not in the HF cache; {hint}"
+        ) from None
     except Exception as error:  # datasets raises its own types (DatasetNotFoundError, ...)
         first_line = (str(error).splitlines() or [type(error).__name__])[0]
         raise IclgdError(f"could not load {fmt.hf_dataset} ({key}): {first_line}; {hint}") from None

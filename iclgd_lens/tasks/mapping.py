@@ -45,8 +45,22 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
 """Six latent categories of six items each (12 items per category did not show ICL in time)."""
 
 LABEL_WORDS: tuple[str, ...] = (
-    "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta",
-    "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi",
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
 )
 """Sixteen label words with no meaning of their own: any document may map any category to any."""
 
@@ -88,7 +102,9 @@ class DocumentConfig:
     p_fact_document: float = 0.05  # documents made of fact lines only
 
 
-def mapping_document(world: World, rng: random.Random, config: DocumentConfig) -> tuple[list[str], list[bool]]:
+def mapping_document(
+    world: World, rng: random.Random, config: DocumentConfig
+) -> tuple[list[str], list[bool]]:
     """One document: its lines and, per line, whether it is a mapping line.
 
     The document draws its categories and a fresh category -> label word mapping; mapping
@@ -131,13 +147,17 @@ class MappingTask(Task):
     words an episode may draw; the words in force are `Episode.label_words`.
     """
 
-    def __init__(self, world: World | None = None, n_ways: int = 2, seed: int = 0, name: str = "tiny-mapping"):
+    def __init__(
+        self, world: World | None = None, n_ways: int = 2, seed: int = 0, name: str = "tiny-mapping"
+    ):
         world = world or World()
         if not 2 <= n_ways <= min(len(world.categories), len(world.label_words)):
             raise IclgdError(f"n_ways must be between 2 and {len(world.categories)}, got {n_ways}")
         if min(len(items) for items in world.categories.values()) < 2:
             raise IclgdError("every category needs at least 2 items (one demonstration, one query)")
-        examples = tuple(Example(item, i) for i, items in enumerate(world.categories.values()) for item in items)
+        examples = tuple(
+            Example(item, i) for i, items in enumerate(world.categories.values()) for item in items
+        )
         super().__init__(
             name=name,
             template=TEMPLATE,

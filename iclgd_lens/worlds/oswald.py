@@ -65,7 +65,12 @@ def hand_built_weights(
 
 
 def regression_tasks(
-    n_tasks: int, n_context: int = 10, d_x: int = 10, d_y: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32
+    n_tasks: int,
+    n_context: int = 10,
+    d_x: int = 10,
+    d_y: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Linear regression tasks as in von Oswald et al.'s code: x ~ U(-0.5, 0.5)^d_x, W ~ N(0, I).
 
@@ -81,13 +86,17 @@ def regression_tasks(
     return x[:, :-1], y[:, :-1], x[:, -1], y[:, -1]
 
 
-def build_tokens(x_context: Tensor, y_context: Tensor, x_query: Tensor, y_query_init: Tensor | None = None) -> Tensor:
+def build_tokens(
+    x_context: Tensor, y_context: Tensor, x_query: Tensor, y_query_init: Tensor | None = None
+) -> Tensor:
     """Tokens e_j = (x_j, y_j) for the context and (x_test, y_init) for the query (y_init = 0).
 
     x_context [T, N, d_x], y_context [T, N, d_y], x_query [T, d_x] -> tokens [T, N+1, d_x+d_y].
     """
     if x_context.shape[:2] != y_context.shape[:2] or x_query.shape[0] != x_context.shape[0]:
-        raise IclgdError("x_context [T, N, d_x], y_context [T, N, d_y] and x_query [T, d_x] must agree in T and N")
+        raise IclgdError(
+            "x_context [T, N, d_x], y_context [T, N, d_y] and x_query [T, d_x] must agree in T and N"
+        )
     if y_query_init is None:
         y_query_init = torch.zeros(x_query.shape[0], y_context.shape[-1], dtype=x_query.dtype)
     context = torch.cat([x_context, y_context], dim=-1)  # [T, N, d]
@@ -236,7 +245,11 @@ class LinearSelfAttention(HookedRootModule):
 
 
 def predict_icl(
-    model: LinearSelfAttention, x_context: Tensor, y_context: Tensor, x_query: Tensor, w0: Tensor | None = None
+    model: LinearSelfAttention,
+    x_context: Tensor,
+    y_context: Tensor,
+    x_query: Tensor,
+    w0: Tensor | None = None,
 ) -> Tensor:
     """The layer's in-context prediction for x_test: minus the query's y-entry after the layer.
 

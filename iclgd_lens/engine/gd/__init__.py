@@ -37,7 +37,20 @@ from iclgd_lens.engine.gd.deltas import DELTAS_NOT_APPLIED, Deltas, Factors, del
 from iclgd_lens.engine.gd.train import LOW_RANK_LIMIT, train_deltas
 
 __all__ = [
-    "ATTN_PROJECTIONS", "DEFAULT_LR", "LOSSES", "MLP_PROJECTIONS", "OPTIMIZERS", "PARAM_SETS", "PRESETS", "GDConfig",
-    "demo_order", "projection_paths", "DELTAS_NOT_APPLIED", "Deltas", "Factors", "delta_hooks", "LOW_RANK_LIMIT",
+    "ATTN_PROJECTIONS",
+    "DEFAULT_LR",
+    "LOSSES",
+    "MLP_PROJECTIONS",
+    "OPTIMIZERS",
+    "PARAM_SETS",
+    "PRESETS",
+    "GDConfig",
+    "demo_order",
+    "projection_paths",
+    "DELTAS_NOT_APPLIED",
+    "Deltas",
+    "Factors",
+    "delta_hooks",
+    "LOW_RANK_LIMIT",
     "train_deltas",
 ]

@@ -31,7 +31,9 @@ class GDConfig:
     params: str = "kv"  # "kv" | "qkvo" | "v_single" | "all" (attn q/k/v/o, mlp gate/in/out, unembedding)
     layer: int | None = None  # the layer of "v_single" (None: the middle layer, n_layers // 2)
     optimizer: str = "sgd"  # "sgd" (momentum 0, no weight decay, no clipping) | "adam" (torch defaults)
-    lr: float | None = None  # None: the task's learning rate (Task.gd_lr), else DEFAULT_LR; a number always wins
+    lr: float | None = (
+        None  # None: the task's learning rate (Task.gd_lr), else DEFAULT_LR; a number always wins
+    )
     epochs: int = 1
     batch_size: int = 1  # demonstrations per step, in prompt order
     loss_on: str = "all_tokens"  # "all_tokens" (Dai) | "label_tokens" (Shen)
@@ -44,10 +46,16 @@ class GDConfig:
         if self.params not in PARAM_SETS:
             raise IclgdError(f"unknown GD params {self.params!r}; choose one of {', '.join(PARAM_SETS)}")
         if self.layer is not None and self.params != "v_single":
-            raise IclgdError(f"GD layer={self.layer} is only used with params='v_single' (got params={self.params!r})")
+            raise IclgdError(
+                f"GD layer={self.layer} is only used with params='v_single' (got params={self.params!r})"
+            )
         if self.optimizer not in OPTIMIZERS:
-            raise IclgdError(f"unknown GD optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise IclgdError(
+                f"unknown GD optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
+            )
+        if self.lr is not None and not (
+            isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0
+        ):
             raise IclgdError(f"GD learning rate must be a positive number, got {self.lr!r}")
         if not (isinstance(self.epochs, int) and self.epochs >= 1):
             raise IclgdError(f"GD epochs must be an integer >= 1, got {self.epochs!r}")
@@ -56,19 +64,33 @@ class GDConfig:
         if self.loss_on not in LOSSES:
             raise IclgdError(f"unknown GD loss {self.loss_on!r}; choose one of {', '.join(LOSSES)}")
         if self.delta_dtype not in (None, "float32"):
-            raise IclgdError(f"GD delta_dtype must be None (the model's dtype) or 'float32', got {self.delta_dtype!r}")
+            raise IclgdError(
+                f"GD delta_dtype must be None (the model's dtype) or 'float32', got {self.delta_dtype!r}"
+            )
 
     @classmethod
     def dai(cls, lr: float | None = None) -> "GDConfig":
         """Dai et al. 2023: W_K and W_V of every layer, SGD, 1 epoch, batch 1, loss on all tokens."""
-        return cls(params="kv", optimizer="sgd", lr=lr, epochs=1, batch_size=1, loss_on="all_tokens", name="dai")
+        return cls(
+            params="kv", optimizer="sgd", lr=lr, epochs=1, batch_size=1, loss_on="all_tokens", name="dai"
+        )
 
     @classmethod
-    def shen(cls, lr: float | None = None, epochs: int = 20, layer: int | None = None, params: str = "all") -> "GDConfig":
+    def shen(
+        cls, lr: float | None = None, epochs: int = 20, layer: int | None = None, params: str = "all"
+    ) -> "GDConfig":
         """Shen et al. 2024: label-token loss; the whole model ("all") or W_V of one layer ("v_single")."""
         name = "shen-single-layer" if params == "v_single" else "shen"
-        return cls(params=params, layer=layer, optimizer="sgd", lr=lr, epochs=epochs, batch_size=1,
-                   loss_on="label_tokens", name=name)
+        return cls(
+            params=params,
+            layer=layer,
+            optimizer="sgd",
+            lr=lr,
+            epochs=epochs,
+            batch_size=1,
+            loss_on="label_tokens",
+            name=name,
+        )
 
     @classmethod
     def deutch(cls, lr: float | None = None) -> "GDConfig":
@@ -107,7 +129,9 @@ class GDConfig:
         """A GDConfig or a preset name, with the learning rate resolved for `task` (`for_task`)."""
         config = cls.preset(gd) if isinstance(gd, str) else gd
         if not isinstance(config, GDConfig):
-            raise IclgdError(f"gd must be a GDConfig or a preset name ({', '.join(PRESETS)}), got {type(gd).__name__}")
+            raise IclgdError(
+                f"gd must be a GDConfig or a preset name ({', '.join(PRESETS)}), got {type(gd).__name__}"
+            )
         return config.for_task(task)
 
     def describe(self) -> str:

@@ -85,7 +85,9 @@ class Deltas:
         tensors = {}
         for path, part in self.parts.items():
             like = part[0] if isinstance(part, tuple) else part
-            shape = (like.shape[0], like.shape[1], part[1].shape[1]) if isinstance(part, tuple) else like.shape
+            shape = (
+                (like.shape[0], like.shape[1], part[1].shape[1]) if isinstance(part, tuple) else like.shape
+            )
             noise = torch.randn(shape, generator=generator)  # [n_episodes, d_out, d_in]
             scale = norms[path].cpu() / torch.linalg.matrix_norm(noise)  # [n_episodes]
             tensors[path] = (noise * scale[:, None, None]).to(dtype=like.dtype, device=like.device)
@@ -109,10 +111,18 @@ def _linear_weight(model, path: str) -> torch.Tensor:
     try:
         return _raw_module(model, path).weight
     except AttributeError as exc:
-        raise IclgdError(f"the model has no linear projection at {path!r}; is it a LLaMA TransformerBridge?") from exc
+        raise IclgdError(
+            f"the model has no linear projection at {path!r}; is it a LLaMA TransformerBridge?"
+        ) from exc
 
 
-def _apply(x: torch.Tensor, part: "torch.Tensor | Factors", episodes: list[int], counts: list[int], permute: torch.Tensor | None) -> torch.Tensor | None:
+def _apply(
+    x: torch.Tensor,
+    part: "torch.Tensor | Factors",
+    episodes: list[int],
+    counts: list[int],
+    permute: torch.Tensor | None,
+) -> torch.Tensor | None:
     """dW x for every row with its own episode's delta (None if every delta is still zero-rank).
 
     x: [batch, pos, d_in]; part: dW [n_episodes, d_out, d_in] or factors (U [n_episodes, d_out, r],
@@ -145,7 +155,10 @@ def _apply(x: torch.Tensor, part: "torch.Tensor | Factors", episodes: list[int],
 
 
 def _hooks_for_parts(
-    parts: dict, row_episode: torch.Tensor, record: dict[str, list] | None = None, applied: dict[str, int] | None = None
+    parts: dict,
+    row_episode: torch.Tensor,
+    record: dict[str, list] | None = None,
+    applied: dict[str, int] | None = None,
 ) -> list[tuple[str, HookFn]]:
     """The hook_in/hook_out pair per projection that adds dW x (see `delta_hooks`).
 
@@ -161,7 +174,9 @@ def _hooks_for_parts(
     if rows.ndim != 1 or rows.dtype not in (torch.int64, torch.int32) or len(rows) == 0:
         raise IclgdError("row_episode must be a 1-D integer tensor with one episode index per batch row")
     if rows.min() < 0 or rows.max() >= n_episodes:
-        raise IclgdError(f"row_episode has indices outside 0..{n_episodes - 1} (the deltas hold {n_episodes} episodes)")
+        raise IclgdError(
+            f"row_episode has indices outside 0..{n_episodes - 1} (the deltas hold {n_episodes} episodes)"
+        )
     order = torch.argsort(rows, stable=True)
     permute = None if torch.equal(order, torch.arange(len(rows))) else order
     episodes, counts = (t.tolist() for t in torch.unique_consecutive(rows[order], return_counts=True))
@@ -173,12 +188,16 @@ def _hooks_for_parts(
         def save_input(x: torch.Tensor, hook, saved=saved) -> None:
             saved["x"] = x  # a reference: the projection's input, no copy
 
-        def add_update(out: torch.Tensor, hook, saved=saved, part=part, permute=permute, calls=calls(path), path=path) -> torch.Tensor:
+        def add_update(
+            out: torch.Tensor, hook, saved=saved, part=part, permute=permute, calls=calls(path), path=path
+        ) -> torch.Tensor:
             if "x" not in saved:
                 raise IclgdError(f"{DELTAS_NOT_APPLIED}: {path}.hook_in did not fire before {path}.hook_out")
             x = saved.pop("x")
             if x.shape[0] != len(rows):
-                raise IclgdError(f"delta hooks were built for batches of {len(rows)} rows, the model ran on {x.shape[0]}")
+                raise IclgdError(
+                    f"delta hooks were built for batches of {len(rows)} rows, the model ran on {x.shape[0]}"
+                )
             if x.ndim == 4:  # attn.o.hook_in is [batch, pos, heads, d_head]
                 x = einops.rearrange(x, "b p h d -> b p (h d)")
             update = _apply(x, part, episodes, counts, permute.to(x.device) if permute is not None else None)
@@ -214,9 +233,14 @@ def delta_hooks(deltas: Deltas, row_episode: torch.Tensor) -> list[tuple[str, Ho
         applied.update(dict.fromkeys(applied, 0))
         if wrong:
             path, n = next(iter(wrong.items()))
-            raise IclgdError(f"{DELTAS_NOT_APPLIED}: the update of {path} was added {n} times in one forward pass ({len(wrong)} projection(s) affected)")
+            raise IclgdError(
+                f"{DELTAS_NOT_APPLIED}: the update of {path} was added {n} times in one forward pass ({len(wrong)} projection(s) affected)"
+            )
 
-    return [*_hooks_for_parts(deltas.parts, row_episode, applied=applied), ("unembed.hook_out", check_all_applied)]
+    return [
+        *_hooks_for_parts(deltas.parts, row_episode, applied=applied),
+        ("unembed.hook_out", check_all_applied),
+    ]
 
 
 DELTAS_NOT_APPLIED = (

@@ -15,7 +15,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from iclgd_lens.engine.gd.config import GDConfig, demo_order, projection_paths
-from iclgd_lens.engine.gd.deltas import Deltas, Factors, HookFn, _densify, _hooks_for_parts, _linear_weight, _raw_module
+from iclgd_lens.engine.gd.deltas import (
+    Deltas,
+    Factors,
+    HookFn,
+    _densify,
+    _hooks_for_parts,
+    _linear_weight,
+    _raw_module,
+)
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.models import release_transient_state
 from iclgd_lens.tasks import Episode, Example, Task
@@ -34,7 +42,9 @@ class _EncodedDemo:
     targets: list[int]  # targets[p] = the token predicted from position p, or IGNORE
 
 
-def _encode_demo(tokenizer, task: Task, demo: Example, label_words: Sequence[str], loss_on: str) -> _EncodedDemo:
+def _encode_demo(
+    tokenizer, task: Task, demo: Example, label_words: Sequence[str], loss_on: str
+) -> _EncodedDemo:
     """Tokenise one rendered demonstration with BOS; mark the loss tokens."""
     text = task.render_demo(demo, label_words)
     enc = tokenizer(text, return_offsets_mapping=loss_on == "label_tokens", add_special_tokens=True)
@@ -50,7 +60,9 @@ def _encode_demo(tokenizer, task: Task, demo: Example, label_words: Sequence[str
     return _EncodedDemo(ids, targets)
 
 
-def _pad_batch(demos: list[_EncodedDemo], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pad_batch(
+    demos: list[_EncodedDemo], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad to a common length: input_ids, attention_mask, targets, each [rows, pos]."""
     width = max(len(d.input_ids) for d in demos)
     input_ids = torch.full((len(demos), width), pad_id, dtype=torch.long)
@@ -70,7 +82,10 @@ def _episode_losses(logits: torch.Tensor, targets: torch.Tensor, n_episodes: int
     logits [rows, pos, vocab]; targets [rows, pos]; rows are episode-major, equal per episode.
     """
     token_loss = F.cross_entropy(
-        einops.rearrange(logits.float(), "r p v -> (r p) v"), targets.flatten(), ignore_index=IGNORE, reduction="none"
+        einops.rearrange(logits.float(), "r p v -> (r p) v"),
+        targets.flatten(),
+        ignore_index=IGNORE,
+        reduction="none",
     )
     token_loss = einops.rearrange(token_loss, "(e rp) -> e rp", e=n_episodes)  # [episodes, rows*pos]
     n_loss_tokens = einops.rearrange(targets != IGNORE, "(e r) p -> e (r p)", e=n_episodes).sum(-1)
@@ -91,14 +106,24 @@ def _requires_grad(resid: torch.Tensor, hook) -> torch.Tensor:
 
 
 def _forward_losses(
-    model: "TransformerBridge", input_ids, attention_mask, targets, parts, row_episode, config: GDConfig, record: dict, observers=()
+    model: "TransformerBridge",
+    input_ids,
+    attention_mask,
+    targets,
+    parts,
+    row_episode,
+    config: GDConfig,
+    record: dict,
+    observers=(),
 ) -> torch.Tensor:
     """Per-episode loss [n_episodes] of one step, with the current deltas hooked in (the
     outputs of the low-rank projections go to `record`, see `_hooks_for_parts`). `observers`
     are read-only hooks, registered after the deltas so that they see the updated values."""
     n_episodes = len(torch.unique(row_episode))
     unembed_record = {"unembed": record["unembed"]} if "unembed" in record else None
-    hooks = _hooks_for_parts({p: d for p, d in parts.items() if p != "unembed" or not config.layer_causal}, row_episode, record)
+    hooks = _hooks_for_parts(
+        {p: d for p, d in parts.items() if p != "unembed" or not config.layer_causal}, row_episode, record
+    )
     hooks += list(observers)
     hooks.append(("blocks.0.hook_resid_pre", _requires_grad))
     if not config.layer_causal:
@@ -111,7 +136,11 @@ def _forward_losses(
     # (no hooks fire), plus the unembedding delta when "all" trains it.
     final_norm = _raw_module(model, "ln_final")
     unembed = _raw_module(model, "unembed")
-    unembed_hooks = _hooks_for_parts({"unembed": parts["unembed"]}, row_episode, unembed_record) if "unembed" in parts else []
+    unembed_hooks = (
+        _hooks_for_parts({"unembed": parts["unembed"]}, row_episode, unembed_record)
+        if "unembed" in parts
+        else []
+    )
     layer_losses: list[torch.Tensor] = []
 
     def early_exit_loss(resid: torch.Tensor, hook) -> None:  # resid [rows, pos, d_model]
@@ -138,12 +167,20 @@ def _check_inputs(model, episodes: list[Episode]) -> int:
         raise IclgdError("train_deltas needs at least one episode")
     ks = {len(e.demos) for e in episodes}
     if len(ks) != 1:
-        raise IclgdError(f"all episodes of one GD run must have the same number of demonstrations, got {sorted(ks)}")
+        raise IclgdError(
+            f"all episodes of one GD run must have the same number of demonstrations, got {sorted(ks)}"
+        )
     return ks.pop()
 
 
 def train_deltas(
-    model: "TransformerBridge", tokenizer, task: Task, episodes: list[Episode], config: GDConfig, *, progress: bool = False,
+    model: "TransformerBridge",
+    tokenizer,
+    task: Task,
+    episodes: list[Episode],
+    config: GDConfig,
+    *,
+    progress: bool = False,
     record_queries: bool = False,
 ) -> Deltas:
     """Fine-tune `config`'s projections on each episode's demonstrations, all episodes at once.
@@ -167,14 +204,20 @@ def train_deltas(
     device = weights[paths[0]].device
     dtypes = {path: torch.float32 if config.delta_dtype else w.dtype for path, w in weights.items()}
     if config.optimizer == "sgd":  # factors of rank 0: U [n_episodes, d_out, 0], V [n_episodes, d_in, 0]
-        parts = {path: tuple(torch.zeros((n_episodes, d, 0), dtype=dtypes[path], device=device) for d in w.shape)
-                 for path, w in weights.items()}
+        parts = {
+            path: tuple(torch.zeros((n_episodes, d, 0), dtype=dtypes[path], device=device) for d in w.shape)
+            for path, w in weights.items()
+        }
     else:  # Adam: dense deltas from zero, as the parameters of a torch.optim.Adam (elementwise, so per episode)
-        parts = {path: torch.zeros((n_episodes, *w.shape), dtype=dtypes[path], device=device, requires_grad=True)
-                 for path, w in weights.items()}
+        parts = {
+            path: torch.zeros((n_episodes, *w.shape), dtype=dtypes[path], device=device, requires_grad=True)
+            for path, w in weights.items()
+        }
     adam = torch.optim.Adam(list(parts.values()), lr=config.lr) if config.optimizer == "adam" else None
 
-    encoded = [[_encode_demo(tokenizer, task, d, e.label_words, config.loss_on) for d in e.demos] for e in episodes]
+    encoded = [
+        [_encode_demo(tokenizer, task, d, e.label_words, config.loss_on) for d in e.demos] for e in episodes
+    ]
     order = demo_order(k, config.order_seed)
     chunks = [order[i : i + config.batch_size] for i in range(0, k, config.batch_size)] * config.epochs
     steps_per_epoch = max(1, len(chunks) // config.epochs)
@@ -182,7 +225,20 @@ def train_deltas(
 
     try:
         queries: dict | None = {} if record_queries else None
-        deltas = _train(model, parts, adam, encoded, chunks, steps_per_epoch, n_episodes, pad_id, device, config, progress, queries)
+        deltas = _train(
+            model,
+            parts,
+            adam,
+            encoded,
+            chunks,
+            steps_per_epoch,
+            n_episodes,
+            pad_id,
+            device,
+            config,
+            progress,
+            queries,
+        )
         if queries is not None:
             deltas.train_queries, deltas.train_token_demo = _stack_train_queries(queries, encoded, n_layers)
         return deltas
@@ -190,11 +246,26 @@ def train_deltas(
         release_transient_state(model)
 
 
-def _train(model, parts, adam, encoded, chunks, steps_per_epoch, n_episodes, pad_id, device, config, progress, queries=None) -> Deltas:
+def _train(
+    model,
+    parts,
+    adam,
+    encoded,
+    chunks,
+    steps_per_epoch,
+    n_episodes,
+    pad_id,
+    device,
+    config,
+    progress,
+    queries=None,
+) -> Deltas:
     """The GD loop of `train_deltas` (dense deltas updated in place, factors extended; with
     `adam`, a torch.optim.Adam over the dense deltas, steps them)."""
     step_losses = []
-    calls_per_step = {path: model.cfg.n_layers if path == "unembed" and config.layer_causal else 1 for path in parts}
+    calls_per_step = {
+        path: model.cfg.n_layers if path == "unembed" and config.layer_causal else 1 for path in parts
+    }
     with torch.enable_grad():
         for step, chunk in enumerate(tqdm(chunks, desc="GD", disable=not progress), start=1):
             batch = [encoded[e][i] for e in range(n_episodes) for i in chunk]  # episode-major rows
@@ -202,12 +273,32 @@ def _train(model, parts, adam, encoded, chunks, steps_per_epoch, n_episodes, pad
             input_ids, attention_mask, targets = _pad_batch(batch, pad_id, device)
             new_rank = len(chunk) * input_ids.shape[1]  # training tokens per episode this step
             for path, part in parts.items():  # past the break-even rank: multiply out, go on dense
-                if isinstance(part, tuple) and part[0].shape[-1] + new_rank * calls_per_step[path] > _rank_limit(part):
+                if isinstance(part, tuple) and part[0].shape[-1] + new_rank * calls_per_step[
+                    path
+                ] > _rank_limit(part):
                     parts[path] = _densify(part)
-            leaves = {path: d if adam is not None else d.detach().requires_grad_(True) for path, d in parts.items() if not isinstance(d, tuple)}
+            leaves = {
+                path: d if adam is not None else d.detach().requires_grad_(True)
+                for path, d in parts.items()
+                if not isinstance(d, tuple)
+            }
             record = {path: [] for path, part in parts.items() if isinstance(part, tuple)}
-            observers = _query_observers(queries, chunk, n_episodes, model.cfg.n_layers) if queries is not None else ()
-            losses = _forward_losses(model, input_ids, attention_mask, targets, {**parts, **leaves}, row_episode, config, record, observers)
+            observers = (
+                _query_observers(queries, chunk, n_episodes, model.cfg.n_layers)
+                if queries is not None
+                else ()
+            )
+            losses = _forward_losses(
+                model,
+                input_ids,
+                attention_mask,
+                targets,
+                {**parts, **leaves},
+                row_episode,
+                config,
+                record,
+                observers,
+            )
             if not torch.isfinite(losses).all():
                 raise IclgdError(_diverged(step, config))
             outputs = [out for calls in record.values() for _, out in calls]
@@ -224,16 +315,26 @@ def _train(model, parts, adam, encoded, chunks, steps_per_epoch, n_episodes, pad
                             _sgd_step_(parts[path], grad, config.lr)
                 output_grads = iter(grads[len(leaves) :])
                 for path, calls in record.items():
-                    parts[path] = _extend(parts[path], [(x, next(output_grads)) for x, _ in calls], n_episodes, config.lr)
+                    parts[path] = _extend(
+                        parts[path], [(x, next(output_grads)) for x, _ in calls], n_episodes, config.lr
+                    )
                 if step % steps_per_epoch == 0 and not all(_is_finite(part) for part in parts.values()):
-                    raise IclgdError(_diverged(step, config))  # checked once an epoch: a per-step check cost 24% of GD time
+                    raise IclgdError(
+                        _diverged(step, config)
+                    )  # checked once an epoch: a per-step check cost 24% of GD time
             del leaves, grads, record, outputs
             step_losses.append(losses.detach().float().cpu())
     losses = torch.stack(step_losses) if step_losses else torch.zeros((0, n_episodes))
-    return Deltas({path: part if isinstance(part, tuple) else part.detach() for path, part in parts.items()}, config, losses)
+    return Deltas(
+        {path: part if isinstance(part, tuple) else part.detach() for path, part in parts.items()},
+        config,
+        losses,
+    )
 
 
-def _query_observers(store: dict, chunk: list[int], n_episodes: int, n_layers: int) -> list[tuple[str, HookFn]]:
+def _query_observers(
+    store: dict, chunk: list[int], n_episodes: int, n_layers: int
+) -> list[tuple[str, HookFn]]:
     """Hooks that keep each training row's query vectors: store[(episode, demo, layer)] =
     q [pos, n_heads, d_head] of that row (padded; cut to length later). A later epoch overwrites."""
 
@@ -248,14 +349,23 @@ def _query_observers(store: dict, chunk: list[int], n_episodes: int, n_layers: i
     return [(f"blocks.{layer}.attn.hook_q", make(layer)) for layer in range(n_layers)]
 
 
-def _stack_train_queries(store: dict, encoded: list[list[_EncodedDemo]], n_layers: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _stack_train_queries(
+    store: dict, encoded: list[list[_EncodedDemo]], n_layers: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per episode: queries of the training tokens in demonstration order, BOS excluded
     ([n_layers, n_tokens, n_heads, d_head]), and each token's demonstration 1..k ([n_tokens])."""
     queries, token_demo = [], []
     for e, demos in enumerate(encoded):
-        per_layer = [torch.cat([store[(e, i, layer)][1 : len(d.input_ids)] for i, d in enumerate(demos)]) for layer in range(n_layers)]
+        per_layer = [
+            torch.cat([store[(e, i, layer)][1 : len(d.input_ids)] for i, d in enumerate(demos)])
+            for layer in range(n_layers)
+        ]
         queries.append(torch.stack(per_layer))
-        token_demo.append(torch.cat([torch.full((len(d.input_ids) - 1,), i + 1, dtype=torch.long) for i, d in enumerate(demos)]))
+        token_demo.append(
+            torch.cat(
+                [torch.full((len(d.input_ids) - 1,), i + 1, dtype=torch.long) for i, d in enumerate(demos)]
+            )
+        )
     return queries, token_demo
 
 
@@ -265,7 +375,9 @@ def _rank_limit(factors: Factors) -> float:
     return LOW_RANK_LIMIT * d_in * d_out / (d_in + d_out)
 
 
-def _extend(factors: Factors, calls: list[tuple[torch.Tensor, torch.Tensor | None]], n_episodes: int, lr: float) -> Factors:
+def _extend(
+    factors: Factors, calls: list[tuple[torch.Tensor, torch.Tensor | None]], n_episodes: int, lr: float
+) -> Factors:
     """One SGD step on low-rank factors: dW -= lr * sum over tokens of g x^T, i.e. append
     (-lr g, x) of every training token to (U, V). x [rows, pos, d_in]; g [rows, pos, d_out]
     (or [rows, pos, heads, d_head]); rows episode-major. Padding tokens have g = 0 (right
@@ -276,7 +388,9 @@ def _extend(factors: Factors, calls: list[tuple[torch.Tensor, torch.Tensor | Non
         if g is None:  # the output did not reach the loss
             continue
         g = einops.rearrange(g.reshape(*g.shape[:2], -1), "(e r) p o -> e o (r p)", e=n_episodes)
-        new_u.append(g.to(u.dtype).mul_(-lr))  # (not alpha=-lr: a huge lr must overflow to inf in fp16, not raise)
+        new_u.append(
+            g.to(u.dtype).mul_(-lr)
+        )  # (not alpha=-lr: a huge lr must overflow to inf in fp16, not raise)
         new_v.append(einops.rearrange(x, "(e r) p i -> e i (r p)", e=n_episodes).to(v.dtype))
     return torch.cat(new_u, -1), torch.cat(new_v, -1)
 
@@ -291,7 +405,10 @@ def _is_finite(part: "torch.Tensor | Factors") -> bool:
         return False
     if u.shape[-1] == 0:
         return True
-    bound = torch.linalg.vector_norm(u.float(), dim=-1).amax() * torch.linalg.vector_norm(v.float(), dim=-1).amax()
+    bound = (
+        torch.linalg.vector_norm(u.float(), dim=-1).amax()
+        * torch.linalg.vector_norm(v.float(), dim=-1).amax()
+    )
     return bool(bound < torch.finfo(u.dtype).max) or bool(torch.isfinite(_densify(part)).all())
 
 

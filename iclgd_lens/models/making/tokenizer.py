@@ -17,7 +17,9 @@ PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 
 
-def build_tokenizer(world: World | None = None, name_or_path: str = "tiny-llama-icl") -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    world: World | None = None, name_or_path: str = "tiny-llama-icl"
+) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer whose vocabulary is the specials, "\\n" and the world's words."""
     world = world or World()
     vocab_list = [*SPECIAL_TOKENS, SEPARATOR, *world.words()]

@@ -29,9 +29,9 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from iclgd_lens.tasks.mapping import DocumentConfig, World, default_task, document_text, mapping_document
 from iclgd_lens.models.making.evaluation import kshot_accuracy
 from iclgd_lens.models.making.tokenizer import build_tokenizer
+from iclgd_lens.tasks.mapping import DocumentConfig, World, default_task, document_text, mapping_document
 
 VARIANTS = ("icl", "iclobj")
 
@@ -78,10 +78,17 @@ class TrainConfig:
 
 
 MICRO = dict(
-    steps=6, batch_size=4, seq_len=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    warmup_steps=2, eval_every=0,
+    steps=6,
+    batch_size=4,
+    seq_len=32,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    warmup_steps=2,
+    eval_every=0,
 )
 """A configuration that trains in about a second (for tests)."""
+
 
 def document_config(variant: str, seq_len: int) -> DocumentConfig:
     """Documents of the variant, with enough 4-token lines to fill `seq_len` tokens."""
@@ -140,7 +147,9 @@ def lr_at(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return config.lr * (
+        config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    )
 
 
 def portable_tokenizer_class(folder: Path) -> None:
@@ -152,7 +161,9 @@ def portable_tokenizer_class(folder: Path) -> None:
     path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
-def train(config: TrainConfig, out: Path | None = None, log=print, command: str | None = None) -> tuple[LlamaForCausalLM, object, dict]:
+def train(
+    config: TrainConfig, out: Path | None = None, log=print, command: str | None = None
+) -> tuple[LlamaForCausalLM, object, dict]:
     """Train one model; save it to `out` if given. Returns (model, tokenizer, training log)."""
     if config.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {config.variant!r}")
@@ -168,13 +179,19 @@ def train(config: TrainConfig, out: Path | None = None, log=print, command: str 
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.95),
+        lr=config.lr,
+        betas=(0.9, 0.95),
     )
     task = default_task(seed=config.seed)
     losses, evals = [], []
     start, cpu_start = time.time(), time.process_time()
-    curriculum = "".join(f", {batch_shape(until - 1, config)[0]} x {n} before step {until}" for until, n in config.length_curriculum)
-    log(f"{name}: {n_params:,} parameters, {config.steps} steps of {config.batch_size} x {config.seq_len} tokens{curriculum}")
+    curriculum = "".join(
+        f", {batch_shape(until - 1, config)[0]} x {n} before step {until}"
+        for until, n in config.length_curriculum
+    )
+    log(
+        f"{name}: {n_params:,} parameters, {config.steps} steps of {config.batch_size} x {config.seq_len} tokens{curriculum}"
+    )
     model.train()
     for step in range(config.steps):
         batch_size, seq_len = batch_shape(step, config)
@@ -190,7 +207,9 @@ def train(config: TrainConfig, out: Path | None = None, log=print, command: str 
         losses.append(round(loss.item(), 5))
         last = step + 1 == config.steps
         if config.eval_every and ((step + 1) % config.eval_every == 0 or last):
-            acc = kshot_accuracy(model, tokenizer, task, config.eval_ks, config.eval_episodes, 4, seed=10_000 + step)
+            acc = kshot_accuracy(
+                model, tokenizer, task, config.eval_ks, config.eval_episodes, 4, seed=10_000 + step
+            )
             evals.append({"step": step + 1, "accuracy": acc})
             mean_loss = sum(losses[-50:]) / len(losses[-50:])
             log(f"step {step + 1}: loss {mean_loss:.4f}  k-shot {acc}  ({time.time() - start:.0f}s)")
@@ -205,7 +224,11 @@ def train(config: TrainConfig, out: Path | None = None, log=print, command: str 
         "train_cpu_seconds": round(cpu_seconds, 1),  # CPU time of this process: the cost on an idle machine
         "losses": losses,
         "kshot_during_training": evals,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
     }
     if out is not None:
         out = Path(out)
