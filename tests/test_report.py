@@ -291,3 +291,15 @@ def test_top_tokens_are_shown_as_text():
     )
     assert fig.data[0].y[0] == "&lt;script&gt;alert(1)&lt;/script&gt;"
     assert list(fig.data[1].x) == [0.2, 0.0]
+
+
+def test_undefined_values_are_listed_with_their_reason(tmp_path):
+    """SimAM-delta at layer 0 is undefined by construction: the index says so, with the reason."""
+    results = make_results(n_layers=2)
+    table = results.table
+    table.loc[(table.metric == "simam_delta") & (table.layer == 0), "value"] = float("nan")
+    undefined = Results(table, results.config, results.artifacts).undefined()
+    row = undefined[undefined.metric == "simam_delta"].iloc[0]
+    assert row["layers"] == "0" and "rotary" in row["because"]
+    index = render_report(Results(table, results.config, results.artifacts), tmp_path / "r", analyses={}).read_text()
+    assert "Undefined values" in index and "a zero update" in index

@@ -284,3 +284,16 @@ def dual_form_update(q: Tensor, k_demo: Tensor, v_demo: Tensor, mask: Tensor | N
         raise IclgdError(f"{heads_q} query heads cannot share {heads_kv} key/value heads")
     dw = dw.repeat_interleave(heads_q // heads_kv, dim=-3)  # [..., heads_q, d, d]
     return torch.einsum("...hvk,...hk->...hv", dw, q)
+
+
+# ---- values that are undefined by definition ------------------------------------------------------
+UNDEFINED_BECAUSE: dict[str, str] = {
+    "simam_delta": "at layer 0 of a rotary model ICL cannot change the query's own pre-softmax scores (a zero update)",
+    "rec2ftp": "no query of the episode is wrong zero-shot and right after GD (an empty denominator)",
+    "kendall_token": "a demonstration tokenises to another number of tokens in the prompt than alone, or a ranking is constant",
+    "kendall_example": "a ranking is constant (every demonstration tied) or there are fewer than 2 demonstrations",
+    "kendall_token_per_head": "a ranking is constant or there are fewer than 2 demonstration tokens",
+    "kendall_example_per_head": "a ranking is constant or there are fewer than 2 demonstrations",
+}
+"""Why a metric can be NaN (shown as "undefined" with this reason, never as a number); see docs/metrics.md."""
+

@@ -260,6 +260,20 @@ class Results:
         config["run_time_s"] = round(sum(float(p.config.get("run_time_s") or 0) for p in parts), 2)
         return cls(table, config, parts[-1].artifacts)
 
+    def undefined(self) -> pd.DataFrame:
+        """Where the table holds undefined values (NaN), and why: metric, comparison, layers,
+        n_undefined, n, because (`metrics.UNDEFINED_BECAUSE`; "no defined value" otherwise)."""
+        from iclgd_lens.engine.metrics import UNDEFINED_BECAUSE
+
+        nan = self.table[self.table["value"].isna()]
+        rows = []
+        for (metric, comparison), group in nan.groupby(["metric", "comparison"], sort=True):
+            total = int(((self.table["metric"] == metric) & (self.table["comparison"] == comparison)).sum())
+            layers = ", ".join(str(layer) for layer in sorted(group["layer"].unique()))
+            because = UNDEFINED_BECAUSE.get(metric, "no defined value")
+            rows.append((metric, comparison, layers, len(group), total, because))
+        return pd.DataFrame(rows, columns=["metric", "comparison", "layers", "n_undefined", "n", "because"])
+
     # ---- files -------------------------------------------------------------------------
     def to_json_dict(self) -> dict:
         """The whole result as a strict-JSON dict: table records, config, artifacts."""

@@ -128,6 +128,18 @@ def _index_body(
             )
         )
 
+    undefined = results.undefined()
+    if not undefined.empty:
+        sections.append(
+            section(
+                "Undefined values",
+                table(undefined),
+                "undefined",
+                "Where a metric has no defined value it is left out of every mean and curve (shown as n/a), "
+                "for the reason given; see docs/metrics.md.",
+            )
+        )
+
     wide = model_metrics_table(results)
     if not wide.empty:
         sections.append(
