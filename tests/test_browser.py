@@ -257,6 +257,7 @@ def test_index_renders_offline_without_errors(report_dir):
     assert_clean(state)
     assert state["graphs"] > 0 and state["graphs_rendered"] == state["graphs"]
     assert "simaou by layer" in state["text"] or state["graphs"] >= 7
+    assert EVIL_IMG_TOKEN in state["text"]  # the hostile model and task names, shown as text (no dialog above)
 
 
 def test_layer_page_renders_figures_and_attention_and_shows_tokens_as_text(report_dir):

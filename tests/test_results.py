@@ -139,11 +139,11 @@ def make_results(
             attention[cond][layer] = {"tokens": tokens, "pattern": pattern.tolist()}
     top_tokens = [
         {"token": t, "d_icl": float(rng.normal()) / 10, "d_gd": float(rng.normal()) / 10}
-        for t in ["Positive", "Negative", EVIL_TOKEN, " the", "\n"]
+        for t in ["Positive", "Negative", EVIL_TOKEN, EVIL_IMG_TOKEN, " the", "\n"]
     ]
-    config = {
-        "model": "tiny-llama-icl",
-        "task": "synthetic",
+    config = {  # hostile strings wherever a model, a task or data can put one
+        "model": f"tiny-llama-icl {EVIL_IMG_TOKEN}",
+        "task": f"synthetic {EVIL_IMG_TOKEN}",
         "gd": "dai",
         "k": list(ks),
         "seed": seed,
@@ -151,7 +151,8 @@ def make_results(
         "versions": {"torch": "x"},
         "run_time_s": 1.5,
     }
-    return Results(table, config, {"dw": dw, "attention": attention, "top_tokens": top_tokens})
+    example = {"icl_prompt": f"cow = {EVIL_IMG_TOKEN}\nhorse =", "zsl_prompt": "horse =", "label": EVIL_IMG_TOKEN}
+    return Results(table, config, {"dw": dw, "attention": attention, "top_tokens": top_tokens, "example": example})
 
 
 # ---- construction ------------------------------------------------------------------------
