@@ -130,6 +130,27 @@ def _gd_presets() -> tuple[str, ...]:
     return PRESETS
 
 
+def _check_ks_before_loading(model: str, task, ks: Sequence[int]) -> None:
+    """For an embedded model or a local folder: refuse an impossible k from its config and
+    tokenizer alone, in a second, before the weights are loaded (`compare` checks it again)."""
+    from iclgd_lens.engine.compare import check_k_fits
+    from iclgd_lens.models import EMBEDDED_MODELS, embedded_model_path
+
+    folder = embedded_model_path(model) if model in EMBEDDED_MODELS else Path(model).expanduser()
+    config = folder / "config.json"
+    if not config.is_file():
+        return
+    try:
+        n_ctx = json.loads(config.read_text()).get("max_position_embeddings")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return  # load_model says what is wrong with the folder
+    for k in ks:
+        check_k_fits(tokenizer, n_ctx, task, k)
+
+
 def _load_task(task: Optional[str], seed: int):
     """None -> the default task of the embedded models (compare's default); else a paper task or data file."""
     if task is None or task == "default":
@@ -213,6 +234,7 @@ def report(
     gd_config = replace(
         GDConfig.resolve(gd, the_task if the_task is not None else default_task(seed=seed)), **overrides
     )
+    _check_ks_before_loading(model, the_task if the_task is not None else default_task(seed=seed), ks)
     _say(f"loading model {model} ...")
     bridge = load_model(model, device=device, dtype=dtype)
     parts = []

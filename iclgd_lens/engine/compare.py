@@ -79,7 +79,7 @@ def compare(
     chosen = _chosen_baselines(baselines)
     probe_names = _probe_names(probes)
     Recorder(model, probe_names)  # refuses probes whose hook points the model lacks, before any work
-    _check_k_fits(model, task, k)
+    check_k_fits(model.tokenizer, _context_window(model), task, k)
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     _check_prompts_fit(model, task, episodes)
     if check_memory:
@@ -292,22 +292,19 @@ def _as_task(task, seed: int) -> Task:
     return task
 
 
-def _check_k_fits(model, task: Task, k: int) -> None:
+def check_k_fits(tokenizer, n_ctx: int | None, task: Task, k: int) -> None:
     """k demonstrations of at least this task's shortest rendering must fit the context window:
-    an impossible k fails here, in milliseconds, instead of after GD has trained on them."""
-    n_ctx = _context_window(model)
+    an impossible k fails here, in milliseconds, instead of after GD has trained on them (the
+    CLI calls it before the model is even loaded)."""
     if n_ctx is None or k == 0 or not task.train:
         return
     demo = min(task.train[:64], key=lambda e: len(e.text))
-    per_demo = len(
-        model.tokenizer(task.render_demo(demo, task.label_words) + task.separator, add_special_tokens=False)[
-            "input_ids"
-        ]
-    )
+    text = task.render_demo(demo, task.label_words) + task.separator
+    per_demo = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     if k * per_demo >= n_ctx:
         raise IclgdError(
-            f"k={k} demonstrations need at least {k * per_demo} tokens ({per_demo} each), but the model's context window "
-            f"is {n_ctx}; choose k <= {max(0, (n_ctx - 1) // max(per_demo, 1) - 1)}"
+            f"k={k} demonstrations need at least {k * per_demo} tokens ({per_demo} each), but the model's "
+            f"context window is {n_ctx}; choose k <= {max(0, (n_ctx - 1) // max(per_demo, 1) - 1)}"
         )
 
 
@@ -346,9 +343,10 @@ def _check_delta_memory(model, gd_config: GDConfig, n_episodes: int, untrained: 
     if need + model_bytes > total:
         gb = lambda n: f"{n / 2**30:.1f} GB"
         raise IclgdError(
-            f"GD ({gd_config.params}, {gd_config.optimizer}) on {n_episodes} episodes needs about {gb(need)} of weight deltas beside "
-            f"{gb(model_bytes)} of model, more than the {gb(total)} of {device.type}; use fewer episodes or a smaller parameter "
-            "set, or pass check_memory=False (--no-memory-check) to try anyway"
+            f"GD ({gd_config.params}, {gd_config.optimizer}) on {n_episodes} episodes needs about {gb(need)} "
+            f"of weight deltas beside {gb(model_bytes)} of model, more than the {gb(total)} of "
+            f"{device.type}; use fewer episodes or a smaller parameter set, or pass check_memory=False "
+            "(--no-memory-check) to try anyway"
         )
 
 
