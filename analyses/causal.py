@@ -353,7 +353,8 @@ def _check_rope_and_scale(icl, mask: torch.Tensor) -> None:
         )
         if err > 1e-4:
             raise IclgdError(
-                f"the model's rotary embedding is not LLaMA's rotate_half form (layer {layer}: relative error {err:.1e}); the transplant cannot rotate queries"
+                f"the model's rotary embedding is not LLaMA's rotate_half form (layer {layer}: "
+                f"relative error {err:.1e}); the transplant cannot rotate queries"
             )
         k = icl["k"][layer].float()
         group = rot_q.shape[2] // k.shape[2]
@@ -368,7 +369,8 @@ def _check_rope_and_scale(icl, mask: torch.Tensor) -> None:
         )
         if err > 1e-4:
             raise IclgdError(
-                f"attention scores are not q.k / sqrt(d_head) (layer {layer}: relative error {err:.1e}); the softmax transplant needs the model's scale"
+                f"attention scores are not q.k / sqrt(d_head) (layer {layer}: relative error {err:.1e}); "
+                "the softmax transplant needs the model's scale"
             )
 
 
@@ -767,8 +769,8 @@ def findings(table: pd.DataFrame, facts: dict | None = None) -> str:
     L = int(table.loc[table.layer >= 0, "layer"].max()) + 1
     if facts and "all_layer_patch_max_abs_err" in facts:
         lines.append(
-            f"Patching the read position's attention output with ICL's at every layer reproduces ICL's logits "
-            f"(max |diff| {facts['all_layer_patch_max_abs_err']:.1e})."
+            "Patching the read position's attention output with ICL's at every layer reproduces ICL's "
+            f"logits (max |diff| {facts['all_layer_patch_max_abs_err']:.1e})."
         )
     acc = {c: _get(s, "accuracy", c, "none", -1) for c in ("zsl", "icl", "gd", "icl_perm")}
     lines.append(
@@ -807,8 +809,8 @@ def findings(table: pd.DataFrame, facts: dict | None = None) -> str:
         all_rand = _get(s, "recovered", "patch:random", "bottom", L - 1)
         klr = _get(s, "kl_reduction", "patch:gd_scaled", "bottom", L - 1)
         lines.append(
-            f"All layers patched: GD recovers {_fmt(all_gd)} as is, {_fmt(all_gds)} rescaled (KL reduction {_fmt(klr)}); "
-            f"a random update of ICL's norm {_fmt(all_rand)}."
+            f"All layers patched: GD recovers {_fmt(all_gd)} as is, {_fmt(all_gds)} rescaled (KL reduction "
+            f"{_fmt(klr)}); a random update of ICL's norm {_fmt(all_rand)}."
         )
     # substitution
     none = [(_get(s, "kl_to_icl", "subst:none", "single", l), l) for l in range(L)]
@@ -820,7 +822,8 @@ def findings(table: pd.DataFrame, facts: dict | None = None) -> str:
             f"{name} {_fmt(_get(s, 'agreement', f'subst:{name}', 'bottom', L - 1))}" for name in SUBSTITUTES
         ]
         lines.append(
-            f"Substituting ICL's update at layer {l} (where removing it matters most), KL(ICL || substituted): "
+            f"Substituting ICL's update at layer {l} (where removing it matters most), "
+            "KL(ICL || substituted): "
             + ", ".join(parts)
             + ". All layers at once, agreement with ICL's label: "
             + ", ".join(agree)
@@ -843,7 +846,8 @@ def findings(table: pd.DataFrame, facts: dict | None = None) -> str:
     ]
     if all(r is not None for r, _ in ratio):
         lines.append(
-            "Linear dual form dW_ICL q against ICL's real update of z, per layer (norm ratio; cosine; mean over heads): "
+            "Linear dual form dW_ICL q against ICL's real update of z, per layer (norm ratio; cosine; "
+            "mean over heads): "
             + ", ".join(f"layer {l} {_fmt(r)}; {_fmt(c)}" for l, (r, c) in enumerate(ratio))
             + "."
         )
@@ -851,7 +855,8 @@ def findings(table: pd.DataFrame, facts: dict | None = None) -> str:
         lines.append(
             "Dual-form transplant into ZSL at all layers (accuracy; KL to ICL; KL to GD): "
             + "; ".join(f"{m} {_fmt(a)}; {_fmt(ki)}; {_fmt(kg)}" for m, (a, ki, kg) in t_all.items())
-            + f". Reference KL(ICL || ZSL) {_fmt(_get(s, 'kl_to_icl', 'zsl', 'none', -1))}, KL(GD || ZSL) {_fmt(_get(s, 'kl_to_gd', 'zsl', 'none', -1))}."
+            + f". Reference KL(ICL || ZSL) {_fmt(_get(s, 'kl_to_icl', 'zsl', 'none', -1))}, "
+            f"KL(GD || ZSL) {_fmt(_get(s, 'kl_to_gd', 'zsl', 'none', -1))}."
         )
     # untrained
     u_acc = {c: _get(s, "accuracy", f"untrained:{c}", "none", -1) for c in ("zsl", "icl", "gd")}
@@ -859,7 +864,8 @@ def findings(table: pd.DataFrame, facts: dict | None = None) -> str:
         u_kl = _get(s, "kl_to_icl", "untrained:zsl", "none", -1)
         u_rec = _get(s, "kl_reduction", "untrained:patch:gd_scaled", "bottom", L - 1)
         lines.append(
-            f"Untrained copy: accuracy ZSL {_fmt(u_acc['zsl'])}, ICL {_fmt(u_acc['icl'])}, GD {_fmt(u_acc['gd'])}; "
-            f"KL(ICL || ZSL) {_fmt(u_kl)}; all-layer GD-rescaled patch KL reduction {_fmt(u_rec)}."
+            f"Untrained copy: accuracy ZSL {_fmt(u_acc['zsl'])}, ICL {_fmt(u_acc['icl'])}, "
+            f"GD {_fmt(u_acc['gd'])}; KL(ICL || ZSL) {_fmt(u_kl)}; all-layer GD-rescaled patch KL reduction "
+            f"{_fmt(u_rec)}."
         )
     return "\n".join(lines)

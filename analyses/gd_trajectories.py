@@ -27,7 +27,10 @@ import plotly.graph_objects as go
 from iclgd_lens import PARAM_SETS, GDConfig, IclgdError, StudyResult, Task, compare, versions
 from iclgd_lens.study import as_bridge, layer_mean, model_name, parse_numbers
 
-QUESTION = "Does any GD setting (learning rate, trained parameters, epochs) make GD agree with ICL as well as ICL agrees with itself?"
+QUESTION = (
+    "Does any GD setting (learning rate, trained parameters, epochs) make GD agree with ICL "
+    "as well as ICL agrees with itself?"
+)
 PROBES = ("attn_out", "scores", "kv_outer")
 """Probes recorded per cell: enough for SimAOU, SimAM-delta and dW cosine (no Kendall, which is slow)."""
 TRACKED = ("simaou", "simam_delta", "token_overlap", "overlap_cosine", "kl", "accuracy", "dw_cos")
@@ -228,7 +231,8 @@ def findings(table: pd.DataFrame, target: str, best: dict | None) -> str:
     if best is None:
         return "\n".join(lines + ["No GD setting finished; lower the learning rates."])
     lines.append(
-        f"Best agreement ({target}, icl~gd): params={best['params']}, lr={best['lr']:g}, epochs={best['epochs']}: {best['value']:.3f}."
+        f"Best agreement ({target}, icl~gd): params={best['params']}, lr={best['lr']:g}, "
+        f"epochs={best['epochs']}: {best['value']:.3f}."
     )
     floor = s[(s.metric == target) & (s.comparison == "icl~icl_perm")]["mean"].mean()
     if np.isfinite(floor) and target != "accuracy":

@@ -5,7 +5,8 @@ The same comparison (`compare`: same task, episodes, GD setting, seed) runs on t
 by default the embedded `tiny-llama-icl` (ICL emerged from next-token pretraining on a bursty
 corpus) and `tiny-llama-iclobj` (trained with an explicit ICL objective). The tables are
 stacked with a `model` column. Differences are tested per metric (layer-level metrics
-averaged over layers per query, then per episode; a paired sign-flip test over episodes) and per layer for SimAOU.
+averaged over layers per query, then per episode; a paired sign-flip test over episodes) and
+per layer for SimAOU.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import plotly.express as px
 from iclgd_lens import GDConfig, IclgdError, StudyResult, Task, compare, stats, versions
 from iclgd_lens.study import as_bridge, layer_mean, model_name
 
-QUESTION = "Does ICL learned through an explicit ICL objective agree with GD differently from ICL that emerged in pretraining?"
+QUESTION = (
+    "Does ICL learned through an explicit ICL objective agree with GD differently from ICL "
+    "that emerged in pretraining?"
+)
 DEFAULT_MODELS = ("tiny-llama-icl", "tiny-llama-iclobj")
 COMPARED = (
     ("accuracy", "zsl"),
@@ -214,7 +218,8 @@ def findings(diffs: pd.DataFrame, names: list[str], alpha: float) -> str:
     sig = model_level[model_level.p_value < alpha]
     for r in sig.itertuples():
         lines.append(
-            f"{r.metric} ({r.comparison}) differs: {a} {r.mean_a:.3f} vs {b} {r.mean_b:.3f} (p = {r.p_value:.2g})."
+            f"{r.metric} ({r.comparison}) differs: {a} {r.mean_a:.3f} vs {b} {r.mean_b:.3f} (p = "
+            f"{r.p_value:.2g})."
         )
     same = model_level[model_level.p_value >= alpha]
     if len(same):

@@ -197,18 +197,21 @@ def findings(table: pd.DataFrame) -> str:
         if not icl_ks.empty:
             best_k = int(icl_ks.idxmax())
             lines.append(
-                f"{model} on {task}: ICL accuracy {icl_ks.iloc[0]:.2f} at k={icl_ks.index[0]} and {icl_ks.iloc[-1]:.2f} at "
-                f"k={icl_ks.index[-1]} (best {icl_ks.max():.2f} at k={best_k}); zero-shot {acc['zsl'].mean():.2f}."
+                f"{model} on {task}: ICL accuracy {icl_ks.iloc[0]:.2f} at k={icl_ks.index[0]} and "
+                f"{icl_ks.iloc[-1]:.2f} at k={icl_ks.index[-1]} (best {icl_ks.max():.2f} at k={best_k}); "
+                f"zero-shot {acc['zsl'].mean():.2f}."
             )
         gd_only = [int(k) for k in acc.index if "icl" not in acc or pd.isna(acc.loc[k, "icl"])]
         if gd_only:
             lines.append(
-                f"GD only (no ICL prompt: beyond the context window or asked for) at k = {', '.join(map(str, gd_only))}."
+                "GD only (no ICL prompt: beyond the context window or asked for) at k = "
+                f"{', '.join(map(str, gd_only))}."
             )
         if "gd" in acc:
             gd = acc["gd"].dropna()
             lines.append(
-                f"GD accuracy goes from {gd.iloc[0]:.2f} (k={gd.index[0]}) to {gd.iloc[-1]:.2f} (k={gd.index[-1]})."
+                f"GD accuracy goes from {gd.iloc[0]:.2f} (k={gd.index[0]}) to {gd.iloc[-1]:.2f} "
+                f"(k={gd.index[-1]})."
             )
         sim = sub[sub.metric == "simaou"].pivot_table(index="k", columns="comparison", values="mean")
         if "icl~gd" in sim and sim["icl~gd"].notna().sum() >= 2:
@@ -221,6 +224,7 @@ def findings(table: pd.DataFrame) -> str:
                 else ""
             )
             lines.append(
-                f"SimAOU icl~gd ranges {s.min():.3f} .. {s.max():.3f}{base_txt}; its correlation with log k is {trend:+.2f}."
+                f"SimAOU icl~gd ranges {s.min():.3f} .. {s.max():.3f}{base_txt}; its correlation with log k "
+                f"is {trend:+.2f}."
             )
     return "\n".join(lines)

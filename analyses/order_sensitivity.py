@@ -51,7 +51,10 @@ from iclgd_lens import (
 )
 from iclgd_lens.study import as_bridge, device_of, model_name, parse_numbers
 
-QUESTION = "How much does the order of the demonstrations change the output of ICL, and of GD with different batch sizes?"
+QUESTION = (
+    "How much does the order of the demonstrations change the output of ICL, "
+    "and of GD with different batch sizes?"
+)
 COLUMNS = ["metric", "method", "batch_size", "layer", "episode", "query", "value"]
 
 
@@ -72,7 +75,8 @@ def run(
     """Order sensitivity of ICL and of GD (batch sizes `batch_sizes` below k, and full batch).
 
     `gd` sets everything of GD except batch size and order (e.g. `GDConfig.dai(lr=1e-2)`); a preset
-    name uses the task's `gd_lr` where it has one (as `compare` does); `batch_size` bounds the rows of one recording forward pass.
+    name uses the task's `gd_lr` where it has one (as `compare` does); `batch_size` bounds the rows
+    of one recording forward pass.
     """
     started = time.time()
     bridge = as_bridge(model)
@@ -254,7 +258,10 @@ def figures(table: pd.DataFrame) -> list:
         error_y_minus="err_minus",
         range_y=[0, 1.05],
         labels={"mean": "top-10 token overlap"},
-        title="Agreement across orders (order_overlap; ICL's is Shen's floor) and ICL vs GD under the same order",
+        title=(
+            "Agreement across orders (order_overlap; ICL's is Shen's floor) "
+            "and ICL vs GD under the same order"
+        ),
     )
     return [fig_sen, fig_layers, fig_overlap]
 
@@ -277,22 +284,26 @@ def findings(table: pd.DataFrame, k: int) -> str:
         most = max(gd_methods, key=lambda m: sen[m])
         if sen[most] > 0:
             lines.append(
-                f"ICL is {sen['icl'] / sen[most]:.1f}x as order-sensitive as the most order-sensitive GD setting ({most})."
+                f"ICL is {sen['icl'] / sen[most]:.1f}x as order-sensitive as the most order-sensitive GD "
+                f"setting ({most})."
             )
         else:
             lines.append(
-                "No GD setting is order-sensitive at all here (Sen 0): check that GD moves the model (learning rate)."
+                "No GD setting is order-sensitive at all here (Sen 0): check that GD moves the model "
+                "(learning rate)."
             )
     if "gd_full" in sen:
         lines.append(
-            f"Full-batch GD: Sen = {sen['gd_full']:.2e} (order-invariant up to float rounding, as it must be)."
+            f"Full-batch GD: Sen = {sen['gd_full']:.2e} (order-invariant up to float rounding, "
+            "as it must be)."
         )
     layer_sen = s.loc["attn_sen"]["mean"]
     if "icl" in layer_sen.index.get_level_values(0):
         icl_layers = layer_sen.loc["icl"]
         lines.append(
-            f"The ICL attention update is most order-sensitive at layer {int(icl_layers.idxmax())} "
-            f"(relative spread {icl_layers.max():.3f}; least at layer {int(icl_layers.idxmin())}: {icl_layers.min():.3f})."
+            f"The ICL attention update is most order-sensitive at layer {int(icl_layers.idxmax())} (relative "
+            f"spread {icl_layers.max():.3f}; least at layer {int(icl_layers.idxmin())}: "
+            f"{icl_layers.min():.3f})."
         )
     overlap = s.loc["order_overlap"]["mean"].droplevel("layer")
     lines.append(

@@ -97,7 +97,8 @@ def _hf_model(model: Any) -> nn.Module:
     if isinstance(model, nn.Module) and hasattr(model, "config"):
         return model
     raise IclgdError(
-        f"model must be a model name, a TransformerBridge or a HF LlamaForCausalLM, got {type(model).__name__}"
+        "model must be a model name, a TransformerBridge or a HF LlamaForCausalLM, "
+        f"got {type(model).__name__}"
     )
 
 
@@ -209,7 +210,8 @@ def run(
     gaussian_baseline: bool = True,
     seed: int = 0,
 ) -> StudyResult:
-    """Measure sparsity, score-matrix structure and ranks: construction vs Gaussian vs the model, side by side.
+    """Measure sparsity, score-matrix structure and ranks: construction vs Gaussian vs the model,
+    side by side.
 
     `model`: a shipped model name (loaded with `iclgd_lens.models.load_model`), a TransformerBridge,
     or a HF LlamaForCausalLM. `d_x, d_y, lr, n_context` set the hand-built construction (one head,
@@ -351,9 +353,9 @@ def _findings(table: pd.DataFrame, model_name: str) -> str:
         need = SHEN_CONSTRUCTION_NEAR_ZERO[matrix]
         gap = "short of" if model_max < need else "meeting"
         lines.append(
-            f"{matrix}: at most {model_max:.2%} of {model_name}'s entries are near zero at any threshold and layer "
-            f"({verdict} Shen et al.'s ~60% for LLaMa-7B, {gap} the >= {need:.2%} they say the construction needs); "
-            f"our hand-built weights: {built_text}."
+            f"{matrix}: at most {model_max:.2%} of {model_name}'s entries are near zero at any threshold and "
+            f"layer ({verdict} Shen et al.'s ~60% for LLaMa-7B, {gap} the >= {need:.2%} they say the "
+            f"construction needs); our hand-built weights: {built_text}."
         )
     dist = (
         table[table.metric == "scaled_identity_distance"].groupby("source").value.agg(["mean", "min", "max"])

@@ -69,9 +69,10 @@ def report(model: str) -> None:
     c = result.config
     print(f"## {model}\n")
     print(
-        f"run time {elapsed:.1f} s (one CPU thread, untrained baseline included); k={c['k']}, {c['n_episodes']} episodes x "
-        f"{c['n_queries']} queries, GD preset {c['gd']['name']} at lr {c['gd']['lr']}, seed {c['seed']}; "
-        f"{c['n_demo_tokens_mean']:.0f} demonstration tokens per prompt on average"
+        f"run time {elapsed:.1f} s (one CPU thread, untrained baseline included); k={c['k']}, "
+        f"{c['n_episodes']} episodes x {c['n_queries']} queries, GD preset {c['gd']['name']} at lr "
+        f"{c['gd']['lr']}, seed {c['seed']}; {c['n_demo_tokens_mean']:.0f} demonstration tokens per prompt "
+        "on average"
     )
     print(
         f"all-layer ICL patch: max |logits - ICL logits| = {c['all_layer_patch_max_abs_err']:.1e} "
@@ -173,7 +174,8 @@ def report(model: str) -> None:
     other = causal.run(bridge, progress=False, untrained=False, rope="zsl_position")
     so = causal.summary(other.table)
     print(
-        f"### The RoPE choice: the query at its ZSL position (rope='zsl_position', {time.time() - started:.1f} s)\n"
+        "### The RoPE choice: the query at its ZSL position (rope='zsl_position', "
+        f"{time.time() - started:.1f} s)\n"
     )
     rows = [
         [

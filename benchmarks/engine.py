@@ -367,8 +367,9 @@ def main(
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     task = bench_task()
     print(
-        f"# engine benchmark {started}  threads={threads}/{_cpu_count()} cpus  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}  "
-        f"load={_load()}  torch {torch.__version__}  python {platform.python_version()}"
+        f"# engine benchmark {started}  threads={threads}/{_cpu_count()} cpus  "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}  load={_load()}  torch {torch.__version__}  "
+        f"python {platform.python_version()}"
     )
     results: dict = {
         "started": started,
@@ -425,7 +426,8 @@ def main(
         print("\n## scaling (mid-size shape unless noted)\n")
         print(markdown(speed_columns(results["scaling"]).drop(columns=["target"], errors="ignore")))
     print(
-        f"\n## recorded memory vs full run_with_cache, one {memory_tokens if not quick else min(memory_tokens, 128)}-token ICL prompt\n"
+        "\n## recorded memory vs full run_with_cache, "
+        f"one {memory_tokens if not quick else min(memory_tokens, 128)}-token ICL prompt\n"
     )
     mem = pd.DataFrame(results["memory"])
     mem["full_cache_MB"] = (mem.pop("full_cache_bytes") / 2**20).round(2)
@@ -434,7 +436,8 @@ def main(
     print(f"\n# load average before/after: {results['load_before']} / {results['load_after']}")
     worst = max(r["simaou_layer_mean_diff"] for r in results["speed"] + results["scaling"])
     print(
-        f"# max per-layer mean SimAOU difference engine vs reference: {worst:.2e} ({'OK' if worst < 1e-4 else 'FAIL'}: < 1e-4)"
+        "# max per-layer mean SimAOU difference engine vs reference: "
+        f"{worst:.2e} ({'OK' if worst < 1e-4 else 'FAIL'}: < 1e-4)"
     )
     if json_out:
         json_out.write_text(json.dumps(results, indent=1, default=str))
@@ -459,8 +462,9 @@ def _demo_set_sweep(tiny, tiny_label):
 
 def _progress(row: dict) -> None:
     print(
-        f"  {row['model']:>28} k={row['k']:>2} q={row['n_queries']:>2}: engine {row['engine_s']:7.2f}s  reference {row['reference_s']:7.2f}s  "
-        f"speedup {row['speedup']:6.2f}  SimAOU diff {row['simaou_layer_mean_diff']:.1e}",
+        f"  {row['model']:>28} k={row['k']:>2} q={row['n_queries']:>2}: engine {row['engine_s']:7.2f}s  "
+        f"reference {row['reference_s']:7.2f}s  speedup {row['speedup']:6.2f}  SimAOU diff "
+        f"{row['simaou_layer_mean_diff']:.1e}",
         flush=True,
     )
 

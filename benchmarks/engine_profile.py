@@ -104,7 +104,8 @@ def main(reps: int = 2, threads: int = 1, n_episodes: int = 8, k: int = 16, n_qu
     diff = (a - b.reindex(a.index)).abs()
     worst = diff.idxmax()
     print(
-        f"\nthe two paths' tables: {len(a):,} rows, same rows: {same_rows}, largest difference {diff.max():.1e} ({worst[0]}, layer {worst[2]})"
+        f"\nthe two paths' tables: {len(a):,} rows, same rows: {same_rows}, "
+        f"largest difference {diff.max():.1e} ({worst[0]}, layer {worst[2]})"
     )
 
 

@@ -62,14 +62,15 @@ def main(bytes_per_entry: int = 2, gpu_gb: float = 80.0) -> None:
     )
     model_bytes = model_params * b
     print(
-        f"LLaMA-7B: d_model {D_MODEL}, {N_LAYERS} layers, d_mlp {D_MLP}, vocab {VOCAB}: {model_params / 1e9:.2f} B parameters, "
-        f"{size(model_bytes)} at {b} bytes per entry"
+        f"LLaMA-7B: d_model {D_MODEL}, {N_LAYERS} layers, d_mlp {D_MLP}, vocab {VOCAB}: "
+        f"{model_params / 1e9:.2f} B parameters, {size(model_bytes)} at {b} bytes per entry"
     )
     print(f"relative rounding of one entry in bf16 (8 significant bits): 2^-8 = {100 * 2**-8:.2f}%\n")
 
     print("dense deltas, per episode:\n")
     print(
-        "| params | entries per episode | deltas | peak during training, dense SGD | peak during training, Adam | "
+        "| params | entries per episode | deltas | peak during training, dense SGD | "
+        "peak during training, Adam | "
         f"episodes whose SGD peak fits beside the model in {gpu_gb:g} GB | with Adam |"
     )
     print("|---|---|---|---|---|---|---|")
@@ -86,10 +87,12 @@ def main(bytes_per_entry: int = 2, gpu_gb: float = 80.0) -> None:
         )
 
     print(
-        "\nlow-rank SGD deltas, per episode (r = training tokens: 8 demos x 30 tokens = 240, 32 x 30 = 960):\n"
+        "\nlow-rank SGD deltas, per episode (r = training tokens: 8 demos x 30 tokens = 240, "
+        "32 x 30 = 960):\n"
     )
     print(
-        "| params | per training token | r = 240 | r = 960 | dense SGD peak / low-rank at r = 240 | at r = 960 | dense from r = |"
+        "| params | per training token | r = 240 | r = 960 | dense SGD peak / low-rank at r = 240 | "
+        "at r = 960 | dense from r = |"
     )
     print("|---|---|---|---|---|---|---|")
     for params in ("v_single", "kv", "qkvo", "all"):
@@ -105,14 +108,16 @@ def main(bytes_per_entry: int = 2, gpu_gb: float = 80.0) -> None:
         )
         print(
             f"| `{params}` | {size(per_token)} | {size(240 * per_token)} | {size(960 * per_token)} | "
-            f"{dense_peak[params] / (240 * per_token):.1f}x | {dense_peak[params] / (960 * per_token):.1f}x | {ranks_text} |"
+            f"{dense_peak[params] / (240 * per_token):.1f}x | "
+            f"{dense_peak[params] / (960 * per_token):.1f}x | {ranks_text} |"
         )
 
     print(
         f"\nbreak-even rank (LOW_RANK_LIMIT = {LOW_RANK_LIMIT:g}): 512 x 512 -> {break_even(512, 512):.0f}; "
         f"4096 x 4096 -> {break_even(4096, 4096):.0f}; the tiny models' k/v ({TINY_KV} x {TINY_D_MODEL}) -> "
-        f"{break_even(TINY_D_MODEL, TINY_KV):.1f}, reached after {int(break_even(TINY_D_MODEL, TINY_KV) // 4)} batch-1 steps "
-        f"of 4-token demonstrations (BOS + 'cow = alpha')"
+        f"{break_even(TINY_D_MODEL, TINY_KV):.1f}, "
+        f"reached after {int(break_even(TINY_D_MODEL, TINY_KV) // 4)} batch-1 steps of 4-token "
+        "demonstrations (BOS + 'cow = alpha')"
     )
 
 

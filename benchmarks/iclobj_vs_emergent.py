@@ -4,8 +4,9 @@ and the sweep of GD's learning rate on the same episodes.
     python benchmarks/iclobj_vs_emergent.py [--threads 1]
 
 The study table: mean [95% CI] per model of each (metric, comparison) — layer-level metrics
-averaged over layers per query first (`study.layer_mean`) — and the paired p over episodes from the study's own
-`differences`. The sweep: per model and Dai-preset lr, GD accuracy, KL(gd, zsl) and SimAOU icl~gd.
+averaged over layers per query first (`study.layer_mean`) — and the paired p over episodes from
+the study's own `differences`. The sweep: per model and Dai-preset lr, GD accuracy, KL(gd, zsl)
+and SimAOU icl~gd.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def study_table() -> None:
     names = result.config["models"]
     n_ep = result.table.groupby("model").episode.nunique().min()
     print(
-        f"study: {names[0]} vs {names[1]}, {time.time() - start:.1f}s; {n_ep} episodes per model; intervals over episode means\n"
+        f"study: {names[0]} vs {names[1]}, {time.time() - start:.1f}s; {n_ep} episodes per model; "
+        "intervals over episode means\n"
     )
     means = layer_mean(result.table).set_index(["model", "metric", "comparison"])
     diffs = differences(result.table, names)

@@ -44,9 +44,9 @@ def training_summary(folder: Path) -> str:
     cpu = log.get("train_cpu_seconds")
     cpu_text = f", {cpu:.0f}s CPU ({cpu / len(losses):.2f}s per step, {cpu / 60:.0f} min)" if cpu else ""
     lines = [
-        f"{log['model']}: {log['n_parameters']:,} parameters ({4 * log['n_parameters'] / 1e6:.1f} MB in float32), "
-        f"{len(losses)} steps, seed {log['seed']}, {log['train_seconds']:.0f}s wall clock{cpu_text}, "
-        f"loss {first:.3f} (first 50 steps) -> {last:.3f} (last 50 steps)",
+        f"{log['model']}: {log['n_parameters']:,} parameters ({4 * log['n_parameters'] / 1e6:.1f} MB in "
+        f"float32), {len(losses)} steps, seed {log['seed']}, {log['train_seconds']:.0f}s wall "
+        f"clock{cpu_text}, loss {first:.3f} (first 50 steps) -> {last:.3f} (last 50 steps)",
         "  loss, mean over the 50 steps ending at step: "
         + ", ".join(
             f"{end}: {sum(losses[end - 50 : end]) / 50:.3f}"
@@ -97,7 +97,8 @@ def main(episodes: int = 100, queries: int = 4, seed: int = 0, threads: int = 1)
         f"a 16-shot prompt of the default task: {len(tokenizer(prompt)['input_ids'])} tokens (BOS included)"
     )
     print(
-        f"label loss of a perfect in-context learner on iclobj's 128-token training prompts: {oracle_label_loss():.3f}\n"
+        "label loss of a perfect in-context learner on iclobj's 128-token training prompts: "
+        f"{oracle_label_loss():.3f}\n"
     )
     rows = {}
     for name in MODEL_NAMES:
@@ -113,7 +114,8 @@ def main(episodes: int = 100, queries: int = 4, seed: int = 0, threads: int = 1)
         print(f"  measured in {time.time() - start:.1f}s")
     n = episodes * min(queries, 6)
     print(
-        f"\nk-shot accuracy, 2-way, {episodes} episodes x {min(queries, 6)} queries = {n} queries per k, seed {seed}:\n"
+        f"\nk-shot accuracy, 2-way, {episodes} episodes x {min(queries, 6)} queries = {n} queries per k, "
+        f"seed {seed}:\n"
     )
     print("| model | " + " | ".join(f"k={k}" for k in KS) + " |")
     print("|---|" + "---|" * len(KS))

@@ -67,11 +67,12 @@ def main(
         f = figures(n, d_x, n_context, fit_seed, eval_seed)
         print(f"\n{n} tasks: best one-step GD learning rate (fitted on seed {fit_seed}): {f['lr']:.2f}")
         print(
-            f"  in-sample loss (the fitting tasks): GD {f['fit_gd_loss']:.3f}, predicting zero {f['fit_zero_loss']:.3f}"
+            f"  in-sample loss (the fitting tasks): GD {f['fit_gd_loss']:.3f}, "
+            f"predicting zero {f['fit_zero_loss']:.3f}"
         )
         print(
-            f"  held-out loss (seed {eval_seed}): GD {f['gd_loss']:.3f}, predicting zero {f['zero_loss']:.3f}, "
-            f"hand-built attention layer {f['icl_loss']:.3f}"
+            f"  held-out loss (seed {eval_seed}): GD {f['gd_loss']:.3f}, "
+            f"predicting zero {f['zero_loss']:.3f}, hand-built attention layer {f['icl_loss']:.3f}"
         )
     print(f"\nexpected loss of predicting zero: d_x / 24 = {d_x / 24:.3f}")
 

@@ -77,8 +77,8 @@ def k_sweep() -> None:
     icl_ks = sorted(result.config["ks"])
     all_ks = sorted(set(icl_ks) | set(result.config["gd_only_ks"]))
     print(
-        "| k | acc ZSL | acc ICL | acc GD | KL(GD‖ZSL) | SimAOU icl~gd | SimAOU icl~random_update | SimAOU icl~random "
-        "| SimAOU icl~icl_perm |"
+        "| k | acc ZSL | acc ICL | acc GD | KL(GD‖ZSL) | SimAOU icl~gd | SimAOU icl~random_update "
+        "| SimAOU icl~random | SimAOU icl~icl_perm |"
     )
     print("|---" * 9 + "|")
     for k in all_ks:
@@ -89,14 +89,15 @@ def k_sweep() -> None:
             )
             continue
         print(
-            f"| {k} | {cell(k, 'accuracy', 'zsl', 2)} | {cell(k, 'accuracy', 'icl', 2)} | {cell_ci(k, 'accuracy', 'gd', 2)} "
-            f"| {cell(k, 'kl', 'gd~zsl')} | {cell_ci(k, 'simaou', 'icl~gd')} | {cell(k, 'simaou', 'icl~random_update')} "
+            f"| {k} | {cell(k, 'accuracy', 'zsl', 2)} | {cell(k, 'accuracy', 'icl', 2)} "
+            f"| {cell_ci(k, 'accuracy', 'gd', 2)} | {cell(k, 'kl', 'gd~zsl')} "
+            f"| {cell_ci(k, 'simaou', 'icl~gd')} | {cell(k, 'simaou', 'icl~random_update')} "
             f"| {cell(k, 'simaou', 'icl~random')} | {cell(k, 'simaou', 'icl~icl_perm') or '—'} |"
         )
     print(
-        "\n| k | SimAOU_norm icl~gd | SimAOU_norm icl~random (Dai) | SimAOU_norm icl~random_update | SimAM-delta icl~gd "
-        "| dW cos icl~gd (icl~random_update) | Kendall token icl~gd (icl~random) | Kendall example icl~gd (icl~random) "
-        "| top-10 overlap icl~gd (icl~icl_perm) |"
+        "\n| k | SimAOU_norm icl~gd | SimAOU_norm icl~random (Dai) | SimAOU_norm icl~random_update "
+        "| SimAM-delta icl~gd | dW cos icl~gd (icl~random_update) | Kendall token icl~gd (icl~random) "
+        "| Kendall example icl~gd (icl~random) | top-10 overlap icl~gd (icl~icl_perm) |"
     )
     print("|---" * 9 + "|")
     for k in icl_ks:
@@ -107,8 +108,10 @@ def k_sweep() -> None:
             f"| {cell(k, 'simaou_norm', 'icl~random_update')} | {cell(k, 'simam_delta', 'icl~gd')} "
             f"| {cell(k, 'dw_cos', 'icl~gd')} ({cell(k, 'dw_cos', 'icl~random_update')}) "
             f"| {cell(k, 'kendall_token', 'icl~gd')} ({cell(k, 'kendall_token', 'icl~random')}) "
-            f"| {cell(k, 'kendall_example', 'icl~gd') or '—'} ({cell(k, 'kendall_example', 'icl~random') or '—'}) "
-            f"| {cell(k, 'token_overlap', 'icl~gd', 2)} ({cell(k, 'token_overlap', 'icl~icl_perm', 2) or '—'}) |"
+            f"| {cell(k, 'kendall_example', 'icl~gd') or '—'} "
+            f"({cell(k, 'kendall_example', 'icl~random') or '—'}) "
+            f"| {cell(k, 'token_overlap', 'icl~gd', 2)} "
+            f"({cell(k, 'token_overlap', 'icl~icl_perm', 2) or '—'}) |"
         )
 
 
@@ -206,7 +209,8 @@ def gd_trajectories() -> None:
     kl = s[(s.metric == "kl") & (s.comparison == "icl~gd")]
     low = kl.loc[kl["mean"].idxmin()]
     print(
-        f"lowest KL(ICL‖GD): {low['mean']:.2f} at {low['params']}, lr {low['lr']:g}, {int(low['epochs'])} epochs"
+        f"lowest KL(ICL‖GD): {low['mean']:.2f} at {low['params']}, lr {low['lr']:g}, "
+        f"{int(low['epochs'])} epochs"
     )
     vs = s[(s.metric == "simaou") & (s.comparison == "icl~gd") & (s.params == "v_single")]["mean"]
     if len(vs):
@@ -224,7 +228,8 @@ def _weight_table(table: pd.DataFrame) -> None:
     )
     rank = table[(table.metric == "rank_fraction") & (table.layer >= 0)].groupby("matrix").value.mean()
     print(
-        "| source | W_Q near-zero (max over t, layers) | W_K | W_V | distance of W_K^T W_Q, mean (heads min..max) |"
+        "| source | W_Q near-zero (max over t, layers) | W_K | W_V | distance of W_K^T W_Q, "
+        "mean (heads min..max) |"
     )
     print("|---|---|---|---|---|")
     for source in dict.fromkeys(table.source):
@@ -261,7 +266,8 @@ def weight_properties() -> None:
         )
     )
     print(
-        "\nrandom-init LLaMA (d_model 32, 2 layers, 4 heads, 2 kv heads, seed 0; the shape of tests/test_weight_properties.py):\n"
+        "\nrandom-init LLaMA (d_model 32, 2 layers, 4 heads, 2 kv heads, seed 0; "
+        "the shape of tests/test_weight_properties.py):\n"
     )
     _weight_table(wp.run(model=random_model).table)
 
@@ -276,7 +282,8 @@ def _conflict_table(result) -> None:
     for metric in ("fact_accuracy", "context_wins", "weights_win", "other"):
         print(f"  {metric}: {s[(metric, 'before', -1)]:.2f} -> {s[(metric, 'after', -1)]:.2f}")
     print(
-        f"  fine-tuning loss (mean over the batches of the first -> last step): {cfg['ft_loss_first']:.1e} -> {cfg['ft_loss_last']:.1e}"
+        f"  fine-tuning loss (mean over the batches of the first -> last step): {cfg['ft_loss_first']:.1e} "
+        f"-> {cfg['ft_loss_last']:.1e}"
     )
     layers = sorted(s.xs(("attn_update_norm", "before"), level=("metric", "stage")).index)
     for stage in ("before", "after"):

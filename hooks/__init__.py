@@ -111,7 +111,8 @@ def probe(
     def decorate(fn: ProbeFn) -> ProbeFn:
         if name in DEFAULT_PROBES and not getattr(fn, "__module__", "").startswith("iclgd_lens.hooks."):
             raise IclgdError(
-                f"probe name {name!r} is a built-in probe's; give yours another name (built-in: {', '.join(DEFAULT_PROBES)})"
+                f"probe name {name!r} is a built-in probe's; give yours another name (built-in: "
+                f"{', '.join(DEFAULT_PROBES)})"
             )
         register(
             "probes",

@@ -320,7 +320,8 @@ def random_update_vector(shape: Sequence[int], seed: int) -> torch.Tensor:
 
 
 def query_map(p: Pass) -> torch.Tensor:
-    """Pre-softmax scores of the read position over the query's own tokens, in order: [L, H, n_query_tokens]."""
+    """Pre-softmax scores of the read position over the query's own tokens, in order:
+    [L, H, n_query_tokens]."""
     keys = (p.prompt.segments[: p.read + 1] == QUERY_SEGMENT).nonzero().squeeze(-1)
     return read_scores(p)[..., keys]
 
@@ -368,7 +369,8 @@ def kv_context(p: Pass) -> torch.Tensor:
 
 
 def dw_gd(p_gd: Pass, p_zsl: Pass) -> torch.Tensor:
-    """The GD update in the same space: sum v^GD k^GD^T - sum v k^T over the ZSL prompt's tokens: [L, G, D, D]."""
+    """The GD update in the same space: sum v^GD k^GD^T - sum v k^T over the ZSL prompt's tokens:
+    [L, G, D, D]."""
     return kv_context(p_gd) - kv_context(p_zsl)
 
 
@@ -823,7 +825,8 @@ def oracle_table(
                     p1, p2 = logp[x].exp(), logp[y].exp()
                     out.add("token_overlap", comparison, -1, -1, e, q, token_overlap(p1, p2))
                     out.add("overlap_cosine", comparison, -1, -1, e, q, overlap_cosine(p1, p2))
-                    # |d KL| <= |d log p|_inf + |d log q|_inf <= 2 (|d z_p|_inf + |d z_q|_inf): fp32 logits err ~1e-6 |z|_inf
+                    # |d KL| <= |d log p|_inf + |d log q|_inf <= 2 (|d z_p|_inf + |d z_q|_inf):
+                    # fp32 logits err ~1e-6 |z|_inf
                     kl_cond = 4 * max(float(logits[x].abs().max()), float(logits[y].abs().max()))
                     out.add("kl", comparison, -1, -1, e, q, kl(logp[x], logp[y]), kl_cond)
                     out.add("js", comparison, -1, -1, e, q, js(logp[x], logp[y]), kl_cond)

@@ -169,7 +169,9 @@ def open_page(url: str, screenshot: Path | None = None, settle_s: float = 30) ->
             const widgets = [...document.querySelectorAll('.circuitsvis-widget')];
             return {
               graphs: graphs.length,
-              graphs_rendered: graphs.filter(g => g.classList.contains('js-plotly-plot') && g.querySelector('svg.main-svg')).length,
+              graphs_rendered: graphs.filter(
+                g => g.classList.contains('js-plotly-plot') && g.querySelector('svg.main-svg')
+              ).length,
               widgets: widgets.length,
               widgets_rendered: widgets.filter(w => w.childElementCount > 0 && w.innerText.length > 0).length,
               text: document.body ? document.body.innerText : '',
@@ -257,7 +259,8 @@ def test_index_renders_offline_without_errors(report_dir):
     assert_clean(state)
     assert state["graphs"] > 0 and state["graphs_rendered"] == state["graphs"]
     assert "simaou by layer" in state["text"] or state["graphs"] >= 7
-    assert EVIL_IMG_TOKEN in state["text"]  # the hostile model and task names, shown as text (no dialog above)
+    # the hostile model and task names, shown as text (no dialog above)
+    assert EVIL_IMG_TOKEN in state["text"]
 
 
 def test_layer_page_renders_figures_and_attention_and_shows_tokens_as_text(report_dir):

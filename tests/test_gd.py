@@ -341,7 +341,8 @@ def test_label_token_loss_is_the_loss_of_the_label_positions_only(mha, tok):
     all_tokens = train_deltas(
         bridge, tok, task, episodes, GDConfig(params="kv", lr=0.05, batch_size=2)
     ).losses[0, 0]
-    # by hand: demo 1 = [bos Input: a b Label: very yes] -> label tokens at 5, 6; demo 2 = [bos Input: c Label: no] -> 4
+    # by hand: demo 1 = [bos Input: a b Label: very yes] -> label tokens at 5, 6;
+    # demo 2 = [bos Input: c Label: no] -> 4
     losses = []
     for text, label_positions in (("Input: a b Label: very yes", [5, 6]), ("Input: c Label: no", [4])):
         ids = torch.tensor([tok(text)["input_ids"]])

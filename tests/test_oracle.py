@@ -79,7 +79,8 @@ def ragged_task() -> Task:
 
 
 RUNS = {
-    # task; compare()'s gd argument given the task; the HF projections the oracle trains; compare()'s baselines; k
+    # task; compare()'s gd argument given the task; the HF projections the oracle trains;
+    # compare()'s baselines; k
     "dai": dict(
         task=lambda: default_task(seed=0), gd=lambda task: "dai", projections=KV, baselines=True, k=4
     ),
@@ -208,7 +209,8 @@ def _select(frame: pd.DataFrame, pairs) -> pd.DataFrame:
 
 
 def assert_matches(table: pd.DataFrame, oracle: pd.DataFrame, pairs) -> None:
-    """Every oracle row of `pairs` is in the table exactly once and agrees; the table has no other rows of `pairs`."""
+    """Every oracle row of `pairs` is in the table exactly once and agrees; the table has no other rows
+    of `pairs`."""
     want = _select(oracle, pairs)
     got = _select(table, pairs)[[*O.KEYS, "value"]]
     assert len(want), f"the oracle has no rows for {pairs}"
@@ -227,17 +229,20 @@ def assert_matches(table: pd.DataFrame, oracle: pd.DataFrame, pairs) -> None:
     problems = []
     if len(missing):
         problems.append(
-            f"{len(missing)} oracle rows missing from compare()'s table, e.g.\n{missing[O.KEYS].head(8).to_string()}"
+            f"{len(missing)} oracle rows missing from compare()'s table, "
+            f"e.g.\n{missing[O.KEYS].head(8).to_string()}"
         )
     if len(extra):
         problems.append(
-            f"{len(extra)} rows in compare()'s table the oracle does not define, e.g.\n{extra[[*O.KEYS, 'value_project']].head(8).to_string()}"
+            f"{len(extra)} rows in compare()'s table the oracle does not define, "
+            f"e.g.\n{extra[[*O.KEYS, 'value_project']].head(8).to_string()}"
         )
     if len(bad):
         worst = bad.assign(order=bad["diff"].fillna(np.inf)).sort_values("order", ascending=False)
         cols = [*O.KEYS, "value_project", "value_oracle", "diff", "tol"]
         problems.append(
-            f"{len(bad)} of {len(both)} values disagree with the oracle, worst first:\n{worst[cols].head(12).to_string()}"
+            f"{len(bad)} of {len(both)} values disagree with the oracle, "
+            f"worst first:\n{worst[cols].head(12).to_string()}"
         )
     assert not problems, "\n\n".join(problems)
 

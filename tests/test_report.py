@@ -301,5 +301,7 @@ def test_undefined_values_are_listed_with_their_reason(tmp_path):
     undefined = Results(table, results.config, results.artifacts).undefined()
     row = undefined[undefined.metric == "simam_delta"].iloc[0]
     assert row["layers"] == "0" and "rotary" in row["because"]
-    index = render_report(Results(table, results.config, results.artifacts), tmp_path / "r", analyses={}).read_text()
+    index = render_report(
+        Results(table, results.config, results.artifacts), tmp_path / "r", analyses={}
+    ).read_text()
     assert "Undefined values" in index and "a zero update" in index

@@ -29,7 +29,8 @@ def make_results(
     ks: tuple[int, ...] = (8,),
     seed: int = 0,
 ) -> Results:
-    """A realistic synthetic comparison: layer, head, query and model-level rows, dW and attention artifacts."""
+    """A realistic synthetic comparison: layer, head, query and model-level rows, dW and attention
+    artifacts."""
     rng = np.random.default_rng(seed)
     rows = []
 
@@ -151,8 +152,14 @@ def make_results(
         "versions": {"torch": "x"},
         "run_time_s": 1.5,
     }
-    example = {"icl_prompt": f"cow = {EVIL_IMG_TOKEN}\nhorse =", "zsl_prompt": "horse =", "label": EVIL_IMG_TOKEN}
-    return Results(table, config, {"dw": dw, "attention": attention, "top_tokens": top_tokens, "example": example})
+    example = {
+        "icl_prompt": f"cow = {EVIL_IMG_TOKEN}\nhorse =",
+        "zsl_prompt": "horse =",
+        "label": EVIL_IMG_TOKEN,
+    }
+    return Results(
+        table, config, {"dw": dw, "attention": attention, "top_tokens": top_tokens, "example": example}
+    )
 
 
 # ---- construction ------------------------------------------------------------------------

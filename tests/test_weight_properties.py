@@ -1,4 +1,5 @@
-"""Weight properties: sparsity, scaled-identity distance and ranks of the construction vs real/random weights."""
+"""Weight properties: sparsity, scaled-identity distance and ranks of the construction vs real/random
+weights."""
 
 import pytest
 import torch

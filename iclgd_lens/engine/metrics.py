@@ -91,7 +91,8 @@ def simaou_norm_random(h_icl: Tensor, h_zsl: Tensor, r: Tensor) -> Tensor:
 
 
 def matrix_cosine(a: Tensor, b: Tensor) -> Tensor:
-    """Frobenius cosine <A, B>_F / (|A|_F |B|_F) of the last two dims. [..., m, n] -> [...]; 0 if a zero matrix."""
+    """Frobenius cosine <A, B>_F / (|A|_F |B|_F) of the last two dims. [..., m, n] -> [...];
+    0 if a zero matrix."""
     return _safe_cosine(
         einops.rearrange(a, "... m n -> ... (m n)"), einops.rearrange(b, "... m n -> ... (m n)")
     )
@@ -288,12 +289,18 @@ def dual_form_update(q: Tensor, k_demo: Tensor, v_demo: Tensor, mask: Tensor | N
 
 # ---- values that are undefined by definition ------------------------------------------------------
 UNDEFINED_BECAUSE: dict[str, str] = {
-    "simam_delta": "at layer 0 of a rotary model ICL cannot change the query's own pre-softmax scores (a zero update)",
+    "simam_delta": (
+        "at layer 0 of a rotary model ICL cannot change the query's own pre-softmax scores (a zero update)"
+    ),
     "rec2ftp": "no query of the episode is wrong zero-shot and right after GD (an empty denominator)",
-    "kendall_token": "a demonstration tokenises to another number of tokens in the prompt than alone, or a ranking is constant",
-    "kendall_example": "a ranking is constant (every demonstration tied) or there are fewer than 2 demonstrations",
+    "kendall_token": (
+        "a demonstration tokenises to another number of tokens in the prompt than alone, "
+        "or a ranking is constant"
+    ),
+    "kendall_example": (
+        "a ranking is constant (every demonstration tied) or there are fewer than 2 demonstrations"
+    ),
     "kendall_token_per_head": "a ranking is constant or there are fewer than 2 demonstration tokens",
     "kendall_example_per_head": "a ranking is constant or there are fewer than 2 demonstrations",
 }
 """Why a metric can be NaN (shown as "undefined" with this reason, never as a number); see docs/metrics.md."""
-

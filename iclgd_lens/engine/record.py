@@ -156,14 +156,15 @@ class Recorder:
                             raise
                         except Exception as err:  # the probe's own bug: name the probe, where and what
                             raise IclgdError(
-                                f"probe {p.name!r} raised {type(err).__name__}: {err} "
-                                f"(layer {layer}, condition {ctx.condition}, points {', '.join(p.point_names(layer))})"
+                                f"probe {p.name!r} raised {type(err).__name__}: {err} (layer {layer}, "
+                                f"condition {ctx.condition}, points {', '.join(p.point_names(layer))})"
                             ) from err
                     _check_probe_output(p, out, ctx, layer)
                     for name, value in out.items():
                         if key_probe.setdefault(name, p.name) != p.name:
                             raise IclgdError(
-                                f"probes {key_probe[name]!r} and {p.name!r} both return {name!r}; rename one of the keys"
+                                f"probes {key_probe[name]!r} and {p.name!r} both return {name!r}; "
+                                "rename one of the keys"
                             )
                         store[name][layer] = value.detach()
                 return None
@@ -324,7 +325,8 @@ class Recorder:
                 if sorted(seen) != sorted(self.layers):
                     missing = sorted(set(self.layers) - set(seen))
                     raise IclgdError(
-                        f"{PREFIX_CACHE_BROKEN}: attention of layer(s) {missing} never showed its keys, so the cached prefix cannot be verified"
+                        f"{PREFIX_CACHE_BROKEN}: attention of layer(s) {missing} never showed its keys, "
+                        "so the cached prefix cannot be verified"
                     )
                 check_cache_length(cache, self.model.cfg.n_layers, total_len, "after the queries' pass")
         finally:
@@ -357,7 +359,8 @@ def key_length_guard(layers: Sequence[int], expected: int) -> tuple[HookList, li
         def check(scores: torch.Tensor, hook) -> None:  # [batch, heads, q_pos, key_pos]
             if scores.shape[-1] != expected:
                 raise IclgdError(
-                    f"{PREFIX_CACHE_BROKEN}: attention of layer {layer} sees {scores.shape[-1]} keys, expected {expected}"
+                    f"{PREFIX_CACHE_BROKEN}: attention of layer {layer} sees {scores.shape[-1]} keys, "
+                    f"expected {expected}"
                 )
             seen.append(layer)
 
@@ -377,11 +380,13 @@ def _check_probe_output(p: Probe, out, ctx: ReadContext, layer: int) -> None:
     for name, value in out.items():
         if not isinstance(value, torch.Tensor):
             raise IclgdError(
-                f"probe {p.name!r} returned {type(value).__name__} for {name!r}; expected a tensor [batch={batch}, ...] {where}"
+                f"probe {p.name!r} returned {type(value).__name__} for {name!r}; "
+                f"expected a tensor [batch={batch}, ...] {where}"
             )
         if value.ndim == 0 or value.shape[0] != batch:
             raise IclgdError(
-                f"probe {p.name!r} returned {name!r} of shape {tuple(value.shape)}; expected [batch={batch}, ...] {where}"
+                f"probe {p.name!r} returned {name!r} of shape {tuple(value.shape)}; "
+                f"expected [batch={batch}, ...] {where}"
             )
 
 

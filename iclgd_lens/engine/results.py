@@ -371,7 +371,8 @@ class Results:
         """A compact view for notebooks: headline numbers and metric x comparison means."""
         head = self.headline()
         items = "".join(
-            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{'n/a' if math.isnan(v) else f'{v:.3f}'}</td></tr>"
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+            f"<td>{'n/a' if math.isnan(v) else f'{v:.3f}'}</td></tr>"
             for k, v in head.items()
         )
         summ = self.summary(by=("metric", "comparison"), p_values=False)
@@ -382,7 +383,8 @@ class Results:
             f"<div><b>{title}</b>"
             f"<table>{items}</table>"
             f"<details><summary>mean of every metric x comparison (over layers, heads, episodes, queries)"
-            f"</summary>{pivot.to_html(float_format=lambda v: f'{v:.3f}', na_rep='', escape=True)}</details></div>"
+            f"</summary>{pivot.to_html(float_format=lambda v: f'{v:.3f}', na_rep='', escape=True)}"
+            "</details></div>"
         )
 
     def __repr__(self) -> str:

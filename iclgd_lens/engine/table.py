@@ -129,7 +129,8 @@ def episode_table(
             out.add("dual_form_cos", "icl~dual_form", cos, True)
             out.add("dual_form_rel_err", "icl~dual_form", torch.sqrt(torch.clamp(1 - cos**2, min=0)), True)
 
-    # Kendall (Dai): ICL's scores over the demonstration tokens vs the GD model's query . the queries of GD's training tokens
+    # Kendall (Dai): ICL's scores over the demonstration tokens vs the GD model's query . the queries of
+    # GD's training tokens
     if train_queries is not None and "demo_scores" in icl and "q" in gd:
         out.extend(_dai_kendall_rows(icl, gd, *train_queries, episode, seed, "random" in chosen))
     # the per-head variant: per-head taus of ICL's attention mass vs GD query . ICL demo-token queries

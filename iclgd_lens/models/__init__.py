@@ -82,11 +82,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise IclgdError(
-                f"device {device!r} requested but CUDA is not available on this machine; use device='cpu' or 'auto'"
+                f"device {device!r} requested but CUDA is not available on this machine; "
+                "use device='cpu' or 'auto'"
             )
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise IclgdError(
-                f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+                f"device {device!r} does not exist: "
+                f"this machine has {torch.cuda.device_count()} CUDA device(s)"
             )
     elif resolved.type == "mps" and not torch.backends.mps.is_available():
         raise IclgdError(f"device {device!r} requested but MPS is not available on this machine")
@@ -146,7 +148,8 @@ def _hub_error(name: str, error: Exception) -> IclgdError:
         exc = exc.__cause__ or exc.__context__
     if any(isinstance(e, GatedRepoError) for e in chain):
         return IclgdError(
-            f"{name!r} is a gated hub model: request access at https://huggingface.co/{name} and log in (hf auth login or HF_TOKEN)"
+            f"{name!r} is a gated hub model: request access at https://huggingface.co/{name} "
+            "and log in (hf auth login or HF_TOKEN)"
         )
     if any(isinstance(e, RepositoryNotFoundError) for e in chain):
         return IclgdError(
@@ -188,7 +191,8 @@ def _check_architecture(config, label: str) -> None:
         architectures = [f"model_type={getattr(config, 'model_type', None)!r}"]
     if not supported:
         raise IclgdError(
-            f"{label} is a {', '.join(architectures)}; iclgd-lens supports {', '.join(SUPPORTED_ARCHITECTURES)} only"
+            f"{label} is a {', '.join(architectures)}; "
+            f"iclgd-lens supports {', '.join(SUPPORTED_ARCHITECTURES)} only"
         )
 
 
@@ -206,7 +210,8 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     tok = copy.deepcopy(tokenizer)
     if tok.bos_token is None or tok.bos_token_id is None:
         raise IclgdError(
-            "the tokenizer has no BOS token; iclgd-lens prompts start with <bos> (set bos_token=... when building it)"
+            "the tokenizer has no BOS token; iclgd-lens prompts start with <bos> "
+            "(set bos_token=... when building it)"
         )
     if not tok.name_or_path:
         tok.name_or_path = "in-memory-tokenizer"
@@ -218,8 +223,8 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
             pass
     if not _prepends_bos(tok):
         raise IclgdError(
-            f"tokenizer {tok.name_or_path!r} does not prepend BOS and cannot be made to; build it with add_bos_token=True "
-            "or a post-processor that adds the BOS token"
+            f"tokenizer {tok.name_or_path!r} does not prepend BOS and cannot be made to; "
+            "build it with add_bos_token=True or a post-processor that adds the BOS token"
         )
     tok.init_kwargs["add_bos_token"] = True  # tells TransformerLens not to reload it from the hub
     if tok.pad_token is None:
@@ -256,8 +261,9 @@ def _load_pretrained(
         except (OSError, ValueError):
             if not _hub_reachable():
                 raise IclgdError(
-                    f"cannot reach the Hugging Face hub to load {source!r} (no network, or HF_HUB_OFFLINE is set) and it is not "
-                    "in the local HF cache; connect to the network, or download it once and pass its local folder"
+                    f"cannot reach the Hugging Face hub to load {source!r} (no network, "
+                    "or HF_HUB_OFFLINE is set) and it is not in the local HF cache; connect to the network, "
+                    "or download it once and pass its local folder"
                 ) from None
     try:
         config = AutoConfig.from_pretrained(source, **local)
@@ -270,7 +276,8 @@ def _load_pretrained(
     _check_architecture(config, repr(source))
     if tokenizer is None and is_folder and not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
         raise IclgdError(
-            f"folder {source} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the tokenizer there or pass tokenizer=..."
+            f"folder {source} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+            "save the tokenizer there or pass tokenizer=..."
         )
     try:
         hf_model = LlamaForCausalLM.from_pretrained(
@@ -339,11 +346,13 @@ def load_model(
             )
         if type(hf_model).__name__ not in SUPPORTED_ARCHITECTURES:
             raise IclgdError(
-                f"hf_model is a {type(hf_model).__name__}; iclgd-lens supports {', '.join(SUPPORTED_ARCHITECTURES)} only"
+                f"hf_model is a {type(hf_model).__name__}; "
+                f"iclgd-lens supports {', '.join(SUPPORTED_ARCHITECTURES)} only"
             )
         if any(_ORIGINAL.lstrip(".") in n for n, _ in hf_model.named_modules()):
             raise IclgdError(
-                "hf_model is already wrapped by a TransformerBridge; pass a fresh HF model (or use that bridge)"
+                "hf_model is already wrapped by a TransformerBridge; "
+                "pass a fresh HF model (or use that bridge)"
             )
         if tokenizer is None:
             raise IclgdError("hf_model was given without its tokenizer; pass tokenizer=... as well")

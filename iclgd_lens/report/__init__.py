@@ -105,8 +105,8 @@ def _index_body(
             "Layer-wise similarities",
             curves or '<p class="note">(no layer-level metrics)</p>',
             "layers",
-            "One trace per comparison: icl~gd is the headline, the others are baselines. Bands: 95% t-intervals "
-            "over episodes (each episode's queries averaged first; see docs/statistics.md).",
+            "One trace per comparison: icl~gd is the headline, the others are baselines. Bands: "
+            "95% t-intervals over episodes (each episode's queries averaged first; see docs/statistics.md).",
         )
     )
 
@@ -121,10 +121,11 @@ def _index_body(
                 if len(tests) <= 40
                 else f"<details><summary>{len(tests)} rows</summary>{table(tests)}</details>",
                 "paired-tests",
-                f"Per layer: diff = mean over episodes of (icl~gd - baseline), p = two-sided paired sign-flip "
-                f"permutation test over the {n} episodes (exact up to {stats.EXACT_MAX_EPISODES}); the smallest p "
-                f"attainable with {n} episodes is {floor:.3g}. icl~icl_perm is a ceiling (ICL under another demo "
-                f"order), the others floors. Not corrected for the number of tests.",
+                "Per layer: diff = mean over episodes of (icl~gd - baseline), "
+                f"p = two-sided paired sign-flip permutation test over the {n} episodes (exact up to "
+                f"{stats.EXACT_MAX_EPISODES}); the smallest p attainable with {n} episodes is {floor:.3g}. "
+                "icl~icl_perm is a ceiling (ICL under another demo order), the others floors. Not corrected "
+                "for the number of tests.",
             )
         )
 

@@ -28,7 +28,8 @@ table.data td:first-child, table.data th:first-child { text-align: left; }
 .headline b { display: block; font-size: 1.3em; }
 .note { color: #666; font-size: 0.9em; }
 .error { color: #a00; }
-nav.layers a { display: inline-block; margin: 2px 6px 2px 0; padding: 2px 8px; background: #eef; border-radius: 4px; }
+nav.layers a { display: inline-block; margin: 2px 6px 2px 0; padding: 2px 8px;
+  background: #eef; border-radius: 4px; }
 pre.config { background: #f7f7f7; padding: 10px; overflow-x: auto; font-size: 0.85em; }
 .findings { white-space: pre-wrap; }
 """

@@ -185,7 +185,8 @@ def encode_prompts(
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         if max_length is not None and len(ids) > max_length:
             raise IclgdError(
-                f"prompt of {len(ids)} tokens exceeds the context window of {max_length}; use fewer demonstrations (smaller k)"
+                f"prompt of {len(ids)} tokens exceeds the context window of {max_length}; "
+                "use fewer demonstrations (smaller k)"
             )
         spans = _char_spans(task, demos, query, words)
         seg = []
@@ -271,6 +272,7 @@ def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[int]:
         )
     if len(set(ids)) != len(ids):
         raise IclgdError(
-            f"label words {list(label_words)} share a first token; choose words that differ in their first token"
+            f"label words {list(label_words)} share a first token; "
+            "choose words that differ in their first token"
         )
     return ids

@@ -102,7 +102,8 @@ def format_name(name: str) -> str:
 
 
 def check_label_words(words: Sequence[str]) -> tuple[str, ...]:
-    """At least two non-empty, distinct label words (tokenizer checks come later, in tasks.label_token_ids)."""
+    """At least two non-empty, distinct label words (tokenizer checks come later, in
+    tasks.label_token_ids)."""
     words = tuple(words)
     if len(words) < 2:
         raise IclgdError(f"a task needs at least two label words, got {list(words)}")
@@ -168,7 +169,8 @@ def load_task(
                 task_format = format_name(stem)
             except IclgdError:
                 raise IclgdError(
-                    f"say which paper format {path} is in: task_format=... (one of {', '.join(PAPER_FORMATS)})"
+                    f"say which paper format {path} is in: "
+                    f"task_format=... (one of {', '.join(PAPER_FORMATS)})"
                 ) from None
         key = format_name(task_format)
     else:
@@ -183,7 +185,8 @@ def load_task(
     test_split = split_test or ("test" if is_local else fmt.test_split)
     if split_train == test_split:
         raise IclgdError(
-            f"split_train and split_test are both {split_train!r}; demonstrations and queries must come from different splits"
+            f"split_train and split_test are both {split_train!r}; "
+            "demonstrations and queries must come from different splits"
         )
     if is_local:
         train, test = (_local_split(path, split, fmt, words) for split in (split_train, test_split))
@@ -244,7 +247,8 @@ def _label_id(label: Any, words: Sequence[str], where: str, aliases: Sequence[Se
         raise IclgdError(f"{where}: label {label!r} is neither an integer id nor a label word")
     if not 0 <= label < len(words):
         raise IclgdError(
-            f"{where}: label {label} out of range 0..{len(words) - 1} ({len(words)} label words {list(words)})"
+            f"{where}: label {label} out of range 0..{len(words) - 1} ({len(words)} label words "
+            f"{list(words)})"
         )
     return label
 
@@ -276,7 +280,8 @@ def _read_rows(file: Path) -> Iterable[tuple[int, dict[str, Any]]]:
 
 
 def _local_split(path: Path, split: str, fmt: PaperFormat, words: Sequence[str]) -> list[Example]:
-    """The examples of one split from a file with a `split` column, or from `{split}.jsonl|csv` in a folder."""
+    """The examples of one split from a file with a `split` column, or from `{split}.jsonl|csv` in a
+    folder."""
     if path.is_dir():
         files = [path / f"{split}{ext}" for ext in (".jsonl", ".csv") if (path / f"{split}{ext}").is_file()]
         if not files:
@@ -287,7 +292,8 @@ def _local_split(path: Path, split: str, fmt: PaperFormat, words: Sequence[str])
         if all_rows and not all("split" in r for _, r in all_rows):
             missing = next(n for n, r in all_rows if "split" not in r)
             raise IclgdError(
-                f"{path}:{missing}: no 'split' column; give every row a split ({split!r}, ...) or pass a folder with train.jsonl and test.jsonl"
+                f"{path}:{missing}: no 'split' column; give every row a split ({split!r}, ...) "
+                "or pass a folder with train.jsonl and test.jsonl"
             )
         rows = [(f"{path}:{n}", r) for n, r in all_rows if str(r["split"]).strip() == split]
     if not rows:
@@ -302,7 +308,8 @@ def _hub_split(key: str, fmt: PaperFormat, split: str, words: Sequence[str]) -> 
         import datasets
     except ImportError:
         raise IclgdError(
-            f"loading {key!r} from the hub needs the `datasets` package (pip install 'iclgd-lens[datasets]'), {hint}"
+            f"loading {key!r} from the hub needs the `datasets` package (pip install "
+            f"'iclgd-lens[datasets]'), {hint}"
         ) from None
     try:
         dataset = datasets.load_dataset(fmt.hf_dataset, fmt.hf_config, split=split)

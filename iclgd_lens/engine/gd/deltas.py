@@ -66,7 +66,8 @@ class Deltas:
         return (part[0] if isinstance(part, tuple) else part).shape[0]
 
     def norms(self) -> dict[str, torch.Tensor]:
-        """Frobenius norm of every delta: {path: [n_episodes]} (factors: |U V^T|^2 = sum (U^T U) * (V^T V))."""
+        """Frobenius norm of every delta: {path: [n_episodes]}
+        (factors: |U V^T|^2 = sum (U^T U) * (V^T V))."""
         out = {}
         for path, part in self.parts.items():
             if isinstance(part, tuple):
@@ -234,7 +235,8 @@ def delta_hooks(deltas: Deltas, row_episode: torch.Tensor) -> list[tuple[str, Ho
         if wrong:
             path, n = next(iter(wrong.items()))
             raise IclgdError(
-                f"{DELTAS_NOT_APPLIED}: the update of {path} was added {n} times in one forward pass ({len(wrong)} projection(s) affected)"
+                f"{DELTAS_NOT_APPLIED}: the update of {path} was added {n} times in one forward pass "
+                f"({len(wrong)} projection(s) affected)"
             )
 
     return [
@@ -244,6 +246,6 @@ def delta_hooks(deltas: Deltas, row_episode: torch.Tensor) -> list[tuple[str, Ho
 
 
 DELTAS_NOT_APPLIED = (
-    "the GD deltas were not applied as built (this install of transformer-lens/transformers calls the projection "
-    "hooks differently; supported versions: docs/versions.md)"
+    "the GD deltas were not applied as built (this install of transformer-lens/transformers calls the "
+    "projection hooks differently; supported versions: docs/versions.md)"
 )

@@ -208,7 +208,8 @@ def train_deltas(
             path: tuple(torch.zeros((n_episodes, d, 0), dtype=dtypes[path], device=device) for d in w.shape)
             for path, w in weights.items()
         }
-    else:  # Adam: dense deltas from zero, as the parameters of a torch.optim.Adam (elementwise, so per episode)
+    else:
+        # Adam: dense deltas from zero, as the parameters of a torch.optim.Adam (elementwise, so per episode)
         parts = {
             path: torch.zeros((n_episodes, *w.shape), dtype=dtypes[path], device=device, requires_grad=True)
             for path, w in weights.items()

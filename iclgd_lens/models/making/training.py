@@ -190,7 +190,8 @@ def train(
         for until, n in config.length_curriculum
     )
     log(
-        f"{name}: {n_params:,} parameters, {config.steps} steps of {config.batch_size} x {config.seq_len} tokens{curriculum}"
+        f"{name}: {n_params:,} parameters, {config.steps} steps of {config.batch_size} x {config.seq_len} "
+        f"tokens{curriculum}"
     )
     model.train()
     for step in range(config.steps):
