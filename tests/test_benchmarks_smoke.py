@@ -6,6 +6,7 @@ accounting, and that the script's --quick mode runs end to end.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -98,3 +99,20 @@ def test_quick_run_prints_the_tables(capsys):
     engine.main(threads=1, quick=True, reps=1, scaling=False, memory_tokens=64, json_out=None)
     out = capsys.readouterr().out
     assert "## speed" in out and "## recorded memory" in out and "(OK: < 1e-4)" in out
+
+
+def test_gpu_check_dry_run_on_the_cpu():
+    """benchmarks/gpu_check.sh --dry-run: the plan and the small config through compare() on the CPU."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "plan: LLaMA-7B shape" in out.stdout and "dry_run_rows:" in out.stdout

@@ -1,0 +1,151 @@
+"""The GPU check: a randomly initialised LLaMA-7B-shaped model (no download) through the default
+compare() at k = 32 on SST-2-like prompts, with time per demo set and peak GPU memory, plus the
+agreement of a small float32 config between the GPU and the CPU.
+
+    python benchmarks/gpu_check.py              # on a machine with CUDA (about 5 minutes on one H100/H200)
+    python benchmarks/gpu_check.py --dry-run    # anywhere: the plan, and the small config on the CPU only
+
+Prints one `key: value` line per figure. `benchmarks/gpu_check.sh` runs it with the thread and
+allocator settings the figures are measured with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from iclgd_lens import GDConfig, Task, compare, load_model
+from iclgd_lens.tasks import Example
+
+LLAMA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+)
+SMALL = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=4096,
+)
+
+
+def sst2_like_task(tokenizer_words: int = 200) -> Task:
+    """Two-way sentiment prompts in Dai's SST-2 format with made-up sentences of 8-16 words."""
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(tokenizer_words)]
+    examples = [
+        Example(" ".join(rng.choice(words) for _ in range(rng.randint(8, 16))), rng.randint(0, 1))
+        for _ in range(400)
+    ]
+    return Task(
+        "sst2-like",
+        "Sentence: {text} Label:",
+        ("Negative", "Positive"),
+        train=tuple(examples[:300]),
+        test=tuple(examples[300:]),
+        separator="\n",
+        gd_lr=5e-4,
+    )
+
+
+def random_llama(shape: dict, dtype: torch.dtype, device: str, seed: int = 0):
+    """A LLaMA of `shape` with random weights, booted as a bridge (the GPT-2 tokenizer stands in)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    with torch.device(device):
+        hf = LlamaForCausalLM(config).to(dtype).eval()
+    return hf
+
+
+def tokenizer():
+    """A word-level tokenizer over the task's words, built in code (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {
+        w: i
+        for i, w in enumerate(
+            ["<unk>", "<s>", "</s>", "<pad>", "Sentence:", "Label:", "Negative", "Positive", "\n"]
+            + [f"w{i}" for i in range(200)]
+        )
+    }
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        name_or_path="gpu-check",
+    )
+
+
+def agreement(task: Task) -> float:
+    """Largest difference of the table's values between the GPU and the CPU on the small fp32 config."""
+    tables = {}
+    hf = random_llama(SMALL, torch.float32, "cpu")
+    for device in ("cpu", "cuda"):
+        bridge = load_model(hf_model=copy.deepcopy(hf), tokenizer=tokenizer(), device=device, dtype="float32")
+        tables[device] = compare(
+            bridge, task, gd=GDConfig.dai(), k=8, n_episodes=2, n_queries=4, progress=False, artifacts=False
+        ).table.set_index(["metric", "comparison", "layer", "head", "episode", "query"])
+    diff = (tables["cpu"]["value"] - tables["cuda"]["value"]).abs()
+    return float(diff.max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan and run the small config on the CPU only"
+    )
+    args = parser.parse_args()
+    task = sst2_like_task()
+    print(
+        f"plan: LLaMA-7B shape {LLAMA_7B}, bf16, default compare, k=32, "
+        f"4 demo sets x 16 queries, gd=dai (lr {task.gd_lr})"
+    )
+    if args.dry_run or not torch.cuda.is_available():
+        hf = random_llama(SMALL, torch.float32, "cpu")
+        bridge = load_model(hf_model=hf, tokenizer=tokenizer(), device="cpu", dtype="float32")
+        started = time.perf_counter()
+        results = compare(bridge, task, k=4, n_episodes=2, n_queries=2, progress=False, artifacts=False)
+        print(f"dry_run_small_cpu_s: {time.perf_counter() - started:.2f}")
+        print(f"dry_run_rows: {len(results.table)}")
+        return
+    torch.cuda.reset_peak_memory_stats()
+    hf = random_llama(LLAMA_7B, torch.bfloat16, "cuda")
+    bridge = load_model(
+        hf_model=hf, tokenizer=tokenizer(), device="cuda", dtype="bfloat16", copy_hf_model=False
+    )
+    print(f"model_gb: {torch.cuda.max_memory_allocated() / 2**30:.1f}")
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    results = compare(bridge, task, k=32, n_episodes=4, n_queries=16, progress=False)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    print(f"seconds_per_demo_set: {elapsed / 4:.1f}")
+    print(f"peak_gpu_gb: {torch.cuda.max_memory_allocated() / 2**30:.1f}")
+    print(f"rows: {len(results.table)}")
+    del bridge, hf
+    torch.cuda.empty_cache()
+    print(f"small_fp32_gpu_vs_cpu_max_diff: {agreement(task):.2e}")
+
+
+if __name__ == "__main__":
+    main()
