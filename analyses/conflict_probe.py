@@ -15,14 +15,25 @@ counterfacts, then asks the subject ("cow is"). Prediction = argmax over every a
 Each is measured before and after GD fine-tuning on the true facts (`train_deltas` on one
 "episode" whose demonstrations are all facts; the model itself is never changed).
 
-Facts: for the embedded models, the corpus's global "item is category" facts, with the
-categories mapped to other categories by a seeded derangement (so the contradicting context
-is consistent: every animal is a fruit). For any model, a CSV/JSONL file with columns
-`subject`, `answer` and optionally `counterfact` (default: a derangement of the answers).
+Facts (`facts`):
+
+- `"corpus"` (the default, for the embedded models): the corpus's global "item is category" facts,
+  with the categories mapped to other categories by a seeded derangement (so the contradicting
+  context is consistent: every animal is a fruit). These are stated in every training document and
+  never contradicted, so the weights win every conflict before any fine-tuning: a floor, on which
+  fine-tuning cannot make the context win less often.
+- `"mapping"` (embedded models): facts in the format the model reads in context, "item = label":
+  each category gets one label word (a seeded draw), every item of it that label; counterfacts
+  from a seeded derangement of those labels. The corpus maps categories to fresh labels in every
+  document, so the weights do not hold these facts (zero-shot near chance) and the context can win;
+  fine-tuning on them puts them in the weights. This is the condition with headroom.
+- a CSV/JSONL file with columns `subject`, `answer` and optionally `counterfact` (default: a
+  derangement of the answers), or (subject, answer, counterfact) triples, for any model.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from pathlib import Path
@@ -32,16 +43,29 @@ import pandas as pd
 import plotly.express as px
 import torch
 
-from iclgd_lens import metrics, stats
+from iclgd_lens import (
+    Episode,
+    Example,
+    GDConfig,
+    IclgdError,
+    Recorder,
+    Recording,
+    StudyResult,
+    Task,
+    delta_hooks,
+    encode_prompts,
+    label_token_ids,
+    metrics,
+    stats,
+    train_deltas,
+    versions,
+)
 from iclgd_lens.study import as_bridge, device_of, model_name
-from iclgd_lens import versions
-from iclgd_lens import IclgdError
-from iclgd_lens import GDConfig, delta_hooks, train_deltas
-from iclgd_lens import Recorder, Recording
-from iclgd_lens import StudyResult
-from iclgd_lens import Episode, Example, Task, encode_prompts, label_token_ids
 
-QUESTION = "When demonstrations contradict facts held in the weights, how often does the context win, before and after fine-tuning on those facts?"
+QUESTION = (
+    "When demonstrations contradict facts held in the weights, how often does the context win, "
+    "before and after fine-tuning on those facts?"
+)
 COLUMNS = ["metric", "stage", "layer", "query", "value"]
 Fact = tuple[str, str, str]  # (subject, answer, counterfact)
 
@@ -65,7 +89,30 @@ def corpus_facts(seed: int = 0) -> list[Fact]:
 
     world = World()
     swap = _derangement(list(world.categories), random.Random(seed))
-    return [(item, category, swap[category]) for category, items in world.categories.items() for item in items]
+    return [
+        (item, category, swap[category]) for category, items in world.categories.items() for item in items
+    ]
+
+
+def mapping_facts(seed: int = 0) -> list[Fact]:
+    """The embedded world's items as mapping-format facts "item = label": one seeded label word per
+    category (6 of the 16), counterfacts from one seeded derangement of those six labels."""
+    from iclgd_lens import World
+
+    world = World()
+    rng = random.Random(f"mapping-{seed}")
+    labels = dict(zip(world.categories, rng.sample(list(world.label_words), len(world.categories))))
+    swap = _derangement(list(labels.values()), rng)
+    return [
+        (item, labels[category], swap[labels[category]])
+        for category, items in world.categories.items()
+        for item in items
+    ]
+
+
+FACT_SETS = {"corpus": (corpus_facts, "{text} is"), "mapping": (mapping_facts, "{text} =")}
+"""Built-in fact sets of the embedded models: name -> (facts of a seed, template in the corpus's
+own format)."""
 
 
 def read_facts(path: str | Path, seed: int = 0) -> list[Fact]:
@@ -79,14 +126,20 @@ def read_facts(path: str | Path, seed: int = 0) -> list[Fact]:
         raise IclgdError(f"cannot read facts file {path}: {str(err).splitlines()[0]}") from None
     missing = {"subject", "answer"} - set(frame.columns)
     if missing:
-        raise IclgdError(f"facts file {path} lacks column(s) {', '.join(sorted(missing))}; it needs subject, answer[, counterfact]")
+        raise IclgdError(
+            f"facts file {path} lacks column(s) {', '.join(sorted(missing))}; "
+            "it needs subject, answer[, counterfact]"
+        )
     frame = frame.astype({"subject": str, "answer": str})
     if "counterfact" not in frame:
         swap = _derangement(frame["answer"].tolist(), random.Random(seed))
         frame["counterfact"] = frame["answer"].map(swap)
     frame["counterfact"] = frame["counterfact"].astype(str)
     if (frame["counterfact"] == frame["answer"]).any():
-        raise IclgdError(f"facts file {path}: a counterfact equals its answer (row {int((frame.counterfact == frame.answer).idxmax())})")
+        raise IclgdError(
+            f"facts file {path}: a counterfact equals its answer "
+            f"(row {int((frame.counterfact == frame.answer).idxmax())})"
+        )
     return list(frame[["subject", "answer", "counterfact"]].itertuples(index=False, name=None))
 
 
@@ -99,17 +152,27 @@ def conflict_episodes(facts: list[Fact], words: tuple[str, ...], k: int, seed: i
     episodes = []
     for i, (subject, answer, counterfact) in enumerate(facts):
         others = [j for j in range(len(facts)) if j != i]
-        chosen = [Example(facts[j][0], index[facts[j][2]]) for j in rng.sample(others, min(k - 1, len(others)))]
+        chosen = [
+            Example(facts[j][0], index[facts[j][2]]) for j in rng.sample(others, min(k - 1, len(others)))
+        ]
         chosen.insert(rng.randrange(len(chosen) + 1), Example(subject, index[counterfact]))
         episodes.append(Episode(tuple(chosen), (Example(subject, index[answer]),), words))
     return episodes
 
 
-def _record(recorder: Recorder, task: Task, episodes: list[Episode], with_demos: bool, condition: str, deltas=None) -> Recording:
+def _record(
+    recorder: Recorder, task: Task, episodes: list[Episode], with_demos: bool, condition: str, deltas=None
+) -> Recording:
     """Attention output and read logits, one row per episode (its one query)."""
     model = recorder.model
-    enc = encode_prompts(model.tokenizer, task, [e.demos if with_demos else () for e in episodes], [e.queries[0] for e in episodes],
-                         [e.label_words for e in episodes], max_length=getattr(model.cfg, "n_ctx", None)).to(device_of(model))
+    enc = encode_prompts(
+        model.tokenizer,
+        task,
+        [e.demos if with_demos else () for e in episodes],
+        [e.queries[0] for e in episodes],
+        [e.label_words for e in episodes],
+        max_length=getattr(model.cfg, "n_ctx", None),
+    ).to(device_of(model))
     hooks = delta_hooks(deltas, torch.zeros(len(episodes), dtype=torch.long)) if deltas is not None else []
     return recorder.run(enc, condition, interventions=hooks)
 
@@ -119,7 +182,7 @@ def run(
     model="tiny-llama-icl",
     facts: str | Path | Sequence[Fact] | None = None,
     *,
-    template: str = "{text} is",
+    template: str | None = None,
     separator: str = "\n",
     k: int = 4,
     ft_params: str = "all",
@@ -132,19 +195,26 @@ def run(
 ) -> StudyResult:
     """Context-vs-weights conflict rates and attention updates, before and after GD on the facts.
 
-    `facts`: None (the embedded corpus's facts), a CSV/JSONL path, or (subject, answer,
-    counterfact) triples. `ft_*` set the fine-tuning on the true facts (label-token loss).
+    `facts`: None or "corpus" (the embedded corpus's "item is category" facts: the floor),
+    "mapping" (the embedded world's items as "item = label" facts: the condition with headroom),
+    a CSV/JSONL path, or (subject, answer, counterfact) triples. `template`: default "{text} =" for
+    "mapping", else "{text} is". `ft_*` set the fine-tuning on the true facts (label-token loss).
     """
     started = time.time()
     bridge = as_bridge(model)
-    if facts is None:
-        fact_list = corpus_facts(seed)
+    facts = "corpus" if facts is None else facts
+    if isinstance(facts, str) and facts in FACT_SETS:
+        make, default_template = FACT_SETS[facts]
+        fact_list = make(seed)
     elif isinstance(facts, (str, Path)):
-        fact_list = read_facts(facts, seed)
+        fact_list, default_template = read_facts(facts, seed), "{text} is"
     else:
-        fact_list = [tuple(map(str, f)) for f in facts]
+        fact_list, default_template = [tuple(map(str, f)) for f in facts], "{text} is"
+    template = default_template if template is None else template
     if len(fact_list) < 2 or k < 1:
-        raise IclgdError(f"the conflict probe needs at least 2 facts and k >= 1, got {len(fact_list)} facts and k={k}")
+        raise IclgdError(
+            f"the conflict probe needs at least 2 facts and k >= 1, got {len(fact_list)} facts and k={k}"
+        )
     if "{text}" not in template:
         raise IclgdError(f"template must contain {{text}}, got {template!r}")
     words = tuple(dict.fromkeys([f[1] for f in fact_list] + [f[2] for f in fact_list]))
@@ -155,7 +225,14 @@ def run(
     truth = torch.tensor([index[f[1]] for f in fact_list])
     counter = torch.tensor([index[f[2]] for f in fact_list])
 
-    ft_config = GDConfig(params=ft_params, optimizer=ft_optimizer, lr=ft_lr, epochs=ft_epochs, batch_size=ft_batch_size, loss_on="label_tokens")
+    ft_config = GDConfig(
+        params=ft_params,
+        optimizer=ft_optimizer,
+        lr=ft_lr,
+        epochs=ft_epochs,
+        batch_size=ft_batch_size,
+        loss_on="label_tokens",
+    )
     training = [Episode(tuple(Example(f[0], index[f[1]]) for f in fact_list), (), words)]
     deltas = train_deltas(bridge, bridge.tokenizer, task, training, ft_config, progress=progress)
 
@@ -166,8 +243,12 @@ def run(
         conflict = _record(recorder, task, episodes, True, "icl", stage_deltas)
         pred_zsl = zsl.logits[:, label_ids].argmax(-1).cpu()
         pred = conflict.logits[:, label_ids].argmax(-1).cpu()
-        outcome = {"fact_accuracy": pred_zsl == truth, "context_wins": pred == counter, "weights_win": pred == truth,
-                   "other": (pred != counter) & (pred != truth)}
+        outcome = {
+            "fact_accuracy": pred_zsl == truth,
+            "context_wins": pred == counter,
+            "weights_win": pred == truth,
+            "other": (pred != counter) & (pred != truth),
+        }
         frames += [_rows(name, stage, -1, v.float()) for name, v in outcome.items()]
         updates[stage] = (conflict["attn_out"] - zsl["attn_out"]).float()  # [L, n_facts, d_model]
         norms = torch.linalg.vector_norm(updates[stage], dim=-1)  # [L, n_facts]
@@ -176,16 +257,27 @@ def run(
     frames += [_rows("attn_update_cos", "after", layer, cos[layer]) for layer in range(cos.shape[0])]
     table = pd.concat(frames, ignore_index=True)
     losses = deltas.losses.mean(-1)
-    config = dict(model=model_name(bridge), facts="corpus" if facts is None else str(facts) if isinstance(facts, (str, Path)) else "given",
-                  n_facts=len(fact_list), template=template, k=k, fine_tuning=ft_config.__dict__,
-                  ft_loss_first=float(losses[0]), ft_loss_last=float(losses[-1]), seed=seed, versions=versions(),
-                  run_time_s=round(time.time() - started, 2))
+    config = dict(
+        model=model_name(bridge),
+        facts=str(facts) if isinstance(facts, (str, Path)) else "given",
+        n_facts=len(fact_list),
+        template=template,
+        k=k,
+        fine_tuning=ft_config.__dict__,
+        ft_loss_first=float(losses[0]),
+        ft_loss_last=float(losses[-1]),
+        seed=seed,
+        versions=versions(),
+        run_time_s=round(time.time() - started, 2),
+    )
     return StudyResult("conflict-probe", QUESTION, table, figures(table), findings(table, config), config)
 
 
 def _rows(metric: str, stage: str, layer: int, values: torch.Tensor) -> pd.DataFrame:
     v = values.detach().float().cpu().numpy().reshape(-1)
-    return pd.DataFrame({"metric": metric, "stage": stage, "layer": layer, "query": range(len(v)), "value": v})[COLUMNS]
+    return pd.DataFrame(
+        {"metric": metric, "stage": stage, "layer": layer, "query": range(len(v)), "value": v}
+    )[COLUMNS]
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
@@ -207,11 +299,27 @@ def figures(table: pd.DataFrame) -> list:
     """Outcome rates before/after fine-tuning; attention update norm and direction per layer."""
     s = summary(table)
     rates = s[s.metric.isin(["fact_accuracy", "context_wins", "weights_win", "other"])]
-    fig_rates = px.bar(rates, x="metric", y="mean", color="stage", barmode="group", range_y=[0, 1.05],
-                       labels={"mean": "rate", "metric": ""}, title="Context vs weights: outcome rates before and after fine-tuning on the facts")
+    fig_rates = px.bar(
+        rates,
+        x="metric",
+        y="mean",
+        color="stage",
+        barmode="group",
+        range_y=[0, 1.05],
+        labels={"mean": "rate", "metric": ""},
+        title="Context vs weights: outcome rates before and after fine-tuning on the facts",
+    )
     layers = s[s.metric.isin(["attn_update_norm", "attn_update_cos"])]
-    fig_layers = px.line(layers, x="layer", y="mean", color="stage", facet_col="metric", markers=True,
-                         labels={"mean": "value"}, title="Attention update of the conflict prompt (|h - h_ZSL|; cosine after vs before)")
+    fig_layers = px.line(
+        layers,
+        x="layer",
+        y="mean",
+        color="stage",
+        facet_col="metric",
+        markers=True,
+        labels={"mean": "value"},
+        title="Attention update of the conflict prompt (|h - h_ZSL|; cosine after vs before)",
+    )
     fig_layers.update_yaxes(matches=None)
     return [fig_rates, fig_layers]
 
@@ -221,19 +329,45 @@ def findings(table: pd.DataFrame, config: dict) -> str:
     s = summary(table).set_index(["metric", "stage", "layer"])["mean"]
     get = lambda m, st: float(s.get((m, st, -1), float("nan")))
     lines = [
-        f"Zero-shot fact accuracy {get('fact_accuracy', 'before'):.2f} -> {get('fact_accuracy', 'after'):.2f} after fine-tuning "
+        f"Zero-shot fact accuracy {get('fact_accuracy', 'before'):.2f} -> "
+        f"{get('fact_accuracy', 'after'):.2f} after fine-tuning "
         f"(loss {config['ft_loss_first']:.3f} -> {config['ft_loss_last']:.3f}).",
-        f"With {config['k']} contradicting demonstrations the context wins {get('context_wins', 'before'):.2f} -> "
-        f"{get('context_wins', 'after'):.2f}, the weights win {get('weights_win', 'before'):.2f} -> {get('weights_win', 'after'):.2f} "
+        f"With {config['k']} contradicting demonstrations the context wins "
+        f"{get('context_wins', 'before'):.2f} -> {get('context_wins', 'after'):.2f}, "
+        f"the weights win {get('weights_win', 'before'):.2f} -> {get('weights_win', 'after'):.2f} "
         f"of {config['n_facts']} facts.",
     ]
+    full = summary(table).set_index(["metric", "stage", "layer"])
+    interval = lambda m, st: (
+        f"[{full.loc[(m, st, -1), 'ci_low']:.2f}, {full.loc[(m, st, -1), 'ci_high']:.2f}]"
+        if (m, st, -1) in full.index and not math.isnan(full.loc[(m, st, -1), "ci_low"])
+        else ""
+    )
+    lines.append(
+        f"95% t-intervals over facts: context wins before {interval('context_wins', 'before')}, "
+        f"after {interval('context_wins', 'after')}."
+    )
     delta = get("context_wins", "after") - get("context_wins", "before")
-    lines.append("Fine-tuning on the facts made the model follow the context " + ("less" if delta < 0 else "more" if delta > 0 else "equally") + " often.")
+    lines.append(
+        "Fine-tuning on the facts made the model follow the context "
+        + ("less" if delta < 0 else "more" if delta > 0 else "equally")
+        + " often."
+    )
+    if get("context_wins", "before") <= 0.05 and get("fact_accuracy", "before") >= 0.95:
+        lines.append(
+            "Before fine-tuning the weights already hold the facts and win (nearly) every conflict: "
+            "a floor, on which fine-tuning cannot make the context win less often. "
+            "Facts the weights do not hold give the effect room "
+            '(facts="mapping" on the embedded models).'
+        )
     if ("attn_update_cos", "after") in s.index.droplevel("layer"):
         cos = s.xs(("attn_update_cos", "after"), level=("metric", "stage"))
         norm_b = s.xs(("attn_update_norm", "before"), level=("metric", "stage"))
         norm_a = s.xs(("attn_update_norm", "after"), level=("metric", "stage"))
         worst = int(cos.idxmin())
-        lines.append(f"The attention update changed direction most at layer {worst} (cosine after vs before {cos.min():.3f}); "
-                     f"its norm there went {norm_b[worst]:.3f} -> {norm_a[worst]:.3f}.")
+        lines.append(
+            f"The attention update changed direction most at layer {worst} "
+            f"(cosine after vs before {cos.min():.3f}); "
+            f"its norm there went {norm_b[worst]:.3f} -> {norm_a[worst]:.3f}."
+        )
     return "\n".join(lines)

@@ -1,18 +1,26 @@
 """Study: in-context vs in-weight learning on synthetic data (Chan et al. 2022, 2024), part (a).
 
 Trains the gated model f = a g + (1 - a) h of `iclgd_lens.worlds.chan` on fixed data sets of N
-sequences for a sweep of N, and measures, per class-frequency group (high / low), the error of
-f, of the in-weight predictor g alone, of the in-context predictor h alone, and the mean gate
-a(x) (1 = all in-weight, 0 = all in-context), on three evaluations:
+sequences for a sweep of N and several seeds, and measures the error of f, of the in-weight
+predictor g alone, of the in-context predictor h alone, and the mean gate a (1 = all in-weight,
+0 = all in-context) on the evaluation grid of the published code (chanb/simple_icl):
 
-- `in_distribution`: fresh sequences from the training generator (clean labels);
-- `shifted_labels`: every class takes the label of the next class in its frequency group and
-  the context always holds the query's class: only reading the context gives the answer;
-- `context_irrelevant`: original labels, the context never holds the query's class: only
-  in-weight knowledge gives the answer.
+- `labels`: `original`, or `shifted` (every class takes the label of the next class of its
+  frequency group: only reading the context can give the answer);
+- `context`: `default` (the training p_relevant), `always` or `never` holding the query's class;
+- `group`: queries from the `high`- or `low`-frequency classes, or `all` (the class distribution).
 
-No language model is involved. Part (b), a conflict probe on a loaded LLM, needs the GD engine
-and is not part of this study (see docs/studies/icl-vs-iwl.md).
+`preset` picks the protocol (`PRESETS`): `chan2024` follows the published code point by point
+(g and h trained first and frozen, then the gate, all on the same fixed data set), at fewer
+optimiser steps (stated in the config and the findings); the variants change one thing each, to
+answer another question: `joint` trains g, h and the gate together (as the parts of one network
+would be), `query-gate` lets the gate see the query alone. Every other keyword, when given,
+overrides the preset. docs/studies/icl-vs-iwl.md lists what still differs from the published
+code. Intervals are 95% t-intervals over seeds (independent training runs, each with its own
+class centres, data, initialisation and minibatches).
+
+No language model is involved. Part (b), a conflict probe on a loaded LLM, is the study
+`conflict-probe` (docs/studies/conflict-probe.md).
 """
 
 from __future__ import annotations
@@ -24,133 +32,344 @@ import pandas as pd
 import plotly.express as px
 import torch
 
+from iclgd_lens import IclgdError, StudyResult, stats
+from iclgd_lens.study import parse_numbers
 from iclgd_lens.worlds import chan
-from iclgd_lens import IclgdError
-from iclgd_lens import StudyResult
 
-EVALUATIONS = ("in_distribution", "shifted_labels", "context_irrelevant")
 QUESTION = (
     "As the training set grows, does the gated model answer from its weights or from the context, "
     "and does that differ between frequent and rare classes?"
 )
+PUBLISHED_STEPS = 50_000  # per stage, in the published code
+KEYS = ["n_train", "labels", "context", "group", "metric"]
+COLUMNS = ["n_train", "seed", "labels", "context", "group", "metric", "value"]
+
+_CHAN2024 = dict(
+    n_train=(2**6, 2**8, 2**10, 2**12, 2**14, 2**16),
+    n_high=5,
+    n_low=5,
+    p_high=0.9,
+    zipf_exponent=None,
+    dim=64,
+    sigma=0.2,
+    context_len=1,
+    p_relevant=0.9,
+    n_relevant=None,
+    label_noise=0.0,
+    gate_input="sequence",
+    training="staged",
+    steps=5000,
+    batch_size=32,
+    learning_rate=3e-4,
+    weight_decay=0.0,
+    hidden=(64, 64),
+    n_seeds=5,
+    n_eval=1000,
+)
+PRESETS: dict[str, dict] = {
+    # the published code (chanb/simple_icl;
+    # cc_utils/templates/synthetic-{iw_predictor,ic_predictor,alpha}-*.json),
+    # with steps reduced 50,000 -> 5,000 per stage and N up to 2^16 instead of 2^20
+    "chan2024": _CHAN2024,
+    # does the picture need the two stages? g, h and the gate trained together by the NLL of f, as the
+    # parts of one network would be, for as many optimiser steps as the two stages together
+    "joint": {**_CHAN2024, "training": "joint", "steps": 2 * _CHAN2024["steps"]},
+    # can the gate tell from the query alone when to trust the context (the old default of this study)?
+    "query-gate": {**_CHAN2024, "gate_input": "query"},
+}
 
 
-def _as_sizes(n_train: int | str | Sequence[int]) -> list[int]:
-    """Accept 256, "256,1024" or [256, 1024] (the CLI passes strings)."""
-    if isinstance(n_train, str):
-        try:
-            n_train = [int(part) for part in n_train.replace(" ", "").split(",") if part]
-        except ValueError:
-            raise IclgdError(f"n_train must be integers separated by commas, got {n_train!r}") from None
-    sizes = [int(n_train)] if isinstance(n_train, int) else [int(n) for n in n_train]
-    if not sizes or min(sizes) < 1:
-        raise IclgdError(f"n_train must be one or more sizes >= 1, got {n_train!r}")
-    return sorted(set(sizes))
+def _as_hidden(hidden: int | str | Sequence[int]) -> tuple[int, ...]:
+    """Hidden widths in order: 64, "64,64" or [64, 64]."""
+    parts = (
+        hidden.replace(" ", "").split(",")
+        if isinstance(hidden, str)
+        else [hidden]
+        if isinstance(hidden, int)
+        else list(hidden)
+    )
+    try:
+        widths = tuple(int(p) for p in parts if p != "")
+    except (TypeError, ValueError):
+        raise IclgdError(
+            f"hidden takes layer widths separated by commas (e.g. 64,64), got {hidden!r}"
+        ) from None
+    if not widths or min(widths) < 1:
+        raise IclgdError(f"hidden needs one or more widths >= 1, got {hidden!r}")
+    return widths
+
+
+def resolve(preset: str = "chan2024", **given) -> dict:
+    """The preset's settings with every keyword that is not None put over them."""
+    if preset not in PRESETS:
+        raise IclgdError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    unknown = set(given) - set(PRESETS[preset])
+    if unknown:
+        raise IclgdError(
+            f"unknown setting {sorted(unknown)[0]!r}; the settings are {', '.join(PRESETS[preset])}"
+        )
+    out = {**PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
+    out["n_train"] = parse_numbers(out["n_train"], "n_train", minimum=1)
+    out["hidden"] = _as_hidden(out["hidden"])
+    for name in ("n_high", "n_low", "steps", "batch_size", "n_seeds", "n_eval"):
+        if int(out[name]) < 1:
+            raise IclgdError(f"{name} must be >= 1, got {out[name]}")
+    return out
 
 
 def run(
     *,
-    n_train: int | str | Sequence[int] = (2**6, 2**8, 2**10, 2**12, 2**14),
-    n_classes: int = 200,
-    n_high: int = 20,
-    p_high: float = 0.9,
+    preset: str = "chan2024",
+    n_train: int | str | Sequence[int] | None = None,
+    n_high: int | None = None,
+    n_low: int | None = None,
+    p_high: float | None = None,
     zipf_exponent: float | None = None,
-    dim: int = 64,
-    sigma: float = 0.2,
-    context_len: int = 8,
-    p_relevant: float = 0.9,
+    dim: int | None = None,
+    sigma: float | None = None,
+    context_len: int | None = None,
+    p_relevant: float | None = None,
     n_relevant: int | None = None,
-    label_noise: float = 0.0,
-    gate_input: str = "query",
-    steps: int = 500,
-    batch_size: int = 128,
-    learning_rate: float = 1e-2,
-    weight_decay: float = 0.0,
-    hidden: int = 128,
-    n_eval: int = 400,
+    label_noise: float | None = None,
+    gate_input: str | None = None,
+    training: str | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
+    weight_decay: float | None = None,
+    hidden: int | str | Sequence[int] | None = None,
+    n_seeds: int | None = None,
+    n_eval: int | None = None,
     seed: int = 0,
 ) -> StudyResult:
-    """Sweep the training-set size N; return errors and gate values per frequency group.
+    """Sweep the training-set size N over seeds `seed .. seed + n_seeds - 1`; return errors and
+    gate values on the published evaluation grid.
 
-    `n_eval` queries are drawn per group and evaluation. One seed is used for the class
-    centres, the data, the initialisation and the minibatches; the global RNG is untouched.
-    The defaults run in well under a minute on one CPU thread.
+    `preset` ("chan2024", "joint", "query-gate": `PRESETS`) sets every option; a keyword that
+    is given overrides it. `steps` counts optimiser steps per stage (staged training: g and h,
+    then the gate) or in all (joint). `n_eval` sequences per evaluation cell. All models of a
+    run are trained side by side (`chan.train_gated_models`), which is what makes 5 seeds x 6
+    sizes fit in about a minute on one CPU thread.
     """
-    sizes = _as_sizes(n_train)
-    if n_eval < 1:
-        raise IclgdError(f"n_eval must be >= 1, got {n_eval}")
-    setting = chan.ChanSetting(
-        n_classes=n_classes, n_high=n_high, p_high=p_high, zipf_exponent=zipf_exponent, dim=dim, sigma=sigma,
-        context_len=context_len, p_relevant=p_relevant, n_relevant=n_relevant, label_noise=label_noise,
+    cfg = resolve(
+        preset,
+        n_train=n_train,
+        n_high=n_high,
+        n_low=n_low,
+        p_high=p_high,
+        zipf_exponent=zipf_exponent,
+        dim=dim,
+        sigma=sigma,
+        context_len=context_len,
+        p_relevant=p_relevant,
+        n_relevant=n_relevant,
+        label_noise=label_noise,
+        gate_input=gate_input,
+        training=training,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        hidden=hidden,
+        n_seeds=n_seeds,
+        n_eval=n_eval,
     )
-    world = chan.make_world(setting, seed=seed)
+    setting = chan.ChanSetting(
+        n_classes=int(cfg["n_high"]) + int(cfg["n_low"]),
+        n_high=int(cfg["n_high"]),
+        p_high=float(cfg["p_high"]),
+        zipf_exponent=None if cfg["zipf_exponent"] is None else float(cfg["zipf_exponent"]),
+        dim=int(cfg["dim"]),
+        sigma=float(cfg["sigma"]),
+        context_len=int(cfg["context_len"]),
+        p_relevant=float(cfg["p_relevant"]),
+        n_relevant=None if cfg["n_relevant"] is None else int(cfg["n_relevant"]),
+        label_noise=float(cfg["label_noise"]),
+    )
+    seeds = list(range(int(seed), int(seed) + int(cfg["n_seeds"])))
+    worlds = {s: chan.make_world(setting, seed=s) for s in seeds}
     started = time.perf_counter()
+    runs = [(s, n) for s in seeds for n in cfg["n_train"]]
+    models = chan.train_gated_models(
+        [worlds[s] for s, _ in runs],
+        [n for _, n in runs],
+        [s for s, _ in runs],
+        steps=int(cfg["steps"]),
+        batch_size=int(cfg["batch_size"]),
+        learning_rate=float(cfg["learning_rate"]),
+        hidden=cfg["hidden"],
+        gate_input=cfg["gate_input"],
+        training=cfg["training"],
+        weight_decay=float(cfg["weight_decay"]),
+    )
     rows = []
-    for n in sizes:
-        model = chan.train_gated_model(
-            world, n, seed=seed, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
-            hidden=hidden, gate_input=gate_input, weight_decay=weight_decay,
-        )
-        for evaluation in EVALUATIONS:
-            rows += [dict(n_train=n, seed=seed, **row) for row in chan.evaluate_by_group(model, world, evaluation, n_eval, seed=seed)]
-    table = pd.DataFrame(rows, columns=["n_train", "seed", "evaluation", "group", "metric", "value"])
+    for (s, n), model in zip(runs, models):
+        rows += [
+            dict(n_train=n, seed=s, **row)
+            for row in chan.evaluate_grid(model, worlds[s], int(cfg["n_eval"]), seed=s)
+        ]
+    table = pd.DataFrame(rows, columns=COLUMNS)
     config = dict(
-        setting=setting.__dict__, n_train=sizes, gate_input=gate_input, steps=steps, batch_size=batch_size,
-        learning_rate=learning_rate, weight_decay=weight_decay, hidden=hidden, n_eval=n_eval, seed=seed,
-        chance=1.0 / n_classes, torch=torch.__version__, run_time_s=round(time.perf_counter() - started, 2),
+        preset=preset,
+        **{k: v for k, v in cfg.items() if k not in ("n_train", "hidden")},
+        n_train=cfg["n_train"],
+        hidden=list(cfg["hidden"]),
+        seeds=seeds,
+        setting=setting.__dict__,
+        published_steps=PUBLISHED_STEPS,
+        chance_error=1 - 1 / setting.n_classes,
+        torch=torch.__version__,
+        run_time_s=round(time.perf_counter() - started, 2),
     )
     return StudyResult(
-        name="icl-vs-iwl", question=QUESTION, table=table, figures=_figures(table, n_classes),
-        findings=_findings(table, n_classes), config=config,
+        name="icl-vs-iwl",
+        question=QUESTION,
+        table=table,
+        figures=figures(table, config),
+        findings=findings(table, config),
+        config=config,
     )
 
 
-def _figures(table: pd.DataFrame, n_classes: int) -> list:
-    """Error of f by N (one panel per evaluation), and the gate a(x) by N, per frequency group."""
-    errors = table[table.metric == "error"]
-    fig_error = px.line(
-        errors, x="n_train", y="value", color="group", facet_col="evaluation", markers=True, log_x=True,
-        labels={"n_train": "training sequences N", "value": "error of f", "group": "class frequency"},
-        title="Error of the gated model by training-set size and class frequency",
-        category_orders={"evaluation": list(EVALUATIONS)},
-    )
-    fig_error.add_hline(y=1 - 1 / n_classes, line_dash="dot", annotation_text="chance")
-    gate = table[(table.metric == "gate") & (table.evaluation == "in_distribution")]
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and 95% t-interval over seeds per (n_train, labels, context, group, metric).
+
+    Each seed is an independent training run (own centres, data, initialisation, batches), so
+    one value per seed and a plain t-interval over them (`stats.t_interval`); the `n_eval`
+    sequences behind each value only make that value precise.
+    """
+    out = [(*key, *stats.t_interval(g["value"].to_numpy())) for key, g in table.groupby(KEYS, sort=True)]
+    return pd.DataFrame(out, columns=[*KEYS, "mean", "ci_low", "ci_high", "n_seeds"])
+
+
+def figures(table: pd.DataFrame, config: dict) -> list:
+    """Gate by N per query group (in distribution); error of f by N over the evaluation grid."""
+    s = summary(table)
+    s = s.assign(err_plus=s.ci_high - s["mean"], err_minus=s["mean"] - s.ci_low)
+    gate = s[(s.metric == "gate") & (s.labels == "original") & (s.context == "default")]
     fig_gate = px.line(
-        gate, x="n_train", y="value", color="group", markers=True, log_x=True, range_y=[0, 1],
-        labels={"n_train": "training sequences N", "value": "mean gate a(x)  (1 = in-weight g)", "group": "class frequency"},
-        title="Gate a(x): weight on the in-weight predictor (in-distribution queries)",
+        gate,
+        x="n_train",
+        y="mean",
+        color="group",
+        error_y="err_plus",
+        error_y_minus="err_minus",
+        markers=True,
+        log_x=True,
+        range_y=[0, 1.02],
+        labels={
+            "n_train": "training sequences N",
+            "mean": "mean gate a  (1 = in-weight g, 0 = in-context h)",
+            "group": "queries",
+        },
+        title=(
+            f"Gate by training-set size and class frequency ({config['preset']}, "
+            f"{len(config['seeds'])} seeds, 95% intervals)"
+        ),
     )
-    return [fig_error, fig_gate]
+    errors = s[s.metric == "error"]
+    fig_error = px.line(
+        errors,
+        x="n_train",
+        y="mean",
+        color="group",
+        facet_row="labels",
+        facet_col="context",
+        error_y="err_plus",
+        error_y_minus="err_minus",
+        markers=True,
+        log_x=True,
+        range_y=[0, 1.02],
+        labels={"n_train": "training sequences N", "mean": "error of f", "group": "queries"},
+        category_orders={"labels": list(chan.LABELINGS), "context": list(chan.CONTEXTS)},
+        title="Error of the gated model over the evaluation grid (labels x context relevance)",
+    )
+    fig_error.add_hline(y=config["chance_error"], line_dash="dot", annotation_text="chance")
+    return [fig_gate, fig_error]
 
 
-def _value(table: pd.DataFrame, n: int, evaluation: str, group: str, metric: str) -> float:
-    sel = table[(table.n_train == n) & (table.evaluation == evaluation) & (table.group == group) & (table.metric == metric)]
-    return float(sel.value.mean())
+def _cell(s: pd.DataFrame, n: int, labels: str, context: str, group: str, metric: str) -> pd.Series:
+    return s.loc[(n, labels, context, group, metric)]
 
 
-def _findings(table: pd.DataFrame, n_classes: int) -> str:
-    """Plain sentences computed from the table: gate and errors at the smallest and largest N."""
+def _ci(row: pd.Series) -> str:
+    if row.isna()[["ci_low", "ci_high"]].any():
+        return f"{row['mean']:.2f}"
+    return f"{row['mean']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+
+
+def crossing(s: pd.DataFrame, group: str, threshold: float = 0.5) -> int | None:
+    """The smallest N from which on the mean in-distribution gate of `group` stays above `threshold`."""
+    gate = s.xs(("original", "default", group, "gate"), level=("labels", "context", "group", "metric"))[
+        "mean"
+    ].sort_index()
+    above = gate > threshold
+    for n in gate.index:
+        if above.loc[n:].all():
+            return int(n)
+    return None
+
+
+def findings(table: pd.DataFrame, config: dict) -> str:
+    """Plain sentences from the table: gates and errors at the smallest and largest N, with
+    intervals over seeds."""
+    s = summary(table).set_index(KEYS)
     small, large = int(table.n_train.min()), int(table.n_train.max())
-    lines = []
-    for group in ("high", "low"):
-        a0, a1 = _value(table, small, "in_distribution", group, "gate"), _value(table, large, "in_distribution", group, "gate")
-        direction = "towards the in-weight predictor g" if a1 > a0 else "towards the in-context predictor h"
-        lines.append(f"{group}-frequency classes: mean gate a(x) {a0:.2f} at N={small} -> {a1:.2f} at N={large} ({direction}).")
-    for evaluation, meaning in (
-        ("in_distribution", "in distribution"),
-        ("shifted_labels", "with shifted labels (only the context can answer)"),
-        ("context_irrelevant", "with the query's class absent from the context (only the weights can answer)"),
-    ):
-        parts = [
-            f"{group} {_value(table, small, evaluation, group, 'error'):.2f} -> {_value(table, large, evaluation, group, 'error'):.2f}"
-            for group in ("high", "low")
-        ]
-        lines.append(f"Error {meaning}, N={small} -> N={large}: " + "; ".join(parts) + ".")
-    h_shift = _value(table, large, "shifted_labels", "high", "error_in_context")
-    lines.append(
-        f"At N={large} the in-context predictor h alone errs {h_shift:.2f} on shifted high-frequency labels, "
-        f"the gated model {_value(table, large, 'shifted_labels', 'high', 'error'):.2f} (chance error {1 - 1 / n_classes:.2f}): "
-        "the gap is what the gate gives up by trusting the weights."
+    seeds = config["seeds"]
+    steps_note = (
+        f"{config['steps']} optimiser steps{' per stage' if config['training'] == 'staged' else ''} "
+        f"(the published code: {config['published_steps']} per stage)"
     )
+    lines = [
+        f"Preset {config['preset']}: {config['training']} training, gate on the {config['gate_input']}, "
+        f"{config['n_high']} + {config['n_low']} classes, L = {config['context_len']}, {steps_note}; "
+        f"{len(seeds)} seeds ({seeds[0]}..{seeds[-1]}), means with 95% t-intervals over seeds."
+    ]
+    gate = lambda n, g: _ci(_cell(s, n, "original", "default", g, "gate"))
+    lines.append(
+        f"Mean gate a in distribution (0 = in-context h, 1 = in-weight g), N={small} -> N={large}: "
+        f"high {gate(small, 'high')} -> {gate(large, 'high')}; "
+        f"low {gate(small, 'low')} -> {gate(large, 'low')}."
+    )
+    for group in ("high", "low"):
+        n_cross = crossing(s, group)
+        lines.append(
+            f"{group}-frequency queries: the gate stays above 0.5 from N={n_cross} on."
+            if n_cross is not None
+            else f"{group}-frequency queries: the gate does not stay above 0.5 up to N={large}."
+        )
+    for n in (small, large):
+        parts = []
+        for group in ("high", "low"):
+            f, g, h = (
+                _cell(s, n, "original", "default", group, m)
+                for m in ("error", "error_in_weight", "error_in_context")
+            )
+            parts.append(f"{group}: f {_ci(f)}, g {_ci(g)}, h {_ci(h)}")
+        lines.append(f"Error in distribution at N={n}: " + "; ".join(parts) + ".")
+    for group in ("high", "low"):
+        sh = lambda n, m: _ci(_cell(s, n, "shifted", "always", group, m))
+        nv = lambda n: _ci(_cell(s, n, "original", "never", group, "error"))
+        lines.append(
+            f"{group}-frequency, shifted labels with the query's class in the context (only h can answer): "
+            f"error of f {sh(small, 'error')} -> {sh(large, 'error')} "
+            f"(h alone {sh(large, 'error_in_context')} at N={large}); "
+            f"original labels, class never in the context (only g can answer): {nv(small)} -> {nv(large)}."
+        )
+    for group in ("high", "low"):  # does the gate pick the better predictor on fresh queries?
+        gaps = {
+            n: _cell(s, n, "original", "default", group, "error")["mean"]
+            - min(
+                _cell(s, n, "original", "default", group, m)["mean"]
+                for m in ("error_in_weight", "error_in_context")
+            )
+            for n in config["n_train"]
+        }
+        worst = max(gaps, key=gaps.get)
+        lines.append(
+            f"{group}-frequency queries: f errs at most {gaps[worst]:+.2f} "
+            "against the better of g and h alone "
+            f"(at N={worst}; > 0: the gate picks the worse predictor on fresh queries)."
+        )
+    lines.append(f"Chance error {config['chance_error']:.2f}.")
     return "\n".join(lines)

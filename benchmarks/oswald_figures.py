@@ -1,5 +1,5 @@
 """Print the von Oswald et al. (2023) figures the docs quote, on the task distribution of
-`iclgd_lens/oswald.py`: the best learning rate of one GD step from W0 = 0, its loss, the loss of
+`iclgd_lens/worlds/oswald.py`: the best learning rate of one GD step from W0 = 0, its loss, the loss of
 predicting zero, and the loss of the hand-built linear self-attention layer at that learning rate.
 
     python benchmarks/oswald_figures.py [--n-tasks 1000] [--large 100000] [--d-x 10] [--n-context 10]

@@ -10,12 +10,12 @@ few-shot beats zero-shot; the corpus facts are in its weights).
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_bridge, tiny_tokenizer
 
-from iclgd_lens.errors import IclgdError
 from iclgd_lens.engine.gd import GDConfig
+from iclgd_lens.errors import IclgdError
 from iclgd_lens.study import StudyResult, parse_numbers
 from iclgd_lens.tasks import Example, Task, label_token_ids
-from tiny import tiny_bridge, tiny_tokenizer
 
 torch.set_num_threads(1)
 GD = GDConfig.dai(lr=0.05)
@@ -30,10 +30,19 @@ def test_parse_numbers_reads_numbers_strings_and_cli_lists():
     assert parse_numbers((0.1, 1), "lrs", kind=float) == [0.1, 1.0]
     assert all(type(v) is int for v in parse_numbers([2.0, "3"], "ks"))
     assert parse_numbers(0, "ks", minimum=0) == [0]
-    bad = [("1,x", {}, "whole numbers"), ("2.5", {}, "whole numbers"), ([2.5], {}, "whole numbers"),
-           ([True], {}, "whole numbers"), ("nan", dict(kind=float), "numbers"), (None, {}, "numbers"),
-           ("", {}, "at least one"), ((), {}, "at least one"), (" , ", {}, "at least one"),
-           ("-1,2", dict(minimum=0), ">= 0"), ("0", dict(kind=float, minimum=0, strict_minimum=True), "> 0")]
+    bad = [
+        ("1,x", {}, "whole numbers"),
+        ("2.5", {}, "whole numbers"),
+        ([2.5], {}, "whole numbers"),
+        ([True], {}, "whole numbers"),
+        ("nan", dict(kind=float), "numbers"),
+        (None, {}, "numbers"),
+        ("", {}, "at least one"),
+        ((), {}, "at least one"),
+        (" , ", {}, "at least one"),
+        ("-1,2", dict(minimum=0), ">= 0"),
+        ("0", dict(kind=float, minimum=0, strict_minimum=True), "> 0"),
+    ]
     for values, options, fragment in bad:
         with pytest.raises(IclgdError, match=fragment) as err:
             parse_numbers(values, "my_what", **options)
@@ -78,15 +87,28 @@ def test_full_batch_gd_is_order_invariant_and_icl_is_not(icl_model, mapping_task
     from iclgd_lens.analyses.order_sensitivity import run
 
     before = _state(icl_model)
-    r = run(icl_model, mapping_task, k=4, n_permutations=3, batch_sizes=(1,), n_episodes=1, n_queries=2, progress=False)
+    r = run(
+        icl_model,
+        mapping_task,
+        k=4,
+        n_permutations=3,
+        batch_sizes=(1,),
+        n_episodes=1,
+        n_queries=2,
+        progress=False,
+    )
     assert isinstance(r, StudyResult) and r.figures and r.findings
-    assert r.config["gd"]["lr"] == mapping_task.gd_lr  # a preset by name takes the task's learning rate, as compare() does
+    assert (
+        r.config["gd"]["lr"] == mapping_task.gd_lr
+    )  # a preset by name takes the task's learning rate, as compare() does
     t = r.table
     assert set(t.method) == {"icl", "gd_b1", "gd_full"}
     sen = t[t.metric == "sen"]
     assert (sen[sen.method == "gd_full"].value.abs() < 1e-6).all()  # the same summed gradient in any order
     assert (sen[sen.method == "icl"].value > 1e-6).all()  # different prompts, different outputs
-    assert (sen[sen.method == "gd_b1"].value > 1e-6).all()  # SGD steps in another order end elsewhere (GD is no no-op)
+    assert (
+        sen[sen.method == "gd_b1"].value > 1e-6
+    ).all()  # SGD steps in another order end elsewhere (GD is no no-op)
     assert t[t.metric.str.contains("overlap")].value.between(0, 1).all()
     assert set(t[t.metric == "attn_sen"].layer) == set(range(icl_model.cfg.n_layers))
     assert _unchanged(icl_model, before)
@@ -97,9 +119,25 @@ def test_identical_orders_give_the_exact_floor(icl_model):
     ICL-vs-ICL agreement must then be perfect (Sen 0, overlap 1), so it is a valid floor."""
     from iclgd_lens.analyses.order_sensitivity import run
 
-    same = Task("same", "{text} =", ("alpha", "beta"), train=(Example("cow", 0),) * 3,
-                test=(Example("dog", 0), Example("apple", 1)), separator="\n")
-    r = run(icl_model, same, k=3, n_permutations=3, batch_sizes=(1,), gd=GD, n_episodes=1, n_queries=2, progress=False)
+    same = Task(
+        "same",
+        "{text} =",
+        ("alpha", "beta"),
+        train=(Example("cow", 0),) * 3,
+        test=(Example("dog", 0), Example("apple", 1)),
+        separator="\n",
+    )
+    r = run(
+        icl_model,
+        same,
+        k=3,
+        n_permutations=3,
+        batch_sizes=(1,),
+        gd=GD,
+        n_episodes=1,
+        n_queries=2,
+        progress=False,
+    )
     t = r.table
     assert (t[t.metric == "sen"].value.abs() < 1e-6).all()
     assert (t[t.metric == "order_overlap"].value == 1.0).all()
@@ -117,7 +155,16 @@ def test_k_sweep_icl_accuracy_is_the_models_and_beats_zero_shot(icl_model, mappi
     from iclgd_lens.analyses.k_sweep import run
 
     task, ks, n_ep, n_q = mapping_task, (1, 4), 1, 4
-    r = run(icl_model, task, ks=ks, gd_only_ks=(12,), n_episodes=n_ep, n_queries=n_q, baselines=("icl_perm",), progress=False)
+    r = run(
+        icl_model,
+        task,
+        ks=ks,
+        gd_only_ks=(12,),
+        n_episodes=n_ep,
+        n_queries=n_q,
+        baselines=("icl_perm",),
+        progress=False,
+    )
     t = r.table
     assert set(t.k) == {1, 4, 12}
     assert set(t[t.k == 12].comparison) == {"zsl", "gd"}  # GD-only k: no ICL prompt is built
@@ -157,8 +204,17 @@ def test_gd_only_k_uses_the_tasks_learning_rate_like_compare(icl_model, mapping_
 def test_gd_trajectories_grid_best_cell_and_divergence(icl_model, mapping_task):
     from iclgd_lens.analyses.gd_trajectories import best_cell, cell_summary, run
 
-    r = run(icl_model, mapping_task, lrs=(0.05, 1e38), params=("kv", "v_single"), epochs=(1, 2), k=2, n_episodes=1,
-            n_queries=2, progress=False)
+    r = run(
+        icl_model,
+        mapping_task,
+        lrs=(0.05, 1e38),
+        params=("kv", "v_single"),
+        epochs=(1, 2),
+        k=2,
+        n_episodes=1,
+        n_queries=2,
+        progress=False,
+    )
     t = r.table
     assert len(t[["params", "lr", "epochs"]].drop_duplicates()) == 2 * 2 * 2
     # recorded, not raised (K/V at lr 1e38 overflows; W_V of one layer may not, as RMSNorm rescales it)
@@ -176,7 +232,9 @@ def test_gd_trajectories_grid_best_cell_and_divergence(icl_model, mapping_task):
 
 
 # ---- ICL objective vs emergent ----------------------------------------------------------------
-@pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")  # Welch's test on identical samples
+@pytest.mark.filterwarnings(
+    "ignore:Precision loss occurred:RuntimeWarning"
+)  # Welch's test on identical samples
 def test_iclobj_vs_emergent_same_model_twice_shows_no_difference(icl_model, mapping_task):
     from iclgd_lens.analyses.iclobj_vs_emergent import differences, run
 
@@ -206,6 +264,48 @@ def test_conflict_probe_on_the_embedded_model(icl_model):
     assert t[(t.metric == "fact_accuracy") & (t.stage == "before")].value.mean() >= 0.9
     assert set(t[t.metric == "attn_update_norm"].layer) == set(range(icl_model.cfg.n_layers))
     assert _unchanged(icl_model, before)
+    # the weights win every conflict before fine-tuning: a floor, and the findings say so
+    if t[(t.metric == "context_wins") & (t.stage == "before")].value.mean() <= 0.05:
+        assert "floor" in r.findings
+
+
+def test_mapping_facts_are_consistent_per_category():
+    from iclgd_lens.analyses.conflict_probe import mapping_facts
+
+    from iclgd_lens.tasks.mapping import CATEGORIES, LABEL_WORDS
+
+    facts = mapping_facts(seed=0)
+    assert [f[0] for f in facts] == [item for items in CATEGORIES.values() for item in items]
+    for items in CATEGORIES.values():  # one label and one counterfact per category
+        rows = [f for f in facts if f[0] in items]
+        assert len({f[1] for f in rows}) == 1 and len({f[2] for f in rows}) == 1
+    answers, counterfacts = {f[1] for f in facts}, {f[2] for f in facts}
+    assert len(answers) == len(CATEGORIES) and answers == counterfacts
+    assert all(ans != cf and ans in LABEL_WORDS for _, ans, cf in facts)
+    assert mapping_facts(seed=1) != facts
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-icl", "tiny-llama-iclobj"])
+def test_conflict_probe_mapping_facts_give_the_context_room_to_lose(name):
+    """Mapping-format facts ("item = label") are not in the weights (labels are redrawn in every
+    training document), so a contradicting context wins before fine-tuning; fine-tuning on the
+    facts puts them in the weights and the context wins far less often."""
+    from iclgd_lens.analyses.conflict_probe import mapping_facts, run
+
+    from iclgd_lens.models import load_model
+
+    model = load_model(name, device="cpu")
+    before = _state(model)
+    r = run(model, mapping_facts(seed=0)[::2], k=4, template="{text} =", ft_epochs=40, progress=False)
+    t = r.table
+    rate = lambda metric, stage: t[(t.metric == metric) & (t.stage == stage)].value.mean()
+    assert rate("fact_accuracy", "before") <= 0.5  # the weights do not hold these facts...
+    assert rate("context_wins", "before") >= 0.5  # ...so the context wins
+    assert rate("fact_accuracy", "after") >= 0.9  # fine-tuning memorises them
+    # these 18 facts: 1.00 -> 0.44 (tiny-llama-icl), 0.67 -> 0.39 (tiny-llama-iclobj)
+    assert rate("context_wins", "after") <= rate("context_wins", "before") - 0.2
+    assert set(t[t.metric == "attn_update_cos"].layer) == set(range(model.cfg.n_layers))
+    assert _unchanged(model, before)
 
 
 FACTS = [(f"w{i}", "ABCD"[i % 4], "ABCD"[(i + 1) % 4]) for i in range(8)]
@@ -223,7 +323,8 @@ def test_conflict_probe_fine_tuning_changes_outcomes(bridge):
     assert acc["after"] == 1.0  # fine-tuning on the facts with a large lr memorises them
     outcome = lambda stage: t[(t.stage == stage) & (t.metric == "context_wins")].value.to_numpy()
     wins = lambda stage: t[(t.stage == stage) & (t.metric == "weights_win")].value.to_numpy()
-    assert not (np.array_equal(outcome("before"), outcome("after")) and np.array_equal(wins("before"), wins("after")))
+    same_outcomes = np.array_equal(outcome("before"), outcome("after"))
+    assert not (same_outcomes and np.array_equal(wins("before"), wins("after")))
     assert t[t.metric == "attn_update_cos"].value.between(-1 - 1e-5, 1 + 1e-5).all()
     assert _unchanged(bridge, before)
 
