@@ -203,8 +203,10 @@ def report(
     analyses: List[Path] = typer.Option(
         [], "--analyses", help="Python file of @analysis functions for the report (repeatable)."
     ),
-    no_memory_check: bool = typer.Option(
-        False, "--no-memory-check", help="Run even if the GD deltas look too big for the device."
+    no_resource_check: bool = typer.Option(
+        False,
+        "--no-resource-check",
+        help="Run even if the estimated work or GD-delta memory looks far beyond this machine.",
     ),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: min(4, cpu count))."),
@@ -249,7 +251,7 @@ def report(
                 n_queries=queries,
                 seed=seed,
                 progress=not no_progress,
-                check_memory=not no_memory_check,
+                check_resources=not no_resource_check,
             )
         )
     results = Results.concat(parts)

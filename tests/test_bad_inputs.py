@@ -197,13 +197,13 @@ def test_compare_leaves_the_global_random_state_alone_and_repeats_bitwise(model)
 
 
 def test_gd_too_big_for_the_device_is_refused_up_front(model, monkeypatch):
-    """The estimate of the deltas' memory is checked before any work; check_memory=False overrides."""
+    """The estimate of the deltas' memory is checked before any work; check_resources=False overrides."""
     import iclgd_lens.engine.compare as compare_module
 
     monkeypatch.setattr(
         compare_module.os, "sysconf", lambda name: 1 if name == "SC_PAGE_SIZE" else 1024
     )  # a 1 KB machine
-    with pytest.raises(IclgdError, match="needs about .* of weight deltas .* check_memory=False") as info:
+    with pytest.raises(IclgdError, match="needs about .* of weight deltas .* check_resources=False") as info:
         compare(model, k=2, n_episodes=2, n_queries=2, progress=False, artifacts=False)
     assert "\n" not in str(info.value)
     result = compare(
@@ -214,6 +214,44 @@ def test_gd_too_big_for_the_device_is_refused_up_front(model, monkeypatch):
         baselines=False,
         progress=False,
         artifacts=False,
-        check_memory=False,
+        check_resources=False,
     )
     assert len(result.table)
+
+
+def test_a_place_the_report_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """A read-only --out (root ignores file modes, so the refusal is simulated where it happens)."""
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    result = runner.invoke(app, ["render", str(_saved(tmp_path)), "--out", str(tmp_path / "ro" / "rep")])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "cannot write the report" in lines[0], result.output
+    assert "Permission denied" in lines[0] and not (tmp_path / "ro" / "rep").exists()
+
+
+def _saved(folder: Path) -> Path:
+    from test_results import make_results
+
+    return make_results(n_layers=2, n_episodes=2, n_queries=2).save(folder / "run")
+
+
+def test_work_far_beyond_the_machine_is_refused_up_front(model, monkeypatch):
+    import iclgd_lens.engine.compare as compare_module
+
+    kw = dict(k=2, n_episodes=2, n_queries=2, progress=False, artifacts=False)
+    flops = compare_module.estimate_flops(
+        model,
+        compare_module._as_task(None, 0),
+        compare_module._as_task(None, 0).episodes(2, 2, 2, 0),
+        GDConfig.dai(),
+        True,
+    )
+    monkeypatch.setitem(compare_module.MAX_FLOPS, "cpu", flops / 2)  # a machine half as big as this request
+    with pytest.raises(IclgdError, match="TFLOP of work.*check_resources=False") as info:
+        compare(model, **kw)
+    assert "\n" not in str(info.value)
+    assert len(compare(model, baselines=False, check_resources=False, **kw).table)

@@ -54,15 +54,16 @@ def compare(
     batch_size: int = 64,
     progress: bool = True,
     artifacts: bool = True,
-    check_memory: bool = True,
+    check_resources: bool = True,
 ) -> Results:
     """Compare ICL with GD on `task`, layer by layer, and return the tidy Results.
 
     `task` is a Task, a task name or data file (`load_task`), or None (the embedded models'
     default task). Everything that can be checked is checked before any model work (the
     prompts fit the context window, the probes' hook points exist); the global random state is
-    left alone (every draw has its own seeded generator). `check_memory`: refuse, before any
-    work, a GD whose weight deltas alone would not fit the device's memory (False: try anyway).
+    left alone (every draw has its own seeded generator). `check_resources`: refuse, before any
+    work, a GD whose weight deltas alone would not fit the device's memory, or a request whose
+    estimated work is far beyond the device (`estimate_flops`; False: try anyway).
 
     `gd` is a GDConfig or a preset name ("dai", "shen", "shen-single-layer", "deutch"); a
     preset takes the task's own learning rate (`Task.gd_lr`) where it has one, as Dai et al.
@@ -82,8 +83,9 @@ def compare(
     check_k_fits(model.tokenizer, _context_window(model), task, k)
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     _check_prompts_fit(model, task, episodes)
-    if check_memory:
+    if check_resources:
         _check_delta_memory(model, gd_config, n_episodes, ("untrained" in chosen))
+        _check_work(model, task, episodes, gd_config, ("untrained" in chosen))
     n_queries_drawn = len(episodes[0].queries)
     if n_queries_drawn < n_queries:
         warnings.warn(
@@ -345,8 +347,44 @@ def _check_delta_memory(model, gd_config: GDConfig, n_episodes: int, untrained: 
         raise IclgdError(
             f"GD ({gd_config.params}, {gd_config.optimizer}) on {n_episodes} episodes needs about {gb(need)} "
             f"of weight deltas beside {gb(model_bytes)} of model, more than the {gb(total)} of "
-            f"{device.type}; use fewer episodes or a smaller parameter set, or pass check_memory=False "
-            "(--no-memory-check) to try anyway"
+            f"{device.type}; use fewer episodes or a smaller parameter set, or pass check_resources=False "
+            "(--no-resource-check) to try anyway"
+        )
+
+
+MAX_FLOPS = {"cpu": 2e15, "cuda": 5e18}
+"""Estimated work refused without check_resources=False: ~6 hours at 100 GFLOP/s on a CPU,
+~1.5 hours at 1 PFLOP/s on a GPU."""
+
+
+def estimate_flops(model, task: Task, episodes: list[Episode], gd_config: GDConfig, untrained: bool) -> float:
+    """Forward-pass work of a comparison, 2 x parameters x tokens: GD's training tokens three
+    times (forward, backward), the ICL prefixes and queries, and the query-alone conditions
+    (ZSL, GD, random update, ICL under another order); twice for the untrained-model baseline."""
+    tokenizer = model.tokenizer
+
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+
+    tokens = 0
+    for episode in episodes:
+        demo = sum(n_tokens(task.render_demo(d, episode.label_words)) for d in episode.demos)
+        query = sum(n_tokens(task.render_query(q)) for q in episode.queries)
+        tokens += 3 * gd_config.epochs * demo + 2 * (demo + query) + 3 * query
+    n_params = sum(p.numel() for p in model.parameters())
+    return 2.0 * n_params * tokens * (2 if untrained else 1)
+
+
+def _check_work(model, task: Task, episodes: list[Episode], gd_config: GDConfig, untrained: bool) -> None:
+    """Refuse, with the estimate, a request far beyond the device (MAX_FLOPS)."""
+    flops = estimate_flops(model, task, episodes, gd_config, untrained)
+    device = _device(model).type
+    limit = MAX_FLOPS.get(device, MAX_FLOPS["cuda"])
+    if flops > limit:
+        raise IclgdError(
+            f"this comparison is about {flops / 1e12:,.3g} TFLOP of work, beyond what a {device} "
+            f"finishes in hours (limit {limit / 1e12:,.3g} TFLOP); use fewer episodes, queries or epochs, "
+            "or pass check_resources=False (--no-resource-check) to run it anyway"
         )
 
 

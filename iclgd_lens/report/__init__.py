@@ -466,8 +466,11 @@ def render_report(
         analyses = dict(load_entry_points("analyses"))
     out = Path(out_dir)
     _check_target(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as err:  # a read-only or missing place: the user's to fix, in one line
+        raise IclgdError(f"cannot write the report into {out.parent}: {err.strerror or err}") from None
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a report is an ordinary folder
     try:
         entry = _write(results, tmp, single_file, analyses, list(study_results))
