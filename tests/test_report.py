@@ -305,3 +305,20 @@ def test_undefined_values_are_listed_with_their_reason(tmp_path):
         Results(table, results.config, results.artifacts), tmp_path / "r", analyses={}
     ).read_text()
     assert "Undefined values" in index and "a zero update" in index
+
+
+def test_the_verdict_comes_first_in_the_index_and_the_notebook_view(tmp_path):
+    """A clear ICL~GD signal over enough episodes is marked "above all baselines" per layer, in
+    Results.verdict(), at the top of the index, and in the notebook view; with 3 episodes the
+    verdict says that no p-value can reach 0.05."""
+    from iclgd_lens.engine.verdict import ABOVE
+
+    results = make_results(n_layers=2, n_episodes=6)
+    found = results.verdict()
+    simaou = found.table[found.table.metric == "simaou"]
+    assert (simaou["mark"] == ABOVE).all() and (simaou["floors_beaten"] == "3/3").all()
+    assert "simaou: ICL~GD is above every baseline at layer(s) 0, 1 of 2" in found.text
+    index = render_report(results, tmp_path / "r", analyses={}).read_text()
+    assert index.index("Verdict") < index.index("Headline") and ABOVE in index
+    assert "above every baseline" in results._repr_html_()
+    assert "no p-value can fall below 0.25" in make_results(n_layers=2, n_episodes=3).verdict().text

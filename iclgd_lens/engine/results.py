@@ -260,6 +260,14 @@ class Results:
         config["run_time_s"] = round(sum(float(p.config.get("run_time_s") or 0) for p in parts), 2)
         return cls(table, config, parts[-1].artifacts)
 
+    def verdict(self, alpha: float = 0.05):
+        """The answer first (`engine/verdict.py`): a `Verdict(text, table)`, the table marking
+        each (similarity metric, layer) above all baselines / not distinguishable / below one,
+        with ICL~GD's share of the ICL~ICL ceiling."""
+        from iclgd_lens.engine.verdict import verdict
+
+        return verdict(self, alpha)
+
     def undefined(self) -> pd.DataFrame:
         """Where the table holds undefined values (NaN), and why: metric, comparison, layers,
         n_undefined, n, because (`metrics.UNDEFINED_BECAUSE`; "no defined value" otherwise)."""
@@ -379,8 +387,14 @@ class Results:
         pivot = summ.pivot_table(index="metric", columns="comparison", values="mean", aggfunc="mean")
         model, task = (_short_name(self.config.get(key, "?")) for key in ("model", "task"))
         title = html.escape(f"iclgd-lens Results: model={model}, task={task}, {len(self.table)} rows")
+        found = self.verdict()
+        marks = found.table.pivot_table(index="metric", columns="layer", values="mark", aggfunc="first")
+        verdict_html = f"<p>{html.escape(found.text)}</p>" + (
+            marks.to_html(na_rep="", escape=True) if len(marks) else ""
+        )
         return (
             f"<div><b>{title}</b>"
+            f"{verdict_html}"
             f"<table>{items}</table>"
             f"<details><summary>mean of every metric x comparison (over layers, heads, episodes, queries)"
             f"</summary>{pivot.to_html(float_format=lambda v: f'{v:.3f}', na_rep='', escape=True)}"

@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 
 from iclgd_lens.engine import stats
 from iclgd_lens.engine.results import Results, versions
+from iclgd_lens.engine.verdict import SIMILARITY_METRICS
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.report import figures
 from iclgd_lens.report.assets import script_tags, write_assets
@@ -36,8 +37,6 @@ __all__ = ["render_report", "figures"]
 INDEX = "index.html"
 SINGLE = "report.html"
 CONDITIONS = ("zsl", "icl", "gd")
-SIMILARITY_METRICS = ("simaou", "simaou_norm", "simam_delta", "kendall_token", "kendall_example", "dw_cos")
-"""The metrics whose icl~gd values the index tests against each baseline, per layer."""
 _PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 
 
@@ -89,13 +88,23 @@ def _index_body(
     analyses: Mapping[str, Callable],
     study_results: Sequence[Any],
 ) -> str:
+    found = results.verdict()
+    marks = found.table.pivot_table(index="metric", columns="layer", values="mark", aggfunc="first")
     sections = [
+        section(
+            "Verdict: is ICL's update GD-like here?",
+            f"<p>{escape(found.text)}</p>" + (table(marks.reset_index()) if len(marks) else ""),
+            "verdict",
+            "Per similarity metric and layer: ICL~GD above every baseline (random vector, random update of "
+            "equal norm, untrained model), not distinguishable from them, or below one; paired tests over "
+            "episodes (docs/statistics.md).",
+        ),
         section(
             "Headline",
             headline(results.headline()) or '<p class="note">(no headline metrics)</p>',
             "headline",
             "Means over layers, episodes and queries; accuracies over episodes.",
-        )
+        ),
     ]
 
     similarity = [m for m in figures.layer_metrics(results) if not m.startswith("probe:")]
