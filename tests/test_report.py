@@ -322,3 +322,7 @@ def test_the_verdict_comes_first_in_the_index_and_the_notebook_view(tmp_path):
     assert index.index("Verdict") < index.index("Headline") and ABOVE in index
     assert "above every baseline" in results._repr_html_()
     assert "no p-value can fall below 0.25" in make_results(n_layers=2, n_episodes=3).verdict().text
+    table = results.table.copy()
+    table.loc[(table.metric == "simaou") & (table.layer == 0), "value"] = float("nan")
+    marks = Results(table, results.config, {}).verdict().table.set_index(["metric", "layer"])["mark"]
+    assert marks[("simaou", 0)] == "undefined" and marks[("simaou", 1)] == ABOVE

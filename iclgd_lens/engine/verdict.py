@@ -24,12 +24,8 @@ SIMILARITY_METRICS = ("simaou", "simaou_norm", "simam_delta", "kendall_token", "
 FLOORS = ("icl~random", "icl~random_update", "untrained:icl~gd")
 CEILING = "icl~icl_perm"
 ALPHA = 0.05
-ABOVE, UNDECIDED, BELOW, NO_BASELINE = (
-    "above all baselines",
-    "not distinguishable",
-    "below a baseline",
-    "no baseline",
-)
+ABOVE, UNDECIDED, BELOW = "above all baselines", "not distinguishable", "below a baseline"
+NO_BASELINE, UNDEFINED = "no baseline", "undefined"
 
 
 class Verdict(NamedTuple):
@@ -65,6 +61,8 @@ def verdict(results: "Results", alpha: float = ALPHA) -> Verdict:
             NO_BASELINE if floors.empty else BELOW if lost else ABOVE if beaten == len(floors) else UNDECIDED
         )
         icl_gd = float(means.loc[(metric, stats.HEADLINE, layer), "mean"])
+        if np.isnan(icl_gd):
+            mark = UNDEFINED  # e.g. SimAM-delta at layer 0 of a rotary model (Results.undefined says why)
         ceiling = (
             float(means.loc[(metric, CEILING, layer), "mean"])
             if (metric, CEILING, layer) in means.index
@@ -82,9 +80,10 @@ def _paragraph(marks: pd.DataFrame, n_episodes: int, alpha: float) -> str:
     comes to the ceiling, and what the number of episodes allows."""
     parts = []
     for metric, group in marks.groupby("metric", sort=False):
-        if (group["mark"] == NO_BASELINE).all():
+        if group["mark"].isin([NO_BASELINE, UNDEFINED]).all():
             parts.append(f"{metric}: no baseline recorded")
             continue
+        group = group[group["mark"] != UNDEFINED]  # layers where the metric is undefined say nothing
         above = group.loc[group["mark"] == ABOVE, "layer"].tolist()
         below = group.loc[group["mark"] == BELOW, "layer"].tolist()
         where = f"at layer(s) {', '.join(map(str, above))}" if above else "at no layer"
