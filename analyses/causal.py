@@ -52,6 +52,7 @@ from iclgd_lens import (
     label_token_ids,
     metrics,
     permuted_demos,
+    resolve_task,
     stats,
     train_deltas,
     untrained_copy,
@@ -639,10 +640,7 @@ def run(
     """
     started = time.time()
     bridge = as_bridge(model)
-    if task is None:
-        from iclgd_lens import default_task
-
-        task = default_task(seed=seed)
+    task = resolve_task(task, seed)
     if k < 1:
         raise IclgdError(f"the causal study needs k >= 1 demonstrations, got k={k}")
     gd_config = GDConfig.resolve(gd, task)

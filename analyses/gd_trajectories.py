@@ -24,7 +24,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from iclgd_lens import PARAM_SETS, GDConfig, IclgdError, StudyResult, Task, compare, versions
+from iclgd_lens import PARAM_SETS, GDConfig, IclgdError, StudyResult, Task, compare, resolve_task, versions
 from iclgd_lens.study import as_bridge, layer_mean, model_name, parse_numbers
 
 QUESTION = (
@@ -69,10 +69,7 @@ def run(
         )
     if target not in TRACKED:
         raise IclgdError(f"target must be one of {', '.join(TRACKED)}, got {target!r}")
-    if task is None:
-        from iclgd_lens import default_task
-
-        task = default_task(seed=seed)
+    task = resolve_task(task, seed)
     cells = [(lr, p, e) for p in param_list for lr in lr_list for e in epoch_list]
     frames = []
     for i, (lr, p, e) in enumerate(cells):

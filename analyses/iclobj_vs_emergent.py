@@ -17,7 +17,7 @@ from typing import Sequence
 import pandas as pd
 import plotly.express as px
 
-from iclgd_lens import GDConfig, IclgdError, StudyResult, Task, compare, stats, versions
+from iclgd_lens import GDConfig, IclgdError, StudyResult, Task, compare, resolve_task, stats, versions
 from iclgd_lens.study import as_bridge, layer_mean, model_name
 
 QUESTION = (
@@ -67,10 +67,7 @@ def run(
     names = [m if isinstance(m, str) else model_name(b) for m, b in zip(models, bridges)]
     if names[0] == names[1]:
         names = [f"{names[0]} (1)", f"{names[1]} (2)"]
-    if task is None:
-        from iclgd_lens import default_task
-
-        task = default_task(seed=seed)
+    task = resolve_task(task, seed)
     frames = []
     for name, bridge in zip(names, bridges):
         if progress:

@@ -33,6 +33,7 @@ from iclgd_lens import (
     encode_prompts,
     label_token_ids,
     metrics,
+    resolve_task,
     train_deltas,
     versions,
 )
@@ -69,10 +70,7 @@ def run(
     ks = parse_numbers(ks, "ks", minimum=1)
     extra = parse_numbers(gd_only_ks, "gd_only_ks", minimum=1) if gd_only_ks else []
     models = [as_bridge(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
-    if task is None:
-        from iclgd_lens import default_task
-
-        task = default_task(seed=seed)
+    task = resolve_task(task, seed)
     tasks = list(task) if isinstance(task, (list, tuple)) else [task]
     frames = []
     for bridge in models:

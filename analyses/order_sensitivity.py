@@ -45,6 +45,7 @@ from iclgd_lens import (
     demo_order,
     encode_prompts,
     metrics,
+    resolve_task,
     stats,
     train_deltas,
     versions,
@@ -80,10 +81,7 @@ def run(
     """
     started = time.time()
     bridge = as_bridge(model)
-    if task is None:
-        from iclgd_lens import default_task
-
-        task = default_task(seed=seed)
+    task = resolve_task(task, seed)
     if k < 2:
         raise IclgdError(f"order sensitivity needs k >= 2 demonstrations to permute, got k={k}")
     if n_permutations < 2:

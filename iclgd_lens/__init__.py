@@ -30,6 +30,7 @@ _EXPORTS = {
     "encode_prompts": "iclgd_lens.tasks",
     "label_token_ids": "iclgd_lens.tasks",
     "permuted_demos": "iclgd_lens.tasks",
+    "resolve_task": "iclgd_lens.tasks",
     "QUERY_SEGMENT": "iclgd_lens.tasks",
     "default_task": "iclgd_lens.tasks.mapping",
     "MappingTask": "iclgd_lens.tasks.mapping",

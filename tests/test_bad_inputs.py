@@ -12,7 +12,7 @@ import torch
 from iclgd_lens.hooks import PROBES, get_probes
 from typer.testing import CliRunner
 
-from iclgd_lens import GDConfig, IclgdError, compare, load_model
+from iclgd_lens import GDConfig, IclgdError, compare, load_model, resolve_task
 from iclgd_lens.cli import app
 
 get_probes(None)  # the built-in probes are registered before any case takes a snapshot of the registry
@@ -245,8 +245,8 @@ def test_work_far_beyond_the_machine_is_refused_up_front(model, monkeypatch):
     kw = dict(k=2, n_episodes=2, n_queries=2, progress=False, artifacts=False)
     flops = compare_module.estimate_flops(
         model,
-        compare_module._as_task(None, 0),
-        compare_module._as_task(None, 0).episodes(2, 2, 2, 0),
+        resolve_task(None, 0),
+        resolve_task(None, 0).episodes(2, 2, 2, 0),
         GDConfig.dai(),
         True,
     )

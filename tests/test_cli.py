@@ -177,27 +177,10 @@ def test_console_entry_prints_no_traceback(tmp_path):
 def test_report_end_to_end_on_a_tiny_model_folder(tmp_path):
     """`iclgd-lens report` on a tiny random LLaMA saved in HF format (a k sweep, two episodes)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from iclgd_lens.models.making.tokenizer import build_tokenizer
+    from tiny import tiny_model_folder
 
     torch.set_num_threads(1)
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    tiny_model_folder(tmp_path / "model")
     result = run(
         "report",
         "--model",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -69,3 +70,28 @@ def tiny_task() -> Task:
     return Task(
         "tiny", "{text} :", ("A", "B"), train=tuple(examples[:30]), test=tuple(examples[30:]), separator=" "
     )
+
+
+def tiny_model_folder(folder: Path) -> Path:
+    """A random 2-layer LLaMA with the embedded models' tokenizer, saved in HF format in `folder`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from iclgd_lens.models.making.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

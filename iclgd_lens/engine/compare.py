@@ -20,7 +20,6 @@ import os
 import time
 import warnings
 from dataclasses import asdict
-from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
@@ -33,7 +32,7 @@ from iclgd_lens.engine.record import Recorder, Recording
 from iclgd_lens.engine.results import Results, versions
 from iclgd_lens.engine.table import episode_table
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.tasks import Episode, Task, encode_prompts, label_token_ids, permuted_demos
+from iclgd_lens.tasks import Episode, Task, encode_prompts, label_token_ids, permuted_demos, resolve_task
 
 ALL_BASELINES = ("random", "random_update", "icl_perm", "untrained")
 """Baselines recorded beside every similarity (Dai; Deutch et al.; Shen et al.)."""
@@ -75,7 +74,7 @@ def compare(
     default 8 episodes let the exact paired test reach p = 0.0078 (docs/statistics.md).
     """
     started = time.time()
-    task = _as_task(task, seed)
+    task = resolve_task(task, seed)
     gd_config = GDConfig.resolve(gd, task)
     chosen = _chosen_baselines(baselines)
     probe_names = _probe_names(probes)
@@ -279,21 +278,6 @@ def _icl(recorder: Recorder, enc, condition: str, share_prefix: bool) -> tuple[R
 
 
 # ---- checks before any model work ----------------------------------------------------------
-def _as_task(task, seed: int) -> Task:
-    """A Task as given, a task name or data file (`load_task`), or the default task for None."""
-    if task is None:
-        from iclgd_lens.tasks.mapping import default_task
-
-        return default_task(seed=seed)
-    if isinstance(task, (str, Path)):
-        from iclgd_lens.tasks.formats import load_task
-
-        return load_task(str(task), seed=seed)
-    if not isinstance(task, Task):
-        raise IclgdError(f"task must be a Task, a task name or a data file, got {type(task).__name__}")
-    return task
-
-
 def check_k_fits(tokenizer, n_ctx: int | None, task: Task, k: int) -> None:
     """k demonstrations of at least this task's shortest rendering must fit the context window:
     an impossible k fails here, in milliseconds, instead of after GD has trained on them (the

@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -219,6 +220,22 @@ def encode_prompts(
         segments[b, : len(ids)] = torch.tensor(seg)
         read_pos[b] = read
     return EncodedPrompts(input_ids, attention_mask, segments, read_pos, texts)
+
+
+def resolve_task(task: "Task | str | Path | None", seed: int = 0) -> "Task":
+    """A Task as given, a task name or data file (`formats.load_task`), or for None the
+    embedded models' default task (`mapping.default_task`): what compare() and the studies accept."""
+    if task is None:
+        from iclgd_lens.tasks.mapping import default_task
+
+        return default_task(seed=seed)
+    if isinstance(task, (str, Path)):
+        from iclgd_lens.tasks.formats import load_task
+
+        return load_task(str(task), seed=seed)
+    if not isinstance(task, Task):
+        raise IclgdError(f"task must be a Task, a task name or a data file, got {type(task).__name__}")
+    return task
 
 
 def permuted_demos(demos: Sequence[Example], seed: int) -> tuple[Example, ...]:
