@@ -270,11 +270,15 @@ def render(
 ) -> None:
     """Write the report for saved results (no model needed)."""
     from iclgd_lens.engine.results import Results
-    from iclgd_lens.report import render_report
+    from iclgd_lens.report import load_studies, render_report
 
     load_user_files((), analyses)
     loaded = Results.load(results)
-    path = render_report(loaded, out, single_file=single_file)
+    folder = results if results.is_dir() else results.parent
+    studies = load_studies(folder)  # a study's report: its saved results rebuild its page
+    path = render_report(
+        loaded, out, single_file=single_file, study_results=studies, **({"analyses": {}} if studies else {})
+    )
     typer.echo(str(path))
 
 
@@ -288,6 +292,9 @@ def study(
     seed: int = typer.Option(0, help="Seed."),
     settings: List[str] = typer.Option(
         [], "--set", help="Study parameter name=value (repeatable; JSON values)."
+    ),
+    preset: Optional[str] = typer.Option(
+        None, help="The study's named preset, for studies that have them (same as --set preset=NAME)."
     ),
     out: Optional[Path] = typer.Option(None, help="Report folder (default: iclgd-study-NAME/)."),
     single_file: bool = typer.Option(False, "--single-file", help="Write one self-contained report.html."),
@@ -314,6 +321,10 @@ def study(
         kwargs.setdefault("seed", seed)
     if "progress" in params:
         kwargs.setdefault("progress", not no_progress)
+    if preset is not None:
+        if "preset" not in params:
+            raise IclgdError(f"study {name!r} has no presets")
+        kwargs["preset"] = preset
     if model is not None:  # studies take a model name (or path) and load it themselves
         if "model" not in params:
             raise IclgdError(f"study {name!r} does not take a model")

@@ -9,9 +9,14 @@ studies), `layer_mean` (episode-level means over layers).
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import numbers
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,6 +37,61 @@ class StudyResult:
     figures: list[Any] = field(default_factory=list)  # plotly.graph_objects.Figure
     findings: str = ""  # what the numbers show, written from the table (never hard-coded)
     config: dict[str, Any] = field(default_factory=dict)  # settings, seed, versions
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Everything the study's page needs, as JSON types (the table keeps its dtypes)."""
+        import plotly.io as pio
+
+        return {
+            "kind": "iclgd-lens study",
+            "name": self.name,
+            "question": self.question,
+            "findings": self.findings,
+            "config": json.loads(json.dumps(self.config, default=str)),
+            "table": json.loads(self.table.to_json(orient="table", index=False)),
+            "figures": [json.loads(pio.to_json(fig)) for fig in self.figures],
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `directory/study.json` atomically (a temporary file renamed into place), so that
+        `iclgd-lens render DIR` rebuilds the study's page without rerunning it. Returns the path."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / STUDY_JSON
+        handle, tmp = tempfile.mkstemp(dir=folder, prefix=".study-", suffix=".json")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as f:
+                json.dump(self.to_json_dict(), f)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "StudyResult":
+        """Read a StudyResult saved by `save` (the file or its folder); one-line error otherwise."""
+        import plotly.io as pio
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / STUDY_JSON
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("kind") != "iclgd-lens study":
+                raise ValueError("not a saved study")
+            table = pd.read_json(io.StringIO(json.dumps(data["table"])), orient="table")
+            figures = [pio.from_json(json.dumps(fig)) for fig in data["figures"]]
+            return cls(data["name"], data["question"], table, figures, data["findings"], data["config"])
+        except FileNotFoundError:
+            raise IclgdError(f"no saved study at {path}") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise IclgdError(f"{path} is not a saved study ({first})") from None
+
+
+STUDY_JSON = "study.json"
+"""The file a saved study lives in (`StudyResult.save`), beside the report's results.json."""
 
 
 # ---- small helpers the studies share ------------------------------------------------------

@@ -410,6 +410,7 @@ def _write(
     study_results: Sequence[Any],
 ) -> Path:
     results.save(folder)
+    save_studies(study_results, folder)
     layers = _layers(results)
     if single_file:
         body = _index_body(results, lambda l: f"#layer-{l:02d}", analyses, study_results)
@@ -444,6 +445,25 @@ def _write(
             page(f"iclgd-lens layer {l}", header, _layer_body(results, l), scripts), encoding="utf-8"
         )
     return folder / INDEX
+
+
+STUDIES_DIR = "studies"
+"""Where a report keeps its studies' saved results (`StudyResult.save`), one folder each."""
+
+
+def save_studies(study_results: Sequence[Any], folder: Path) -> None:
+    """Save every study of a report under `folder/studies/NN-name/`, so `render` rebuilds it."""
+    for i, study in enumerate(study_results):
+        if hasattr(study, "save"):
+            safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in str(study.name))[:60]
+            study.save(folder / STUDIES_DIR / f"{i:02d}-{safe}")
+
+
+def load_studies(folder: Path) -> list[Any]:
+    """The studies a report folder saved (`save_studies`), in their order; [] if none."""
+    from iclgd_lens.study import STUDY_JSON, StudyResult
+
+    return [StudyResult.load(p) for p in sorted((Path(folder) / STUDIES_DIR).glob(f"*/{STUDY_JSON}"))]
 
 
 def _check_target(out: Path) -> None:
