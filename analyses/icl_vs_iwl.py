@@ -10,14 +10,17 @@ predictor g alone, of the in-context predictor h alone, and the mean gate a (1 =
 - `context`: `default` (the training p_relevant), `always` or `never` holding the query's class;
 - `group`: queries from the `high`- or `low`-frequency classes, or `all` (the class distribution).
 
-`preset` picks the protocol (`PRESETS`): `chan2024` follows the published code point by point
-(g and h trained first and frozen, then the gate, all on the same fixed data set), at fewer
-optimiser steps (stated in the config and the findings); the variants change one thing each, to
-answer another question: `joint` trains g, h and the gate together (as the parts of one network
-would be), `query-gate` lets the gate see the query alone. Every other keyword, when given,
-overrides the preset. docs/studies/icl-vs-iwl.md lists what still differs from the published
-code. Intervals are 95% t-intervals over seeds (independent training runs, each with its own
-class centres, data, initialisation and minibatches).
+`preset` picks the protocol (`PRESETS`). `chan2024` follows the code that produced the published
+figures (chanb/simple_icl): g, h and the gate trained together by the NLL of f on one fixed data
+set, checkpoints every 500 steps, each run read at its checkpoint of lowest training loss, at
+fewer optimiser steps (stated in the config and the findings). The variants change one thing each,
+to answer another question: `staged` trains g and h first, freezes them and then trains the gate
+(the main branch's templates), `query-gate` lets the gate see the query alone. Every other
+keyword, when given, overrides the preset. docs/studies/icl-vs-iwl.md lists what still differs
+from the published code. Intervals are 95% t-intervals over seeds (independent training runs,
+each with its own class centres, data, initialisation and minibatches). Besides the table, the
+config holds `trajectory` (per run and checkpoint: the training loss and, on fresh sequences, the
+mean gate and error of f per query group) and `selected_steps` (the checkpoint each run is read at).
 
 No language model is involved. Part (b), a conflict probe on a loaded LLM, is the study
 `conflict-probe` (docs/studies/conflict-probe.md).
@@ -57,23 +60,30 @@ _CHAN2024 = dict(
     n_relevant=None,
     label_noise=0.0,
     gate_input="sequence",
-    training="staged",
-    steps=5000,
+    training="joint",
+    steps=10_000,
     batch_size=32,
     learning_rate=3e-4,
     weight_decay=0.0,
     hidden=(64, 64),
+    checkpoint_every=500,
+    select="min-train-loss",
+    n_pretrain=2000,
     n_seeds=5,
     n_eval=1000,
 )
 PRESETS: dict[str, dict] = {
-    # the published code (chanb/simple_icl;
-    # cc_utils/templates/synthetic-{iw_predictor,ic_predictor,alpha}-*.json),
-    # with steps reduced 50,000 -> 5,000 per stage and N up to 2^16 instead of 2^20
+    # the code behind the published figures (chanb/simple_icl, branch iclr_2025:
+    # cc_utils/templates/synthetic-alpha-*.json with mask_names [], so g, h and the gate learn
+    # together by the NLL of f; experiments/evaluation-e2e.py; plot_utils/plot_*-alpha.ipynb, which
+    # read each run at its checkpoint of lowest training loss), with 10,000 steps instead of 50,000,
+    # N up to 2^16 instead of 2^20 and 2,000 training sequences instead of 10,000 for the loss that
+    # picks the checkpoint (docs/studies/icl-vs-iwl.md)
     "chan2024": _CHAN2024,
-    # does the picture need the two stages? g, h and the gate trained together by the NLL of f, as the
-    # parts of one network would be, for as many optimiser steps as the two stages together
-    "joint": {**_CHAN2024, "training": "joint", "steps": 2 * _CHAN2024["steps"]},
+    # the main branch's templates: g and h trained first (5,000 steps each by its own NLL), frozen,
+    # then the gate (5,000 steps): what does the gate do when the predictors it chooses between are
+    # already fit to the data it is trained on?
+    "staged": {**_CHAN2024, "training": "staged", "steps": _CHAN2024["steps"] // 2},
     # can the gate tell from the query alone when to trust the context (the old default of this study)?
     "query-gate": {**_CHAN2024, "gate_input": "query"},
 }
@@ -111,7 +121,7 @@ def resolve(preset: str = "chan2024", **given) -> dict:
     out = {**PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
     out["n_train"] = parse_numbers(out["n_train"], "n_train", minimum=1)
     out["hidden"] = _as_hidden(out["hidden"])
-    for name in ("n_high", "n_low", "steps", "batch_size", "n_seeds", "n_eval"):
+    for name in ("n_high", "n_low", "steps", "batch_size", "n_seeds", "n_eval", "n_pretrain"):
         if int(out[name]) < 1:
             raise IclgdError(f"{name} must be >= 1, got {out[name]}")
     return out
@@ -138,6 +148,9 @@ def run(
     learning_rate: float | None = None,
     weight_decay: float | None = None,
     hidden: int | str | Sequence[int] | None = None,
+    checkpoint_every: int | None = None,
+    select: str | None = None,
+    n_pretrain: int | None = None,
     n_seeds: int | None = None,
     n_eval: int | None = None,
     seed: int = 0,
@@ -145,9 +158,11 @@ def run(
     """Sweep the training-set size N over seeds `seed .. seed + n_seeds - 1`; return errors and
     gate values on the published evaluation grid.
 
-    `preset` ("chan2024", "joint", "query-gate": `PRESETS`) sets every option; a keyword that
-    is given overrides it. `steps` counts optimiser steps per stage (staged training: g and h,
-    then the gate) or in all (joint). `n_eval` sequences per evaluation cell. All models of a
+    `preset` ("chan2024", "staged", "query-gate": `PRESETS`) sets every option; a keyword that
+    is given overrides it. `steps` counts optimiser steps in all (joint) or per stage (staged:
+    g and h, then the gate). `checkpoint_every`, `select` ("min-train-loss" or "final") and
+    `n_pretrain` say which checkpoint each run is read at (`chan.train_gated_models`). `n_eval`
+    sequences per evaluation cell. All models of a
     run are trained side by side (`chan.train_gated_models`), which is what makes 5 seeds x 6
     sizes fit in about a minute on one CPU thread.
     """
@@ -171,6 +186,9 @@ def run(
         learning_rate=learning_rate,
         weight_decay=weight_decay,
         hidden=hidden,
+        checkpoint_every=checkpoint_every,
+        select=select,
+        n_pretrain=n_pretrain,
         n_seeds=n_seeds,
         n_eval=n_eval,
     )
@@ -201,6 +219,9 @@ def run(
         gate_input=cfg["gate_input"],
         training=cfg["training"],
         weight_decay=float(cfg["weight_decay"]),
+        checkpoint_every=int(cfg["checkpoint_every"]),
+        select=str(cfg["select"]),
+        n_pretrain=int(cfg["n_pretrain"]),
     )
     rows = []
     for (s, n), model in zip(runs, models):
@@ -217,6 +238,8 @@ def run(
         seeds=seeds,
         setting=setting.__dict__,
         published_steps=PUBLISHED_STEPS,
+        selected_steps=[dict(n_train=n, seed=s, step=m.selected_step) for (s, n), m in zip(runs, models)],
+        trajectory=[dict(n_train=n, seed=s, **r) for (s, n), m in zip(runs, models) for r in m.trajectory],
         chance_error=1 - 1 / setting.n_classes,
         torch=torch.__version__,
         run_time_s=round(time.perf_counter() - started, 2),
@@ -285,7 +308,31 @@ def figures(table: pd.DataFrame, config: dict) -> list:
         title="Error of the gated model over the evaluation grid (labels x context relevance)",
     )
     fig_error.add_hline(y=config["chance_error"], line_dash="dot", annotation_text="chance")
-    return [fig_gate, fig_error]
+    traj = trajectory(config)
+    curves = traj.groupby(["n_train", "step"], as_index=False)[["gate_high", "gate_low"]].mean()
+    curves = curves.melt(["n_train", "step"], var_name="group", value_name="gate")
+    curves["group"] = curves["group"].str.removeprefix("gate_")
+    fig_steps = px.line(
+        curves,
+        x="step",
+        y="gate",
+        color="group",
+        facet_col="n_train",
+        facet_col_wrap=3,
+        range_y=[0, 1.02],
+        labels={"step": "optimiser step", "gate": "mean gate a on fresh queries", "group": "queries"},
+        title=(
+            f"Gate over training, per N (checkpoints every {config['checkpoint_every']} steps, "
+            "mean over seeds)"
+        ),
+    )
+    return [fig_gate, fig_error, fig_steps]
+
+
+def trajectory(config: dict) -> pd.DataFrame:
+    """The checkpoints of a run's config: one row per (n_train, seed, step) with the training
+    loss and, on fresh sequences, the mean gate and error of f per query group."""
+    return pd.DataFrame(config["trajectory"])
 
 
 def _cell(s: pd.DataFrame, n: int, labels: str, context: str, group: str, metric: str) -> pd.Series:
@@ -295,7 +342,8 @@ def _cell(s: pd.DataFrame, n: int, labels: str, context: str, group: str, metric
 def _ci(row: pd.Series) -> str:
     if row.isna()[["ci_low", "ci_high"]].any():
         return f"{row['mean']:.2f}"
-    return f"{row['mean']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+    # every value here is a rate or a mean gate, so the interval is shown clipped to [0, 1]
+    return f"{row['mean']:.2f} [{max(row['ci_low'], 0.0):.2f}, {min(row['ci_high'], 1.0):.2f}]"
 
 
 def crossing(s: pd.DataFrame, group: str, threshold: float = 0.5) -> int | None:
@@ -318,7 +366,7 @@ def findings(table: pd.DataFrame, config: dict) -> str:
     seeds = config["seeds"]
     steps_note = (
         f"{config['steps']} optimiser steps{' per stage' if config['training'] == 'staged' else ''} "
-        f"(the published code: {config['published_steps']} per stage)"
+        f"(the published code: {config['published_steps']})"
     )
     lines = [
         f"Preset {config['preset']}: {config['training']} training, gate on the {config['gate_input']}, "
@@ -371,5 +419,21 @@ def findings(table: pd.DataFrame, config: dict) -> str:
             "against the better of g and h alone "
             f"(at N={worst}; > 0: the gate picks the worse predictor on fresh queries)."
         )
+    traj = trajectory(config)
+    early = traj[traj.n_train == small].groupby("step")[["gate_high", "gate_low"]].mean()
+    low_step = int(early.mean(axis=1).idxmin())
+    lo = early.loc[low_step]
+    lines.append(
+        f"Over training at N={small} (fresh queries, mean over seeds): gate high / low "
+        f"{early.iloc[0].gate_high:.2f} / {early.iloc[0].gate_low:.2f} at step {int(early.index[0])}, "
+        f"lowest {lo.gate_high:.2f} / {lo.gate_low:.2f} at step {low_step}, "
+        f"{early.iloc[-1].gate_high:.2f} / {early.iloc[-1].gate_low:.2f} at step {int(early.index[-1])}."
+    )
+    chosen = pd.DataFrame(config["selected_steps"]).groupby("n_train")["step"]
+    lines.append(
+        f"Read at the checkpoint of lowest training loss ({config['select']}): steps "
+        + ", ".join(f"N={n}: {int(v.min())}-{int(v.max())}" for n, v in chosen)
+        + "."
+    )
     lines.append(f"Chance error {config['chance_error']:.2f}.")
     return "\n".join(lines)

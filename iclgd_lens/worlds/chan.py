@@ -32,9 +32,13 @@ the labels (`gate_input="sequence"`), or, as a variant, the query alone (`gate_i
 As in the published code, f is clipped at 1e-8 and h at 1e-7 before their logs.
 
 **Training** (`train_gated_models`, `train_gated_model`), on a fixed data set of N sequences,
-Adam, minibatches drawn with replacement: `training="staged"` (published) fits g (NLL of g) and
-h (NLL of h) for `steps` steps, freezes them and then fits the gate (NLL of f) for `steps` more,
-on the same data set; `training="joint"` fits all three by the NLL of f for `steps` steps.
+Adam, minibatches drawn with replacement: `training="joint"` fits g, h and the gate together by
+the NLL of f for `steps` steps (the code behind the published figures: chanb/simple_icl, branch
+iclr_2025, whose alpha templates mask no parameters); `training="staged"` (the main branch's
+templates) fits g (NLL of g) and h (NLL of h) for `steps` steps, freezes them and then fits the
+gate (NLL of f) for `steps` more, on the same data set. Checkpoints every `checkpoint_every`
+steps record the training loss and the gate on fresh sequences; by default each model is
+returned at its checkpoint of lowest training loss, as the published plots read their runs.
 Seeded; the global RNG is untouched.
 """
 
@@ -52,7 +56,8 @@ from iclgd_lens.errors import IclgdError
 GROUPS = ("high", "low")
 QUERY_GROUPS = ("high", "low", "all")
 GATE_INPUTS = ("sequence", "query")
-TRAININGS = ("staged", "joint")
+TRAININGS = ("joint", "staged")
+SELECTS = ("min-train-loss", "final")  # which checkpoint a trained model is returned at
 LABELINGS = ("original", "shifted")
 CONTEXTS = {
     "default": None,
@@ -371,6 +376,29 @@ class _StackedMLP(nn.Module):
                 linear.bias.data.copy_(self.biases[i][m, 0])
 
 
+def _checkpoint_data(
+    worlds: list[World], data: list[Sequences], seeds: list[int], n_pretrain: int, n_track: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Fixed sequences read at every checkpoint, from generators of their own (so that
+    checkpointing leaves the training trajectory unchanged): `n_pretrain` training sequences per
+    model drawn with replacement (the published "pretraining" evaluation, whose loss picks the
+    checkpoint) and `n_track` fresh in-distribution sequences per query group (the curves over
+    training). Returns ([cx, cy, qx, qy] of [M, n_pretrain, ...], the same of [M, 2 * n_track, ...])."""
+    pre, track = [], []
+    for world, d, seed in zip(worlds, data, seeds):
+        gen = torch.Generator().manual_seed(20_000 + seed)
+        index = torch.randint(len(d), (n_pretrain,), generator=gen)
+        pre.append(d.subset(index))
+        fresh = [sample_sequences(world, n_track, gen, label_noise=0.0, query_group=g) for g in GROUPS]
+        track.append(Sequences(*(torch.cat(ts) for ts in zip(*(_fields(f) for f in fresh)))))
+    stack = lambda seqs: [torch.stack(ts) for ts in zip(*(_fields(q)[:4] for q in seqs))]
+    return stack(pre), stack(track)
+
+
+def _fields(d: Sequences) -> tuple[Tensor, ...]:
+    return d.context_x, d.context_labels, d.query_x, d.query_labels, d.query_classes
+
+
 def train_gated_models(
     worlds: list[World],
     n_train: list[int],
@@ -381,8 +409,12 @@ def train_gated_models(
     learning_rate: float = 3e-4,
     hidden: tuple[int, ...] = (64, 64),
     gate_input: str = "sequence",
-    training: str = "staged",
+    training: str = "joint",
     weight_decay: float = 0.0,
+    checkpoint_every: int | None = 500,
+    select: str = "min-train-loss",
+    n_pretrain: int = 2000,
+    n_track: int = 256,
 ) -> list[GatedModel]:
     """Train M gated models side by side, model m on a fixed training set of `n_train[m]`
     sequences from `worlds[m]`, seeded by `seeds[m]`: the same as training each alone.
@@ -391,10 +423,19 @@ def train_gated_models(
     first, then the minibatch indices, from one generator). The M models are stacked into
     batched weights and trained with one Adam on the sum of their losses; Adam acts elementwise
     and the losses do not interact, so each model follows its own trajectory (up to float
-    rounding of the batched matmuls). `training="staged"`: `steps` steps on g and h (each by its
-    own NLL), then, with them frozen, `steps` steps on the gate (NLL of f); `"joint"`: `steps`
-    steps on all three (NLL of f). The number of steps does not depend on N, so a small N means
-    many passes over few sequences. The global RNG is untouched.
+    rounding of the batched matmuls). `training="joint"`: `steps` steps on g, h and the gate
+    together (NLL of f); `"staged"`: `steps` steps on g and h (each by its own NLL), then, with
+    them frozen, `steps` steps on the gate (NLL of f). The number of steps does not depend on N,
+    so a small N means many passes over few sequences. The global RNG is untouched.
+
+    Checkpoints (as the published code, every `checkpoint_every` steps and at the start of the
+    run, or of the gate's stage when staged): the NLL of f on `n_pretrain` training sequences
+    drawn with replacement, and the mean gate and error of f on `n_track` fresh sequences per
+    query group. `select="min-train-loss"` returns each model at its checkpoint of lowest
+    training loss (the latest of equal ones), as the published figures read their runs;
+    `"final"` at the last step. Each returned model carries `trajectory` (one dict per
+    checkpoint: step, train_loss, gate_high, gate_low, error_high, error_low) and
+    `selected_step`.
     """
     if not (len(worlds) == len(n_train) == len(seeds)) or not worlds:
         raise IclgdError("worlds, n_train and seeds must be lists of one length >= 1")
@@ -404,6 +445,12 @@ def train_gated_models(
         )
     if training not in TRAININGS:
         raise IclgdError(f"training must be one of {TRAININGS}, got {training!r}")
+    if select not in SELECTS:
+        raise IclgdError(f"select must be one of {SELECTS}, got {select!r}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise IclgdError(f"checkpoint_every must be >= 1 (or None: no checkpoints), got {checkpoint_every}")
+    if checkpoint_every is None and select != "final":
+        raise IclgdError(f"select={select!r} needs checkpoints (checkpoint_every >= 1)")
     s = worlds[0].setting
     if any(w.setting != s for w in worlds):
         raise IclgdError(
@@ -411,10 +458,7 @@ def train_gated_models(
         )
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
     data = [sample_sequences(w, n, g, cover_classes=True) for w, n, g in zip(worlds, n_train, gens)]
-    pool = [
-        torch.cat(ts)
-        for ts in zip(*((d.context_x, d.context_labels, d.query_x, d.query_labels) for d in data))
-    ]
+    pool = [torch.cat(ts) for ts in zip(*(_fields(d)[:4] for d in data))]
     offsets = torch.tensor([0, *n_train[:-1]]).cumsum(0).tolist()
     models = []
     with torch.random.fork_rng(devices=[]):
@@ -433,34 +477,72 @@ def train_gated_models(
     g_stack = _StackedMLP([m.in_weight for m in models])
     gate_stack = _StackedMLP([m.gate for m in models])
     theta = nn.Parameter(torch.stack([m.temperature_param.detach() for m in models]))  # [M]
+    all_params = [*g_stack.parameters(), *gate_stack.parameters(), theta]
     n_models = len(models)
+    if checkpoint_every is not None:
+        pre, track = _checkpoint_data(worlds, data, seeds, n_pretrain, n_track)
+    trajectories: list[list[dict]] = [[] for _ in models]
+    best_loss = torch.full((n_models,), math.inf)
+    best_step = [0] * n_models
+    best_params = [p.detach().clone() for p in all_params]
+
+    def run(cx, cy, qx):
+        return _gated_forward(
+            g_stack, gate_stack, theta.exp().exp()[:, None, None], s.n_classes, gate_input, cx, cy, qx
+        )
 
     def forward():
         index = torch.cat(
             [torch.randint(n, (batch_size,), generator=g) + off for n, g, off in zip(n_train, gens, offsets)]
         )
         cx, cy, qx, qy = (t[index].view(n_models, batch_size, *t.shape[1:]) for t in pool)
-        out = _gated_forward(
-            g_stack, gate_stack, theta.exp().exp()[:, None, None], s.n_classes, gate_input, cx, cy, qx
-        )
-        return out, qy
+        return run(cx, cy, qx), qy
 
     def nll(
         log_probs: Tensor, labels: Tensor
     ) -> Tensor:  # [M, B, C], [M, B] -> sum over models of the mean NLL
         return -log_probs.gather(-1, labels[..., None]).mean(dim=(1, 2)).sum()
 
-    def fit(params, loss_of) -> None:
+    @torch.no_grad()
+    def checkpoint(step: int, selecting: bool) -> None:
+        out = run(*pre[:3])
+        loss = -out.log_probs.gather(-1, pre[3][..., None]).squeeze(-1).mean(-1)  # [M]
+        fresh = run(*track[:3])
+        wrong = (fresh.log_probs.argmax(-1) != track[3]).float()  # [M, 2 * n_track]
+        for m in range(n_models):
+            trajectories[m].append(
+                dict(
+                    step=step,
+                    train_loss=float(loss[m]),
+                    gate_high=float(fresh.gate[m, :n_track].mean()),
+                    gate_low=float(fresh.gate[m, n_track:].mean()),
+                    error_high=float(wrong[m, :n_track].mean()),
+                    error_low=float(wrong[m, n_track:].mean()),
+                )
+            )
+        if selecting:
+            better = loss <= best_loss  # [M]; ties go to the later checkpoint, as published
+            best_loss[better] = loss[better]
+            for m in better.nonzero().flatten().tolist():
+                best_step[m] = step
+            for keep, p in zip(best_params, all_params):
+                keep[better] = p.detach()[better]
+
+    def fit(params, loss_of, first_step: int, selecting: bool) -> None:
         optimiser = torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay)
-        for _ in range(steps):
+        if checkpoint_every is not None:
+            checkpoint(first_step, selecting)
+        for i in range(1, steps + 1):
             out, labels = forward()
             loss = loss_of(out, labels)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+            if checkpoint_every is not None and (i % checkpoint_every == 0 or i == steps):
+                checkpoint(first_step + i, selecting)
 
     if training == "joint":
-        fit([*g_stack.parameters(), *gate_stack.parameters(), theta], lambda out, y: nll(out.log_probs, y))
+        fit(all_params, lambda out, y: nll(out.log_probs, y), 0, True)
     else:
         stage1 = [*g_stack.parameters(), theta]
         fit(
@@ -468,15 +550,25 @@ def train_gated_models(
             lambda out, y: (
                 nll(out.in_weight_log_probs, y) + nll(out.in_context_probs.clamp_min(1e-7).log(), y)
             ),
+            0,
+            False,
         )
         for p in stage1:
             p.requires_grad_(False)
-        fit(list(gate_stack.parameters()), lambda out, y: nll(out.log_probs, y))
+        best_params = [p.detach().clone() for p in all_params]  # g and h: the last step of stage 1
+        fit(list(gate_stack.parameters()), lambda out, y: nll(out.log_probs, y), steps, True)
     with torch.no_grad():
+        if select == "min-train-loss":
+            for keep, p in zip(best_params, all_params):
+                p.copy_(keep)
         g_stack.write_back([m.in_weight for m in models])
         gate_stack.write_back([m.gate for m in models])
         for m, model in enumerate(models):
             model.temperature_param.copy_(theta[m])
+            model.trajectory = trajectories[m]
+            model.selected_step = (
+                best_step[m] if select == "min-train-loss" else (2 * steps if training == "staged" else steps)
+            )
     return [model.eval() for model in models]
 
 
