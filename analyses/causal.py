@@ -24,7 +24,7 @@ pass at the read position, and the change of the prediction is measured:
   ICL (tests/test_causal.py).
 
     from iclgd_lens.analyses.causal import run
-    result = run("tiny-llama-icl")          # ~10 s on one CPU thread, untrained baseline included
+    result = run("tiny-llama-icl")          # 10-20 s on one CPU thread, everything included
     print(result.findings)
 
 Definitions, choices and the measured numbers: docs/studies/causal.md.
@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import plotly.express as px
+import plotly.graph_objects as go
 import torch
 
 from iclgd_lens import (
@@ -74,6 +75,13 @@ DUAL_FORM_METRICS = ("dual_form_cos", "dual_form_ratio")
 """Per head (head >= 0), comparison "transplant:linear", scope "single": how the linear transplant's
 dz = dW_ICL q at layer l compares with ICL's real update z_ICL - z_ZSL (cosine; norm ratio)."""
 PATCH_SOURCES = ("icl", "gd", "gd_scaled", "random")
+HEAD_PATCH_SOURCES = ("icl", "gd", "gd_scaled", "random")
+"""Per-head patching (comparison "patch_head:<source>", scope "head", head >= 0): one head's output
+z at the read position of one layer replaced in the ZSL run."""
+HEAD_SUBSTITUTES = ("none", "gd", "gd_scaled", "random")
+"""Per-head substitution (comparison "subst_head:<substitute>", scope "head"): every head of every
+layer carries ICL's z at the read position (which is ICL there, exactly) except head h of layer l,
+which carries ZSL's z plus the substitute for its ICL update (none: the update removed)."""
 SUBSTITUTES = ("gd", "gd_scaled", "random", "icl_perm", "none")
 TRANSPLANTS = ("linear", "linear_scaled", "softmax", "random")
 ROPE_MODES = ("icl_position", "zsl_position")
@@ -102,6 +110,19 @@ def write_at_read(
         return hook
 
     return [(f"blocks.{layer}.{point}", make(v)) for layer, v in sorted(values.items())]
+
+
+def write_head_at_read(layer: int, head: int, value: torch.Tensor, read_pos: torch.Tensor) -> HookList:
+    """Intervention hook: at `blocks.{layer}.attn.hook_z` [batch, pos, heads, d_head], head `head`
+    of each row's read position gets `value[row]` ([batch, d_head]); every other head and position
+    is left as computed."""
+
+    def hook(act: torch.Tensor, hook) -> torch.Tensor:
+        out = act.clone()
+        out[torch.arange(out.shape[0], device=out.device), read_pos, head] = value.to(out.dtype)
+        return out
+
+    return [(f"blocks.{layer}.attn.hook_z", hook)]
 
 
 def rotate(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -466,6 +487,50 @@ def intervention_logits(
     return out
 
 
+def head_patch_logits(bridge, runs: Runs, *, seed: int = 0) -> dict[tuple[str, int, int], torch.Tensor]:
+    """Read-position logits of per-head interventions in the ZSL run, {(comparison, layer, head):
+    [batch, vocab]}:
+
+    * "patch_head:<source>" (denoising): one head's z at the read position of one layer is replaced
+      by its value under ICL, under GD, GD's head update rescaled to ICL's head-update norm, or a
+      random head update of ICL's norm (HEAD_PATCH_SOURCES). Patching every head of a layer with
+      ICL's z is the layer's `patch:icl` (tests).
+    * "subst_head:<substitute>" (noising): ICL's z at the read position of every head of every
+      layer (= ICL's logits there) except head (layer, head), whose ICL update is removed or
+      replaced (HEAD_SUBSTITUTES) — which heads ICL's effect needs, and whether GD's can stand in.
+    """
+    plain = Recorder(bridge, [])
+    z_zsl, z_icl, z_gd = (runs.z[c].float() for c in ("zsl", "icl", "gd"))  # [L, batch, heads, d_head]
+    icl_norm = torch.linalg.vector_norm(z_icl - z_zsl, dim=-1)  # [L, batch, heads]
+    values = {
+        "icl": z_icl,
+        "gd": z_gd,
+        "gd_scaled": z_zsl + _rescaled(z_gd - z_zsl, icl_norm),
+        "random": z_zsl + _unit_gaussian(z_icl.shape, seed + 13, z_icl.device) * icl_norm[..., None],
+    }
+    n_layers, _, n_heads, _ = z_icl.shape
+    values["none"] = z_zsl
+    out = {}
+    read = runs.zsl_enc.read_pos
+    for name in HEAD_SUBSTITUTES:  # noising: ICL's z everywhere but one head
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                z = {l: z_icl[l] for l in range(n_layers)}
+                z[layer] = z_icl[layer].clone()
+                z[layer][:, head] = values[name][layer, :, head]
+                out[(f"subst_head:{name}", layer, head)] = plain.run(
+                    runs.zsl_enc, "intervention", interventions=write_at_read(z, read, "attn.hook_z")
+                ).logits
+    for source in HEAD_PATCH_SOURCES:  # denoising: ZSL everywhere but one head
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                hooks = write_head_at_read(layer, head, values[source][layer, :, head], runs.zsl_enc.read_pos)
+                out[(f"patch_head:{source}", layer, head)] = plain.run(
+                    runs.zsl_enc, "intervention", interventions=hooks
+                ).logits
+    return out
+
+
 # ---- metrics ----------------------------------------------------------------------------------
 def logit_diff(logits: torch.Tensor, label_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per row: the logit of the correct label word's first token minus the mean logit of the
@@ -527,17 +592,25 @@ def causal_table(
     *,
     seed: int = 0,
     rope: str = "icl_position",
+    heads: bool = True,
     progress: bool = False,
 ) -> tuple[pd.DataFrame, dict]:
-    """The tidy table of one model (COLUMNS), and run facts (the exactness check's error)."""
+    """The tidy table of one model (COLUMNS), and run facts (the exactness check's error).
+    `heads`: also patch every (layer, head) alone (`head_patch_logits`, scope "head")."""
     runs = record_runs(bridge, task, episodes, gd_config, seed, progress)
-    logits = {(c, "none", -1): runs.logits[c] for c in ("zsl", "icl", "gd", "icl_perm")}
-    logits.update(intervention_logits(bridge, runs, seed=seed, rope=rope))
+    logits = {(c, "none", -1, -1): runs.logits[c] for c in ("zsl", "icl", "gd", "icl_perm")}
+    logits.update(
+        {key + (-1,): lg for key, lg in intervention_logits(bridge, runs, seed=seed, rope=rope).items()}
+    )
+    if heads:
+        logits.update(
+            {(c, "head", l, h): lg for (c, l, h), lg in head_patch_logits(bridge, runs, seed=seed).items()}
+        )
     reference = {c: query_metrics(runs.logits[c], runs) for c in ("zsl", "icl")}
     rows_np, query_np = runs.rows.cpu().numpy(), runs.query.cpu().numpy()
     n_ep = len(episodes)
     frames = []
-    for (comparison, scope, layer), lg in logits.items():
+    for (comparison, scope, layer, head), lg in logits.items():
         pq = query_metrics(lg, runs)
         for metric, values in pq.items():
             frames.append(
@@ -547,7 +620,7 @@ def causal_table(
                         "comparison": comparison,
                         "scope": scope,
                         "layer": layer,
-                        "head": -1,
+                        "head": head,
                         "episode": rows_np,
                         "query": query_np,
                         "value": values.double().cpu().numpy(),
@@ -562,7 +635,7 @@ def causal_table(
                         "comparison": comparison,
                         "scope": scope,
                         "layer": layer,
-                        "head": -1,
+                        "head": head,
                         "episode": np.arange(n_ep),
                         "query": -1,
                         "value": values,
@@ -571,7 +644,7 @@ def causal_table(
             )
     frames.append(dual_form_rows(runs, rope))
     table = pd.concat(frames, ignore_index=True)[COLUMNS]
-    all_layers = logits[("patch:icl", "bottom", runs.n_layers - 1)]
+    all_layers = logits[("patch:icl", "bottom", runs.n_layers - 1, -1)]
     facts = {
         "all_layer_patch_max_abs_err": float((all_layers - runs.logits["icl"]).abs().max()),
         "n_layers": runs.n_layers,
@@ -627,6 +700,7 @@ def run(
     gd: GDConfig | str = "dai",
     untrained: bool = True,
     rope: str = "icl_position",
+    heads: bool = True,
     progress: bool = True,
 ) -> StudyResult:
     """Activation patching, update substitution and the dual-form transplant on one model.
@@ -636,7 +710,8 @@ def run(
     `untrained` repeats everything on `untrained_copy(model, seed)` (comparisons prefixed
     `untrained:`); `rope` is where the transplant's query is rotated to ("icl_position": ICL's
     read position, so every query-demonstration pair keeps its ICL offset; "zsl_position": the
-    ZSL run's own). Returns the tidy table (COLUMNS), figures and findings.
+    ZSL run's own); `heads` adds per-head patching (one head of one layer at a time; scope
+    "head"). Returns the tidy table (COLUMNS), figures and findings.
     """
     started = time.time()
     bridge = as_bridge(model)
@@ -645,12 +720,14 @@ def run(
         raise IclgdError(f"the causal study needs k >= 1 demonstrations, got k={k}")
     gd_config = GDConfig.resolve(gd, task)
     episodes = task.episodes(k, n_episodes, n_queries, seed)
-    table, facts = causal_table(bridge, task, episodes, gd_config, seed=seed, rope=rope, progress=progress)
+    table, facts = causal_table(
+        bridge, task, episodes, gd_config, seed=seed, rope=rope, heads=heads, progress=progress
+    )
     parts = [table]
     if untrained:
         copy = untrained_copy(bridge, seed=seed)
         base, base_facts = causal_table(
-            copy, task, episodes, gd_config, seed=seed, rope=rope, progress=progress
+            copy, task, episodes, gd_config, seed=seed, rope=rope, heads=heads, progress=progress
         )
         parts.append(base.assign(comparison="untrained:" + base["comparison"]))
         facts["untrained_all_layer_patch_max_abs_err"] = base_facts["all_layer_patch_max_abs_err"]
@@ -666,6 +743,7 @@ def run(
         gd={**gd_config.__dict__},
         untrained=untrained,
         rope=rope,
+        heads=heads,
         **facts,
         versions=versions(),
         run_time_s=round(time.time() - started, 2),
@@ -678,6 +756,11 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Episode-level mean and 95% t-interval per (metric, comparison, scope, layer): the
     queries of one episode are averaged first (`stats.episode_summary`)."""
     return stats.episode_summary(table, ["metric", "comparison", "scope", "layer"])
+
+
+def head_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """The same per (metric, comparison, layer, head) of per-head patching (scope "head")."""
+    return stats.episode_summary(table[table.scope == "head"], ["metric", "comparison", "layer", "head"])
 
 
 def _line(sub: pd.DataFrame, title: str, **kw):
@@ -732,7 +815,47 @@ def figures(table: pd.DataFrame) -> list:
                 trans, "Dual-form transplant into ZSL: dW_ICL q added to each head's z at the read position"
             )
         )
+    heads = head_summary(table[~table.comparison.str.startswith("untrained:")])
+    heads = heads[heads.metric == "recovered"]
+    if not heads.empty:
+        figs.append(_head_heatmaps(heads))
     return figs
+
+
+def _head_heatmaps(heads: pd.DataFrame):
+    """Layer x head heatmaps of the share of ICL's effect recovered by patching one head, per source,
+    on one colour scale (values written in the cells)."""
+    from plotly.subplots import make_subplots
+
+    wanted = [f"patch_head:{s}" for s in HEAD_PATCH_SOURCES] + [f"subst_head:{s}" for s in HEAD_SUBSTITUTES]
+    sources = [c for c in wanted if c in set(heads.comparison)]
+    fig = make_subplots(rows=2, cols=4, subplot_titles=sources)
+    bound = float(np.nanmax(np.abs(heads["mean"].to_numpy()))) if heads["mean"].notna().any() else 1.0
+    for i, comparison in enumerate(sources):
+        grid = heads[heads.comparison == comparison].pivot(index="layer", columns="head", values="mean")
+        fig.add_trace(
+            go.Heatmap(
+                z=grid.to_numpy(),
+                x=[f"head {h}" for h in grid.columns],
+                y=[f"layer {l}" for l in grid.index],
+                zmin=-bound,
+                zmax=bound,
+                colorscale="RdBu",
+                showscale=i == 0,
+                colorbar={"title": "recovered"},
+                text=np.round(grid.to_numpy(), 2),
+                texttemplate="%{text}",
+                hovertemplate="%{y}, %{x}: %{z:.3f}<extra></extra>",
+            ),
+            row=1 + i // 4,
+            col=1 + i % 4,
+        )
+    fig.update_layout(
+        title="One head at the read position, patched into ZSL (patch_head) or its ICL update removed or "
+        "replaced (subst_head): share of ICL's effect recovered (episode means)",
+        height=620,
+    )
+    return fig
 
 
 def _get(s: pd.DataFrame, metric: str, comparison: str, scope: str, layer: int) -> pd.Series | None:
@@ -810,6 +933,35 @@ def findings(table: pd.DataFrame, facts: dict | None = None) -> str:
             f"All layers patched: GD recovers {_fmt(all_gd)} as is, {_fmt(all_gds)} rescaled (KL reduction "
             f"{_fmt(klr)}); a random update of ICL's norm {_fmt(all_rand)}."
         )
+    # per-head patching
+    hs = head_summary(table[~table.comparison.str.startswith("untrained:")])
+    hs = hs[(hs.metric == "recovered") & hs["mean"].notna()]
+    if not hs.empty:
+        parts = []
+        for source in HEAD_PATCH_SOURCES:
+            sub = hs[hs.comparison == f"patch_head:{source}"]
+            if not sub.empty:
+                top = sub.loc[sub["mean"].idxmax()]
+                parts.append(f"{source} layer {int(top.layer)} head {int(top['head'])} {_fmt(top)}")
+        lines.append(
+            "Patching one head into ZSL, the head that recovers most of ICL's effect: "
+            + "; ".join(parts)
+            + "."
+        )
+        removed = hs[hs.comparison == "subst_head:none"]
+        if not removed.empty:
+            worst = removed.loc[removed["mean"].idxmin()]
+            l, h = int(worst.layer), int(worst["head"])
+            at = hs[(hs.layer == l) & (hs["head"] == h)]
+            others = [
+                f"{name} {_fmt(at[at.comparison == f'subst_head:{name}'].iloc[0])}"
+                for name in HEAD_SUBSTITUTES[1:]
+                if (at.comparison == f"subst_head:{name}").any()
+            ]
+            lines.append(
+                f"ICL with one head's update removed: layer {l} head {h} matters most (recovered "
+                f"{_fmt(worst)}); its update replaced by " + ", ".join(others) + "."
+            )
     # substitution
     none = [(_get(s, "kl_to_icl", "subst:none", "single", l), l) for l in range(L)]
     none = [(r, l) for r, l in none if r is not None]

@@ -39,6 +39,32 @@ def cell(s: pd.DataFrame, metric: str, comparison: str, scope: str, layer: int, 
     return f"{r['mean']:.{digits}f} [{r.ci_low:.{digits}f}, {r.ci_high:.{digits}f}]"
 
 
+def head_cell(s: pd.DataFrame, metric: str, comparison: str, layer: int, head: int) -> str:
+    row = s[(s.metric == metric) & (s.comparison == comparison) & (s.layer == layer) & (s["head"] == head)]
+    if row.empty or math.isnan(row.iloc[0]["mean"]):
+        return "—"
+    r = row.iloc[0]
+    return (
+        f"{r['mean']:.2f}" if math.isnan(r.ci_low) else f"{r['mean']:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]"
+    )
+
+
+def paired_head(t: pd.DataFrame, a: str, b: str, layer: int, head: int) -> str:
+    def per_episode(comparison):
+        sub = t[
+            (t.metric == "recovered")
+            & (t.comparison == comparison)
+            & (t.layer == layer)
+            & (t["head"] == head)
+        ]
+        return stats.episode_means(sub.value.to_numpy(), sub.episode.to_numpy())
+
+    test = stats.paired_test(per_episode(a), per_episode(b))
+    return (
+        f"{test.diff_mean:+.2f} [{test.diff_ci_low:+.2f}, {test.diff_ci_high:+.2f}], p = {test.p_value:.4f}"
+    )
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -113,6 +139,41 @@ def report(model: str) -> None:
         )
         + f"; all layers: {paired(t, 'recovered', 'patch:gd_scaled', 'patch:random', 'bottom', L - 1)}\n"
     )
+
+    hs = causal.head_summary(t[~t.comparison.str.startswith("untrained:")])
+    n_heads = int(hs["head"].max()) + 1 if not hs.empty else 0
+    for kind, names, title in (
+        ("patch_head", causal.HEAD_PATCH_SOURCES, "one head patched into ZSL (denoising)"),
+        ("subst_head", causal.HEAD_SUBSTITUTES, "ICL with one head's update removed or replaced (noising)"),
+    ):
+        if hs.empty:
+            break
+        print(f"### Per head, {title}: share of ICL's logit-diff effect recovered\n")
+        rows = [
+            [str(l), str(h)] + [head_cell(hs, "recovered", f"{kind}:{name}", l, h) for name in names]
+            for l in range(L)
+            for h in range(n_heads)
+        ]
+        print(table(["layer", "head", *names], rows) + "\n")
+    if not hs.empty:
+        rec = hs[hs.metric == "recovered"]
+        for src in causal.HEAD_PATCH_SOURCES:
+            sub = rec[rec.comparison == f"patch_head:{src}"]
+            sums = ", ".join(f"{v:.2f}" for v in sub.groupby("layer")["mean"].sum())
+            print(f"patch_head:{src}: max over heads {sub['mean'].max():.2f}, summed per layer {sums}")
+        print(
+            "same layer, all heads at once (patch:icl, single): "
+            + ", ".join(cell(s, "recovered", "patch:icl", "single", l) for l in range(L))
+        )
+        removed = rec[rec.comparison == "subst_head:none"].sort_values("mean")
+        for _, worst in removed.head(3).iterrows():
+            l, h = int(worst.layer), int(worst["head"])
+            print(
+                f"head {l}.{h} removed: recovered {worst['mean']:.2f}; paired over episodes, "
+                f"gd_scaled - random {paired_head(t, 'subst_head:gd_scaled', 'subst_head:random', l, h)}, "
+                f"gd - none {paired_head(t, 'subst_head:gd', 'subst_head:none', l, h)}"
+            )
+        print()
 
     for metric, title in (
         ("kl_to_icl", "KL(ICL‖substituted)"),

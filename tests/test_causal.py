@@ -154,6 +154,64 @@ def test_linear_transplant_is_icl_on_von_oswalds_layer(hand_built):
     assert all(len(hp.fwd_hooks) == 0 for hp in model.hook_dict.values())
 
 
+def test_patching_every_head_of_a_layer_is_patching_the_layer(icl_model, runs):
+    """z of all heads -> o_proj is the attention output: writing ICL's z into every head of layer l
+    (one head at a time, through write_head_at_read) equals writing ICL's attention output there."""
+    zsl, heads = runs.zsl_enc, icl_model.cfg.n_heads
+    for layer in range(runs.n_layers):
+        per_head = [
+            hook
+            for h in range(heads)
+            for hook in causal.write_head_at_read(layer, h, runs.z["icl"][layer, :, h], zsl.read_pos)
+        ]
+        by_heads = _logits(icl_model, zsl, per_head)
+        by_layer = _logits(
+            icl_model, zsl, causal.write_at_read({layer: runs.attn_out["icl"][layer]}, zsl.read_pos)
+        )
+        assert torch.allclose(by_heads, by_layer, atol=1e-5), layer
+        one_head = _logits(
+            icl_model, zsl, causal.write_head_at_read(layer, 0, runs.z["icl"][layer, :, 0], zsl.read_pos)
+        )
+        assert not torch.allclose(one_head, by_layer, atol=1e-5)  # one head is not the whole layer
+
+
+def test_head_patch_logits_write_only_the_named_head(icl_model, runs):
+    out = causal.head_patch_logits(icl_model, runs, seed=0)
+    L, H = runs.n_layers, icl_model.cfg.n_heads
+    subst = {(f"subst_head:{s}", l, h) for s in causal.HEAD_SUBSTITUTES for l in range(L) for h in range(H)}
+    assert set(out) == subst | {
+        (f"patch_head:{s}", l, h) for s in causal.HEAD_PATCH_SOURCES for l in range(L) for h in range(H)
+    }
+    zsl = runs.zsl_enc
+    for l, h in [(0, 0), (L - 1, H - 1)]:
+        want = _logits(icl_model, zsl, causal.write_head_at_read(l, h, runs.z["gd"][l, :, h], zsl.read_pos))
+        assert torch.allclose(out[("patch_head:gd", l, h)], want, atol=1e-6)
+    own = _logits(icl_model, zsl, causal.write_head_at_read(1, 1, runs.z["zsl"][1, :, 1], zsl.read_pos))
+    assert torch.allclose(own, runs.logits["zsl"], atol=1e-5)  # a head's own value changes nothing
+
+    # noising: hand-written hooks (not the study's) put ICL's z at the read position of every head of
+    # every layer; that alone is ICL's read-position logits, and with one head left at ZSL's value it
+    # is the study's subst_head:none for that head
+    def icl_z_except(layer, head):
+        def make(l):
+            def hook(act, hook):
+                out = act.clone()
+                rows = torch.arange(out.shape[0])
+                out[rows, zsl.read_pos] = runs.z["icl"][l].to(out.dtype)
+                if l == layer:
+                    out[rows, zsl.read_pos, head] = runs.z["zsl"][l, :, head].to(out.dtype)
+                return out
+
+            return hook
+
+        return [(f"blocks.{l}.attn.hook_z", make(l)) for l in range(L)]
+
+    assert torch.allclose(_logits(icl_model, zsl, icl_z_except(-1, 0)), runs.logits["icl"], atol=1e-5)
+    for l, h in [(0, 1), (L - 2, 0)]:
+        want = _logits(icl_model, zsl, icl_z_except(l, h))
+        assert torch.allclose(out[("subst_head:none", l, h)], want, atol=1e-6)
+
+
 def test_study_table_and_model_untouched(icl_model):
     before = {k: v.clone() for k, v in icl_model.state_dict().items()}
     r = causal.run(icl_model, k=4, n_episodes=2, n_queries=4, seed=0, progress=False)
@@ -170,9 +228,13 @@ def test_study_table_and_model_untouched(icl_model):
         | {f"patch:{s}" for s in causal.PATCH_SOURCES}
         | {f"subst:{s}" for s in causal.SUBSTITUTES}
         | {f"transplant:{m}" for m in causal.TRANSPLANTS}
+        | {f"patch_head:{s}" for s in causal.HEAD_PATCH_SOURCES}
+        | {f"subst_head:{s}" for s in causal.HEAD_SUBSTITUTES}
     )
     assert set(t.comparison) == expected | {f"untrained:{c}" for c in expected}
     assert set(t[t.comparison.str.startswith("patch:")].scope) == {"single", "bottom", "top"}
+    head_rows = t[t.comparison.str.contains("_head:")]
+    assert set(head_rows.scope) == {"head"} and set(head_rows["head"]) == set(range(icl_model.cfg.n_heads))
     assert (t[t.metric.isin(causal.EPISODE_METRICS)]["query"] == -1).all()
     assert (t[t.metric.isin(causal.QUERY_METRICS)]["query"] >= 0).all()
     assert t[t.metric.isin(["accuracy", "agreement"])].value.between(0, 1).all()
