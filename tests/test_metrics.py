@@ -316,3 +316,35 @@ def test_batched_kendall_tau_b_equals_scipy_with_ties():
                 assert torch.isnan(got[i, j])
             else:
                 assert abs(float(got[i, j]) - want) < 1e-6
+
+
+def test_kendall_tau_b_is_exact_in_chunks_and_matches_scipy():
+    """The chunked int8/int64 tau-b equals scipy's tau-b on every row, for any chunk size (one
+    row per chunk, a few rows, all rows at once), with ties, NaN for a constant row, n = 1, and
+    leading dimensions of several sizes; a long row (n = 300) too."""
+    import scipy.stats
+
+    from iclgd_lens.engine.metrics import kendall_tau_b
+
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 4, (2, 5, 3, 12), generator=gen).double()  # heavy ties
+    b = torch.randn(2, 5, 3, 12, generator=gen, dtype=torch.float64).round(decimals=1)
+    a[1, 2, 0] = 3.0  # constant -> NaN
+    want = np.array(
+        [
+            scipy.stats.kendalltau(x, y).statistic
+            for x, y in zip(a.reshape(-1, 12).numpy(), b.reshape(-1, 12).numpy())
+        ]
+    ).reshape(2, 5, 3)
+    for chunk_bytes in (1, 3 * 144, 10**9):
+        got = kendall_tau_b(a, b, chunk_bytes=chunk_bytes).numpy()
+        assert got.shape == (2, 5, 3)
+        assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(want).sum() == 1
+        assert np.allclose(got[~np.isnan(got)], want[~np.isnan(want)], atol=1e-12, rtol=0)
+    long_a, long_b = torch.randn(2, 300, generator=gen), torch.randn(2, 300, generator=gen)
+    got = kendall_tau_b(long_a, long_b, chunk_bytes=300 * 300)  # one row per chunk
+    for i in range(2):
+        assert (
+            abs(float(got[i]) - scipy.stats.kendalltau(long_a[i], long_b[i]).statistic) < 1e-6
+        )  # float32 in
+    assert torch.isnan(kendall_tau_b(torch.ones(4, 1), torch.ones(4, 1))).all()

@@ -186,7 +186,16 @@ def _compare_once(
     zsl_enc = encode_prompts(tokenizer, task, [()] * len(queries), queries, words, max_length=max_len).to(
         device
     )
-    query_alone = {"zsl": recorder.run_batched(zsl_enc, "zsl", batch_size=batch_size)}
+    # ZSL does not depend on the demonstrations: when every episode asks the same queries with the
+    # same label words (Dai's protocol), it runs once on one episode's rows and is shared
+    shared_zsl = deltas is not None and all(
+        (e.queries, e.label_words) == (episodes[0].queries, episodes[0].label_words) for e in episodes
+    )
+    n_first = len(episodes[0].queries)
+    zsl = recorder.run_batched(
+        zsl_enc.rows(0, n_first) if shared_zsl else zsl_enc, "zsl", batch_size=batch_size
+    )
+    query_alone = {"zsl": zsl}
     for condition, d in (("gd", deltas), ("gd_random", random_deltas)):
         if d is not None:
             query_alone[condition] = recorder.run_batched(
@@ -211,6 +220,8 @@ def _compare_once(
     for e, episode in enumerate(tqdm(episodes, desc=desc, disable=not progress)):
         n = len(episode.queries)
         rec: dict[str, Recording] = {name: r.rows(start, start + n) for name, r in query_alone.items()}
+        if shared_zsl:
+            rec["zsl"] = zsl
         rec["icl_prefix"], rec["icl"] = icl[e]
         if perm is not None:
             rec["icl_perm"] = perm[e][1]

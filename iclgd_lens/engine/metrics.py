@@ -152,21 +152,41 @@ def demo_attention_mass(pattern_row: Tensor, segments: Tensor, n_demos: int | No
     return torch.einsum("...p,...pd->...d", pattern_row, one_hot.to(pattern_row.dtype))
 
 
-def kendall_tau_b(a: Tensor, b: Tensor) -> Tensor:
+KENDALL_CHUNK_BYTES = 64 * 2**20
+"""Bound on the pairwise sign tensors `kendall_tau_b` holds at once (int8, [rows, n, n] per chunk)."""
+
+
+def kendall_tau_b(a: Tensor, b: Tensor, chunk_bytes: int = KENDALL_CHUNK_BYTES) -> Tensor:
     """Kendall's tau-b over the last dim, batched: [..., n] x2 -> [...] (scipy's default variant).
 
     tau_b = sum_{i<j} sgn(a_i - a_j) sgn(b_i - b_j) / sqrt(n_a n_b), n_a / n_b = pairs not tied
-    in a / b. NaN where either input is constant or n < 2 (as scipy). O(n^2) memory per row.
+    in a / b. NaN where either input is constant or n < 2 (as scipy). Exact: the pair signs are
+    int8 and their sums int64, so no rounding before the one division. Memory: the rows are taken
+    in chunks of at most `chunk_bytes` of int8 [rows, n, n] sign tensors (not one float64
+    [..., n, n] tensor for the whole batch), so it is bounded whatever the batch.
     """
-    da = torch.sign(a.unsqueeze(-1) - a.unsqueeze(-2)).double()  # [..., n, n]
-    db = torch.sign(b.unsqueeze(-1) - b.unsqueeze(-2)).double()
-    concordance = (da * db).sum((-1, -2)) / 2
-    untied = torch.sqrt(da.abs().sum((-1, -2)) / 2 * db.abs().sum((-1, -2)) / 2)
-    return torch.where(
+    a, b = torch.broadcast_tensors(a, b)
+    lead, n = a.shape[:-1], a.shape[-1]
+    flat_a, flat_b = a.reshape(-1, n), b.reshape(-1, n)
+    rows = max(1, chunk_bytes // max(1, n * n))
+    concordance, tied_free_a, tied_free_b = [], [], []
+    for start in range(0, flat_a.shape[0], rows):
+        x, y = flat_a[start : start + rows], flat_b[start : start + rows]
+        da = torch.sign(x.unsqueeze(-1) - x.unsqueeze(-2)).to(torch.int8)  # [rows, n, n]
+        db = torch.sign(y.unsqueeze(-1) - y.unsqueeze(-2)).to(torch.int8)
+        concordance.append((da * db).sum((-1, -2), dtype=torch.int64))
+        tied_free_a.append(da.abs().sum((-1, -2), dtype=torch.int64))
+        tied_free_b.append(db.abs().sum((-1, -2), dtype=torch.int64))
+    if not concordance:  # an empty batch
+        return torch.empty(lead, dtype=a.dtype if a.is_floating_point() else torch.float64, device=a.device)
+    con, n_a, n_b = (torch.cat(t).double() / 2 for t in (concordance, tied_free_a, tied_free_b))
+    untied = torch.sqrt(n_a * n_b)
+    tau = torch.where(
         untied > 0,
-        concordance / torch.where(untied > 0, untied, torch.ones_like(untied)),
+        con / torch.where(untied > 0, untied, torch.ones_like(untied)),
         torch.full_like(untied, float("nan")),
-    ).to(a.dtype if a.is_floating_point() else torch.float64)
+    )
+    return tau.reshape(lead).to(a.dtype if a.is_floating_point() else torch.float64)
 
 
 def kendall(a: Tensor | Sequence[float], b: Tensor | Sequence[float]) -> tuple[float, float]:
