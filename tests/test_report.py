@@ -38,7 +38,9 @@ def html_files(folder):
 def test_folder_layout(report):
     out, path = report
     assert path == out / "index.html"
-    assert [p.name for p in html_files(out)] == ["index.html"] + [f"layer_{l:02d}.html" for l in range(4)]
+    assert [p.name for p in html_files(out)] == ["glossary.html", "index.html"] + [
+        f"layer_{l:02d}.html" for l in range(4)
+    ]
     assert sorted(p.name for p in (out / "assets").iterdir()) == ["circuitsvis.js", "plotly.min.js"]
     assert (out / "results.json").is_file() and (out / "results.parquet").is_file()
     pd.testing.assert_frame_equal(Results.load(out).table, make_results().table)
@@ -73,9 +75,20 @@ def test_widget_props_cannot_close_their_script():
         ["a", "</script><script>alert(2)</script>"], np.full((1, 2, 2), 0.5).tolist()
     )
     assert html.count("</script>") == 1 and html.endswith("</script>")
-    assert (
-        "\\u0026lt;/script\\u0026gt;" in html
-    )  # HTML-escaped for circuitsvis' innerHTML, then script-safe JSON
+    # the token reaches circuitsvis as full-width look-alikes: no <, >, & left to interpret
+    assert "\uff1c/script\uff1e\uff1cscript\uff1ealert(2)" in html.encode().decode("unicode_escape")
+
+
+def test_widget_tokens_read_the_same_as_html_and_as_canvas_text():
+    """circuitsvis reads tokens as HTML in its token lists and draws them as text on canvases:
+    the look-alikes are neither markup nor entities, so both show the same readable string."""
+    from iclgd_lens.report.attention import inert_token
+
+    for token in (EVIL_TOKEN, "<s>", "a & b", 'it\'s "x"'):
+        shown = inert_token(token)
+        assert not set("<>&\"'") & set(shown)
+        assert html.unescape(shown) == shown  # nothing an HTML parser would change
+        assert shown.translate({0xFF1C: "<", 0xFF1E: ">", 0xFF06: "&", 0xFF02: '"', 0xFF07: "'"}) == token
 
 
 def test_layer_page_sections(report):
@@ -130,7 +143,8 @@ def test_model_metrics_table(report):
     acc = results.summary().query("metric == 'accuracy' and comparison == 'icl'")["mean"].iloc[0]
     assert "Accuracy and output-distribution metrics" in text and f"{acc:.3f}" in text
     for metric in ("rec2ftp", "token_overlap", "overlap_cosine", "kl", "js"):
-        assert f"<td>{metric}</td>" in text
+        assert f'href="glossary.html#m-{metric}"' in text  # linked to its glossary entry
+    assert "<td>%</td>" in text and "<td>nats</td>" in text  # units: rec2ftp in percent, KL/JS in nats
 
 
 def test_index_has_the_paired_tests_of_the_headline(report):
@@ -175,7 +189,12 @@ def test_existing_report_is_replaced_on_success(tmp_path):
     out = tmp_path / "report"
     render_report(make_results(n_layers=4), out, analyses={})
     render_report(make_results(n_layers=2), out, analyses={})
-    assert [p.name for p in html_files(out)] == ["index.html", "layer_00.html", "layer_01.html"]
+    assert [p.name for p in html_files(out)] == [
+        "glossary.html",
+        "index.html",
+        "layer_00.html",
+        "layer_01.html",
+    ]
     assert [p.name for p in tmp_path.iterdir()] == ["report"]
 
 
@@ -231,7 +250,7 @@ def test_study_only_report_from_empty_results(tmp_path):
     study = StudyResult(name="k-sweep", question="q?", table=pd.DataFrame({"k": [1, 2], "v": [0.1, 0.2]}))
     path = render_report(empty, tmp_path / "s", study_results=[study], analyses={})
     assert "Study: k-sweep" in path.read_text()
-    assert [p.name for p in html_files(path.parent)] == ["index.html"]
+    assert [p.name for p in html_files(path.parent)] == ["glossary.html", "index.html"]
 
 
 # ---- figure builders ------------------------------------------------------------------------

@@ -24,13 +24,15 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from iclgd_lens.engine import stats
+from iclgd_lens.engine import verdict as verdict_marks
 from iclgd_lens.engine.results import Results, versions
 from iclgd_lens.engine.verdict import SIMILARITY_METRICS
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.report import figures
+from iclgd_lens.report import figures, glossary, style
 from iclgd_lens.report.assets import script_tags, write_assets
 from iclgd_lens.report.attention import attention_patterns_html
-from iclgd_lens.report.templates import config_block, error, escape, headline, page, section, table
+from iclgd_lens.report.glossary import GLOSSARY_PAGE
+from iclgd_lens.report.templates import config_block, error, escape, page, section, table
 
 __all__ = ["render_report", "figures"]
 
@@ -38,6 +40,8 @@ INDEX = "index.html"
 SINGLE = "report.html"
 CONDITIONS = ("zsl", "icl", "gd")
 _PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
+NOT_MEASURED = "not measured"
+"""What a table cell says where the results hold no such number (not a gap, not a zero)."""
 
 
 # ---- small helpers ----------------------------------------------------------------------
@@ -46,14 +50,42 @@ def figure_html(fig: go.Figure) -> str:
     return fig.to_html(full_html=False, include_plotlyjs=False, config=_PLOTLY_CONFIG)
 
 
-def _items_html(items: Iterable[Any]) -> str:
-    """Figures, tables and text (what analyses and studies return) as HTML."""
+def _cells(glossary_page: str) -> Callable[[str, Any], str | None]:
+    """Table cells: a metric name linked to its glossary entry, a verdict mark coloured."""
+
+    def cell(column: str, value: Any) -> str | None:
+        if column == "metric" and isinstance(value, str):
+            return glossary.metric_link(value, glossary_page)
+        if isinstance(value, str) and value in _MARK_CLASS:
+            return f'<span class="mark {_MARK_CLASS[value]}">{escape(value)}</span>'
+        return None
+
+    return cell
+
+
+_MARK_CLASS = {
+    verdict_marks.ABOVE: "mark-above",
+    verdict_marks.UNDECIDED: "mark-undecided",
+    verdict_marks.BELOW: "mark-below",
+    verdict_marks.UNDEFINED: "mark-undefined",
+    verdict_marks.NO_BASELINE: "mark-none",
+    NOT_MEASURED: "mark-none",
+}
+
+
+def _table(df: pd.DataFrame, glossary_page: str, blank: str = NOT_MEASURED) -> str:
+    """A table with linked metric names and "not measured" in the cells the results lack."""
+    return table(df, cell=_cells(glossary_page), blank=blank)
+
+
+def _items_html(items: Iterable[Any], glossary_page: str = GLOSSARY_PAGE) -> str:
+    """Figures (in the report's style), tables and text (what analyses and studies return) as HTML."""
     parts = []
     for item in items:
         if isinstance(item, go.Figure):
-            parts.append(figure_html(item))
+            parts.append(figure_html(figures.study_figure(item)))
         elif isinstance(item, pd.DataFrame):
-            parts.append(table(item))
+            parts.append(_table(item, glossary_page, blank=""))
         elif isinstance(item, str):
             parts.append(f"<p>{escape(item)}</p>")
         else:
@@ -69,72 +101,148 @@ def _by_layer(mapping: Any, layer: int) -> Any:
 
 
 def _layers(results: Results) -> list[int]:
-    """Layer indices present in the table or the artifacts."""
+    """Layer indices present in the table or the artifacts (none for a study's empty table)."""
     layers = {int(v) for v in results.table["layer"].unique() if v >= 0}
     for key in results.artifacts.get("dw") or {}:
         layers.add(int(key))
     for per_layer in (results.artifacts.get("attention") or {}).values():
         layers.update(int(k) for k in (per_layer or {}))
-    n_layers = results.config.get("n_layers")
-    if isinstance(n_layers, int) and not layers:
-        layers = set(range(n_layers))
     return sorted(layers)
 
 
+def _legend_html() -> str:
+    """The colour and dash of each comparison, as used by every figure (a line per comparison)."""
+    items = []
+    for name in (style.HEADLINE, style.CEILING, *style.FLOORS):
+        colour, dash, width = style.STYLES[name]
+        border = {"solid": "solid", "dot": "dotted"}.get(dash, "dashed")
+        items.append(
+            f'<span class="legend-swatch" style="border-top: {max(2, int(width))}px {border} {colour};">'
+            "</span>"
+            f"{escape(name)}"
+        )
+    return '<p class="note">Colours in every figure:' + "".join(items) + "</p>"
+
+
 # ---- index --------------------------------------------------------------------------------
+def verdict_table(results: Results) -> pd.DataFrame:
+    """The verdict's marks as metric x layer (plus the mean share of the ICL~ICL ceiling)."""
+    found = results.verdict()
+    if found.table.empty:
+        return pd.DataFrame()
+    marks = found.table.pivot_table(index="metric", columns="layer", values="mark", aggfunc="first")
+    marks.columns = [f"layer {l}" for l in marks.columns]
+    order = {m: i for i, m in enumerate(SIMILARITY_METRICS)}
+    marks = marks.sort_index(key=lambda idx: idx.map(lambda m: order.get(m, 99)))
+    share = found.table.groupby("metric")["of_ceiling"].mean()
+    marks["ICL~GD / ceiling (mean over layers)"] = [
+        f"{share[m]:.0%}" if m in share and share[m] == share[m] else "no ceiling" for m in marks.index
+    ]
+    return marks.reset_index()
+
+
+def headline_table(
+    results: Results, metrics: Sequence[str] = (*SIMILARITY_METRICS, "rec2ftp", "token_overlap")
+) -> pd.DataFrame:
+    """The headline numbers with their baselines beside them: per metric of `metrics` (layer-level
+    ones averaged over layers within each episode first; model-level ones as they are), one column
+    per comparison (or, for accuracy, per condition), cells "mean [95% interval over episodes]",
+    and the metric's unit."""
+    t = figures._max_k(results, results.table)
+    t = t[t["head"] == -1]
+    wanted = [m for m in metrics if m in set(t["metric"])]
+    if not wanted:
+        return pd.DataFrame()
+    rows = t[t["metric"].isin(wanted)]
+    per_episode = rows.groupby(["metric", "comparison", "episode"], as_index=False)["value"].mean()
+    summ = stats.episode_summary(per_episode, ["metric", "comparison"])
+
+    def cell(r) -> str:
+        if r["n_episodes"] == 0 or r["mean"] != r["mean"]:
+            return "undefined"
+        ci = "" if r["ci_low"] != r["ci_low"] else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        return f"{r['mean']:.3f}{ci}"
+
+    summ["cell"] = summ.apply(cell, axis=1)
+    wide = summ.pivot(index="metric", columns="comparison", values="cell")
+    wide = wide[figures.comparison_order(list(wide.columns))]
+    wide = wide.reindex([m for m in wanted if m in wide.index])
+    wide.insert(0, "unit", [glossary.unit(m) for m in wide.index])
+    wide.columns.name = None
+    return wide.reset_index()
+
+
 def _index_body(
     results: Results,
     layer_link: Callable[[int], str],
     analyses: Mapping[str, Callable],
     study_results: Sequence[Any],
+    glossary_page: str,
 ) -> str:
+    gl = glossary_page
     found = results.verdict()
-    marks = found.table.pivot_table(index="metric", columns="layer", values="mark", aggfunc="first")
+    marks = verdict_table(results)
     sections = [
         section(
             "Verdict: is ICL's update GD-like here?",
-            f"<p>{escape(found.text)}</p>" + (table(marks.reset_index()) if len(marks) else ""),
+            f'<p class="verdict-text">{escape(found.text)}</p>' + (_table(marks, gl) if len(marks) else ""),
             "verdict",
             "Per similarity metric and layer: ICL~GD above every baseline (random vector, random update of "
             "equal norm, untrained model), not distinguishable from them, or below one; paired tests over "
-            "episodes (docs/statistics.md).",
-        ),
-        section(
-            "Headline",
-            headline(results.headline()) or '<p class="note">(no headline metrics)</p>',
-            "headline",
-            "Means over layers, episodes and queries; accuracies over episodes.",
-        ),
-    ]
-
-    similarity = [m for m in figures.layer_metrics(results) if not m.startswith("probe:")]
-    curves = "\n".join(figure_html(f) for m in similarity if (f := figures.layer_curve_figure(results, m)))
-    sections.append(
-        section(
-            "Layer-wise similarities",
-            curves or '<p class="note">(no layer-level metrics)</p>',
-            "layers",
-            "One trace per comparison: icl~gd is the headline, the others are baselines. Bands: "
-            "95% t-intervals over episodes (each episode's queries averaged first; see docs/statistics.md).",
+            "episodes (docs/statistics.md). The last column: ICL~GD as a share of the ICL~ICL ceiling "
+            "(ICL under another demonstration order). Hover a metric name for its definition.",
         )
-    )
+    ]
+    head = headline_table(results)
+    accuracy = headline_table(results, ("accuracy", "accuracy_vocab"))
+    if not head.empty:
+        k_note = f" at k = {max(results.k_values)}" if len(results.k_values) > 1 else ""
+        sections.append(
+            section(
+                "Headline numbers, with their baselines",
+                _table(head, gl) + (_table(accuracy, gl) if not accuracy.empty else ""),
+                "headline",
+                f"Mean [95% t-interval over episodes]{k_note}: similarities averaged over layers and queries "
+                "within each episode first; accuracy per condition; rec2ftp in percent. icl~gd is the "
+                "headline, icl~icl_perm the ceiling, the others floors.",
+            )
+        )
+
+    layer_metric_names = figures.layer_metrics(results)
+    similarity = [m for m in layer_metric_names if not m.startswith("probe:")]
+    panels = figures.layer_panels_figure(results, [m for m in SIMILARITY_METRICS if m in similarity])
+    curves = "\n".join(figure_html(f) for m in similarity if (f := figures.layer_curve_figure(results, m)))
+    if panels or curves:
+        sections.append(
+            section(
+                "Layer-wise similarities",
+                _legend_html()
+                + (figure_html(panels) if panels else "")
+                + (f"<details open><summary>each metric on its own scale</summary>{curves}</details>"),
+                "layers",
+                "One trace per comparison: icl~gd is the headline, icl~icl_perm the ceiling, the others "
+                "floors. Bands: 95% t-intervals over episodes (each episode's queries averaged first; see "
+                "docs/statistics.md).",
+            )
+        )
 
     tests = paired_tests_table(results)
     if not tests.empty:
         n = int(tests.attrs.get("n_episodes", 0))
         floor = stats.min_p_value(n)
+        shown = _table(tests, gl)
         sections.append(
             section(
                 "Paired tests: icl~gd against its baselines",
-                table(tests)
+                shown
                 if len(tests) <= 40
-                else f"<details><summary>{len(tests)} rows</summary>{table(tests)}</details>",
+                else f"<details><summary>{len(tests)} rows</summary>{shown}</details>",
                 "paired-tests",
                 "Per layer: diff = mean over episodes of (icl~gd - baseline), "
                 f"p = two-sided paired sign-flip permutation test over the {n} episodes (exact up to "
                 f"{stats.EXACT_MAX_EPISODES}); the smallest p attainable with {n} episodes is {floor:.3g}. "
                 "icl~icl_perm is a ceiling (ICL under another demo order), the others floors. Not corrected "
-                "for the number of tests.",
+                f"for the number of tests. '{NOT_MEASURED}': the results hold no such baseline.",
             )
         )
 
@@ -143,10 +251,10 @@ def _index_body(
         sections.append(
             section(
                 "Undefined values",
-                table(undefined),
+                _table(undefined, gl, blank=""),
                 "undefined",
-                "Where a metric has no defined value it is left out of every mean and curve (shown as n/a), "
-                "for the reason given; see docs/metrics.md.",
+                "Where a metric has no defined value it is left out of every mean and curve (shown as "
+                "'undefined' or n/a), for the reason given; see docs/metrics.md.",
             )
         )
 
@@ -155,10 +263,11 @@ def _index_body(
         sections.append(
             section(
                 "Accuracy and output-distribution metrics",
-                table(wide),
+                _table(wide, gl),
                 "model-metrics",
-                "Accuracy per condition, Rec2FTP, token overlap, overlap cosine, KL, JS: "
-                "mean [95% t-interval over episode means] (episodes, values); n/a: no defined value.",
+                "Accuracy per condition, Rec2FTP (percent), token overlap, overlap cosine, KL, JS (nats): "
+                "mean [95% t-interval over episode means] (episodes, values); n/a: no defined value; "
+                f"'{NOT_MEASURED}': the metric is not computed for that comparison.",
             )
         )
 
@@ -171,11 +280,11 @@ def _index_body(
                 "Metrics as a function of k",
                 k_figs,
                 "k-sweep",
-                "Layer metrics are averaged over layers as well.",
+                "Layer metrics are averaged over layers as well. The k axis is log-2, every k labelled.",
             )
         )
 
-    probes = [m for m in figures.layer_metrics(results) if m.startswith("probe:")]
+    probes = [m for m in layer_metric_names if m.startswith("probe:")]
     for metric in probes:
         fig = figures.layer_curve_figure(results, metric)
         sections.append(
@@ -189,80 +298,104 @@ def _index_body(
 
     for name, fn in analyses.items():
         try:
-            inner = _items_html(fn(results))
+            inner = _items_html(fn(results), gl)
         except Exception as err:  # one broken analysis must not cost the whole report
             warnings.warn(f"analysis {name!r} failed: {type(err).__name__}: {err}", stacklevel=2)
             inner = error(f"analysis failed: {type(err).__name__}: {err}")
-        sections.append(section(f"Analysis: {name}", inner, f"analysis-{name}"))
-
-    for study in study_results:
-        inner = (
-            f"<p><b>Question.</b> {escape(getattr(study, 'question', ''))}</p>"
-            f'<p class="findings"><b>Findings.</b> {escape(getattr(study, "findings", ""))}</p>'
-            + _items_html(getattr(study, "figures", []) or [])
-        )
-        study_table = getattr(study, "table", None)
-        if isinstance(study_table, pd.DataFrame):
-            shown = study_table.head(200)
-            note = (
-                f'<p class="note">first 200 of {len(study_table)} rows</p>' if len(study_table) > 200 else ""
-            )
-            inner += f"<details><summary>table</summary>{note}{table(shown)}</details>"
-        if getattr(study, "config", None):
-            inner += f"<details><summary>configuration</summary>{config_block(study.config)}</details>"
         sections.append(
-            section(f"Study: {getattr(study, 'name', 'study')}", inner, f"study-{getattr(study, 'name', '')}")
+            section(f"Analysis: {name}", inner or '<p class="note">(nothing to show)</p>', f"analysis-{name}")
         )
+
+    sections += [study_section(study, gl) for study in study_results]
 
     links = " ".join(f'<a href="{layer_link(l)}">layer {l}</a>' for l in _layers(results))
-    sections.append(
-        section(
-            "Layers",
-            f'<nav class="layers">{links}</nav>',
-            "layer-links",
-            "Per-head similarities, dW_ICL vs dW_GD, per-query distributions, attention views.",
+    if links:
+        sections.append(
+            section(
+                "Layers",
+                f'<nav class="layers">{links}</nav>',
+                "layer-links",
+                "Per-head similarities, dW_ICL vs dW_GD, per-query distributions, attention views.",
+            )
         )
-    )
-
-    report_info = {"rendered": _dt.datetime.now().isoformat(timespec="seconds"), "versions": versions()}
-    sections.append(
-        section(
-            "Configuration",
-            config_block(results.config)
-            + "<details><summary>report</summary>"
-            + config_block(report_info)
-            + "</details>",
-            "config",
-            "Settings, package versions, seed and run time of the comparison.",
-        )
-    )
+    sections.append(_config_section(results))
     return "\n".join(sections)
 
 
+def _config_section(results: Results) -> str:
+    report_info = {"rendered": _dt.datetime.now().isoformat(timespec="seconds"), "versions": versions()}
+    return section(
+        "Configuration",
+        config_block(results.config)
+        + "<details><summary>report</summary>"
+        + config_block(report_info)
+        + "</details>",
+        "config",
+        "Settings, package versions, seed and run time.",
+    )
+
+
+def study_section(study: Any, glossary_page: str = GLOSSARY_PAGE) -> str:
+    """One study as a section: its question, findings, figures (in the report's style), its table
+    (first 200 rows) and configuration; parts it does not have are left out, never shown empty."""
+    name = getattr(study, "name", "study")
+    inner = f"<p><b>Question.</b> {escape(getattr(study, 'question', ''))}</p>"
+    findings_text = getattr(study, "findings", "")
+    if findings_text:
+        inner += f'<p class="findings"><b>Findings.</b> {escape(findings_text)}</p>'
+    figs = getattr(study, "figures", []) or []
+    if figs:
+        inner += _legend_html() + _items_html(figs, glossary_page)
+    study_table = getattr(study, "table", None)
+    if isinstance(study_table, pd.DataFrame) and not study_table.empty:
+        shown = study_table.head(200)
+        note = f'<p class="note">first 200 of {len(study_table)} rows</p>' if len(study_table) > 200 else ""
+        shown_html = _table(shown, glossary_page, blank="")
+        inner += f"<details><summary>table ({len(study_table)} rows)</summary>{note}{shown_html}</details>"
+    if getattr(study, "config", None):
+        inner += f"<details><summary>configuration</summary>{config_block(study.config)}</details>"
+    return section(f"Study: {name}", inner, f"study-{name}")
+
+
+def _study_body(results: Results, study_results: Sequence[Any], glossary_page: str) -> str:
+    """A study's page: its sections only (a study's report has no comparison table, so no verdict,
+    headline or layer sections), then the configuration."""
+    parts = [study_section(study, glossary_page) for study in study_results]
+    if results.config:
+        parts.append(_config_section(results))
+    return "\n".join(parts)
+
+
 # ---- layer pages ---------------------------------------------------------------------------
-def _layer_body(results: Results, layer: int) -> str:
+def _layer_body(results: Results, layer: int, glossary_page: str = GLOSSARY_PAGE) -> str:
+    gl = glossary_page
     t = results.table
     sections = []
     rows = t[(t["layer"] == layer) & (t["head"] == -1)]
-    sections.append(
-        section(
-            "Numbers",
-            table(wide_summary(results, rows)),
-            f"l{layer}-numbers",
-            "mean [95% t-interval over episode means] (episodes, values), per metric and comparison.",
+    if not rows.empty:
+        sections.append(
+            section(
+                "Numbers",
+                _table(wide_summary(results, rows), gl),
+                f"l{layer}-numbers",
+                "mean [95% t-interval over episode means] (episodes, values), per metric and comparison; "
+                f"n/a: undefined (see the index's 'Undefined values'); '{NOT_MEASURED}': the metric is not "
+                "computed for that comparison (e.g. dw_cos has no random-vector baseline).",
+            )
         )
-    )
 
     head_rows = t[(t["layer"] == layer) & (t["head"] >= 0)]
-    heat = [
-        figures.head_heatmap_figure(results, layer, c)
-        for c in figures.comparison_order(head_rows["comparison"].unique().tolist())
-    ]
+    comparisons = figures.comparison_order(head_rows["comparison"].unique().tolist())
+    grids = [figures.head_grid(results, layer, c)[0] for c in comparisons]
+    bound = style.shared_scale(*[g.to_numpy(dtype=float) for g in grids if not g.empty])
+    heat = [figures.head_heatmap_figure(results, layer, c, zmax=bound) for c in comparisons]
     sections.append(
         section(
             "Per-head similarities",
             "\n".join(figure_html(f) for f in heat if f) or '<p class="note">(no per-head values)</p>',
             f"l{layer}-heads",
+            f"Mean per head and metric, value in each cell; every heatmap on this page shares one colour "
+            f"scale (-{bound:.2f} to {bound:.2f}), so one colour is one value on all of them.",
         )
     )
 
@@ -272,7 +405,8 @@ def _layer_body(results: Results, layer: int) -> str:
             "Implicit weight updates: dW_ICL and dW_GD",
             figure_html(dw) if dw else '<p class="note">(no dW artifacts for this layer)</p>',
             f"l{layer}-dw",
-            "Per kv head, episode 0. The cosine in each title is computed from the two matrices.",
+            "Per kv head, episode 0: dW = sum of v k^T (rows: value dimensions, columns: key dimensions). "
+            "The cosine in each title is computed from the full matrices.",
         )
     )
 
@@ -291,7 +425,7 @@ def _layer_body(results: Results, layer: int) -> str:
         entry = _by_layer(attention.get(condition), layer)
         if entry and entry.get("tokens") is not None and entry.get("pattern") is not None:
             views.append(
-                f"<h3>{escape(condition.upper())}</h3>"
+                f'<h3 style="color: {style.colour(condition)}">{escape(condition.upper())}</h3>'
                 + attention_patterns_html(entry["tokens"], entry["pattern"])
             )
     example = results.artifacts.get("example")
@@ -308,7 +442,9 @@ def _layer_body(results: Results, layer: int) -> str:
             "Attention on the example prompt",
             "\n".join(views) or '<p class="note">(no attention artifacts for this layer)</p>',
             f"l{layer}-attention",
-            "circuitsvis views of ZSL, ICL and GD; hover a token to see where it attends.",
+            "circuitsvis views of ZSL, ICL and GD: pick a head, the zoomed pattern shows every token "
+            "(decoded text; special tokens such as BOS by name; spaces as ·, newlines as ⏎); hover a token "
+            "to see where it attends.",
         )
     )
 
@@ -320,6 +456,8 @@ def _layer_body(results: Results, layer: int) -> str:
             "Tokens whose probabilities ICL and GD move most",
             figure_html(fig) if fig else '<p class="note">(no top-token artifacts)</p>',
             f"l{layer}-tokens",
+            "The same tokens side by side: the change of each token's next-token probability under ICL "
+            "(left) and under GD (right), both against zero-shot, on one scale.",
         )
     )
     return "\n".join(sections)
@@ -366,7 +504,8 @@ def wide_summary(results: Results, rows: pd.DataFrame) -> pd.DataFrame:
 
     summ["cell"] = summ.apply(cell, axis=1)
     wide = summ.pivot(index=index, columns="comparison", values="cell")
-    wide = wide[figures.comparison_order(list(wide.columns))].fillna("")
+    wide = wide[figures.comparison_order(list(wide.columns))]
+    wide.insert(0, "unit", [glossary.unit(i[0] if isinstance(i, tuple) else i) for i in wide.index])
     order = {m: i for i, m in enumerate(results.metrics)}
     wide = wide.reset_index().sort_values(by=index, key=lambda c: c.map(order) if c.name == "metric" else c)
     wide.columns.name = None
@@ -389,7 +528,7 @@ def paired_tests_table(results: Results, metrics: Sequence[str] = SIMILARITY_MET
         [b for b in stats.BASELINES if b in wide.columns]
         + [b for b in wide.columns if b not in stats.BASELINES]
     ]
-    wide = wide.rename(columns=lambda b: f"vs {b}").fillna("")
+    wide = wide.rename(columns=lambda b: f"vs {b}")
     n = tests.groupby(["metric", "layer"])["n_episodes"].agg(["min", "max"])
     wide.insert(0, "episodes", [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in zip(n["min"], n["max"])])
     order = {m: i for i, m in enumerate(metrics)}
@@ -402,6 +541,16 @@ def paired_tests_table(results: Results, metrics: Sequence[str] = SIMILARITY_MET
     return wide
 
 
+def _glossary_body(results: Results) -> str:
+    return section(
+        "Glossary",
+        glossary.glossary_html(results.metrics),
+        "glossary",
+        "Every metric id: definition, range, which direction means GD-like, unit and paper "
+        "(full definitions and deviations: docs/metrics.md).",
+    )
+
+
 def _write(
     results: Results,
     folder: Path,
@@ -411,39 +560,53 @@ def _write(
 ) -> Path:
     results.save(folder)
     save_studies(study_results, folder)
-    layers = _layers(results)
+    study_only = results.table.empty and bool(study_results)  # a study's report: its page only
+    layers = [] if study_only else _layers(results)
+    names = ", ".join(str(getattr(s, "name", "study")) for s in study_results)
+    title, subtitle = (
+        (f"iclgd-lens study {names}", f"study {names}")
+        if study_only
+        else ("iclgd-lens report", "ICL vs GD, layer by layer")
+    )
+
+    def index_body(layer_link: Callable[[int], str], gl: str) -> str:
+        if study_only:
+            return _study_body(results, study_results, gl)
+        return _index_body(results, layer_link, analyses, study_results, gl)
+
     if single_file:
-        body = _index_body(results, lambda l: f"#layer-{l:02d}", analyses, study_results)
+        body = index_body(lambda l: f"#layer-{l:02d}", "")
         for l in layers:
-            body += f'\n<h1 id="layer-{l:02d}">Layer {l}</h1>\n' + _layer_body(results, l)
+            body += f'\n<h1 id="layer-{l:02d}">Layer {l}</h1>\n' + _layer_body(results, l, "")
+        body += "\n" + _glossary_body(results)
         target = folder / SINGLE
-        target.write_text(
-            page(
-                "iclgd-lens report",
-                _header(results, "ICL vs GD, layer by layer"),
-                body,
-                script_tags(single_file=True),
-            ),
-            encoding="utf-8",
-        )
+        header = _header(results, subtitle, '<div><a href="#glossary">glossary</a></div>')
+        target.write_text(page(title, header, body, script_tags(single_file=True)), encoding="utf-8")
         return target
 
     write_assets(folder / "assets")
     scripts = script_tags(single_file=False)
-    body = _index_body(results, layer_filename, analyses, study_results)
-    nav = " | ".join(f'<a href="{layer_filename(l)}">layer {l}</a>' for l in layers)
-    header = _header(results, "ICL vs GD, layer by layer", f"<div>{nav}</div>" if nav else "")
-    (folder / INDEX).write_text(page("iclgd-lens report", header, body, scripts), encoding="utf-8")
+    body = index_body(layer_filename, GLOSSARY_PAGE)
+    nav = [f'<a href="{layer_filename(l)}">layer {l}</a>' for l in layers] + [
+        f'<a href="{GLOSSARY_PAGE}">glossary</a>'
+    ]
+    header = _header(results, subtitle, "<div>" + " | ".join(nav) + "</div>")
+    (folder / INDEX).write_text(page(title, header, body, scripts), encoding="utf-8")
     for i, l in enumerate(layers):
         nav = [f'<a href="{INDEX}">index</a>']
         if i > 0:
             nav.append(f'<a href="{layer_filename(layers[i - 1])}">&larr; layer {layers[i - 1]}</a>')
         if i + 1 < len(layers):
             nav.append(f'<a href="{layer_filename(layers[i + 1])}">layer {layers[i + 1]} &rarr;</a>')
+        nav.append(f'<a href="{GLOSSARY_PAGE}">glossary</a>')
         header = _header(results, f"layer {l}", "<div>" + " | ".join(nav) + "</div>")
         (folder / layer_filename(l)).write_text(
             page(f"iclgd-lens layer {l}", header, _layer_body(results, l), scripts), encoding="utf-8"
         )
+    header = _header(results, "glossary", f'<div><a href="{INDEX}">index</a></div>')
+    (folder / GLOSSARY_PAGE).write_text(
+        page("iclgd-lens glossary", header, _glossary_body(results), scripts), encoding="utf-8"
+    )
     return folder / INDEX
 
 

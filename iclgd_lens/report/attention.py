@@ -31,16 +31,40 @@ def render_widget(element: str, **props) -> str:
     )
 
 
-def attention_patterns_html(tokens: Sequence[str], pattern: Sequence) -> str:
-    """An AttentionPatterns view (all heads of one layer) of `pattern`: [heads][query][key].
+LOOKALIKES = str.maketrans({"<": "\uff1c", ">": "\uff1e", "&": "\uff06", '"': "\uff02", "'": "\uff07"})
+"""HTML's special characters -> their full-width look-alikes (＜ ＞ ＆ ＂ ＇)."""
 
-    circuitsvis puts token strings into the page with React's `dangerouslySetInnerHTML`, so
-    they are HTML-escaped here, at the one boundary where they enter the widget: `<s>` shows as
-    `<s>` and markup in a token never runs.
+
+def inert_token(token: object) -> str:
+    """A token as text that is the same whether it is read as HTML or drawn as plain text.
+
+    circuitsvis shows each token twice: in token lists through React's `dangerouslySetInnerHTML`
+    (HTML: an escaped `&lt;s&gt;` shows as `<s>`, a raw `<img onerror>` would run) and as axis
+    labels drawn on a canvas (plain text: `&lt;s&gt;` shows literally). Replacing the five
+    characters HTML gives a meaning to by their full-width look-alikes reads the same in both
+    and leaves nothing to interpret: `<s>` shows as `＜s＞`.
     """
-    return render_widget(
-        "AttentionPatterns", tokens=[html.escape(str(t), quote=True) for t in tokens], attention=pattern
-    )
+    return str(token).translate(LOOKALIKES)
+
+
+def attention_patterns_html(tokens: Sequence[str], pattern: Sequence, large: bool = True) -> str:
+    """An attention view of all heads of one layer, `pattern`: [heads][query][key].
+
+    `large` (the default): circuitsvis' AttentionHeads, a head selector and the chosen head
+    zoomed to the page width with every token labelled; otherwise the compact
+    AttentionPatterns. Tokens enter the widget through `inert_token`, at the one boundary where
+    they enter it: markup in a token never runs, and it reads the same in every part of the view.
+    """
+    shown = [inert_token(t) for t in tokens]
+    if large:
+        return render_widget(
+            "AttentionHeads",
+            tokens=shown,
+            attention=pattern,
+            attentionHeadNames=[f"head {h}" for h in range(len(pattern))],
+            maskUpperTri=True,
+        )
+    return render_widget("AttentionPatterns", tokens=shown, attention=pattern)
 
 
 def escape(text: object) -> str:

@@ -14,26 +14,18 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from iclgd_lens.engine.results import Results
+from iclgd_lens.report import style
 
-TEMPLATE = "plotly_white"
-HEADLINE = "icl~gd"
-_PALETTE = qualitative.Plotly
+TEMPLATE = style.TEMPLATE
+HEADLINE = style.HEADLINE
 
 
 def comparison_order(comparisons: Sequence[str]) -> list[str]:
-    """The headline comparison first, then the others alphabetically (stable trace colours)."""
-    rest = sorted(c for c in set(comparisons) if c != HEADLINE)
-    return ([HEADLINE] if HEADLINE in comparisons else []) + rest
-
-
-def _colour(i: int, alpha: float = 1.0) -> str:
-    hex_colour = _PALETTE[i % len(_PALETTE)].lstrip("#")
-    r, g, b = (int(hex_colour[j : j + 2], 16) for j in (0, 2, 4))
-    return f"rgba({r},{g},{b},{alpha})"
+    """The headline comparison first, then the ceiling, the floors and the rest (`style.order`)."""
+    return style.order(comparisons)
 
 
 def label(text: Any) -> str:
@@ -41,10 +33,9 @@ def label(text: Any) -> str:
     return html.escape(str(text), quote=False)
 
 
-def _band_traces(
-    x: Sequence, mean: Sequence, low: Sequence, high: Sequence, name: str, i: int
-) -> list[go.Scatter]:
-    """A line with markers and a shaded 95% confidence band around it (`low`, `high` as given)."""
+def _band_traces(x: Sequence, mean: Sequence, low: Sequence, high: Sequence, name: str) -> list[go.Scatter]:
+    """A line with markers and a shaded 95% confidence band around it (`low`, `high` as given),
+    in the comparison's colour and dash (`style.line`)."""
     x, low, high = list(x), list(low), list(high)
     has_band = any(not (isinstance(v, float) and math.isnan(v)) for v in low)
     traces = []
@@ -54,7 +45,7 @@ def _band_traces(
                 x=x + x[::-1],
                 y=high + low[::-1],
                 fill="toself",
-                fillcolor=_colour(i, 0.18),
+                fillcolor=style.colour(name, 0.15 if name == HEADLINE else 0.08),
                 mode="lines",
                 line=dict(width=0),
                 hoverinfo="skip",
@@ -70,8 +61,8 @@ def _band_traces(
             mode="lines+markers",
             name=label(name),
             legendgroup=name,
-            line=dict(color=_colour(i), width=2.5 if name == HEADLINE else 1.5),
-            error_y=None,
+            line=style.line(name),
+            marker=dict(color=style.colour(name), symbol=style.marker_symbol(name), size=7),
             customdata=np.stack([low, high], axis=-1) if x else None,
             hovertemplate="%{x}: %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]<extra>"
             + label(name)
@@ -100,34 +91,94 @@ def model_metrics(results: Results) -> list[str]:
     return list(dict.fromkeys(t.loc[t["layer"] == -1, "metric"]))
 
 
-def layer_curve_figure(results: Results, metric: str) -> go.Figure | None:
-    """`metric` over layers, one trace per comparison (headline + baselines), 95% bands: the
-    episode-level t-intervals of `Results.summary` (over episode means, not pooled queries)."""
+def _layer_summary(results: Results, metric: str) -> pd.DataFrame:
+    """Episode-level mean and 95% interval of `metric` per (comparison, layer), at the largest k."""
     t = results.table
     rows = _max_k(results, t[(t["metric"] == metric) & (t["layer"] >= 0) & (t["head"] == -1)])
     if rows.empty:
+        return pd.DataFrame()
+    return Results(rows, {}, {}).summary(by=("comparison", "layer"), p_values=False)
+
+
+def layer_curve_figure(results: Results, metric: str) -> go.Figure | None:
+    """`metric` over layers, one trace per comparison (headline + baselines), 95% bands: the
+    episode-level t-intervals of `Results.summary` (over episode means, not pooled queries)."""
+    summ = _layer_summary(results, metric)
+    if summ.empty:
         return None
-    summ = Results(rows, {}, {}).summary(by=("comparison", "layer"), p_values=False)  # episode-level bands
     fig = go.Figure()
-    for i, comparison in enumerate(comparison_order(summ["comparison"].unique().tolist())):
+    for comparison in comparison_order(summ["comparison"].unique().tolist()):
         s = summ[summ["comparison"] == comparison].sort_values("layer")
-        for trace in _band_traces(s["layer"], s["mean"], s["ci_low"], s["ci_high"], comparison, i):
+        for trace in _band_traces(s["layer"], s["mean"], s["ci_low"], s["ci_high"], comparison):
             fig.add_trace(trace)
     k_note = f" (k = {max(results.k_values)})" if len(results.k_values) > 1 else ""
     fig.update_layout(
         template=TEMPLATE,
         title=label(f"{metric} by layer{k_note}"),
         height=360,
-        xaxis=dict(title="layer", dtick=1),
+        xaxis=style.layer_axis(summ["layer"]),
         yaxis=dict(title=label(metric)),
         legend=dict(title="comparison"),
-        margin=dict(l=60, r=20, t=50, b=50),
+    )
+    return fig
+
+
+def layer_panels_figure(results: Results, metrics: Sequence[str], columns: int = 3) -> go.Figure | None:
+    """Small multiples: one panel per metric over layers, all on shared axes (the same layers,
+    the same y range), the same colour per comparison in every panel, one legend."""
+    summaries = {m: s for m in metrics if not (s := _layer_summary(results, m)).empty}
+    if not summaries:
+        return None
+    n = len(summaries)
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        shared_xaxes="all",
+        shared_yaxes="all",
+        subplot_titles=[label(m) for m in summaries],
+        horizontal_spacing=0.04,
+        vertical_spacing=0.12 / max(rows - 1, 1) if rows > 1 else 0.0,
+    )
+    shown: set[str] = set()
+    lows, highs, layers = [], [], set()
+    for i, (metric, summ) in enumerate(summaries.items()):
+        for comparison in comparison_order(summ["comparison"].unique().tolist()):
+            s = summ[summ["comparison"] == comparison].sort_values("layer")
+            layers.update(int(l) for l in s["layer"])
+            lows += [v for v in s["ci_low"].tolist() + s["mean"].tolist() if v == v]
+            highs += [v for v in s["ci_high"].tolist() + s["mean"].tolist() if v == v]
+            for trace in _band_traces(s["layer"], s["mean"], s["ci_low"], s["ci_high"], comparison):
+                if trace.fill is None:
+                    trace.showlegend = comparison not in shown
+                    shown.add(comparison)
+                    trace.hovertemplate = label(metric) + " " + trace.hovertemplate
+                fig.add_trace(trace, row=i // cols + 1, col=i % cols + 1)
+    lo, hi = (min(lows), max(highs)) if lows else (-1.0, 1.0)
+    pad = 0.05 * (hi - lo or 1.0)
+    k_note = f", k = {max(results.k_values)}" if len(results.k_values) > 1 else ""
+    fig.update_xaxes(
+        showticklabels=True, **{k: v for k, v in style.layer_axis(layers).items() if k != "title"}
+    )
+    for i in range(n):  # the layer title under the lowest panel of each column
+        if i + cols >= n:
+            fig.update_xaxes(title_text="layer", row=i // cols + 1, col=i % cols + 1)
+    fig.update_yaxes(range=[lo - pad, hi + pad])
+    fig.update_layout(
+        template=TEMPLATE,
+        title=label(
+            f"The similarities side by side, on shared axes (mean and 95% interval over episodes{k_note})"
+        ),
+        height=90 + 250 * rows,
+        legend=dict(title="comparison"),
     )
     return fig
 
 
 def k_curve_figure(results: Results, metric: str) -> go.Figure | None:
-    """`metric` as a function of k (mean over layers, episodes, queries), one trace per comparison."""
+    """`metric` as a function of k (mean over layers, episodes, queries), one trace per comparison,
+    on a log-2 k axis with every k labelled."""
     if len(results.k_values) < 2:
         return None
     t = results.table
@@ -136,47 +187,67 @@ def k_curve_figure(results: Results, metric: str) -> go.Figure | None:
         return None
     summ = Results(rows, {}, {}).summary(by=("comparison", "k"), p_values=False)
     fig = go.Figure()
-    for i, comparison in enumerate(comparison_order(summ["comparison"].unique().tolist())):
+    for comparison in comparison_order(summ["comparison"].unique().tolist()):
         s = summ[summ["comparison"] == comparison].sort_values("k")
-        for trace in _band_traces(s["k"], s["mean"], s["ci_low"], s["ci_high"], comparison, i):
+        for trace in _band_traces(s["k"], s["mean"], s["ci_low"], s["ci_high"], comparison):
             fig.add_trace(trace)
     fig.update_layout(
         template=TEMPLATE,
         title=label(f"{metric} as a function of k"),
         height=340,
-        xaxis=dict(title="k (demonstrations)", type="log", tickvals=results.k_values),
+        xaxis=style.log2_k_axis(results.k_values),
         yaxis=dict(title=label(metric)),
-        margin=dict(l=60, r=20, t=50, b=50),
     )
     return fig
 
 
-def head_heatmap_figure(results: Results, layer: int, comparison: str = HEADLINE) -> go.Figure | None:
-    """Per-head similarities of one layer: metric x head heatmap of means (one comparison)."""
+def head_grid(results: Results, layer: int, comparison: str = HEADLINE) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-head means of one layer and comparison (metric x head) and their counts."""
     t = _max_k(results, results.table)
     rows = t[(t["layer"] == layer) & (t["head"] >= 0) & (t["comparison"] == comparison)]
     if rows.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    summ = Results(rows, {}, {}).summary(by=("metric", "head"), p_values=False)
+    return (
+        summ.pivot(index="metric", columns="head", values="mean"),
+        summ.pivot(index="metric", columns="head", values="n"),
+    )
+
+
+def head_heatmap_figure(
+    results: Results, layer: int, comparison: str = HEADLINE, zmax: float | None = None
+) -> go.Figure | None:
+    """Per-head similarities of one layer: metric x head heatmap of means (one comparison), each
+    cell labelled with its value. `zmax`: the symmetric colour bound, shared by the heatmaps of a
+    page (`style.shared_scale`) so that one colour means one value on all of them."""
+    grid, counts = head_grid(results, layer, comparison)
+    if grid.empty:
         return None
-    summ = Results(rows, {}, {}).summary(by=("metric", "head"))
-    grid = summ.pivot(index="metric", columns="head", values="mean")
-    counts = summ.pivot(index="metric", columns="head", values="n")
+    z = grid.to_numpy(dtype=float)
+    bound = zmax if zmax is not None else style.shared_scale(z)
     fig = go.Figure(
         go.Heatmap(
-            z=grid.to_numpy(),
+            z=z,
             x=[f"head {h}" for h in grid.columns],
             y=[label(m) for m in grid.index],
             customdata=counts.to_numpy(),
-            colorscale="RdBu",
-            zmid=0,
+            colorscale=style.DIVERGING,
+            zmin=-bound,
+            zmax=bound,
+            texttemplate="%{z:.2f}",
+            textfont=dict(size=11),
             hovertemplate="%{y}, %{x}: %{z:.3f} (n=%{customdata})<extra></extra>",
-            colorbar=dict(title="mean"),
+            hoverongaps=False,
+            colorbar=dict(title="mean", thickness=12),
         )
     )
     fig.update_layout(
         template=TEMPLATE,
-        title=label(f"layer {layer}: per-head similarities ({comparison})"),
-        height=140 + 40 * len(grid.index),
-        margin=dict(l=140, r=20, t=50, b=40),
+        title=label(f"layer {layer}: per-head means, {comparison} (empty cell: undefined)"),
+        height=150 + 34 * len(grid.index),
+        xaxis=dict(title="head", showline=False),
+        yaxis=dict(showline=False, autorange="reversed"),
+        margin=dict(l=170),
     )
     return fig
 
@@ -187,7 +258,9 @@ def dw_figure(dw_layer: dict, layer: int) -> go.Figure | None:
     `dw_layer = {"icl": [kv_head][d_head][d_head], "gd": [...], "cos": [kv_head]}` (episode 0;
     `example_artifacts`). The matrices may be rounded and pooled for drawing, so the cosine shown
     is the stored one, computed on the full matrices (`metrics.matrix_cosine`); None (NaN after
-    a JSON round trip) shows as n/a, and results saved without "cos" show none.
+    a JSON round trip) shows as n/a, and results saved without "cos" show none. dW = sum of
+    v k^T: rows index the value dimensions, columns the key dimensions. Each panel has its own
+    symmetric colour scale and colour bar (GD's update is often far smaller than ICL's).
     """
     if not dw_layer or "icl" not in dw_layer or "gd" not in dw_layer:
         return None
@@ -210,31 +283,43 @@ def dw_figure(dw_layer: dict, layer: int) -> go.Figure | None:
         rows=n_kv,
         cols=2,
         subplot_titles=titles,
-        horizontal_spacing=0.08,
-        vertical_spacing=min(0.08, 0.3 / max(n_kv, 1)),
+        horizontal_spacing=0.16,
+        vertical_spacing=min(0.12, 0.45 / max(n_kv, 1)),
     )
     for h in range(n_kv):
         for col, (name, mat) in enumerate((("ICL", icl[h]), ("GD", gd[h])), start=1):
-            scale = float(np.abs(mat).max()) or 1.0  # each matrix on its own symmetric scale
+            scale = style.shared_scale(mat)
+            axis_suffix = "" if (h == 0 and col == 1) else str(2 * h + col)
+            x_domain = fig.layout[f"xaxis{axis_suffix}"].domain
+            y_domain = fig.layout[f"yaxis{axis_suffix}"].domain
             fig.add_trace(
                 go.Heatmap(
                     z=mat,
                     zmin=-scale,
                     zmax=scale,
-                    zmid=0,
-                    colorscale="RdBu",
-                    showscale=False,
-                    hovertemplate=f"dW_{name} kv {h}" + " [%{y}, %{x}] = %{z:.3g}<extra></extra>",
+                    colorscale=style.DIVERGING,
+                    colorbar=dict(
+                        title=dict(text=f"dW_{name}", side="right"),
+                        x=x_domain[1] + 0.01,
+                        xanchor="left",
+                        y=(y_domain[0] + y_domain[1]) / 2,
+                        len=(y_domain[1] - y_domain[0]),
+                        thickness=10,
+                        exponentformat="e",
+                    ),
+                    hovertemplate=f"dW_{name} kv head {h}: value dim %{{y}}, key dim %{{x}} = %{{z:.3g}}"
+                    "<extra></extra>",
                 ),
                 row=h + 1,
                 col=col,
             )
-            fig.update_yaxes(autorange="reversed", row=h + 1, col=col)
+            fig.update_yaxes(autorange="reversed", title_text="value dim", row=h + 1, col=col)
+            fig.update_xaxes(title_text="key dim", row=h + 1, col=col)
     fig.update_layout(
         template=TEMPLATE,
-        title=f"layer {layer}: implicit weight updates (each panel on its own colour scale)",
-        height=120 + 300 * n_kv,
-        margin=dict(l=40, r=20, t=80, b=30),
+        title=f"layer {layer}: implicit weight updates (dW = sum of v k^T; each panel on its own scale)",
+        height=130 + 320 * n_kv,
+        margin=dict(t=90),
     )
     return fig
 
@@ -246,7 +331,7 @@ def query_distribution_figure(results: Results, layer: int, metric: str = "simao
     if rows.empty:
         return None
     fig = go.Figure()
-    for i, comparison in enumerate(comparison_order(rows["comparison"].unique().tolist())):
+    for comparison in comparison_order(rows["comparison"].unique().tolist()):
         values = rows.loc[rows["comparison"] == comparison, "value"].dropna()
         fig.add_trace(
             go.Box(
@@ -255,8 +340,8 @@ def query_distribution_figure(results: Results, layer: int, metric: str = "simao
                 boxpoints="all",
                 jitter=0.4,
                 pointpos=0,
-                marker=dict(color=_colour(i), size=4),
-                line=dict(color=_colour(i)),
+                marker=dict(color=style.colour(comparison), size=4),
+                line=dict(color=style.colour(comparison)),
             )
         )
     fig.update_layout(
@@ -265,43 +350,66 @@ def query_distribution_figure(results: Results, layer: int, metric: str = "simao
         height=360,
         yaxis=dict(title=label(metric)),
         showlegend=False,
-        margin=dict(l=60, r=20, t=50, b=50),
     )
     return fig
+
+
+def token_label(token: Any) -> str:
+    """A token as a plotly label: whitespace visible (repr), markup escaped."""
+    return label(repr(str(token))[1:-1])
 
 
 def top_tokens_figure(
     top_tokens: Sequence[dict], title: str = "tokens whose probability ICL and GD move most"
 ) -> go.Figure | None:
-    """Change of each token's probability under ICL and GD (vs ZSL), grouped bars."""
+    """Change of each token's probability under ICL and under GD (vs ZSL), side by side: two
+    panels sharing the token axis and the probability scale, ICL in its colour, GD in its."""
     if not top_tokens:
         return None
-    tokens = [
-        label(repr(str(row.get("token", "")))[1:-1]) for row in top_tokens
-    ]  # repr shows spaces/newlines
+    tokens = [token_label(row.get("token", "")) for row in top_tokens]
     seen: dict[str, int] = {}
     for i, tok in enumerate(tokens):  # plotly merges equal categories: keep them apart
         seen[tok] = seen.get(tok, 0) + 1
         if seen[tok] > 1:
             tokens[i] = f"{tok} ({seen[tok]})"
-    fig = go.Figure()
-    for i, (key, name) in enumerate((("d_icl", "ICL - ZSL"), ("d_gd", "GD - ZSL"))):
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        shared_yaxes=True,
+        subplot_titles=["ICL: p(token | ICL) - p(token | ZSL)", "GD: p(token | GD) - p(token | ZSL)"],
+        horizontal_spacing=0.05,
+    )
+    for col, (key, name, cond) in enumerate((("d_icl", "ICL - ZSL", "icl"), ("d_gd", "GD - ZSL", "gd")), 1):
+        values = [float(row.get(key, math.nan)) for row in top_tokens]
         fig.add_trace(
             go.Bar(
                 y=tokens,
-                x=[float(row.get(key, math.nan)) for row in top_tokens],
+                x=values,
                 name=name,
                 orientation="h",
-                marker_color=_colour(i),
-            )
+                marker_color=style.colour(cond),
+                text=[f"{v:+.3f}" for v in values],
+                textposition="auto",
+                hovertemplate="%{y}: %{x:+.4f}<extra>" + name + "</extra>",
+            ),
+            row=1,
+            col=col,
         )
+        fig.update_xaxes(
+            title_text="change in probability", zeroline=True, zerolinecolor="#888", row=1, col=col
+        )
+    fig.update_yaxes(autorange="reversed", type="category", row=1, col=1)
+    fig.update_xaxes(matches="x")  # one probability scale for both panels
     fig.update_layout(
         template=TEMPLATE,
         title=label(title),
-        barmode="group",
-        height=160 + 22 * len(tokens),
-        yaxis=dict(autorange="reversed", type="category"),
-        xaxis=dict(title="change in probability"),
-        margin=dict(l=160, r=20, t=50, b=50),
+        showlegend=False,
+        height=170 + 24 * len(tokens),
+        margin=dict(l=150),
     )
     return fig
+
+
+def study_figure(fig: go.Figure) -> go.Figure:
+    """A study's (or sweep's) figure in the report's style: `style.restyle` on a copy."""
+    return style.restyle(go.Figure(fig))

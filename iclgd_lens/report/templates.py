@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -32,6 +32,19 @@ nav.layers a { display: inline-block; margin: 2px 6px 2px 0; padding: 2px 8px;
   background: #eef; border-radius: 4px; }
 pre.config { background: #f7f7f7; padding: 10px; overflow-x: auto; font-size: 0.85em; }
 .findings { white-space: pre-wrap; }
+a.metric { color: inherit; text-decoration: none; border-bottom: 1px dotted #668; }
+abbr { text-decoration: none; cursor: help; }
+.verdict-text { font-size: 1.08em; line-height: 1.5; background: #f4f6fb; border-left: 4px solid #1f4e9c;
+  padding: 10px 14px; }
+span.mark { display: block; padding: 1px 4px; border-radius: 3px; }
+span.mark-above { background: #dbe8f7; color: #123a78; font-weight: 600; }
+span.mark-undecided { background: #f3f3f3; color: #555; }
+span.mark-below { background: #f7dede; color: #7a1d1d; font-weight: 600; }
+span.mark-undefined, span.mark-none { background: #fff; color: #888; font-style: italic; }
+.legend-swatch { display: inline-block; width: 1.6em; height: 0; border-top-width: 3px;
+  vertical-align: middle; margin: 0 4px 0 10px; }
+table.glossary td { text-align: left; vertical-align: top; }
+.circuitsvis-widget { min-height: 420px; }
 """
 
 
@@ -68,18 +81,45 @@ def section(title: str, inner: str, anchor: str = "", intro: str = "") -> str:
     return f"<section{anchor_attr}>\n<h2>{escape(title)}</h2>\n{intro_html}\n{inner}\n</section>"
 
 
-def table(df: pd.DataFrame, digits: int = 3) -> str:
-    """An escaped HTML table of `df` (floats to `digits` decimals, NaN blank)."""
+def table(
+    df: pd.DataFrame,
+    digits: int = 3,
+    cell: Callable[[str, Any], str | None] | None = None,
+    blank: str = "",
+) -> str:
+    """An escaped HTML table of `df` (floats to `digits` decimals, NaN as `blank`).
+
+    `cell(column, value)` may return the HTML of a cell (e.g. a metric name linked to the
+    glossary: `glossary.metric_link`), or None for the escaped text.
+    """
     if df is None or df.empty:
         return '<p class="note">(empty)</p>'
-    return df.to_html(
-        index=False,
-        classes="data",
-        border=0,
-        escape=True,
-        na_rep="",
-        float_format=lambda v: f"{v:.{digits}f}",
-    )
+    if cell is None and not blank:
+        return df.to_html(
+            index=False,
+            classes="data",
+            border=0,
+            escape=True,
+            na_rep="",
+            float_format=lambda v: f"{v:.{digits}f}",
+        )
+
+    def text(value: Any) -> str:
+        if value is None or (isinstance(value, float) and value != value):
+            return escape(blank)
+        if isinstance(value, float):
+            return f"{value:.{digits}f}"
+        return escape(value)
+
+    head = "".join(f"<th>{escape(c)}</th>" for c in df.columns)
+    rows = []
+    for values in df.itertuples(index=False, name=None):
+        cells = []
+        for column, value in zip(df.columns, values):
+            shown = cell(str(column), value) if cell is not None else None
+            cells.append(f"<td>{shown if shown is not None else text(value)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="data"><thead><tr>{head}</tr></thead><tbody>' + "\n".join(rows) + "</tbody></table>"
 
 
 def number(value: float, digits: int = 3) -> str:
