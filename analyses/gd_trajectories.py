@@ -168,9 +168,12 @@ def best_cell(table: pd.DataFrame, target: str) -> dict | None:
 def figures(table: pd.DataFrame, target: str, best: dict | None) -> list:
     """`target` and accuracy against epochs: one panel per parameter set, one line per lr;
     ICL's floor (icl~icl_perm) and ICL accuracy as dotted lines; the best cell starred."""
+    from iclgd_lens.report import style
+
     s = cell_summary(table)
     if s.empty:
         return []
+    epochs = sorted(int(e) for e in s["epochs"].unique())
     figs = []
     for metric, comparison, floor_comparison in (
         (
@@ -210,6 +213,8 @@ def figures(table: pd.DataFrame, target: str, best: dict | None) -> list:
                 row=1,
                 col=panel,
             )
+        style.restyle(fig)
+        fig.update_xaxes(**style.log2_k_axis(epochs, title="GD epochs (log scale)"))
         figs.append(fig)
     return figs
 

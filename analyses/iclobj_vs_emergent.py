@@ -157,16 +157,20 @@ def figures(table: pd.DataFrame, diffs: pd.DataFrame) -> list:
     the differences table."""
     rows = table[(table.metric == "simaou") & (table["head"] == -1) & (table.layer >= 0)]
     curve = rows.groupby(["model", "comparison", "layer"], as_index=False)["value"].mean()
+    from iclgd_lens.report import style
+
     fig_layers = px.line(
         curve,
         x="layer",
         y="value",
-        color="model",
-        line_dash="comparison",
+        color="comparison",
+        line_dash="model",
         markers=True,
+        category_orders={"comparison": style.order(curve["comparison"].unique())},
         labels={"value": "SimAOU (raw)"},
-        title="Per-layer SimAOU of both models (icl~gd and its baselines)",
+        title="Per-layer SimAOU of both models (colour: comparison, dash: model)",
     )
+    fig_layers.update_xaxes(**style.layer_axis(curve["layer"]))
     acc = layer_mean(table[table.metric == "accuracy"])
     acc = acc.assign(err_plus=acc.ci_high - acc["mean"], err_minus=acc["mean"] - acc.ci_low)
     fig_acc = px.bar(
@@ -181,7 +185,7 @@ def figures(table: pd.DataFrame, diffs: pd.DataFrame) -> list:
         labels={"mean": "accuracy (argmax over label words)", "comparison": "condition"},
         title="Accuracy of zero-shot, ICL and GD per model (95% CI)",
     )
-    figs = [fig_layers, fig_acc]
+    figs = [style.restyle(fig_layers), style.restyle(fig_acc)]
     if not diffs.empty:
         import plotly.graph_objects as go
 

@@ -157,9 +157,22 @@ def gd_only_table(
     return frame.assign(k=k)
 
 
+def gd_only_ks(summary: pd.DataFrame) -> list[int]:
+    """The ks at which only GD ran (no ICL prompt: beyond the context window, or asked for)."""
+    acc = summary[summary.metric == "accuracy"]
+    with_icl = set(acc.loc[(acc.comparison == "icl") & acc["mean"].notna(), "k"])
+    return sorted(int(k) for k in set(acc["k"]) - with_icl)
+
+
 def figures(table: pd.DataFrame) -> list:
-    """One line chart per headline metric: mean over layers and queries against k."""
+    """One line chart per headline metric: mean over layers and queries against k, on a log-2 k
+    axis with every k labelled; one colour per comparison (the report's), one dash per model; the
+    ks where only GD ran marked on every panel."""
+    from iclgd_lens.report import style
+
     summary = layer_mean(table)
+    ks = sorted(int(k) for k in summary["k"].unique())
+    only_gd = gd_only_ks(summary)
     figs = []
     for metric in HEADLINE:
         sub = summary[summary.metric == metric]
@@ -177,9 +190,16 @@ def figures(table: pd.DataFrame) -> list:
             error_y="err_plus",
             error_y_minus="err_minus",
             log_x=True,
+            category_orders={"comparison": style.order(sub["comparison"].unique())},
             labels={"mean": metric, "k": "demonstrations k"},
-            title=f"{metric} against k (mean over layers and queries, 95% CI)",
+            title=f"{metric} against k (mean over layers and queries, 95% CI over episodes)",
         )
+        style.restyle(fig)
+        fig.update_xaxes(**style.log2_k_axis(ks, title="k (demonstrations, log2 scale)"))
+        for k in only_gd:  # shapes on a log axis take log10 of the position
+            fig.add_vline(
+                x=np.log10(k), line_dash="dot", line_color="#999", annotation_text="GD only", opacity=0.8
+            )
         figs.append(fig)
     return figs
 

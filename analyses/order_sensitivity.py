@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import plotly.express as px
+import plotly.graph_objects as go
 import torch
 
 from iclgd_lens import (
@@ -218,20 +219,67 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     return stats.episode_summary(table, ["metric", "method", "layer"], sort=False)
 
 
+def medians(table: pd.DataFrame, metric: str = "sen") -> pd.DataFrame:
+    """Per method: the median over all (episode, query) values, the median of the episode means,
+    and the largest episode mean (what can pull a mean away from its median). Columns: method,
+    median, median_of_episodes, max_episode, n_episodes."""
+    rows = table[table.metric == metric]
+    per_episode = rows.groupby(["method", "episode"], sort=False)["value"].mean()
+    out = pd.DataFrame(
+        {
+            "median": rows.groupby("method", sort=False)["value"].median(),
+            "median_of_episodes": per_episode.groupby(level="method", sort=False).median(),
+            "max_episode": per_episode.groupby(level="method", sort=False).max(),
+            "n_episodes": per_episode.groupby(level="method", sort=False).size(),
+        }
+    )
+    return out.reset_index()
+
+
 def figures(table: pd.DataFrame) -> list:
-    """Sen per method (bars with 95% CI), attention-update sensitivity per layer, order overlap."""
+    """Sen per method: mean with its 95% CI, median, and each episode's mean side by side;
+    attention-update sensitivity per layer; order overlap. Colours: the report's (ICL orange,
+    GD purple)."""
+    from iclgd_lens.report import style
+
     s = summary(table)
     s = s.assign(err_plus=s.ci_high - s["mean"], err_minus=s["mean"] - s.ci_low)
     sen = s[s.metric == "sen"]
-    fig_sen = px.bar(
-        sen,
-        x="method",
-        y="mean",
-        error_y="err_plus",
-        error_y_minus="err_minus",
-        color="method",
-        labels={"mean": "Sen (sum over vocabulary of std over orders)"},
-        title="Order sensitivity of the output distribution (Shen et al.), 95% CI over episodes",
+    med = medians(table).set_index("method")
+    methods = list(sen["method"])
+    fig_sen = go.Figure()
+    fig_sen.add_trace(
+        go.Bar(
+            x=methods,
+            y=sen["mean"],
+            error_y=dict(type="data", array=sen["err_plus"], arrayminus=sen["err_minus"]),
+            marker_color=[style.colour(m, 0.55) for m in methods],
+            name="mean [95% CI over episodes]",
+        )
+    )
+    fig_sen.add_trace(
+        go.Scatter(
+            x=methods,
+            y=[med.loc[m, "median"] for m in methods],
+            mode="markers",
+            marker=dict(symbol="diamond", size=13, color="black"),
+            name="median over (episode, query)",
+        )
+    )
+    episodes = table[table.metric == "sen"].groupby(["method", "episode"], sort=False)["value"].mean()
+    fig_sen.add_trace(
+        go.Scatter(
+            x=[m for m, _ in episodes.index],
+            y=episodes.to_numpy(),
+            mode="markers",
+            marker=dict(symbol="circle-open", size=9, color="#555"),
+            name="each episode's mean",
+        )
+    )
+    fig_sen.update_layout(
+        title="Order sensitivity Sen (Shen et al.): mean, median and each episode",
+        yaxis_title="Sen (sum over vocabulary of std over orders)",
+        xaxis_title="method",
     )
     layers = s[s.metric == "attn_sen"]
     fig_layers = px.line(
@@ -245,6 +293,7 @@ def figures(table: pd.DataFrame) -> list:
         labels={"mean": "|std over orders of h| / |mean update h - h_ZSL|"},
         title="Order sensitivity of the attention update at the read position, per layer",
     )
+    fig_layers.update_xaxes(**style.layer_axis(layers["layer"]))
     overlap = s[s.metric.isin(["order_overlap", "icl_gd_overlap"])]
     fig_overlap = px.bar(
         overlap,
@@ -261,7 +310,7 @@ def figures(table: pd.DataFrame) -> list:
             "and ICL vs GD under the same order"
         ),
     )
-    return [fig_sen, fig_layers, fig_overlap]
+    return [style.restyle(f) for f in (fig_sen, fig_layers, fig_overlap)]
 
 
 def findings(table: pd.DataFrame, k: int) -> str:
@@ -277,14 +326,39 @@ def findings(table: pd.DataFrame, k: int) -> str:
         + "; ".join(parts)
         + "."
     ]
+    med = medians(table).set_index("method")
+    lines.append(
+        "Medians over (episode, query) values: "
+        + "; ".join(f"{m}: {med.loc[m, 'median']:.4f}" for m in med.index)
+        + "."
+    )
     gd_methods = [m for m in sen.index if m.startswith("gd_b")]
     if gd_methods:
         most = max(gd_methods, key=lambda m: sen[m])
         if sen[most] > 0:
-            lines.append(
-                f"ICL is {sen['icl'] / sen[most]:.1f}x as order-sensitive as the most order-sensitive GD "
-                f"setting ({most})."
+            line = (
+                f"By the means ICL is {sen['icl'] / sen[most]:.1f}x as order-sensitive as the most "
+                f"order-sensitive GD setting ({most})"
             )
+            if med.loc[most, "median"] > 0:
+                line += f"; by the medians {med.loc['icl', 'median'] / med.loc[most, 'median']:.1f}x"
+            lines.append(line + ".")
+            mean_says, median_says = (
+                sen["icl"] > sen[most],
+                med.loc["icl", "median"] > med.loc[most, "median"],
+            )
+            if mean_says != median_says:
+                top = most if median_says else "icl"
+                episodes = table[(table.metric == "sen") & (table.method == top)].groupby("episode")["value"]
+                per_episode = episodes.mean()
+                lines.append(
+                    f"The two disagree because the mean of {top} is pulled up by its most order-sensitive "
+                    f"episode (mean Sen {per_episode.max():.4f} against a median of "
+                    f"{med.loc[top, 'median']:.4f}; {int((per_episode > med.loc[top, 'median']).sum())} of "
+                    f"{len(per_episode)} episodes lie above that median): with few episodes one "
+                    "demonstration set whose output flips under some orders dominates the mean, while the "
+                    "median says what a typical episode shows."
+                )
         else:
             lines.append(
                 "No GD setting is order-sensitive at all here (Sen 0): check that GD moves the model "

@@ -3,7 +3,8 @@
 #
 # A runnable walk-through on the embedded `tiny-llama-icl` (offline, a laptop CPU, about a
 # minute). Open it as a notebook with Jupytext or VS Code (`# %%` cells), or run it as a
-# script: `python docs/tutorial.py`. The test suite runs it (`tests/test_tutorial.py`).
+# script: `python docs/tutorial.py`. The test suite runs it as a notebook with nbclient
+# (`tests/test_notebook.py`) and checks that its figures are inline HTML.
 #
 # The same cells run on LLaMa-7B on a GPU: `load_model("meta-llama/Llama-2-7b-hf",
 # device="cuda", dtype="bf16")`.
@@ -66,14 +67,21 @@ print(
 results  # in a notebook this cell shows the HTML summary (Results._repr_html_)
 
 # %% [markdown]
-# ## 3. One plot inline
-# Every report figure is a plotly figure you can show in the notebook.
+# ## 3. Figures inline, offline
+# Every report figure is a plotly figure. `notebook.use()` makes plotly draw figures in cells as
+# plain HTML that needs no network and no plotly extension: it renders in Jupyter Notebook,
+# JupyterLab, VS Code and in exported HTML (plotly.js is embedded once per session, with the
+# first figure; the `results` view above already did). Same colours as the report:
+# icl~gd strong and solid, the floors muted and dashed, the ICL~ICL ceiling dotted.
 
 # %%
-from iclgd_lens.report.figures import layer_curve_figure
+from iclgd_lens.report import notebook
+from iclgd_lens.report.figures import head_heatmap_figure, layer_curve_figure
 
+notebook.use()
+notebook.show(head_heatmap_figure(results, layer=1))  # per-head means, values in the cells
 fig = layer_curve_figure(results, "simaou")
-# fig.show()   # in a notebook
+fig  # the cell's last value: drawn inline like any plotly figure
 
 # %% [markdown]
 # ## 4. Your own hook function

@@ -345,3 +345,136 @@ def test_the_verdict_comes_first_in_the_index_and_the_notebook_view(tmp_path):
     table.loc[(table.metric == "simaou") & (table.layer == 0), "value"] = float("nan")
     marks = Results(table, results.config, {}).verdict().table.set_index(["metric", "layer"])["mark"]
     assert marks[("simaou", 0)] == "undefined" and marks[("simaou", 1)] == ABOVE
+
+
+# ---- one visual language ----------------------------------------------------------------------
+def _line_colours(fig):
+    return {t.name: t.line.color for t in fig.data if t.type == "scatter" and t.fill is None and t.name}
+
+
+def test_a_comparison_has_one_colour_in_every_figure():
+    """The same comparison is drawn in the same colour and dash in the layer curves, the small
+    multiples, the k curves and the box plots; the headline is the widest solid line, the floors
+    dashed, the ceiling dotted."""
+    from iclgd_lens.report import style
+
+    results = make_results(ks=(2, 4, 8), n_layers=2, n_episodes=2, n_queries=2)
+    seen: dict[str, set] = {}
+    figs = [
+        figures.layer_curve_figure(results, "simaou"),
+        figures.layer_curve_figure(results, "simaou_norm"),
+        figures.k_curve_figure(results, "simaou"),
+        figures.layer_panels_figure(results, ["simaou", "simaou_norm", "dw_cos"]),
+    ]
+    for fig in figs:
+        for name, colour in _line_colours(fig).items():
+            seen.setdefault(name, set()).add(colour)
+    box = figures.query_distribution_figure(results, 0, "simaou")
+    for trace in box.data:
+        seen.setdefault(trace.name, set()).add(trace.marker.color)
+    assert set(seen) >= {"icl~gd", "icl~random", "icl~random_update", "untrained:icl~gd"}
+    assert all(len(colours) == 1 for colours in seen.values()), seen
+    assert len({next(iter(c)) for c in seen.values()}) == len(seen)  # and no two share one
+    lines = {t.name: t.line for t in figs[0].data if t.fill is None}
+    assert lines["icl~gd"].dash == "solid" and lines["icl~gd"].width > max(
+        lines[b].width for b in style.FLOORS if b in lines
+    )
+    assert all(lines[b].dash not in (None, "solid") for b in style.FLOORS if b in lines)
+    assert style.line(style.CEILING)["dash"] == "dot"
+
+
+def test_log2_k_axis_labels_every_k_and_nothing_else():
+    from iclgd_lens.report import style
+
+    axis = style.log2_k_axis([64, 1, 2, 4, 8, 16, 32, 4])
+    assert axis["type"] == "log" and axis["tickvals"] == [1, 2, 4, 8, 16, 32, 64]
+    assert axis["ticktext"] == ["1", "2", "4", "8", "16", "32", "64"]
+    assert axis["range"][0] < 0 < np.log10(64) < axis["range"][1]
+
+
+def test_restyle_gives_a_study_figure_the_reports_colours_and_axes():
+    """A plotly-express figure of a study: traces named after comparisons get their colours,
+    a log k axis every k labelled, a layer axis whole layers; the data are unchanged."""
+    import plotly.express as px
+
+    from iclgd_lens.report import style
+
+    df = pd.DataFrame(
+        {"k": [1, 2, 4, 16, 64] * 2, "v": np.arange(10.0), "comparison": ["icl~gd"] * 5 + ["icl~random"] * 5}
+    )
+    fig = style.restyle(px.line(df, x="k", y="v", color="comparison", log_x=True))
+    assert _line_colours(fig) == {"icl~gd": style.colour("icl~gd"), "icl~random": style.colour("icl~random")}
+    assert list(fig.layout.xaxis.tickvals) == [1, 2, 4, 16, 64]
+    np.testing.assert_array_equal(fig.data[0].y, np.arange(5.0))
+    layers = style.restyle(px.line(pd.DataFrame({"layer": [0, 1], "v": [0, 1]}), x="layer", y="v"))
+    assert layers.layout.xaxis.dtick == 1
+
+
+def _k_sweep_table(ks=(1, 2, 4, 8, 16, 32, 64), gd_only=(128,)):
+    rows = []
+    for k in (*ks, *gd_only):
+        for ep in range(3):
+            for comparison in ("zsl", "gd") + (() if k in gd_only else ("icl",)):
+                rows.append(("accuracy", comparison, -1, -1, ep, 0, 0.5 + 0.001 * k, k))
+            if k not in gd_only:
+                for comparison, v in (("icl~gd", 0.3), ("icl~random_update", 0.0)):
+                    rows.append(("simaou", comparison, 0, -1, ep, 0, v + 0.01 * ep, k))
+    table = pd.DataFrame(
+        rows, columns=["metric", "comparison", "layer", "head", "episode", "query", "value", "k"]
+    )
+    return table.assign(model="m", task="t")
+
+
+def test_k_sweep_figures_label_every_k_and_mark_gd_only_points():
+    from iclgd_lens.analyses import k_sweep
+
+    from iclgd_lens.report import style
+
+    figs = k_sweep.figures(_k_sweep_table())
+    assert figs
+    for fig in figs:
+        assert list(fig.layout.xaxis.tickvals) == [1, 2, 4, 8, 16, 32, 64, 128]
+        assert list(fig.layout.xaxis.ticktext) == ["1", "2", "4", "8", "16", "32", "64", "128"]
+        marks = [a.text for a in fig.layout.annotations if a.text == "GD only"]
+        assert len(marks) == 1 and fig.layout.shapes[0].x0 == pytest.approx(np.log10(128))
+    simaou = [f for f in figs if "simaou" in f.layout.title.text][0]
+    colours = {t.name.split(",")[0]: t.line.color for t in simaou.data}
+    assert colours["icl~gd"] == style.colour("icl~gd")
+
+
+def _order_table(gd_outlier: float):
+    """Sen per (method, episode, query): ICL about 0.02 everywhere, GD batch 1 about 0.005 except
+    one episode at `gd_outlier`."""
+    rows = []
+    for ep in range(4):
+        for q in range(3):
+            rows.append(("sen", "icl", 8, -1, ep, q, 0.02 + 0.001 * q))
+            rows.append(("sen", "gd_b1", 1, -1, ep, q, gd_outlier if ep == 3 else 0.005 + 0.001 * q))
+            rows.append(("sen", "gd_full", 8, -1, ep, q, 1e-7))
+            for method in ("icl", "gd_b1", "gd_full"):
+                rows.append(("order_overlap", method, 1, -1, ep, q, 0.8))
+                rows.append(("attn_sen", method, 1, 0, ep, q, 0.1))
+                rows.append(("attn_sen", method, 1, 1, ep, q, 0.2))
+    return pd.DataFrame(
+        rows, columns=["metric", "method", "batch_size", "layer", "episode", "query", "value"]
+    )
+
+
+def test_order_sensitivity_shows_means_and_medians_and_says_why_they_differ():
+    from iclgd_lens.analyses import order_sensitivity as osens
+
+    table = _order_table(gd_outlier=0.6)
+    text = osens.findings(table, k=8)
+    med = table[table.metric == "sen"].groupby("method")["value"].median()
+    assert f"icl: {med['icl']:.4f}" in text and f"gd_b1: {med['gd_b1']:.4f}" in text
+    mean_ratio = 0.021 / table[(table.metric == "sen") & (table.method == "gd_b1")]["value"].mean()
+    assert f"By the means ICL is {mean_ratio:.1f}x" in text
+    assert f"by the medians {med['icl'] / med['gd_b1']:.1f}x" in text
+    assert "disagree because the mean of gd_b1 is pulled up" in text
+    assert "disagree" not in osens.findings(_order_table(gd_outlier=0.006), k=8)
+    fig_sen = osens.figures(table)[0]
+    by_name = {t.name: t for t in fig_sen.data}
+    np.testing.assert_allclose(
+        by_name["median over (episode, query)"].y, [med["icl"], med["gd_b1"], med["gd_full"]]
+    )
+    assert len(by_name["each episode's mean"].y) == 12

@@ -376,27 +376,36 @@ class Results:
         return out
 
     def _repr_html_(self) -> str:
-        """A compact view for notebooks: headline numbers and metric x comparison means."""
-        head = self.headline()
-        items = "".join(
-            f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
-            f"<td>{'n/a' if math.isnan(v) else f'{v:.3f}'}</td></tr>"
-            for k, v in head.items()
-        )
-        summ = self.summary(by=("metric", "comparison"), p_values=False)
-        pivot = summ.pivot_table(index="metric", columns="comparison", values="mean", aggfunc="mean")
+        """The notebook view, answer first: the verdict paragraph and its layer x metric marks, the
+        headline numbers beside their baselines with episode-level intervals, the similarities by
+        layer as an inline figure (plotly.js embedded once per session, no network), and every
+        metric x comparison mean. Uses the report's components (imported here, not at module level)."""
+        from iclgd_lens.engine.verdict import SIMILARITY_METRICS
+        from iclgd_lens.report import headline_table, verdict_table
+        from iclgd_lens.report.figures import layer_panels_figure
+        from iclgd_lens.report.notebook import figure_html
+        from iclgd_lens.report.templates import table
+
         model, task = (_short_name(self.config.get(key, "?")) for key in ("model", "task"))
         title = html.escape(f"iclgd-lens Results: model={model}, task={task}, {len(self.table)} rows")
         found = self.verdict()
-        marks = found.table.pivot_table(index="metric", columns="layer", values="mark", aggfunc="first")
-        verdict_html = f"<p>{html.escape(found.text)}</p>" + (
-            marks.to_html(na_rep="", escape=True) if len(marks) else ""
-        )
+        marks = verdict_table(self)
+        head = headline_table(self)
+        panels = layer_panels_figure(self, [m for m in SIMILARITY_METRICS if m in self.metrics])
+        summ = self.summary(by=("metric", "comparison"), p_values=False)
+        pivot = summ.pivot_table(index="metric", columns="comparison", values="mean", aggfunc="mean")
         return (
             f"<div><b>{title}</b>"
-            f"{verdict_html}"
-            f"<table>{items}</table>"
-            f"<details><summary>mean of every metric x comparison (over layers, heads, episodes, queries)"
+            f"<p>{html.escape(found.text)}</p>"
+            + (table(marks) if len(marks) else "")
+            + (
+                "<p><b>Headline numbers</b> (mean [95% interval over episodes]; similarities averaged "
+                "over layers)</p>" + table(head)
+                if len(head)
+                else ""
+            )
+            + (figure_html(panels) if panels is not None else "")
+            + "<details><summary>mean of every metric x comparison (over layers, heads, episodes, queries)"
             f"</summary>{pivot.to_html(float_format=lambda v: f'{v:.3f}', na_rep='', escape=True)}"
             "</details></div>"
         )

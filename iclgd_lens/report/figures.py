@@ -147,8 +147,17 @@ def layer_panels_figure(results: Results, metrics: Sequence[str], columns: int =
         for comparison in comparison_order(summ["comparison"].unique().tolist()):
             s = summ[summ["comparison"] == comparison].sort_values("layer")
             layers.update(int(l) for l in s["layer"])
-            lows += [v for v in s["ci_low"].tolist() + s["mean"].tolist() if v == v]
-            highs += [v for v in s["ci_high"].tolist() + s["mean"].tolist() if v == v]
+            cosine_like = (glossary_range(metric) or "") == "[-1, 1]"  # bands past +-1 say nothing
+            lows += [
+                max(v, -1.0) if cosine_like else v
+                for v in s["ci_low"].tolist() + s["mean"].tolist()
+                if v == v
+            ]
+            highs += [
+                min(v, 1.0) if cosine_like else v
+                for v in s["ci_high"].tolist() + s["mean"].tolist()
+                if v == v
+            ]
             for trace in _band_traces(s["layer"], s["mean"], s["ci_low"], s["ci_high"], comparison):
                 if trace.fill is None:
                     trace.showlegend = comparison not in shown
@@ -174,6 +183,14 @@ def layer_panels_figure(results: Results, metrics: Sequence[str], columns: int =
         legend=dict(title="comparison"),
     )
     return fig
+
+
+def glossary_range(metric: str) -> str | None:
+    """The value range the glossary gives for `metric` ("[-1, 1]" for cosines and taus), if any."""
+    from iclgd_lens.report.glossary import entry
+
+    found = entry(metric)
+    return found.range if found else None
 
 
 def k_curve_figure(results: Results, metric: str) -> go.Figure | None:

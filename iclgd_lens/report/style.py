@@ -166,6 +166,8 @@ def restyle(fig: go.Figure, names: Mapping[str, str] | None = None) -> go.Figure
     layer axes on whole layers. Data are untouched. `names`: trace name -> style key, where a
     figure's names are not the keys themselves."""
     fig.update_layout(template=TEMPLATE)
+    dashes = {t.line.dash for t in fig.data if t.type in ("scatter", "scattergl") and t.line.dash}
+    dash_encodes = len(dashes) > 1
     for trace in fig.data:
         name = (names or {}).get(trace.name, trace.name) if trace.name is not None else None
         if name is None:
@@ -179,7 +181,10 @@ def restyle(fig: go.Figure, names: Mapping[str, str] | None = None) -> go.Figure
                     trace.fillcolor = colour(name, 0.15)
                 continue
             if known:
-                trace.line.update(line(name))
+                settings = line(name)
+                if dash_encodes:  # a figure that encodes another variable by dash keeps it
+                    settings.pop("dash")
+                trace.line.update(settings)
                 if trace.mode and "markers" in trace.mode:
                     trace.marker.color = colour(name)
         elif trace.type in ("bar", "box", "violin", "histogram") and known:

@@ -1,0 +1,142 @@
+"""The tutorial as a notebook: built from docs/tutorial.py's `# %%` cells with nbformat, executed
+with nbclient on this environment's python3 kernel, end to end on the embedded model.
+
+Its outputs must hold inline HTML figures: text/html with a plotly div and, once, the embedded
+plotly.js (no CDN, no `application/vnd.plotly.v1+json`-only output that exported HTML and
+front-ends without the plotly extension show blank). The outputs, put together in order as an
+exported page is, are then opened offline in Chromium (when it is installed) and every figure
+must draw.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from iclgd_lens.report.assets import plotly_js
+from iclgd_lens.report.templates import escape
+
+TUTORIAL = Path(__file__).resolve().parents[1] / "docs" / "tutorial.py"
+PLOTLY_MARK = "plotly.js v"  # the bundle's licence banner
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+def tutorial_notebook(path: Path = TUTORIAL) -> nbformat.NotebookNode:
+    """docs/tutorial.py as a notebook: one cell per `# %%` block (markdown for `# %% [markdown]`,
+    the leading `# ` of each line dropped)."""
+    cells = []
+    for block in re.split(r"^# %%", path.read_text(encoding="utf-8"), flags=re.M)[1:]:
+        header, _, body = block.partition("\n")
+        if header.strip() == "[markdown]":
+            text = "\n".join(
+                line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.splitlines()
+            )
+            cells.append(nbformat.v4.new_markdown_cell(text.strip()))
+        elif body.strip():
+            cells.append(nbformat.v4.new_code_cell(body.strip("\n")))
+    return nbformat.v4.new_notebook(
+        cells=cells,
+        metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}},
+    )
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory) -> nbformat.NotebookNode:
+    nb = tutorial_notebook()
+    assert sum(c.cell_type == "code" for c in nb.cells) >= 5
+    work = tmp_path_factory.mktemp("notebook")
+    NotebookClient(
+        nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(work)}}
+    ).execute()  # raises CellExecutionError, with the cell's traceback, if any cell fails
+    return nb
+
+
+def html_outputs(nb) -> list[str]:
+    return [
+        out["data"]["text/html"]
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if "data" in out and "text/html" in out["data"]
+    ]
+
+
+def test_the_tutorial_runs_as_a_notebook_and_its_figures_are_inline_html(executed):
+    htmls = html_outputs(executed)
+    figures = [h for h in htmls if 'class="plotly-graph-div"' in h]
+    assert len(figures) >= 3  # the Results view, the small multiples, the layer curve
+    assert sum(PLOTLY_MARK in h for h in htmls) == 1  # plotly.js embedded once per notebook
+    assert PLOTLY_MARK in figures[0]  # ...with the first figure, before any other needs it
+    for h in htmls:
+        ours = h.replace(plotly_js(), "")  # what the outputs add around the library
+        assert not re.search(r"(src|href)=[\"']?https?://", ours), (
+            "an output loads something from the network"
+        )
+        assert not re.search(r"https?://(cdn|unpkg)", ours)
+    results_view = next(h for h in htmls if "iclgd-lens Results" in h)
+    assert "Paired sign-flip tests" in results_view  # the verdict first, in the notebook too
+    assert re.search(r"\d\.\d{3} \[-?\d\.\d{3}, -?\d\.\d{3}\]", results_view)  # numbers with intervals
+    for cell in executed.cells:
+        for out in cell.get("outputs", []):
+            assert out.get("output_type") != "error"
+            if "application/vnd.plotly.v1+json" in out.get("data", {}):
+                assert "text/html" in out["data"], "a figure only the plotly extension can show"
+
+
+def test_the_notebook_figures_draw_offline_in_exported_html(executed, tmp_path):
+    """The outputs in order on one page, as an HTML export puts them, opened offline: every figure
+    draws, no console error, no request beyond file:."""
+    chromium = shutil.which("chromium") or (
+        "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+    )
+    if chromium is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is not installed but CI=true", pytrace=False)
+        pytest.skip("chromium is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    parts = []
+    for cell in executed.cells:
+        if cell.cell_type == "markdown":
+            parts.append(f"<pre>{escape(cell.source)}</pre>")
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if "text/html" in data:
+                parts.append(f'<div class="output_html">{data["text/html"]}</div>')
+            elif "text/plain" in data or "text" in out:
+                parts.append(f"<pre>{escape(data.get('text/plain', out.get('text', '')))}</pre>")
+    page = tmp_path / "tutorial.html"
+    page.write_text(
+        '<!DOCTYPE html><html><head><meta charset="utf-8"><title>tutorial</title></head><body>'
+        + "\n".join(parts)
+        + "</body></html>",
+        encoding="utf-8",
+    )
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            context = browser.new_context(offline=True)
+            tab = context.new_page()
+            errors, requests = [], []
+            tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            tab.on("pageerror", lambda e: errors.append(str(e)))
+            tab.on("request", lambda r: requests.append(r.url))
+            tab.goto(page.as_uri())
+            tab.wait_for_function(
+                "() => [...document.querySelectorAll('.plotly-graph-div')].every("
+                "g => g.querySelector('svg.main-svg'))",
+                timeout=60_000,
+            )
+            drawn = tab.evaluate("document.querySelectorAll('.plotly-graph-div svg.main-svg').length")
+            ARTIFACTS.mkdir(exist_ok=True)
+            tab.screenshot(path=str(ARTIFACTS / "notebook_export.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
+    assert [u for u in requests if not u.startswith(("file:", "data:", "blob:"))] == []
+    assert drawn >= 3
