@@ -17,7 +17,7 @@ Each is measured before and after GD fine-tuning on the true facts (`train_delta
 
 Facts (`facts`):
 
-- `"corpus"` (the default, for the embedded models): the corpus's global "item is category" facts,
+- `"corpus"` (embedded models): the corpus's global "item is category" facts,
   with the categories mapped to other categories by a seeded derangement (so the contradicting
   context is consistent: every animal is a fruit). These are stated in every training document and
   never contradicted, so the weights win every conflict before any fine-tuning: a floor, on which
@@ -26,7 +26,8 @@ Facts (`facts`):
   each category gets one label word (a seeded draw), every item of it that label; counterfacts
   from a seeded derangement of those labels. The corpus maps categories to fresh labels in every
   document, so the weights do not hold these facts (zero-shot near chance) and the context can win;
-  fine-tuning on them puts them in the weights. This is the condition with headroom.
+  fine-tuning on them puts them in the weights. This is the condition with headroom, and the
+  default.
 - a CSV/JSONL file with columns `subject`, `answer` and optionally `counterfact` (default: a
   derangement of the answers), or (subject, answer, counterfact) triples, for any model.
 """
@@ -195,14 +196,14 @@ def run(
 ) -> StudyResult:
     """Context-vs-weights conflict rates and attention updates, before and after GD on the facts.
 
-    `facts`: None or "corpus" (the embedded corpus's "item is category" facts: the floor),
-    "mapping" (the embedded world's items as "item = label" facts: the condition with headroom),
+    `facts`: None or "mapping" (the embedded world's items as "item = label" facts: the condition
+    with headroom), "corpus" (the embedded corpus's "item is category" facts: the floor),
     a CSV/JSONL path, or (subject, answer, counterfact) triples. `template`: default "{text} =" for
     "mapping", else "{text} is". `ft_*` set the fine-tuning on the true facts (label-token loss).
     """
     started = time.time()
     bridge = as_bridge(model)
-    facts = "corpus" if facts is None else facts
+    facts = "mapping" if facts is None else facts
     if isinstance(facts, str) and facts in FACT_SETS:
         make, default_template = FACT_SETS[facts]
         fact_list = make(seed)

@@ -430,8 +430,11 @@ def findings(table: pd.DataFrame, config: dict) -> str:
         f"{early.iloc[-1].gate_high:.2f} / {early.iloc[-1].gate_low:.2f} at step {int(early.index[-1])}."
     )
     chosen = pd.DataFrame(config["selected_steps"]).groupby("n_train")["step"]
+    read_at = (
+        "the checkpoint of lowest training loss" if config["select"] == "min-train-loss" else "the last step"
+    )
     lines.append(
-        f"Read at the checkpoint of lowest training loss ({config['select']}): steps "
+        f"Read at {read_at} (select={config['select']}): steps "
         + ", ".join(f"N={n}: {int(v.min())}-{int(v.max())}" for n, v in chosen)
         + "."
     )
