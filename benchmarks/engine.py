@@ -34,8 +34,9 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,9 +45,19 @@ import typer
 from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_alternatives import alternative, plain_copy  # noqa: E402
 from iclgd_lens.hooks import DEFAULT_PROBES  # noqa: E402
+from machine import (  # noqa: E402
+    counted_flops,
+    matmul_peak,
+    minimum_flops,
+    peak_rss,
+    rss_growth_in_child,
+    rss_now,
+)
 from reference_protocol import reference_compare  # noqa: E402
 
+from iclgd_lens.engine import memory  # noqa: E402
 from iclgd_lens.engine.compare import compare  # noqa: E402
 from iclgd_lens.engine.gd import GDConfig  # noqa: E402
 from iclgd_lens.engine.record import Recorder, Recording  # noqa: E402
@@ -219,33 +230,6 @@ def agreement(engine: pd.DataFrame, reference: pd.DataFrame) -> dict:
     }
 
 
-def measure(model, task: Task, c: Config, reps: int) -> dict:
-    """Both sides `reps` times, alternating which goes first; medians and their ratio."""
-    times = {"engine": [], "reference": []}
-    tables = {}
-    for rep in range(reps):
-        order = ("engine", "reference") if rep % 2 == 0 else ("reference", "engine")
-        for side in order:
-            gc.collect()
-            table, seconds = (run_engine if side == "engine" else run_reference)(model, task, c)
-            times[side].append(seconds)
-            tables[side] = table
-    n = c.n_episodes * min(c.n_queries, len(task.test))
-    t_engine, t_ref = statistics.median(times["engine"]), statistics.median(times["reference"])
-    ratios = [r / e for e, r in zip(times["engine"], times["reference"])]
-    return {
-        **asdict(c),
-        "queries": n,
-        "engine_s": round(t_engine, 3),
-        "reference_s": round(t_ref, 3),
-        "engine_qps": round(n / t_engine, 2),
-        "reference_qps": round(n / t_ref, 2),
-        "speedup": round(t_ref / t_engine, 2),
-        "speedup_range": [round(min(ratios), 2), round(max(ratios), 2)],
-        **agreement(tables["engine"], tables["reference"]),
-    }
-
-
 def warm_up(model, task: Task) -> None:
     """One micro run of each side (lazy imports, allocator) before anything is timed."""
     c = Config(k=2, n_episodes=1, n_queries=2)
@@ -333,85 +317,278 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def speed_columns(rows: list[dict]) -> pd.DataFrame:
-    cols = [
-        "model",
-        "k",
-        "n_episodes",
-        "n_queries",
-        "engine_qps",
-        "reference_qps",
-        "speedup",
-        "speedup_range",
-        "target",
-        "simaou_layer_mean_diff",
-        "max_row_diff",
-        "rows_only_one_side",
+# ---- the sides of one measurement ---------------------------------------------------------
+ALL_BASELINES = ("random", "random_update", "icl_perm", "untrained")
+SETTINGS = ("benchmark", "default")
+"""benchmark: the three benchmark probes, no baselines (engine vs C, B, A and the published
+protocol); default: compare()'s defaults, every probe and baseline, against C with every baseline
+(and the engine with the benchmark probes and every baseline: exactly C's rows)."""
+
+
+def engine_compare(model, task: Task, c: Config, probes, baselines, artifacts: bool) -> pd.DataFrame:
+    return compare(
+        model,
+        task,
+        gd=GDConfig.dai(lr=c.lr),
+        k=c.k,
+        n_episodes=c.n_episodes,
+        n_queries=c.n_queries,
+        seed=c.seed,
+        baselines=baselines,
+        probes=probes,
+        progress=False,
+        artifacts=artifacts,
+    ).table
+
+
+def sides(model, hf, task: Task, c: Config, setting: str) -> dict[str, Callable[[], pd.DataFrame]]:
+    """name -> a function that runs that side once and returns its tidy table. The first side is
+    the engine; agreement is measured against the second engine side where there is one."""
+    episodes = task.episodes(c.k, c.n_episodes, c.n_queries, c.seed)
+
+    def alt(variant: str, baselines=()):
+        return lambda: alternative(
+            hf, model.tokenizer, task, episodes, variant=variant, lr=c.lr, baselines=baselines, seed=c.seed
+        )
+
+    if setting == "benchmark":
+        return {
+            "engine": lambda: engine_compare(model, task, c, BENCH_PROBES, False, False),
+            "C": alt("C"),
+            "B": alt("B"),
+            "A": alt("A"),
+            "published": lambda: reference_compare(model, task, episodes, lr=c.lr),
+        }
+    return {
+        "engine default compare": lambda: engine_compare(model, task, c, None, True, True),
+        "engine, C's rows": lambda: engine_compare(model, task, c, BENCH_PROBES, True, False),
+        "C + every baseline": alt("C", ALL_BASELINES),
+    }
+
+
+def measure_sides(fns: dict, reps: int, once: Sequence[str] = ()) -> tuple[dict, dict]:
+    """Every side `reps` times (those in `once` a single time), the order rotated each repetition
+    so that a load from other processes falls on every side alike -> (seconds per side, last
+    table per side)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    tables = {}
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            if name in once and times[name]:
+                continue
+            gc.collect()
+            start = time.perf_counter()
+            tables[name] = fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times, tables
+
+
+def measure_setting(
+    label: str, model, hf, task: Task, c: Config, setting: str, reps: int, peak: float
+) -> list[dict]:
+    """One model and setting: medians, speedups, agreement, FLOPs counted and needed, share of peak."""
+    fns = sides(model, hf, task, c, setting)
+    times, tables = measure_sides(fns, reps, once=("published",))
+    names = list(fns)
+    engine_name = names[0]
+    reference = tables[names[1]] if setting == "default" else tables[engine_name]
+    cfg = hf.config
+    episodes = task.episodes(c.k, c.n_episodes, c.n_queries, c.seed)
+    needed = minimum_flops(cfg, model.tokenizer, task, episodes, baselines=setting == "default")
+    t_engine = statistics.median(times[engine_name])
+    rows = []
+    for name in names:
+        t = statistics.median(times[name])
+        flops = counted_flops(fns[name])[0] if name != "published" else float("nan")
+        agree = agreement(reference, tables[name]) if tables[name] is not reference else None
+        rows.append(
+            {
+                "model": label,
+                "setting": setting,
+                "k": c.k,
+                "sets x queries": f"{c.n_episodes} x {c.n_queries}",
+                "side": name,
+                "reps": len(times[name]),
+                "seconds": round(t, 2),
+                "times": [round(x, 2) for x in times[name]],
+                "engine speedup": round(t / t_engine, 2),
+                "GFLOP counted": round(flops / 1e9, 1),
+                "GFLOP needed": round(needed / 1e9, 1),
+                "% of matmul peak": round(100 * flops / t / peak, 1),
+                "needed % of peak": round(100 * needed / t / peak, 1),
+                "max row diff": agree["max_row_diff"] if agree else 0.0,
+                "SimAOU layer-mean diff": agree["simaou_layer_mean_diff"] if agree else 0.0,
+                "rows compared": agree["rows_compared"] if agree else len(tables[name]),
+                "rows only one side": agree["rows_only_one_side"] if agree else 0,
+            }
+        )
+        _progress(rows[-1])
+    return rows
+
+
+def k_scaling(model, hf, task: Task, reps: int) -> list[dict]:
+    """Engine and C (benchmark setting) at k = 16 and 32: time ratio (target: at most 1.6x)."""
+    fns = {}
+    for k in (16, 32):
+        c = Config(k=k, n_episodes=8, n_queries=32)
+        both = sides(model, hf, task, c, "benchmark")
+        fns[f"engine k={k}"], fns[f"C k={k}"] = both["engine"], both["C"]
+    times, _ = measure_sides(fns, reps)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    return [
+        {
+            "side": side,
+            "k=16 s": round(med[f"{side} k=16"], 2),
+            "k=32 s": round(med[f"{side} k=32"], 2),
+            "ratio": round(med[f"{side} k=32"] / med[f"{side} k=16"], 2),
+            "target": "<= 1.6" if side == "engine" else "",
+        }
+        for side in ("engine", "C")
     ]
-    return pd.DataFrame(rows)[[c for c in cols if c in rows[0]]]
+
+
+# ---- peak RSS, one side per fresh process -----------------------------------------------------
+RSS_SIDES = [
+    ("benchmark", "engine"),
+    ("benchmark", "C"),
+    ("benchmark", "B"),
+    ("benchmark", "A"),
+    ("default", "engine default compare"),
+    ("default", "C + every baseline"),
+]
+
+
+def rss_child(spec: str, threads: int) -> None:
+    """In a fresh process: build the mid model (bridge + plain HF copy), run one side once, print
+    JSON {rss_before, peak_rss, growth} (bytes), and for the engine sides the memory model's
+    prediction of the growth."""
+    torch.set_num_threads(threads)
+    setting, name = spec.split("|")
+    model = random_llama(MID)
+    hf = plain_copy(model)
+    task = bench_task()
+    c = Config(k=16, n_episodes=8, n_queries=32)
+    fn = sides(model, hf, task, c, setting)[name]
+    sides(model, hf, task, Config(k=2, n_episodes=2, n_queries=2), setting)[name]()  # lazy imports, pools
+    gc.collect()
+    before = rss_now()
+    fn()
+    peak = peak_rss()
+    out = {"setting": setting, "side": name, "rss_before": before, "peak_rss": peak, "growth": peak - before}
+    if name.startswith("engine"):
+        probes = BENCH_PROBES if setting == "benchmark" else None
+        baselines = setting == "default"
+        plan = memory.plan_compare(
+            model,
+            task,
+            gd=GDConfig.dai(lr=c.lr),
+            k=c.k,
+            n_episodes=c.n_episodes,
+            n_queries=c.n_queries,
+            probes=probes,
+            baselines=baselines,
+        )
+        out["predicted"] = plan.peak_bytes
+    print(json.dumps(out))
+
+
+def measure_rss(threads: int) -> list[dict]:
+    rows = []
+    for setting, name in RSS_SIDES:
+        r = rss_growth_in_child(
+            Path(__file__), ["--rss-child", f"{setting}|{name}", "--threads", str(threads)]
+        )
+        rows.append(
+            {
+                "setting": setting,
+                "side": name,
+                "RSS before MB": round(r["rss_before"] / 2**20),
+                "peak RSS MB": round(r["peak_rss"] / 2**20),
+                "growth MB": round(r["growth"] / 2**20),
+                "memory model MB": round(r["predicted"] / 2**20) if "predicted" in r else "",
+                "model / measured": round(r["predicted"] / r["growth"], 2) if "predicted" in r else "",
+            }
+        )
+        print(f"  RSS {setting:>9} {name:>24}: growth {rows[-1]['growth MB']} MB", flush=True)
+    return rows
+
+
+# ---- the run --------------------------------------------------------------------------------
+SPEED_COLUMNS = [
+    "model",
+    "setting",
+    "k",
+    "sets x queries",
+    "side",
+    "reps",
+    "seconds",
+    "engine speedup",
+    "GFLOP counted",
+    "GFLOP needed",
+    "% of matmul peak",
+    "max row diff",
+    "rows only one side",
+]
 
 
 def main(
-    threads: int = typer.Option(2, help="torch threads for both sides"),
+    threads: int = typer.Option(1, help="torch threads for every side"),
     quick: bool = typer.Option(False, help="a micro configuration that runs in seconds (the smoke test)"),
-    reps: int = typer.Option(
-        2,
-        help="repetitions of the two target configurations (engine and reference alternate); sweeps run once",
-    ),
-    scaling: bool = typer.Option(True, help="also the k / layers / queries-per-demo-set sweeps"),
-    memory_tokens: int = typer.Option(512, help="prompt length of the memory measurement"),
+    reps: int = typer.Option(3, help="repetitions per side, order rotated (the published protocol: once)"),
+    scaling: bool = typer.Option(True, help="also k 16 -> 32 for the engine and C"),
+    rss: bool = typer.Option(True, help="also peak RSS growth per side, each in a fresh process (mid model)"),
+    memory_tokens: int = typer.Option(512, help="prompt length of the recorded-memory measurement"),
     json_out: Path = typer.Option(None, "--json", help="write every measured number to this JSON file"),
+    rss_child_spec: str = typer.Option(None, "--rss-child", help="(internal) run one side for the RSS table"),
 ) -> None:
-    """Print speed ratios (with agreement) and memory ratios as tables."""
+    """Print the engine against C, B, A and the published protocol (speed, agreement, FLOPs,
+    share of the matmul peak), k scaling, peak RSS, and recorded memory, as markdown tables."""
+    if rss_child_spec:
+        return rss_child(rss_child_spec, threads)
     torch.set_num_threads(threads)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     task = bench_task()
     print(
-        f"# engine benchmark {started}  threads={threads}/{_cpu_count()} cpus  "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}  load={_load()}  torch {torch.__version__}  "
-        f"python {platform.python_version()}"
+        f"# engine benchmark {started}  threads={threads}/{_cpu_count()} cpus (shared with other jobs: "
+        f"read the ratios, measured side by side)  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}  "
+        f"load={_load()}  torch {torch.__version__}  python {platform.python_version()}"
     )
-    results: dict = {
-        "started": started,
-        "threads": threads,
-        "load_before": _load(),
-        "speed": [],
-        "scaling": [],
-        "memory": [],
-    }
+    peak = matmul_peak(threads)
+    print(
+        f"# measured fp32 matmul peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s ({peak['per_size']} by size)"
+    )
+    results: dict = {"started": started, "threads": threads, "load_before": _load(), "matmul_peak": peak}
+    results["speed"], results["scaling"], results["rss"], results["memory"] = [], [], [], []
 
     if quick:
         model = random_llama(Shape(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, n_ctx=256))
+        hf = plain_copy(model)
         warm_up(model, task)
-        row = measure(model, task, Config(k=3, n_episodes=2, n_queries=4, lr=0.05), reps=1)
-        results["speed"].append({"model": "micro random LLaMA (L2 d32)", "target": None, **row})
+        c = Config(k=3, n_episodes=2, n_queries=4, lr=0.05)
+        for setting in SETTINGS:
+            results["speed"] += measure_setting(
+                "micro (L2 d32)", model, hf, task, c, setting, 1, peak["flops_per_s"]
+            )
         results["memory"] = [
             {"model": "micro", **r} for r in measure_memory(model, task, n_tokens=min(memory_tokens, 128))
         ]
     else:
         tiny, tiny_label = tiny_llama_icl()
-        print(f"# tiny model: {tiny_label}")
-        warm_up(tiny, task)
-        results["speed"].append(
-            {
-                "model": tiny_label.split(" (")[0],
-                "target": 20,
-                **measure(tiny, task, Config(k=16, n_episodes=8, n_queries=32), reps),
-            }
-        )
-        _progress(results["speed"][-1])
         mid = random_llama(MID)
-        warm_up(mid, task)
-        main_config = Config(k=16, n_episodes=8, n_queries=32)
-        results["speed"].append(
-            {"model": f"random {MID.label()}", "target": 8, **measure(mid, task, main_config, reps)}
-        )
-        _progress(results["speed"][-1])
+        print(f"# tiny model: {tiny_label}")
+        for label, model in ((tiny_label.split(" (")[0], tiny), (f"random {MID.label()}", mid)):
+            hf = plain_copy(model)
+            warm_up(model, task)
+            for setting in SETTINGS:
+                c = Config(k=16, n_episodes=8, n_queries=32)
+                results["speed"] += measure_setting(
+                    label, model, hf, task, c, setting, reps, peak["flops_per_s"]
+                )
         if scaling:
-            for label, cfg, model in [*_sweep(mid), *_demo_set_sweep(tiny, tiny_label)]:
-                row = measure(model, task, cfg, 1)
-                results["scaling"].append({"model": label, **row})
-                _progress(results["scaling"][-1])
+            results["scaling"] = k_scaling(mid, plain_copy(mid), task, reps)
+        if rss:
+            results["rss"] = measure_rss(threads)
         results["memory"] = [
             {"model": tiny_label.split(" (")[0], **r} for r in measure_memory(tiny, task, memory_tokens)
         ]
@@ -420,11 +597,19 @@ def main(
         ]
 
     results["load_after"] = _load()
-    print("\n## speed (queries per second, medians; speedup = reference time / engine time)\n")
-    print(markdown(speed_columns(results["speed"])))
+    print(
+        "\n## speed (medians; engine speedup = side's time / the engine's; % of peak = counted FLOPs / time /"
+        " measured matmul peak)\n"
+    )
+    print(markdown(pd.DataFrame(results["speed"])[SPEED_COLUMNS]))
     if results["scaling"]:
-        print("\n## scaling (mid-size shape unless noted)\n")
-        print(markdown(speed_columns(results["scaling"]).drop(columns=["target"], errors="ignore")))
+        print("\n## time linear in k (random L8 d512, 8 sets x 32 queries, benchmark probes)\n")
+        print(markdown(pd.DataFrame(results["scaling"])))
+    if results["rss"]:
+        print(
+            "\n## peak RSS growth of one run (random L8 d512, k=16, 8 x 32; each side in a fresh process)\n"
+        )
+        print(markdown(pd.DataFrame(results["rss"])))
     print(
         "\n## recorded memory vs full run_with_cache, "
         f"one {memory_tokens if not quick else min(memory_tokens, 128)}-token ICL prompt\n"
@@ -434,37 +619,20 @@ def main(
     mem["recorded_KB"] = (mem.pop("recorded_bytes") / 2**10).round(1)
     print(markdown(mem[["model", "probes", "path", "tokens", "full_cache_MB", "recorded_KB", "ratio"]]))
     print(f"\n# load average before/after: {results['load_before']} / {results['load_after']}")
-    worst = max(r["simaou_layer_mean_diff"] for r in results["speed"] + results["scaling"])
+    worst = max(r["SimAOU layer-mean diff"] for r in results["speed"])
     print(
-        "# max per-layer mean SimAOU difference engine vs reference: "
+        "# max per-layer mean SimAOU difference of any side vs the engine: "
         f"{worst:.2e} ({'OK' if worst < 1e-4 else 'FAIL'}: < 1e-4)"
     )
     if json_out:
         json_out.write_text(json.dumps(results, indent=1, default=str))
 
 
-def _sweep(mid):
-    """k in (4, 8, 16), layers in (2, 4, 8), queries per demo set in (8, 32) around the mid config."""
-    for k in (4, 8):
-        yield f"random {MID.label()}", Config(k=k, n_episodes=8, n_queries=32), mid
-    for n_layers in (2, 4):
-        shape = Shape(n_layers=n_layers)
-        yield f"random {shape.label()}", Config(k=16, n_episodes=8, n_queries=32), random_llama(shape)
-    yield f"random {MID.label()}", Config(k=16, n_episodes=8, n_queries=8), mid
-
-
-def _demo_set_sweep(tiny, tiny_label):
-    """Demo sets per run (3, 16) on the tiny model: batched GD costs the engine the same for any
-    number of demo sets, the reference pays per set."""
-    for n_episodes in (3, 16):
-        yield tiny_label.split(" (")[0], Config(k=16, n_episodes=n_episodes, n_queries=32), tiny
-
-
 def _progress(row: dict) -> None:
     print(
-        f"  {row['model']:>28} k={row['k']:>2} q={row['n_queries']:>2}: engine {row['engine_s']:7.2f}s  "
-        f"reference {row['reference_s']:7.2f}s  speedup {row['speedup']:6.2f}  SimAOU diff "
-        f"{row['simaou_layer_mean_diff']:.1e}",
+        f"  {row['model']:>22} {row['setting']:>9} {row['side']:>24}: {row['seconds']:7.2f}s "
+        f"(engine {row['engine speedup']:5.2f}x faster)  {row['% of matmul peak']:5.1f}% of peak  "
+        f"max row diff {row['max row diff']:.1e}",
         flush=True,
     )
 

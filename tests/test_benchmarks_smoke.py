@@ -96,9 +96,55 @@ def test_memory_accounting(model, task):
 
 
 def test_quick_run_prints_the_tables(capsys):
-    engine.main(threads=1, quick=True, reps=1, scaling=False, memory_tokens=64, json_out=None)
+    engine.main(
+        threads=1,
+        quick=True,
+        reps=1,
+        scaling=False,
+        rss=False,
+        memory_tokens=64,
+        json_out=None,
+        rss_child_spec=None,
+    )
     out = capsys.readouterr().out
     assert "## speed" in out and "## recorded memory" in out and "(OK: < 1e-4)" in out
+    assert "measured fp32 matmul peak" in out and "| C + every baseline |" in out and "| published |" in out
+
+
+@pytest.mark.parametrize("variant", ["A", "B", "C"])
+def test_hand_written_alternatives_give_the_engine_rows(model, task, tables, variant):
+    """A, B and C (plain HF, benchmarks/hf_alternatives.py) produce exactly the engine's rows and
+    numbers; C with every baseline the rows of compare(baselines=True) with the benchmark probes."""
+    from hf_alternatives import alternative, plain_copy
+
+    config = engine.Config(k=3, n_episodes=2, n_queries=4, lr=0.05)
+    episodes = task.episodes(config.k, config.n_episodes, config.n_queries, config.seed)
+    hf = plain_copy(model)
+    assert not any("original_component" in name for name, _ in hf.named_modules())  # no bridge inside
+    table = alternative(hf, model.tokenizer, task, episodes, variant=variant, lr=config.lr)
+    result = engine.agreement(tables[0], table)
+    assert result["rows_only_one_side"] == 0 and result["rows_compared"] > 100
+    assert result["max_row_diff"] < 1e-4
+    if variant == "C":
+        full = alternative(
+            hf, model.tokenizer, task, episodes, variant="C", lr=config.lr, baselines=engine.ALL_BASELINES
+        )
+        reference = engine.engine_compare(model, task, config, engine.BENCH_PROBES, True, False)
+        result = engine.agreement(reference, full)
+        assert result["rows_only_one_side"] == 0 and result["max_row_diff"] < 1e-4
+        assert {"icl~icl_perm", "icl~random_update", "icl~random", "untrained:icl~gd"} <= set(full.comparison)
+
+
+def test_minimum_flops_counts_gd_and_the_passes(model, task):
+    """The least-FLOPs count grows with every part of the work it names, and baselines more than
+    double it (the untrained copy runs the pipeline again)."""
+    from machine import minimum_flops
+
+    cfg = model.original_model.config
+    few, more = task.episodes(3, 2, 4, 0), task.episodes(6, 2, 4, 0)
+    base = minimum_flops(cfg, model.tokenizer, task, few, baselines=False)
+    assert 0 < base < minimum_flops(cfg, model.tokenizer, task, more, baselines=False)
+    assert minimum_flops(cfg, model.tokenizer, task, few, baselines=True) > 2 * base
 
 
 def test_gpu_check_dry_run_on_the_cpu():

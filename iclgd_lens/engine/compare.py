@@ -177,7 +177,9 @@ def _compare_once(
     max_len = _context_window(model)
     rotary = getattr(model.cfg, "positional_embedding_type", "rotary") == "rotary"
 
-    # the query-alone conditions of every episode together, batch_size rows per pass
+    # The conditions of a group of episodes (at most batch_size query rows, at least one episode)
+    # are recorded, turned into rows, and dropped before the next group: recordings are bounded by
+    # one group, not by every query of every episode (the passes are the same batch_size chunks).
     queries = [q for episode in episodes for q in episode.queries]
     words = [episode.label_words for episode in episodes for _ in episode.queries]
     row_episode = torch.tensor(
@@ -191,62 +193,93 @@ def _compare_once(
     shared_zsl = deltas is not None and all(
         (e.queries, e.label_words) == (episodes[0].queries, episodes[0].label_words) for e in episodes
     )
-    n_first = len(episodes[0].queries)
-    zsl = recorder.run_batched(
-        zsl_enc.rows(0, n_first) if shared_zsl else zsl_enc, "zsl", batch_size=batch_size
+    zsl = (
+        recorder.run_batched(zsl_enc.rows(0, len(episodes[0].queries)), "zsl", batch_size=batch_size)
+        if shared_zsl
+        else None
     )
-    query_alone = {"zsl": zsl}
-    for condition, d in (("gd", deltas), ("gd_random", random_deltas)):
-        if d is not None:
-            query_alone[condition] = recorder.run_batched(
-                zsl_enc, condition, batch_size=batch_size, deltas=d, row_episode=row_episode
-            )
-    if deltas is None:
-        query_alone["gd"] = query_alone["zsl"]
-    _check_finite(query_alone, gd_config)
-
-    icl_encs = [_encode_icl(tokenizer, task, episode, episode.demos, max_len, device) for episode in episodes]
-    icl = _icl_all(recorder, icl_encs, "icl", share_prefix and k > 0, batch_size)
-    perm = None
-    if "icl_perm" in chosen and k > 1:
-        perm_encs = [
-            _encode_icl(tokenizer, task, ep, permuted_demos(ep.demos, seed + 1000 + e), max_len, device)
-            for e, ep in enumerate(episodes)
+    perms = (
+        [permuted_demos(ep.demos, seed + 1000 + e) for e, ep in enumerate(episodes)]
+        if "icl_perm" in chosen and k > 1
+        else None
+    )
+    frames = []
+    bar = tqdm(total=len(episodes), desc=desc, disable=not progress)
+    for group in _episode_groups(episodes, batch_size):
+        start = sum(len(episodes[e].queries) for e in range(group[0]))
+        stop = start + sum(len(episodes[e].queries) for e in group)
+        alone = zsl_enc.rows(start, stop)
+        query_alone = {
+            "zsl": zsl if shared_zsl else recorder.run_batched(alone, "zsl", batch_size=batch_size)
+        }
+        for condition, d in (("gd", deltas), ("gd_random", random_deltas)):
+            if d is not None:
+                query_alone[condition] = recorder.run_batched(
+                    alone, condition, batch_size=batch_size, deltas=d, row_episode=row_episode[start:stop]
+                )
+        if deltas is None:
+            query_alone["gd"] = query_alone["zsl"]
+        _check_finite(query_alone, gd_config)
+        icl_encs = [
+            _encode_icl(tokenizer, task, episodes[e], episodes[e].demos, max_len, device) for e in group
         ]
-        perm = _icl_all(recorder, perm_encs, "icl_perm", share_prefix, batch_size)
-    _check_finite({"icl": Recording.concat([q for _, q in icl])}, gd_config)
+        icl = _icl_all(recorder, icl_encs, "icl", share_prefix and k > 0, batch_size)
+        perm = None
+        if perms is not None:
+            perm_encs = [_encode_icl(tokenizer, task, episodes[e], perms[e], max_len, device) for e in group]
+            perm = _icl_all(recorder, perm_encs, "icl_perm", share_prefix, batch_size)
+        _check_finite({"icl": Recording("icl", logits=torch.cat([q.logits for _, q in icl]))}, gd_config)
 
-    frames, start = [], 0
-    for e, episode in enumerate(tqdm(episodes, desc=desc, disable=not progress)):
-        n = len(episode.queries)
-        rec: dict[str, Recording] = {name: r.rows(start, start + n) for name, r in query_alone.items()}
-        if shared_zsl:
-            rec["zsl"] = zsl
-        rec["icl_prefix"], rec["icl"] = icl[e]
-        if perm is not None:
-            rec["icl_perm"] = perm[e][1]
-        start += n
-        labels = torch.tensor([q.label for q in episode.queries], device=device)
-        label_ids = label_token_ids(tokenizer, episode.label_words)
-        train_queries = (
-            (deltas.train_queries[e], deltas.train_token_demo[e])
-            if deltas is not None and deltas.train_queries
-            else None
-        )
-        frames.append(
-            episode_table(
-                rec,
-                labels,
-                label_ids,
-                episode=e,
-                chosen=chosen,
-                seed=seed + e,
-                rotary=rotary,
-                train_queries=train_queries,
-                compared=recorder.compared_keys(),
+        offset = 0
+        for i, e in enumerate(group):
+            episode = episodes[e]
+            n = len(episode.queries)
+            rec: dict[str, Recording] = {
+                name: r if (shared_zsl and name == "zsl") else r.rows(offset, offset + n)
+                for name, r in query_alone.items()
+            }
+            rec["icl_prefix"], rec["icl"] = icl[i]
+            if perm is not None:
+                rec["icl_perm"] = perm[i][1]
+            offset += n
+            labels = torch.tensor([q.label for q in episode.queries], device=device)
+            label_ids = label_token_ids(tokenizer, episode.label_words)
+            train_queries = (
+                (deltas.train_queries[e], deltas.train_token_demo[e])
+                if deltas is not None and deltas.train_queries
+                else None
             )
-        )
+            frames.append(
+                episode_table(
+                    rec,
+                    labels,
+                    label_ids,
+                    episode=e,
+                    chosen=chosen,
+                    seed=seed + e,
+                    rotary=rotary,
+                    train_queries=train_queries,
+                    compared=recorder.compared_keys(),
+                )
+            )
+            bar.update(1)
+        del query_alone, icl, perm, rec
+    bar.close()
     return pd.concat(frames, ignore_index=True)
+
+
+def _episode_groups(episodes: list[Episode], batch_size: int) -> list[list[int]]:
+    """Consecutive episodes whose queries fill at most `batch_size` rows (one episode at least):
+    the groups `_icl_all` runs together, so that a group's passes are the same as before."""
+    groups, rows = [[]], 0
+    for e, episode in enumerate(episodes):
+        n = len(episode.queries)
+        if groups[-1] and rows + n > batch_size:
+            groups.append([])
+            rows = 0
+        groups[-1].append(e)
+        rows += n
+    return groups
 
 
 def _encode_icl(tokenizer, task: Task, episode: Episode, demos, max_len, device):

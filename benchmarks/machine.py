@@ -1,0 +1,124 @@
+"""What the machine can do and what a run costs it: the measured dense matmul peak, the FLOPs a
+run does (counted by `torch.utils.flop_counter`), the least FLOPs the comparison needs, and the
+peak RSS growth of a run (measured in a fresh child process).
+
+Used by benchmarks/engine.py; every figure is measured in the same run as the timings it is set
+beside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def matmul_peak(threads: int, sizes=(512, 1024, 2048), repeats: int = 5) -> dict:
+    """Dense float32 matmul throughput in FLOP/s with `threads` torch threads: the best of
+    `repeats` timings of an n x n @ n x n product, the best over `sizes` (the machine's limit for
+    the kind of work the engine does)."""
+    torch.set_num_threads(threads)
+    best = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        best[n] = 2 * n**3 / min(times)
+    return {"flops_per_s": max(best.values()), "per_size": {n: round(f / 1e9, 1) for n, f in best.items()}}
+
+
+def counted_flops(fn) -> tuple[float, object]:
+    """FLOPs of the matmuls, convolutions and attention kernels `fn()` runs, and its result."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = fn()
+    return float(counter.get_total_flops()), out
+
+
+def minimum_flops(cfg, tokenizer, task, episodes, *, baselines: bool) -> float:
+    """The least matmul work the comparison needs (no padding, nothing computed twice):
+
+    - GD: every demonstration token forward (2 P per token, P = parameters of the layers' and the
+      unembedding's matmuls), backward to the activations (2 P) and to the K/V weights
+      (2 P_kv), plus causal attention (4 d_model per key and layer, x3 with the backward);
+    - ZSL once per distinct query; ICL: each demo set's prefix once, each query on top of it;
+      GD: every query per demo set; attention 4 d_model per key and layer;
+    - baselines: ICL under another order (prefix + queries), the random update (queries per
+      set), and the whole pipeline again on the untrained copy.
+    """
+    d, L = cfg.hidden_size, cfg.num_hidden_layers
+    d_kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    p_layer = 2 * d * d + 2 * d * d_kv + 3 * d * cfg.intermediate_size
+    p_kv = 2 * d * d_kv
+    p_unembed = d * cfg.vocab_size
+
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + BOS
+
+    def attention(n: int, context: int) -> float:
+        """QK^T and AV of n tokens after `context` cached ones, every layer (causal)."""
+        return 4 * L * d * (n * context + n * (n + 1) / 2)
+
+    def forward(n: int, context: int) -> float:
+        """n tokens after `context` cached ones: the layers' matmuls and attention."""
+        return 2 * L * p_layer * n + attention(n, context)
+
+    def pipeline(with_baselines: bool) -> float:
+        runs = 2 if with_baselines else 1  # ICL (+ another order); GD (+ the random update)
+        total, seen = 0.0, set()
+        for episode in episodes:
+            demo_lengths = [n_tokens(task.render_demo(x, episode.label_words)) for x in episode.demos]
+            for n in demo_lengths:  # GD: forward and backward to activations, gradients of W_K, W_V
+                total += 4 * L * p_layer * n + 3 * attention(n, 0) + 4 * p_unembed * n + 2 * L * p_kv * n
+            prefix = sum(demo_lengths)  # ~ the demonstrations and their separators, once per order
+            total += runs * forward(prefix, 0)
+            for q in episode.queries:
+                n = n_tokens(task.render_query(q)) - 1
+                total += runs * forward(n, prefix) + runs * forward(n + 1, 0)
+                total += 2 * runs * 2 * p_unembed  # logits at the read position
+                if (q, episode.label_words) not in seen:  # ZSL once per distinct query
+                    seen.add((q, episode.label_words))
+                    total += forward(n + 1, 0) + 2 * p_unembed
+        return total
+
+    return pipeline(baselines) + (pipeline(False) if baselines else 0.0)  # + the untrained copy's run
+
+
+# ---- peak RSS of one side, in a fresh process -------------------------------------------------
+def rss_now() -> int:
+    """Resident set size of this process in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process so far, in bytes (Linux: ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_growth_in_child(script: Path, args: list[str], timeout: int = 900) -> dict:
+    """Run `script --rss-child ...args` in a fresh interpreter and return the JSON it prints last:
+    its RSS once the models are built (and a micro run made) and the peak RSS after the side ran."""
+    out = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        # glibc returns every block of 128 KB or more to the OS when it is freed (no dynamic mmap
+        # threshold), so that the peak RSS follows the peak of live tensors, not heap fragmentation
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"},
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"RSS child {args} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
