@@ -240,11 +240,13 @@ def lockstep_deltas(hf, tokenizer, task, episodes: list[Episode], lr: float) -> 
 
 
 def random_update_like(deltas: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
-    """Gaussian directions scaled to each delta's Frobenius norm per set (Deutch et al.)."""
-    generator = torch.Generator().manual_seed(seed)
+    """Gaussian directions scaled to each delta's Frobenius norm per set (Deutch et al.); set e's
+    drawn from its own generator seeded seed * 1_000_003 + e, projection by projection (the
+    engine's draws, so that the numbers can be compared)."""
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + e) for e in range(deltas[0].shape[0])]
     out = []
     for d in deltas:
-        noise = torch.randn(d.shape, generator=generator)
+        noise = torch.stack([torch.randn(d.shape[1:], generator=g) for g in generators])
         out.append(noise * (torch.linalg.matrix_norm(d) / torch.linalg.matrix_norm(noise))[:, None, None])
     return out
 

@@ -93,6 +93,19 @@ def test_scaled_random_like_keeps_norms_and_zero_episodes():
         assert not torch.equal(r.tensors[path], other.tensors[path])
 
 
+def test_scaled_random_like_of_a_subset_equals_those_episodes_of_the_whole():
+    """compare() draws the random update one group of episodes at a time: episode e's update is
+    the same whichever subset it is drawn in, and each episode keeps its own norm."""
+    gen = torch.Generator().manual_seed(1)
+    low_rank = (torch.randn(4, 8, 3, generator=gen), torch.randn(4, 12, 3, generator=gen))
+    deltas = Deltas({"blocks.0.attn.v": low_rank}, GDConfig.dai(), torch.zeros(2, 4))
+    whole = deltas.scaled_random_like(seed=5).tensors["blocks.0.attn.v"]
+    part = deltas.scaled_random_like(seed=5, episodes=[2, 3])
+    assert torch.equal(part.tensors["blocks.0.attn.v"], whole[2:4])
+    assert part.n_episodes == 2 and part.losses.shape == (2, 2)
+    torch.testing.assert_close(part.norms()["blocks.0.attn.v"], deltas.norms()["blocks.0.attn.v"][2:4])
+
+
 def check_untrained(trained_sd, fresh_sd):
     """Attention/MLP weights re-drawn at the init scale, biases 0, everything else kept."""
     for key, value in trained_sd.items():

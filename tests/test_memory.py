@@ -40,7 +40,8 @@ def test_terms_equal_the_shapes_they_stand_for():
     rows = 32  # two episodes of 16 queries per ICL pass
     kv_rows = rows * L * 2 * (LENGTHS.prefix + LENGTHS.suffix) * d_kv * b
     assert p.phases["queries"]["ICL query pass (KV cache per row)"] >= kv_rows
-    random_deltas = 8 * 2 * L * SHAPE.d_model * d_kv * b  # K and V, every layer, 8 episodes, dense
+    # K and V, every layer, dense, for the 2 episodes of one group (drawn a group at a time)
+    random_deltas = 2 * 2 * L * SHAPE.d_model * d_kv * b
     assert p.phases["queries"]["random-update deltas"] == random_deltas
     # rank 48 is past the break-even rank 64 * 32 / 96 = 21.3 of a 64 -> 32 projection: dense + gradient
     assert p.phases["table"]["deltas"] == 2 * 8 * 2 * L * SHAPE.d_model * d_kv * b

@@ -319,7 +319,7 @@ def test_batched_kendall_tau_b_equals_scipy_with_ties():
 
 
 def test_kendall_tau_b_is_exact_in_chunks_and_matches_scipy():
-    """The chunked int8/int64 tau-b equals scipy's tau-b on every row, for any chunk size (one
+    """The chunked pair-sign tau-b equals scipy's tau-b on every row, for any chunk size (one
     row per chunk, a few rows, all rows at once), with ties, NaN for a constant row, n = 1, and
     leading dimensions of several sizes; a long row (n = 300) too."""
     import scipy.stats
@@ -336,13 +336,13 @@ def test_kendall_tau_b_is_exact_in_chunks_and_matches_scipy():
             for x, y in zip(a.reshape(-1, 12).numpy(), b.reshape(-1, 12).numpy())
         ]
     ).reshape(2, 5, 3)
-    for chunk_bytes in (1, 3 * 144, 10**9):
+    for chunk_bytes in (1, 3 * 66 * 4, 10**9):
         got = kendall_tau_b(a, b, chunk_bytes=chunk_bytes).numpy()
         assert got.shape == (2, 5, 3)
         assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(want).sum() == 1
         assert np.allclose(got[~np.isnan(got)], want[~np.isnan(want)], atol=1e-12, rtol=0)
     long_a, long_b = torch.randn(2, 300, generator=gen), torch.randn(2, 300, generator=gen)
-    got = kendall_tau_b(long_a, long_b, chunk_bytes=300 * 300)  # one row per chunk
+    got = kendall_tau_b(long_a, long_b, chunk_bytes=1)  # one row per chunk
     for i in range(2):
         assert (
             abs(float(got[i]) - scipy.stats.kendalltau(long_a[i], long_b[i]).statistic) < 1e-6

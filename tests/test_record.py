@@ -132,6 +132,38 @@ def test_several_episodes_share_one_prefix_pass_and_match_full_passes():
         )
 
 
+@pytest.mark.parametrize("max_rows", [1, 2, 4])
+def test_query_rows_in_chunks_equal_one_pass(max_rows):
+    """run_shared_prefixes(max_rows=...) copies the prefix cache per chunk of query rows: the same
+    numbers as full passes, also across chunks whose queries differ in length (NaN-padded maps)."""
+    tok, task = tiny_tokenizer(), tiny_task()
+    bridge = tiny_bridge(tokenizer=tok)
+    rec = Recorder(bridge)
+    groups, fulls = [], []
+    for k, seed in ((3, 1), (2, 4)):
+        ep = task.episodes(k, 1, 3, seed=seed)[0]
+        n = len(ep.queries)
+        enc = encode_prompts(tok, task, [ep.demos] * n, list(ep.queries), [ep.label_words] * n)
+        groups.append(enc)
+        fulls.append(rec.run(enc, "icl"))
+    prefix, chunked = rec.run_shared_prefixes(groups, "icl", max_rows=max_rows)
+    _, whole = rec.run_shared_prefixes(groups, "icl")
+    assert torch.equal(chunked.segments, whole.segments)
+    start = 0
+    for full in fulls:
+        n = full.logits.shape[0]
+        part = chunked.rows(start, start + n)
+        start += n
+        for name in ["attn_out", "head_out", "q", "rot_q"]:
+            torch.testing.assert_close(part[name], full[name], atol=1e-5, rtol=1e-5)
+        width = full["scores"].shape[-1]
+        torch.testing.assert_close(
+            part["scores"][..., :width], full["scores"], atol=1e-5, rtol=1e-5, equal_nan=True
+        )
+        assert torch.isnan(part["scores"][..., width:]).all()
+        torch.testing.assert_close(part.logits, full.logits, atol=1e-5, rtol=1e-5)
+
+
 def _ignore_cache(keep_filling: bool):
     """What transformers 5.24 did under TransformerLens 4.3: the attention bridge never sees the
     cache (`keep_filling=False`: it stays empty), or fills it but attends without it."""

@@ -170,9 +170,7 @@ def _compare_once(
         if k > 0
         else None
     )
-    random_deltas = (
-        deltas.scaled_random_like(seed + 1) if deltas is not None and "random_update" in chosen else None
-    )
+    with_random_update = deltas is not None and "random_update" in chosen
     recorder = Recorder(model, probe_names)
     max_len = _context_window(model)
     rotary = getattr(model.cfg, "positional_embedding_type", "rotary") == "rotary"
@@ -212,11 +210,18 @@ def _compare_once(
         query_alone = {
             "zsl": zsl if shared_zsl else recorder.run_batched(alone, "zsl", batch_size=batch_size)
         }
-        for condition, d in (("gd", deltas), ("gd_random", random_deltas)):
-            if d is not None:
-                query_alone[condition] = recorder.run_batched(
-                    alone, condition, batch_size=batch_size, deltas=d, row_episode=row_episode[start:stop]
-                )
+        if deltas is not None:
+            query_alone["gd"] = recorder.run_batched(
+                alone, "gd", batch_size=batch_size, deltas=deltas, row_episode=row_episode[start:stop]
+            )
+        if with_random_update:  # the dense random deltas of this group's episodes only
+            query_alone["gd_random"] = recorder.run_batched(
+                alone,
+                "gd_random",
+                batch_size=batch_size,
+                deltas=deltas.scaled_random_like(seed + 1, episodes=group),
+                row_episode=row_episode[start:stop] - group[0],
+            )
         if deltas is None:
             query_alone["gd"] = query_alone["zsl"]
         _check_finite(query_alone, gd_config)
@@ -302,7 +307,7 @@ def _icl_all(
         group.append(enc)
         last = i == len(encs) - 1
         if last or sum(len(g.input_ids) for g in group) + len(encs[i + 1].input_ids) > batch_size:
-            prefix, queries = recorder.run_shared_prefixes(group, condition)
+            prefix, queries = recorder.run_shared_prefixes(group, condition, max_rows=batch_size)
             start = 0
             for g, member in enumerate(group):
                 n = len(member.input_ids)

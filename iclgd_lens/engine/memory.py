@@ -233,25 +233,32 @@ def predict(
         if rows_group > batch_size
         else 0
     )
-    random_deltas = (
-        sum(E * d_in * d_out * db for d_in, d_out in projections) if "random_update" in baselines else 0
+    episodes_per_group = min(E, max(1, batch_size // Q)) if Q <= batch_size else 1
+    random_deltas = (  # drawn dense for one group of episodes at a time
+        sum(episodes_per_group * d_in * d_out * db for d_in, d_out in projections)
+        if "random_update" in baselines
+        else 0
     )
 
     # ---- the passes ------------------------------------------------------------------------------
-    rows_icl = rows_group  # whole episodes per ICL pass
+    rows_icl = min(batch_size, rows_group)  # query rows per ICL pass (chunks of one group)
     layer_pass = lambda rows, pos, keys: (
         rows * pos * (PASS_D_MODEL * d + PASS_D_MLP * s.d_mlp) * b
         + (  # noqa: E731
             PASS_SCORES * rows * H * pos * keys * b
         )
     )
+    prefix_cache = groups * L * 2 * n.prefix * d_kv * b
     prefix_pass = (
         layer_pass(groups, n.prefix, n.prefix)
         + groups * n.prefix * vocab
-        + groups * L * 2 * n.prefix * d_kv * b
+        + prefix_cache
         + groups * per_prefix
     )
-    kv_rows = rows_icl * L * 2 * key_pos * d_kv * b  # the prefix cache copied to every query row
+    # the group's prefix cache, its copy for one chunk, and that chunk's rows' own copies of it
+    kv_rows = rows_icl * L * 2 * key_pos * d_kv * b + (
+        2 * prefix_cache if rows_group > rows_icl else prefix_cache
+    )
     query_pass = layer_pass(rows_icl, n.suffix, key_pos) + rows_icl * n.suffix * vocab + kv_rows
     rows_q = min(batch_size, rows_group)
     alone_pass = layer_pass(rows_q, n.zsl, n.zsl) + rows_q * n.zsl * vocab

@@ -153,7 +153,7 @@ def demo_attention_mass(pattern_row: Tensor, segments: Tensor, n_demos: int | No
 
 
 KENDALL_CHUNK_BYTES = 64 * 2**20
-"""Bound on the pairwise sign tensors `kendall_tau_b` holds at once (int8, [rows, n, n] per chunk)."""
+"""Bound on the pair-sign tensors `kendall_tau_b` holds at once (float32 [rows, n (n - 1) / 2] each)."""
 
 
 def kendall_tau_b(a: Tensor, b: Tensor, chunk_bytes: int = KENDALL_CHUNK_BYTES) -> Tensor:
@@ -161,32 +161,35 @@ def kendall_tau_b(a: Tensor, b: Tensor, chunk_bytes: int = KENDALL_CHUNK_BYTES) 
 
     tau_b = sum_{i<j} sgn(a_i - a_j) sgn(b_i - b_j) / sqrt(n_a n_b), n_a / n_b = pairs not tied
     in a / b. NaN where either input is constant or n < 2 (as scipy). Exact: the pair signs are
-    int8 and their sums int64, so no rounding before the one division. Memory: the rows are taken
-    in chunks of at most `chunk_bytes` of int8 [rows, n, n] sign tensors (not one float64
-    [..., n, n] tensor for the whole batch), so it is bounded whatever the batch.
+    -1, 0, 1 and their sums integers below 2^24 (n < 5793), which float32 holds exactly; the tie
+    counts are int64. Memory: only the n (n - 1) / 2 pairs i < j, rows taken in chunks of at most
+    `chunk_bytes` per sign tensor (never one float64 [..., n, n] tensor for the whole batch).
     """
     a, b = torch.broadcast_tensors(a, b)
     lead, n = a.shape[:-1], a.shape[-1]
+    out_dtype = a.dtype if a.is_floating_point() else torch.float64
+    exact = torch.float32 if n < 5793 else torch.float64
     flat_a, flat_b = a.reshape(-1, n), b.reshape(-1, n)
-    rows = max(1, chunk_bytes // max(1, n * n))
-    concordance, tied_free_a, tied_free_b = [], [], []
+    i, j = torch.triu_indices(n, n, 1, device=a.device)  # the pairs i < j
+    rows = max(1, chunk_bytes // max(1, len(i) * exact.itemsize))
+    concordance, untied_a, untied_b = [], [], []
     for start in range(0, flat_a.shape[0], rows):
         x, y = flat_a[start : start + rows], flat_b[start : start + rows]
-        da = torch.sign(x.unsqueeze(-1) - x.unsqueeze(-2)).to(torch.int8)  # [rows, n, n]
-        db = torch.sign(y.unsqueeze(-1) - y.unsqueeze(-2)).to(torch.int8)
-        concordance.append((da * db).sum((-1, -2), dtype=torch.int64))
-        tied_free_a.append(da.abs().sum((-1, -2), dtype=torch.int64))
-        tied_free_b.append(db.abs().sum((-1, -2), dtype=torch.int64))
+        da = torch.sign(x[:, i] - x[:, j]).to(exact)  # [rows, pairs]
+        db = torch.sign(y[:, i] - y[:, j]).to(exact)
+        concordance.append(torch.einsum("rp,rp->r", da, db).double())
+        untied_a.append((da != 0).sum(-1))
+        untied_b.append((db != 0).sum(-1))
     if not concordance:  # an empty batch
-        return torch.empty(lead, dtype=a.dtype if a.is_floating_point() else torch.float64, device=a.device)
-    con, n_a, n_b = (torch.cat(t).double() / 2 for t in (concordance, tied_free_a, tied_free_b))
-    untied = torch.sqrt(n_a * n_b)
+        return torch.empty(lead, dtype=out_dtype, device=a.device)
+    con = torch.cat(concordance)
+    untied = torch.sqrt(torch.cat(untied_a).double() * torch.cat(untied_b).double())
     tau = torch.where(
         untied > 0,
         con / torch.where(untied > 0, untied, torch.ones_like(untied)),
         torch.full_like(untied, float("nan")),
     )
-    return tau.reshape(lead).to(a.dtype if a.is_floating_point() else torch.float64)
+    return tau.reshape(lead).to(out_dtype)
 
 
 def kendall(a: Tensor | Sequence[float], b: Tensor | Sequence[float]) -> tuple[float, float]:

@@ -19,6 +19,7 @@ same numbers as full passes (tested), far fewer FLOPs.
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -51,10 +52,12 @@ class Recording:
 
     @staticmethod
     def concat(parts: list["Recording"]) -> "Recording":
-        """Join recordings of consecutive batch chunks of one condition."""
+        """Join recordings of consecutive batch chunks of one condition. Values whose trailing
+        sizes differ between chunks (a SimAM map is as wide as the chunk's longest query) are
+        NaN-padded to the widest, the padding the probes use themselves."""
         if len(parts) == 1:
             return parts[0]
-        values = {name: torch.cat([p.values[name] for p in parts], dim=1) for name in parts[0].values}
+        values = {name: _cat_padded([p.values[name] for p in parts]) for name in parts[0].values}
         logits = torch.cat([p.logits for p in parts]) if parts[0].logits is not None else None
         return Recording(parts[0].condition, values, logits, None)
 
@@ -282,14 +285,15 @@ class Recorder:
         return self.run_shared_prefixes([encoded], condition)
 
     def run_shared_prefixes(
-        self, groups: Sequence[EncodedPrompts], condition: str = "icl"
+        self, groups: Sequence[EncodedPrompts], condition: str = "icl", *, max_rows: int | None = None
     ) -> tuple[Recording, Recording]:
         """Several episodes at once: each group's prompts share their demonstrations.
 
-        One pass runs every group's prefix (right-padded to the longest), one pass every query
-        on top of its own group's KV cache (padding slots masked; the bridge derives position ids
-        from the mask, so RoPE positions are the unpadded ones). Returns (prefix recording, one
-        row per group; query recording, the groups' rows in order).
+        One pass runs every group's prefix (right-padded to the longest), then passes of at most
+        `max_rows` query rows (all rows when None) on top of their own group's KV cache, copied
+        to each row (padding slots masked; the bridge derives position ids from the mask, so RoPE
+        positions are the unpadded ones). Returns (prefix recording, one row per group; query
+        recording, the groups' rows in order).
         """
         splits = [split_shared_prefix(enc) for enc in groups]
         prefix = _stack_right_padded([p for p, _, _ in splits])
@@ -298,6 +302,12 @@ class Recorder:
         row_group = torch.cat(
             [torch.full((len(s.input_ids),), g, dtype=torch.long) for g, (_, s, _) in enumerate(splits)]
         ).to(prefix.input_ids.device)
+        n_rows = len(row_group)
+        step = n_rows if max_rows is None else max(1, max_rows)
+        segments = torch.cat([prefix.segments[row_group], suffix.segments], dim=1)
+        mask = torch.cat([prefix.attention_mask[row_group], suffix.attention_mask], dim=1)
+        total_len = prefix_len + suffix.input_ids.shape[1]
+        parts = []
         try:
             with torch.no_grad():
                 with self.attach(prefix, "icl_prefix"):
@@ -308,30 +318,50 @@ class Recorder:
                 check_cache_length(
                     cache, self.model.cfg.n_layers, prefix_len, "after the demonstrations' pass"
                 )
-                cache.batch_select_indices(row_group)
-                segments = torch.cat([prefix.segments[row_group], suffix.segments], dim=1)
-                mask = torch.cat([prefix.attention_mask[row_group], suffix.attention_mask], dim=1)
-                total_len = prefix_len + suffix.input_ids.shape[1]
-                guard, seen = key_length_guard(self.layers, total_len)
-                with self.attach(
-                    suffix,
-                    condition,
-                    interventions=guard,
-                    prefix_len=prefix_len,
-                    segments=segments,
-                    attention_mask=mask,
-                ):
-                    logits = self.model(suffix.input_ids, attention_mask=mask, past_key_values=cache)
-                if sorted(seen) != sorted(self.layers):
-                    missing = sorted(set(self.layers) - set(seen))
-                    raise IclgdError(
-                        f"{PREFIX_CACHE_BROKEN}: attention of layer(s) {missing} never showed its keys, "
-                        "so the cached prefix cannot be verified"
+                for start in range(0, n_rows, step):
+                    stop = min(start + step, n_rows)
+                    rows = cache if stop - start == n_rows else copy.deepcopy(cache)  # the prefix stays
+                    rows.batch_select_indices(row_group[start:stop])
+                    parts.append(
+                        self._queries_on_prefix(
+                            suffix.rows(start, stop),
+                            rows,
+                            condition,
+                            prefix_len,
+                            total_len,
+                            segments[start:stop],
+                            mask[start:stop],
+                        )
                     )
-                check_cache_length(cache, self.model.cfg.n_layers, total_len, "after the queries' pass")
+                    del rows
         finally:
             release_transient_state(self.model)
-        return prefix_rec, self.recording(condition, _read_logits(logits, suffix.read_pos), segments)
+        queries = Recording.concat(parts)
+        queries.segments = segments
+        return prefix_rec, queries
+
+    def _queries_on_prefix(
+        self, suffix, cache, condition, prefix_len: int, total_len: int, segments, mask
+    ) -> Recording:
+        """One pass of query rows on top of their copied prefix cache, with the run-time guards."""
+        guard, seen = key_length_guard(self.layers, total_len)
+        with self.attach(
+            suffix,
+            condition,
+            interventions=guard,
+            prefix_len=prefix_len,
+            segments=segments,
+            attention_mask=mask,
+        ):
+            logits = self.model(suffix.input_ids, attention_mask=mask, past_key_values=cache)
+        if sorted(seen) != sorted(self.layers):
+            missing = sorted(set(self.layers) - set(seen))
+            raise IclgdError(
+                f"{PREFIX_CACHE_BROKEN}: attention of layer(s) {missing} never showed its keys, "
+                "so the cached prefix cannot be verified"
+            )
+        check_cache_length(cache, self.model.cfg.n_layers, total_len, "after the queries' pass")
+        return self.recording(condition, _read_logits(logits, suffix.read_pos), segments)
 
 
 PREFIX_CACHE_BROKEN = (
@@ -388,6 +418,19 @@ def _check_probe_output(p: Probe, out, ctx: ReadContext, layer: int) -> None:
                 f"probe {p.name!r} returned {name!r} of shape {tuple(value.shape)}; "
                 f"expected [batch={batch}, ...] {where}"
             )
+
+
+def _cat_padded(values: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along the batch dim (1) of [n_layers, batch, ...] tensors, NaN-padding the trailing
+    dims of floating tensors to the largest size (other dtypes must match)."""
+    sizes = [max(v.shape[d] for v in values) for d in range(2, values[0].ndim)]
+    if all(list(v.shape[2:]) == sizes for v in values) or not values[0].is_floating_point():
+        return torch.cat(values, dim=1)
+    padded = []
+    for v in values:
+        pad = [p for d in reversed(range(2, v.ndim)) for p in (0, sizes[d - 2] - v.shape[d])]
+        padded.append(torch.nn.functional.pad(v, pad, value=float("nan")))
+    return torch.cat(padded, dim=1)
 
 
 def _read_logits(logits: torch.Tensor, read_pos: torch.Tensor) -> torch.Tensor:

@@ -301,8 +301,9 @@ def _undefined_at_layer_0(cos: torch.Tensor, rotary: bool) -> torch.Tensor:
 
 def _act(dw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """dW q per query head under GQA: dw [..., n_kv, d, d], q [..., n_heads, d] -> [..., n_heads, d]."""
-    groups = q.shape[-2] // dw.shape[-3]
-    return torch.einsum("...hvk,...hk->...hv", dw.repeat_interleave(groups, dim=-3), q)
+    grouped = einops.rearrange(q, "... (kv g) k -> ... kv g k", kv=dw.shape[-3])  # head h reads kv h // g
+    out = torch.einsum("...xvk,...xgk->...xgv", dw, grouped)  # no [..., n_heads, d, d] copy of dW
+    return einops.rearrange(out, "... kv g v -> ... (kv g) v")
 
 
 def _same_width(*maps: torch.Tensor) -> list[torch.Tensor]:

@@ -78,21 +78,30 @@ class Deltas:
                 out[path] = torch.linalg.matrix_norm(part.float())
         return out
 
-    def scaled_random_like(self, seed: int) -> "Deltas":
+    def scaled_random_like(self, seed: int, episodes: list[int] | None = None) -> "Deltas":
         """A random update of the same Frobenius norm per tensor and episode (Deutch et al.'s
-        baseline): Gaussian directions from a generator seeded with `seed` alone."""
-        generator = torch.Generator().manual_seed(seed)
+        baseline): Gaussian directions, episode e's from its own generator seeded with
+        `random_seed(seed, e)` alone, drawn tensor by tensor in `parts` order.
+
+        `episodes`: only these episodes (in this order; the result holds len(episodes)), so that
+        compare() can draw the dense random deltas of one group of episodes at a time; each
+        episode's update is the same whichever subset it is drawn in."""
+        episodes = list(range(self.n_episodes)) if episodes is None else list(episodes)
         norms = self.norms()
+        generators = [torch.Generator().manual_seed(random_seed(seed, e)) for e in episodes]
         tensors = {}
         for path, part in self.parts.items():
             like = part[0] if isinstance(part, tuple) else part
-            shape = (
-                (like.shape[0], like.shape[1], part[1].shape[1]) if isinstance(part, tuple) else like.shape
-            )
-            noise = torch.randn(shape, generator=generator)  # [n_episodes, d_out, d_in]
-            scale = norms[path].cpu() / torch.linalg.matrix_norm(noise)  # [n_episodes]
+            d_out, d_in = like.shape[1], (part[1].shape[1] if isinstance(part, tuple) else like.shape[2])
+            noise = torch.stack([torch.randn((d_out, d_in), generator=g) for g in generators])  # [e, out, in]
+            scale = norms[path].cpu()[episodes] / torch.linalg.matrix_norm(noise)  # [e]
             tensors[path] = (noise * scale[:, None, None]).to(dtype=like.dtype, device=like.device)
-        return Deltas(tensors, self.config, self.losses.clone())
+        return Deltas(tensors, self.config, self.losses[:, episodes].clone())
+
+
+def random_seed(seed: int, episode: int) -> int:
+    """The seed of episode `episode`'s random update under `seed` (distinct for distinct pairs)."""
+    return seed * 1_000_003 + episode
 
 
 def _densify(factors: Factors) -> torch.Tensor:
