@@ -478,3 +478,69 @@ def test_order_sensitivity_shows_means_and_medians_and_says_why_they_differ():
         by_name["median over (episode, query)"].y, [med["icl"], med["gd_b1"], med["gd_full"]]
     )
     assert len(by_name["each episode's mean"].y) == 12
+
+
+# ---- glossary, units, gaps ----------------------------------------------------------------------
+def test_every_metric_the_engine_writes_has_a_glossary_entry():
+    """Each metric id named in docs/metrics.md's table of what compare() feeds (and every id in
+    the synthetic results) has a definition, a range, a GD-like direction and a paper."""
+    from pathlib import Path
+
+    from iclgd_lens.report import glossary
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    section_text = doc[doc.index("## What `compare()` feeds each metric") :]
+    first_cells = [line.split("|")[1] for line in section_text.splitlines() if line.startswith("| `")]
+    documented = {m for cell in first_cells for m in re.findall(r"`([a-z_]+)`", cell)}
+    ids = documented | set(make_results().metrics) - {"probe:mlp_out"}
+    assert {"simaou", "dw_action_cos", "kendall_example_per_head", "js"} <= ids
+    for metric in ids:
+        found = glossary.entry(metric)
+        assert found is not None, metric
+        assert all(found[:4]), metric
+    assert glossary.entry("probe:mlp_out") is glossary.PROBE
+    assert glossary.unit("rec2ftp") == "%" and glossary.unit("kl") == "nats"
+
+
+def test_every_metric_name_in_a_table_links_to_the_glossary(report):
+    """No metric id sits in a table cell as bare text, on any page; each link points at an entry
+    the glossary page has, and carries its one-line definition."""
+    out, _ = report
+    glossary_page = (out / "glossary.html").read_text()
+    metrics = set(make_results().metrics)
+    for page in html_files(out):
+        text = page.read_text()
+        for metric in metrics:
+            assert f"<td>{html.escape(metric)}</td>" not in text, (page.name, metric)
+        for target in re.findall(r'href="glossary\.html#([^"]+)"', text):
+            assert f'id="{target}"' in glossary_page, target
+    index = (out / "index.html").read_text()
+    assert '<abbr title="cos(h_ICL - h_ZSL, h_GD - h_ZSL)' in index  # the definition on hover
+    assert 'href="glossary.html#m-simaou"' in index.split('id="headline"')[0]  # linked in the verdict
+
+
+def test_gaps_say_why_they_are_empty(tmp_path):
+    """dw_cos has one value per kv head: the heatmap's empty cells are named with the reason;
+    a layer where the headline is undefined is written 'undefined' on its curve; a comparison
+    a metric does not have reads 'not measured', never an empty cell."""
+    results = make_results(n_layers=2)
+    t = results.table
+    heads = sorted(t.loc[t["head"] >= 0, "head"].unique())
+    kv_heads = sorted(t.loc[(t.metric == "dw_cos") & (t["head"] >= 0), "head"].unique())
+    assert len(kv_heads) < len(heads)  # built with grouped-query attention
+    t.loc[(t.metric == "simam_delta") & (t.layer == 0), "value"] = float("nan")
+    results = Results(t, results.config, results.artifacts)
+    notes = figures.head_gaps(results, 0)
+    missing = ", ".join(str(h) for h in heads if h not in kv_heads)
+    assert notes == [
+        f"dw_cos (icl~gd) at head(s) {missing}: it has one value per key/value head, and this model has "
+        "fewer key/value heads than heads.",
+        f"simam_delta (icl~gd) at head(s) {', '.join(map(str, heads))}: at layer 0 of a rotary model ICL "
+        "cannot change the query's own pre-softmax scores (a zero update).",
+    ]
+    fig = figures.layer_curve_figure(results, "simam_delta")
+    assert [(a.x, a.text) for a in fig.layout.annotations] == [(0, "undefined")]
+    out = render_report(results, tmp_path / "r", analyses={})
+    layer = (out.parent / "layer_00.html").read_text()
+    assert "Cells marked n/a:" in layer and "fewer key/value heads" in layer
+    assert "<td>not measured</td>" in layer and "<td></td>" not in layer.split('id="l0-heads"')[0]

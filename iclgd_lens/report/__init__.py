@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -71,6 +72,19 @@ _MARK_CLASS = {
     verdict_marks.NO_BASELINE: "mark-none",
     NOT_MEASURED: "mark-none",
 }
+
+
+def linkify(text: str, glossary_page: str) -> str:
+    """`text` escaped, with every metric id in it linked to its glossary entry."""
+    ids = sorted(glossary.METRICS, key=len, reverse=True)
+    pattern = re.compile(r"(?<![\w:])(" + "|".join(map(re.escape, ids)) + r")(?![\w])")
+    parts, last = [], 0
+    for match in pattern.finditer(text):
+        parts.append(escape(text[last : match.start()]))
+        parts.append(glossary.metric_link(match.group(1), glossary_page))
+        last = match.end()
+    parts.append(escape(text[last:]))
+    return "".join(parts)
 
 
 def _table(df: pd.DataFrame, glossary_page: str, blank: str = NOT_MEASURED) -> str:
@@ -167,7 +181,7 @@ def headline_table(
     wide = summ.pivot(index="metric", columns="comparison", values="cell")
     wide = wide[figures.comparison_order(list(wide.columns))]
     wide = wide.reindex([m for m in wanted if m in wide.index])
-    wide.insert(0, "unit", [glossary.unit(m) for m in wide.index])
+    wide.insert(0, "unit", [glossary.unit(m) or "—" for m in wide.index])
     wide.columns.name = None
     return wide.reset_index()
 
@@ -185,7 +199,8 @@ def _index_body(
     sections = [
         section(
             "Verdict: is ICL's update GD-like here?",
-            f'<p class="verdict-text">{escape(found.text)}</p>' + (_table(marks, gl) if len(marks) else ""),
+            f'<p class="verdict-text">{linkify(found.text, gl)}</p>'
+            + (_table(marks, gl) if len(marks) else ""),
             "verdict",
             "Per similarity metric and layer: ICL~GD above every baseline (random vector, random update of "
             "equal norm, untrained model), not distinguishable from them, or below one; paired tests over "
@@ -266,7 +281,8 @@ def _index_body(
                 _table(wide, gl),
                 "model-metrics",
                 "Accuracy per condition, Rec2FTP (percent), token overlap, overlap cosine, KL, JS (nats): "
-                "mean [95% t-interval over episode means] (episodes, values); n/a: no defined value; "
+                "mean [95% t-interval over episode means] (episodes, values); undefined: no defined value "
+                "(see Undefined values); "
                 f"'{NOT_MEASURED}': the metric is not computed for that comparison.",
             )
         )
@@ -342,7 +358,7 @@ def study_section(study: Any, glossary_page: str = GLOSSARY_PAGE) -> str:
     inner = f"<p><b>Question.</b> {escape(getattr(study, 'question', ''))}</p>"
     findings_text = getattr(study, "findings", "")
     if findings_text:
-        inner += f'<p class="findings"><b>Findings.</b> {escape(findings_text)}</p>'
+        inner += f'<p class="findings"><b>Findings.</b> {linkify(findings_text, glossary_page)}</p>'
     figs = getattr(study, "figures", []) or []
     if figs:
         inner += _legend_html() + _items_html(figs, glossary_page)
@@ -379,8 +395,9 @@ def _layer_body(results: Results, layer: int, glossary_page: str = GLOSSARY_PAGE
                 _table(wide_summary(results, rows), gl),
                 f"l{layer}-numbers",
                 "mean [95% t-interval over episode means] (episodes, values), per metric and comparison; "
-                f"n/a: undefined (see the index's 'Undefined values'); '{NOT_MEASURED}': the metric is not "
-                "computed for that comparison (e.g. dw_cos has no random-vector baseline).",
+                "undefined: no defined value (see the index's 'Undefined values'); "
+                f"'{NOT_MEASURED}': the metric is not computed for that comparison (e.g. dw_cos has no "
+                "random-vector baseline).",
             )
         )
 
@@ -389,10 +406,22 @@ def _layer_body(results: Results, layer: int, glossary_page: str = GLOSSARY_PAGE
     grids = [figures.head_grid(results, layer, c)[0] for c in comparisons]
     bound = style.shared_scale(*[g.to_numpy(dtype=float) for g in grids if not g.empty])
     heat = [figures.head_heatmap_figure(results, layer, c, zmax=bound) for c in comparisons]
+    gaps: dict[str, list[str]] = {}  # one line per reason, naming the comparisons it applies to
+    for c in comparisons:
+        for note in figures.head_gaps(results, layer, c):
+            gaps.setdefault(note.replace(f" ({c})", ""), []).append(c)
+    gaps_html = (
+        '<p class="note">Cells marked n/a:</p><ul class="note">'
+        + "".join(f"<li>{linkify(n, gl)} ({escape(', '.join(cs))})</li>" for n, cs in gaps.items())
+        + "</ul>"
+        if gaps
+        else ""
+    )
     sections.append(
         section(
             "Per-head similarities",
-            "\n".join(figure_html(f) for f in heat if f) or '<p class="note">(no per-head values)</p>',
+            ("\n".join(figure_html(f) for f in heat if f) + gaps_html)
+            or '<p class="note">(no per-head values)</p>',
             f"l{layer}-heads",
             f"Mean per head and metric, value in each cell; every heatmap on this page shares one colour "
             f"scale (-{bound:.2f} to {bound:.2f}), so one colour is one value on all of them.",
@@ -498,14 +527,14 @@ def wide_summary(results: Results, rows: pd.DataFrame) -> pd.DataFrame:
 
     def cell(r) -> str:
         if r["n"] == 0:
-            return "n/a"
+            return "undefined"
         ci = "" if pd.isna(r["ci_low"]) else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
         return f"{r['mean']:.3f}{ci} ({int(r['n_episodes'])} ep, {int(r['n'])})"
 
     summ["cell"] = summ.apply(cell, axis=1)
     wide = summ.pivot(index=index, columns="comparison", values="cell")
     wide = wide[figures.comparison_order(list(wide.columns))]
-    wide.insert(0, "unit", [glossary.unit(i[0] if isinstance(i, tuple) else i) for i in wide.index])
+    wide.insert(0, "unit", [glossary.unit(i[0] if isinstance(i, tuple) else i) or "—" for i in wide.index])
     order = {m: i for i, m in enumerate(results.metrics)}
     wide = wide.reset_index().sort_values(by=index, key=lambda c: c.map(order) if c.name == "metric" else c)
     wide.columns.name = None

@@ -111,6 +111,7 @@ def layer_curve_figure(results: Results, metric: str) -> go.Figure | None:
         s = summ[summ["comparison"] == comparison].sort_values("layer")
         for trace in _band_traces(s["layer"], s["mean"], s["ci_low"], s["ci_high"], comparison):
             fig.add_trace(trace)
+    _mark_undefined(fig, summ)
     k_note = f" (k = {max(results.k_values)})" if len(results.k_values) > 1 else ""
     fig.update_layout(
         template=TEMPLATE,
@@ -121,6 +122,44 @@ def layer_curve_figure(results: Results, metric: str) -> go.Figure | None:
         legend=dict(title="comparison"),
     )
     return fig
+
+
+def _mark_undefined(
+    fig: go.Figure, summ: pd.DataFrame, row: int | None = None, col: int | None = None
+) -> None:
+    """Write "undefined" at each layer where the headline has no defined value (a gap is never silent)."""
+    head = summ[(summ["comparison"] == HEADLINE) & summ["mean"].isna()]
+    for layer in sorted(head["layer"].unique()):
+        fig.add_annotation(
+            x=int(layer),
+            y=0.04,
+            yref="y domain",
+            text="undefined",
+            hovertext="no defined value here: see the index's 'Undefined values' and the glossary",
+            showarrow=False,
+            font=dict(color="#888", size=11),
+            row=row,
+            col=col,
+        )
+
+
+def head_gaps(results: Results, layer: int, comparison: str = HEADLINE) -> list[str]:
+    """Why cells of the per-head heatmap read n/a: one sentence per metric with missing heads."""
+    from iclgd_lens.engine.metrics import UNDEFINED_BECAUSE
+
+    grid, _ = head_grid(results, layer, comparison)
+    notes = []
+    for metric, values in grid.iterrows():
+        missing = [int(h) for h, v in values.items() if v != v]
+        if not missing:
+            continue
+        heads = ", ".join(map(str, missing))
+        if str(metric).startswith(("dw_", "dual_form")) and str(metric) != "dual_form_cos":
+            why = "it has one value per key/value head, and this model has fewer key/value heads than heads"
+        else:
+            why = UNDEFINED_BECAUSE.get(str(metric), "no defined value was recorded")
+        notes.append(f"{metric} ({comparison}) at head(s) {heads}: {why}.")
+    return notes
 
 
 def layer_panels_figure(results: Results, metrics: Sequence[str], columns: int = 3) -> go.Figure | None:
@@ -158,6 +197,8 @@ def layer_panels_figure(results: Results, metrics: Sequence[str], columns: int =
                 for v in s["ci_high"].tolist() + s["mean"].tolist()
                 if v == v
             ]
+            if comparison == HEADLINE:
+                _mark_undefined(fig, summ, row=i // cols + 1, col=i % cols + 1)
             for trace in _band_traces(s["layer"], s["mean"], s["ci_low"], s["ci_high"], comparison):
                 if trace.fill is None:
                     trace.showlegend = comparison not in shown
@@ -242,11 +283,12 @@ def head_heatmap_figure(
         return None
     z = grid.to_numpy(dtype=float)
     bound = zmax if zmax is not None else style.shared_scale(z)
+    xs, ys = [f"head {h}" for h in grid.columns], [label(m) for m in grid.index]
     fig = go.Figure(
         go.Heatmap(
             z=z,
-            x=[f"head {h}" for h in grid.columns],
-            y=[label(m) for m in grid.index],
+            x=xs,
+            y=ys,
             customdata=counts.to_numpy(),
             colorscale=style.DIVERGING,
             zmin=-bound,
@@ -258,10 +300,23 @@ def head_heatmap_figure(
             colorbar=dict(title="mean", thickness=12),
         )
     )
+    rows, cols = np.nonzero(np.isnan(z))
+    if len(rows):  # a cell without a value says so (the page's note says why)
+        fig.add_trace(
+            go.Scatter(
+                x=[xs[c] for c in cols],
+                y=[ys[r] for r in rows],
+                mode="text",
+                text=["n/a"] * len(rows),
+                textfont=dict(color="#999", size=11),
+                hovertemplate="%{y}, %{x}: no value (see the note below)<extra></extra>",
+                showlegend=False,
+            )
+        )
     fig.update_layout(
         template=TEMPLATE,
-        title=label(f"layer {layer}: per-head means, {comparison} (empty cell: undefined)"),
-        height=150 + 34 * len(grid.index),
+        title=label(f"layer {layer}: per-head means, {comparison} (n/a: no value, the note below says why)"),
+        height=max(230, 150 + 34 * len(grid.index)),
         xaxis=dict(title="head", showline=False),
         yaxis=dict(showline=False, autorange="reversed"),
         margin=dict(l=170),
@@ -416,7 +471,7 @@ def top_tokens_figure(
             title_text="change in probability", zeroline=True, zerolinecolor="#888", row=1, col=col
         )
     fig.update_yaxes(autorange="reversed", type="category", row=1, col=1)
-    fig.update_xaxes(matches="x")  # one probability scale for both panels
+    fig.update_xaxes(matches="x", row=1, col=2)  # one probability scale for both panels
     fig.update_layout(
         template=TEMPLATE,
         title=label(title),
