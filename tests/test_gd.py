@@ -636,6 +636,21 @@ def test_factor_path_equals_dense_path(models_, tok, name, monkeypatch):
         assert (logits - bridge(ids, attention_mask=mask)).abs().max() > 1e-3  # the deltas act
 
 
+@pytest.mark.parametrize("name", ["dai-k4", "kv-batch2-2epochs", "layer-causal"])
+def test_preallocated_factors_equal_concatenated_ones(models_, tok, name, monkeypatch):
+    """The factors written into preallocated buffers are bitwise the factors concatenated step by
+    step, and each delta's U fills one buffer (no second copy of the factors)."""
+    _, bridge = models_
+    config = LOW_RANK_SETTINGS[name]
+    preallocated = train_with_limit(bridge, tok, config, float("inf"), monkeypatch)
+    monkeypatch.setattr(gd, "_factor_buffers", lambda *args: {})
+    concatenated = train_with_limit(bridge, tok, config, float("inf"), monkeypatch)
+    for path, (u, v) in concatenated.factors.items():
+        pu, pv = preallocated.factors[path]
+        assert torch.equal(pu, u) and torch.equal(pv, v), path
+        assert pu.untyped_storage().nbytes() == u.numel() * u.element_size()  # exactly as wide as needed
+
+
 def test_rank_is_the_number_of_padded_training_tokens(mha, tok, monkeypatch):
     _, bridge = mha
     config = GDConfig(params="kv", lr=0.05, epochs=2, batch_size=3)  # steps: demos {0,1,2}, {3}, twice

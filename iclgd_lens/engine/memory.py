@@ -9,7 +9,7 @@ and the rows per forward pass (`batch_size`) that keep it under a budget.
 The peak is the largest of four phases, each the sum of what is alive then:
 
 - `gd`: one GD step (all episodes' rows in lockstep): the activations autograd saves, the logits
-  and their float32 loss tensors, the low-rank factors (twice while a step appends to them) or
+  and their float32 loss tensors, the low-rank factors (preallocated to their final rank) or
   the dense deltas and their gradients;
 - `prefix` / `queries`: the ICL passes (the demonstrations once per episode, then the query rows on
   top of the prefix KV cache, which is copied to every row) and the query-alone passes, beside the
@@ -176,7 +176,7 @@ def predict(
     logits_gd = rows_gd * t * s.d_vocab * (b + 3 * 4)  # logits, float32 copy, log-softmax, gradient
     train_queries = E * L * n.train * H * dh * b if {"scores", "query_vectors"} <= probes else 0
     gd_phase = {
-        "deltas (x2 while a step appends)": 2 * deltas,
+        "deltas (preallocated factors, or dense + gradient)": deltas,
         "saved activations": saved,
         "logits and loss": logits_gd,
         "GD's query vectors (Kendall)": train_queries,

@@ -267,6 +267,9 @@ def _train(
     calls_per_step = {
         path: model.cfg.n_layers if path == "unembed" and config.layer_causal else 1 for path in parts
     }
+    buffers = _factor_buffers(parts, encoded, chunks, n_episodes, calls_per_step)
+    for path, (u, v) in buffers.items():
+        parts[path] = (u[..., :0], v[..., :0])
     with torch.enable_grad():
         for step, chunk in enumerate(tqdm(chunks, desc="GD", disable=not progress), start=1):
             batch = [encoded[e][i] for e in range(n_episodes) for i in chunk]  # episode-major rows
@@ -278,6 +281,7 @@ def _train(
                     path
                 ] > _rank_limit(part):
                     parts[path] = _densify(part)
+                    buffers.pop(path, None)
             leaves = {
                 path: d if adam is not None else d.detach().requires_grad_(True)
                 for path, d in parts.items()
@@ -317,7 +321,11 @@ def _train(
                 output_grads = iter(grads[len(leaves) :])
                 for path, calls in record.items():
                     parts[path] = _extend(
-                        parts[path], [(x, next(output_grads)) for x, _ in calls], n_episodes, config.lr
+                        parts[path],
+                        [(x, next(output_grads)) for x, _ in calls],
+                        n_episodes,
+                        config.lr,
+                        buffers.get(path),
                     )
                 if step % steps_per_epoch == 0 and not all(_is_finite(part) for part in parts.values()):
                     raise IclgdError(
@@ -376,15 +384,41 @@ def _rank_limit(factors: Factors) -> float:
     return LOW_RANK_LIMIT * d_in * d_out / (d_in + d_out)
 
 
+def _factor_buffers(parts, encoded, chunks, n_episodes: int, calls_per_step: dict) -> dict[str, Factors]:
+    """Preallocated (U, V) of every low-rank delta, as wide as the rank it reaches while it stays
+    low-rank (each step adds rows x the step's padded length per call): the steps write into
+    them instead of concatenating, so the factors are never held twice."""
+    widths = [max(len(encoded[e][i].input_ids) for e in range(n_episodes) for i in chunk) for chunk in chunks]
+    buffers = {}
+    for path, part in parts.items():
+        if not isinstance(part, tuple):
+            continue
+        capacity = 0
+        for chunk, width in zip(chunks, widths):
+            grown = capacity + len(chunk) * width * calls_per_step[path]
+            if grown > _rank_limit(part):
+                break
+            capacity = grown
+        u, v = part
+        buffers[path] = (u.new_zeros((*u.shape[:2], capacity)), v.new_zeros((*v.shape[:2], capacity)))
+    return buffers
+
+
 def _extend(
-    factors: Factors, calls: list[tuple[torch.Tensor, torch.Tensor | None]], n_episodes: int, lr: float
+    factors: Factors,
+    calls: list[tuple[torch.Tensor, torch.Tensor | None]],
+    n_episodes: int,
+    lr: float,
+    buffer: Factors | None = None,
 ) -> Factors:
     """One SGD step on low-rank factors: dW -= lr * sum over tokens of g x^T, i.e. append
     (-lr g, x) of every training token to (U, V). x [rows, pos, d_in]; g [rows, pos, d_out]
     (or [rows, pos, heads, d_head]); rows episode-major. Padding tokens have g = 0 (right
-    padding, causal mask) and are kept, so every episode gets the same rank."""
+    padding, causal mask) and are kept, so every episode gets the same rank. With `buffer`
+    (U, V preallocated, `factors` their first r columns) the new columns are written in place
+    and views returned; without, or when it is full, the factors are concatenated."""
     u, v = factors
-    new_u, new_v = [u], [v]
+    new_u, new_v = [], []
     for x, g in calls:
         if g is None:  # the output did not reach the loss
             continue
@@ -393,7 +427,15 @@ def _extend(
             g.to(u.dtype).mul_(-lr)
         )  # (not alpha=-lr: a huge lr must overflow to inf in fp16, not raise)
         new_v.append(einops.rearrange(x, "(e r) p i -> e i (r p)", e=n_episodes).to(v.dtype))
-    return torch.cat(new_u, -1), torch.cat(new_v, -1)
+    r, added = u.shape[-1], sum(t.shape[-1] for t in new_u)
+    if buffer is not None and r + added <= buffer[0].shape[-1]:
+        for t_u, t_v in zip(new_u, new_v):
+            width = t_u.shape[-1]
+            buffer[0][..., r : r + width] = t_u
+            buffer[1][..., r : r + width] = t_v
+            r += width
+        return buffer[0][..., :r], buffer[1][..., :r]
+    return torch.cat([u, *new_u], -1), torch.cat([v, *new_v], -1)
 
 
 def _is_finite(part: "torch.Tensor | Factors") -> bool:
