@@ -157,6 +157,15 @@ def gd_only_table(
     return frame.assign(k=k)
 
 
+_RANGES = {
+    "accuracy": (0.0, 1.0),
+    "token_overlap": (0.0, 1.0),
+    "simaou": (-1.0, 1.0),
+    "simam_delta": (-1.0, 1.0),
+}
+_RANGES["dw_cos"] = (-1.0, 1.0)
+
+
 def gd_only_ks(summary: pd.DataFrame) -> list[int]:
     """The ks at which only GD ran (no ICL prompt: beyond the context window, or asked for)."""
     acc = summary[summary.metric == "accuracy"]
@@ -178,7 +187,11 @@ def figures(table: pd.DataFrame) -> list:
         sub = summary[summary.metric == metric]
         if sub.empty:
             continue
-        sub = sub.assign(err_plus=sub.ci_high - sub["mean"], err_minus=sub["mean"] - sub.ci_low)
+        low, high = _RANGES.get(metric, (-np.inf, np.inf))  # 2 episodes give wide t-intervals: clip
+        sub = sub.assign(
+            err_plus=sub.ci_high.clip(upper=high) - sub["mean"],
+            err_minus=sub["mean"] - sub.ci_low.clip(lower=low),
+        )
         fig = px.line(
             sub,
             x="k",
@@ -192,13 +205,24 @@ def figures(table: pd.DataFrame) -> list:
             log_x=True,
             category_orders={"comparison": style.order(sub["comparison"].unique())},
             labels={"mean": metric, "k": "demonstrations k"},
-            title=f"{metric} against k (mean over layers and queries, 95% CI over episodes)",
+            title=f"{metric} against k (mean over layers and queries, 95% CI over episodes, within the "
+            f"metric's range)",
         )
         style.restyle(fig)
         fig.update_xaxes(**style.log2_k_axis(ks, title="k (demonstrations, log2 scale)"))
-        for k in only_gd:  # shapes on a log axis take log10 of the position
-            fig.add_vline(
-                x=np.log10(k), line_dash="dot", line_color="#999", annotation_text="GD only", opacity=0.8
+        for k in only_gd:  # on a log axis a shape takes the value, an annotation its log10
+            fig.add_shape(
+                type="line",
+                x0=k,
+                x1=k,
+                y0=0,
+                y1=1,
+                xref="x",
+                yref="paper",
+                line=dict(dash="dot", color="#999"),
+            )
+            fig.add_annotation(
+                x=np.log10(k), y=0.02, xref="x", yref="paper", text="GD only", showarrow=False, xanchor="left"
             )
         figs.append(fig)
     return figs

@@ -247,12 +247,15 @@ def figures(table: pd.DataFrame) -> list:
     sen = s[s.metric == "sen"]
     med = medians(table).set_index("method")
     methods = list(sen["method"])
+    positive = table.loc[(table.metric == "sen") & (table.value > 0), "value"]
+    floor = float(positive.min()) / 2 if len(positive) else 1e-9  # the log axis' bottom
+    lows = np.maximum(sen["ci_low"].to_numpy(), floor)
     fig_sen = go.Figure()
     fig_sen.add_trace(
         go.Bar(
             x=methods,
             y=sen["mean"],
-            error_y=dict(type="data", array=sen["err_plus"], arrayminus=sen["err_minus"]),
+            error_y=dict(type="data", array=sen["err_plus"], arrayminus=sen["mean"].to_numpy() - lows),
             marker_color=[style.colour(m, 0.55) for m in methods],
             name="mean [95% CI over episodes]",
         )
@@ -277,8 +280,9 @@ def figures(table: pd.DataFrame) -> list:
         )
     )
     fig_sen.update_layout(
-        title="Order sensitivity Sen (Shen et al.): mean, median and each episode",
-        yaxis_title="Sen (sum over vocabulary of std over orders)",
+        title="Order sensitivity Sen (Shen et al.): mean, median and each episode (log scale; intervals "
+        "cut at the axis floor)",
+        yaxis=dict(title="Sen (sum over vocabulary of std over orders)", type="log"),
         xaxis_title="method",
     )
     layers = s[s.metric == "attn_sen"]
@@ -337,11 +341,11 @@ def findings(table: pd.DataFrame, k: int) -> str:
         most = max(gd_methods, key=lambda m: sen[m])
         if sen[most] > 0:
             line = (
-                f"By the means ICL is {sen['icl'] / sen[most]:.1f}x as order-sensitive as the most "
+                f"By the means ICL is {sen['icl'] / sen[most]:.2g}x as order-sensitive as the most "
                 f"order-sensitive GD setting ({most})"
             )
             if med.loc[most, "median"] > 0:
-                line += f"; by the medians {med.loc['icl', 'median'] / med.loc[most, 'median']:.1f}x"
+                line += f"; by the medians {med.loc['icl', 'median'] / med.loc[most, 'median']:.2g}x"
             lines.append(line + ".")
             mean_says, median_says = (
                 sen["icl"] > sen[most],

@@ -61,10 +61,30 @@ def _alias(name: str) -> str:
     return low
 
 
+_SHADES = {  # variants of a condition (e.g. GD at several batch sizes): shades of its colour
+    "gd": ("#3f007d", "#6a51a3", "#8c7fc0", "#b1a8d6", "#54278f", "#9e9ac8"),
+    "icl": ("#a63603", "#e07b24", "#f5a25d", "#fdc28c"),
+}
+_KNOWN_VARIANTS = ("gd_b1", "gd_b2", "gd_b4", "gd_full", "gd_b8", "gd_b16")
+
+
+def _variant_colour(name: str) -> str | None:
+    """A shade of ICL's or GD's colour for a variant name such as "gd_b2" (None otherwise)."""
+    low = str(name).strip().lower().split(",")[0].split(" ")[0]
+    for base, shades in _SHADES.items():
+        if low.startswith(base + "_"):
+            index = _KNOWN_VARIANTS.index(low) if low in _KNOWN_VARIANTS else zlib.crc32(low.encode())
+            return shades[index % len(shades)]
+    return None
+
+
 def colour(name: str, alpha: float = 1.0) -> str:
-    """The colour of a comparison/condition `name` in every figure (rgba with `alpha`)."""
+    """The colour of a comparison/condition `name` in every figure (rgba with `alpha`); variants
+    of a condition ("gd_b1", "gd_full") in shades of its colour."""
     key = _alias(name)
-    hex_colour = STYLES[key][0] if key in STYLES else _MUTED[zlib.crc32(key.encode()) % len(_MUTED)]
+    hex_colour = _variant_colour(name) or (
+        STYLES[key][0] if key in STYLES else _MUTED[zlib.crc32(key.encode()) % len(_MUTED)]
+    )
     r, g, b = (int(hex_colour[j : j + 2], 16) for j in (1, 3, 5))
     return f"rgba({r},{g},{b},{alpha})"
 
