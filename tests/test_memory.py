@@ -118,3 +118,22 @@ def test_plan_compare_reads_the_model_and_task():
             baselines=(),
             gd_params="nonsense",
         )
+
+
+def test_compare_picks_the_batch_size_that_fits_max_memory():
+    """compare(max_memory=...) runs with the memory model's batch size, and refuses up front a
+    budget that no batch size fits (one line, before any model work)."""
+    from iclgd_lens import compare, load_model
+    from iclgd_lens.errors import IclgdError
+
+    model = load_model(device="cpu")
+    kw = dict(k=4, n_episodes=4, n_queries=8, baselines=False)
+    roomy = memory.plan_compare(model, **kw)
+    results = compare(model, max_memory=roomy.total_bytes, progress=False, artifacts=False, **kw)
+    assert results.config["batch_size"] == 64
+    tight = memory.plan_compare(model, batch_size=1, **kw)
+    assert tight.total_bytes < roomy.total_bytes
+    smaller = compare(model, max_memory=tight.total_bytes, progress=False, artifacts=False, **kw)
+    assert smaller.config["batch_size"] < 64
+    with pytest.raises(IclgdError, match="memory model predicts"):
+        compare(model, max_memory=1000, progress=False, artifacts=False, **kw)

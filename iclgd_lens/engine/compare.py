@@ -54,6 +54,7 @@ def compare(
     progress: bool = True,
     artifacts: bool = True,
     check_resources: bool = True,
+    max_memory: int | None = None,
 ) -> Results:
     """Compare ICL with GD on `task`, layer by layer, and return the tidy Results.
 
@@ -70,6 +71,9 @@ def compare(
     `baselines` is True (all of ALL_BASELINES), False, or a subset of names.
     `probes` names the probes to record (default: iclgd_lens.hooks.DEFAULT_PROBES plus every
     probe registered by the user). `batch_size` bounds the rows of one forward pass.
+    `max_memory` (bytes, weights included): take the largest batch size (at most `batch_size`)
+    whose peak the memory model predicts to fit (`iclgd_lens.engine.memory.plan_compare`), and
+    refuse a comparison that fits with none, before any work.
     Episodes are the statistical unit (their queries share demonstrations and GD run): the
     default 8 episodes let the exact paired test reach p = 0.0078 (docs/statistics.md).
     """
@@ -85,6 +89,34 @@ def compare(
     if check_resources:
         _check_delta_memory(model, gd_config, n_episodes, ("untrained" in chosen))
         _check_work(model, task, episodes, gd_config, ("untrained" in chosen))
+    if max_memory is not None:
+        from iclgd_lens.engine.memory import BATCH_SIZES, plan_compare
+
+        plan = None
+        for size in [b for b in BATCH_SIZES if b <= batch_size] or [batch_size]:
+            plan = plan_compare(
+                model,
+                task,
+                gd=gd_config,
+                k=k,
+                n_episodes=n_episodes,
+                n_queries=n_queries,
+                seed=seed,
+                probes=probe_names,
+                baselines=chosen,
+                batch_size=size,
+                max_memory=max_memory,
+            )
+            if plan.fits:
+                break
+        if not plan.fits:
+            raise IclgdError(
+                f"the memory model predicts {plan.total_bytes / 2**30:.1f} GB even with "
+                f"batch_size={plan.batch_size}, more than max_memory={max_memory / 2**30:.1f} GB "
+                f"(peak phase {plan.phase!r}); use fewer episodes or queries per call, or fewer probes "
+                "or baselines"
+            )
+        batch_size = plan.batch_size
     n_queries_drawn = len(episodes[0].queries)
     if n_queries_drawn < n_queries:
         warnings.warn(
@@ -138,6 +170,7 @@ def compare(
         "baselines": list(chosen),
         "probes": probe_names,
         "share_prefix": share_prefix,
+        "batch_size": batch_size,
         "versions": versions(),  # provenance
         "run_time_s": round(time.time() - started, 2),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),

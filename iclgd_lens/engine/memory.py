@@ -220,7 +220,7 @@ def predict(
         per_prefix += L * KV * dh * dh * b  # kv_demo
     # compare() records, tables and drops one group of episodes at a time (at most batch_size query
     # rows, or one episode): the recordings of one group are alive, not those of every episode
-    rows_group = max(Q, (batch_size // Q) * Q) if Q <= batch_size else Q
+    rows_group = min(E, max(1, batch_size // Q)) * Q if Q <= batch_size else Q
     groups = max(1, rows_group // Q)
     recordings = (
         zsl_rows * per_row["query_alone"]
@@ -276,7 +276,12 @@ def predict(
     # ---- the table -------------------------------------------------------------------------------
     rows_table = _table_rows(s, E, Q, probes, baselines)
     dual_form = 3 * L * Q * H * dh * dh * 4 if {"kv_outer", "query_vectors", "head_out"} <= probes else 0
-    kendall = 3 * KENDALL_CHUNK_BYTES if "demo_attention" in probes or "query_vectors" in probes else 0
+    pairs = n.prefix * (n.prefix - 1) // 2  # Kendall's pairs of demonstration tokens
+    kendall = (  # the pair signs of a and b and one difference, per chunk of at most KENDALL_CHUNK_BYTES
+        3 * min(KENDALL_CHUNK_BYTES, L * Q * H * pairs * 4)
+        if "demo_attention" in probes or "query_vectors" in probes
+        else 0
+    )
     table_phase = {
         "deltas": deltas,
         "random-update deltas": random_deltas,
