@@ -3,6 +3,8 @@
     iclgd-lens report                      # embedded tiny model, default task, k = 8 -> iclgd-report/
     iclgd-lens report --k 1,2,4,8          # a k sweep
     iclgd-lens render results.json --out DIR
+    iclgd-lens sweep grid.toml [--dry-run | --status] [--executor submitit|ray]
+    iclgd-lens render iclgd-store/          # the whole sweep
     iclgd-lens study order-sensitivity --set n_permutations=10
     iclgd-lens train --variant icl --out DIR     # retrain an embedded tiny model
     iclgd-lens list
@@ -160,6 +162,37 @@ def _load_task(task: Optional[str], seed: int):
     return load_task(task, seed=seed)
 
 
+def _data_task(data, template, label_words, text_column, label_column, seed: int, task=None):
+    """The task of `report --data FILE` (with its template, label words and columns), or None."""
+    given = [
+        n
+        for n, v in (
+            ("--template", template),
+            ("--label-words", label_words),
+            ("--text-column", text_column),
+            ("--label-column", label_column),
+        )
+        if v is not None
+    ]
+    if data is None:
+        if given:
+            raise IclgdError(f"{given[0]} describes the file of --data; pass --data FILE too")
+        return None
+    if task is not None:
+        raise IclgdError("--task and --data both name a task; give one of them")
+    from iclgd_lens.tasks.formats import load_task
+
+    words = [w.strip() for w in label_words.split(",")] if label_words is not None else None
+    return load_task(
+        str(data),
+        template=template,
+        label_words=words,
+        text_column=text_column,
+        label_column=label_column,
+        seed=seed,
+    )
+
+
 def _say(message: str) -> None:
     typer.echo(message, err=True)
 
@@ -170,6 +203,23 @@ def report(
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, local HF folder, or hub id."),
     task: Optional[str] = typer.Option(
         None, help="Paper task name or data file/folder (default: the embedded models' task)."
+    ),
+    data: Optional[Path] = typer.Option(
+        None,
+        "--data",
+        help="Your own data file or folder (.jsonl/.csv with a split column, or train/test files).",
+    ),
+    template: Optional[str] = typer.Option(
+        None, help="Prompt template of --data, with one {text} field (e.g. 'Review: {text} Verdict:')."
+    ),
+    label_words: Optional[str] = typer.Option(
+        None, "--label-words", help="Comma-separated label words of --data (index = label id)."
+    ),
+    text_column: Optional[str] = typer.Option(
+        None, "--text-column", help="Column of --data holding the text."
+    ),
+    label_column: Optional[str] = typer.Option(
+        None, "--label-column", help="Column of --data holding the label (id or label word)."
     ),
     k: List[str] = typer.Option(
         ["8"], "--k", help="Demonstrations per episode; repeat or comma-separate for a k sweep."
@@ -227,7 +277,9 @@ def report(
     from iclgd_lens.report import render_report
     from iclgd_lens.tasks.mapping import default_task
 
-    the_task = _load_task(task, seed)
+    the_task = _data_task(data, template, label_words, text_column, label_column, seed, task)
+    if the_task is None:
+        the_task = _load_task(task, seed)
     overrides = {
         name: value
         for name, value in (("lr", lr), ("epochs", epochs), ("batch_size", batch_size))
@@ -261,20 +313,39 @@ def report(
 
 @app.command()
 def render(
-    results: Path = typer.Argument(..., help="results.json, results.parquet, or a folder holding them."),
+    results: List[Path] = typer.Argument(
+        ...,
+        help="results.json / results.parquet / a report folder; a sweep store or spec (.toml, preset); "
+        "or several results files to draw side by side.",
+    ),
     out: Path = typer.Option(Path(DEFAULT_OUT), help="Report folder."),
     single_file: bool = typer.Option(False, "--single-file", help="Write one self-contained report.html."),
     analyses: List[Path] = typer.Option(
         [], "--analyses", help="Python file of @analysis functions (repeatable)."
     ),
+    store: Optional[Path] = typer.Option(None, help="The store of a sweep spec (default: the spec's own)."),
 ) -> None:
-    """Write the report for saved results (no model needed)."""
+    """Write the report for saved results, a whole sweep, or several runs together (no model needed)."""
     from iclgd_lens.engine.results import Results
     from iclgd_lens.report import load_studies, render_report
+    from iclgd_lens.report.sweep import render_sweep, render_sweep_runs
+    from iclgd_lens.sweep.spec import preset_names
 
     load_user_files((), analyses)
-    loaded = Results.load(results)
-    folder = results if results.is_dir() else results.parent
+    first = results[0]
+    is_spec = first.suffix == ".toml" or (not first.exists() and str(first) in preset_names())
+    if len(results) == 1 and (is_spec or (first / "cells").is_dir()):
+        if single_file:
+            raise IclgdError("a sweep report is a folder of pages; leave out --single-file")
+        typer.echo(str(render_sweep(first, out, store=store)))
+        return
+    if len(results) > 1:
+        if single_file:
+            raise IclgdError("several runs make a folder of pages; leave out --single-file")
+        typer.echo(str(render_sweep_runs(results, out)))
+        return
+    loaded = Results.load(first)
+    folder = first if first.is_dir() else first.parent
     studies = load_studies(folder)  # a study's report: its saved results rebuild its page
     path = render_report(
         loaded, out, single_file=single_file, study_results=studies, **({"analyses": {}} if studies else {})
@@ -348,6 +419,135 @@ def study(
     if isinstance(table, pd.DataFrame):
         table.to_csv(path.parent / f"study_{name}.csv", index=False)
     typer.echo(str(path))
+
+
+@app.command()
+def sweep(
+    spec: str = typer.Argument(..., help="A sweep spec (.toml) or a preset: dai2023, shen2024, deutch2024."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="List the cells with their estimated work and memory."
+    ),
+    status: bool = typer.Option(False, "--status", help="Say done / missing / failed for every cell."),
+    executor: str = typer.Option(
+        "local", help="local (this process), submitit (SLURM or --cluster local), ray."
+    ),
+    store: Optional[Path] = typer.Option(
+        None, help="The results store (default: the spec's, else iclgd-store/)."
+    ),
+    model: List[str] = typer.Option([], "--model", help="Run on these models instead (repeatable)."),
+    data_dir: Optional[Path] = typer.Option(
+        None,
+        "--data-dir",
+        help="Read the spec's paper tasks from this folder (sst2.jsonl, cb.csv, agnews/...).",
+    ),
+    settings: List[str] = typer.Option(
+        [], "--set", help="Spec setting name=value (JSON values: --set k=[1,2] --set n_episodes=4)."
+    ),
+    cluster: str = typer.Option(
+        "slurm", help="submitit: slurm, local (subprocess jobs on this machine), or auto (submitit's choice)."
+    ),
+    partition: Optional[str] = typer.Option(None, help="submitit/SLURM partition."),
+    gpus_per_task: int = typer.Option(0, "--gpus-per-task", min=0, help="submitit: GPUs per cell job."),
+    cpus_per_task: Optional[int] = typer.Option(
+        None, "--cpus-per-task", min=1, help="submitit: CPUs per job."
+    ),
+    mem_gb: Optional[float] = typer.Option(None, "--mem-gb", help="submitit: memory per job (GB)."),
+    time_limit: int = typer.Option(60, "--time-limit", min=1, help="submitit: minutes per cell job."),
+    array_parallelism: Optional[int] = typer.Option(
+        None, "--array-parallelism", min=1, help="SLURM: at most this many cell jobs at once."
+    ),
+    max_parallel: Optional[int] = typer.Option(
+        None,
+        "--max-parallel",
+        min=1,
+        help="submitit --cluster local: jobs at once (default: cores / threads).",
+    ),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help="ray: a running cluster (ray://...)."
+    ),
+    ray_cpus: Optional[int] = typer.Option(
+        None, "--ray-cpus", min=1, help="ray: CPUs of the local instance."
+    ),
+) -> None:
+    """Run a sweep (models x tasks x k x GD settings x seeds) into a content-addressed store;
+    a rerun computes only the missing cells."""
+    from iclgd_lens.sweep import run as sweep_run
+    from iclgd_lens.sweep.spec import load_spec, on_data_dir
+    from iclgd_lens.sweep.store import Store
+
+    the_spec = load_spec(spec)
+    changes = parse_settings(settings)
+    if model:
+        changes["models"] = list(model)
+    if changes:
+        the_spec = the_spec.with_settings(**changes)
+    if data_dir is not None:
+        the_spec, missing = on_data_dir(the_spec, data_dir)
+        if missing:
+            _say(
+                f"iclgd-lens: note: no data for {', '.join(missing)} in {data_dir}; those tasks are left out"
+            )
+    the_store = Store(store or the_spec.store or "iclgd-store")
+    if dry_run or status:
+        _sweep_listing(the_spec, the_store, dry_run)
+        return
+    options: dict[str, Any] = {}
+    if executor == "submitit":
+        options = dict(
+            cluster=None if cluster == "auto" else cluster,
+            partition=partition,
+            gpus_per_task=gpus_per_task,
+            cpus_per_task=cpus_per_task,
+            mem_gb=mem_gb,
+            timeout_min=time_limit,
+            array_parallelism=array_parallelism,
+            max_parallel=max_parallel,
+        )
+    elif executor == "ray":
+        options = dict(address=ray_address, num_cpus=ray_cpus)
+    count = {"n": 0}
+
+    def report_cell(planned, state: str) -> None:
+        count["n"] += 1
+        labels = " ".join(f"{k}={v}" for k, v in planned.labels.items())
+        _say(f"[{count['n']}] {state} {planned.key} {labels}")
+
+    summary = sweep_run.run_sweep(the_spec, the_store, executor=executor, on_cell=report_cell, **options)
+    typer.echo(summary.line())
+    if summary.failed:
+        for key, error in summary.failed.items():
+            _say(f"iclgd-lens: failed cell {key}: {error}")
+        sys.exit(1)
+
+
+def _sweep_listing(spec, store, estimates: bool) -> None:
+    """--dry-run (cells, status, estimated work and memory) and --status (with failures)."""
+    from iclgd_lens.sweep.identity import Resolver
+    from iclgd_lens.sweep.run import plan
+
+    planned = plan(spec, store, strict=False)
+    resolver = Resolver(strict=False)
+    counts: dict[str, int] = {}
+    total_tflop = 0.0
+    for p in planned:
+        counts[p.status] = counts.get(p.status, 0) + 1
+        labels = " ".join(f"{k}={v}" for k, v in p.labels.items())
+        line = f"{p.status:8s} {p.key} {labels}"
+        if estimates:
+            from iclgd_lens.sweep.estimate import estimate
+
+            est = estimate(p, resolver.task(p.cell.task, p.cell.seed))
+            if est["tflop"] is None:
+                line += "  work ?  memory ? (model not on this machine)"
+            else:
+                total_tflop += est["tflop"]
+                line += f"  work {est['tflop']:.3g} TFLOP  memory {est['memory_gb']:.3g} GB"
+        if p.status == "failed":
+            line += f"  error: {store.failure(p.key)}"
+        typer.echo(line)
+    tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    extra = f"; estimated work {total_tflop:.3g} TFLOP in all" if estimates else ""
+    typer.echo(f"{len(planned)} cells ({tally}) in store {store.root}{extra}")
 
 
 @app.command("train")

@@ -42,6 +42,7 @@ class PaperFormat(NamedTuple):
     text_format: str = "{0}"  # how the text_fields' values combine into `text`
     test_split: str = "test"  # the labelled split used for queries
     label_field: str = "label"
+    text_column: str | None = None  # a local file's own text column (read instead of text_fields)
 
 
 PAPER_FORMATS: dict[str, PaperFormat] = {
@@ -139,6 +140,8 @@ def load_task(
     task_format: str | None = None,
     label_words: Sequence[str] | None = None,
     template: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
     seed: int = 0,
 ) -> Task:
     """A paper task from the hub or from a local file, as a `Task`.
@@ -149,7 +152,9 @@ def load_task(
     it defaults to the file or folder name when that is a format name. `split_test` defaults
     to the format's labelled test split (hub) or "test" (local). `max_examples` keeps that
     many examples per split, drawn with `seed` (all examples, in file order, when None).
-    `label_words` / `template` override the format's.
+    `label_words` / `template` override the format's. A local file in no paper format needs
+    both `template` and `label_words` (its own prompt format); `text_column` / `label_column`
+    name the columns holding the input text and the label (default `text`, `label`).
     """
     if max_examples is not None and max_examples <= 0:
         raise IclgdError(f"max_examples must be a positive integer, got {max_examples}")
@@ -163,19 +168,30 @@ def load_task(
     if is_local:
         if not path.exists():
             raise IclgdError(f"data file {name_or_path} does not exist")
-        if task_format is None:
-            stem = path.stem if path.is_file() else path.name
+        stem = path.stem if path.is_file() else path.name
+        named = stem.lower().replace("-", "").replace("_", "") in PAPER_FORMATS
+        own = task_format is None and not named and template is not None and label_words is not None
+        if task_format is None and not own:
             try:
                 task_format = format_name(stem)
             except IclgdError:
                 raise IclgdError(
-                    f"say which paper format {path} is in: "
-                    f"task_format=... (one of {', '.join(PAPER_FORMATS)})"
+                    f"say which paper format {path} is in: task_format=... (one of "
+                    f"{', '.join(PAPER_FORMATS)}), or give its own template and label words"
                 ) from None
-        key = format_name(task_format)
+        key = stem if own else format_name(task_format)
     else:
+        own = False
         key = format_name(name_or_path)
-    fmt = PAPER_FORMATS[key]
+    fmt = (
+        PaperFormat(check_template(template), check_label_words(label_words), "", ("text",))
+        if own
+        else PAPER_FORMATS[key]
+    )
+    if text_column is not None:
+        fmt = fmt._replace(text_column=text_column)
+    if label_column is not None:
+        fmt = fmt._replace(label_field=label_column)
     words = check_label_words(label_words if label_words is not None else fmt.label_words)
     if len(words) != len(fmt.label_words) and label_words is not None:
         raise IclgdError(
@@ -209,7 +225,11 @@ def load_task(
 
 def _example(record: dict[str, Any], fmt: PaperFormat, words: Sequence[str], where: str) -> Example:
     """One row -> Example, with errors that say where the bad row is."""
-    if "text" in record and record["text"] not in (None, ""):
+    if fmt.text_column is not None:  # the user named the column: nothing else is read
+        text = record.get(fmt.text_column)
+        if text in (None, ""):
+            raise IclgdError(f"{where}: missing or empty text column {fmt.text_column!r}")
+    elif "text" in record and record["text"] not in (None, ""):
         text = record["text"]
     elif all(record.get(f) not in (None, "") for f in fmt.text_fields) and fmt.text_fields != ("text",):
         text = fmt.text_format.format(*(record[f] for f in fmt.text_fields))
@@ -218,9 +238,11 @@ def _example(record: dict[str, Any], fmt: PaperFormat, words: Sequence[str], whe
         raise IclgdError(f"{where}: missing or empty text field {wanted}")
     if not isinstance(text, str):
         raise IclgdError(f"{where}: text must be a string, got {type(text).__name__}")
-    label = record.get(fmt.label_field, record.get("label"))
+    label = record.get(fmt.label_field)
     if label is None or label == "":
-        raise IclgdError(f"{where}: missing label")
+        raise IclgdError(
+            f"{where}: missing label" + (f" column {fmt.label_field!r}" if fmt.label_field != "label" else "")
+        )
     return Example(" ".join(text.split()), _label_id(label, words, where, (fmt.label_words,)))
 
 

@@ -1,0 +1,404 @@
+"""The report of a whole sweep (or of several runs side by side): one page over every cell.
+
+    render_sweep("iclgd-store/", "sweep-report/")       # every done cell of a store
+    render_sweep("grid.toml", "sweep-report/")          # the cells of a spec, from its store
+    render_sweep_runs(["a/results.json", "b/results.json"], "both/")
+
+The index holds Dai et al.'s table (tasks x models x metrics, ICL~GD beside its baselines, each
+with its episode-level 95% interval; seeds pooled, since each seed draws its own episodes),
+metric-vs-k curves per task and model (Shen et al.'s view), metric-vs-learning-rate and
+-epochs curves where the GD settings form a grid, the layer profiles of the models side by
+side, and a list of the cells, each linked to its own per-layer report (`render_report`) in
+`cells/<key>/`. Every string from models, tasks and files is escaped; scripts come from assets/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from iclgd_lens.engine import stats
+from iclgd_lens.engine.results import TABLE_COLUMNS, Results
+from iclgd_lens.errors import IclgdError
+from iclgd_lens.report import INDEX, figure_html, render_report
+from iclgd_lens.report.assets import script_tags, write_assets
+from iclgd_lens.report.figures import TEMPLATE, label
+from iclgd_lens.report.templates import escape, page, section, table
+
+AXIS_COLUMNS = ("task", "model", "gd", "k", "seed")
+TABLE_METRICS = ("simaou", "simaou_norm", "simam_delta")
+"""Similarities in Dai's table (layer-level, averaged over layers), each with its baselines."""
+MODEL_METRICS = (("accuracy", "zsl"), ("accuracy", "icl"), ("accuracy", "gd"), ("rec2ftp", "icl~gd"))
+BASELINES = ("icl~random", "icl~random_update", "untrained:icl~gd", "icl~icl_perm")
+HEADLINE = "icl~gd"
+_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+@dataclass
+class SweepCell:
+    """One cell of the page: its key, its axis labels, and its Results or StudyResult."""
+
+    key: str
+    labels: dict
+    results: Results | None = None
+    study: Any = None
+
+
+# ---- sources ---------------------------------------------------------------------------------
+def store_cells(source: str | os.PathLike, store: str | os.PathLike | None = None) -> list[SweepCell]:
+    """The done cells of a store folder, or of a spec (a .toml file or preset) in its store."""
+    from iclgd_lens.sweep.spec import load_spec
+    from iclgd_lens.sweep.store import Store
+
+    path = Path(source)
+    if (path / "cells").is_dir() and store is None:
+        the_store, keys = Store(path), None
+    else:
+        from iclgd_lens.sweep.run import plan
+
+        spec = load_spec(source)
+        the_store = Store(store or spec.store or "iclgd-store")
+        keys = [p.key for p in plan(spec, the_store) if p.status == "done"]
+    keys = the_store.done_keys() if keys is None else keys
+    out = []
+    for key in keys:
+        info = the_store.cell_info(key)
+        if info.get("kind") == "study":
+            out.append(SweepCell(key, info.get("labels", {}), study=the_store.load_study(key)))
+        else:
+            out.append(SweepCell(key, info.get("labels", {}), results=the_store.load_results(key)))
+    if not out:
+        raise IclgdError(f"no finished cells in {the_store.root} to draw (run the sweep first)")
+    return out
+
+
+def run_cells(paths: Sequence[str | os.PathLike]) -> list[SweepCell]:
+    """Saved runs (results.json / .parquet / report folders) as cells, labelled from their configs."""
+    out = []
+    for i, path in enumerate(paths):
+        results = Results.load(path)
+        config = results.config
+        name = lambda v: str(v.get("name", "?")) if isinstance(v, dict) else str(v)  # noqa: E731
+        gd = config.get("gd") or {}
+        labels = {
+            "model": name(config.get("model", "?")),
+            "task": name(config.get("task", "?")),
+            "k": config.get("k") if isinstance(config.get("k"), int) else -1,
+            "gd": str(gd.get("name") or "custom") + (f" lr={gd['lr']:g}" if gd.get("lr") else ""),
+            "seed": config.get("seed", 0),
+            "run": str(path),
+        }
+        out.append(SweepCell(f"run{i:02d}", labels, results=results))
+    return out
+
+
+# ---- the numbers -----------------------------------------------------------------------------
+def combined_table(cells: Sequence[SweepCell]) -> pd.DataFrame:
+    """Every compare cell's tidy table with the axis columns and `unit` = (seed, episode): the
+    unit of every interval (episodes of different seeds are different draws)."""
+    parts = []
+    for c in cells:
+        if c.results is None:
+            continue
+        t = c.results.table[[col for col in c.results.table.columns if col not in AXIS_COLUMNS or col == "k"]]
+        t = t.assign(**{a: c.labels.get(a) for a in AXIS_COLUMNS if a != "k"}, cell=c.key)
+        if "k" not in t.columns:
+            t = t.assign(k=c.labels.get("k", -1))
+        parts.append(t)
+    if not parts:
+        return pd.DataFrame(columns=list(TABLE_COLUMNS) + list(AXIS_COLUMNS) + ["cell", "unit"])
+    table = pd.concat(parts, ignore_index=True)
+    table["unit"] = table["seed"].astype(str) + ":" + table["episode"].astype(str)
+    return table
+
+
+def layer_averaged(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """Episode-level mean and 95% interval per group: layer-level values (head -1, layer >= 0)
+    averaged over layers and queries within each unit first; model-level ones (layer -1) as they are."""
+    rows = table[table["head"] == -1]
+    return stats.episode_summary(rows, list(by), episode="unit")
+
+
+def dai_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Tasks x models (x GD setting) at each one's largest k: accuracy, Rec2FTP, and each
+    similarity as ICL~GD [95% interval] beside the means of its baselines."""
+    if table.empty:
+        return pd.DataFrame()
+    keys = ["task", "model", "gd"]
+    largest = table.groupby(keys)["k"].transform("max")
+    at_k = table[table["k"] == largest]
+    summ = layer_averaged(at_k, keys + ["k", "metric", "comparison"])
+    out = summ[keys + ["k"]].drop_duplicates().reset_index(drop=True)
+
+    def column(metric: str, comparison: str, with_ci: bool) -> list:
+        s = summ[(summ["metric"] == metric) & (summ["comparison"] == comparison)].set_index(keys + ["k"])
+        values = []
+        for row in out.itertuples(index=False):
+            key = tuple(getattr(row, c) for c in keys + ["k"])
+            if key not in s.index:
+                values.append("")
+                continue
+            r = s.loc[key]
+            text = "n/a" if pd.isna(r["mean"]) else f"{r['mean']:.3f}"
+            if with_ci and not pd.isna(r["ci_low"]):
+                text += f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+            values.append(text)
+        return values
+
+    for metric, comparison in MODEL_METRICS:
+        if ((summ["metric"] == metric) & (summ["comparison"] == comparison)).any():
+            out[f"{metric} {comparison}"] = column(metric, comparison, metric == "rec2ftp")
+    for metric in TABLE_METRICS:
+        if not (summ["metric"] == metric).any():
+            continue
+        out[f"{metric} {HEADLINE}"] = column(metric, HEADLINE, True)
+        for baseline in BASELINES:
+            if ((summ["metric"] == metric) & (summ["comparison"] == baseline)).any():
+                out[f"{metric} {baseline}"] = column(metric, baseline, False)
+    n_units = at_k.groupby(keys)["unit"].nunique().rename("episodes").reset_index()
+    return out.merge(n_units, on=keys, how="left")
+
+
+# ---- figures -------------------------------------------------------------------------------------
+def _error_trace(x, s: pd.DataFrame, name: str, i: int, dash: str = "solid") -> go.Scatter:
+    return go.Scatter(
+        x=list(x),
+        y=s["mean"].tolist(),
+        error_y=dict(
+            type="data",
+            symmetric=False,
+            array=(s["ci_high"] - s["mean"]).fillna(0).tolist(),
+            arrayminus=(s["mean"] - s["ci_low"]).fillna(0).tolist(),
+            thickness=1,
+        ),
+        mode="lines+markers",
+        name=label(name),
+        line=dict(color=_COLOURS[i % len(_COLOURS)], dash=dash),
+    )
+
+
+def k_curves(table: pd.DataFrame, metric: str = "simaou") -> list[go.Figure]:
+    """One figure per task: `metric` (ICL~GD, mean over layers) against k, a line per model and GD
+    setting, 95% episode-level intervals as error bars; the random update of equal norm dashed."""
+    figs = []
+    for task, rows in table.groupby("task", sort=True):
+        if rows["k"].nunique() < 2:
+            continue
+        summ = layer_averaged(rows[rows["metric"] == metric], ["model", "gd", "comparison", "k"])
+        fig = go.Figure()
+        for i, ((model, gd), s) in enumerate(summ.groupby(["model", "gd"], sort=True)):
+            for comparison, dash in ((HEADLINE, "solid"), ("icl~random_update", "dot")):
+                part = s[s["comparison"] == comparison].sort_values("k")
+                if not part.empty:
+                    fig.add_trace(_error_trace(part["k"], part, f"{model} · {gd} · {comparison}", i, dash))
+        fig.update_layout(
+            template=TEMPLATE,
+            title=label(f"{metric} against k: task {task}"),
+            height=380,
+            xaxis=dict(title="k (demonstrations)", type="log", tickvals=sorted(rows["k"].unique().tolist())),
+            yaxis=dict(title=label(f"{metric} (mean over layers)")),
+            margin=dict(l=60, r=20, t=50, b=50),
+        )
+        figs.append(fig)
+    return figs
+
+
+def gd_setting(cells: Sequence[SweepCell]) -> pd.DataFrame:
+    """cell -> the GD learning rate and epochs it ran with, and its GD 'family' (the setting
+    without lr and epochs), read from each cell's own config."""
+    rows = []
+    for c in cells:
+        if c.results is None:
+            continue
+        gd = c.results.config.get("gd") or {}
+        family = re.sub(r"\s*(lr|epochs)=\S+", "", str(c.labels.get("gd", ""))).strip()
+        rows.append({"cell": c.key, "lr": gd.get("lr"), "epochs": gd.get("epochs"), "family": family})
+    return pd.DataFrame(rows, columns=["cell", "lr", "epochs", "family"])
+
+
+def grid_curves(table: pd.DataFrame, settings: pd.DataFrame, metric: str = "simaou") -> list[go.Figure]:
+    """Where the GD settings form a grid: `metric` (ICL~GD) against the learning rate (log axis)
+    and against epochs, one figure per task, a line per model, GD family, k (and the other knob)."""
+    if table.empty or settings.empty:
+        return []
+    t = table[table["metric"] == metric].merge(settings, on="cell")
+    figs = []
+    for knob, other in (("lr", "epochs"), ("epochs", "lr")):
+        for task, rows in t.groupby("task", sort=True):
+            groups = ["model", "family", "k", other]
+            if rows.groupby(groups)[knob].nunique().max() < 2:
+                continue
+            summ = layer_averaged(rows[rows["comparison"] == HEADLINE], groups + [knob])
+            fig = go.Figure()
+            for i, (key, s) in enumerate(summ.groupby(groups, sort=True)):
+                if s[knob].nunique() < 2:
+                    continue
+                s = s.sort_values(knob)
+                name = f"{key[0]} · {key[1]} · k={key[2]} · {other}={key[3]:g}"
+                fig.add_trace(_error_trace(s[knob], s, name, i))
+            fig.update_layout(
+                template=TEMPLATE,
+                title=label(f"{metric} ({HEADLINE}) against GD {knob}: task {task}"),
+                height=380,
+                xaxis=dict(title=knob, type="log" if knob == "lr" else "linear"),
+                yaxis=dict(title=label(f"{metric} (mean over layers)")),
+                margin=dict(l=60, r=20, t=50, b=50),
+            )
+            figs.append(fig)
+    return figs
+
+
+def layer_profiles(table: pd.DataFrame, metric: str = "simaou") -> list[go.Figure]:
+    """One figure per task: a panel per model side by side, `metric` by layer at the largest k,
+    a line per GD setting (ICL~GD solid, the random update of equal norm dotted)."""
+    figs = []
+    for task, rows in table.groupby("task", sort=True):
+        rows = rows[(rows["metric"] == metric) & (rows["layer"] >= 0) & (rows["head"] == -1)]
+        rows = rows[rows["k"] == rows["k"].max()] if not rows.empty else rows
+        models = sorted(rows["model"].unique().tolist())
+        if not models:
+            continue
+        fig = make_subplots(
+            rows=1, cols=len(models), shared_yaxes=True, subplot_titles=[label(m) for m in models]
+        )
+        gds = sorted(rows["gd"].unique().tolist())
+        for col, model in enumerate(models, start=1):
+            summ = stats.episode_summary(
+                rows[rows["model"] == model], ["gd", "comparison", "layer"], episode="unit"
+            )
+            for i, gd in enumerate(gds):
+                for comparison, dash in ((HEADLINE, "solid"), ("icl~random_update", "dot")):
+                    s = summ[(summ["gd"] == gd) & (summ["comparison"] == comparison)].sort_values("layer")
+                    if s.empty:
+                        continue
+                    trace = _error_trace(s["layer"], s, f"{gd} · {comparison}", i, dash)
+                    trace.showlegend = col == 1
+                    trace.legendgroup = f"{gd}{comparison}"
+                    fig.add_trace(trace, row=1, col=col)
+            fig.update_xaxes(title_text="layer", dtick=1, row=1, col=col)
+        fig.update_layout(
+            template=TEMPLATE,
+            title=label(f"{metric} by layer, models side by side: task {task} (k = {int(rows['k'].max())})"),
+            height=400,
+            yaxis=dict(title=label(metric)),
+            margin=dict(l=60, r=20, t=70, b=50),
+        )
+        figs.append(fig)
+    return figs
+
+
+# ---- the page ------------------------------------------------------------------------------------
+def _cell_links(cells: Sequence[SweepCell]) -> str:
+    """The cells as a table (axis labels escaped), each row linked to the cell's own report."""
+    head = "".join(f"<th>{a}</th>" for a in AXIS_COLUMNS) + "<th>kind</th><th>report</th>"
+    rows = []
+    for c in cells:
+        tds = "".join(f"<td>{escape(c.labels.get(a, ''))}</td>" for a in AXIS_COLUMNS)
+        kind = "study" if c.study is not None else "compare"
+        link = f'<a href="cells/{escape(c.key)}/{INDEX}">{escape(c.key)}</a>'
+        rows.append(f"<tr>{tds}<td>{kind}</td><td>{link}</td></tr>")
+    return f'<table class="data"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _index(cells: Sequence[SweepCell], title: str, note: str) -> str:
+    table_all = combined_table(cells)
+    parts = [f'<p class="note">{escape(note)}</p>']
+    if not table_all.empty:
+        parts.append(
+            section(
+                "Tasks x models (Dai et al.'s table)",
+                table(dai_table(table_all)),
+                anchor="dai-table",
+                intro="Each similarity is averaged over layers; ICL~GD shows its mean and 95% t-interval "
+                "over episodes (seeds pooled: each seed draws its own episodes) beside the means of "
+                "its baselines, at each row's largest k. Accuracy is over label words.",
+            )
+        )
+        for title_text, figs, intro in (
+            (
+                "Against k (Shen et al.'s view)",
+                k_curves(table_all),
+                "ICL~GD solid, random update of equal norm dotted.",
+            ),
+            ("Against the GD learning rate and epochs", grid_curves(table_all, gd_setting(cells)), ""),
+            ("Layer profiles side by side", layer_profiles(table_all), "At each task's largest k."),
+        ):
+            if figs:
+                parts.append(section(title_text, "\n".join(figure_html(f) for f in figs), intro=intro))
+    parts.append(
+        section("Cells", _cell_links(cells), anchor="cells", intro="Each links to its own per-layer report.")
+    )
+    return "\n".join(parts)
+
+
+def _render_cell(cell: SweepCell, folder: Path) -> None:
+    """The cell's own report, pointed at the sweep's one copy of the scripts (../../assets/)."""
+    if cell.study is not None:
+        empty = Results(pd.DataFrame(columns=list(TABLE_COLUMNS)), {"study": cell.study.name}, {})
+        render_report(empty, folder, study_results=[cell.study], analyses={})
+    else:
+        render_report(cell.results, folder)
+    own, shared = script_tags(single_file=False), script_tags(single_file=False, prefix="../../assets/")
+    for html_file in folder.glob("*.html"):
+        text = html_file.read_text(encoding="utf-8")
+        html_file.write_text(text.replace(own, shared), encoding="utf-8")
+    shutil.rmtree(folder / "assets", ignore_errors=True)
+
+
+def _write_pages(cells: Sequence[SweepCell], out: str | os.PathLike, title: str, note: str) -> Path:
+    """Build the pages in a temporary folder beside `out` and move it into place when complete
+    (an earlier sweep report is replaced then; a folder that is not a report is refused)."""
+    out = Path(out)
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / INDEX).is_file()):
+        raise IclgdError(f"refusing to replace {out}: it is not empty and holds no iclgd-lens report")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as err:
+        raise IclgdError(f"cannot write the report into {out.parent}: {err.strerror or err}") from None
+    os.chmod(tmp, 0o755)
+    try:
+        write_assets(tmp / "assets")
+        for cell in cells:
+            _render_cell(cell, tmp / "cells" / cell.key)
+        header = f"<h1>{escape(title)}</h1><div>{len(cells)} cells</div>"
+        body = _index(cells, title, note)
+        (tmp / INDEX).write_text(page(title, header, body, script_tags(single_file=False)), encoding="utf-8")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / INDEX
+
+
+def render_sweep(
+    source: str | os.PathLike, out: str | os.PathLike, *, store: str | os.PathLike | None = None
+) -> Path:
+    """The sweep report of a store folder (every done cell) or a spec (its done cells, from
+    `store` or the spec's own); returns the path of its index.html."""
+    cells = store_cells(source, store)
+    return _write_pages(cells, out, "iclgd-lens sweep", f"{len(cells)} finished cells from {source}.")
+
+
+def render_sweep_runs(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Several saved runs drawn together, as the cells of one sweep."""
+    cells = run_cells(paths)
+    return _write_pages(
+        cells, out, "iclgd-lens runs side by side", f"{len(cells)} runs: " + ", ".join(map(str, paths))
+    )

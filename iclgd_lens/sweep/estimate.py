@@ -1,0 +1,109 @@
+"""Work and memory of a cell before anything runs (the sweep's --dry-run), from the model's
+config, weight-file headers and tokenizer alone: no weights are loaded.
+
+Work is `compare.estimate_flops` (2 x parameters x tokens over every condition); memory is the
+weights in the cell's dtype plus the GD weight deltas of all episodes (with their gradients,
+and Adam's moments), twice the weights with the untrained-model baseline.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from types import SimpleNamespace
+
+from iclgd_lens.sweep.run import Planned
+
+ELEMENT_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float64": 8}
+_PROJECTIONS = {
+    "kv": ("k_proj", "v_proj"),
+    "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "v_single": ("v_proj",),
+}
+
+
+def _model_folder(name: str) -> Path | None:
+    from iclgd_lens.models import EMBEDDED_MODELS, embedded_model_path
+
+    if name in EMBEDDED_MODELS:
+        return embedded_model_path(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        return None
+
+
+@lru_cache(maxsize=16)
+def _shapes(folder: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[int, ...]] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                out[key] = tuple(handle.get_slice(key).get_shape())
+    return out
+
+
+@lru_cache(maxsize=16)
+def _tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    from iclgd_lens.models import prepare_tokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
+
+
+def estimate(planned: Planned, task) -> dict:
+    """{"tflop", "memory_gb", "n_params"} of one cell (None where the model is not on this machine)."""
+    import torch
+
+    from iclgd_lens.engine.compare import estimate_flops
+    from iclgd_lens.engine.gd import GDConfig
+
+    folder = _model_folder(planned.cell.model)
+    shapes = _shapes(str(folder)) if folder is not None else {}
+    if not shapes:
+        return {"tflop": None, "memory_gb": None, "n_params": None}
+    n_params = sum(_numel(s) for s in shapes.values())
+    config = json.loads((folder / "config.json").read_text())
+    cell = planned.cell
+    gd = GDConfig.resolve(cell.gd.config(), task)
+    baselines = cell.setting("baselines")
+    untrained = baselines is True or (isinstance(baselines, list) and "untrained" in baselines)
+    episodes = task.episodes(cell.k, cell.setting("n_episodes"), cell.setting("n_queries"), cell.seed)
+    shim = SimpleNamespace(  # what estimate_flops reads: the tokenizer and the parameter count
+        tokenizer=_tokenizer(str(folder)), parameters=lambda: [torch.empty(n_params, device="meta")]
+    )
+    flops = estimate_flops(shim, task, episodes, gd, untrained)
+    element = ELEMENT_BYTES.get(str(cell.setting("dtype", "float32")), 4)
+    if gd.params == "all":
+        trained = n_params
+    else:
+        names = _PROJECTIONS[gd.params]
+        trained = sum(
+            _numel(s) for k, s in shapes.items() if k.endswith(".weight") and k.split(".")[-2] in names
+        )
+        if gd.params == "v_single":
+            trained //= max(1, int(config.get("num_hidden_layers", 1)))
+    delta_element = 4 if gd.delta_dtype else element
+    copies = 3 if gd.optimizer == "adam" else 2
+    memory = (
+        n_params * element * (2 if untrained else 1)
+        + trained * cell.setting("n_episodes") * delta_element * copies
+    )
+    return {"tflop": flops / 1e12, "memory_gb": memory / 2**30, "n_params": n_params}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,190 @@
+"""The content-addressed results store: one folder per cell, named by the cell's key.
+
+    STORE/cells/<key>/cell.json         the canonical configuration, the key, the axis labels
+    STORE/cells/<key>/results.parquet   the tidy table (+ columns cell, model, task, gd, seed)
+    STORE/cells/<key>/results.json      the same with config and artifacts (Results.load)
+    STORE/cells/<key>/study.json        (study cells) StudyResult.save; study.parquet its table
+    STORE/failed/<key>.json             a cell that raised: its one-line error (removed on success)
+    STORE/runs/<key>.json               when, where and how long a cell ran (not part of the cell)
+    STORE/tmp/                          cells in flight (renamed into cells/ when complete)
+
+A cell folder is built in STORE/tmp and renamed into place in one `os.rename`, so cells/ only
+ever holds complete cells; an existing cell is never replaced. Every file is plain Parquet or
+JSON: `pd.read_parquet`, `pyarrow.dataset.dataset(STORE/cells, format="parquet")` and DuckDB's
+`read_parquet('STORE/cells/*/results.parquet')` read the whole store (docs/sweeps.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from iclgd_lens.errors import IclgdError
+
+CELL_JSON = "cell.json"
+TIMING_KEYS = ("run_time_s", "started")
+"""Config entries that differ between two runs of the same cell: kept in runs/, not in the cell."""
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())[:500]
+
+
+class Store:
+    """A results store folder (created on first write)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser()
+        if self.root.exists() and not self.root.is_dir():
+            raise IclgdError(f"store {self.root} exists and is not a folder")
+
+    # ---- paths and status ----------------------------------------------------------------
+    def cell_dir(self, key: str) -> Path:
+        return self.root / "cells" / key
+
+    def failure_path(self, key: str) -> Path:
+        return self.root / "failed" / f"{key}.json"
+
+    def status(self, key: str) -> str:
+        """ "done" (a complete cell folder), "failed" (its last run raised) or "missing"."""
+        if (self.cell_dir(key) / CELL_JSON).is_file():
+            return "done"
+        return "failed" if self.failure_path(key).is_file() else "missing"
+
+    def failure(self, key: str) -> str | None:
+        """The one-line error of a failed cell."""
+        try:
+            return json.loads(self.failure_path(key).read_text(encoding="utf-8"))["error"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def done_keys(self) -> list[str]:
+        folder = self.root / "cells"
+        return (
+            sorted(p.name for p in folder.iterdir() if (p / CELL_JSON).is_file()) if folder.is_dir() else []
+        )
+
+    def cell_info(self, key: str) -> dict:
+        """cell.json of a done cell: {"key", "kind", "labels", "config"}."""
+        path = self.cell_dir(key) / CELL_JSON
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise IclgdError(f"cannot read {path}: {err}") from None
+
+    # ---- writing ---------------------------------------------------------------------------
+    def _mkdirs(self) -> None:
+        try:
+            for sub in ("cells", "failed", "runs", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise IclgdError(f"cannot write the store {self.root}: {err.strerror or err}") from None
+
+    def write_cell(self, key: str, info: dict, write: Callable[[Path], dict | None]) -> bool:
+        """Build cell `key` in a temporary folder with `write(folder)` (which returns timing
+        facts, or None), add cell.json, and rename it into cells/. Returns False when the cell
+        was already there (another job finished it first; ours is dropped, never swapped in).
+        On any exception (KeyboardInterrupt included) the temporary folder is removed."""
+        self._mkdirs()
+        tmp = Path(
+            tempfile.mkdtemp(prefix=f"{key}~{socket.gethostname()}~{os.getpid()}~", dir=self.root / "tmp")
+        )
+        try:
+            os.chmod(tmp, 0o755)
+            timing = write(tmp) or {}
+            _write_json(tmp / CELL_JSON, info)
+            target = self.cell_dir(key)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if (target / CELL_JSON).is_file():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return False
+                raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.failure_path(key).unlink(missing_ok=True)
+        _write_json(self.root / "runs" / f"{key}.json", {"host": socket.gethostname(), **timing})
+        return True
+
+    def record_failure(self, key: str, labels: dict, error: BaseException | str) -> str:
+        """Keep a failed cell's one-line error (the next run tries it again)."""
+        self._mkdirs()
+        if isinstance(error, BaseException):
+            text = str(error) if type(error).__name__ == "IclgdError" else f"{type(error).__name__}: {error}"
+        else:
+            text = error
+        line = _one_line(text) or "failed without a message"
+        _write_json(
+            self.failure_path(key), {"key": key, "labels": labels, "error": line, "time": time.time()}
+        )
+        return line
+
+    def clean_stale(self) -> list[str]:
+        """Remove temporary folders of this host whose process is gone (a killed job's
+        leftovers). Folders of live processes and of other hosts are left alone."""
+        removed = []
+        folder = self.root / "tmp"
+        if not folder.is_dir():
+            return removed
+        host = socket.gethostname()
+        for path in folder.iterdir():
+            parts = path.name.split("~")
+            if len(parts) < 4 or parts[1] != host or not parts[2].isdigit():
+                continue
+            if not _alive(int(parts[2])):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+        return removed
+
+    # ---- reading -----------------------------------------------------------------------------
+    def load_results(self, key: str):
+        from iclgd_lens.engine.results import Results
+
+        return Results.load(self.cell_dir(key) / "results.json")
+
+    def load_study(self, key: str):
+        from iclgd_lens.study import StudyResult
+
+        return StudyResult.load(self.cell_dir(key))
+
+    def cells_frame(self) -> pd.DataFrame:
+        """One row per done cell: key, kind and its axis labels (model, task, k, gd, seed)."""
+        rows = []
+        for key in self.done_keys():
+            info = self.cell_info(key)
+            rows.append({"cell": key, "kind": info.get("kind", "compare"), **info.get("labels", {})})
+        return pd.DataFrame(
+            rows, columns=["cell", "kind", "model", "task", "k", "gd", "seed"] if not rows else None
+        )
+
+    def table(self) -> pd.DataFrame:
+        """Every compare cell's tidy table stacked (what the DuckDB one-liner reads)."""
+        files = [self.cell_dir(k) / "results.parquet" for k in self.done_keys()]
+        files = [f for f in files if f.is_file()]
+        if not files:
+            return pd.DataFrame()
+        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

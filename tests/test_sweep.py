@@ -1,0 +1,365 @@
+"""Sweeps: the grid of a spec, cell identity, the content-addressed store, interrupts and
+reruns, the same tables from every executor (in-process, submitit's local subprocess jobs, a
+local Ray instance), and what pandas / pyarrow.dataset / DuckDB read from the store."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from iclgd_lens.errors import IclgdError
+from iclgd_lens.sweep import Store, SweepSpec, cells, plan, run_sweep, status_rows
+from iclgd_lens.sweep.identity import cell_key
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "iclgd_lens.cli"]
+
+GRID_TOML = """
+name = "grid"
+models = ["tiny-llama-icl", "tiny-llama-iclobj"]
+k = [1, 2]
+seeds = [0, 1]
+n_episodes = 3
+n_queries = 3
+threads = 1
+"""
+
+
+def cli(*args):
+    """The iclgd-lens command line, in this process."""
+    from typer.testing import CliRunner
+
+    from iclgd_lens.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def grid_spec() -> SweepSpec:
+    """The done-when sweep: 2 models x 2 k x 2 seeds on the embedded models (every baseline)."""
+    return SweepSpec(
+        name="grid",
+        models=["tiny-llama-icl", "tiny-llama-iclobj"],
+        k=[1, 2],
+        seeds=[0, 1],
+        n_episodes=3,
+        n_queries=3,
+    )
+
+
+def store_files(root: Path) -> dict[str, bytes]:
+    """Every file of every cell folder, by its path under cells/ (what must match bitwise)."""
+    return {
+        str(p.relative_to(root / "cells")): p.read_bytes()
+        for p in sorted((root / "cells").rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_no_partial(root: Path) -> None:
+    """cells/ holds complete cells only (a cell.json beside its tables), nothing half-written."""
+    for folder in (root / "cells").iterdir():
+        names = {p.name for p in folder.iterdir()}
+        assert {"cell.json", "results.json", "results.parquet"} <= names, (folder, names)
+        assert not any(n.startswith(".") for n in names), names
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The grid computed once, uninterrupted, in this process."""
+    root = tmp_path_factory.mktemp("reference")
+    summary = run_sweep(grid_spec(), root)
+    assert len(summary.computed) == 8 and not summary.failed and not summary.reused
+    return root
+
+
+# ---- the grid -------------------------------------------------------------------------------------
+def test_cells_are_the_cross_product_minus_exclude_with_zip_and_gd_grids(tmp_path):
+    (tmp_path / "mine.csv").write_text("review,stars,split\ngood film,good,train\nbad film,bad,test\n")
+    text = """
+name = "t"
+models = ["tiny-llama-icl", "tiny-llama-iclobj"]
+tasks = ["default", {data = "mine.csv", template = "Review: {text} Verdict:", label_words = ["bad", "good"], \
+text_column = "review", label_column = "stars"}]
+k = [1, 2, 4]
+seeds = [0, 1]
+gd = ["dai", {preset = "shen", lr = [1e-3, 1e-4], epochs = [2, 3]}]
+exclude = [{model = "tiny-llama-iclobj", k = 4}]
+"""
+    (tmp_path / "t.toml").write_text(text)
+    spec = SweepSpec.from_toml(tmp_path / "t.toml")
+    grid = cells(spec)
+    gd_labels = sorted({c.gd.label for c in grid})
+    assert gd_labels == sorted(
+        ["dai"] + [f"shen lr={lr:g} epochs={e}" for lr in (1e-3, 1e-4) for e in (2, 3)]
+    )
+    expected = 2 * 2 * 3 * 5 * 2 - 1 * 2 * 1 * 5 * 2  # models x tasks x k x gd x seeds, minus the excluded
+    assert len(grid) == expected
+    assert not any(c.model == "tiny-llama-iclobj" and c.k == 4 for c in grid)
+    assert grid[0].task.data is None and any(c.task.data == str(tmp_path / "mine.csv") for c in grid)
+    assert [c.model for c in grid] == sorted((c.model for c in grid), key=spec.models.index)  # grouped
+
+    zipped = SweepSpec(k=[1, 2, 4], seeds=[5, 6, 7], zip=[["k", "seed"]], models=["tiny-llama-icl"])
+    assert [(c.k, c.seed) for c in cells(zipped)] == [(1, 5), (2, 6), (4, 7)]
+    broadcast = SweepSpec(k=[1, 2], seeds=[3], zip=[["k", "seed"]])
+    assert [(c.k, c.seed) for c in cells(broadcast)] == [(1, 3), (2, 3)]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"modles": ["x"]}, "unknown key 'modles'"),
+        ({"k": [-1]}, "k takes whole numbers"),
+        ({"gd": [{"preset": "dai", "lrr": 1}]}, "GD setting 'lrr' unknown"),
+        ({"gd": ["nope"]}, "unknown GD preset 'nope'"),
+        ({"zip": [["k", "colour"]]}, "each zip entry"),
+        ({"k": [1, 2], "seeds": [1, 2, 3], "zip": [["k", "seed"]]}, "same length"),
+        ({"exclude": [{"k": 8}], "k": [8]}, "every cell is excluded"),
+        ({"tasks": [{"template": "x {text}"}]}, "needs `data`"),
+    ],
+)
+def test_bad_specs_fail_in_one_line(data, message):
+    with pytest.raises(IclgdError, match=message) as err:
+        cells(SweepSpec.from_dict(data))
+    assert "\n" not in str(err.value)
+
+
+# ---- identity -------------------------------------------------------------------------------------
+def test_key_is_stable_and_changes_with_every_setting_and_with_the_weights(tmp_path):
+    base = SweepSpec(models=["tiny-llama-icl"], k=[2], n_episodes=2, n_queries=2)
+    key = lambda spec: plan(spec, tmp_path / "s")[0].key  # noqa: E731
+    first = key(base)
+    assert key(base) == first and len(first) == 20
+    changed = [
+        base.with_settings(n_episodes=3),
+        base.with_settings(threads=2),
+        base.with_settings(k=[3]),
+        base.with_settings(seeds=[1]),
+        base.with_settings(gd=[{"preset": "dai", "lr": 0.01}]),
+        base.with_settings(baselines=["random"]),
+        base.with_settings(dtype="float64"),
+    ]
+    keys = [key(s) for s in changed]
+    assert first not in keys and len(set(keys)) == len(keys)
+    # the task's own learning rate is resolved into the key: dai with lr = the task's (3e-2) is the same cell
+    assert key(base.with_settings(gd=[{"preset": "dai", "lr": 3e-2}])) != first  # label differs: a new cell
+    assert plan(base, tmp_path / "s")[0].config["gd"]["lr"] == 3e-2
+
+    # a local copy of the model has the same weights fingerprint; one changed byte changes the key
+    from iclgd_lens.models import embedded_model_path
+
+    copy = tmp_path / "model"
+    shutil.copytree(embedded_model_path("tiny-llama-icl"), copy)
+    same = plan(base.with_settings(models=[str(copy)]), tmp_path / "s")[0]
+    assert same.config["model"]["fingerprint"] == plan(base, tmp_path / "s")[0].config["model"]["fingerprint"]
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(time.time_ns(), time.time_ns() + 1))
+    other = plan(base.with_settings(models=[str(copy)]), tmp_path / "s")[0]
+    assert other.config["model"]["fingerprint"] != same.config["model"]["fingerprint"]
+    assert cell_key(other.config) != cell_key(same.config)
+
+
+# ---- interrupts and reruns ----------------------------------------------------------------------
+def test_sigint_after_the_first_cell_then_a_rerun_computes_only_the_missing_cells(tmp_path, reference):
+    root = tmp_path / "store"
+
+    def interrupt(planned, status):  # a real SIGINT, delivered to this process after the first cell
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(grid_spec(), root, on_cell=interrupt)
+        time.sleep(5)  # the signal arrives before this returns
+    done = Store(root).done_keys()
+    assert 1 <= len(done) < 8
+    assert_no_partial(root)
+    assert not any((root / "tmp").iterdir())  # the cell in flight left nothing behind
+    missing = [p.key for p in plan(grid_spec(), root) if p.status == "missing"]
+    assert sorted(missing + done) == sorted(Store(reference).done_keys())
+
+    summary = run_sweep(grid_spec(), root)
+    assert sorted(summary.computed) == sorted(missing) and sorted(summary.reused) == sorted(done)
+    assert store_files(root) == store_files(reference)  # bitwise the uninterrupted run's store
+
+
+def test_a_killed_sweep_process_leaves_complete_cells_only_and_the_rerun_completes_it(tmp_path, reference):
+    spec = tmp_path / "grid.toml"
+    spec.write_text(GRID_TOML)
+    root = tmp_path / "store"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        CLI + ["sweep", str(spec), "--store", str(root)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        for line in proc.stderr:
+            if "] done " in line:
+                proc.kill()  # SIGKILL: no handler runs
+                break
+    finally:
+        proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL
+    done = Store(root).done_keys()
+    assert 1 <= len(done) < 8
+    assert_no_partial(root)
+
+    rerun = cli("sweep", spec, "--store", root)  # in this process: the same command, no restart cost
+    assert rerun.exit_code == 0, rerun.output
+    assert f"{8 - len(done)} computed, {len(done)} already in the store, 0 failed" in rerun.stdout
+    assert not any((root / "tmp").iterdir())  # the killed process's temporary folder was cleaned
+    assert store_files(root) == store_files(reference)
+
+    status = cli("sweep", spec, "--store", root, "--status")
+    assert status.exit_code == 0 and "8 cells (8 done)" in status.stdout
+    assert status.stdout.count("done ") == 8
+
+
+def test_a_changed_setting_makes_new_cells_and_never_touches_the_old_ones(tmp_path, reference):
+    root = tmp_path / "store"
+    shutil.copytree(reference, root)
+    before = store_files(root)
+    summary = run_sweep(grid_spec().with_settings(n_queries=2, models=["tiny-llama-icl"], seeds=[0]), root)
+    assert len(summary.computed) == 2 and not summary.reused
+    after = store_files(root)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert len(Store(root).done_keys()) == 10
+
+
+# ---- executors -------------------------------------------------------------------------------------
+def _kill_a_later_job(store: Path, found: list) -> None:
+    """Once a cell is done, SIGKILL the worker process of a submitit job started after that,
+    a second into its run (a job killed by the machine, no handler runs); `found` gets its pid."""
+    import psutil
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not Store(store).done_keys():
+        time.sleep(0.05)
+    first_done = time.time()
+    while time.time() < deadline and not found:
+        for proc in psutil.process_iter(["cmdline", "create_time"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if "submitit.core._submit" in cmdline and str(store) in cmdline:
+                if proc.info["create_time"] > first_done and time.time() - proc.info["create_time"] > 1:
+                    proc.kill()
+                    found.append(proc.pid)
+                    break
+        time.sleep(0.05)
+
+
+def test_submitit_local_jobs_give_the_same_store_and_a_killed_job_loses_only_its_cell(tmp_path, reference):
+    import threading
+
+    root = tmp_path / "store"
+    killed: list = []
+    killer = threading.Thread(target=_kill_a_later_job, args=(root, killed), daemon=True)
+    killer.start()
+    summary = run_sweep(grid_spec(), root, executor="submitit", cluster="local", max_parallel=2)
+    killer.join(5)
+    assert killed, "no job was killed"
+    assert len(summary.failed) == 1 and all("died" in error for error in summary.failed.values())
+    assert len(summary.computed) == 7
+    assert_no_partial(root)
+    assert len(list((root / "jobs").rglob("*_log.out"))) == 8  # one subprocess job per cell
+
+    rerun = run_sweep(grid_spec(), root)  # the rerun (in this process) computes the lost cell only
+    assert sorted(rerun.computed) == sorted(summary.failed) and not rerun.failed
+    assert not any((root / "tmp").iterdir()) and not any((root / "failed").iterdir())
+    assert store_files(root) == store_files(reference)  # the same tables as the in-process run, bitwise
+
+
+def test_a_local_ray_instance_gives_the_same_store_bitwise(tmp_path, reference):
+    pytest.importorskip("ray")
+    root = tmp_path / "store"
+    summary = run_sweep(grid_spec(), root, executor="ray", num_cpus=2)
+    assert len(summary.computed) == 8, summary.failed
+    assert store_files(root) == store_files(reference)
+
+
+# ---- reading the store --------------------------------------------------------------------------
+def test_pandas_pyarrow_dataset_and_duckdb_read_the_store_as_documented(reference):
+    import duckdb
+    import pyarrow.dataset as ds
+
+    from iclgd_lens.engine.results import Results
+
+    per_cell = [
+        Results.load(reference / "cells" / k / "results.json").table for k in Store(reference).done_keys()
+    ]
+    n_rows = sum(len(t) for t in per_cell)
+    store = str(reference)
+    # the one-liners of docs/sweeps.md
+    files = glob.glob(f"{store}/cells/*/results.parquet")
+    df = pd.concat(pd.read_parquet(f) for f in files)
+    table = ds.dataset(files, format="parquet").to_table().to_pandas()
+    rows = duckdb.sql(f"SELECT * FROM read_parquet('{store}/cells/*/results.parquet')").df()
+    for frame in (df, table, rows):
+        assert len(frame) == n_rows
+        assert set(frame["model"]) == {"tiny-llama-icl", "tiny-llama-iclobj"} and set(frame["k"]) == {1, 2}
+    means = duckdb.sql(
+        f"SELECT model, k, avg(value) AS v FROM read_parquet('{store}/cells/*/results.parquet') "
+        "WHERE metric = 'accuracy' AND comparison = 'icl' GROUP BY model, k ORDER BY model, k"
+    ).df()
+    stacked = pd.concat(per_cell)
+    by_hand = (
+        stacked[(stacked.metric == "accuracy") & (stacked.comparison == "icl")]
+        .groupby(["model", "k"])["value"]
+        .mean()
+    )
+    assert means["v"].tolist() == pytest.approx(by_hand.tolist(), abs=1e-12)
+    cells_json = duckdb.sql(
+        f"SELECT key, labels.model AS model FROM read_json_auto('{store}/cells/*/cell.json')"
+    ).df()
+    assert len(cells_json) == 8
+
+
+# ---- failures and studies ------------------------------------------------------------------------
+def test_a_failed_cell_records_its_one_line_error_and_is_tried_again(tmp_path):
+    spec = SweepSpec(models=["tiny-llama-icl"], k=[1, 400], n_episodes=2, n_queries=2, baselines=False)
+    summary = run_sweep(spec, tmp_path)
+    assert len(summary.computed) == 1 and len(summary.failed) == 1
+    ((key, error),) = summary.failed.items()
+    assert "context window" in error and "\n" not in error
+    rows = {r["key"]: r for r in status_rows(spec, tmp_path)}
+    assert rows[key]["status"] == "failed" and rows[key]["error"] == error
+    assert not (tmp_path / "cells" / key).exists()
+    again = run_sweep(spec, tmp_path)
+    assert list(again.failed) == [key] and len(again.reused) == 1 and not again.computed
+
+
+def test_a_study_cell_runs_the_causal_study_inside_the_sweep(tmp_path):
+    from iclgd_lens.study import StudyResult
+
+    spec = SweepSpec(
+        models=["tiny-llama-icl"],
+        k=[2],
+        seeds=[0, 1],
+        n_episodes=2,
+        n_queries=2,
+        study={"name": "causal", "untrained": False},
+    )
+    summary = run_sweep(spec, tmp_path)
+    assert len(summary.computed) == 2, summary.failed
+    store = Store(tmp_path)
+    for key in store.done_keys():
+        files = {p.name for p in store.cell_dir(key).iterdir()}
+        assert {"cell.json", "study.json", "study.parquet"} <= files
+        result = store.load_study(key)
+        assert isinstance(result, StudyResult) and result.name == "causal" and len(result.table)
+        assert store.cell_info(key)["config"]["study"] == {"name": "causal", "untrained": False}
+        assert pd.read_parquet(store.cell_dir(key) / "study.parquet").shape == result.table.shape
+    seeds = {store.cell_info(k)["labels"]["seed"] for k in store.done_keys()}
+    assert seeds == {0, 1}
+    assert run_sweep(spec, tmp_path).computed == []
