@@ -75,8 +75,8 @@ def test_widget_props_cannot_close_their_script():
         ["a", "</script><script>alert(2)</script>"], np.full((1, 2, 2), 0.5).tolist()
     )
     assert html.count("</script>") == 1 and html.endswith("</script>")
-    # the token reaches circuitsvis as full-width look-alikes: no <, >, & left to interpret
-    assert "\uff1c/script\uff1e\uff1cscript\uff1ealert(2)" in html.encode().decode("unicode_escape")
+    # the token reaches circuitsvis as look-alikes: no <, >, & left to interpret
+    assert "\u2039/script\u203a\u2039script\u203aalert(2)" in html.encode().decode("unicode_escape")
 
 
 def test_widget_tokens_read_the_same_as_html_and_as_canvas_text():
@@ -88,7 +88,7 @@ def test_widget_tokens_read_the_same_as_html_and_as_canvas_text():
         shown = inert_token(token)
         assert not set("<>&\"'") & set(shown)
         assert html.unescape(shown) == shown  # nothing an HTML parser would change
-        assert shown.translate({0xFF1C: "<", 0xFF1E: ">", 0xFF06: "&", 0xFF02: '"', 0xFF07: "'"}) == token
+        assert shown.translate({0x2039: "<", 0x203A: ">", 0xFF06: "&", 0x201D: '"', 0x2019: "'"}) == token
 
 
 def test_layer_page_sections(report):

@@ -31,8 +31,8 @@ def render_widget(element: str, **props) -> str:
     )
 
 
-LOOKALIKES = str.maketrans({"<": "\uff1c", ">": "\uff1e", "&": "\uff06", '"': "\uff02", "'": "\uff07"})
-"""HTML's special characters -> their full-width look-alikes (＜ ＞ ＆ ＂ ＇)."""
+LOOKALIKES = str.maketrans({"<": "\u2039", ">": "\u203a", "&": "\uff06", '"': "\u201d", "'": "\u2019"})
+"""HTML's special characters -> look-alikes every common font has (‹ › ＆ ” ’)."""
 
 
 def inert_token(token: object) -> str:
@@ -41,8 +41,8 @@ def inert_token(token: object) -> str:
     circuitsvis shows each token twice: in token lists through React's `dangerouslySetInnerHTML`
     (HTML: an escaped `&lt;s&gt;` shows as `<s>`, a raw `<img onerror>` would run) and as axis
     labels drawn on a canvas (plain text: `&lt;s&gt;` shows literally). Replacing the five
-    characters HTML gives a meaning to by their full-width look-alikes reads the same in both
-    and leaves nothing to interpret: `<s>` shows as `＜s＞`.
+    characters HTML gives a meaning to by look-alikes (`LOOKALIKES`) reads the same in both and
+    leaves nothing to interpret: `<s>` shows as `‹s›`.
     """
     return str(token).translate(LOOKALIKES)
 
