@@ -541,7 +541,9 @@ def _sweep_listing(spec, store, estimates: bool) -> None:
                 line += "  work ?  memory ? (model not on this machine)"
             else:
                 total_tflop += est["tflop"]
-                line += f"  work {est['tflop']:.3g} TFLOP  memory {est['memory_gb']:.3g} GB"
+                gb = est["memory_gb"]
+                memory = f"{gb:.3g} GB" if gb >= 1 else f"{gb * 1024:.3g} MB"
+                line += f"  work {est['tflop']:.3g} TFLOP  memory {memory}"
         if p.status == "failed":
             line += f"  error: {store.failure(p.key)}"
         typer.echo(line)

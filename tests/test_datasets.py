@@ -123,6 +123,57 @@ def test_label_word_and_template_overrides():
         load_task(str(FIXTURES / "sst2.jsonl"), template="Sentence: {sentence} Label:")
 
 
+def test_own_file_with_its_template_label_words_and_columns(tmp_path):
+    """A file named after no paper format, read through its own columns (what --data does)."""
+    data = tmp_path / "reviews.csv"
+    data.write_text(
+        "review,stars,text,label,split\n"
+        "loved every minute,good,IGNORED,0,train\n"
+        "a waste of time,bad,IGNORED,1,train\n"
+        "fine acting,1,IGNORED,0,test\n"
+    )
+    task = load_task(
+        str(data),
+        template="Review: {text} Verdict:",
+        label_words=["bad", "good"],
+        text_column="review",
+        label_column="stars",
+    )
+    assert task.name == "reviews" and task.template == "Review: {text} Verdict:"
+    assert task.label_words == ("bad", "good")
+    assert [(e.text, e.label) for e in task.train] == [("loved every minute", 1), ("a waste of time", 0)]
+    assert [(e.text, e.label) for e in task.test] == [("fine acting", 1)]
+    # the columns also apply to a paper-format file
+    named = tmp_path / "sst2.jsonl"
+    named.write_text(
+        '{"sentence": "so good", "y": "Positive", "split": "train"}\n'
+        '{"sentence": "so bad", "y": 0, "split": "test"}\n'
+    )
+    sst2 = load_task(str(named), text_column="sentence", label_column="y")
+    assert sst2.template == PAPER_FORMATS["sst2"].template
+    assert [(e.text, e.label) for e in sst2.train + sst2.test] == [("so good", 1), ("so bad", 0)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"template": "R: {text}"}, "say which paper format .*own template and label words"),
+        (
+            {"template": "R: {text}", "label_words": ["bad", "good"], "text_column": "body"},
+            "text column 'body'",
+        ),
+        ({"template": "R: {text}", "label_words": ["bad", "good"], "label_column": "y"}, "label column 'y'"),
+        ({"template": "R: {txt}", "label_words": ["bad", "good"]}, "exactly one field"),
+    ],
+)
+def test_own_file_errors_name_what_is_missing(tmp_path, kwargs, message):
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label,split\nok,good,train\nno,bad,test\n")
+    with pytest.raises(IclgdError, match=message) as err:
+        load_task(str(data), **kwargs)
+    assert "\n" not in str(err.value)
+
+
 # ---- bad data: one line that names the file and line --------------------------------------
 @pytest.mark.parametrize(
     "lines, message",

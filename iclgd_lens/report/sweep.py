@@ -371,7 +371,7 @@ def _write_pages(cells: Sequence[SweepCell], out: str | os.PathLike, title: str,
         write_assets(tmp / "assets")
         for cell in cells:
             _render_cell(cell, tmp / "cells" / cell.key)
-        header = f"<h1>{escape(title)}</h1><div>{len(cells)} cells</div>"
+        header = f"<h1>{escape(title)}</h1><div>{len(cells)} cell{'' if len(cells) == 1 else 's'}</div>"
         body = _index(cells, title, note)
         (tmp / INDEX).write_text(page(title, header, body, script_tags(single_file=False)), encoding="utf-8")
         if out.exists():

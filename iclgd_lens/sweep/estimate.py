@@ -2,8 +2,8 @@
 config, weight-file headers and tokenizer alone: no weights are loaded.
 
 Work is `compare.estimate_flops` (2 x parameters x tokens over every condition); memory is the
-weights in the cell's dtype plus the GD weight deltas of all episodes (with their gradients,
-and Adam's moments), twice the weights with the untrained-model baseline.
+predicted peak of `engine.memory` (weights, GD deltas, activations of the largest phase) for the
+cell's sizes and batch size.
 """
 
 from __future__ import annotations
@@ -84,6 +84,43 @@ def estimate(planned: Planned, task) -> dict:
     )
     flops = estimate_flops(shim, task, episodes, gd, untrained)
     element = ELEMENT_BYTES.get(str(cell.setting("dtype", "float32")), 4)
+    try:
+        memory = _memory_model(folder, element, n_params, task, episodes, cell, gd, baselines)
+    except ImportError:  # an older engine without the memory model: weights and GD deltas only
+        memory = _weights_and_deltas(
+            shapes, config, n_params, element, gd, untrained, cell.setting("n_episodes")
+        )
+    return {"tflop": flops / 1e12, "memory_gb": memory / 2**30, "n_params": n_params}
+
+
+def _memory_model(folder: Path, element: int, n_params: int, task, episodes, cell, gd, baselines) -> int:
+    """The peak of `engine.memory` (weights included) for this cell's sizes and batch size."""
+    from transformers import AutoConfig
+
+    from iclgd_lens.engine.compare import ALL_BASELINES
+    from iclgd_lens.engine.memory import ModelShape, lengths_of, predict
+    from iclgd_lens.hooks import DEFAULT_PROBES
+
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(str(folder)), element, n_params)
+    chosen = ALL_BASELINES if baselines is True else (baselines or ())
+    plan = predict(
+        shape,
+        lengths_of(_tokenizer(str(folder)), task, episodes),
+        n_episodes=len(episodes),
+        n_queries=len(episodes[0].queries),
+        k=cell.k,
+        probes=cell.setting("probes") or list(DEFAULT_PROBES),
+        baselines=chosen,
+        batch_size=cell.setting("batch_size"),
+        gd_params=gd.params,
+        gd_batch=gd.batch_size,
+        delta_bytes=4 if gd.delta_dtype else None,
+    )
+    return plan.total_bytes
+
+
+def _weights_and_deltas(shapes, config, n_params, element, gd, untrained, n_episodes) -> int:
+    """Weights (twice with the untrained baseline) and every episode's GD deltas with gradients."""
     if gd.params == "all":
         trained = n_params
     else:
@@ -93,13 +130,9 @@ def estimate(planned: Planned, task) -> dict:
         )
         if gd.params == "v_single":
             trained //= max(1, int(config.get("num_hidden_layers", 1)))
-    delta_element = 4 if gd.delta_dtype else element
     copies = 3 if gd.optimizer == "adam" else 2
-    memory = (
-        n_params * element * (2 if untrained else 1)
-        + trained * cell.setting("n_episodes") * delta_element * copies
-    )
-    return {"tflop": flops / 1e12, "memory_gb": memory / 2**30, "n_params": n_params}
+    delta = 4 if gd.delta_dtype else element
+    return n_params * element * (2 if untrained else 1) + trained * n_episodes * delta * copies
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -1,0 +1,115 @@
+"""The sweep report: Dai's table against a plain pandas + scipy computation from the store's
+Parquet files, links to every cell's own report, local scripts only, escaped strings, and
+`render` of a store, of a spec and of several runs."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+from sweep_pages import make_sweep_report, tiny_sweep_spec
+from typer.testing import CliRunner
+
+from iclgd_lens.cli import app
+from iclgd_lens.report.sweep import combined_table, dai_table, store_cells
+from iclgd_lens.sweep import Store, run_sweep
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    return make_sweep_report(tmp_path_factory.mktemp("pages"))
+
+
+def test_dai_table_matches_a_plain_computation_over_episodes(report):
+    store = report.parent.parent / "store"
+    rows = pd.concat(pd.read_parquet(f) for f in sorted((store / "cells").glob("*/results.parquet")))
+    # by hand: tiny-llama-icl, dai lr=0.03, k = 2 (its largest k), SimAOU ICL~GD averaged over layers
+    pick = rows[
+        (rows.model == "tiny-llama-icl")
+        & (rows.gd == "dai lr=0.03")
+        & (rows.k == 2)
+        & (rows.metric == "simaou")
+        & (rows.comparison == "icl~gd")
+        & (rows["head"] == -1)
+        & (rows.layer >= 0)
+    ]
+    per_episode = pick.groupby(["seed", "episode"])["value"].mean().to_numpy()
+    n = len(per_episode)
+    mean = per_episode.mean()
+    half = scipy_stats.t.ppf(0.975, n - 1) * per_episode.std(ddof=1) / np.sqrt(n)
+    expected = f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+
+    table = dai_table(combined_table(store_cells(store)))
+    row = table[(table.model == "tiny-llama-icl") & (table.gd == "dai lr=0.03")].iloc[0]
+    assert row["simaou icl~gd"] == expected and row["k"] == 2 and row["episodes"] == n
+    accuracy = rows[
+        (rows.model == "tiny-llama-icl")
+        & (rows.gd == "dai lr=0.03")
+        & (rows.k == 2)
+        & (rows.metric == "accuracy")
+        & (rows.comparison == "icl")
+    ]
+    assert row["accuracy icl"] == f"{accuracy['value'].mean():.3f}"
+    assert len(table) == 3  # (task, model, GD setting) rows
+    html = report.read_text()
+    assert expected in html
+
+
+def test_the_page_links_every_cell_report_and_loads_local_scripts_only(report):
+    html = report.read_text()
+    store = Store(report.parent.parent / "store")
+    links = re.findall(r'href="(cells/[0-9a-f]+/index\.html)"', html)
+    assert sorted(links) == sorted(f"cells/{k}/index.html" for k in store.done_keys())
+    for link in links:
+        page = (report.parent / link).read_text()
+        for src in re.findall(r'<script src="([^"]+)"', page):
+            assert (report.parent / link).parent.joinpath(src).resolve().is_file(), src
+    assert not re.search(r'<script src="(https?:)?//', html)
+    for section in (
+        "Tasks x models",
+        "Against k",
+        "Against the GD learning rate",
+        "Layer profiles side by side",
+    ):
+        assert section in html
+    assert html.count("js-plotly-plot") == 0 and html.count("Plotly.newPlot") >= 3
+
+
+def test_model_and_task_strings_are_escaped(tmp_path):
+    from iclgd_lens.models import embedded_model_path
+
+    hostile = tmp_path / "<img src=x onerror=alert(1)>"
+    shutil.copytree(embedded_model_path("tiny-llama-icl"), hostile)
+    spec = tiny_sweep_spec(models=[str(hostile)], k=[1], gd=["dai"], exclude=[])
+    run_sweep(spec, tmp_path / "store")
+    index = cli("render", tmp_path / "store", "--out", tmp_path / "page")
+    assert index.exit_code == 0, index.output
+    html = Path(index.stdout.strip()).read_text()
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+def test_render_a_spec_and_several_runs_side_by_side(tmp_path, report):
+    store = report.parent.parent / "store"
+    spec = tmp_path / "pages.toml"
+    spec.write_text(
+        'models = ["tiny-llama-icl"]\nk = [2]\ngd = [{preset = "dai", lr = 3e-2}]\nn_episodes = 2\n'
+        f'n_queries = 2\nbaselines = ["random", "random_update"]\nartifacts = false\nstore = "{store}"\n'
+    )
+    out = cli("render", spec, "--out", tmp_path / "spec-page")
+    assert out.exit_code == 0, out.output
+    assert "<div>1 cell</div>" in Path(out.stdout.strip()).read_text()
+
+    keys = Store(store).done_keys()[:2]
+    runs = cli("render", *(store / "cells" / k / "results.json" for k in keys), "--out", tmp_path / "runs")
+    assert runs.exit_code == 0, runs.output
+    html = Path(runs.stdout.strip()).read_text()
+    assert "2 runs" in html and html.count('href="cells/run') == 2
