@@ -140,3 +140,27 @@ def test_the_notebook_figures_draw_offline_in_exported_html(executed, tmp_path):
     assert errors == []
     assert [u for u in requests if not u.startswith(("file:", "data:", "blob:"))] == []
     assert drawn >= 3
+
+
+def test_the_results_view_draws_its_figure_inline_and_the_engine_does_not_import_the_report():
+    """Results._repr_html_ leads with the verdict and carries an inline HTML figure; plotly.js is
+    embedded with the first figure of the session only; importing the engine loads no report code."""
+    import subprocess
+    import sys
+
+    from test_results import make_results
+
+    from iclgd_lens.report import notebook
+
+    notebook._state["library_sent"] = False  # a fresh session
+    first = make_results(n_layers=2, n_episodes=6)._repr_html_()
+    second = make_results(n_layers=2, n_episodes=6)._repr_html_()
+    assert first.index("Paired sign-flip tests") < first.index('class="plotly-graph-div"')
+    assert PLOTLY_MARK in first and PLOTLY_MARK not in second and 'class="plotly-graph-div"' in second
+    assert "above all baselines" in first and re.search(r"\d\.\d{3} \[-?\d\.\d{3}, -?\d\.\d{3}\]", first)
+    code = (
+        "import sys, iclgd_lens.engine.results; "
+        "print([m for m in sys.modules if m.startswith('iclgd_lens.report')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -545,3 +545,26 @@ def test_gaps_say_why_they_are_empty(tmp_path):
     layer = (out.parent / "layer_00.html").read_text()
     assert "Cells marked n/a:" in layer and "fewer key/value heads" in layer
     assert "<td>not measured</td>" in layer and "<td></td>" not in layer.split('id="l0-heads"')[0]
+
+
+def test_a_study_page_draws_its_figures_in_the_reports_style(tmp_path):
+    """A study's own plotly-express figure (log k axis, comparisons by colour) reaches its page
+    restyled: every k labelled, icl~gd in the headline colour; the page has no empty report
+    sections and no layer pages even when the study's config names a layer count."""
+    import plotly.express as px
+
+    from iclgd_lens.report import style
+
+    df = pd.DataFrame({"k": [1, 2, 4, 16, 64], "v": [0.1, 0.2, 0.3, 0.4, 0.5], "comparison": "icl~gd"})
+    study = StudyResult("k-sweep", "q?", df, [px.line(df, x="k", y="v", color="comparison", log_x=True)])
+    empty = Results(
+        pd.DataFrame(columns=["metric", "comparison", "layer", "head", "episode", "query", "value"]),
+        {"study": "k-sweep", "n_layers": 4},
+        {},
+    )
+    path = render_report(empty, tmp_path / "s", study_results=[study], analyses={})
+    text = path.read_text()
+    assert '"tickvals":[1,2,4,16,64]' in text and f'"color":"{style.colour("icl~gd")}"' in text
+    for heading in ("Verdict", "Headline", "Layer-wise", "Layers</h2>"):
+        assert heading not in text
+    assert [p.name for p in html_files(path.parent)] == ["glossary.html", "index.html"]

@@ -127,13 +127,13 @@ def _layers(results: Results) -> list[int]:
 def _legend_html() -> str:
     """The colour and dash of each comparison, as used by every figure (a line per comparison)."""
     items = []
-    for name in (style.HEADLINE, style.CEILING, *style.FLOORS):
+    for name in (style.HEADLINE, style.CEILING, *style.FLOORS, "icl", "gd", "zsl"):
         colour, dash, width = style.STYLES[name]
         border = {"solid": "solid", "dot": "dotted"}.get(dash, "dashed")
         items.append(
             f'<span class="legend-swatch" style="border-top: {max(2, int(width))}px {border} {colour};">'
             "</span>"
-            f"{escape(name)}"
+            f"{escape({'icl': 'ICL', 'gd': 'GD', 'zsl': 'zero-shot'}.get(name, name))}"
         )
     return '<p class="note">Colours in every figure:' + "".join(items) + "</p>"
 

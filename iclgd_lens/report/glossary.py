@@ -75,7 +75,7 @@ METRICS: dict[str, Entry] = {
     ),
     "kendall_token_per_head": Entry(
         "per-head variant: tau-b of ICL's post-softmax attention on the demonstration tokens and the "
-        "per-head GD query . ICL-pass queries",
+        "per-head GD query dotted with the ICL-pass queries",
         _COS,
         "higher",
         "this project (a variant of Dai et al. 2023)",

@@ -43,7 +43,7 @@ span.mark-below { background: #f7dede; color: #7a1d1d; font-weight: 600; }
 span.mark-undefined, span.mark-none { background: #fff; color: #888; font-style: italic; }
 .legend-swatch { display: inline-block; width: 1.6em; height: 0; border-top-width: 3px;
   vertical-align: middle; margin: 0 4px 0 10px; }
-table.glossary td { text-align: left; vertical-align: top; }
+table.glossary td, table.glossary th { text-align: left; vertical-align: top; }
 .circuitsvis-widget { min-height: 420px; }
 """
 
