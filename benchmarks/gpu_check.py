@@ -1,5 +1,6 @@
 """The GPU check: a randomly initialised LLaMA-7B-shaped model (no download) through the default
-compare() at k = 32 on SST-2-like prompts, with time per demo set and peak GPU memory, plus the
+compare() at k = 32 on SST-2-like prompts (max_memory = 60 GB: the memory model picks the batch
+size), with time per demo set and peak GPU memory beside the memory model's prediction, plus the
 agreement of a small float32 config between the GPU and the CPU.
 
     python benchmarks/gpu_check.py              # on a machine with CUDA (about 5 minutes on one H100/H200)
@@ -19,7 +20,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from iclgd_lens import GDConfig, Task, compare, load_model
+from iclgd_lens.engine import memory
 from iclgd_lens.tasks import Example
+
+MAX_MEMORY = 60 * 2**30
+"""The budget of the 7B plan (docs/performance.md): compare() picks its batch size to fit it."""
 
 LLAMA_7B = dict(
     hidden_size=4096,
@@ -120,12 +125,26 @@ def main() -> None:
         f"plan: LLaMA-7B shape {LLAMA_7B}, bf16, default compare, k=32, "
         f"4 demo sets x 16 queries, gd=dai (lr {task.gd_lr})"
     )
+    plan = memory.plan_for_shape(
+        memory.ModelShape.from_config(LlamaConfig(**LLAMA_7B), bytes_per_element=2),
+        tokenizer(),
+        task,
+        k=32,
+        n_episodes=4,
+        n_queries=16,
+        max_memory=MAX_MEMORY,
+    )
+    print(
+        f"predicted_peak_gpu_gb: {plan.total_bytes / 2**30:.1f} "
+        f"(batch_size {plan.batch_size}, phase {plan.phase})"
+    )
     if args.dry_run or not torch.cuda.is_available():
         hf = random_llama(SMALL, torch.float32, "cpu")
         bridge = load_model(hf_model=hf, tokenizer=tokenizer(), device="cpu", dtype="float32")
         started = time.perf_counter()
         results = compare(bridge, task, k=4, n_episodes=2, n_queries=2, progress=False, artifacts=False)
         print(f"dry_run_small_cpu_s: {time.perf_counter() - started:.2f}")
+        print(plan.describe())
         print(f"dry_run_rows: {len(results.table)}")
         return
     torch.cuda.reset_peak_memory_stats()
@@ -136,11 +155,25 @@ def main() -> None:
     print(f"model_gb: {torch.cuda.max_memory_allocated() / 2**30:.1f}")
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    results = compare(bridge, task, k=32, n_episodes=4, n_queries=16, progress=False)
+    results = compare(bridge, task, k=32, n_episodes=4, n_queries=16, progress=False, max_memory=MAX_MEMORY)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
+    measured = torch.cuda.max_memory_allocated()
     print(f"seconds_per_demo_set: {elapsed / 4:.1f}")
-    print(f"peak_gpu_gb: {torch.cuda.max_memory_allocated() / 2**30:.1f}")
+    print(f"batch_size: {results.config['batch_size']}")
+    print(f"peak_gpu_gb: {measured / 2**30:.1f}")
+    print(f"predicted_over_measured: {plan.total_bytes / measured:.2f}")
+    print(
+        memory.plan_for_shape(
+            memory.ModelShape.of(bridge),
+            bridge.tokenizer,
+            task,
+            k=32,
+            n_episodes=4,
+            n_queries=16,
+            max_memory=MAX_MEMORY,
+        ).describe()
+    )
     print(f"rows: {len(results.table)}")
     del bridge, hf
     torch.cuda.empty_cache()

@@ -127,7 +127,7 @@ def test_compare_picks_the_batch_size_that_fits_max_memory():
     from iclgd_lens.errors import IclgdError
 
     model = load_model(device="cpu")
-    kw = dict(k=4, n_episodes=4, n_queries=8, baselines=False)
+    kw = dict(k=4, n_episodes=4, n_queries=6, baselines=False)
     roomy = memory.plan_compare(model, **kw)
     results = compare(model, max_memory=roomy.total_bytes, progress=False, artifacts=False, **kw)
     assert results.config["batch_size"] == 64

@@ -405,20 +405,52 @@ def plan_compare(
     `batch_size` (of BATCH_SIZES, or the one given) whose peak fits `max_memory` bytes (weights
     included). `plan.fits` is False when even one row per pass does not fit: the GD step or the
     recordings need fewer episodes or queries per call."""
-    from iclgd_lens.engine.compare import _chosen_baselines, _probe_names
-    from iclgd_lens.engine.gd import GDConfig
     from iclgd_lens.tasks import resolve_task
 
-    task = resolve_task(task, seed)
+    return plan_for_shape(
+        ModelShape.of(model),
+        model.tokenizer,
+        resolve_task(task, seed),
+        gd=gd,
+        k=k,
+        n_episodes=n_episodes,
+        n_queries=n_queries,
+        seed=seed,
+        probes=probes,
+        baselines=baselines,
+        batch_size=batch_size,
+        max_memory=max_memory,
+    )
+
+
+def plan_for_shape(
+    shape: ModelShape,
+    tokenizer,
+    task,
+    *,
+    gd="dai",
+    k: int = 8,
+    n_episodes: int = 8,
+    n_queries: int = 6,
+    seed: int = 0,
+    probes: Sequence[str] | None = None,
+    baselines: Sequence[str] | bool = True,
+    batch_size: int | None = None,
+    max_memory: int | None = None,
+) -> Plan:
+    """`plan_compare` without weights: a model's shape (`ModelShape.from_config`) and tokenizer,
+    e.g. for a 7B plan on a machine that cannot load it."""
+    from iclgd_lens.engine.compare import _chosen_baselines, _probe_names
+    from iclgd_lens.engine.gd import GDConfig
+
     config = GDConfig.resolve(gd, task)
     episodes = task.episodes(k, n_episodes, n_queries, seed)
-    lengths = lengths_of(model.tokenizer, task, episodes)
-    shape = ModelShape.of(model)
+    lengths = lengths_of(tokenizer, task, episodes)
     delta_bytes = 4 if config.delta_dtype else None
     # SGD's steps pad each step to its longest row across episodes: the rank is the padded total
     lengths = Lengths(
         lengths.demo,
-        _padded_train(model.tokenizer, task, episodes, config.batch_size),
+        _padded_train(tokenizer, task, episodes, config.batch_size),
         lengths.prefix,
         lengths.suffix,
         lengths.zsl,
