@@ -290,6 +290,7 @@ def test_a_local_ray_instance_gives_the_same_store_bitwise(tmp_path, reference):
 
 # ---- reading the store --------------------------------------------------------------------------
 def test_pandas_pyarrow_dataset_and_duckdb_read_the_store_as_documented(reference):
+    """The one-liners of docs/sweeps.md, with the store's path, against the per-cell Results."""
     import duckdb
     import pyarrow.dataset as ds
 
@@ -298,31 +299,27 @@ def test_pandas_pyarrow_dataset_and_duckdb_read_the_store_as_documented(referenc
     per_cell = [
         Results.load(reference / "cells" / k / "results.json").table for k in Store(reference).done_keys()
     ]
-    n_rows = sum(len(t) for t in per_cell)
+    stacked = pd.concat(per_cell)
     store = str(reference)
-    # the one-liners of docs/sweeps.md
     files = glob.glob(f"{store}/cells/*/results.parquet")
     df = pd.concat(pd.read_parquet(f) for f in files)
-    table = ds.dataset(files, format="parquet").to_table().to_pandas()
-    rows = duckdb.sql(f"SELECT * FROM read_parquet('{store}/cells/*/results.parquet')").df()
-    for frame in (df, table, rows):
-        assert len(frame) == n_rows
-        assert set(frame["model"]) == {"tiny-llama-icl", "tiny-llama-iclobj"} and set(frame["k"]) == {1, 2}
+    table = ds.dataset(files, format="parquet").to_table()
     means = duckdb.sql(
-        f"SELECT model, k, avg(value) AS v FROM read_parquet('{store}/cells/*/results.parquet') "
-        "WHERE metric = 'accuracy' AND comparison = 'icl' GROUP BY model, k ORDER BY model, k"
+        f"SELECT model, k, avg(value) FROM read_parquet('{store}/cells/*/results.parquet') "
+        "WHERE metric = 'simaou' AND comparison = 'icl~gd' AND head = -1 GROUP BY ALL"
     ).df()
-    stacked = pd.concat(per_cell)
-    by_hand = (
-        stacked[(stacked.metric == "accuracy") & (stacked.comparison == "icl")]
-        .groupby(["model", "k"])["value"]
-        .mean()
-    )
-    assert means["v"].tolist() == pytest.approx(by_hand.tolist(), abs=1e-12)
-    cells_json = duckdb.sql(
-        f"SELECT key, labels.model AS model FROM read_json_auto('{store}/cells/*/cell.json')"
+    labels = duckdb.sql(
+        f"SELECT key, labels.model, config.gd.lr FROM read_json_auto('{store}/cells/*/cell.json')"
     ).df()
-    assert len(cells_json) == 8
+
+    assert len(df) == table.num_rows == len(stacked)
+    assert set(df["model"]) == {"tiny-llama-icl", "tiny-llama-iclobj"} and set(df["k"]) == {1, 2}
+    pick = stacked[(stacked.metric == "simaou") & (stacked.comparison == "icl~gd") & (stacked["head"] == -1)]
+    by_hand = pick.groupby(["model", "k"])["value"].mean()
+    got = means.set_index(["model", "k"]).iloc[:, 0].sort_index()
+    assert got.tolist() == pytest.approx(by_hand.sort_index().tolist(), abs=1e-12)
+    assert sorted(labels["key"]) == Store(reference).done_keys()
+    assert set(labels["lr"]) == {3e-2}  # the default task's own learning rate, resolved into each cell
 
 
 # ---- failures and studies ------------------------------------------------------------------------
@@ -337,6 +334,19 @@ def test_a_failed_cell_records_its_one_line_error_and_is_tried_again(tmp_path):
     assert not (tmp_path / "cells" / key).exists()
     again = run_sweep(spec, tmp_path)
     assert list(again.failed) == [key] and len(again.reused) == 1 and not again.computed
+
+
+def test_data_changed_between_planning_and_running_fails_the_cell_instead_of_filing_it_wrongly(tmp_path):
+    from iclgd_lens.sweep import run_cell
+
+    data = tmp_path / "mine.csv"
+    data.write_text("text,label,split\nw1 w2,A,train\nw3 w4,B,test\n")
+    spec = SweepSpec(tasks=[{"data": str(data), "template": "{text} :", "label_words": ["A", "B"]}], k=[1])
+    planned = plan(spec, tmp_path / "store")[0]
+    data.write_text("text,label,split\nw1 w2,B,train\nw3 w4,B,test\n")
+    assert run_cell(tmp_path / "store", planned) == "failed"
+    assert "changed after the sweep was planned" in Store(tmp_path / "store").failure(planned.key)
+    assert plan(spec, tmp_path / "store")[0].key != planned.key  # the new data is a new cell
 
 
 def test_a_study_cell_runs_the_causal_study_inside_the_sweep(tmp_path):

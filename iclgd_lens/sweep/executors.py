@@ -25,7 +25,8 @@ def run_local(todo: Sequence[Planned], store: Store, done: Done) -> None:
     import torch
 
     threads_before = torch.get_num_threads()
-    current: tuple[str, Any] | None = None
+    current: tuple[Any, Any] | None = None
+    broken: dict[Any, BaseException] = {}  # models that failed to load: their cells fail alike
     try:
         for planned in todo:
             cell = planned.cell
@@ -33,8 +34,11 @@ def run_local(todo: Sequence[Planned], store: Store, done: Done) -> None:
             if current is None or current[0] != model_id:
                 current = None  # the previous model is released before the next one loads
                 try:
+                    if model_id in broken:
+                        raise broken[model_id]
                     current = (model_id, load_cell_model(cell))
                 except Exception as err:
+                    broken[model_id] = err
                     store.record_failure(planned.key, planned.labels, err)
                     done(planned, "failed")
                     continue

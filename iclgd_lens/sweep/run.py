@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.sweep.identity import Resolver, cell_key
+from iclgd_lens.sweep.identity import Resolver, cell_key, task_identity
 from iclgd_lens.sweep.spec import Cell, SweepSpec, cells
 from iclgd_lens.sweep.store import TIMING_KEYS, Store
 
@@ -101,11 +101,13 @@ def run_cell(store: Store | str | os.PathLike, planned: Planned, model=None) -> 
     set_threads(cell.setting("threads", 1))
     started = time.time()
     try:
+        task = Resolver().task(cell.task, cell.seed)
+        if task_identity(cell.task, task) != planned.config["task"]:
+            raise IclgdError(
+                f"the data of task {cell.task.label!r} changed after the sweep was planned; rerun it"
+            )
         if model is None:
             model = load_cell_model(cell)
-        from iclgd_lens.sweep.identity import Resolver
-
-        task = Resolver().task(cell.task, cell.seed)
         study = cell.setting("study")
         write = _study_writer(cell, model, task, study) if study else _compare_writer(planned, model, task)
         info = {
