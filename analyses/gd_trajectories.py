@@ -168,8 +168,6 @@ def best_cell(table: pd.DataFrame, target: str) -> dict | None:
 def figures(table: pd.DataFrame, target: str, best: dict | None) -> list:
     """`target` and accuracy against epochs: one panel per parameter set, one line per lr;
     ICL's floor (icl~icl_perm) and ICL accuracy as dotted lines; the best cell starred."""
-    from iclgd_lens.report import style
-
     s = cell_summary(table)
     if s.empty:
         return []
@@ -213,8 +211,13 @@ def figures(table: pd.DataFrame, target: str, best: dict | None) -> list:
                 row=1,
                 col=panel,
             )
-        style.restyle(fig)
-        fig.update_xaxes(**style.log2_k_axis(epochs, title="GD epochs (log scale)"))
+        fig.update_xaxes(  # every epoch count labelled (the report's pages restyle the rest)
+            type="log",
+            tickmode="array",
+            tickvals=epochs,
+            ticktext=[str(e) for e in epochs],
+            minor=dict(ticks=""),
+        )
         figs.append(fig)
     return figs
 

@@ -157,8 +157,6 @@ def figures(table: pd.DataFrame, diffs: pd.DataFrame) -> list:
     the differences table."""
     rows = table[(table.metric == "simaou") & (table["head"] == -1) & (table.layer >= 0)]
     curve = rows.groupby(["model", "comparison", "layer"], as_index=False)["value"].mean()
-    from iclgd_lens.report import style
-
     fig_layers = px.line(
         curve,
         x="layer",
@@ -166,11 +164,13 @@ def figures(table: pd.DataFrame, diffs: pd.DataFrame) -> list:
         color="comparison",
         line_dash="model",
         markers=True,
-        category_orders={"comparison": style.order(curve["comparison"].unique())},
+        category_orders={
+            "comparison": sorted(curve["comparison"].unique(), key=lambda c: (c != "icl~gd", c))
+        },
         labels={"value": "SimAOU (raw)"},
         title="Per-layer SimAOU of both models (colour: comparison, dash: model)",
     )
-    fig_layers.update_xaxes(**style.layer_axis(curve["layer"]))
+    fig_layers.update_xaxes(dtick=1, tickformat="d")  # whole layers
     acc = layer_mean(table[table.metric == "accuracy"])
     acc = acc.assign(err_plus=acc.ci_high - acc["mean"], err_minus=acc["mean"] - acc.ci_low)
     fig_acc = px.bar(
@@ -185,7 +185,7 @@ def figures(table: pd.DataFrame, diffs: pd.DataFrame) -> list:
         labels={"mean": "accuracy (argmax over label words)", "comparison": "condition"},
         title="Accuracy of zero-shot, ICL and GD per model (95% CI)",
     )
-    figs = [style.restyle(fig_layers), style.restyle(fig_acc)]
+    figs = [fig_layers, fig_acc]
     if not diffs.empty:
         import plotly.graph_objects as go
 

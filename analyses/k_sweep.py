@@ -177,8 +177,6 @@ def figures(table: pd.DataFrame) -> list:
     """One line chart per headline metric: mean over layers and queries against k, on a log-2 k
     axis with every k labelled; one colour per comparison (the report's), one dash per model; the
     ks where only GD ran marked on every panel."""
-    from iclgd_lens.report import style
-
     summary = layer_mean(table)
     ks = sorted(int(k) for k in summary["k"].unique())
     only_gd = gd_only_ks(summary)
@@ -203,13 +201,20 @@ def figures(table: pd.DataFrame) -> list:
             error_y="err_plus",
             error_y_minus="err_minus",
             log_x=True,
-            category_orders={"comparison": style.order(sub["comparison"].unique())},
+            category_orders={
+                "comparison": sorted(sub["comparison"].unique(), key=lambda c: (c != "icl~gd", c))
+            },
             labels={"mean": metric, "k": "demonstrations k"},
             title=f"{metric} against k (mean over layers and queries, 95% CI over episodes, within the "
             f"metric's range)",
         )
-        style.restyle(fig)
-        fig.update_xaxes(**style.log2_k_axis(ks, title="k (demonstrations, log2 scale)"))
+        fig.update_xaxes(  # every k labelled, nothing else (plotly would label minor ticks "2 3 ... 10 2 3")
+            title="k (demonstrations, log2 scale)",
+            tickmode="array",
+            tickvals=ks,
+            ticktext=[str(k) for k in ks],
+            minor=dict(ticks="", showgrid=False),
+        )
         for k in only_gd:  # on a log axis a shape takes the value, an annotation its log10
             fig.add_shape(
                 type="line",

@@ -240,8 +240,6 @@ def figures(table: pd.DataFrame) -> list:
     """Sen per method: mean with its 95% CI, median, and each episode's mean side by side;
     attention-update sensitivity per layer; order overlap. Colours: the report's (ICL orange,
     GD purple)."""
-    from iclgd_lens.report import style
-
     s = summary(table)
     s = s.assign(err_plus=s.ci_high - s["mean"], err_minus=s["mean"] - s.ci_low)
     sen = s[s.metric == "sen"]
@@ -251,15 +249,20 @@ def figures(table: pd.DataFrame) -> list:
     floor = float(positive.min()) / 2 if len(positive) else 1e-9  # the log axis' bottom
     lows = np.maximum(sen["ci_low"].to_numpy(), floor)
     fig_sen = go.Figure()
-    fig_sen.add_trace(
-        go.Bar(
-            x=methods,
-            y=sen["mean"],
-            error_y=dict(type="data", array=sen["err_plus"], arrayminus=sen["mean"].to_numpy() - lows),
-            marker_color=[style.colour(m, 0.55) for m in methods],
-            name="mean [95% CI over episodes]",
+    for i, method in enumerate(methods):  # one bar trace per method: the report colours it by name
+        fig_sen.add_trace(
+            go.Bar(
+                x=[method],
+                y=[sen["mean"].iloc[i]],
+                error_y=dict(
+                    type="data", array=[sen["err_plus"].iloc[i]], arrayminus=[sen["mean"].iloc[i] - lows[i]]
+                ),
+                opacity=0.6,
+                name=method,
+                legendgroup="mean",
+                legendgrouptitle_text="mean [95% CI over episodes]",
+            )
         )
-    )
     fig_sen.add_trace(
         go.Scatter(
             x=methods,
@@ -297,7 +300,7 @@ def figures(table: pd.DataFrame) -> list:
         labels={"mean": "|std over orders of h| / |mean update h - h_ZSL|"},
         title="Order sensitivity of the attention update at the read position, per layer",
     )
-    fig_layers.update_xaxes(**style.layer_axis(layers["layer"]))
+    fig_layers.update_xaxes(dtick=1, tickformat="d")  # whole layers
     overlap = s[s.metric.isin(["order_overlap", "icl_gd_overlap"])]
     fig_overlap = px.bar(
         overlap,
@@ -314,7 +317,7 @@ def figures(table: pd.DataFrame) -> list:
             "and ICL vs GD under the same order"
         ),
     )
-    return [style.restyle(f) for f in (fig_sen, fig_layers, fig_overlap)]
+    return [fig_sen, fig_layers, fig_overlap]
 
 
 def findings(table: pd.DataFrame, k: int) -> str:

@@ -334,9 +334,7 @@ def _figures(table: pd.DataFrame) -> list:
         labels={"value": "numerical rank / max rank (mean)"},
         title="Numerical ranks",
     )
-    from iclgd_lens.report import style
-
-    return [style.restyle(f) for f in (fig_near, fig_dist, fig_rank)]
+    return [fig_near, fig_dist, fig_rank]
 
 
 def _findings(table: pd.DataFrame, model_name: str) -> str:

@@ -438,7 +438,7 @@ def test_k_sweep_figures_label_every_k_and_mark_gd_only_points():
         marks = [a.text for a in fig.layout.annotations if a.text == "GD only"]
         assert len(marks) == 1 and fig.layout.shapes[0].x0 == 128  # a shape takes the value...
         assert [a.x for a in fig.layout.annotations if a.text == "GD only"] == [pytest.approx(np.log10(128))]
-    simaou = [f for f in figs if "simaou" in f.layout.title.text][0]
+    simaou = figures.study_figure([f for f in figs if "simaou" in f.layout.title.text][0])  # as on its page
     colours = {t.name.split(",")[0]: t.line.color for t in simaou.data}
     assert colours["icl~gd"] == style.colour("icl~gd")
 

@@ -214,8 +214,8 @@ def restyle(fig: go.Figure, names: Mapping[str, str] | None = None) -> go.Figure
     layout = fig.layout
     for axis_name in [a for a in layout.to_plotly_json() if a.startswith("xaxis")] or ["xaxis"]:
         axis = layout[axis_name]
-        if axis.type == "log":
-            ks = _k_values(fig, axis_name)
+        if axis.type == "log":  # ticks a figure set itself (e.g. ks without data) are kept
+            ks = [float(v) for v in axis.tickvals] if axis.tickvals is not None else _k_values(fig, axis_name)
             if ks:
                 fig.update_layout({axis_name: {k: v for k, v in log2_k_axis(ks).items() if k != "title"}})
         elif _is_layer_axis(axis):
