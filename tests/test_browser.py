@@ -235,9 +235,13 @@ def test_every_page_of_a_sweep_report_renders(browser, tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     made = Path(module.make_sweep_report(tmp_path))
-    pages = sorted(made.rglob("*.html")) if made.is_dir() else sorted(made.parent.rglob("*.html"))
-    assert pages, f"no page in {made}"
+    root = made if made.is_dir() else made.parent
+    pages = sorted(root.rglob("*.html"))
+    assert pages and (root / "index.html") in pages, f"no sweep index in {root}"
     for page in pages:
-        state = open_page(browser, page, f"sweep_{page.stem}.png")
+        name = "_".join(page.relative_to(root).with_suffix("").parts)
+        state = open_page(browser, page, f"sweep_{name}.png")
         assert_clean(state)
         assert state["graphs"] == page.read_text().count('class="plotly-graph-div"'), page.name
+        if page == root / "index.html":
+            assert state["graphs"] > 0
