@@ -86,11 +86,13 @@ def over_training(result, sizes=(64, 4096), every: int = 1000) -> None:
         )
         print(f"- N = {n}: {cells}")
     chosen = pd.DataFrame(result.config["selected_steps"])
+    read = chosen.merge(traj, on=["n_train", "seed", "step"])  # the checkpoint each run is read at
     print(
-        "\nselected checkpoints (min / median / max step): "
+        "\nselected checkpoints (min / median / max step; mean training NLL of f there): "
         + "; ".join(
-            f"N={n}: {int(v.min())} / {int(v.median())} / {int(v.max())}"
-            for n, v in chosen.groupby("n_train")["step"]
+            f"N={n}: {int(v.step.min())} / {int(v.step.median())} / {int(v.step.max())}; "
+            f"{v.train_loss.mean():.3f}"
+            for n, v in read.groupby("n_train")
         )
         + "\n"
     )
