@@ -171,11 +171,14 @@ def test_key_is_stable_and_changes_with_every_setting_and_with_the_weights(tmp_p
 
 
 # ---- interrupts and reruns ----------------------------------------------------------------------
-def test_sigint_after_the_first_cell_then_a_rerun_computes_only_the_missing_cells(tmp_path, reference):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_first_cell_then_a_rerun_computes_only_the_missing_cells(
+    tmp_path, reference, signum
+):
     root = tmp_path / "store"
 
-    def interrupt(planned, status):  # a real SIGINT, delivered to this process after the first cell
-        os.kill(os.getpid(), signal.SIGINT)
+    def interrupt(planned, status):  # a real signal, delivered to this process after the first cell
+        os.kill(os.getpid(), signum)
 
     with pytest.raises(KeyboardInterrupt):
         run_sweep(grid_spec(), root, on_cell=interrupt)
@@ -373,3 +376,48 @@ def test_a_study_cell_runs_the_causal_study_inside_the_sweep(tmp_path):
     seeds = {store.cell_info(k)["labels"]["seed"] for k in store.done_keys()}
     assert seeds == {0, 1}
     assert run_sweep(spec, tmp_path).computed == []
+
+    from iclgd_lens.report.sweep import render_sweep
+
+    index = render_sweep(tmp_path, tmp_path / "page")  # study cells are listed and linked to their pages
+    for key in store.done_keys():
+        assert f'href="cells/{key}/index.html"' in index.read_text()
+        assert "causal" in (index.parent / "cells" / key / "index.html").read_text()
+
+
+def test_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
+    """--partition, --gpus-per-task, --mem-gb, --time-limit, --array-parallelism and any other
+    slurm_* option end up in submitit's sbatch file (a stand-in `srun` makes submitit build it here)."""
+    import submitit
+
+    from iclgd_lens.sweep.executors import submitit_parameters
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    params = submitit_parameters(
+        "slurm",
+        4,
+        partition="gpu",
+        gpus_per_task=1,
+        mem_gb=64,
+        timeout_min=120,
+        array_parallelism=8,
+        slurm_args={"qos": "high"},
+    )
+    executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm")
+    executor.update_parameters(**params)
+    script = executor._executor._make_submission_file_text("python -m x", "uid")
+    for line in (
+        "--partition=gpu",
+        "--gpus-per-node=1",
+        "--mem=64GB",
+        "--time=120",
+        "--cpus-per-task=4",
+        "--qos=high",
+    ):
+        assert f"#SBATCH {line}\n" in script
+    assert "export OMP_NUM_THREADS=4" in script
+    assert executor._executor.parameters["array_parallelism"] == 8

@@ -166,18 +166,49 @@ def cell_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
 
 
+def load_hash_cache(path: Path) -> None:
+    """Add the file hashes saved in `path` (by path, size and mtime) to this process's cache, so
+    a 13 GB checkpoint is hashed once per store, not once per command."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    for entry in saved if isinstance(saved, list) else []:
+        try:
+            _FILE_HASHES[(str(entry[0]), int(entry[1]), int(entry[2]))] = str(entry[3])
+        except (TypeError, ValueError, IndexError):
+            continue
+
+
+def save_hash_cache(path: Path) -> None:
+    """Write this process's file hashes to `path` (a temporary file renamed into place)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps([[*memo, digest] for memo, digest in sorted(_FILE_HASHES.items())]))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache only: a read-only store still works
+
+
 class Resolver:
     """Canonical configs and keys of many cells, each model fingerprinted and each (task, seed)
-    resolved once."""
+    resolved once. `hash_cache`: a JSON file keeping file hashes between commands."""
 
-    def __init__(self, strict: bool = True) -> None:
+    def __init__(self, strict: bool = True, hash_cache: Path | None = None) -> None:
         self.strict = strict  # False: a hub model not yet downloaded gets a placeholder (listings)
+        self.hash_cache = hash_cache
         self._models: dict[str, dict] = {}
         self._tasks: dict[tuple[TaskRef, int], Any] = {}
+        if hash_cache is not None:
+            load_hash_cache(hash_cache)
 
     def model(self, name: str) -> dict:
         if name not in self._models:
+            before = len(_FILE_HASHES)
             self._models[name] = model_identity(name, self.strict)
+            if self.hash_cache is not None and len(_FILE_HASHES) != before:
+                save_hash_cache(self.hash_cache)
         return self._models[name]
 
     def task(self, ref: TaskRef, seed: int):

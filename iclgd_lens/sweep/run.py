@@ -16,7 +16,10 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads must not spin
 
+import contextlib
 import inspect
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +68,7 @@ def plan(spec: SweepSpec, store: Store | str | os.PathLike, *, strict: bool = Tr
     `strict=False` (listings) lets a hub model that is not downloaded yet through with a
     placeholder fingerprint; running needs the real one."""
     store = store if isinstance(store, Store) else Store(store)
-    resolver = Resolver(strict)
+    resolver = Resolver(strict, hash_cache=store.root / "fingerprints.json" if store.root.is_dir() else None)
     out = []
     for cell in cells(spec):
         config = resolver.config(cell)
@@ -205,7 +208,8 @@ def _study_writer(cell: Cell, model, task, study: dict) -> Callable[[Path], dict
 
 def run_cell_job(store_root: str, planned: Planned) -> str:
     """The function a submitit job or a Ray task runs: one cell, its model loaded in the job."""
-    return run_cell(Store(store_root), planned)
+    with _sigterm_interrupts():
+        return run_cell(Store(store_root), planned)
 
 
 # ---- the sweep -----------------------------------------------------------------------------
@@ -229,6 +233,7 @@ def run_sweep(
     if executor not in EXECUTORS:
         raise IclgdError(f"unknown executor {executor!r}; choose {', '.join(EXECUTORS)}")
     store = store if isinstance(store, Store) else Store(store or spec.store or "iclgd-store")
+    store.create()
     store.clean_stale()
     planned = plan(spec, store)
     summary = SweepSummary(store=str(store.root))
@@ -255,8 +260,30 @@ def run_sweep(
         run = {"local": executors.run_local, "submitit": executors.run_submitit, "ray": executors.run_ray}[
             executor
         ]
-        run(todo, store, done, **executor_options)
+        with _sigterm_interrupts():
+            run(todo, store, done, **executor_options)
     return summary
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C, so the cell in flight is
+    removed; only where nobody else handles SIGTERM (the CLI already does) and in the main thread."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL,
+        None,
+    ):
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def status_rows(spec: SweepSpec, store: Store | str | os.PathLike) -> list[dict]:

@@ -85,7 +85,8 @@ class Store:
             raise IclgdError(f"cannot read {path}: {err}") from None
 
     # ---- writing ---------------------------------------------------------------------------
-    def _mkdirs(self) -> None:
+    def create(self) -> None:
+        """The store's folders (cells, failed, runs, tmp)."""
         try:
             for sub in ("cells", "failed", "runs", "tmp"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,7 @@ class Store:
         facts, or None), add cell.json, and rename it into cells/. Returns False when the cell
         was already there (another job finished it first; ours is dropped, never swapped in).
         On any exception (KeyboardInterrupt included) the temporary folder is removed."""
-        self._mkdirs()
+        self.create()
         tmp = Path(
             tempfile.mkdtemp(prefix=f"{key}~{socket.gethostname()}~{os.getpid()}~", dir=self.root / "tmp")
         )
@@ -122,7 +123,7 @@ class Store:
 
     def record_failure(self, key: str, labels: dict, error: BaseException | str) -> str:
         """Keep a failed cell's one-line error (the next run tries it again)."""
-        self._mkdirs()
+        self.create()
         if isinstance(error, BaseException):
             text = str(error) if type(error).__name__ == "IclgdError" else f"{type(error).__name__}: {error}"
         else:
