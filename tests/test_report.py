@@ -168,6 +168,7 @@ def test_single_file_inlines_each_library_once(tmp_path):
     assert text.count(CIRCUITSVIS_MARK) == 1 and text.count(PLOTLY_MARK) == 1
     assert "<script src=" not in text and EVIL_TOKEN not in text
     assert 'id="layer-01"' in text and 'href="#layer-01"' in text
+    assert 'href="#m-simaou"' in text and 'id="m-simaou"' in text and "glossary.html" not in text
 
 
 def test_failed_render_keeps_the_old_report(tmp_path, monkeypatch):
