@@ -103,7 +103,13 @@ def rss_now() -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes (Linux: ru_maxrss is in KiB)."""
+    """Peak resident set size of this process so far, in bytes: VmHWM, the high-water mark of
+    its own address space. (Not ru_maxrss: Linux carries that over fork and exec, so a child
+    started by a big parent reports the parent's size.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
