@@ -30,7 +30,7 @@ from plotly.subplots import make_subplots
 from iclgd_lens.engine import stats
 from iclgd_lens.engine.results import TABLE_COLUMNS, Results
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.report import INDEX, figure_html, render_report
+from iclgd_lens.report import INDEX, figure_html, render_report, style
 from iclgd_lens.report.assets import script_tags, write_assets
 from iclgd_lens.report.figures import TEMPLATE, label
 from iclgd_lens.report.templates import escape, page, section, table
@@ -170,7 +170,10 @@ def dai_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---- figures -------------------------------------------------------------------------------------
-def _error_trace(x, s: pd.DataFrame, name: str, i: int, dash: str = "solid") -> go.Scatter:
+def _error_trace(x, s: pd.DataFrame, name: str, i: int, comparison: str = HEADLINE) -> go.Scatter:
+    """A line per model / GD setting (colour `i`), drawn as its comparison is everywhere (`style`:
+    ICL~GD solid and strong, a floor dashed), with its 95% intervals as error bars."""
+    look = style.line(comparison)
     return go.Scatter(
         x=list(x),
         y=s["mean"].tolist(),
@@ -183,7 +186,8 @@ def _error_trace(x, s: pd.DataFrame, name: str, i: int, dash: str = "solid") -> 
         ),
         mode="lines+markers",
         name=label(name),
-        line=dict(color=_COLOURS[i % len(_COLOURS)], dash=dash),
+        marker=dict(symbol=style.marker_symbol(comparison)),
+        line=dict(color=_COLOURS[i % len(_COLOURS)], dash=look["dash"], width=look["width"]),
     )
 
 
@@ -197,15 +201,17 @@ def k_curves(table: pd.DataFrame, metric: str = "simaou") -> list[go.Figure]:
         summ = layer_averaged(rows[rows["metric"] == metric], ["model", "gd", "comparison", "k"])
         fig = go.Figure()
         for i, ((model, gd), s) in enumerate(summ.groupby(["model", "gd"], sort=True)):
-            for comparison, dash in ((HEADLINE, "solid"), ("icl~random_update", "dot")):
+            for comparison in (HEADLINE, "icl~random_update"):
                 part = s[s["comparison"] == comparison].sort_values("k")
                 if not part.empty:
-                    fig.add_trace(_error_trace(part["k"], part, f"{model} · {gd} · {comparison}", i, dash))
+                    fig.add_trace(
+                        _error_trace(part["k"], part, f"{model} · {gd} · {comparison}", i, comparison)
+                    )
         fig.update_layout(
             template=TEMPLATE,
             title=label(f"{metric} against k: task {task}"),
             height=380,
-            xaxis=dict(title="k (demonstrations)", type="log", tickvals=sorted(rows["k"].unique().tolist())),
+            xaxis=style.log2_k_axis(rows["k"].unique().tolist()),
             yaxis=dict(title=label(f"{metric} (mean over layers)")),
             margin=dict(l=60, r=20, t=50, b=50),
         )
@@ -260,7 +266,7 @@ def grid_curves(table: pd.DataFrame, settings: pd.DataFrame, metric: str = "sima
 
 def layer_profiles(table: pd.DataFrame, metric: str = "simaou") -> list[go.Figure]:
     """One figure per task: a panel per model side by side, `metric` by layer at the largest k,
-    a line per GD setting (ICL~GD solid, the random update of equal norm dotted)."""
+    a line per GD setting (ICL~GD solid, the random update of equal norm dashed)."""
     figs = []
     for task, rows in table.groupby("task", sort=True):
         rows = rows[(rows["metric"] == metric) & (rows["layer"] >= 0) & (rows["head"] == -1)]
@@ -277,15 +283,15 @@ def layer_profiles(table: pd.DataFrame, metric: str = "simaou") -> list[go.Figur
                 rows[rows["model"] == model], ["gd", "comparison", "layer"], episode="unit"
             )
             for i, gd in enumerate(gds):
-                for comparison, dash in ((HEADLINE, "solid"), ("icl~random_update", "dot")):
+                for comparison in (HEADLINE, "icl~random_update"):
                     s = summ[(summ["gd"] == gd) & (summ["comparison"] == comparison)].sort_values("layer")
                     if s.empty:
                         continue
-                    trace = _error_trace(s["layer"], s, f"{gd} · {comparison}", i, dash)
+                    trace = _error_trace(s["layer"], s, f"{gd} · {comparison}", i, comparison)
                     trace.showlegend = col == 1
                     trace.legendgroup = f"{gd}{comparison}"
                     fig.add_trace(trace, row=1, col=col)
-            fig.update_xaxes(title_text="layer", dtick=1, row=1, col=col)
+            fig.update_xaxes(**style.layer_axis(rows["layer"].unique().tolist()), row=1, col=col)
         fig.update_layout(
             template=TEMPLATE,
             title=label(f"{metric} by layer, models side by side: task {task} (k = {int(rows['k'].max())})"),
@@ -328,7 +334,7 @@ def _index(cells: Sequence[SweepCell], title: str, note: str) -> str:
             (
                 "Against k (Shen et al.'s view)",
                 k_curves(table_all),
-                "ICL~GD solid, random update of equal norm dotted.",
+                "ICL~GD solid, the random update of equal norm dashed.",
             ),
             ("Against the GD learning rate and epochs", grid_curves(table_all, gd_setting(cells)), ""),
             ("Layer profiles side by side", layer_profiles(table_all), "At each task's largest k."),
