@@ -64,6 +64,7 @@ _EXPORTS = {
 _MODULES = {
     "metrics": "iclgd_lens.engine.metrics",  # pure metric functions of tensors
     "stats": "iclgd_lens.engine.stats",  # episode-level intervals and paired tests
+    "style": "iclgd_lens.report.style",  # the report's visual language, for figures of your own
 }
 
 __all__ = sorted([*_EXPORTS, *_MODULES])
