@@ -421,3 +421,26 @@ def test_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
         assert f"#SBATCH {line}\n" in script
     assert "export OMP_NUM_THREADS=4" in script
     assert executor._executor.parameters["array_parallelism"] == 8
+
+
+def test_dry_run_estimates_equal_the_engines_own_on_the_loaded_model(tmp_path):
+    """Work and memory from config, weight-file headers and tokenizer alone equal what
+    compare.estimate_flops and engine.memory.plan_compare say with the model loaded."""
+    from iclgd_lens.engine.compare import estimate_flops
+    from iclgd_lens.engine.gd import GDConfig
+    from iclgd_lens.engine.memory import plan_compare
+    from iclgd_lens.models import load_model
+    from iclgd_lens.sweep.estimate import estimate
+    from iclgd_lens.sweep.identity import Resolver
+
+    spec = SweepSpec(models=["tiny-llama-iclobj"], k=[4], n_episodes=3, n_queries=5, gd=["shen"])
+    planned = plan(spec, tmp_path)[0]
+    task = Resolver().task(planned.cell.task, 0)
+    got = estimate(planned, task)
+    model = load_model("tiny-llama-iclobj")
+    gd = GDConfig.resolve("shen", task)
+    episodes = task.episodes(4, 3, 5, 0)
+    assert got["tflop"] * 1e12 == pytest.approx(estimate_flops(model, task, episodes, gd, True), rel=1e-12)
+    expected = plan_compare(model, task, gd="shen", k=4, n_episodes=3, n_queries=5, batch_size=64).total_bytes
+    assert got["memory_gb"] * 2**30 == pytest.approx(expected, rel=1e-9)
+    assert got["n_params"] == sum(p.numel() for p in model.original_model.parameters())

@@ -94,27 +94,30 @@ def estimate(planned: Planned, task) -> dict:
 
 
 def _memory_model(folder: Path, element: int, n_params: int, task, episodes, cell, gd, baselines) -> int:
-    """The peak of `engine.memory` (weights included) for this cell's sizes and batch size."""
+    """`engine.memory.plan_compare`'s predicted peak (weights included) for this cell, on a
+    stand-in model that has the real config, tokenizer and parameter count but no weights."""
+    import torch
     from transformers import AutoConfig
 
-    from iclgd_lens.engine.compare import ALL_BASELINES
-    from iclgd_lens.engine.memory import ModelShape, lengths_of, predict
-    from iclgd_lens.hooks import DEFAULT_PROBES
+    from iclgd_lens.engine.memory import plan_compare
 
-    shape = ModelShape.from_config(AutoConfig.from_pretrained(str(folder)), element, n_params)
-    chosen = ALL_BASELINES if baselines is True else (baselines or ())
-    plan = predict(
-        shape,
-        lengths_of(_tokenizer(str(folder)), task, episodes),
-        n_episodes=len(episodes),
-        n_queries=len(episodes[0].queries),
+    dtype = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}.get(element, torch.float32)
+    hf = SimpleNamespace(
+        config=AutoConfig.from_pretrained(str(folder)),
+        parameters=lambda: iter([torch.empty(n_params, dtype=dtype, device="meta")]),
+    )
+    stand_in = SimpleNamespace(original_model=hf, tokenizer=_tokenizer(str(folder)))
+    plan = plan_compare(
+        stand_in,
+        task,
+        gd=gd,
         k=cell.k,
-        probes=cell.setting("probes") or list(DEFAULT_PROBES),
-        baselines=chosen,
+        n_episodes=cell.setting("n_episodes"),
+        n_queries=cell.setting("n_queries"),
+        seed=cell.seed,
+        probes=cell.setting("probes"),
+        baselines=baselines,
         batch_size=cell.setting("batch_size"),
-        gd_params=gd.params,
-        gd_batch=gd.batch_size,
-        delta_bytes=4 if gd.delta_dtype else None,
     )
     return plan.total_bytes
 
