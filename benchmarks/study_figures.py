@@ -300,10 +300,10 @@ def _conflict_table(result) -> None:
 def conflict_probe() -> None:
     from iclgd_lens.analyses.conflict_probe import run
 
-    for k in (4, 16):
+    for k in (4, 16):  # the corpus facts: the floor (docs/studies/conflict-probe.md)
         started = time.time()
-        result = run("tiny-llama-icl", k=k, progress=False)
-        header(f"conflict-probe (k = {k})", result, started)
+        result = run("tiny-llama-icl", "corpus", k=k, progress=False)
+        header(f"conflict-probe, corpus facts (k = {k})", result, started)
         _conflict_table(result)
     # the random model of tests/test_studies.py::test_conflict_probe_fine_tuning_changes_outcomes
     sys.path.insert(0, str(REPO / "tests"))
