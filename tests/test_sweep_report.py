@@ -16,7 +16,7 @@ from sweep_pages import make_sweep_report, tiny_sweep_spec
 from typer.testing import CliRunner
 
 from iclgd_lens.cli import app
-from iclgd_lens.report.sweep import combined_table, dai_table, store_cells
+from iclgd_lens.report.sweep import combined_table, dai_table, render_sweep, store_cells
 from iclgd_lens.sweep import Store, run_sweep
 
 
@@ -113,3 +113,25 @@ def test_render_a_spec_and_several_runs_side_by_side(tmp_path, report):
     assert runs.exit_code == 0, runs.output
     html = Path(runs.stdout.strip()).read_text()
     assert "2 runs" in html and html.count('href="cells/run') == 2
+
+
+def test_a_second_render_reuses_the_pages_of_cells_drawn_before(tmp_path, report):
+    """Rendering into the same folder again copies each unchanged cell's page instead of drawing
+    it (a cell's key names its content); a page from another version of the code is redrawn."""
+    import time
+
+    store = report.parent.parent / "store"
+    out = tmp_path / "again"
+    render_sweep(store, out)
+    first = {p: p.read_bytes() for p in sorted(out.rglob("*.html"))}
+    key = Store(store).done_keys()[0]
+    stamp = out / "cells" / key / ".drawn-by.json"
+    stamp.write_text("{}")  # as if drawn by other versions
+    page = out / "cells" / key / "index.html"
+    mtimes = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("cells/*/index.html")}
+    time.sleep(0.01)
+    render_sweep(store, out)
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*.html"))}.keys() == first.keys()
+    again = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("cells/*/index.html")}
+    assert again[key] != mtimes[key] and page.is_file()  # redrawn
+    assert all(again[k] == mtimes[k] for k in again if k != key)  # copied as they were

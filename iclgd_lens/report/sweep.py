@@ -14,6 +14,7 @@ side, and a list of the cells, each linked to its own per-layer report (`render_
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from iclgd_lens.engine import stats
-from iclgd_lens.engine.results import TABLE_COLUMNS, Results
+from iclgd_lens.engine.results import TABLE_COLUMNS, Results, versions
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.report import INDEX, figure_html, render_report, style
 from iclgd_lens.report.assets import script_tags, write_assets
@@ -41,6 +42,9 @@ TABLE_METRICS = ("simaou", "simaou_norm", "simam_delta")
 MODEL_METRICS = (("accuracy", "zsl"), ("accuracy", "icl"), ("accuracy", "gd"), ("rec2ftp", "icl~gd"))
 BASELINES = ("icl~random", "icl~random_update", "untrained:icl~gd", "icl~icl_perm")
 HEADLINE = "icl~gd"
+PAGE_STAMP = ".drawn-by.json"
+"""In a store cell's page folder: the versions that drew it. A later render of the same output
+folder copies the page instead of drawing it again when they are unchanged (keys name content)."""
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -52,6 +56,7 @@ class SweepCell:
     labels: dict
     results: Results | None = None
     study: Any = None
+    stored: bool = False  # a store cell: its key names its content, so its page can be reused
 
 
 # ---- sources ---------------------------------------------------------------------------------
@@ -74,9 +79,11 @@ def store_cells(source: str | os.PathLike, store: str | os.PathLike | None = Non
     for key in keys:
         info = the_store.cell_info(key)
         if info.get("kind") == "study":
-            out.append(SweepCell(key, info.get("labels", {}), study=the_store.load_study(key)))
+            out.append(SweepCell(key, info.get("labels", {}), study=the_store.load_study(key), stored=True))
         else:
-            out.append(SweepCell(key, info.get("labels", {}), results=the_store.load_results(key)))
+            out.append(
+                SweepCell(key, info.get("labels", {}), results=the_store.load_results(key), stored=True)
+            )
     if not out:
         raise IclgdError(f"no finished cells in {the_store.root} to draw (run the sweep first)")
     return out
@@ -375,8 +382,19 @@ def _write_pages(cells: Sequence[SweepCell], out: str | os.PathLike, title: str,
     os.chmod(tmp, 0o755)
     try:
         write_assets(tmp / "assets")
+        stamp = json.dumps(versions(), sort_keys=True)
         for cell in cells:
+            earlier = out / "cells" / cell.key
+            if (
+                cell.stored
+                and (earlier / PAGE_STAMP).is_file()
+                and (earlier / PAGE_STAMP).read_text() == stamp
+            ):
+                shutil.copytree(earlier, tmp / "cells" / cell.key)  # the same cell, drawn by the same code
+                continue
             _render_cell(cell, tmp / "cells" / cell.key)
+            if cell.stored:
+                (tmp / "cells" / cell.key / PAGE_STAMP).write_text(stamp, encoding="utf-8")
         header = f"<h1>{escape(title)}</h1><div>{len(cells)} cell{'' if len(cells) == 1 else 's'}</div>"
         body = _index(cells, title, note)
         (tmp / INDEX).write_text(page(title, header, body, script_tags(single_file=False)), encoding="utf-8")
