@@ -883,11 +883,38 @@ def _paired(table: pd.DataFrame, metric: str, a: str, b: str, scope: str, layer:
     return stats.paired_test(per_episode(a), per_episode(b))
 
 
+def verdict(table: pd.DataFrame, s: pd.DataFrame, L: int, alpha: float = 0.05) -> str:
+    """The study's answer in one line: does GD's update, put into the forward pass at every layer,
+    do what ICL's does? "stands in" if GD's direction at ICL's size recovers at least half of ICL's
+    effect and more than a random update of that size (paired over episodes, p < alpha); "partly"
+    if only the latter; otherwise "does not"."""
+    gd = _get(s, "recovered", "patch:gd_scaled", "bottom", L - 1)
+    rand = _get(s, "recovered", "patch:random", "bottom", L - 1)
+    if gd is None or rand is None or pd.isna(gd["mean"]):
+        return "Verdict: undefined (no all-layer patching rows)."
+    test = _paired(table, "recovered", "patch:gd_scaled", "patch:random", "bottom", L - 1)
+    better = test.p_value < alpha and test.diff_mean > 0
+    word = (
+        "stands in for"
+        if better and gd["mean"] >= 0.5
+        else "partly stands in for"
+        if better
+        else "does not stand in for"
+    )
+    transplant = _get(s, "recovered", "transplant:linear_scaled", "bottom", L - 1)
+    return (
+        f"Verdict: GD's update {word} ICL's here. Patched into the zero-shot run at every layer at "
+        f"ICL's size, GD's direction recovers {_fmt(gd)} of ICL's effect (ICL's own update: 1.00; "
+        f"a random update of the same size {_fmt(rand)}; paired over episodes p = {test.p_value:.3f}); "
+        f"Dai's dual form, applied as a weight update at ICL's size, recovers {_fmt(transplant)}."
+    )
+
+
 def findings(table: pd.DataFrame, facts: dict | None = None) -> str:
     """One line per experiment, computed from the table (episode-level means, [95% t-interval])."""
     s = summary(table)
-    lines = []
     L = int(table.loc[table.layer >= 0, "layer"].max()) + 1
+    lines = [verdict(table, s, L)]
     if facts and "all_layer_patch_max_abs_err" in facts:
         lines.append(
             "Patching the read position's attention output with ICL's at every layer reproduces ICL's "

@@ -248,3 +248,24 @@ def test_study_table_and_model_untouched(icl_model):
     assert t[(t.metric == "recovered") & (t.comparison == "zsl")].value.to_numpy() == pytest.approx(0.0)
     assert t[(t.metric == "kl_to_icl") & (t.comparison == "icl")].value.abs().max() < 1e-6
     assert r.figures and isinstance(r.findings, str) and "every layer" in r.findings
+
+
+@pytest.mark.parametrize(
+    "gd_values, word",
+    [
+        ([0.8, 0.7, 0.9, 0.75, 0.85, 0.8, 0.7, 0.9], "stands in for"),
+        ([0.1, 0.12, 0.08, 0.1, 0.11, 0.09, 0.1, 0.12], "partly stands in for"),
+        ([0.1, -0.1, 0.05, -0.05, 0.0, 0.02, -0.02, 0.0], "does not stand in for"),
+    ],
+)
+def test_verdict_line_follows_the_paired_test_and_the_recovered_share(gd_values, word):
+    import pandas as pd
+
+    rows = [
+        dict(metric="recovered", comparison=c, scope="bottom", layer=3, head=-1, episode=e, query=-1, value=v)
+        for c, values in (("patch:gd_scaled", gd_values), ("patch:random", [0.0] * 8))
+        for e, v in enumerate(values)
+    ]
+    table = pd.DataFrame(rows)[causal.COLUMNS]
+    line = causal.verdict(table, causal.summary(table), 4)
+    assert line.startswith(f"Verdict: GD's update {word} ICL's")
