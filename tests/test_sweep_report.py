@@ -84,6 +84,18 @@ def test_the_page_links_every_cell_report_and_loads_local_scripts_only(report):
     assert html.count("js-plotly-plot") == 0 and html.count("Plotly.newPlot") >= 3
 
 
+def test_the_page_shares_the_reports_glossary(report):
+    """Metric ids on the sweep page link to a glossary page beside it, with the reports' entries."""
+    from iclgd_lens.report import glossary
+
+    html = report.read_text()
+    page = (report.parent / glossary.GLOSSARY_PAGE).read_text()
+    for metric in ("simaou", "simam_delta", "rec2ftp"):
+        assert f'href="{glossary.GLOSSARY_PAGE}#{glossary.anchor(metric)}"' in html
+        assert f'id="{glossary.anchor(metric)}"' in page
+    assert glossary.entry("simaou").definition.split()[0] in page
+
+
 def test_model_and_task_strings_are_escaped(tmp_path):
     from iclgd_lens.models import embedded_model_path
 

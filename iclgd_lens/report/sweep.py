@@ -31,7 +31,7 @@ from plotly.subplots import make_subplots
 from iclgd_lens.engine import stats
 from iclgd_lens.engine.results import TABLE_COLUMNS, Results, versions
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.report import INDEX, figure_html, render_report, style
+from iclgd_lens.report import INDEX, figure_html, glossary, render_report, style
 from iclgd_lens.report.assets import script_tags, write_assets
 from iclgd_lens.report.figures import TEMPLATE, label
 from iclgd_lens.report.templates import escape, page, section, table
@@ -330,7 +330,7 @@ def _index(cells: Sequence[SweepCell], title: str, note: str) -> str:
         parts.append(
             section(
                 "Tasks x models (Dai et al.'s table)",
-                table(dai_table(table_all)),
+                _metric_links() + table(dai_table(table_all)),
                 anchor="dai-table",
                 intro="Each similarity is averaged over layers; ICL~GD shows its mean and 95% t-interval "
                 "over episodes (seeds pooled: each seed draws its own episodes) beside the means of "
@@ -368,6 +368,25 @@ def _render_cell(cell: SweepCell, folder: Path) -> None:
     shutil.rmtree(folder / "assets", ignore_errors=True)
 
 
+def _metric_links() -> str:
+    """The table's metric ids, each linked to its glossary entry (definition on hover)."""
+    ids = dict.fromkeys([*TABLE_METRICS, *(m for m, _ in MODEL_METRICS)])
+    return '<p class="note">Metrics: ' + ", ".join(glossary.metric_link(m) for m in ids) + ".</p>\n"
+
+
+def _write_glossary(cells: Sequence[SweepCell], folder: Path, title: str, scripts: str) -> None:
+    """The sweep's glossary page (the same entries as every report's), its metrics first."""
+    metrics = sorted({m for c in cells if c.results is not None for m in c.results.metrics})
+    body = section(
+        "Glossary",
+        glossary.glossary_html(metrics),
+        "glossary",
+        "Every metric id: definition, range, which direction means GD-like, unit and paper.",
+    )
+    header = f'<h1>{escape(title)}: glossary</h1><div><a href="{INDEX}">index</a></div>'
+    (folder / glossary.GLOSSARY_PAGE).write_text(page(f"{title}: glossary", header, body, scripts), "utf-8")
+
+
 def _write_pages(cells: Sequence[SweepCell], out: str | os.PathLike, title: str, note: str) -> Path:
     """Build the pages in a temporary folder beside `out` and move it into place when complete
     (an earlier sweep report is replaced then; a folder that is not a report is refused)."""
@@ -395,9 +414,13 @@ def _write_pages(cells: Sequence[SweepCell], out: str | os.PathLike, title: str,
             _render_cell(cell, tmp / "cells" / cell.key)
             if cell.stored:
                 (tmp / "cells" / cell.key / PAGE_STAMP).write_text(stamp, encoding="utf-8")
-        header = f"<h1>{escape(title)}</h1><div>{len(cells)} cell{'' if len(cells) == 1 else 's'}</div>"
+        n = f"{len(cells)} cell{'' if len(cells) == 1 else 's'}"
+        nav = f'<div><a href="{glossary.GLOSSARY_PAGE}">glossary</a></div>'
+        header = f"<h1>{escape(title)}</h1><div>{n}</div>{nav}"
         body = _index(cells, title, note)
-        (tmp / INDEX).write_text(page(title, header, body, script_tags(single_file=False)), encoding="utf-8")
+        scripts = script_tags(single_file=False)
+        (tmp / INDEX).write_text(page(title, header, body, scripts), encoding="utf-8")
+        _write_glossary(cells, tmp, title, scripts)
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
