@@ -629,6 +629,9 @@ def list_things() -> None:
 
     show("studies", [f"{n}{available(t)}" for n, t in load_entry_points("studies").items()])
     show("report analyses", sorted(load_entry_points("analyses")))
+    from iclgd_lens.sweep.spec import preset_names
+
+    show("sweep presets", preset_names(), "iclgd-lens sweep NAME --model ... --data-dir ...")
 
 
 def main() -> None:  # `python -m iclgd_lens.cli`

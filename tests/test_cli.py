@@ -121,9 +121,9 @@ def test_study_runs_and_passes_settings(tmp_path, monkeypatch):
 def test_list_and_help():
     result = run("list")
     assert result.exit_code == 0, result.output
-    for name in ("tiny-llama-icl", "dai", "deutch", "order-sensitivity", "icl-vs-iwl"):
+    for name in ("tiny-llama-icl", "dai", "deutch", "order-sensitivity", "icl-vs-iwl", "dai2023", "shen2024"):
         assert name in result.stdout
-    for command in ([], ["report"], ["render"], ["study"], ["list"], ["train"]):
+    for command in ([], ["report"], ["render"], ["study"], ["sweep"], ["list"], ["train"]):
         result = run(*command, "--help")
         assert result.exit_code == 0 and "Usage" in result.stdout
     assert "--variant" in run("train", "--help").stdout and "train" in run("--help").stdout
