@@ -147,3 +147,33 @@ def test_a_second_render_reuses_the_pages_of_cells_drawn_before(tmp_path, report
     again = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("cells/*/index.html")}
     assert again[key] != mtimes[key] and page.is_file()  # redrawn
     assert all(again[k] == mtimes[k] for k in again if k != key)  # copied as they were
+
+
+def test_one_setting_per_figure_takes_the_comparisons_own_colours():
+    """A layer profile with a single GD setting draws ICL~GD and the random update in the colours
+    they have on every other page; several settings get a colour each (dash keeps the comparison)."""
+    import numpy as np
+
+    from iclgd_lens.report import style
+    from iclgd_lens.report.sweep import layer_profiles
+
+    rows = [
+        dict(
+            task="t", model="m", gd=gd, k=4, metric="simaou", comparison=c, layer=l, head=-1, unit=u, value=v
+        )
+        for gd in ("dai", "shen")
+        for c in ("icl~gd", "icl~random_update")
+        for l in range(2)
+        for u, v in enumerate(np.linspace(0.1, 0.3, 4))
+    ]
+    table = pd.DataFrame(rows)
+    one = layer_profiles(table[table.gd == "dai"])[0]
+    colours = {t.name.split(" · ")[1]: t.line.color for t in one.data}
+    assert colours == {c: style.line(c)["color"] for c in ("icl~gd", "icl~random_update")}
+    two = layer_profiles(table)[0]
+    by_gd = {t.name.split(" · ")[0]: t.line.color for t in two.data}
+    assert len(set(by_gd.values())) == 2
+    assert {t.line.dash for t in two.data} == {
+        style.line("icl~gd")["dash"],
+        style.line("icl~random_update")["dash"],
+    }

@@ -177,10 +177,13 @@ def dai_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---- figures -------------------------------------------------------------------------------------
-def _error_trace(x, s: pd.DataFrame, name: str, i: int, comparison: str = HEADLINE) -> go.Scatter:
-    """A line per model / GD setting (colour `i`), drawn as its comparison is everywhere (`style`:
-    ICL~GD solid and strong, a floor dashed), with its 95% intervals as error bars."""
+def _error_trace(x, s: pd.DataFrame, name: str, i: int | None, comparison: str = HEADLINE) -> go.Scatter:
+    """A line drawn as its comparison is everywhere (`style`: ICL~GD solid and strong, a floor
+    dashed), with its 95% intervals as error bars. With several models / GD settings in one figure
+    `i` gives each its own colour (the comparison still shows in dash, width and marker); with
+    `i` None the line takes its comparison's own colour, as on every other page."""
     look = style.line(comparison)
+    colour = look["color"] if i is None else _COLOURS[i % len(_COLOURS)]
     return go.Scatter(
         x=list(x),
         y=s["mean"].tolist(),
@@ -194,7 +197,7 @@ def _error_trace(x, s: pd.DataFrame, name: str, i: int, comparison: str = HEADLI
         mode="lines+markers",
         name=label(name),
         marker=dict(symbol=style.marker_symbol(comparison)),
-        line=dict(color=_COLOURS[i % len(_COLOURS)], dash=look["dash"], width=look["width"]),
+        line=dict(color=colour, dash=look["dash"], width=look["width"]),
     )
 
 
@@ -207,12 +210,14 @@ def k_curves(table: pd.DataFrame, metric: str = "simaou") -> list[go.Figure]:
             continue
         summ = layer_averaged(rows[rows["metric"] == metric], ["model", "gd", "comparison", "k"])
         fig = go.Figure()
-        for i, ((model, gd), s) in enumerate(summ.groupby(["model", "gd"], sort=True)):
+        groups = summ.groupby(["model", "gd"], sort=True)
+        for i, ((model, gd), s) in enumerate(groups):
             for comparison in (HEADLINE, "icl~random_update"):
                 part = s[s["comparison"] == comparison].sort_values("k")
                 if not part.empty:
+                    name = f"{model} · {gd} · {comparison}"
                     fig.add_trace(
-                        _error_trace(part["k"], part, f"{model} · {gd} · {comparison}", i, comparison)
+                        _error_trace(part["k"], part, name, i if groups.ngroups > 1 else None, comparison)
                     )
         fig.update_layout(
             template=TEMPLATE,
@@ -294,7 +299,9 @@ def layer_profiles(table: pd.DataFrame, metric: str = "simaou") -> list[go.Figur
                     s = summ[(summ["gd"] == gd) & (summ["comparison"] == comparison)].sort_values("layer")
                     if s.empty:
                         continue
-                    trace = _error_trace(s["layer"], s, f"{gd} · {comparison}", i, comparison)
+                    trace = _error_trace(
+                        s["layer"], s, f"{gd} · {comparison}", i if len(gds) > 1 else None, comparison
+                    )
                     trace.showlegend = col == 1
                     trace.legendgroup = f"{gd}{comparison}"
                     fig.add_trace(trace, row=1, col=col)
