@@ -265,6 +265,31 @@ def test_hub_path_converts_a_datasets_split(monkeypatch):
         load_task("sst2")
 
 
+def test_without_network_the_hub_path_is_offline_so_it_fails_at_once(monkeypatch):
+    """No network: load_dataset runs in offline mode (the cache only; no minutes of retries) and
+    the flags are restored afterwards; with a network it is left alone."""
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants as hub_constants
+
+    import iclgd_lens.models as models
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE))
+        raise ConnectionError("Couldn't reach 'stanfordnlp/sst2' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    for reachable, offline in ((False, True), (True, False)):
+        monkeypatch.setattr(models, "_hub_reachable", lambda: reachable)
+        with pytest.raises(IclgdError, match="cannot download stanfordnlp/sst2.*no network"):
+            load_task("sst2")
+        assert seen.pop() == (offline, offline)
+        assert (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE) == (False, False)
+
+
 def test_hub_path_errors_suggest_a_local_file(monkeypatch):
     datasets = pytest.importorskip("datasets")
 

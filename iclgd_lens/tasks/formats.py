@@ -20,6 +20,7 @@ comes from a `split` column, or from a folder holding `train.jsonl` / `test.json
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import random
@@ -323,6 +324,26 @@ def _local_split(path: Path, split: str, fmt: PaperFormat, words: Sequence[str])
     return [_example(record, fmt, words, where) for where, record in rows]
 
 
+@contextlib.contextmanager
+def _offline_unless_hub_reachable(datasets):
+    """While loading: if the hub does not answer (no network), `datasets` and `huggingface_hub` in
+    offline mode, so a dataset in the local cache still loads and a missing one fails at once,
+    not after minutes of download retries. The flags are restored afterwards."""
+    from huggingface_hub import constants
+
+    from iclgd_lens.models import _hub_reachable
+
+    if _hub_reachable():
+        yield
+        return
+    before = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = before
+
+
 def _hub_split(key: str, fmt: PaperFormat, split: str, words: Sequence[str]) -> list[Example]:
     """One split of a paper task through `datasets.load_dataset`."""
     hint = f"or pass a local .jsonl/.csv file with text,label columns and task_format={key!r}"
@@ -334,7 +355,8 @@ def _hub_split(key: str, fmt: PaperFormat, split: str, words: Sequence[str]) -> 
             f"'iclgd-lens[datasets]'), {hint}"
         ) from None
     try:
-        dataset = datasets.load_dataset(fmt.hf_dataset, fmt.hf_config, split=split)
+        with _offline_unless_hub_reachable(datasets):
+            dataset = datasets.load_dataset(fmt.hf_dataset, fmt.hf_config, split=split)
     except ValueError as error:
         if "split" in str(error).lower():
             raise IclgdError(
