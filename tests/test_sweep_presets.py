@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from test_datasets import word_tokenizer
+from tiny import tiny_model_folder
 from typer.testing import CliRunner
 
 from iclgd_lens.cli import app
@@ -33,25 +33,7 @@ def cli(*args):
 
 def word_model(folder: Path, texts: list[str]) -> Path:
     """A random 2-layer LLaMA with a word-level tokenizer over `texts`, saved as a HF folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = word_tokenizer(texts)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return tiny_model_folder(folder, tokenizer=word_tokenizer(texts), max_positions=512)
 
 
 def task_texts(task) -> list[str]:

@@ -72,13 +72,14 @@ def tiny_task() -> Task:
     )
 
 
-def tiny_model_folder(folder: Path) -> Path:
-    """A random 2-layer LLaMA with the embedded models' tokenizer, saved in HF format in `folder`."""
+def tiny_model_folder(folder: Path, tokenizer=None, max_positions: int = 256) -> Path:
+    """A random 2-layer LLaMA saved in HF format in `folder`, with `tokenizer` (default: the
+    embedded models' tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from iclgd_lens.models.making.tokenizer import build_tokenizer
 
-    tok = build_tokenizer()
+    tok = tokenizer if tokenizer is not None else build_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
@@ -87,7 +88,7 @@ def tiny_model_folder(folder: Path) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

@@ -658,6 +658,22 @@ def load_studies(folder: Path) -> list[Any]:
     return [StudyResult.load(p) for p in sorted((Path(folder) / STUDIES_DIR).glob(f"*/{STUDY_JSON}"))]
 
 
+def swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` at `out`, replacing an earlier report there only once the new
+    one is complete (the earlier one is put back if the swap itself fails)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _check_target(out: Path) -> None:
     """Refuse to replace anything that is not an earlier report (the user's files stay theirs)."""
     if out.is_file() or out.is_symlink():
@@ -695,17 +711,7 @@ def render_report(
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a report is an ordinary folder
     try:
         entry = _write(results, tmp, single_file, analyses, list(study_results))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +30,7 @@ from plotly.subplots import make_subplots
 from iclgd_lens.engine import stats
 from iclgd_lens.engine.results import TABLE_COLUMNS, Results, versions
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.report import INDEX, figure_html, glossary, render_report, style
+from iclgd_lens.report import INDEX, figure_html, glossary, render_report, style, swap_in
 from iclgd_lens.report.assets import script_tags, write_assets
 from iclgd_lens.report.figures import TEMPLATE, label
 from iclgd_lens.report.templates import escape, page, section, table
@@ -428,13 +427,7 @@ def _write_pages(cells: Sequence[SweepCell], out: str | os.PathLike, title: str,
         scripts = script_tags(single_file=False)
         (tmp / INDEX).write_text(page(title, header, body, scripts), encoding="utf-8")
         _write_glossary(cells, tmp, title, scripts)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
