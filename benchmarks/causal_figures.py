@@ -29,40 +29,32 @@ from iclgd_lens import load_model, stats
 MODELS = ("tiny-llama-icl", "tiny-llama-iclobj")
 
 
-def cell(s: pd.DataFrame, metric: str, comparison: str, scope: str, layer: int, digits: int = 2) -> str:
-    row = s[(s.metric == metric) & (s.comparison == comparison) & (s.scope == scope) & (s.layer == layer)]
+def _rows(s: pd.DataFrame, metric: str, comparison: str, scope: str, layer: int, head: int | None):
+    """The rows of one (metric, comparison, scope, layer[, head]); a per-head summary has no scope."""
+    keep = (s.metric == metric) & (s.comparison == comparison) & (s.layer == layer)
+    if "scope" in s.columns:
+        keep &= s.scope == scope
+    if head is not None:
+        keep &= s["head"] == head
+    return s[keep]
+
+
+def cell(
+    s: pd.DataFrame,
+    metric: str,
+    comparison: str,
+    scope: str,
+    layer: int,
+    digits: int = 2,
+    head: int | None = None,
+) -> str:
+    row = _rows(s, metric, comparison, scope, layer, head)
     if row.empty or math.isnan(row.iloc[0]["mean"]):
         return "—"
     r = row.iloc[0]
     if math.isnan(r.ci_low):
         return f"{r['mean']:.{digits}f}"
     return f"{r['mean']:.{digits}f} [{r.ci_low:.{digits}f}, {r.ci_high:.{digits}f}]"
-
-
-def head_cell(s: pd.DataFrame, metric: str, comparison: str, layer: int, head: int) -> str:
-    row = s[(s.metric == metric) & (s.comparison == comparison) & (s.layer == layer) & (s["head"] == head)]
-    if row.empty or math.isnan(row.iloc[0]["mean"]):
-        return "—"
-    r = row.iloc[0]
-    return (
-        f"{r['mean']:.2f}" if math.isnan(r.ci_low) else f"{r['mean']:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]"
-    )
-
-
-def paired_head(t: pd.DataFrame, a: str, b: str, layer: int, head: int) -> str:
-    def per_episode(comparison):
-        sub = t[
-            (t.metric == "recovered")
-            & (t.comparison == comparison)
-            & (t.layer == layer)
-            & (t["head"] == head)
-        ]
-        return stats.episode_means(sub.value.to_numpy(), sub.episode.to_numpy())
-
-    test = stats.paired_test(per_episode(a), per_episode(b))
-    return (
-        f"{test.diff_mean:+.2f} [{test.diff_ci_low:+.2f}, {test.diff_ci_high:+.2f}], p = {test.p_value:.4f}"
-    )
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -74,9 +66,11 @@ def layer_label(scope: str, layer: int, n_layers: int) -> str:
     return {"single": f"{layer}", "bottom": f"0..{layer}", "top": f"{layer}..{n_layers - 1}"}[scope]
 
 
-def paired(t: pd.DataFrame, metric: str, a: str, b: str, scope: str, layer: int) -> str:
+def paired(
+    t: pd.DataFrame, metric: str, a: str, b: str, scope: str, layer: int, head: int | None = None
+) -> str:
     def per_episode(comparison):
-        sub = t[(t.metric == metric) & (t.comparison == comparison) & (t.scope == scope) & (t.layer == layer)]
+        sub = _rows(t, metric, comparison, scope, layer, head)
         return stats.episode_means(sub.value.to_numpy(), sub.episode.to_numpy())
 
     test = stats.paired_test(per_episode(a), per_episode(b))
@@ -150,7 +144,7 @@ def report(model: str) -> None:
             break
         print(f"### Per head, {title}: share of ICL's logit-diff effect recovered\n")
         rows = [
-            [str(l), str(h)] + [head_cell(hs, "recovered", f"{kind}:{name}", l, h) for name in names]
+            [str(l), str(h)] + [cell(hs, "recovered", f"{kind}:{name}", "head", l, head=h) for name in names]
             for l in range(L)
             for h in range(n_heads)
         ]
@@ -168,10 +162,11 @@ def report(model: str) -> None:
         removed = rec[rec.comparison == "subst_head:none"].sort_values("mean")
         for _, worst in removed.head(3).iterrows():
             l, h = int(worst.layer), int(worst["head"])
+            vs_random = paired(t, "recovered", "subst_head:gd_scaled", "subst_head:random", "head", l, h)
+            vs_none = paired(t, "recovered", "subst_head:gd", "subst_head:none", "head", l, h)
             print(
                 f"head {l}.{h} removed: recovered {worst['mean']:.2f}; paired over episodes, "
-                f"gd_scaled - random {paired_head(t, 'subst_head:gd_scaled', 'subst_head:random', l, h)}, "
-                f"gd - none {paired_head(t, 'subst_head:gd', 'subst_head:none', l, h)}"
+                f"gd_scaled - random {vs_random}, gd - none {vs_none}"
             )
         print()
 

@@ -172,20 +172,8 @@ class Config:
 def run_engine(model, task: Task, c: Config) -> tuple[pd.DataFrame, float]:
     """`compare` with the reference's metric set -> (tidy table, seconds)."""
     start = time.perf_counter()
-    results = compare(
-        model,
-        task,
-        gd=GDConfig.dai(lr=c.lr),
-        k=c.k,
-        n_episodes=c.n_episodes,
-        n_queries=c.n_queries,
-        seed=c.seed,
-        baselines=False,
-        probes=BENCH_PROBES,
-        progress=False,
-        artifacts=False,
-    )
-    return results.table, time.perf_counter() - start
+    table = engine_compare(model, task, c, BENCH_PROBES, baselines=False, artifacts=False)
+    return table, time.perf_counter() - start
 
 
 def run_reference(model, task: Task, c: Config) -> tuple[pd.DataFrame, float]:

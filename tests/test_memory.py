@@ -94,6 +94,12 @@ def test_batch_size_is_chosen_to_fit_the_budget():
     assert small.batch_size < big.batch_size and small.total_bytes < big.total_bytes and small.fits
     none = memory.choose_batch_size(SHAPE, LENGTHS, 1000, **_kw())
     assert not none.fits and "does NOT fit" in none.describe()
+    # a given batch_size is the cap: used as given when it fits, else the largest size below it that does
+    capped = memory.choose_batch_size(SHAPE, LENGTHS, big.total_bytes, batch_size=24, **_kw())
+    assert capped.batch_size == 24 and capped.fits
+    over = memory.choose_batch_size(SHAPE, LENGTHS, None, batch_size=96, **_kw())
+    tight = memory.choose_batch_size(SHAPE, LENGTHS, over.total_bytes - 1, batch_size=96, **_kw())
+    assert over.batch_size == 96 and tight.batch_size == big.batch_size and tight.fits
 
 
 def _kw():

@@ -89,26 +89,22 @@ def compare(
     if check_resources:
         _check_delta_memory(model, gd_config, n_episodes, ("untrained" in chosen))
         _check_work(model, task, episodes, gd_config, ("untrained" in chosen))
-    if max_memory is not None:
-        from iclgd_lens.engine.memory import BATCH_SIZES, plan_compare
+    if max_memory is not None:  # the largest batch size up to `batch_size` that the memory model fits
+        from iclgd_lens.engine.memory import plan_compare
 
-        plan = None
-        for size in [b for b in BATCH_SIZES if b <= batch_size] or [batch_size]:
-            plan = plan_compare(
-                model,
-                task,
-                gd=gd_config,
-                k=k,
-                n_episodes=n_episodes,
-                n_queries=n_queries,
-                seed=seed,
-                probes=probe_names,
-                baselines=chosen,
-                batch_size=size,
-                max_memory=max_memory,
-            )
-            if plan.fits:
-                break
+        plan = plan_compare(
+            model,
+            task,
+            gd=gd_config,
+            k=k,
+            n_episodes=n_episodes,
+            n_queries=n_queries,
+            seed=seed,
+            probes=probe_names,
+            baselines=chosen,
+            batch_size=batch_size,
+            max_memory=max_memory,
+        )
         if not plan.fits:
             raise IclgdError(
                 f"the memory model predicts {plan.total_bytes / 2**30:.1f} GB even with "

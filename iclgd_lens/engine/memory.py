@@ -402,9 +402,9 @@ def plan_compare(
     max_memory: int | None = None,
 ) -> Plan:
     """The predicted peak of `compare(model, task, ...)` with the same arguments, and the largest
-    `batch_size` (of BATCH_SIZES, or the one given) whose peak fits `max_memory` bytes (weights
-    included). `plan.fits` is False when even one row per pass does not fit: the GD step or the
-    recordings need fewer episodes or queries per call."""
+    batch size whose peak fits `max_memory` bytes, weights included (`batch_size` if it fits, else
+    the largest of BATCH_SIZES below it; `choose_batch_size`). `plan.fits` is False when even one
+    row per pass does not fit: the GD step or the recordings need fewer episodes or queries per call."""
     from iclgd_lens.tasks import resolve_task
 
     return plan_for_shape(
@@ -470,8 +470,9 @@ def plan_for_shape(
 
 
 def choose_batch_size(shape, lengths, max_memory, batch_size=None, **kwargs) -> Plan:
-    """The largest batch size whose predicted total fits `max_memory` (or `batch_size` as given)."""
-    candidates = (batch_size,) if batch_size else BATCH_SIZES
+    """The largest batch size whose predicted total fits `max_memory`: `batch_size` itself if it
+    fits (or no budget is given), else the largest of BATCH_SIZES below it (all of them if None)."""
+    candidates = (batch_size, *(b for b in BATCH_SIZES if b < batch_size)) if batch_size else BATCH_SIZES
     plan = None
     for size in candidates:
         plan = predict(shape, lengths, batch_size=size, **kwargs)
