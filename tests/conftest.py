@@ -14,3 +14,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("ICLGD_TEST_THREADS", "1")))
+
+import pytest  # noqa: E402
+
+TEST_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_count():
+    """The CLI sets torch's thread count in-process (`--threads`, or min(4, cpus)); put it back after
+    every test, so that a later test's float32 numbers do not depend on which tests ran before it."""
+    yield
+    torch.set_num_threads(TEST_THREADS)
