@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from iclgd_lens.errors import IclgdError
@@ -162,6 +163,20 @@ def _char_spans(
     return spans
 
 
+def _token_segments(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int, int]]) -> np.ndarray:
+    """Segment of each token: that of the first span its characters overlap (spans are sorted and
+    disjoint, so it is the first span ending after the token starts), OTHER_SEGMENT for tokens
+    without characters (BOS) or outside every span (separators). offsets [pos, 2] -> [pos]."""
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    span_start, span_end, span_id = (np.asarray(c, dtype=np.int64) for c in zip(*spans))
+    first = np.searchsorted(span_end, starts, side="right")  # first span with end > token start
+    inside = first < len(spans)
+    first = np.minimum(first, len(spans) - 1)
+    overlaps = inside & (ends > starts) & (span_start[first] < ends)
+    return np.where(overlaps, span_id[first], OTHER_SEGMENT)
+
+
 def encode_prompts(
     tokenizer,
     task: Task,
@@ -179,46 +194,43 @@ def encode_prompts(
     """
     if not (len(demo_sets) == len(queries) == len(label_words)):
         raise ValueError("demo_sets, queries and label_words must have one entry per prompt")
-    rows, texts = [], []
-    for demos, query, words in zip(demo_sets, queries, label_words):
-        text = task.icl_prompt(demos, query, words) if demos else task.zsl_prompt(query)
-        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    texts = [
+        task.icl_prompt(demos, query, words) if demos else task.zsl_prompt(query)
+        for demos, query, words in zip(demo_sets, queries, label_words)
+    ]
+    encs = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)  # one batched call
+    rows = []
+    for text, ids, offsets, demos, query, words in zip(
+        texts, encs["input_ids"], encs["offset_mapping"], demo_sets, queries, label_words
+    ):
         if max_length is not None and len(ids) > max_length:
             raise IclgdError(
                 f"prompt of {len(ids)} tokens exceeds the context window of {max_length}; "
                 "use fewer demonstrations (smaller k)"
             )
-        spans = _char_spans(task, demos, query, words)
-        seg = []
-        for start, end in offsets:
-            s = OTHER_SEGMENT
-            if end > start:
-                for a, b, sid in spans:
-                    if start < b and end > a:
-                        s = sid
-                        break
-            seg.append(s)
-        query_positions = [i for i, s in enumerate(seg) if s == QUERY_SEGMENT]
-        if not query_positions:
+        seg = _token_segments(offsets, _char_spans(task, demos, query, words))
+        query_positions = np.flatnonzero(seg == QUERY_SEGMENT)
+        if not len(query_positions):
             raise IclgdError(f"the query of task {task.name!r} produced no tokens: {text!r}")
-        read = query_positions[-1] + task.read_offset
+        read = int(query_positions[-1]) + task.read_offset
         if not 0 <= read < len(ids):
             raise IclgdError(f"read_offset {task.read_offset} moves the read position outside the prompt")
         rows.append((ids, seg, read))
-        texts.append(text)
     width = max(len(r[0]) for r in rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batch = len(rows)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    segments = torch.full((batch, width), OTHER_SEGMENT, dtype=torch.long)
-    read_pos = torch.zeros(batch, dtype=torch.long)
+    input_ids = np.full((batch, width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((batch, width), dtype=np.int64)
+    segments = np.full((batch, width), OTHER_SEGMENT, dtype=np.int64)
+    read_pos = np.zeros(batch, dtype=np.int64)
     for b, (ids, seg, read) in enumerate(rows):
-        input_ids[b, : len(ids)] = torch.tensor(ids)
+        input_ids[b, : len(ids)] = ids
         attention_mask[b, : len(ids)] = 1
-        segments[b, : len(ids)] = torch.tensor(seg)
+        segments[b, : len(ids)] = seg
         read_pos[b] = read
+    input_ids, attention_mask, segments, read_pos = (
+        torch.from_numpy(a) for a in (input_ids, attention_mask, segments, read_pos)
+    )
     return EncodedPrompts(input_ids, attention_mask, segments, read_pos, texts)
 
 
