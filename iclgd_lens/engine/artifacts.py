@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from iclgd_lens.engine import metrics
-from iclgd_lens.engine.gd import GDConfig, delta_hooks, train_deltas
+from iclgd_lens.engine.gd import Deltas, delta_hooks
 from iclgd_lens.engine.record import Recorder
 from iclgd_lens.tasks import Episode, Task, encode_prompts, readable_tokens
 
@@ -17,15 +17,16 @@ def example_artifacts(
     model,
     task: Task,
     episode: Episode,
-    gd_config: GDConfig,
-    episodes,
-    seed: int,
+    deltas: Deltas,
+    episode_index: int = 0,
     max_tokens: int = 48,
     max_heads: int = 8,
     max_dim: int = 32,
 ) -> dict:
-    """What the report draws for one example (episode 0, query 0): attention patterns of ZSL,
-    ICL and GD, dW_ICL and dW_GD per layer, and the tokens whose probabilities move most."""
+    """What the report draws for one example (query 0 of `episode`): attention patterns of ZSL,
+    ICL and GD, dW_ICL and dW_GD per layer, and the tokens whose probabilities move most.
+    `deltas` are the comparison's own GD deltas (`train_deltas` of every episode), of which row
+    `episode_index` belongs to `episode`: GD is not run again for the example."""
     from iclgd_lens.hooks import Probe, get_probes
 
     tokenizer = model.tokenizer
@@ -39,8 +40,7 @@ def example_artifacts(
     recorder = Recorder(model, [full_pattern, *get_probes(["kv_outer"])])
     zsl = encode_prompts(tokenizer, task, [()], [query], [episode.label_words]).to(device)
     icl = encode_prompts(tokenizer, task, [episode.demos], [query], [episode.label_words]).to(device)
-    deltas = train_deltas(model, tokenizer, task, [episode], gd_config, progress=False)
-    rows = torch.zeros(1, dtype=torch.long, device=device)
+    rows = torch.full((1,), episode_index, dtype=torch.long, device=device)
     runs = {
         "zsl": (zsl, recorder.run(zsl, "zsl")),
         "icl": (icl, recorder.run(icl, "icl")),

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from iclgd_lens.engine.artifacts import example_artifacts
-from iclgd_lens.engine.gd import GDConfig, train_deltas
+from iclgd_lens.engine.gd import Deltas, GDConfig, train_deltas
 from iclgd_lens.engine.record import Recorder, Recording
 from iclgd_lens.engine.results import Results, versions
 from iclgd_lens.engine.table import episode_table
@@ -120,7 +120,7 @@ def compare(
             stacklevel=2,
         )
 
-    table = _compare_once(
+    table, deltas = _compare_once(
         model, task, episodes, gd_config, chosen, probe_names, seed, share_prefix, batch_size, progress
     )
     parts = [table]
@@ -128,7 +128,7 @@ def compare(
         from iclgd_lens.engine.baselines import untrained_copy
 
         untrained = untrained_copy(model, seed=seed)
-        base = _compare_once(
+        base, _ = _compare_once(
             untrained,
             task,
             episodes,
@@ -146,9 +146,7 @@ def compare(
         del untrained
     table = pd.concat(parts, ignore_index=True)
     table["k"] = k
-    art = (
-        example_artifacts(model, task, episodes[0], gd_config, episodes, seed) if artifacts and k > 0 else {}
-    )
+    art = example_artifacts(model, task, episodes[0], deltas) if artifacts and deltas is not None else {}
     config = {
         "model": _model_info(model),
         "task": {
@@ -187,7 +185,8 @@ def _compare_once(
     batch_size,
     progress,
     desc="compare",
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, "Deltas | None"]:
+    """The rows of every episode on `model`, and the GD deltas they were computed with (None at k = 0)."""
     tokenizer = model.tokenizer
     device = _device(model)
     k = len(episodes[0].demos)
@@ -299,7 +298,7 @@ def _compare_once(
             bar.update(1)
         del query_alone, icl, perm, rec
     bar.close()
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True), deltas
 
 
 def _episode_groups(episodes: list[Episode], batch_size: int) -> list[list[int]]:
