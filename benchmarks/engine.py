@@ -11,8 +11,10 @@ tidy rows from the same `iclgd_lens.engine.metrics` functions, checked row by ro
   GD of all demo sets in lockstep through a batched-weight K/V linear, the demonstrations once
   per demo set through HF's KV cache); B (per demo set deepcopy + torch.optim.SGD, prefix cache);
   A (B without the prefix cache); the published per-query protocol (run once: it is slow);
-- default setting: compare()'s defaults (every probe and baseline, artifacts) against C with
-  every baseline, and the engine with the benchmark probes and every baseline (exactly C's rows).
+- default setting: compare()'s defaults (every probe and baseline, artifacts) against C doing every
+  one of its metrics ("C, every default metric": benchmarks/hf_default_metrics.py, checked against
+  the default compare's own rows), C with the benchmark metrics and every baseline, and the engine
+  with the benchmark probes and every baseline (exactly the latter C's rows).
 
 For each: median seconds of `--reps` repetitions with the order rotated (a load from other
 processes falls on every side alike), the engine's speedup, FLOPs counted by
@@ -316,8 +318,12 @@ def _fmt(v) -> str:
 ALL_BASELINES = ("random", "random_update", "icl_perm", "untrained")
 SETTINGS = ("benchmark", "default")
 """benchmark: the three benchmark probes, no baselines (engine vs C, B, A and the published
-protocol); default: compare()'s defaults, every probe and baseline, against C with every baseline
-(and the engine with the benchmark probes and every baseline: exactly C's rows)."""
+protocol); default: compare()'s defaults, every probe and baseline, against C doing every one of its
+metrics (DEFAULT_C) and C with the benchmark metrics and every baseline (and the engine with the
+benchmark probes and every baseline: exactly the latter C's rows)."""
+DEFAULT_C = "C, every default metric"
+"""The side that computes every row of the default compare() in plain HF (its agreement is
+measured against the default compare's own table)."""
 
 
 def engine_compare(model, task: Task, c: Config, probes, baselines, artifacts: bool) -> pd.DataFrame:
@@ -338,12 +344,21 @@ def engine_compare(model, task: Task, c: Config, probes, baselines, artifacts: b
 
 def sides(model, hf, task: Task, c: Config, setting: str) -> dict[str, Callable[[], pd.DataFrame]]:
     """name -> a function that runs that side once and returns its tidy table. The first side is
-    the engine; agreement is measured against the second engine side where there is one."""
+    the engine; agreement is measured against the second engine side where there is one (DEFAULT_C:
+    against the first, the default compare)."""
     episodes = task.episodes(c.k, c.n_episodes, c.n_queries, c.seed)
 
-    def alt(variant: str, baselines=()):
+    def alt(variant: str, baselines=(), metrics="benchmark"):
         return lambda: alternative(
-            hf, model.tokenizer, task, episodes, variant=variant, lr=c.lr, baselines=baselines, seed=c.seed
+            hf,
+            model.tokenizer,
+            task,
+            episodes,
+            variant=variant,
+            lr=c.lr,
+            baselines=baselines,
+            seed=c.seed,
+            metrics=metrics,
         )
 
     if setting == "benchmark":
@@ -356,6 +371,7 @@ def sides(model, hf, task: Task, c: Config, setting: str) -> dict[str, Callable[
         }
     return {
         "engine default compare": lambda: engine_compare(model, task, c, None, True, True),
+        DEFAULT_C: alt("C", ALL_BASELINES, metrics="default"),
         "engine, C's rows": lambda: engine_compare(model, task, c, BENCH_PROBES, True, False),
         "C + every baseline": alt("C", ALL_BASELINES),
     }
@@ -387,7 +403,7 @@ def measure_setting(
     times, tables = measure_sides(fns, reps, once=("published",))
     names = list(fns)
     engine_name = names[0]
-    reference = tables[names[1]] if setting == "default" else tables[engine_name]
+    reference = tables["engine, C's rows"] if setting == "default" else tables[engine_name]
     cfg = hf.config
     episodes = task.episodes(c.k, c.n_episodes, c.n_queries, c.seed)
     needed = minimum_flops(cfg, model.tokenizer, task, episodes, baselines=setting == "default")
@@ -396,7 +412,8 @@ def measure_setting(
     for name in names:
         t = statistics.median(times[name])
         flops = counted_flops(fns[name])[0] if name != "published" else float("nan")
-        agree = agreement(reference, tables[name]) if tables[name] is not reference else None
+        against = tables[engine_name] if name == DEFAULT_C else reference
+        agree = agreement(against, tables[name]) if tables[name] is not against else None
         rows.append(
             {
                 "model": label,

@@ -92,8 +92,9 @@ class ReadHooks:
         cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
         d = self.cfg.head_dim
         positions, mask = self.keys
-        q = attn.q_proj(h[rows, self.read][:, None]).view(len(rows), -1, d)  # [B, H, d]
-        q = _rope(q, cos[rows, self.read], sin[rows, self.read])
+        q = attn.q_proj(h[rows, self.read][:, None]).view(len(rows), -1, d)  # [B, H, d] (pre-rotary)
+        self.query = (q, _rope(q, cos[rows, self.read], sin[rows, self.read]))  # for DefaultHooks
+        q = self.query[1]
         k = attn.k_proj(torch.gather(h, 1, positions[..., None].expand(-1, -1, h.shape[-1])))
         k = k.view(len(rows), positions.shape[1], -1, d)  # [B, n, KV, d]
         pick = lambda t: torch.gather(t, 1, positions[..., None].expand(-1, -1, d))  # noqa: E731
@@ -109,6 +110,73 @@ class ReadHooks:
         z = args[0][rows, self.read]  # [B, H * d_head]
         self.store["head_out"].append(z.view(len(rows), -1, self.cfg.head_dim).detach())
         self.store["attn_out"].append(out[rows, self.read].detach())
+
+
+class DefaultHooks(ReadHooks):
+    """ReadHooks plus what compare()'s other default probes need, all at the read position unless
+    said: the query vector (`q` pre-rotary, `rot_q`), each decoder layer's output (`resid_out`), and
+    per pass on request: `context` (the pass's attention mask [B, pos]): sum v k^T over the tokens up
+    to the read position (`kv_context` [L, B, KV, d (v), d (k)], rotary keys recomputed from
+    k_proj/v_proj, so a swapped-in GD delta counts); `demos` (segments [B, T] and allowed keys [B, T]
+    of a pass on a KV cache): the read row's pre-softmax scores summed over heads (`demo_scores`
+    [L, B, T], NaN off the demonstrations) and its pattern (`demo_attention` [L, B, H, T], zero off
+    them), from the rotary keys the cache holds after the layer; `full_q`: q_proj's output at every
+    position (`q_full` [L, B, pos, H * d], the demonstrations' pass)."""
+
+    def __init__(self, hf):
+        super().__init__(hf)
+        self.context: torch.Tensor | None = None
+        self.demos: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.full_q = False
+
+    def __enter__(self) -> "DefaultHooks":
+        super().__enter__()  # the read query is computed by ReadHooks' pre-hook, which runs first
+        for layer in self.layers:
+            attn = layer.self_attn
+            self.handles.append(attn.register_forward_pre_hook(self._context, with_kwargs=True))
+            self.handles.append(attn.register_forward_hook(self._demo_row, with_kwargs=True))
+            self.handles.append(attn.q_proj.register_forward_hook(self._full_q))
+            self.handles.append(layer.register_forward_hook(self._resid))
+        return self
+
+    def _context(self, attn, args, kwargs) -> None:
+        if self.read is None:
+            return
+        q, rot_q = self.query
+        self.store["q"].append(q.detach())
+        self.store["rot_q"].append(rot_q.detach())
+        if self.context is None:
+            return
+        h = kwargs["hidden_states"]  # [B, pos, d_model]
+        cos, sin = kwargs["position_embeddings"]
+        d = self.cfg.head_dim
+        k = _rope(attn.k_proj(h).unflatten(-1, (-1, d)), cos, sin)  # [B, pos, KV, d]
+        v = attn.v_proj(h).unflatten(-1, (-1, d))
+        upto = torch.arange(h.shape[1])[None] <= self.read[:, None]
+        self.store["kv_context"].append(metrics.implicit_dw_icl(k, v, self.context & upto).detach())
+
+    def _demo_row(self, attn, args, kwargs, out) -> None:
+        if self.read is None or self.demos is None:
+            return
+        segments, allowed = self.demos
+        keys = kwargs["past_key_values"].layers[attn.layer_idx].keys  # [B, KV, T, d], rotary
+        rot_q = self.query[1]  # [B, H, d]
+        keys = keys.repeat_interleave(rot_q.shape[1] // keys.shape[1], dim=1)  # [B, H, T, d]
+        scores = torch.einsum("bhd,bhtd->bht", rot_q, keys) * attn.scaling
+        pattern = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), -1)
+        demo = segments > 0
+        self.store["demo_scores"].append(scores.sum(1).masked_fill(~demo, float("nan")).float())
+        self.store["demo_attention"].append((pattern * demo[:, None]).float())
+
+    def _full_q(self, q_proj, args, out) -> None:
+        if self.full_q:
+            self.store["q_full"].append(out.detach())
+
+    def _resid(self, layer, args, out) -> None:
+        if self.read is None:
+            return
+        out = out[0] if isinstance(out, tuple) else out
+        self.store["resid_out"].append(out[torch.arange(out.shape[0]), self.read].detach())
 
 
 def _query_keys(enc, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,13 +210,18 @@ def _icl(hf, hooks, tokenizer, task, episode: Episode, demos, shared_prefix: boo
     enc = encode_prompts(tokenizer, task, [demos] * n, list(episode.queries), [episode.label_words] * n)
     if not shared_prefix:
         return _run(hf, hooks, enc)
-    first_query = int((enc.segments == QUERY_SEGMENT).float().argmax(-1).min())
-    same = (enc.input_ids[:, :first_query] == enc.input_ids[:1, :first_query]).all(0)
-    prefix_len = int(same.long().cumprod(0).sum())
+    prefix_len = shared_prefix_len(enc)
     out = hf.model(input_ids=enc.input_ids[:1, :prefix_len], use_cache=True)
     cache = out.past_key_values
     cache.batch_repeat_interleave(n)
     return _run(hf, hooks, enc, offset=prefix_len, cache=cache)
+
+
+def shared_prefix_len(enc) -> int:
+    """Tokens every row shares before the first query token (the demonstrations)."""
+    first_query = int((enc.segments == QUERY_SEGMENT).float().argmax(-1).min())
+    same = (enc.input_ids[:, :first_query] == enc.input_ids[:1, :first_query]).all(0)
+    return int(same.long().cumprod(0).sum())
 
 
 def _demo_ids(tokenizer, task, episode: Episode) -> list[list[int]]:
@@ -209,8 +282,12 @@ class Swapped:
             setattr(module, name, linear.base)
 
 
-def lockstep_deltas(hf, tokenizer, task, episodes: list[Episode], lr: float) -> list[torch.Tensor]:
-    """C: SGD of every demo set at once, step t on demonstration t of each set."""
+def lockstep_deltas(
+    hf, tokenizer, task, episodes: list[Episode], lr: float, queries: list | None = None
+) -> list[torch.Tensor]:
+    """C: SGD of every demo set at once, step t on demonstration t of each set. `queries`: a list
+    that receives, per step, q_proj's output of every layer as GD saw it ([L, sets, pos, H * d]; the
+    GD side of Dai's Kendall)."""
     n_sets = len(episodes)
     shapes = [getattr(m, name).weight.shape for m, name in _kv_modules(hf)]
     deltas = [torch.zeros(n_sets, *s) for s in shapes]
@@ -218,6 +295,15 @@ def lockstep_deltas(hf, tokenizer, task, episodes: list[Episode], lr: float) -> 
     hf.requires_grad_(False)
     demos = [_demo_ids(tokenizer, task, e) for e in episodes]
     pad = tokenizer.pad_token_id or 0
+    seen: list[torch.Tensor] = []
+    handles = (
+        [
+            layer.self_attn.q_proj.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+            for layer in hf.model.layers
+        ]
+        if queries is not None
+        else []
+    )
     try:
         with Swapped(hf, deltas) as linears:
             optimizer = torch.optim.SGD([lin.delta for lin in linears], lr=lr)
@@ -228,6 +314,9 @@ def lockstep_deltas(hf, tokenizer, task, episodes: list[Episode], lr: float) -> 
                 mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
                 targets = torch.where(mask[:, 1:] > 0, ids[:, 1:], -100)
                 logits = hf(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                if queries is not None:
+                    queries.append(torch.stack(seen))
+                    seen.clear()
                 token_loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
                 loss = (token_loss.sum(-1) / (targets != -100).sum(-1)).sum()
                 optimizer.zero_grad()
@@ -235,6 +324,8 @@ def lockstep_deltas(hf, tokenizer, task, episodes: list[Episode], lr: float) -> 
                 optimizer.step()
             return [lin.delta.detach() for lin in linears]
     finally:
+        for handle in handles:
+            handle.remove()
         for p, flag in zip(hf.parameters(), flags):
             p.requires_grad_(flag)
 
@@ -266,17 +357,38 @@ def untrained_hf(hf, seed: int):
 
 
 # ---- the whole comparison --------------------------------------------------------------------
+METRICS = ("benchmark", "default")
+"""benchmark: the rows of compare(probes=["attn_out", "head_out", "scores"]); default: every row of
+compare()'s default probes (benchmarks/hf_default_metrics.py; variant C only)."""
+
+
 def alternative(
-    hf, tokenizer, task: Task, episodes: list[Episode], *, variant: str, lr: float, baselines=(), seed=0
+    hf,
+    tokenizer,
+    task: Task,
+    episodes: list[Episode],
+    *,
+    variant: str,
+    lr: float,
+    baselines=(),
+    seed=0,
+    metrics: str = "benchmark",
 ) -> pd.DataFrame:
-    """Alternative `variant` (A, B or C) on `episodes`: one tidy table with the engine's rows."""
+    """Alternative `variant` (A, B or C) on `episodes`: one tidy table with the engine's rows
+    (`metrics`: "benchmark" or "default", see METRICS)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}")
-    if variant != "C" and "random_update" in baselines:
-        raise ValueError("the random-update baseline is written for C only (it needs every set's delta)")
-    table = _pipeline(hf, tokenizer, task, episodes, variant, lr, tuple(b for b in baselines), seed)
+    if metrics not in METRICS:
+        raise ValueError(f"metrics must be one of {METRICS}")
+    if variant != "C" and ("random_update" in baselines or metrics == "default"):
+        raise ValueError("the random-update baseline and the default metrics are written for C only")
+    if metrics == "default":
+        from hf_default_metrics import default_pipeline as pipeline
+    else:
+        pipeline = _pipeline
+    table = pipeline(hf, tokenizer, task, episodes, variant, lr, tuple(b for b in baselines), seed)
     if "untrained" in baselines:
-        base = _pipeline(untrained_hf(hf, seed), tokenizer, task, episodes, variant, lr, (), seed)
+        base = pipeline(untrained_hf(hf, seed), tokenizer, task, episodes, variant, lr, (), seed)
         table = pd.concat(
             [table, base[base["comparison"] == "icl~gd"].assign(comparison="untrained:icl~gd")],
             ignore_index=True,
@@ -342,17 +454,20 @@ def _rows(rec: dict, start: int, stop: int) -> dict:
 
 
 # ---- tidy rows from the shared metric functions ----------------------------------------------
-def episode_rows(rec: dict, labels, label_ids, episode: int, baselines, seed: int) -> pd.DataFrame:
-    """Every metric of one demo set, vectorised over layers, queries and heads."""
-    parts: list[pd.DataFrame] = []
+class Rows:
+    """Tidy rows of one demo set: `add` per layer / head, `add_model` per query; `frame()` joins them."""
 
-    def add(metric, comparison, v: torch.Tensor, head_mean: bool | None):
+    def __init__(self, episode: int):
+        self.episode = episode
+        self.parts: list[pd.DataFrame] = []
+
+    def add(self, metric: str, comparison: str, v: torch.Tensor, head_mean: bool | None) -> None:
         """v [L, B] (per layer), or [L, B, H] per head (head_mean: also the nanmean as head -1)."""
         v = v.float().numpy()
         if v.ndim == 3:
             L, B, H = v.shape
             grid = np.meshgrid(np.arange(L), np.arange(B), np.arange(H), indexing="ij")
-            parts.append(_frame(metric, comparison, grid[0], grid[2], grid[1], v, episode))
+            self.parts.append(_frame(metric, comparison, grid[0], grid[2], grid[1], v, self.episode))
             if not head_mean:
                 return
             with warnings.catch_warnings():
@@ -360,13 +475,24 @@ def episode_rows(rec: dict, labels, label_ids, episode: int, baselines, seed: in
                 v = np.nanmean(v, -1)
         L, B = v.shape
         grid = np.meshgrid(np.arange(L), np.arange(B), indexing="ij")
-        parts.append(_frame(metric, comparison, grid[0], np.full_like(grid[0], -1), grid[1], v, episode))
+        head = np.full_like(grid[0], -1)
+        self.parts.append(_frame(metric, comparison, grid[0], head, grid[1], v, self.episode))
 
-    def add_model(metric, comparison, v: torch.Tensor, query=None):
+    def add_model(self, metric: str, comparison: str, v: torch.Tensor, query: int | None = None) -> None:
+        """v [B] per query (or one value with `query`, e.g. -1 for the whole demo set)."""
         v = v.float().numpy().reshape(-1)
         q = np.arange(len(v)) if query is None else np.full(len(v), query)
-        parts.append(_frame(metric, comparison, np.full(len(v), -1), np.full(len(v), -1), q, v, episode))
+        minus = np.full(len(v), -1)
+        self.parts.append(_frame(metric, comparison, minus, minus, q, v, self.episode))
 
+    def frame(self) -> pd.DataFrame:
+        return pd.concat(self.parts, ignore_index=True)
+
+
+def episode_rows(rec: dict, labels, label_ids, episode: int, baselines, seed: int) -> pd.DataFrame:
+    """Every metric of one demo set, vectorised over layers, queries and heads."""
+    rows = Rows(episode)
+    add, add_model = rows.add, rows.add_model
     zsl, icl, gd = rec["zsl"], rec["icl"], rec["gd"]
     others = {"icl~icl_perm": rec.get("icl_perm"), "icl~random_update": rec.get("gd_random")}
     for name in ("attn_out", "head_out"):
@@ -425,7 +551,7 @@ def episode_rows(rec: dict, labels, label_ids, episode: int, baselines, seed: in
             add_model("overlap_cosine", comparison, metrics.overlap_cosine(p1, p2, 10))
             add_model("kl", comparison, metrics.kl(logp[a], logp[b]))
             add_model("js", comparison, metrics.js(logp[a], logp[b]))
-    return pd.concat(parts, ignore_index=True)
+    return rows.frame()
 
 
 def _frame(metric, comparison, layer, head, query, value, episode) -> pd.DataFrame:

@@ -109,6 +109,7 @@ def test_quick_run_prints_the_tables(capsys):
     out = capsys.readouterr().out
     assert "## speed" in out and "## recorded memory" in out and "(OK: < 1e-4)" in out
     assert "measured fp32 matmul peak" in out and "| C + every baseline |" in out and "| published |" in out
+    assert "| C, every default metric |" in out
 
 
 @pytest.mark.parametrize("variant", ["A", "B", "C"])
@@ -133,6 +134,58 @@ def test_hand_written_alternatives_give_the_engine_rows(model, task, tables, var
         result = engine.agreement(reference, full)
         assert result["rows_only_one_side"] == 0 and result["max_row_diff"] < 1e-4
         assert {"icl~icl_perm", "icl~random_update", "icl~random", "untrained:icl~gd"} <= set(full.comparison)
+
+
+DEFAULT_ONLY = {
+    "dw_cos",
+    "dw_action_cos",
+    "dual_form_cos",
+    "dual_form_rel_err",
+    "kendall_token",
+    "kendall_example",
+    "kendall_token_per_head",
+    "kendall_example_per_head",
+    "probe:resid_out",
+}
+"""Metrics of the default probes (kv_outer, query_vectors, demo_attention, resid_out) beyond C's
+benchmark set."""
+
+
+def test_c_with_every_default_metric_gives_the_default_compare_rows(model, task):
+    """C doing every default metric (plain HF, benchmarks/hf_default_metrics.py: dW from the prefix's
+    KV cache and recomputed rotary keys, Dai's Kendall from the queries GD saw, the per-head Kendall,
+    resid_out, ...) gives exactly the rows of compare()'s defaults with every baseline (none missing on
+    either side) and their numbers."""
+    from hf_alternatives import alternative, plain_copy
+
+    config = engine.Config(k=3, n_episodes=2, n_queries=4, lr=0.05)
+    episodes = task.episodes(config.k, config.n_episodes, config.n_queries, config.seed)
+    reference = engine.engine_compare(model, task, config, None, True, False)
+    full = alternative(
+        plain_copy(model),
+        model.tokenizer,
+        task,
+        episodes,
+        variant="C",
+        lr=config.lr,
+        baselines=engine.ALL_BASELINES,
+        metrics="default",
+    )
+    result = engine.agreement(reference, full)
+    assert result["rows_only_one_side"] == 0 and result["rows_compared"] > 2000
+    assert result["max_row_diff"] < 1e-4
+    assert DEFAULT_ONLY | {"accuracy_vocab", "simaou", "simam_delta"} <= set(
+        result["max_row_diff_per_metric"]
+    )
+    for metric in DEFAULT_ONLY:  # numbers on both sides, not NaN = NaN
+        values = full[full.metric == metric]
+        assert values.value.notna().mean() > 0.9 and values.value.std() > 0.01, metric
+    compared = set(zip(full.metric, full.comparison))
+    for metric in ("dw_cos", "dw_action_cos", "kendall_token", "kendall_token_per_head", "probe:resid_out"):
+        assert {
+            (metric, "untrained:icl~gd"),
+            (metric, "icl~random_update" if "dw" in metric else "icl~random"),
+        } <= compared
 
 
 def test_minimum_flops_counts_gd_and_the_passes(model, task):
