@@ -173,13 +173,15 @@ def kendall_tau_b(a: Tensor, b: Tensor, chunk_bytes: int = KENDALL_CHUNK_BYTES) 
     i, j = torch.triu_indices(n, n, 1, device=a.device)  # the pairs i < j
     rows = max(1, chunk_bytes // max(1, len(i) * exact.itemsize))
     concordance, untied_a, untied_b = [], [], []
+
+    def pair_signs(x: Tensor) -> Tensor:  # [rows, n] -> [rows, pairs]: sgn(x_i - x_j) in x's own dtype
+        return x.index_select(1, i).sub_(x.index_select(1, j)).sign_().to(exact)
+
     for start in range(0, flat_a.shape[0], rows):
-        x, y = flat_a[start : start + rows], flat_b[start : start + rows]
-        da = torch.sign(x[:, i] - x[:, j]).to(exact)  # [rows, pairs]
-        db = torch.sign(y[:, i] - y[:, j]).to(exact)
-        concordance.append(torch.einsum("rp,rp->r", da, db).double())
-        untied_a.append((da != 0).sum(-1))
-        untied_b.append((db != 0).sum(-1))
+        da, db = pair_signs(flat_a[start : start + rows]), pair_signs(flat_b[start : start + rows])
+        concordance.append(torch.bmm(da.unsqueeze(1), db.unsqueeze(2)).reshape(-1).double())  # [rows]
+        untied_a.append(da.count_nonzero(-1))
+        untied_b.append(db.count_nonzero(-1))
     if not concordance:  # an empty batch
         return torch.empty(lead, dtype=out_dtype, device=a.device)
     con = torch.cat(concordance)
