@@ -50,6 +50,7 @@ _EXPORTS = {
     "Results": "iclgd_lens.engine.results",
     "versions": "iclgd_lens.engine.results",
     "untrained_copy": "iclgd_lens.engine.baselines",
+    "untrained_in_place": "iclgd_lens.engine.baselines",
     "random_vector_like": "iclgd_lens.engine.baselines",
     # probes, analyses, studies
     "probe": "iclgd_lens.hooks",

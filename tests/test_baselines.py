@@ -5,7 +5,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from iclgd_lens.engine.baselines import random_vector_like, untrained_copy
+from iclgd_lens.engine.baselines import random_vector_like, untrained_copy, untrained_in_place
 from iclgd_lens.engine.gd import Deltas, GDConfig
 from iclgd_lens.errors import IclgdError
 
@@ -174,3 +174,59 @@ def test_untrained_copy_keeps_dtype():
     model = tiny_llama().double()
     fresh = untrained_copy(model, seed=0)
     assert {p.dtype for p in fresh.parameters()} == {torch.float64}
+
+
+def _boot(hf):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(
+        "tiny-test-llama", hf_model=hf, tokenizer=tiny_tokenizer(), device="cpu"
+    )
+
+
+def test_untrained_in_place_is_the_untrained_copy_and_puts_the_trained_weights_back():
+    """Inside the block the bridge runs exactly as untrained_copy's new bridge (bitwise, biases
+    zeroed too); after it, the same Parameter objects hold the trained values again, bitwise."""
+    hf = tiny_llama()
+    clean = {k: v.clone() for k, v in hf.state_dict().items()}
+    bridge = _boot(hf)
+    params = dict(bridge.named_parameters())
+    before = {k: v.clone() for k, v in bridge.original_model.state_dict().items()}
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        trained_logits = bridge(ids)
+        want = untrained_copy(bridge, seed=2)(ids)
+        with untrained_in_place(bridge, seed=2) as untrained:
+            assert untrained is bridge
+            got = bridge(ids)
+            inside = {
+                k.replace("._original_component", ""): v.clone()
+                for k, v in bridge.original_model.state_dict().items()
+            }
+        after_logits = bridge(ids)
+    assert torch.equal(got, want) and not torch.allclose(got, trained_logits)
+    check_untrained(clean, inside)
+    after = bridge.original_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(after_logits, trained_logits)
+    assert all(p is params[n] for n, p in bridge.named_parameters())
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_untrained_in_place_puts_the_weights_back_when_the_block_fails(error):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error):
+        with untrained_in_place(model, seed=0):
+            assert not torch.equal(
+                model.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"]
+            )
+            raise error("stopped inside the untrained baseline")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_untrained_in_place_rejects_other_objects():
+    with pytest.raises(IclgdError):
+        with untrained_in_place(torch.nn.Linear(3, 3)):
+            pass

@@ -143,3 +143,17 @@ def test_compare_picks_the_batch_size_that_fits_max_memory():
     assert smaller.config["batch_size"] < 64
     with pytest.raises(IclgdError, match="memory model predicts"):
         compare(model, max_memory=1000, progress=False, artifacts=False, **kw)
+
+
+def test_the_untrained_baseline_holds_no_second_model_on_a_gpu():
+    """untrained_in_place parks the trained weights in host memory: on a GPU the baseline adds no
+    weights; on a CPU the re-drawn attention/MLP weights sit beside the parked ones."""
+    gpu, cpu = plan(device="cuda"), plan(device="cpu")
+    key = "re-drawn attention/MLP weights beside the parked trained ones (same memory on a CPU)"
+    assert gpu.phases["untrained"][key] == 0
+    d, q, kv = SHAPE.d_model, SHAPE.n_heads * SHAPE.d_head, SHAPE.n_kv_heads * SHAPE.d_head
+    assert cpu.phases["untrained"][key] == SHAPE.n_layers * (2 * d * q + 2 * d * kv + 3 * d * SHAPE.d_mlp) * 4
+    assert (
+        sum(cpu.phases["untrained"].values()) - sum(gpu.phases["untrained"].values())
+        == (cpu.phases["untrained"][key])
+    )

@@ -10,8 +10,10 @@ recorded with the same probes: ZSL (query alone), ICL (demonstrations + query, t
 demonstrations run once per episode and shared through the KV cache), GD (query alone with
 the episode's GD weight deltas applied by hooks). Baselines are recorded beside them:
 ICL under another demonstration order, GD replaced by a random update of equal norm, Dai's
-uniform random vector, and the whole pipeline on an untrained copy of the model.
-The user's model is never modified (tested bitwise).
+uniform random vector, and the whole pipeline on the untrained model (the model's attention and
+MLP weights re-drawn in place for that pipeline, the trained ones parked in host memory and put
+back bitwise, also on errors: `baselines.untrained_in_place`). The user's model is left as it
+was (tested bitwise); during the call it must not be used elsewhere.
 """
 
 from __future__ import annotations
@@ -124,26 +126,25 @@ def compare(
         model, task, episodes, gd_config, chosen, probe_names, seed, share_prefix, batch_size, progress
     )
     parts = [table]
-    if "untrained" in chosen:
-        from iclgd_lens.engine.baselines import untrained_copy
+    if "untrained" in chosen:  # the model itself with re-drawn attention/MLP weights, put back after
+        from iclgd_lens.engine.baselines import untrained_in_place
 
-        untrained = untrained_copy(model, seed=seed)
-        base, _ = _compare_once(
-            untrained,
-            task,
-            episodes,
-            gd_config,
-            (),
-            probe_names,
-            seed,
-            share_prefix,
-            batch_size,
-            progress,
-            desc="untrained",
-        )
+        with untrained_in_place(model, seed=seed) as untrained:
+            base, _ = _compare_once(
+                untrained,
+                task,
+                episodes,
+                gd_config,
+                (),
+                probe_names,
+                seed,
+                share_prefix,
+                batch_size,
+                progress,
+                desc="untrained",
+            )
         base = base[base["comparison"] == "icl~gd"].assign(comparison="untrained:icl~gd")
         parts.append(base)
-        del untrained
     table = pd.concat(parts, ignore_index=True)
     table["k"] = k
     art = example_artifacts(model, task, episodes[0], deltas) if artifacts and deltas is not None else {}
@@ -397,8 +398,10 @@ def _check_delta_memory(model, gd_config: GDConfig, n_episodes: int, untrained: 
     element = 4 if gd_config.delta_dtype else next(model.parameters()).element_size()
     copies = 3 if gd_config.optimizer == "adam" else 2  # deltas + their gradients (+ Adam's moments)
     need = entries * n_episodes * element * copies
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * (2 if untrained else 1)
     device = _device(model)
+    # the untrained baseline parks the trained weights in host memory: a second copy only on a CPU
+    copies_of_model = 2 if untrained and device.type == "cpu" else 1
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * copies_of_model
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
     else:

@@ -17,8 +17,10 @@ The peak is the largest of four phases, each the sum of what is alive then:
   (compare() records, tables and drops a group of at most `batch_size` query rows at a time);
 - `table`: the metrics of one episode (the largest temporaries: the GQA-expanded dW q products of
   the dual-form metrics, Kendall's bounded sign chunks) beside the group's recordings and the rows;
-- with the untrained-copy baseline, a second model of the weights' size and the first pass's rows
-  beside that copy's own (baseline-free) pipeline.
+- with the untrained baseline (`baselines.untrained_in_place`: the model's own attention and MLP
+  weights re-drawn, the trained ones parked in host memory): on a GPU nothing more than the
+  first pass's rows beside that baseline's own (baseline-free) pipeline; on a CPU, where the
+  parked weights stay in the same memory, also the re-drawn attention and MLP weights.
 
 Sizes follow the code paths of `engine.record`, `engine.gd`, `engine.table` and the built-in
 probes (iclgd_lens.hooks); constants are counts of tensors of a LLaMA decoder layer. Checked
@@ -91,6 +93,12 @@ class ModelShape:
     def model_bytes(self) -> int:
         return self.n_params * self.bytes_per_element
 
+    @property
+    def attention_mlp_bytes(self) -> int:
+        """Bytes of the attention and MLP linear weights: what the untrained baseline re-draws."""
+        d, q, kv = self.d_model, self.n_heads * self.d_head, self.n_kv_heads * self.d_head
+        return self.n_layers * (2 * d * q + 2 * d * kv + 3 * d * self.d_mlp) * self.bytes_per_element
+
 
 @dataclass(frozen=True)
 class Lengths:
@@ -153,8 +161,10 @@ def predict(
     gd_batch: int = 1,
     delta_bytes: int | None = None,
     low_rank_limit: float = 1.0,
+    device: str = "cuda",
 ) -> Plan:
-    """The peak of one `compare()` with these sizes (see the module docstring for the phases)."""
+    """The peak of one `compare()` with these sizes on a `device` type ("cuda", "cpu"; see the
+    module docstring for the phases)."""
     s, n = shape, lengths
     b = s.bytes_per_element
     db = delta_bytes or b
@@ -304,9 +314,12 @@ def predict(
             gd_batch=gd_batch,
             delta_bytes=delta_bytes,
             low_rank_limit=low_rank_limit,
+            device=device,
         )
         phases["untrained"] = {
-            "untrained copy of the model": s.model_bytes,
+            "re-drawn attention/MLP weights beside the parked trained ones (same memory on a CPU)": (
+                s.attention_mlp_bytes if device == "cpu" else 0
+            ),
             "first pass's rows": rows_table * TABLE_ROW_BYTES,
             f"its own pipeline (phase {base.phase})": base.peak_bytes,
         }
@@ -411,6 +424,7 @@ def plan_compare(
         ModelShape.of(model),
         model.tokenizer,
         resolve_task(task, seed),
+        device=next(model.parameters()).device.type,
         gd=gd,
         k=k,
         n_episodes=n_episodes,
@@ -437,9 +451,10 @@ def plan_for_shape(
     baselines: Sequence[str] | bool = True,
     batch_size: int | None = None,
     max_memory: int | None = None,
+    device: str = "cuda",
 ) -> Plan:
     """`plan_compare` without weights: a model's shape (`ModelShape.from_config`) and tokenizer,
-    e.g. for a 7B plan on a machine that cannot load it."""
+    e.g. for a 7B plan on a machine that cannot load it (`device`: the device type it will run on)."""
     from iclgd_lens.engine.compare import _chosen_baselines, _probe_names
     from iclgd_lens.engine.gd import GDConfig
 
@@ -465,6 +480,7 @@ def plan_for_shape(
         gd_params=config.params,
         gd_batch=config.batch_size,
         delta_bytes=delta_bytes,
+        device=device,
     )
     return choose_batch_size(shape, lengths, max_memory, batch_size, **kwargs)
 
