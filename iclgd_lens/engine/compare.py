@@ -125,12 +125,16 @@ def compare(
     table, deltas = _compare_once(
         model, task, episodes, gd_config, chosen, probe_names, seed, share_prefix, batch_size, progress
     )
+    # the report's example reuses this comparison's GD deltas; they are dropped before the untrained
+    # baseline trains its own, so that two sets of deltas are never held at once
+    art = example_artifacts(model, task, episodes[0], deltas) if artifacts and deltas is not None else {}
+    del deltas
     parts = [table]
     if "untrained" in chosen:  # the model itself with re-drawn attention/MLP weights, put back after
         from iclgd_lens.engine.baselines import untrained_in_place
 
         with untrained_in_place(model, seed=seed) as untrained:
-            base, _ = _compare_once(
+            base = _compare_once(
                 untrained,
                 task,
                 episodes,
@@ -142,12 +146,11 @@ def compare(
                 batch_size,
                 progress,
                 desc="untrained",
-            )
+            )[0]  # (its deltas are dropped here)
         base = base[base["comparison"] == "icl~gd"].assign(comparison="untrained:icl~gd")
         parts.append(base)
     table = pd.concat(parts, ignore_index=True)
     table["k"] = k
-    art = example_artifacts(model, task, episodes[0], deltas) if artifacts and deltas is not None else {}
     config = {
         "model": _model_info(model),
         "task": {
