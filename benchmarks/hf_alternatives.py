@@ -20,7 +20,8 @@ cosine, KL, JS), with Dai's and Deutch et al.'s baselines on request: "random" (
 vector), "random_update" (GD replaced by a random update of equal norm per projection and set),
 "icl_perm" (ICL with the demonstrations in another order) and "untrained" (the whole pipeline on a
 copy with attention/MLP weights re-drawn), drawn with the same seeds as the engine so that every
-number can be compared.
+number can be compared. With `metrics="default"` (variant C), every row of the default `compare()`
+(all seven probes): benchmarks/hf_default_metrics.py, reading through `DefaultHooks`.
 """
 
 from __future__ import annotations
@@ -225,7 +226,8 @@ def shared_prefix_len(enc) -> int:
 
 
 def _demo_ids(tokenizer, task, episode: Episode) -> list[list[int]]:
-    return [tokenizer(task.render_demo(d, episode.label_words))["input_ids"] for d in episode.demos]
+    """Each demonstration tokenised alone, with BOS (GD's training examples), in one call."""
+    return tokenizer([task.render_demo(d, episode.label_words) for d in episode.demos])["input_ids"]
 
 
 def _kv_modules(hf) -> list[tuple[nn.Module, str]]:
@@ -397,7 +399,7 @@ def alternative(
 
 
 def _pipeline(hf, tokenizer, task, episodes, variant, lr, baselines, seed) -> pd.DataFrame:
-    frames = []
+    rows = Rows()
     with torch.no_grad(), ReadHooks(hf) as hooks:
         zsl_cache: dict = {}
         with torch.enable_grad():
@@ -441,12 +443,9 @@ def _pipeline(hf, tokenizer, task, episodes, variant, lr, baselines, seed) -> pd
                 del tuned
             start += n
             labels = torch.tensor([q.label for q in episode.queries])
-            frames.append(
-                episode_rows(
-                    rec, labels, label_token_ids(tokenizer, episode.label_words), e, baselines, seed + e
-                )
-            )
-    return pd.concat(frames, ignore_index=True)
+            label_ids = label_token_ids(tokenizer, episode.label_words)
+            episode_rows(rec, labels, label_ids, e, baselines, seed + e, rows)
+    return rows.frame()
 
 
 def _rows(rec: dict, start: int, stop: int) -> dict:
@@ -455,11 +454,13 @@ def _rows(rec: dict, start: int, stop: int) -> dict:
 
 # ---- tidy rows from the shared metric functions ----------------------------------------------
 class Rows:
-    """Tidy rows of one demo set: `add` per layer / head, `add_model` per query; `frame()` joins them."""
+    """Tidy rows: `add` per layer / head, `add_model` per query, for demo set `episode` (set it
+    before adding); `frame()` builds one DataFrame from every array added (one small DataFrame
+    per metric costs more than the metrics)."""
 
-    def __init__(self, episode: int):
+    def __init__(self, episode: int = 0):
         self.episode = episode
-        self.parts: list[pd.DataFrame] = []
+        self.columns: list[tuple[np.ndarray, ...]] = []
 
     def add(self, metric: str, comparison: str, v: torch.Tensor, head_mean: bool | None) -> None:
         """v [L, B] (per layer), or [L, B, H] per head (head_mean: also the nanmean as head -1)."""
@@ -467,7 +468,7 @@ class Rows:
         if v.ndim == 3:
             L, B, H = v.shape
             grid = np.meshgrid(np.arange(L), np.arange(B), np.arange(H), indexing="ij")
-            self.parts.append(_frame(metric, comparison, grid[0], grid[2], grid[1], v, self.episode))
+            self._add(metric, comparison, grid[0], grid[2], grid[1], v)
             if not head_mean:
                 return
             with warnings.catch_warnings():
@@ -475,23 +476,37 @@ class Rows:
                 v = np.nanmean(v, -1)
         L, B = v.shape
         grid = np.meshgrid(np.arange(L), np.arange(B), indexing="ij")
-        head = np.full_like(grid[0], -1)
-        self.parts.append(_frame(metric, comparison, grid[0], head, grid[1], v, self.episode))
+        self._add(metric, comparison, grid[0], np.full_like(grid[0], -1), grid[1], v)
 
     def add_model(self, metric: str, comparison: str, v: torch.Tensor, query: int | None = None) -> None:
         """v [B] per query (or one value with `query`, e.g. -1 for the whole demo set)."""
         v = v.float().numpy().reshape(-1)
         q = np.arange(len(v)) if query is None else np.full(len(v), query)
-        minus = np.full(len(v), -1)
-        self.parts.append(_frame(metric, comparison, minus, minus, q, v, self.episode))
+        self._add(metric, comparison, np.full(len(v), -1), np.full(len(v), -1), q, v)
+
+    def _add(self, metric, comparison, layer, head, query, value) -> None:
+        n = value.size
+        self.columns.append(
+            (
+                np.full(n, metric, dtype=object),
+                np.full(n, comparison, dtype=object),
+                layer.reshape(-1),
+                head.reshape(-1),
+                np.full(n, self.episode),
+                query.reshape(-1),
+                value.reshape(-1),
+            )
+        )
 
     def frame(self) -> pd.DataFrame:
-        return pd.concat(self.parts, ignore_index=True)
+        return pd.DataFrame({name: np.concatenate(c) for name, c in zip(COLUMNS, zip(*self.columns))})
 
 
-def episode_rows(rec: dict, labels, label_ids, episode: int, baselines, seed: int) -> pd.DataFrame:
-    """Every metric of one demo set, vectorised over layers, queries and heads."""
-    rows = Rows(episode)
+def episode_rows(rec: dict, labels, label_ids, episode: int, baselines, seed: int, rows=None) -> Rows:
+    """Every metric of one demo set, vectorised over layers, queries and heads, added to `rows`
+    (a new Rows if None)."""
+    rows = rows if rows is not None else Rows()
+    rows.episode = episode
     add, add_model = rows.add, rows.add_model
     zsl, icl, gd = rec["zsl"], rec["icl"], rec["gd"]
     others = {"icl~icl_perm": rec.get("icl_perm"), "icl~random_update": rec.get("gd_random")}
@@ -551,22 +566,7 @@ def episode_rows(rec: dict, labels, label_ids, episode: int, baselines, seed: in
             add_model("overlap_cosine", comparison, metrics.overlap_cosine(p1, p2, 10))
             add_model("kl", comparison, metrics.kl(logp[a], logp[b]))
             add_model("js", comparison, metrics.js(logp[a], logp[b]))
-    return rows.frame()
-
-
-def _frame(metric, comparison, layer, head, query, value, episode) -> pd.DataFrame:
-    n = value.size
-    return pd.DataFrame(
-        {
-            "metric": np.full(n, metric, dtype=object),
-            "comparison": np.full(n, comparison, dtype=object),
-            "layer": layer.reshape(-1),
-            "head": head.reshape(-1),
-            "episode": episode,
-            "query": query.reshape(-1),
-            "value": value.reshape(-1),
-        }
-    )
+    return rows
 
 
 def _same_width(*maps: torch.Tensor) -> list[torch.Tensor]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
 import torch
 from hf_alternatives import (
     DefaultHooks,
@@ -55,7 +54,7 @@ def default_pipeline(hf, tokenizer, task, episodes: list[Episode], variant, lr, 
     (the untrained baseline is run by `alternative` on its copy)."""
     if variant != "C":
         raise ValueError("the default metrics are written for variant C")
-    frames = []
+    rows = Rows()
     with torch.no_grad(), DefaultHooks(hf) as hooks:
         steps: list[torch.Tensor] = []
         with torch.enable_grad():
@@ -93,9 +92,9 @@ def default_pipeline(hf, tokenizer, task, episodes: list[Episode], variant, lr, 
             start += n
             labels = torch.tensor([q.label for q in episode.queries])
             label_ids = label_token_ids(tokenizer, episode.label_words)
-            frames.append(episode_rows(rec, labels, label_ids, e, baselines, seed + e))
-            frames.append(default_rows(rec, prefix, *train[e], e, baselines, seed + e))
-    return pd.concat(frames, ignore_index=True)
+            episode_rows(rec, labels, label_ids, e, baselines, seed + e, rows)
+            default_rows(rec, prefix, *train[e], seed + e, baselines, rows)
+    return rows.frame()
 
 
 def icl_with_prefix(hf, hooks: DefaultHooks, tokenizer, task, episode: Episode, demos, full: bool = True):
@@ -153,12 +152,11 @@ def _dw_q(dw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...xvk,...xgk->...xgv", dw, grouped).flatten(-3, -2)
 
 
-def default_rows(
-    rec: dict, prefix: dict, train_q, train_demo, episode: int, baselines, seed: int
-) -> pd.DataFrame:
+def default_rows(rec: dict, prefix: dict, train_q, train_demo, seed: int, baselines, rows: Rows) -> Rows:
     """The rows of the default probes beyond C's benchmark set, for one demo set (see the module
-    docstring). rec: condition -> recording ([L, B, ...] per name); prefix: `icl_with_prefix`'s."""
-    rows = Rows(episode)
+    docstring), added to `rows` (its episode set by the caller). rec: condition -> recording
+    ([L, B, ...] per name); prefix: `icl_with_prefix`'s; train_q [L, n_tokens, H, d] and train_demo
+    [n_tokens]: `train_queries`'."""
     zsl, icl, gd = rec["zsl"], rec["icl"], rec["gd"]
     others = {"icl~icl_perm": rec.get("icl_perm"), "icl~random_update": rec.get("gd_random")}
     rot_q = icl["rot_q"].float()  # [L, B, H, d]
@@ -223,4 +221,4 @@ def default_rows(
         r = torch.rand(icl["resid_out"].shape, generator=torch.Generator().manual_seed(seed))
         cos = metrics.simaou_random(icl["resid_out"].float(), zsl["resid_out"].float(), r)
         rows.add("probe:resid_out", "icl~random", cos, None)
-    return rows.frame()
+    return rows
