@@ -161,9 +161,10 @@ class DefaultHooks(ReadHooks):
             return
         segments, allowed = self.demos
         keys = kwargs["past_key_values"].layers[attn.layer_idx].keys  # [B, KV, T, d], rotary
-        rot_q = self.query[1]  # [B, H, d]
-        keys = keys.repeat_interleave(rot_q.shape[1] // keys.shape[1], dim=1)  # [B, H, T, d]
-        scores = torch.einsum("bhd,bhtd->bht", rot_q, keys) * attn.scaling
+        rot_q = self.query[1].unflatten(
+            1, (keys.shape[1], -1)
+        )  # [B, KV, H / KV, d]: head h reads h // (H / KV)
+        scores = torch.einsum("bxgd,bxtd->bxgt", rot_q, keys).flatten(1, 2) * attn.scaling  # [B, H, T]
         pattern = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), -1)
         demo = segments > 0
         self.store["demo_scores"].append(scores.sum(1).masked_fill(~demo, float("nan")).float())
