@@ -348,3 +348,30 @@ def test_kendall_tau_b_is_exact_in_chunks_and_matches_scipy():
             abs(float(got[i]) - scipy.stats.kendalltau(long_a[i], long_b[i]).statistic) < 1e-6
         )  # float32 in
     assert torch.isnan(kendall_tau_b(torch.ones(4, 1), torch.ones(4, 1))).all()
+
+
+def test_factored_dw_metrics_equal_the_dense_matrices():
+    """dW_GD kept as the factors of a difference of two sums v k^T: its Frobenius cosine with a dense
+    dW_ICL and its action on query vectors (GQA: 4 query heads on 2 kv heads) equal those of the
+    dense matrices written out here; NaN padding and zeroed tokens do not count."""
+    g = torch.Generator().manual_seed(0)
+    L, B, T, KV, H, d = 2, 3, 4, 2, 4, 5
+    ka, va, kb, vb = (torch.randn(L, B, T, KV, d, generator=g, dtype=torch.float64) for _ in range(4))
+    ka[:, :, -1], va[:, :, -1] = 0.0, 0.0  # a token outside the context
+    dense = torch.einsum("lbtxv,lbtxk->lbxvk", va, ka) - torch.einsum("lbtxv,lbtxk->lbxvk", vb, kb)
+    padded = [torch.cat([x, torch.full((L, B, 1, KV, d), float("nan"), dtype=x.dtype)], 2) for x in (ka, va)]
+    p, k = metrics.dw_difference_factors(*padded, kb, vb)
+    a = torch.randn(L, KV, d, d, generator=g, dtype=torch.float64)
+    want_cos = metrics.matrix_cosine(a[:, None].expand_as(dense), dense)
+    torch.testing.assert_close(metrics.factored_matrix_cosine(a[:, None], p, k), want_cos)
+    q = torch.randn(L, B, H, d, generator=g, dtype=torch.float64)
+    per_head = lambda m: torch.stack(  # noqa: E731
+        [torch.einsum("...vk,...k->...v", m[..., h // (H // KV), :, :], q[:, :, h]) for h in range(H)], 2
+    )
+    torch.testing.assert_close(metrics.factored_act(p, k, q), per_head(dense))
+    torch.testing.assert_close(metrics.dw_act(a, q), per_head(a[:, None].expand_as(dense)))
+    zero = torch.zeros_like(ka)
+    assert torch.equal(
+        metrics.factored_matrix_cosine(a[:, None], *metrics.dw_difference_factors(zero, zero, zero, zero)),
+        torch.zeros(L, B, KV, dtype=torch.float64),
+    )

@@ -56,7 +56,11 @@ def example_artifacts(
             str(l): {"tokens": tokens, "pattern": _rounded(pattern[l])} for l in range(pattern.shape[0])
         }
     dw_icl = runs["icl"][1]["kv_demo"][:, 0]  # [L, n_kv, d, d]
-    dw_gd = (runs["gd"][1]["kv_context"] - runs["zsl"][1]["kv_context"])[:, 0]
+    gd_rec, zsl_rec = runs["gd"][1], runs["zsl"][1]
+    p_gd, k_gd = metrics.dw_difference_factors(
+        gd_rec["kv_context_k"], gd_rec["kv_context_v"], zsl_rec["kv_context_k"], zsl_rec["kv_context_v"]
+    )
+    dw_gd = torch.einsum("ltxv,ltxk->lxvk", p_gd[:, 0], k_gd[:, 0]).float()  # [L, n_kv, d, d]
     dw = {
         str(l): {
             "icl": _rounded(_pooled(dw_icl[l, :max_heads], max_dim)),

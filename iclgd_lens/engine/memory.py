@@ -15,8 +15,8 @@ The peak is the largest of four phases, each the sum of what is alive then:
   top of the prefix KV cache, which is copied to every row) and the query-alone passes, beside the
   deltas, the random-update baseline's dense deltas and the recordings of one group of episodes
   (compare() records, tables and drops a group of at most `batch_size` query rows at a time);
-- `table`: the metrics of one episode (the largest temporaries: the GQA-expanded dW q products of
-  the dual-form metrics, Kendall's bounded sign chunks) beside the group's recordings and the rows;
+- `table`: the metrics of one episode (the largest temporaries: the float64 factors of the dW
+  metrics, Kendall's bounded sign chunks) beside the group's recordings and the rows;
 - with the untrained baseline (`baselines.untrained_in_place`: the model's own attention and MLP
   weights re-drawn, the trained ones parked in host memory): on a GPU nothing more than the
   first pass's rows beside that baseline's own (baseline-free) pipeline; on a CPU, where the
@@ -219,7 +219,7 @@ def predict(
         per_row["query_alone"] += L * H * dh * b
         per_row["icl"] += 2 * L * H * dh * b  # q and rot_q
     if "kv_outer" in probes:
-        per_row["query_alone"] += L * KV * dh * dh * b  # kv_context
+        per_row["query_alone"] += 2 * L * n.zsl * KV * dh * 4  # kv_context_k, kv_context_v (float32)
     if "resid_out" in probes:
         per_row["query_alone"] += L * d * b
         per_row["icl"] += L * d * b
@@ -285,7 +285,12 @@ def predict(
 
     # ---- the table -------------------------------------------------------------------------------
     rows_table = _table_rows(s, E, Q, probes, baselines)
-    dual_form = 3 * L * Q * H * dh * dh * 4 if {"kv_outer", "query_vectors", "head_out"} <= probes else 0
+    # the dW metrics' float64 factors of one comparison (P, K, A k) and the dual form's dW q
+    dual_form = (
+        3 * L * Q * 2 * n.zsl * KV * dh * 8 + 2 * L * Q * H * dh * 8
+        if {"kv_outer", "query_vectors", "head_out"} <= probes
+        else 0
+    )
     pairs = n.prefix * (n.prefix - 1) // 2  # Kendall's pairs of demonstration tokens
     kendall = (  # the pair signs of a and b and one difference, per chunk of at most KENDALL_CHUNK_BYTES
         3 * min(KENDALL_CHUNK_BYTES, L * Q * H * pairs * 4)
@@ -413,18 +418,23 @@ def plan_compare(
     baselines: Sequence[str] | bool = True,
     batch_size: int | None = None,
     max_memory: int | None = None,
+    device: str | None = None,
 ) -> Plan:
     """The predicted peak of `compare(model, task, ...)` with the same arguments, and the largest
     batch size whose peak fits `max_memory` bytes, weights included (`batch_size` if it fits, else
     the largest of BATCH_SIZES below it; `choose_batch_size`). `plan.fits` is False when even one
-    row per pass does not fit: the GD step or the recordings need fewer episodes or queries per call."""
+    row per pass does not fit: the GD step or the recordings need fewer episodes or queries per call.
+    `device`: the device type it runs on ("cuda", "cpu"; default: that of the model's weights)."""
     from iclgd_lens.tasks import resolve_task
+
+    if device is None:
+        device = next(getattr(model, "original_model", model).parameters()).device.type
 
     return plan_for_shape(
         ModelShape.of(model),
         model.tokenizer,
         resolve_task(task, seed),
-        device=next(model.parameters()).device.type,
+        device=device,
         gd=gd,
         k=k,
         n_episodes=n_episodes,

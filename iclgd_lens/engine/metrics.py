@@ -297,6 +297,50 @@ def implicit_dw_icl(k_demo: Tensor, v_demo: Tensor, mask: Tensor | None = None) 
     return torch.einsum("...nhv,...nhk->...hvk", v_demo, k_demo)
 
 
+def dw_difference_factors(k_a: Tensor, v_a: Tensor, k_b: Tensor, v_b: Tensor) -> tuple[Tensor, Tensor]:
+    """dW_a - dW_b, each dW = sum_t v_t k_t^T over its own tokens, as factors (P, K) with
+    dW_a - dW_b = sum_t P_t K_t^T: P = [v_a; -v_b], K = [k_a; k_b] along the tokens.
+
+    k_*, v_* [..., tokens, heads, d_head], tokens that do not count set to zero (NaN padding
+    from joining chunks of other lengths counts as zero too) -> P, K [..., tokens_a + tokens_b,
+    heads, d_head] in float64: the dW metrics below are computed from them without forming the
+    d_head x d_head matrix of every row, and without the cancellation of a float32 difference."""
+    zero = lambda x: torch.nan_to_num(x.double(), nan=0.0)  # noqa: E731
+    return torch.cat([zero(v_a), -zero(v_b)], -3), torch.cat([zero(k_a), zero(k_b)], -3)
+
+
+def factored_matrix_cosine(a: Tensor, p: Tensor, k: Tensor) -> Tensor:
+    """`matrix_cosine(A, B)` of a dense A [..., heads, m, n] and B = sum_t p_t k_t^T, p [..., t,
+    heads, m], k [..., t, heads, n] (leading dims broadcast), without forming B: <A, B>_F =
+    sum_t p_t^T A k_t and |B|_F^2 = sum_{t,s} (p_t . p_s)(k_t . k_s), in float64. -> [..., heads];
+    0 where either matrix is zero."""
+    a, p, k = a.double(), p.double(), k.double()
+    inner = (torch.einsum("...hmn,...thn->...thm", a, k) * p).sum((-3, -1))
+    gram_p = torch.einsum("...thm,...shm->...hts", p, p)
+    gram_k = torch.einsum("...thn,...shn->...hts", k, k)
+    norm_b = (gram_p * gram_k).sum((-2, -1)).clamp(min=0).sqrt()
+    norms = torch.linalg.vector_norm(a, dim=(-2, -1)) * norm_b
+    return torch.where(norms > 0, inner / torch.where(norms > 0, norms, torch.ones_like(norms)), 0.0)
+
+
+def dw_act(dw: Tensor, q: Tensor) -> Tensor:
+    """dW q per query head under GQA (query head h reads kv head h // (heads_q / heads_kv)).
+    dw [L, heads_kv, m, n] (one matrix per layer and kv head, shared by every row), q [L, rows,
+    heads_q, n] -> [L, rows, heads_q, m]; the rows ride in the matmul, dW is never copied per row."""
+    grouped = einops.rearrange(q, "l b (kv g) n -> l b kv g n", kv=dw.shape[-3])
+    out = torch.einsum("lxmn,lbxgn->lbxgm", dw.to(q.dtype), grouped)
+    return einops.rearrange(out, "l b kv g m -> l b (kv g) m")
+
+
+def factored_act(p: Tensor, k: Tensor, q: Tensor) -> Tensor:
+    """(sum_t p_t k_t^T) q per query head under GQA, without forming the matrix: p [..., t,
+    heads_kv, m], k [..., t, heads_kv, n], q [..., heads_q, n] -> [..., heads_q, m] (float64)."""
+    grouped = einops.rearrange(q.double(), "... (kv g) n -> ... kv g n", kv=k.shape[-2])
+    weights = torch.einsum("...txn,...xgn->...txg", k.double(), grouped)  # k_t . q per token
+    out = torch.einsum("...txm,...txg->...xgm", p.double(), weights)
+    return einops.rearrange(out, "... kv g m -> ... (kv g) m")
+
+
 def dual_form_update(q: Tensor, k_demo: Tensor, v_demo: Tensor, mask: Tensor | None = None) -> Tensor:
     """The linear-attention prediction of the ICL update of the read position: dW_ICL q.
 

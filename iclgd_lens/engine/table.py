@@ -103,27 +103,32 @@ def episode_table(
                     True,
                 )
 
-    # implicit weight updates: dW_ICL (demonstrations) vs dW_GD (change of sum v k^T over the query's tokens)
+    # implicit weight updates: dW_ICL (demonstrations) vs dW_GD (change of sum v k^T over the query's
+    # tokens), dW_GD as the factors of that difference (metrics.dw_difference_factors)
     prefix = rec.get("icl_prefix")
-    if prefix is not None and "kv_demo" in prefix and "kv_context" in gd:
-        dw_icl = (
-            prefix["kv_demo"][:, :1] if prefix["kv_demo"].shape[1] == 1 else prefix["kv_demo"]
-        )  # [L, 1|B, n_kv, d, d]
+    if prefix is not None and "kv_demo" in prefix and "kv_context_k" in gd:
+        dw_icl = prefix["kv_demo"][
+            :, 0
+        ]  # [L, n_kv, d, d]: every row of an episode holds the same demonstrations
         for comparison, other in {"icl~gd": gd, "icl~random_update": rec.get("gd_random")}.items():
-            if other is None or "kv_context" not in other:
+            if other is None or "kv_context_k" not in other:
                 continue
-            dw_other = other["kv_context"] - zsl["kv_context"]  # [L, B, n_kv, d, d]
-            out.add("dw_cos", comparison, metrics.matrix_cosine(dw_icl.expand_as(dw_other), dw_other), True)
+            p_other, k_other = metrics.dw_difference_factors(
+                other["kv_context_k"], other["kv_context_v"], zsl["kv_context_k"], zsl["kv_context_v"]
+            )  # [L, B, 2 * pos, n_kv, d]
+            out.add(
+                "dw_cos", comparison, metrics.factored_matrix_cosine(dw_icl[:, None], p_other, k_other), True
+            )
             if "rot_q" in icl:
-                q = icl["rot_q"].float()  # [L, B, n_heads, d]
+                q = icl["rot_q"].double()  # [L, B, n_heads, d]
                 out.add(
                     "dw_action_cos",
                     comparison,
-                    metrics.cosine(_act(dw_icl.expand_as(dw_other), q), _act(dw_other, q)),
+                    metrics.cosine(metrics.dw_act(dw_icl, q), metrics.factored_act(p_other, k_other, q)),
                     True,
                 )
         if "head_out" in icl and "rot_q" in icl:
-            predicted = _act(dw_icl.expand(-1, icl["rot_q"].shape[1], -1, -1, -1), icl["rot_q"].float())
+            predicted = metrics.dw_act(dw_icl, icl["rot_q"].float())
             actual = (icl["head_out"] - zsl["head_out"]).float()
             cos = metrics.cosine(predicted, actual)
             out.add("dual_form_cos", "icl~dual_form", cos, True)
@@ -297,13 +302,6 @@ def _undefined_at_layer_0(cos: torch.Tensor, rotary: bool) -> torch.Tensor:
     cos = cos.clone()
     cos[0] = float("nan")
     return cos
-
-
-def _act(dw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """dW q per query head under GQA: dw [..., n_kv, d, d], q [..., n_heads, d] -> [..., n_heads, d]."""
-    grouped = einops.rearrange(q, "... (kv g) k -> ... kv g k", kv=dw.shape[-3])  # head h reads kv h // g
-    out = torch.einsum("...xvk,...xgk->...xgv", dw, grouped)  # no [..., n_heads, d, d] copy of dW
-    return einops.rearrange(out, "... kv g v -> ... (kv g) v")
 
 
 def _same_width(*maps: torch.Tensor) -> list[torch.Tensor]:

@@ -118,6 +118,7 @@ def _memory_model(folder: Path, element: int, n_params: int, task, episodes, cel
         probes=cell.setting("probes"),
         baselines=baselines,
         batch_size=cell.setting("batch_size"),
+        device=str(cell.setting("device")).split(":")[0],
     )
     return plan.total_bytes
 
