@@ -60,6 +60,7 @@ from machine import (  # noqa: E402
     counted_flops,
     matmul_peak,
     minimum_flops,
+    pass_matmul_rate,
     peak_rss,
     rss_growth_in_child,
     rss_now,
@@ -460,6 +461,29 @@ def k_scaling(model, hf, task: Task, reps: int) -> list[dict]:
     ]
 
 
+# ---- what the engine's own matmul shapes can reach ---------------------------------------------
+ENGINE_SHAPES = {  # rows (tokens of one pass) x the mid model's projections, as compare() runs them
+    "GD step (8 demo sets x 5 tokens)": 40,
+    "ICL query pass (64 rows x 2 tokens)": 128,
+    "prefix pass (2 demo sets x 65 tokens)": 130,
+}
+
+
+def shape_rates(threads: int, peak: float) -> list[dict]:
+    """The float32 matmul rate of each pass's rows through all of the mid model's projection
+    weights (8 layers of 512 -> 512 attention and 512 -> 1376 -> 512 MLP, 100 MB streamed from
+    memory), as a share of the measured peak: the most those passes' matmuls can reach here."""
+    layer = [(MID.d_model, MID.d_model)] * 4 + [(MID.d_model, MID.d_mlp)] * 2 + [(MID.d_mlp, MID.d_model)]
+    return [
+        {
+            "pass": label,
+            "rows": rows,
+            "% of matmul peak": round(100 * pass_matmul_rate(rows, layer * MID.n_layers, threads) / peak, 1),
+        }
+        for label, rows in ENGINE_SHAPES.items()
+    ]
+
+
 # ---- peak RSS, one side per fresh process -----------------------------------------------------
 RSS_SIDES = [
     ("benchmark", "engine"),
@@ -467,6 +491,7 @@ RSS_SIDES = [
     ("benchmark", "B"),
     ("benchmark", "A"),
     ("default", "engine default compare"),
+    ("default", DEFAULT_C),
     ("default", "C + every baseline"),
 ]
 
@@ -600,6 +625,7 @@ def main(
                 results["speed"] += measure_setting(
                     label, model, hf, task, c, setting, reps, peak["flops_per_s"]
                 )
+        results["shapes"] = shape_rates(threads, peak["flops_per_s"])
         if scaling:
             results["scaling"] = k_scaling(mid, plain_copy(mid), task, reps)
         if rss:
@@ -618,6 +644,9 @@ def main(
     )
     if results["speed"]:
         print(markdown(pd.DataFrame(results["speed"])[SPEED_COLUMNS]))
+    if results.get("shapes"):
+        print("\n## the matmul rate the engine's own pass shapes reach (mid model's projections)\n")
+        print(markdown(pd.DataFrame(results["shapes"])))
     if results["scaling"]:
         print("\n## time linear in k (random L8 d512, 8 sets x 32 queries, benchmark probes)\n")
         print(markdown(pd.DataFrame(results["scaling"])))

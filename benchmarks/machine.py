@@ -38,6 +38,24 @@ def matmul_peak(threads: int, sizes=(512, 1024, 2048), repeats: int = 5) -> dict
     return {"flops_per_s": max(best.values()), "per_size": {n: round(f / 1e9, 1) for n, f in best.items()}}
 
 
+def pass_matmul_rate(
+    rows: int, weight_shapes: list[tuple[int, int]], threads: int, repeats: int = 5
+) -> float:
+    """FLOP/s of one forward pass's matmuls alone: `rows` activations through every weight of
+    `weight_shapes` ([d_in, d_out], distinct tensors, so that they stream from memory as a model's
+    do), the best of `repeats` sweeps: the most a pass of that many rows can reach on this machine."""
+    torch.set_num_threads(threads)
+    weights = [torch.randn(d_in, d_out) for d_in, d_out in weight_shapes]
+    inputs = {d_in: torch.randn(rows, d_in) for d_in, _ in weight_shapes}
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first sweep warms up
+        start = time.perf_counter()
+        for w in weights:
+            inputs[w.shape[0]] @ w
+        best = min(best, time.perf_counter() - start)
+    return sum(2 * rows * d_in * d_out for d_in, d_out in weight_shapes) / best
+
+
 def counted_flops(fn) -> tuple[float, object]:
     """FLOPs of the matmuls, convolutions and attention kernels `fn()` runs, and its result."""
     counter = FlopCounterMode(display=False)
