@@ -28,11 +28,13 @@ PARTS = {
     "episode_table (metrics, rows)": ("engine/table.py", "episode_table"),
     "  per-head Kendall": ("engine/table.py", "_kendall_per_head_rows"),
     "  Dai's Kendall": ("engine/table.py", "_dai_kendall_rows"),
-    "  dW q products (dual form, dW action)": ("engine/table.py", "_act"),
-    "  dW Frobenius cosines": ("engine/metrics.py", "matrix_cosine"),
+    "  dW_GD as factors (dw_difference_factors)": ("engine/metrics.py", "dw_difference_factors"),
+    "  dW cosines from the factors": ("engine/metrics.py", "factored_matrix_cosine"),
+    "  dW q from the factors": ("engine/metrics.py", "factored_act"),
     "ICL passes (prefix + queries)": ("engine/compare.py", "_icl_all"),
     "query-alone passes (ZSL, GD, random update)": ("engine/record.py", "run_batched"),
-    "untrained copy (build + boot)": ("engine/baselines.py", "untrained_copy"),
+    "untrained weights drawn in place (and put back)": ("engine/baselines.py", "untrained_in_place"),
+    "KV cache copied to the query rows": ("transformers/cache_utils.py", "batch_select_indices"),
     "example artifacts": ("engine/artifacts.py", "example_artifacts"),
     "torch linear (all matmuls of nn.Linear)": ("~", "<built-in method torch._C._nn.linear>"),
     "bridge component calls (TransformerLens wrappers)": ("generalized_components/base.py", "__call__"),
@@ -52,8 +54,9 @@ def main(threads: int = typer.Option(1)) -> None:
         f"{total:.1f} s in cProfile"
     )
     for label, (file, name) in PARTS.items():
-        cum = sum(v[3] for (f, _, n), v in stats.items() if n == name and (file == "~" or f.endswith(file)))
-        calls = sum(v[1] for (f, _, n), v in stats.items() if n == name and (file == "~" or f.endswith(file)))
+        # the outermost entry of that name (a method and the one it delegates to share names)
+        entries = [v for (f, _, n), v in stats.items() if n == name and (file == "~" or f.endswith(file))]
+        cum, calls = max(((v[3], v[1]) for v in entries), default=(0.0, 0))
         print(f"{label:<52} {cum:7.2f} s  {100 * cum / total:5.1f}%  ({calls} calls)")
 
 
