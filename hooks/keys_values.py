@@ -35,9 +35,9 @@ def kv_outer(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch
     if ctx.condition not in ("icl", "icl_prefix"):
         positions = torch.arange(seg.shape[1], device=seg.device)
         mask = ctx.attention_mask[:, ctx.prefix_len :].bool() & (positions[None] <= ctx.read_pos[:, None])
-        keep = mask[:, :, None, None].to(k.dtype)
-        out["kv_context_k"] = k * keep  # [batch, pos, n_kv, d_head]
-        out["kv_context_v"] = v * keep
+        keep = mask[:, :, None, None]  # in the model's own dtype: exactly the keys and values attention used
+        out["kv_context_k"] = acts["attn.hook_rot_k"] * keep  # [batch, pos, n_kv, d_head]
+        out["kv_context_v"] = acts["attn.hook_v"] * keep
     return out
 
 

@@ -219,7 +219,7 @@ def predict(
         per_row["query_alone"] += L * H * dh * b
         per_row["icl"] += 2 * L * H * dh * b  # q and rot_q
     if "kv_outer" in probes:
-        per_row["query_alone"] += 2 * L * n.zsl * KV * dh * 4  # kv_context_k, kv_context_v (float32)
+        per_row["query_alone"] += 2 * L * n.zsl * KV * dh * b  # kv_context_k, kv_context_v
     if "resid_out" in probes:
         per_row["query_alone"] += L * d * b
         per_row["icl"] += L * d * b
