@@ -285,9 +285,9 @@ def predict(
 
     # ---- the table -------------------------------------------------------------------------------
     rows_table = _table_rows(s, E, Q, probes, baselines)
-    # the dW metrics' float64 factors of one comparison (P, K, A k) and the dual form's dW q
+    # the dW metrics' float64 factors of one layer and comparison (P, K, A k) and the dual form's dW q
     dual_form = (
-        3 * L * Q * 2 * n.zsl * KV * dh * 8 + 2 * L * Q * H * dh * 8
+        3 * Q * 2 * n.zsl * KV * dh * 8 + 2 * L * Q * H * dh * 8
         if {"kv_outer", "query_vectors", "head_out"} <= probes
         else 0
     )
@@ -301,7 +301,7 @@ def predict(
         "deltas": deltas,
         "random-update deltas": random_deltas,
         "recordings": recordings,
-        "episode temporaries (dW q, Kendall chunks)": dual_form + kendall,
+        "episode temporaries (dW factors, dW q, Kendall chunks)": dual_form + kendall,
         "rows": rows_table * TABLE_ROW_BYTES,
     }
     phases = {"gd": gd_phase, "prefix": prefix_phase, "queries": queries_phase, "table": table_phase}

@@ -107,26 +107,14 @@ def episode_table(
     # tokens), dW_GD as the factors of that difference (metrics.dw_difference_factors)
     prefix = rec.get("icl_prefix")
     if prefix is not None and "kv_demo" in prefix and "kv_context_k" in gd:
-        dw_icl = prefix["kv_demo"][
-            :, 0
-        ]  # [L, n_kv, d, d]: every row of an episode holds the same demonstrations
+        dw_icl = prefix["kv_demo"][:, 0]  # [L, n_kv, d, d]: every row of an episode holds the same demos
         for comparison, other in {"icl~gd": gd, "icl~random_update": rec.get("gd_random")}.items():
             if other is None or "kv_context_k" not in other:
                 continue
-            p_other, k_other = metrics.dw_difference_factors(
-                other["kv_context_k"], other["kv_context_v"], zsl["kv_context_k"], zsl["kv_context_v"]
-            )  # [L, B, 2 * pos, n_kv, d]
-            out.add(
-                "dw_cos", comparison, metrics.factored_matrix_cosine(dw_icl[:, None], p_other, k_other), True
-            )
+            cos, action = zip(*(_dw_rows(dw_icl[l], other, zsl, icl, l) for l in range(dw_icl.shape[0])))
+            out.add("dw_cos", comparison, torch.stack(cos), True)
             if "rot_q" in icl:
-                q = icl["rot_q"].double()  # [L, B, n_heads, d]
-                out.add(
-                    "dw_action_cos",
-                    comparison,
-                    metrics.cosine(metrics.dw_act(dw_icl, q), metrics.factored_act(p_other, k_other, q)),
-                    True,
-                )
+                out.add("dw_action_cos", comparison, torch.stack(action), True)
         if "head_out" in icl and "rot_q" in icl:
             predicted = metrics.dw_act(dw_icl, icl["rot_q"].float())
             actual = (icl["head_out"] - zsl["head_out"]).float()
@@ -290,6 +278,25 @@ def _kendall_per_head_rows(prefix, icl, gd, episode, seed, with_random) -> pd.Da
             "kendall_token_per_head", "icl~random", metrics.kendall_tau_b(mass[..., demo_tokens], noise), True
         )
     return out.frame()
+
+
+def _dw_rows(dw_icl: torch.Tensor, other, zsl, icl, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dw_cos [B, n_kv] and dw_action_cos [B, n_heads] (None without query vectors) of one layer:
+    dW_ICL [n_kv, d, d] against dW_GD (or the random update's) as the factors of the change of
+    sum v k^T over the context tokens. One layer at a time, so that the float64 factors of a 7B
+    model's every layer are never alive at once."""
+    p, k = metrics.dw_difference_factors(
+        other["kv_context_k"][layer],
+        other["kv_context_v"][layer],
+        zsl["kv_context_k"][layer],
+        zsl["kv_context_v"][layer],
+    )  # [B, 2 * pos, n_kv, d]
+    cos = metrics.factored_matrix_cosine(dw_icl, p, k)
+    if "rot_q" not in icl:
+        return cos, None
+    q = icl["rot_q"][layer].double()  # [B, n_heads, d]
+    action = metrics.cosine(metrics.dw_act(dw_icl[None], q[None])[0], metrics.factored_act(p, k, q))
+    return cos, action
 
 
 def _undefined_at_layer_0(cos: torch.Tensor, rotary: bool) -> torch.Tensor:
