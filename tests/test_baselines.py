@@ -230,3 +230,16 @@ def test_untrained_in_place_rejects_other_objects():
     with pytest.raises(IclgdError):
         with untrained_in_place(torch.nn.Linear(3, 3)):
             pass
+
+
+def test_untrained_in_place_refuses_offloaded_weights():
+    """accelerate's offload hooks would load the trained weights back at every pass: one line instead."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_llama()
+    add_hook_to_module(model.model.layers[1].mlp, AlignDevicesHook(execution_device="cpu", offload=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(IclgdError, match="offloaded"):
+        with untrained_in_place(model, seed=0):
+            pass
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -148,6 +148,12 @@ def untrained_in_place(model, seed: int = 0) -> Iterator:
             "untrained_in_place needs a TransformerBridge or a HF PreTrainedModel, "
             f"got {type(model).__name__}"
         )
+    offloaded = [name for name, module in hf_model.named_modules() if _is_offloaded(module)]
+    if offloaded:  # accelerate would load the trained weights back into these at every forward pass
+        raise IclgdError(
+            f"the untrained baseline cannot re-draw offloaded weights ({offloaded[0]} is offloaded by "
+            "accelerate); load the model without offloading or leave 'untrained' out of the baselines"
+        )
     params = {name.replace(_ORIGINAL, ""): p for name, p in hf_model.named_parameters(remove_duplicate=False)}
     parked: list[tuple[nn.Parameter, Tensor]] = []
     try:
@@ -173,3 +179,9 @@ def untrained_in_place(model, seed: int = 0) -> Iterator:
         with torch.no_grad():
             for param, trained in reversed(parked):
                 param.data = trained.to(param.device)
+
+
+def _is_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate offloads this module's weights (an AlignDevicesHook with offload on)."""
+    hook = getattr(module, "_hf_hook", None)
+    return hook is not None and bool(getattr(hook, "offload", False))
