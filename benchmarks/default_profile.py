@@ -30,7 +30,7 @@ PARTS = {
     "  Dai's Kendall": ("engine/table.py", "_dai_kendall_rows"),
     "  dW_GD as factors (dw_difference_factors)": ("engine/metrics.py", "dw_difference_factors"),
     "  dW cosines from the factors": ("engine/metrics.py", "factored_matrix_cosine"),
-    "  dW q from the factors": ("engine/metrics.py", "factored_act"),
+    "  dW q from the factors (and the dual form)": ("engine/metrics.py", "dual_form_update"),
     "ICL passes (prefix + queries)": ("engine/compare.py", "_icl_all"),
     "query-alone passes (ZSL, GD, random update)": ("engine/record.py", "run_batched"),
     "untrained weights drawn in place (and put back)": ("engine/baselines.py", "untrained_in_place"),

@@ -368,7 +368,7 @@ def test_factored_dw_metrics_equal_the_dense_matrices():
     per_head = lambda m: torch.stack(  # noqa: E731
         [torch.einsum("...vk,...k->...v", m[..., h // (H // KV), :, :], q[:, :, h]) for h in range(H)], 2
     )
-    torch.testing.assert_close(metrics.factored_act(p, k, q), per_head(dense))
+    torch.testing.assert_close(metrics.dual_form_update(q, k, p), per_head(dense))
     torch.testing.assert_close(metrics.dw_act(a, q), per_head(a[:, None].expand_as(dense)))
     zero = torch.zeros_like(ka)
     assert torch.equal(

@@ -304,7 +304,8 @@ def dw_difference_factors(k_a: Tensor, v_a: Tensor, k_b: Tensor, v_b: Tensor) ->
     k_*, v_* [..., tokens, heads, d_head], tokens that do not count set to zero (NaN padding
     from joining chunks of other lengths counts as zero too) -> P, K [..., tokens_a + tokens_b,
     heads, d_head] in float64: the dW metrics below are computed from them without forming the
-    d_head x d_head matrix of every row, and without the cancellation of a float32 difference."""
+    d_head x d_head matrix of every row, and without the cancellation of a float32 difference
+    (`factored_matrix_cosine`; `dual_form_update(q, K, P)` is their dW q)."""
     zero = lambda x: torch.nan_to_num(x.double(), nan=0.0)  # noqa: E731
     return torch.cat([zero(v_a), -zero(v_b)], -3), torch.cat([zero(k_a), zero(k_b)], -3)
 
@@ -332,28 +333,24 @@ def dw_act(dw: Tensor, q: Tensor) -> Tensor:
     return einops.rearrange(out, "l b kv g m -> l b (kv g) m")
 
 
-def factored_act(p: Tensor, k: Tensor, q: Tensor) -> Tensor:
-    """(sum_t p_t k_t^T) q per query head under GQA, without forming the matrix: p [..., t,
-    heads_kv, m], k [..., t, heads_kv, n], q [..., heads_q, n] -> [..., heads_q, m] (float64)."""
-    grouped = einops.rearrange(q.double(), "... (kv g) n -> ... kv g n", kv=k.shape[-2])
-    weights = torch.einsum("...txn,...xgn->...txg", k.double(), grouped)  # k_t . q per token
-    out = torch.einsum("...txm,...txg->...xgm", p.double(), weights)
-    return einops.rearrange(out, "... kv g m -> ... (kv g) m")
-
-
 def dual_form_update(q: Tensor, k_demo: Tensor, v_demo: Tensor, mask: Tensor | None = None) -> Tensor:
     """The linear-attention prediction of the ICL update of the read position: dW_ICL q.
 
     q [..., heads_q, d_head]; k_demo, v_demo [..., n_tokens, heads_kv, d_head] (GQA: query
     head h reads kv head h // (heads_q / heads_kv)); mask [..., n_tokens] -> [..., heads_q, d_head].
-    Unnormalised (no softmax, no 1/sqrt(d_head)), as in the dual form.
+    Unnormalised (no softmax, no 1/sqrt(d_head)), as in the dual form. Computed as
+    sum_i v_i (k_i . q), without forming dW_ICL: the same product for any pair of factors, e.g.
+    the change of sum v k^T that `dw_difference_factors` returns.
     """
-    dw = implicit_dw_icl(k_demo, v_demo, mask)  # [..., heads_kv, d, d]
-    heads_q, heads_kv = q.shape[-2], dw.shape[-3]
+    if mask is not None:
+        k_demo = k_demo * einops.rearrange(mask.to(k_demo.dtype), "... n -> ... n 1 1")
+    heads_q, heads_kv = q.shape[-2], k_demo.shape[-2]
     if heads_q % heads_kv:
         raise IclgdError(f"{heads_q} query heads cannot share {heads_kv} key/value heads")
-    dw = dw.repeat_interleave(heads_q // heads_kv, dim=-3)  # [..., heads_q, d, d]
-    return torch.einsum("...hvk,...hk->...hv", dw, q)
+    grouped = einops.rearrange(q, "... (kv g) k -> ... kv g k", kv=heads_kv)
+    weights = torch.einsum("...nxk,...xgk->...nxg", k_demo, grouped)  # k_i . q per token
+    out = torch.einsum("...nxv,...nxg->...xgv", v_demo, weights)
+    return einops.rearrange(out, "... kv g v -> ... (kv g) v")
 
 
 # ---- values that are undefined by definition ------------------------------------------------------

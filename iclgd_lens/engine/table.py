@@ -295,7 +295,7 @@ def _dw_rows(dw_icl: torch.Tensor, other, zsl, icl, layer: int) -> tuple[torch.T
     if "rot_q" not in icl:
         return cos, None
     q = icl["rot_q"][layer].double()  # [B, n_heads, d]
-    action = metrics.cosine(metrics.dw_act(dw_icl[None], q[None])[0], metrics.factored_act(p, k, q))
+    action = metrics.cosine(metrics.dw_act(dw_icl[None], q[None])[0], metrics.dual_form_update(q, k, p))
     return cos, action
 
 
