@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import difflib
 import socket
-import weakref
 from pathlib import Path
 
 import torch
@@ -411,17 +410,9 @@ def release_transient_state(model) -> None:
     activations alive. Recording (engine/record.py) and GD (engine/gd/train.py) leave the model as
     they found it, so they clear it.
     """
-    capturing = _CAPTURING.get(model)
-    if capturing is None:  # found once per model: walking every module cost ~1 ms a pass on the tiny model
-        capturing = [m for m in model.modules() if hasattr(m, "_captured_pre_ln_residual")]
-        _CAPTURING[model] = capturing
-    for module in capturing:
-        module._captured_pre_ln_residual = None
-
-
-_CAPTURING: "weakref.WeakKeyDictionary[torch.nn.Module, list[torch.nn.Module]]" = weakref.WeakKeyDictionary()
-"""Per model, the modules that keep `_captured_pre_ln_residual` (TransformerLens' attention bridges
-define it when they are built)."""
+    for module in model.modules():
+        if getattr(module, "_captured_pre_ln_residual", None) is not None:
+            module._captured_pre_ln_residual = None
 
 
 def model_info(bridge) -> dict:
