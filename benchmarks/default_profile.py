@@ -34,7 +34,7 @@ PARTS = {
     "ICL passes (prefix + queries)": ("engine/compare.py", "_icl_all"),
     "query-alone passes (ZSL, GD, random update)": ("engine/record.py", "run_batched"),
     "untrained weights drawn in place (and put back)": ("engine/baselines.py", "untrained_in_place"),
-    "KV cache copied to the query rows": ("transformers/cache_utils.py", "batch_select_indices"),
+    "  query rows' keys and values (SharedPrefixLayer.update)": ("engine/prefix_cache.py", "update"),
     "example artifacts": ("engine/artifacts.py", "example_artifacts"),
     "torch linear (all matmuls of nn.Linear)": ("~", "<built-in method torch._C._nn.linear>"),
     "bridge component calls (TransformerLens wrappers)": ("generalized_components/base.py", "__call__"),

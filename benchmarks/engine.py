@@ -60,6 +60,7 @@ from machine import (  # noqa: E402
     counted_flops,
     matmul_peak,
     minimum_flops,
+    needed_flops,
     pass_matmul_rate,
     peak_rss,
     rss_growth_in_child,
@@ -463,25 +464,44 @@ def k_scaling(model, hf, task: Task, reps: int) -> list[dict]:
 
 # ---- what the engine's own matmul shapes can reach ---------------------------------------------
 ENGINE_SHAPES = {  # rows (tokens of one pass) x the mid model's projections, as compare() runs them
-    "GD step (8 demo sets x 5 tokens)": 40,
+    "GD step (8 demo sets x 4 tokens)": 32,
     "ICL query pass (64 rows x 2 tokens)": 128,
     "prefix pass (2 demo sets x 65 tokens)": 130,
 }
 
 
-def shape_rates(threads: int, peak: float) -> list[dict]:
+def shape_rates(threads: int, peak: float, model, task: Task) -> list[dict]:
     """The float32 matmul rate of each pass's rows through all of the mid model's projection
     weights (8 layers of 512 -> 512 attention and 512 -> 1376 -> 512 MLP, 100 MB streamed from
-    memory), as a share of the measured peak: the most those passes' matmuls can reach here."""
+    memory), as a share of the measured peak: the most those passes' matmuls can reach here.
+    Last row: the most the whole benchmark-setting comparison can reach, its needed FLOPs
+    (`needed_flops`: GD's steps and the other passes) each at its passes' rate."""
     layer = [(MID.d_model, MID.d_model)] * 4 + [(MID.d_model, MID.d_mlp)] * 2 + [(MID.d_mlp, MID.d_model)]
-    return [
-        {
-            "pass": label,
-            "rows": rows,
-            "% of matmul peak": round(100 * pass_matmul_rate(rows, layer * MID.n_layers, threads) / peak, 1),
-        }
-        for label, rows in ENGINE_SHAPES.items()
+    rates = {
+        label: pass_matmul_rate(rows, layer * MID.n_layers, threads) for label, rows in ENGINE_SHAPES.items()
+    }
+    c = Config(k=16, n_episodes=8, n_queries=32)
+    episodes = task.episodes(c.k, c.n_episodes, c.n_queries, c.seed)
+    need = needed_flops(model.original_model.config, model.tokenizer, task, episodes, baselines=False)
+    gd_rate, pass_rate = (
+        rates["GD step (8 demo sets x 4 tokens)"],
+        rates["ICL query pass (64 rows x 2 tokens)"],
+    )
+    ceiling = sum(need.values()) / (need["gd"] / gd_rate + need["passes"] / pass_rate)
+    rows = [
+        {"pass": label, "rows": n, "% of matmul peak": round(100 * rates[label] / peak, 1)}
+        for label, n in ENGINE_SHAPES.items()
     ]
+    share = 100 * need["gd"] / sum(need.values())
+    rows.append(
+        {
+            "pass": f"whole comparison, benchmark setting (GD {share:.0f}% of the needed FLOPs at the GD "
+            "rate, the rest at the query pass's)",
+            "rows": "",
+            "% of matmul peak": round(100 * ceiling / peak, 1),
+        }
+    )
+    return rows
 
 
 # ---- peak RSS, one side per fresh process -----------------------------------------------------
@@ -625,7 +645,7 @@ def main(
                 results["speed"] += measure_setting(
                     label, model, hf, task, c, setting, reps, peak["flops_per_s"]
                 )
-        results["shapes"] = shape_rates(threads, peak["flops_per_s"])
+        results["shapes"] = shape_rates(threads, peak["flops_per_s"], mid, task)
         if scaling:
             results["scaling"] = k_scaling(mid, plain_copy(mid), task, reps)
         if rss:

@@ -65,7 +65,13 @@ def counted_flops(fn) -> tuple[float, object]:
 
 
 def minimum_flops(cfg, tokenizer, task, episodes, *, baselines: bool) -> float:
-    """The least matmul work the comparison needs (no padding, nothing computed twice):
+    """The least matmul work the comparison needs: the sum of `needed_flops`."""
+    return sum(needed_flops(cfg, tokenizer, task, episodes, baselines=baselines).values())
+
+
+def needed_flops(cfg, tokenizer, task, episodes, *, baselines: bool) -> dict[str, float]:
+    """The least matmul work the comparison needs (no padding, nothing computed twice), as
+    {"gd": GD's steps, "passes": every other forward pass}:
 
     - GD: every demonstration token forward (2 P per token, P = parameters of the layers' and the
       unembedding's matmuls), backward to the activations (2 P) and to the K/V weights
@@ -92,13 +98,13 @@ def minimum_flops(cfg, tokenizer, task, episodes, *, baselines: bool) -> float:
         """n tokens after `context` cached ones: the layers' matmuls and attention."""
         return 2 * L * p_layer * n + attention(n, context)
 
-    def pipeline(with_baselines: bool) -> float:
+    def pipeline(with_baselines: bool) -> tuple[float, float]:
         runs = 2 if with_baselines else 1  # ICL (+ another order); GD (+ the random update)
-        total, seen = 0.0, set()
+        gd, total, seen = 0.0, 0.0, set()
         for episode in episodes:
             demo_lengths = [n_tokens(task.render_demo(x, episode.label_words)) for x in episode.demos]
             for n in demo_lengths:  # GD: forward and backward to activations, gradients of W_K, W_V
-                total += 4 * L * p_layer * n + 3 * attention(n, 0) + 4 * p_unembed * n + 2 * L * p_kv * n
+                gd += 4 * L * p_layer * n + 3 * attention(n, 0) + 4 * p_unembed * n + 2 * L * p_kv * n
             prefix = sum(demo_lengths)  # ~ the demonstrations and their separators, once per order
             total += runs * forward(prefix, 0)
             for q in episode.queries:
@@ -108,9 +114,12 @@ def minimum_flops(cfg, tokenizer, task, episodes, *, baselines: bool) -> float:
                 if (q, episode.label_words) not in seen:  # ZSL once per distinct query
                     seen.add((q, episode.label_words))
                     total += forward(n + 1, 0) + 2 * p_unembed
-        return total
+        return gd, total
 
-    return pipeline(baselines) + (pipeline(False) if baselines else 0.0)  # + the untrained copy's run
+    gd, passes = pipeline(baselines)
+    if baselines:  # + the untrained copy's run
+        gd, passes = (a + b for a, b in zip((gd, passes), pipeline(False)))
+    return {"gd": gd, "passes": passes}
 
 
 # ---- peak RSS of one side, in a fresh process -------------------------------------------------

@@ -200,6 +200,24 @@ def test_minimum_flops_counts_gd_and_the_passes(model, task):
     assert minimum_flops(cfg, model.tokenizer, task, few, baselines=True) > 2 * base
 
 
+def test_needed_gd_flops_agree_with_torchs_flop_counter(model, task):
+    """GD's part of the least FLOPs against what torch.utils.flop_counter counts in train_deltas
+    (which pads each step to its longest demonstration and computes every logit): never more
+    than counted (up to 2%: the least count includes dense K/V weight gradients, 2 P_kv per token,
+    which SGD's low-rank factors never form), and not far below."""
+    from machine import counted_flops, needed_flops
+
+    from iclgd_lens.engine.gd import GDConfig
+    from iclgd_lens.engine.gd.train import train_deltas
+
+    episodes = task.episodes(3, 2, 4, 0)
+    need = needed_flops(model.original_model.config, model.tokenizer, task, episodes, baselines=False)
+    counted, _ = counted_flops(
+        lambda: train_deltas(model, model.tokenizer, task, episodes, GDConfig.dai(lr=0.05))
+    )
+    assert 0.6 * counted <= need["gd"] <= 1.02 * counted
+
+
 def test_gpu_check_dry_run_on_the_cpu():
     """benchmarks/gpu_check.sh --dry-run: the plan and the small config through compare() on the CPU."""
     import subprocess

@@ -33,13 +33,18 @@ def test_the_peak_is_the_largest_phase_and_its_terms_add_up():
 
 
 def test_terms_equal_the_shapes_they_stand_for():
-    """The prefix KV cache copied to every query row, the random update's dense deltas and the
-    low-rank factors, each against the formula written out here."""
+    """The query pass's keys and values (the groups' prefix cache once, one layer's buffer of the
+    rows), the random update's dense deltas and the low-rank factors, each against the formula
+    written out here."""
     p = plan(batch_size=32)
     b, L, d_kv = 4, SHAPE.n_layers, SHAPE.n_kv_heads * SHAPE.d_head
-    rows = 32  # two episodes of 16 queries per ICL pass
-    kv_rows = rows * L * 2 * (LENGTHS.prefix + LENGTHS.suffix) * d_kv * b
-    assert p.phases["queries"]["ICL query pass (KV cache per row)"] >= kv_rows
+    rows, groups = 32, 2  # two episodes of 16 queries per ICL pass
+    prefix_cache = groups * L * 2 * LENGTHS.prefix * d_kv * b
+    one_layer = (
+        rows * 2 * (LENGTHS.prefix + LENGTHS.suffix) * (d_kv + SHAPE.n_heads * SHAPE.d_head) * b
+    )  # GQA
+    query_pass = p.phases["queries"]["ICL query pass (prefix cache, one layer of row keys)"]
+    assert prefix_cache + one_layer <= query_pass < prefix_cache + 2 * one_layer + 10**6
     # K and V, every layer, dense, for the 2 episodes of one group (drawn a group at a time)
     random_deltas = 2 * 2 * L * SHAPE.d_model * d_kv * b
     assert p.phases["queries"]["random-update deltas"] == random_deltas
@@ -50,10 +55,13 @@ def test_terms_equal_the_shapes_they_stand_for():
     assert low.phases["table"]["deltas"] == 8 * 2 * L * 16 * (SHAPE.d_model + d_kv) * b
 
 
-def test_kv_cache_term_covers_a_real_prefix_cache():
-    """A real HF DynamicCache of the prefix, copied to every row as run_shared_prefixes does, holds
-    no more than the model's KV term."""
+def test_kv_cache_term_covers_a_real_shared_prefix_cache():
+    """A real HF prefix cache under the SharedPrefixCache of 32 query rows, as run_shared_prefixes
+    uses it, holds no more than the model's KV term; and plain HF's logits on it equal those on
+    HF's own DynamicCache copied to every row."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from iclgd_lens.engine.prefix_cache import SharedPrefixCache
 
     config = LlamaConfig(
         hidden_size=64,
@@ -66,16 +74,36 @@ def test_kv_cache_term_covers_a_real_prefix_cache():
     )
     torch.manual_seed(0)
     hf = LlamaForCausalLM(config).eval()
+    prefix_ids, query_ids = (
+        torch.randint(0, 100, (2, LENGTHS.prefix)),
+        torch.randint(0, 100, (32, LENGTHS.suffix)),
+    )
+    row_group = torch.arange(2).repeat_interleave(16)
     with torch.no_grad():
-        cache = hf(torch.randint(0, 100, (1, LENGTHS.prefix)), use_cache=True).past_key_values
-        cache.batch_repeat_interleave(32)
-        hf(torch.randint(0, 100, (32, LENGTHS.suffix)), past_key_values=cache, use_cache=True)
+        cache = hf(prefix_ids, use_cache=True).past_key_values
+        shared = SharedPrefixCache(cache, row_group)
+        logits = hf(query_ids, past_key_values=shared, use_cache=True).logits
+        copied = hf(prefix_ids, use_cache=True).past_key_values
+        copied.batch_select_indices(row_group)
+        want = hf(query_ids, past_key_values=copied, use_cache=True).logits
+    torch.testing.assert_close(logits, want, atol=1e-6, rtol=1e-5)
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    held += sum(t.numel() * t.element_size() for t in (shared.scratch.keys, shared.scratch.values))
     shape = ModelShape.of(hf)
     term = predict(
         shape, LENGTHS, n_episodes=2, n_queries=16, k=8, probes=("attn_out",), baselines=(), batch_size=32
-    ).phases["queries"]["ICL query pass (KV cache per row)"]
-    assert held <= term < 1.5 * held + 32 * LENGTHS.suffix * 100 * 4 * 2 + 10**6
+    ).phases["queries"]["ICL query pass (prefix cache, one layer of row keys)"]
+    rows, pos, keys = 32, LENGTHS.suffix, LENGTHS.prefix + LENGTHS.suffix
+    activations = (
+        rows
+        * pos
+        * (memory.PASS_D_MODEL * 64 + memory.PASS_D_MLP * 128 + memory.PASS_SCORES * 4 * keys + 100)
+        * 4
+    )  # the pass's own activations and logits
+    gqa_expanded = (
+        rows * 2 * keys * 4 * 16 * 4
+    )  # one layer's keys and values repeated to 4 heads (the bridge)
+    assert held <= term <= 1.2 * held + activations + gqa_expanded
 
 
 def test_more_work_never_needs_less_memory():

@@ -196,3 +196,62 @@ def test_shared_prefix_fails_loudly_when_the_cache_is_ignored(keep_filling, monk
         rec.run_shared_prefix(enc, "icl")
     assert "\n" not in str(err.value)
     assert not any(hp.fwd_hooks for hp in bridge.hook_dict.values())  # nothing left attached
+
+
+def test_shared_prefix_cache_returns_what_hf_dynamic_cache_returns():
+    """Oracle: HF's own DynamicCache with the prefix copied to every row (batch_select_indices)
+    and the pass's keys concatenated; the shared-prefix cache must return the same keys and
+    values in every layer, while its buffer holds one layer's and the prefix stays untouched."""
+    from transformers.cache_utils import DynamicCache
+
+    from iclgd_lens.engine.prefix_cache import SharedPrefixCache
+
+    gen = torch.Generator().manual_seed(0)
+    n_layers, groups, kv_heads, prefix_len, d_head, pos = 3, 2, 2, 5, 4, 2
+    row_group = torch.tensor([0, 0, 0, 1, 1])
+    prefix = DynamicCache()
+    for layer in range(n_layers):
+        k, v = (torch.randn(groups, kv_heads, prefix_len, d_head, generator=gen) for _ in range(2))
+        prefix.update(k, v, layer)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in prefix.layers]
+    oracle = DynamicCache()
+    for layer in range(n_layers):
+        oracle.update(*(t.clone() for t in before[layer]), layer)
+    oracle.batch_select_indices(row_group)
+    shared = SharedPrefixCache(prefix, row_group)
+    assert shared.get_seq_length(0) == prefix_len
+    for layer in range(n_layers):
+        k, v = (torch.randn(len(row_group), kv_heads, pos, d_head, generator=gen) for _ in range(2))
+        want_k, want_v = oracle.update(k, v, layer)
+        got_k, got_v = shared.update(k, v, layer)
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+        assert got_k.data_ptr() == shared.scratch.keys.data_ptr()  # one buffer for every layer
+    assert {shared.get_seq_length(layer) for layer in range(n_layers)} == {prefix_len + pos}
+    assert shared.scratch.keys.shape == (len(row_group), kv_heads, prefix_len + pos, d_head)
+    for layer, (k, v) in zip(prefix.layers, before):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+
+
+def test_shared_prefix_fails_loudly_when_a_layer_reads_another_layers_keys(monkeypatch):
+    """The run-time guard of the reused key buffer: if this install's attention let a later
+    layer's cache update run before a layer's attention had read its keys, the run must stop."""
+    from iclgd_lens.engine.prefix_cache import SharedPrefixLayer
+    from iclgd_lens.errors import IclgdError
+
+    original = SharedPrefixLayer.update
+
+    def claimed_by_the_next_layer(self, k, v, *args, **kwargs):
+        out = original(self, k, v, *args, **kwargs)
+        self.scratch.claimed_by = self.layer + 1
+        return out
+
+    tok, task = tiny_tokenizer(), tiny_task()
+    bridge = tiny_bridge(tokenizer=tok)
+    _, enc = _icl_batch(tok, task)
+    rec = Recorder(bridge, probes=["attn_out"])
+    rec.run_shared_prefix(enc, "icl")  # unpatched: runs
+    monkeypatch.setattr(SharedPrefixLayer, "update", claimed_by_the_next_layer)
+    with pytest.raises(IclgdError, match="shared key buffer holds layer 1's keys") as err:
+        rec.run_shared_prefix(enc, "icl")
+    assert "\n" not in str(err.value)
+    assert not any(hp.fwd_hooks for hp in bridge.hook_dict.values())

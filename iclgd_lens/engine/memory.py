@@ -12,7 +12,8 @@ The peak is the largest of four phases, each the sum of what is alive then:
   and their float32 loss tensors, the low-rank factors (preallocated to their final rank) or
   the dense deltas and their gradients;
 - `prefix` / `queries`: the ICL passes (the demonstrations once per episode, then the query rows on
-  top of the prefix KV cache, which is copied to every row) and the query-alone passes, beside the
+  top of the prefix KV cache, whose keys and values each layer writes for its rows into one
+  buffer that every layer reuses) and the query-alone passes, beside the
   deltas, the random-update baseline's dense deltas and the recordings of one group of episodes
   (compare() records, tables and drops a group of at most `batch_size` query rows at a time);
 - `table`: the metrics of one episode (the largest temporaries: the float64 factors of the dW
@@ -265,10 +266,9 @@ def predict(
         + prefix_cache
         + groups * per_prefix
     )
-    # the group's prefix cache, its copy for one chunk, and that chunk's rows' own copies of it
-    kv_rows = rows_icl * L * 2 * key_pos * d_kv * b + (
-        2 * prefix_cache if rows_group > rows_icl else prefix_cache
-    )
+    # the groups' prefix cache (read, never copied per row) and one layer's keys and values of the
+    # chunk's rows (engine.prefix_cache: one buffer reused by every layer), GQA-expanded once more
+    kv_rows = prefix_cache + rows_icl * 2 * key_pos * (d_kv + (H * dh if KV < H else 0)) * b
     query_pass = layer_pass(rows_icl, n.suffix, key_pos) + rows_icl * n.suffix * vocab + kv_rows
     rows_q = min(batch_size, rows_group)
     alone_pass = layer_pass(rows_q, n.zsl, n.zsl) + rows_q * n.zsl * vocab
@@ -279,9 +279,17 @@ def predict(
         "joining chunks (x2 of one condition)": biggest_condition,
     }
     prefix_phase = {**kept, "prefix pass": prefix_pass}
-    queries_phase = {**kept, "ICL query pass (KV cache per row)": query_pass, "query-alone pass": 0}
+    queries_phase = {
+        **kept,
+        "ICL query pass (prefix cache, one layer of row keys)": query_pass,
+        "query-alone pass": 0,
+    }
     if alone_pass > query_pass:
-        queries_phase = {**kept, "ICL query pass (KV cache per row)": 0, "query-alone pass": alone_pass}
+        queries_phase = {
+            **kept,
+            "ICL query pass (prefix cache, one layer of row keys)": 0,
+            "query-alone pass": alone_pass,
+        }
 
     # ---- the table -------------------------------------------------------------------------------
     rows_table = _table_rows(s, E, Q, probes, baselines)

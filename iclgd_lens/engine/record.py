@@ -19,13 +19,13 @@ same numbers as full passes (tested), far fewer FLOPs.
 
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
 
+from iclgd_lens.engine.prefix_cache import Scratch, SharedPrefixCache
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.hooks import Probe, ReadContext, get_probes
 from iclgd_lens.models import release_transient_state
@@ -290,10 +290,11 @@ class Recorder:
         """Several episodes at once: each group's prompts share their demonstrations.
 
         One pass runs every group's prefix (right-padded to the longest), then passes of at most
-        `max_rows` query rows (all rows when None) on top of their own group's KV cache, copied
-        to each row (padding slots masked; the bridge derives position ids from the mask, so RoPE
-        positions are the unpadded ones). Returns (prefix recording, one row per group; query
-        recording, the groups' rows in order).
+        `max_rows` query rows (all rows when None) on top of their own group's KV cache (a
+        `SharedPrefixCache`: each layer writes its rows' keys and values into one buffer that all
+        layers reuse, instead of a copy of the whole prefix cache per row; padding slots masked;
+        the bridge derives position ids from the mask, so RoPE positions are the unpadded ones).
+        Returns (prefix recording, one row per group; query recording, the groups' rows in order).
         """
         splits = [split_shared_prefix(enc) for enc in groups]
         prefix = _stack_right_padded([p for p, _, _ in splits])
@@ -318,10 +319,10 @@ class Recorder:
                 check_cache_length(
                     cache, self.model.cfg.n_layers, prefix_len, "after the demonstrations' pass"
                 )
+                scratch = Scratch()  # the query rows' keys and values, one layer at a time
                 for start in range(0, n_rows, step):
                     stop = min(start + step, n_rows)
-                    rows = cache if stop - start == n_rows else copy.deepcopy(cache)  # the prefix stays
-                    rows.batch_select_indices(row_group[start:stop])
+                    rows = SharedPrefixCache(cache, row_group[start:stop], scratch)
                     parts.append(
                         self._queries_on_prefix(
                             suffix.rows(start, stop),
@@ -341,10 +342,11 @@ class Recorder:
         return prefix_rec, queries
 
     def _queries_on_prefix(
-        self, suffix, cache, condition, prefix_len: int, total_len: int, segments, mask
+        self, suffix, cache: SharedPrefixCache, condition, prefix_len: int, total_len: int, segments, mask
     ) -> Recording:
-        """One pass of query rows on top of their copied prefix cache, with the run-time guards."""
+        """One pass of query rows on top of their group's prefix cache, with the run-time guards."""
         guard, seen = key_length_guard(self.layers, total_len)
+        guard += scratch_guard(cache.scratch, self.model.cfg.n_layers)
         with self.attach(
             suffix,
             condition,
@@ -397,6 +399,24 @@ def key_length_guard(layers: Sequence[int], expected: int) -> tuple[HookList, li
         return check
 
     return [(f"blocks.{layer}.attn.hook_attn_scores", make(layer)) for layer in layers], seen
+
+
+def scratch_guard(scratch: Scratch, n_layers: int) -> HookList:
+    """Hooks that check, in every layer, that the shared buffer of the query rows' keys and
+    values still holds this layer's when its attention pattern multiplies the values (it would
+    not if this install's attention updated the cache of a later layer first)."""
+
+    def make(layer: int) -> Callable:
+        def check(pattern: torch.Tensor, hook) -> None:
+            if scratch.claimed_by != layer:
+                raise IclgdError(
+                    f"{PREFIX_CACHE_BROKEN}: layer {layer} attends while the shared key buffer holds "
+                    f"layer {scratch.claimed_by}'s keys"
+                )
+
+        return check
+
+    return [(f"blocks.{layer}.attn.hook_pattern", make(layer)) for layer in range(n_layers)]
 
 
 def _check_probe_output(p: Probe, out, ctx: ReadContext, layer: int) -> None:
