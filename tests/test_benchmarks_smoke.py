@@ -233,3 +233,27 @@ def test_gpu_check_dry_run_on_the_cpu():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "plan: LLaMA-7B shape" in out.stdout and "dry_run_rows:" in out.stdout
+
+
+def test_ceilings_follow_from_the_rates_and_the_needed_flops(model, task):
+    """With every pass at the peak, the benchmark setting reaches 100% of it and its k-scaling is
+    the needed FLOPs' ratio; with GD's steps at half the peak, both follow the FLOP split."""
+    from machine import needed_flops
+
+    peak = 1e11
+    labels = list(engine.ENGINE_SHAPES)
+    full = engine.ceilings(dict.fromkeys(labels, peak), peak, model, task)
+    need = {
+        k: needed_flops(
+            model.original_model.config, model.tokenizer, task, task.episodes(k, 8, 32, 0), baselines=False
+        )
+        for k in (16, 32)
+    }
+    total = {k: sum(n.values()) for k, n in need.items()}
+    assert full[0]["at the passes' ceilings"] == "100.0%"
+    assert full[1]["at the passes' ceilings"] == f"{total[32] / total[16]:.2f}x"
+    slow_gd = engine.ceilings({**dict.fromkeys(labels, peak), labels[0]: peak / 2}, peak, model, task)
+    share = total[16] / (2 * need[16]["gd"] + need[16]["passes"])
+    assert slow_gd[0]["at the passes' ceilings"] == f"{100 * share:.1f}%"
+    ratio = (2 * need[32]["gd"] + need[32]["passes"]) / (2 * need[16]["gd"] + need[16]["passes"])
+    assert slow_gd[1]["at the passes' ceilings"] == f"{ratio:.2f}x"
