@@ -161,9 +161,10 @@ def kendall_tau_b(a: Tensor, b: Tensor, chunk_bytes: int = KENDALL_CHUNK_BYTES) 
 
     tau_b = sum_{i<j} sgn(a_i - a_j) sgn(b_i - b_j) / sqrt(n_a n_b), n_a / n_b = pairs not tied
     in a / b. NaN where either input is constant or n < 2 (as scipy). Exact: the pair signs are
-    -1, 0, 1 and their sums integers below 2^24 (n < 5793), which float32 holds exactly; the tie
-    counts are int64. Memory: only the n (n - 1) / 2 pairs i < j, rows taken in chunks of at most
-    `chunk_bytes` per sign tensor (never one float64 [..., n, n] tensor for the whole batch).
+    -1, 0, 1 and their sums integers below 2^24 (n < 5793), which float32 holds exactly (the
+    untied counts are the squared norms of the signs, rounded to int64). Memory: only the
+    n (n - 1) / 2 pairs i < j, rows taken in chunks of at most `chunk_bytes` per sign tensor
+    (never one float64 [..., n, n] tensor for the whole batch).
     """
     a, b = torch.broadcast_tensors(a, b)
     lead, n = a.shape[:-1], a.shape[-1]
@@ -177,11 +178,14 @@ def kendall_tau_b(a: Tensor, b: Tensor, chunk_bytes: int = KENDALL_CHUNK_BYTES) 
     def pair_signs(x: Tensor) -> Tensor:  # [rows, n] -> [rows, pairs]: sgn(x_i - x_j) in x's own dtype
         return x.index_select(1, i).sub_(x.index_select(1, j)).sign_().to(exact)
 
+    def untied(signs: Tensor) -> Tensor:  # pairs with a nonzero sign: sum of squared signs, exact
+        return torch.linalg.vector_norm(signs, dim=-1).double().square().round().long()
+
     for start in range(0, flat_a.shape[0], rows):
         da, db = pair_signs(flat_a[start : start + rows]), pair_signs(flat_b[start : start + rows])
-        concordance.append(torch.bmm(da.unsqueeze(1), db.unsqueeze(2)).reshape(-1).double())  # [rows]
-        untied_a.append(da.count_nonzero(-1))
-        untied_b.append(db.count_nonzero(-1))
+        untied_a.append(untied(da))  # (a norm: count_nonzero took 6x as long)
+        untied_b.append(untied(db))
+        concordance.append(da.mul_(db).sum(-1).double())  # [rows]
     if not concordance:  # an empty batch
         return torch.empty(lead, dtype=out_dtype, device=a.device)
     con = torch.cat(concordance)
