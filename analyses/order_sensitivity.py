@@ -70,7 +70,7 @@ def run(
     gd: GDConfig | str = "dai",
     n_episodes: int = 4,
     n_queries: int = 8,
-    batch_size: int = 64,
+    batch_size: int = 128,
     seed: int = 0,
     progress: bool = True,
 ) -> StudyResult:

@@ -91,14 +91,14 @@ def main(
             max_memory=int(max_memory_gb * 2**30),
         )
         unchunked = memory.plan_for_shape(
-            shape, tokenizer, task, k=k, n_episodes=n_episodes, n_queries=q, batch_size=64
+            shape, tokenizer, task, k=k, n_episodes=n_episodes, n_queries=q, batch_size=128
         )
         episodes = task.episodes(k, n_episodes, q, 0)
         flops = minimum_flops(config, tokenizer, task, episodes, baselines=True)
         lengths = memory.lengths_of(tokenizer, task, episodes)
         print(f"\n## {n_episodes} demo sets x {q} queries (prefix up to {lengths.prefix} tokens)\n")
         print(
-            f"batch_size 64: {unchunked.total_bytes / 2**30:.1f} GB; chosen batch_size {plan.batch_size}: "
+            f"batch_size 128: {unchunked.total_bytes / 2**30:.1f} GB; chosen batch_size {plan.batch_size}: "
             f"{plan.total_bytes / 2**30:.1f} GB ({'fits' if plan.fits else 'does NOT fit'})"
         )
         print(plan.describe())

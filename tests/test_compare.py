@@ -1,6 +1,7 @@
 """compare(): the end-to-end comparison on a tiny random LLaMA."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from tiny import tiny_bridge, tiny_task, tiny_tokenizer
@@ -105,6 +106,20 @@ def test_prefix_sharing_and_chunking_change_no_number(bridge):
     assert len(merged) == len(a) == len(b)
     both_nan = merged.value_a.isna() & merged.value_b.isna()
     assert np.allclose(merged.value_a[~both_nan], merged.value_b[~both_nan], atol=1e-4)
+
+
+def test_random_update_drawn_an_episode_at_a_time_changes_no_number(bridge, monkeypatch):
+    """compare() draws the random update's dense deltas for as many episodes as fit in
+    RANDOM_UPDATE_BYTES: one at a time (a budget of one byte) gives the same rows bitwise."""
+    from iclgd_lens.engine import compare as comparison
+
+    kw = dict(gd=GDConfig.dai(lr=0.05), baselines=("random_update",), artifacts=False, **SMALL)
+    whole = compare(bridge, tiny_task(), **kw).table
+    monkeypatch.setattr(comparison, "RANDOM_UPDATE_BYTES", 1)
+    single = compare(bridge, tiny_task(), **kw).table
+    rows = whole.comparison.str.contains("random_update")
+    assert rows.any()
+    pd.testing.assert_frame_equal(single.reset_index(drop=True), whole.reset_index(drop=True))
 
 
 def test_zero_shots_make_icl_equal_zsl(bridge):

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from iclgd_lens.engine.artifacts import example_artifacts
 from iclgd_lens.engine.gd import Deltas, GDConfig, train_deltas
+from iclgd_lens.engine.memory import RANDOM_UPDATE_BYTES, plan_compare
 from iclgd_lens.engine.record import Recorder, Recording
 from iclgd_lens.engine.results import Results, versions
 from iclgd_lens.engine.table import episode_table
@@ -52,7 +53,7 @@ def compare(
     baselines: Sequence[str] | bool = True,
     probes: Sequence[str] | None = None,
     share_prefix: bool = True,
-    batch_size: int = 64,
+    batch_size: int = 128,
     progress: bool = True,
     artifacts: bool = True,
     check_resources: bool = True,
@@ -92,8 +93,6 @@ def compare(
         _check_delta_memory(model, gd_config, n_episodes, ("untrained" in chosen))
         _check_work(model, task, episodes, gd_config, ("untrained" in chosen))
     if max_memory is not None:  # the largest batch size up to `batch_size` that the memory model fits
-        from iclgd_lens.engine.memory import plan_compare
-
         plan = plan_compare(
             model,
             task,
@@ -246,13 +245,9 @@ def _compare_once(
             query_alone["gd"] = recorder.run_batched(
                 alone, "gd", batch_size=batch_size, deltas=deltas, row_episode=row_episode[start:stop]
             )
-        if with_random_update:  # the dense random deltas of this group's episodes only
-            query_alone["gd_random"] = recorder.run_batched(
-                alone,
-                "gd_random",
-                batch_size=batch_size,
-                deltas=deltas.scaled_random_like(seed + 1, episodes=group),
-                row_episode=row_episode[start:stop] - group[0],
+        if with_random_update:
+            query_alone["gd_random"] = _random_update(
+                recorder, alone, deltas, group, episodes, seed, batch_size
             )
         if deltas is None:
             query_alone["gd"] = query_alone["zsl"]
@@ -303,6 +298,34 @@ def _compare_once(
         del query_alone, icl, perm, rec
     bar.close()
     return pd.concat(frames, ignore_index=True), deltas
+
+
+def _random_update(recorder, alone, deltas: Deltas, group, episodes, seed: int, batch_size: int) -> Recording:
+    """The random-update condition of one group's query rows (`alone`), drawn and run for chunks
+    of the group's episodes (`Deltas.scaled_random_like`: each episode's update is the same
+    whichever episodes are drawn together)."""
+    per_episode = sum(
+        (part[0].shape[1] * part[1].shape[1] if isinstance(part, tuple) else part[0].numel())
+        * (part[0] if isinstance(part, tuple) else part).element_size()
+        for part in deltas.parts.values()
+    )
+    size = max(1, RANDOM_UPDATE_BYTES // per_episode)
+    parts, start = [], 0
+    for first in range(0, len(group), size):
+        chunk = group[first : first + size]
+        counts = torch.tensor([len(episodes[e].queries) for e in chunk])
+        stop = start + int(counts.sum())
+        parts.append(
+            recorder.run_batched(
+                alone.rows(start, stop),
+                "gd_random",
+                batch_size=batch_size,
+                deltas=deltas.scaled_random_like(seed + 1, episodes=chunk),
+                row_episode=torch.arange(len(chunk)).repeat_interleave(counts),
+            )
+        )
+        start = stop
+    return Recording.concat(parts)
 
 
 def _episode_groups(episodes: list[Episode], batch_size: int) -> list[list[int]]:

@@ -13,9 +13,10 @@ The peak is the largest of four phases, each the sum of what is alive then:
   the dense deltas and their gradients;
 - `prefix` / `queries`: the ICL passes (the demonstrations once per episode, then the query rows on
   top of the prefix KV cache, whose keys and values each layer writes for its rows into one
-  buffer that every layer reuses) and the query-alone passes, beside the
-  deltas, the random-update baseline's dense deltas and the recordings of one group of episodes
-  (compare() records, tables and drops a group of at most `batch_size` query rows at a time);
+  buffer that every layer reuses) and the query-alone passes, beside the deltas, the
+  random-update baseline's dense deltas (`RANDOM_UPDATE_BYTES`' worth of episodes) and the
+  recordings of one group of episodes (compare() records, tables and drops a group of at most
+  `batch_size` query rows at a time);
 - `table`: the metrics of one episode (the largest temporaries: the float64 factors of the dW
   metrics, Kendall's bounded sign chunks) beside the group's recordings and the rows;
 - with the untrained baseline (`baselines.untrained_in_place`: the model's own attention and MLP
@@ -38,7 +39,12 @@ from typing import Sequence
 from iclgd_lens.engine.metrics import KENDALL_CHUNK_BYTES
 from iclgd_lens.errors import IclgdError
 
-BATCH_SIZES = (64, 32, 16, 8, 4, 2, 1)
+RANDOM_UPDATE_BYTES = 256 * 2**20
+"""The random-update baseline's dense deltas are drawn for as many of a group's episodes at once
+as fit in this many bytes (at least one; compare() reads it from here): the small models' groups
+run in one pass, a 7B comparison holds one episode's dense K/V update (2 GB in bf16)."""
+
+BATCH_SIZES = (128, 64, 32, 16, 8, 4, 2, 1)
 """Rows per forward pass `plan_compare` tries, largest first (compare()'s default is 64)."""
 
 # tensors of one decoder layer, per token, that autograd keeps for the backward pass of a GD step
@@ -157,7 +163,7 @@ def predict(
     k: int,
     probes: Sequence[str],
     baselines: Sequence[str],
-    batch_size: int = 64,
+    batch_size: int = 128,
     gd_params: str = "kv",
     gd_batch: int = 1,
     delta_bytes: int | None = None,
@@ -244,9 +250,11 @@ def predict(
         if rows_group > batch_size
         else 0
     )
+    # drawn dense for as many of a group's episodes as fit in RANDOM_UPDATE_BYTES (at least one)
     episodes_per_group = min(E, max(1, batch_size // Q)) if Q <= batch_size else 1
-    random_deltas = (  # drawn dense for one group of episodes at a time
-        sum(episodes_per_group * d_in * d_out * db for d_in, d_out in projections)
+    per_episode_random = sum(d_in * d_out * db for d_in, d_out in projections)
+    random_deltas = (
+        min(episodes_per_group, max(1, RANDOM_UPDATE_BYTES // per_episode_random)) * per_episode_random
         if "random_update" in baselines
         else 0
     )

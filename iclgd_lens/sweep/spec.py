@@ -178,7 +178,7 @@ class SweepSpec:
     n_queries: int = 6
     baselines: Any = True
     probes: list[str] | None = None
-    batch_size: int = 64
+    batch_size: int = 128
     share_prefix: bool = True
     artifacts: bool = True
     device: str = "cpu"

@@ -84,7 +84,7 @@ class Deltas:
         `random_seed(seed, e)` alone, drawn tensor by tensor in `parts` order.
 
         `episodes`: only these episodes (in this order; the result holds len(episodes)), so that
-        compare() can draw the dense random deltas of one group of episodes at a time; each
+        compare() can draw the dense random deltas of one episode at a time; each
         episode's update is the same whichever subset it is drawn in."""
         episodes = list(range(self.n_episodes)) if episodes is None else list(episodes)
         norms = self.norms()
