@@ -121,8 +121,19 @@ def compare(
             stacklevel=2,
         )
 
+    encodings: dict = {}  # the prompts' encodings, shared by the comparison and the untrained baseline
     table, deltas = _compare_once(
-        model, task, episodes, gd_config, chosen, probe_names, seed, share_prefix, batch_size, progress
+        model,
+        task,
+        episodes,
+        gd_config,
+        chosen,
+        probe_names,
+        seed,
+        share_prefix,
+        batch_size,
+        progress,
+        encodings,
     )
     # the report's example reuses this comparison's GD deltas; they are dropped before the untrained
     # baseline trains its own, so that two sets of deltas are never held at once
@@ -144,6 +155,7 @@ def compare(
                 share_prefix,
                 batch_size,
                 progress,
+                encodings,
                 desc="untrained",
             )[0]  # (its deltas are dropped here)
         base = base[base["comparison"] == "icl~gd"].assign(comparison="untrained:icl~gd")
@@ -187,9 +199,11 @@ def _compare_once(
     share_prefix,
     batch_size,
     progress,
+    encodings: dict,
     desc="compare",
 ) -> tuple[pd.DataFrame, "Deltas | None"]:
-    """The rows of every episode on `model`, and the GD deltas they were computed with (None at k = 0)."""
+    """The rows of every episode on `model`, and the GD deltas they were computed with (None at k = 0).
+    `encodings`: prompts encoded by an earlier call on the same tokenizer and episodes, filled here."""
     tokenizer = model.tokenizer
     device = _device(model)
     k = len(episodes[0].demos)
@@ -214,9 +228,11 @@ def _compare_once(
     row_episode = torch.tensor(
         [e for e, episode in enumerate(episodes) for _ in episode.queries], device=device
     )
-    zsl_enc = encode_prompts(tokenizer, task, [()] * len(queries), queries, words, max_length=max_len).to(
-        device
-    )
+    if "zsl" not in encodings:
+        encodings["zsl"] = encode_prompts(
+            tokenizer, task, [()] * len(queries), queries, words, max_length=max_len
+        ).to(device)
+    zsl_enc = encodings["zsl"]
     # ZSL does not depend on the demonstrations: when every episode asks the same queries with the
     # same label words (Dai's protocol), it runs once on one episode's rows and is shared
     shared_zsl = deltas is not None and all(
@@ -253,12 +269,16 @@ def _compare_once(
             query_alone["gd"] = query_alone["zsl"]
         _check_finite(query_alone, gd_config)
         icl_encs = [
-            _encode_icl(tokenizer, task, episodes[e], episodes[e].demos, max_len, device) for e in group
+            _encoded(encodings, ("icl", e), tokenizer, task, episodes[e], episodes[e].demos, max_len, device)
+            for e in group
         ]
         icl = _icl_all(recorder, icl_encs, "icl", share_prefix and k > 0, batch_size)
         perm = None
         if perms is not None:
-            perm_encs = [_encode_icl(tokenizer, task, episodes[e], perms[e], max_len, device) for e in group]
+            perm_encs = [
+                _encoded(encodings, ("icl_perm", e), tokenizer, task, episodes[e], perms[e], max_len, device)
+                for e in group
+            ]
             perm = _icl_all(recorder, perm_encs, "icl_perm", share_prefix, batch_size)
         _check_finite({"icl": Recording("icl", logits=torch.cat([q.logits for _, q in icl]))}, gd_config)
 
@@ -342,11 +362,15 @@ def _episode_groups(episodes: list[Episode], batch_size: int) -> list[list[int]]
     return groups
 
 
-def _encode_icl(tokenizer, task: Task, episode: Episode, demos, max_len, device):
-    n = len(episode.queries)
-    return encode_prompts(
-        tokenizer, task, [demos] * n, list(episode.queries), [episode.label_words] * n, max_length=max_len
-    ).to(device)
+def _encoded(encodings: dict, key, tokenizer, task: Task, episode: Episode, demos, max_len, device):
+    """An episode's ICL prompts with `demos` (its queries, its label words), encoded once per
+    compare() call: `encodings[key]`, filled on first use."""
+    if key not in encodings:
+        n = len(episode.queries)
+        encodings[key] = encode_prompts(
+            tokenizer, task, [demos] * n, list(episode.queries), [episode.label_words] * n, max_length=max_len
+        ).to(device)
+    return encodings[key]
 
 
 def _icl_all(
