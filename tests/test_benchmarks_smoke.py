@@ -257,3 +257,13 @@ def test_ceilings_follow_from_the_rates_and_the_needed_flops(model, task):
     assert slow_gd[0]["at the passes' ceilings"] == f"{100 * share:.1f}%"
     ratio = (2 * need[32]["gd"] + need[32]["passes"]) / (2 * need[16]["gd"] + need[16]["passes"])
     assert slow_gd[1]["at the passes' ceilings"] == f"{ratio:.2f}x"
+
+
+def test_pass_overhead_times_both_sides_and_leaves_the_model_as_it_was(model):
+    """benchmarks/pass_overhead.py: four positive timings, the bridge's requires_grad flags kept."""
+    import pass_overhead
+
+    flags = [p.requires_grad for p in model.parameters()]
+    times = pass_overhead.pass_times(model, reps=1)
+    assert len(times) == 4 and all(ms > 0 for ms in times.values())
+    assert [p.requires_grad for p in model.parameters()] == flags
