@@ -125,10 +125,10 @@ def episode_table(
     # Kendall (Dai): ICL's scores over the demonstration tokens vs the GD model's query . the queries of
     # GD's training tokens
     if train_queries is not None and "demo_scores" in icl and "q" in gd:
-        out.extend(_dai_kendall_rows(icl, gd, *train_queries, episode, seed, "random" in chosen))
+        _dai_kendall_rows(out, icl, gd, *train_queries, seed, "random" in chosen)
     # the per-head variant: per-head taus of ICL's attention mass vs GD query . ICL demo-token queries
     if prefix is not None and "q_demo" in prefix and "demo_attention" in icl and "q" in gd:
-        out.extend(_kendall_per_head_rows(prefix, icl, gd, episode, seed, "random" in chosen))
+        _kendall_per_head_rows(out, prefix, icl, gd, seed, "random" in chosen)
 
     # output distributions: accuracy, Rec2FTP, token overlap, overlap cosine, KL, JS
     logp = {
@@ -196,9 +196,9 @@ def episode_table(
 
 
 def _dai_kendall_rows(
-    icl, gd, train_q: torch.Tensor, train_demo: torch.Tensor, episode: int, seed: int, with_random: bool
-) -> pd.DataFrame:
-    """Dai et al.'s Kendall (LMOps understand_icl), one tau-b per (layer, query).
+    out: "_Rows", icl, gd, train_q: torch.Tensor, train_demo: torch.Tensor, seed: int, with_random: bool
+) -> None:
+    """Dai et al.'s Kendall (LMOps understand_icl), one tau-b per (layer, query), added to `out`.
 
     ICL side: the read position's pre-softmax scores over the demonstration tokens, summed
     over heads, softmaxed over those tokens. GD side: the GD model's query at the ZSL read
@@ -219,7 +219,6 @@ def _dai_kendall_rows(
     p_gd = torch.softmax(torch.einsum("lbx,ltx->lbt", q_gd, q_train), -1)  # [L, B, n_train]
     train_demo = train_demo.to(icl_demo.device)
     n_demos = int(icl_demo.max())
-    out = _Rows(episode)
     if torch.equal(
         torch.bincount(icl_demo, minlength=n_demos + 1), torch.bincount(train_demo, minlength=n_demos + 1)
     ):
@@ -244,10 +243,9 @@ def _dai_kendall_rows(
             metrics.kendall_tau_b(mass_icl, metrics.demo_attention_mass(noise, icl_demo, n_demos)),
             False,
         )
-    return out.frame()
 
 
-def _kendall_per_head_rows(prefix, icl, gd, episode, seed, with_random) -> pd.DataFrame:
+def _kendall_per_head_rows(out: "_Rows", prefix, icl, gd, seed, with_random) -> None:
     """The per-head variant (not Dai's): tau-b per (layer, query, head) of ICL's post-softmax
     attention on the demonstration tokens vs the GD query . the demonstration tokens' queries
     of the ICL pass (raw dot products, summed per demonstration at the example level); head -1
@@ -258,7 +256,6 @@ def _kendall_per_head_rows(prefix, icl, gd, episode, seed, with_random) -> pd.Da
     q_gd = gd["q"].float()  # [L, B, n_heads, d]
     mass = icl["demo_attention"][..., : q_demo.shape[1]].float()  # [L, B, n_heads, pos]
     dots = torch.einsum("lbhd,lphd->lbhp", q_gd, q_demo)  # [L, B, n_heads, pos]
-    out = _Rows(episode)
     out.add(
         "kendall_token_per_head",
         "icl~gd",
@@ -277,7 +274,6 @@ def _kendall_per_head_rows(prefix, icl, gd, episode, seed, with_random) -> pd.Da
         out.add(
             "kendall_token_per_head", "icl~random", metrics.kendall_tau_b(mass[..., demo_tokens], noise), True
         )
-    return out.frame()
 
 
 def _dw_rows(dw_icl: torch.Tensor, other, zsl, icl, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -326,7 +322,6 @@ class _Rows:
 
     def __init__(self, episode: int):
         self.episode = episode
-        self.frames: list[pd.DataFrame] = []
         self.columns: list[tuple[np.ndarray, ...]] = []
 
     def add(
@@ -365,9 +360,6 @@ class _Rows:
         queries = np.arange(len(v)) if query is None else np.full(len(v), query)
         self._frame(metric, comparison, np.full(len(v), -1), queries, np.full(len(v), -1), v)
 
-    def extend(self, frame: pd.DataFrame) -> None:
-        self.frames.append(frame)
-
     def _frame(self, metric, comparison, layer, query, head, value) -> None:
         n = len(value)
         self.columns.append(
@@ -382,21 +374,19 @@ class _Rows:
         )
 
     def frame(self) -> pd.DataFrame:
+        """One DataFrame from all collected arrays (small frames cost more than the metrics)."""
         cols = ["metric", "comparison", "layer", "head", "episode", "query", "value"]
-        parts = list(self.frames)
-        if self.columns:  # one DataFrame from all collected arrays: small frames cost more than the metrics
-            metric, comparison, layer, head, query, value = (np.concatenate(c) for c in zip(*self.columns))
-            parts.append(
-                pd.DataFrame(
-                    {
-                        "metric": metric,
-                        "comparison": comparison,
-                        "layer": layer,
-                        "head": head,
-                        "episode": self.episode,
-                        "query": query,
-                        "value": value,
-                    }
-                )
-            )
-        return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+        if not self.columns:
+            return pd.DataFrame(columns=cols)
+        metric, comparison, layer, head, query, value = (np.concatenate(c) for c in zip(*self.columns))
+        return pd.DataFrame(
+            {
+                "metric": metric,
+                "comparison": comparison,
+                "layer": layer,
+                "head": head,
+                "episode": self.episode,
+                "query": query,
+                "value": value,
+            }
+        )[cols]
