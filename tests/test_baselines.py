@@ -94,7 +94,7 @@ def test_scaled_random_like_keeps_norms_and_zero_episodes():
 
 
 def test_scaled_random_like_of_a_subset_equals_those_episodes_of_the_whole():
-    """compare() draws the random update one group of episodes at a time: episode e's update is
+    """compare() draws the random update a few episodes at a time: episode e's update is
     the same whichever subset it is drawn in, and each episode keeps its own norm."""
     gen = torch.Generator().manual_seed(1)
     low_rank = (torch.randn(4, 8, 3, generator=gen), torch.randn(4, 12, 3, generator=gen))
@@ -104,6 +104,20 @@ def test_scaled_random_like_of_a_subset_equals_those_episodes_of_the_whole():
     assert torch.equal(part.tensors["blocks.0.attn.v"], whole[2:4])
     assert part.n_episodes == 2 and part.losses.shape == (2, 2)
     torch.testing.assert_close(part.norms()["blocks.0.attn.v"], deltas.norms()["blocks.0.attn.v"][2:4])
+
+
+def test_dense_bytes_per_episode_is_what_the_random_update_draws_per_episode():
+    """compare() sizes its chunks of the random update by Deltas.dense_bytes_per_episode: the
+    bytes of one episode of scaled_random_like's dense tensors, for factors and dense parts alike."""
+    gen = torch.Generator().manual_seed(1)
+    parts = {
+        "blocks.0.attn.k": (torch.randn(3, 8, 2, generator=gen), torch.randn(3, 12, 2, generator=gen)),
+        "blocks.0.attn.v": torch.randn(3, 6, 12, dtype=torch.float64, generator=gen),
+    }
+    deltas = Deltas(parts, GDConfig.dai(), torch.zeros(2, 3))
+    drawn = deltas.scaled_random_like(seed=0, episodes=[1]).tensors
+    assert deltas.dense_bytes_per_episode() == sum(t.numel() * t.element_size() for t in drawn.values())
+    assert deltas.dense_bytes_per_episode() == 8 * 12 * 4 + 6 * 12 * 8
 
 
 def check_untrained(trained_sd, fresh_sd):

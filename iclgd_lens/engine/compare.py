@@ -324,12 +324,7 @@ def _random_update(recorder, alone, deltas: Deltas, group, episodes, seed: int, 
     """The random-update condition of one group's query rows (`alone`), drawn and run for chunks
     of the group's episodes (`Deltas.scaled_random_like`: each episode's update is the same
     whichever episodes are drawn together)."""
-    per_episode = sum(
-        (part[0].shape[1] * part[1].shape[1] if isinstance(part, tuple) else part[0].numel())
-        * (part[0] if isinstance(part, tuple) else part).element_size()
-        for part in deltas.parts.values()
-    )
-    size = max(1, RANDOM_UPDATE_BYTES // per_episode)
+    size = max(1, RANDOM_UPDATE_BYTES // deltas.dense_bytes_per_episode())
     parts, start = [], 0
     for first in range(0, len(group), size):
         chunk = group[first : first + size]

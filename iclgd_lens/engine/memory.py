@@ -45,7 +45,7 @@ as fit in this many bytes (at least one; compare() reads it from here): the smal
 run in one pass, a 7B comparison holds one episode's dense K/V update (2 GB in bf16)."""
 
 BATCH_SIZES = (128, 64, 32, 16, 8, 4, 2, 1)
-"""Rows per forward pass `plan_compare` tries, largest first (compare()'s default is 64)."""
+"""Rows per forward pass `plan_compare` tries, largest first (compare()'s default is 128)."""
 
 # tensors of one decoder layer, per token, that autograd keeps for the backward pass of a GD step
 # (eager LLaMA): in units of d_model (norm inputs and their float32 copies, q/k/v and their

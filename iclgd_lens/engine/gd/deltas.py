@@ -78,13 +78,21 @@ class Deltas:
                 out[path] = torch.linalg.matrix_norm(part.float())
         return out
 
+    def dense_bytes_per_episode(self) -> int:
+        """Bytes of one episode's deltas multiplied out (what `scaled_random_like` draws per episode)."""
+        total = 0
+        for part in self.parts.values():
+            d_out, d_in = _dense_shape(part)
+            total += d_out * d_in * (part[0] if isinstance(part, tuple) else part).element_size()
+        return total
+
     def scaled_random_like(self, seed: int, episodes: list[int] | None = None) -> "Deltas":
         """A random update of the same Frobenius norm per tensor and episode (Deutch et al.'s
         baseline): Gaussian directions, episode e's from its own generator seeded with
         `random_seed(seed, e)` alone, drawn tensor by tensor in `parts` order.
 
         `episodes`: only these episodes (in this order; the result holds len(episodes)), so that
-        compare() can draw the dense random deltas of one episode at a time; each
+        compare() can draw the dense random deltas of a few episodes at a time; each
         episode's update is the same whichever subset it is drawn in."""
         episodes = list(range(self.n_episodes)) if episodes is None else list(episodes)
         norms = self.norms()
@@ -92,7 +100,7 @@ class Deltas:
         tensors = {}
         for path, part in self.parts.items():
             like = part[0] if isinstance(part, tuple) else part
-            d_out, d_in = like.shape[1], (part[1].shape[1] if isinstance(part, tuple) else like.shape[2])
+            d_out, d_in = _dense_shape(part)
             noise = torch.stack([torch.randn((d_out, d_in), generator=g) for g in generators])  # [e, out, in]
             scale = norms[path].cpu()[episodes] / torch.linalg.matrix_norm(noise)  # [e]
             tensors[path] = (noise * scale[:, None, None]).to(dtype=like.dtype, device=like.device)
@@ -102,6 +110,11 @@ class Deltas:
 def random_seed(seed: int, episode: int) -> int:
     """The seed of episode `episode`'s random update under `seed` (distinct for distinct pairs)."""
     return seed * 1_000_003 + episode
+
+
+def _dense_shape(part: "torch.Tensor | Factors") -> tuple[int, int]:
+    """(d_out, d_in) of a delta, dense [n_episodes, d_out, d_in] or factors (U, V)."""
+    return (part[0].shape[1], part[1].shape[1]) if isinstance(part, tuple) else (part.shape[1], part.shape[2])
 
 
 def _densify(factors: Factors) -> torch.Tensor:
