@@ -267,6 +267,9 @@ def report(
 
     ks = parse_numbers(k, "--k", minimum=0)
     load_user_files(hooks, analyses)
+    from iclgd_lens.report import check_report_target
+
+    check_report_target(out)
 
     from tqdm.auto import tqdm
 
@@ -377,9 +380,11 @@ def study(
 
     from iclgd_lens.engine.results import TABLE_COLUMNS, Results
     from iclgd_lens.plugins import load_study
-    from iclgd_lens.report import render_report
+    from iclgd_lens.report import check_report_target, render_report
 
     run = load_study(name)
+    out = out or Path(f"iclgd-study-{name}")
+    check_report_target(out)
     set_threads(threads)
     params = inspect.signature(run).parameters
     kwargs = parse_settings(settings)
@@ -410,7 +415,7 @@ def study(
     )
     path = render_report(
         empty,
-        out or Path(f"iclgd-study-{name}"),
+        out,
         single_file=single_file,
         study_results=[result],
         analyses={},

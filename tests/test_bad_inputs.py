@@ -233,6 +233,37 @@ def test_a_place_the_report_cannot_be_written_is_one_line(tmp_path, monkeypatch)
     assert "Permission denied" in lines[0] and not (tmp_path / "ro" / "rep").exists()
 
 
+@pytest.mark.parametrize("command", [["report", *FAST], ["study", "k-sweep"]])
+@pytest.mark.parametrize("place", ["under_a_file", "read_only"])
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path, monkeypatch, command, place):
+    """The place of the report is checked before the model is loaded or the study runs."""
+    import tempfile
+
+    import iclgd_lens.models
+    import iclgd_lens.plugins
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the report's place was checked")
+
+    monkeypatch.setattr(iclgd_lens.models, "load_model", no_work)
+    monkeypatch.setattr(iclgd_lens.plugins, "load_study", lambda name: no_work)
+    (tmp_path / "a_file.txt").write_text("mine")
+    out = tmp_path / "a_file.txt" / "rep"
+    if place == "read_only":  # root ignores file modes, so the refusal is simulated where it happens
+        out = tmp_path / "ro" / "rep"
+
+        def read_only(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    result = runner.invoke(app, [*command, "--out", str(out)])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "cannot write the report" in lines[0], result.output
+    assert (tmp_path / "a_file.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a_file.txt"
+    ]
+
+
 def _saved(folder: Path) -> Path:
     from test_results import make_results
 

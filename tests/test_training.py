@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from iclgd_lens.models.making.tokenizer import build_tokenizer
@@ -61,6 +62,50 @@ def test_script_writes_a_loadable_model_and_log(tmp_path):
     ids = tokenizer("cow = alpha\ndog =", return_tensors="pt")["input_ids"]
     assert ids[0, 0].item() == tokenizer.bos_token_id
     assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+
+def test_saving_replaces_an_earlier_model_keeps_its_card_and_refuses_other_folders(tmp_path, monkeypatch):
+    """A retrained model replaces the earlier one's files whole (its README stays); a folder of
+    someone else's files, or a place under a file, is refused before training starts; a failure
+    while saving leaves the earlier model as it was and no temporary folder behind."""
+    from iclgd_lens import IclgdError
+
+    config = TrainConfig(variant="icl", seed=0, **{**MICRO, "steps": 2})
+    out = tmp_path / "model"
+    train(config, out=out, log=lambda msg: None)
+    (out / "README.md").write_text("my card")
+    first_weights = (out / "model.safetensors").read_bytes()
+    train(TrainConfig(variant="icl", seed=1, **{**MICRO, "steps": 2}), out=out, log=lambda msg: None)
+    assert (out / "README.md").read_text() == "my card"
+    assert (out / "model.safetensors").read_bytes() != first_weights
+    assert json.loads((out / "training_log.json").read_text())["seed"] == 1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the place was checked")
+
+    import iclgd_lens.models.making.training as training
+
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "config.json").write_text("{}")
+    (tmp_path / "a_file.txt").write_text("x")
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "LlamaForCausalLM", no_training)
+        with pytest.raises(IclgdError, match="refusing to replace .*holds no iclgd-lens model"):
+            train(config, out=tmp_path / "theirs", log=lambda msg: None)
+        with pytest.raises(IclgdError, match="cannot write the model into .*is not a folder"):
+            train(config, out=tmp_path / "a_file.txt" / "m", log=lambda msg: None)
+    assert (tmp_path / "theirs" / "config.json").read_text() == "{}"
+
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train(config, out=out, log=lambda msg: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file.txt", "model", "theirs"]
 
 
 def test_tokenizer_round_trips_and_matches_task_prompts(tmp_path):

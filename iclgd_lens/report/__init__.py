@@ -14,9 +14,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
-import shutil
-import tempfile
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -24,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
+from iclgd_lens import folders
 from iclgd_lens.engine import stats
 from iclgd_lens.engine import verdict as verdict_marks
 from iclgd_lens.engine.results import Results, versions
@@ -35,7 +33,7 @@ from iclgd_lens.report.attention import attention_patterns_html
 from iclgd_lens.report.glossary import GLOSSARY_PAGE
 from iclgd_lens.report.templates import config_block, error, escape, page, section, table
 
-__all__ = ["render_report", "figures"]
+__all__ = ["render_report", "check_report_target", "figures"]
 
 INDEX = "index.html"
 SINGLE = "report.html"
@@ -658,28 +656,15 @@ def load_studies(folder: Path) -> list[Any]:
     return [StudyResult.load(p) for p in sorted((Path(folder) / STUDIES_DIR).glob(f"*/{STUDY_JSON}"))]
 
 
-def swap_in(tmp: Path, out: Path) -> None:
-    """Put the finished folder `tmp` at `out`, replacing an earlier report there only once the new
-    one is complete (the earlier one is put back if the swap itself fails)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def _holds_report(folder: Path) -> bool:
+    """Whether `folder` holds an earlier iclgd-lens report (which a new one may replace)."""
+    return (folder / INDEX).is_file() or (folder / SINGLE).is_file()
 
 
-def _check_target(out: Path) -> None:
-    """Refuse to replace anything that is not an earlier report (the user's files stay theirs)."""
-    if out.is_file() or out.is_symlink():
-        raise IclgdError(f"report folder {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not ((out / INDEX).is_file() or (out / SINGLE).is_file()):
-        raise IclgdError(f"refusing to replace {out}: it is not empty and holds no iclgd-lens report")
+def check_report_target(out_dir: str | os.PathLike) -> None:
+    """Fail in one line, before any work, where a report could not be written at `out_dir`
+    (`folders.check_target`: never over what is not a report, never into an unwritable place)."""
+    folders.check_target(out_dir, _holds_report, "report")
 
 
 def render_report(
@@ -702,17 +687,7 @@ def render_report(
 
         analyses = dict(load_entry_points("analyses"))
     out = Path(out_dir)
-    _check_target(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as err:  # a read-only or missing place: the user's to fix, in one line
-        raise IclgdError(f"cannot write the report into {out.parent}: {err.strerror or err}") from None
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a report is an ordinary folder
-    try:
+    check_report_target(out)
+    with folders.written_in_place(out, "report") as tmp:
         entry = _write(results, tmp, single_file, analyses, list(study_results))
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / entry.name

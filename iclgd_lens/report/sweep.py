@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,10 +26,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from iclgd_lens import folders
 from iclgd_lens.engine import stats
 from iclgd_lens.engine.results import TABLE_COLUMNS, Results, versions
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.report import INDEX, figure_html, glossary, render_report, style, swap_in
+from iclgd_lens.report import INDEX, figure_html, glossary, render_report, style
 from iclgd_lens.report.assets import script_tags, write_assets
 from iclgd_lens.report.figures import TEMPLATE, label
 from iclgd_lens.report.templates import escape, page, section, table
@@ -397,15 +397,8 @@ def _write_pages(cells: Sequence[SweepCell], out: str | os.PathLike, title: str,
     """Build the pages in a temporary folder beside `out` and move it into place when complete
     (an earlier sweep report is replaced then; a folder that is not a report is refused)."""
     out = Path(out)
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / INDEX).is_file()):
-        raise IclgdError(f"refusing to replace {out}: it is not empty and holds no iclgd-lens report")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as err:
-        raise IclgdError(f"cannot write the report into {out.parent}: {err.strerror or err}") from None
-    os.chmod(tmp, 0o755)
-    try:
+    folders.check_target(out, lambda folder: (folder / INDEX).is_file(), "report")
+    with folders.written_in_place(out, "report") as tmp:
         write_assets(tmp / "assets")
         stamp = json.dumps(versions(), sort_keys=True)
         for cell in cells:
@@ -427,10 +420,6 @@ def _write_pages(cells: Sequence[SweepCell], out: str | os.PathLike, title: str,
         scripts = script_tags(single_file=False)
         (tmp / INDEX).write_text(page(title, header, body, scripts), encoding="utf-8")
         _write_glossary(cells, tmp, title, scripts)
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / INDEX
 
 

@@ -11,7 +11,9 @@ Variants:
 
 The run is seeded (model init and data), single-process, and writes the HF model and
 tokenizer (`save_pretrained`) plus `training_log.json` (config, seed, losses, k-shot checks,
-time) to `--out`. `--micro` is a seconds-long configuration for tests. The command is
+time) to `--out`, all at once when training ends (the place is checked before training starts;
+a folder that holds anything but a model saved here is refused; other files in an earlier
+model's folder, such as its README, stay). `--micro` is a seconds-long configuration for tests. The command is
 `iclgd-lens train` (iclgd_lens/cli.py); from Python, call `train(TrainConfig(...), out=...)`.
 """
 
@@ -29,6 +31,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from iclgd_lens import folders
 from iclgd_lens.models.making.evaluation import kshot_accuracy
 from iclgd_lens.models.making.tokenizer import build_tokenizer
 from iclgd_lens.tasks.mapping import DocumentConfig, World, default_task, document_text, mapping_document
@@ -161,12 +164,22 @@ def portable_tokenizer_class(folder: Path) -> None:
     path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
+TRAINING_LOG = "training_log.json"
+
+
+def holds_trained_model(folder: Path) -> bool:
+    """Whether `folder` holds a model `train` saved (whose files a retrained one may replace)."""
+    return (folder / TRAINING_LOG).is_file()
+
+
 def train(
     config: TrainConfig, out: Path | None = None, log=print, command: str | None = None
 ) -> tuple[LlamaForCausalLM, object, dict]:
     """Train one model; save it to `out` if given. Returns (model, tokenizer, training log)."""
     if config.variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {config.variant!r}")
+    if out is not None:  # before minutes of training: a place that cannot take the model
+        folders.check_target(out, holds_trained_model, "model")
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -232,11 +245,10 @@ def train(
         },
     }
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        portable_tokenizer_class(out)
-        (out / "training_log.json").write_text(json.dumps(training_log, indent=1))
+        with folders.written_in_place(out, "model", keep_others=True) as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            portable_tokenizer_class(folder)
+            (folder / TRAINING_LOG).write_text(json.dumps(training_log, indent=1))
         log(f"saved to {out} after {seconds:.0f}s")
     return model, tokenizer, training_log
