@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -54,6 +55,63 @@ def pass_matmul_rate(
             inputs[w.shape[0]] @ w
         best = min(best, time.perf_counter() - start)
     return sum(2 * rows * d_in * d_out for d_in, d_out in weight_shapes) / best
+
+
+def median_ms(fn, reps: int) -> float:
+    """Median milliseconds of `reps` calls of `fn` after one warm-up call."""
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def pass_times(bridge, reps: int) -> dict[str, float]:
+    """Milliseconds of one pass of 8 x 4 tokens (a GD step's shape), TransformerLens' bridge vs
+    plain HF transformers on the same weights, no-grad and with backward from the residual stream
+    (the graph a GD step builds): the cost of the bridge's per-call machinery."""
+    from hf_alternatives import plain_copy
+
+    hf = plain_copy(bridge)
+    ids = torch.randint(5, bridge.cfg.d_vocab, (8, 4), generator=torch.Generator().manual_seed(0))
+
+    def leaf(resid, hook):
+        return resid.detach().requires_grad_(True)
+
+    def bridge_forward():
+        with torch.no_grad():
+            bridge(ids)
+
+    def hf_forward():
+        with torch.no_grad():
+            hf(ids)
+
+    def bridge_backward():
+        with torch.enable_grad(), bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", leaf)]):
+            bridge(ids).sum().backward()
+
+    def hf_backward():
+        with torch.enable_grad():
+            embedded = hf.model.embed_tokens(ids).detach().requires_grad_(True)
+            hf(inputs_embeds=embedded).logits.sum().backward()
+
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    saved = [p.requires_grad for p in bridge.parameters()]
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    try:
+        return {
+            "no-grad forward, bridge ms": median_ms(bridge_forward, reps),
+            "no-grad forward, plain HF ms": median_ms(hf_forward, reps),
+            "forward + backward, bridge ms": median_ms(bridge_backward, reps),
+            "forward + backward, plain HF ms": median_ms(hf_backward, reps),
+        }
+    finally:
+        for p, flag in zip(bridge.parameters(), saved):
+            p.requires_grad_(flag)
 
 
 def counted_flops(fn) -> tuple[float, object]:

@@ -25,62 +25,10 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import MID, bench_task, random_llama, tiny_llama_icl, warm_up  # noqa: E402
-from hf_alternatives import plain_copy  # noqa: E402
+from machine import pass_times  # noqa: E402
 
 from iclgd_lens.engine.compare import compare  # noqa: E402
 from iclgd_lens.engine.gd import GDConfig  # noqa: E402
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-def pass_times(bridge, reps: int) -> dict[str, float]:
-    """Milliseconds of one pass of 8 x 4 tokens, bridge vs plain HF, no-grad and with backward."""
-    hf = plain_copy(bridge)
-    ids = torch.randint(5, bridge.cfg.d_vocab, (8, 4), generator=torch.Generator().manual_seed(0))
-
-    def leaf(resid, hook):
-        return resid.detach().requires_grad_(True)
-
-    def bridge_forward():
-        with torch.no_grad():
-            bridge(ids)
-
-    def hf_forward():
-        with torch.no_grad():
-            hf(ids)
-
-    def bridge_backward():
-        with torch.enable_grad(), bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", leaf)]):
-            bridge(ids).sum().backward()
-
-    def hf_backward():
-        with torch.enable_grad():
-            embedded = hf.model.embed_tokens(ids).detach().requires_grad_(True)
-            hf(inputs_embeds=embedded).logits.sum().backward()
-
-    for p in hf.parameters():
-        p.requires_grad_(False)
-    saved = [p.requires_grad for p in bridge.parameters()]
-    for p in bridge.parameters():
-        p.requires_grad_(False)
-    try:
-        return {
-            "no-grad forward, bridge ms": median_ms(bridge_forward, reps),
-            "no-grad forward, plain HF ms": median_ms(hf_forward, reps),
-            "forward + backward, bridge ms": median_ms(bridge_backward, reps),
-            "forward + backward, plain HF ms": median_ms(hf_backward, reps),
-        }
-    finally:
-        for p, flag in zip(bridge.parameters(), saved):
-            p.requires_grad_(flag)
 
 
 def batch_size_times(bridge, task, runs: int) -> dict[int, list[float]]:

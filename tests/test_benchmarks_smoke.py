@@ -260,10 +260,84 @@ def test_ceilings_follow_from_the_rates_and_the_needed_flops(model, task):
 
 
 def test_pass_overhead_times_both_sides_and_leaves_the_model_as_it_was(model):
-    """benchmarks/pass_overhead.py: four positive timings, the bridge's requires_grad flags kept."""
-    import pass_overhead
+    """benchmarks/machine.py's pass_times (pass_overhead.py, engine.py's targets): four positive
+    timings, the bridge's requires_grad flags kept."""
+    from machine import pass_times
 
     flags = [p.requires_grad for p in model.parameters()]
-    times = pass_overhead.pass_times(model, reps=1)
+    times = pass_times(model, reps=1)
     assert len(times) == 4 and all(ms > 0 for ms in times.values())
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_targets_say_met_or_the_gap_and_its_cause():
+    """The targets table of benchmarks/engine.py, from a made-up run: a met target has no gap and
+    no cause; a missed one has the factor missing and a cause built from the run's own figures."""
+    tiny, mid = "tiny", "mid"
+
+    def speed(model, setting, side, speedup, share):
+        return {
+            "model": model,
+            "setting": setting,
+            "side": side,
+            "engine speedup": speedup,
+            "% of matmul peak": share,
+        }
+
+    passes = {
+        "forward + backward, bridge ms": 8.0,
+        "forward + backward, plain HF ms": 5.0,
+        "no-grad forward, bridge ms": 4.0,
+        "no-grad forward, plain HF ms": 2.0,
+    }
+    results = {
+        "speed": [
+            speed(mid, "default", engine.DEFAULT_C, 1.5, 20.0),
+            speed(mid, "default", "engine default compare", 1.0, 30.0),
+            speed(tiny, "default", engine.DEFAULT_C, 2.0, 5.0),
+            speed(mid, "benchmark", "engine", 1.0, 35.0),
+        ],
+        "scaling": [{"side": "engine", "ratio": 1.76}, {"side": "C", "ratio": 1.73}],
+        "rss": [
+            {
+                "setting": "default",
+                "side": "engine default compare",
+                "growth MB": 300,
+                "model / measured": 0.9,
+            },
+            {"setting": "default", "side": engine.DEFAULT_C, "growth MB": 100, "model / measured": ""},
+            {"setting": "benchmark", "side": "engine", "growth MB": 100, "model / measured": 1.3},
+        ],
+        "shapes": [{"% of matmul peak": 51.0}],
+        "ceiling_figures": {
+            "share_of_peak": 69.0,
+            "k_ratio": 1.64,
+            "gd_share": 37.0,
+            "flops_ratio": 1.55,
+            "gd_flops_ratio": 2.0,
+            "gd_step_matmul_s": 0.035,
+        },
+        "passes": {tiny: passes, mid: passes},
+    }
+    rows = {r["target"].split(" (")[0]: r for r in engine.targets(results, tiny, mid)}
+    three = rows["default compare >= 3x faster than C doing every default metric"]
+    assert (
+        three["met"] == "no"
+        and three["missing factor"] == "2.00x"
+        and "needs the engine at 60%" in three["cause (this run)"]
+    )
+    tiny_row = next(r for r in engine.targets(results, tiny, mid) if "(tiny)" in r["target"])
+    assert (
+        tiny_row["met"] == "yes" and tiny_row["missing factor"] == "" and tiny_row["cause (this run)"] == ""
+    )
+    assert rows[">= 50% of the matmul peak on mid"]["missing factor"] == f"{50 / 35:.2f}x"
+    k_row = rows["k 16 -> 32 at most 1.6x the time"]
+    assert (
+        k_row["met"] == "no"
+        and k_row["missing factor"] == f"{1.76 / 1.6:.2f}x"
+        and "1.64x" in k_row["cause (this run)"]
+    )
+    rss_row = rows["peak RSS growth of the default compare <= 2x C's"]
+    assert rss_row["met"] == "no" and rss_row["measured"] == "3.00x"
+    memory_rows = [r for r in engine.targets(results, tiny, mid) if r["target"].startswith("memory model")]
+    assert [r["met"] for r in memory_rows] == ["no", "yes"]
