@@ -13,8 +13,9 @@ The run is seeded (model init and data), single-process, and writes the HF model
 tokenizer (`save_pretrained`) plus `training_log.json` (config, seed, losses, k-shot checks,
 time) to `--out`, all at once when training ends (the place is checked before training starts;
 a folder that holds anything but a model saved here is refused; other files in an earlier
-model's folder, such as its README, stay). `--micro` is a seconds-long configuration for tests. The command is
-`iclgd-lens train` (iclgd_lens/cli.py); from Python, call `train(TrainConfig(...), out=...)`.
+model's folder, such as its README, stay). `--micro` is a seconds-long configuration for tests.
+The command is `iclgd-lens train` (iclgd_lens/cli.py); from Python, call
+`train(TrainConfig(...), out=...)`.
 """
 
 from __future__ import annotations
