@@ -18,6 +18,7 @@ was (tested bitwise); during the call it must not be used elsewhere.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
@@ -121,20 +122,19 @@ def compare(
             stacklevel=2,
         )
 
-    encodings: dict = {}  # the prompts' encodings, shared by the comparison and the untrained baseline
-    table, deltas = _compare_once(
-        model,
-        task,
-        episodes,
-        gd_config,
-        chosen,
-        probe_names,
-        seed,
-        share_prefix,
-        batch_size,
-        progress,
-        encodings,
+    once = functools.partial(  # the comparison and the untrained baseline differ in model, baselines, label
+        _compare_once,
+        task=task,
+        episodes=episodes,
+        gd_config=gd_config,
+        probe_names=probe_names,
+        seed=seed,
+        share_prefix=share_prefix,
+        batch_size=batch_size,
+        progress=progress,
+        encodings={},  # the prompts' encodings, shared by both
     )
+    table, deltas = once(model, chosen=chosen)
     # the report's example reuses this comparison's GD deltas; they are dropped before the untrained
     # baseline trains its own, so that two sets of deltas are never held at once
     art = example_artifacts(model, task, episodes[0], deltas) if artifacts and deltas is not None else {}
@@ -144,20 +144,7 @@ def compare(
         from iclgd_lens.engine.baselines import untrained_in_place
 
         with untrained_in_place(model, seed=seed) as untrained:
-            base = _compare_once(
-                untrained,
-                task,
-                episodes,
-                gd_config,
-                (),
-                probe_names,
-                seed,
-                share_prefix,
-                batch_size,
-                progress,
-                encodings,
-                desc="untrained",
-            )[0]  # (its deltas are dropped here)
+            base = once(untrained, chosen=(), desc="untrained")[0]  # (its deltas are dropped here)
         base = base[base["comparison"] == "icl~gd"].assign(comparison="untrained:icl~gd")
         parts.append(base)
     table = pd.concat(parts, ignore_index=True)
