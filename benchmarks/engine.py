@@ -64,6 +64,7 @@ from machine import (  # noqa: E402
     pass_matmul_rate,
     pass_times,
     peak_rss,
+    phase_times,
     rss_growth_in_child,
     rss_now,
 )
@@ -172,6 +173,10 @@ class Config:
     n_queries: int = 32
     lr: float = 1e-2
     seed: int = 0
+
+
+DEFAULT_RUN = Config(k=16, n_episodes=8, n_queries=32)
+"""The configuration of the speed tables, the RSS table and the phases (k = 16, 8 demo sets x 32)."""
 
 
 def run_engine(model, task: Task, c: Config) -> tuple[pd.DataFrame, float]:
@@ -526,6 +531,48 @@ def ceilings(rates: dict[str, float], peak: float, model, task: Task) -> list[di
     ]
 
 
+# ---- where the default compare's time goes ------------------------------------------------------
+def bridge_extra_s(phases: dict, passes: dict) -> float:
+    """Seconds of a run that TransformerLens' per-pass cost over plain HF accounts for, at a GD
+    step's shape (`pass_times`): GD steps x the forward+backward difference, other passes x the
+    no-grad difference (an estimate: a pass of more rows costs the same per call, more in its
+    eager attention)."""
+    grad = passes["forward + backward, bridge ms"] - passes["forward + backward, plain HF ms"]
+    no_grad = passes["no-grad forward, bridge ms"] - passes["no-grad forward, plain HF ms"]
+    return (phases["gd_steps"] * grad + phases["passes"] * no_grad) / 1000
+
+
+def phase_rows(phases: dict, passes: dict) -> list[dict]:
+    """`phase_times` of each model's default compare as the printed table, with the bridge's
+    per-pass cost (`bridge_extra_s`)."""
+    return [
+        {
+            "model": label,
+            "total s": round(p["total_s"], 2),
+            "GD (train_deltas) s": round(p["gd_s"], 2),
+            "GD steps": p["gd_steps"],
+            "ms per GD step": round(1000 * p["gd_s"] / max(p["gd_steps"], 1), 1),
+            "other passes s": round(p["passes_s"], 2),
+            "other passes": p["passes"],
+            "tables (episode_table) s": round(p["tables_s"], 2),
+            "rest s": round(p["rest_s"], 2),
+            "bridge's per-pass cost over plain HF s": round(bridge_extra_s(p, passes[label]), 2),
+        }
+        for label, p in phases.items()
+    ]
+
+
+def time_spent(phases: dict, passes: dict) -> str:
+    """One run's phases in words, for a target's cause."""
+    p = phases
+    return (
+        f"the engine's {p['total_s']:.2f} s (one extra run): GD {p['gd_s']:.2f} s ({p['gd_steps']} steps, "
+        f"{1000 * p['gd_s'] / max(p['gd_steps'], 1):.1f} ms each), {p['passes']} other passes "
+        f"{p['passes_s']:.2f} s, tables {p['tables_s']:.2f} s, the rest {p['rest_s']:.2f} s; "
+        f"TransformerLens' per-pass cost over plain HF accounts for {bridge_extra_s(p, passes):.2f} s of it"
+    )
+
+
 # ---- the targets of issue 12, each with its gap and measured cause -----------------------------
 def targets(results: dict, tiny: str, mid: str) -> list[dict]:
     """One row per target: what this run measured, whether it is met, and, where it is not, the
@@ -557,6 +604,15 @@ def targets(results: dict, tiny: str, mid: str) -> list[dict]:
             f"{p['no-grad forward, bridge ms']:.1f} vs {p['no-grad forward, plain HF ms']:.1f} ms"
         )
 
+    phases = results["phases"]
+
+    def without_bridge_cost(label: str) -> float:
+        """The speedup over C if the bridge's passes cost what plain HF's do (the same share of the run)."""
+        p = phases[label]
+        engine_s = speed[(label, "default", "engine default compare")]["seconds"]
+        c_s = speed[(label, "default", DEFAULT_C)]["seconds"]
+        return c_s / (engine_s * (1 - bridge_extra_s(p, passes[label]) / p["total_s"]))
+
     c_mid = speed[(mid, "default", DEFAULT_C)]
     add(
         "default compare >= 3x faster than C doing every default metric (mid)",
@@ -567,7 +623,8 @@ def targets(results: dict, tiny: str, mid: str) -> list[dict]:
         f"C runs at {c_mid['% of matmul peak']:.0f}% of the peak, so 3x needs the engine at "
         f"{3 * c_mid['% of matmul peak']:.0f}%; every pass at its shape's matmul rate allows "
         f"{ceiling['share_of_peak']:.0f}% (benchmark setting); "
-        f"{speed[(mid, 'default', 'engine default compare')]['% of matmul peak']:.0f}% reached",
+        f"{speed[(mid, 'default', 'engine default compare')]['% of matmul peak']:.0f}% reached; "
+        f"{time_spent(phases[mid], passes[mid])} (at plain HF's, {without_bridge_cost(mid):.2f}x C)",
     )
     add(
         "default compare >= 1.5x faster than C doing every default metric (tiny)",
@@ -575,7 +632,9 @@ def targets(results: dict, tiny: str, mid: str) -> list[dict]:
         1.5,
         "x",
         True,
-        f"TransformerLens' per-call cost decides a model this small: {bridge_vs_hf(tiny)}",
+        f"no one part: {time_spent(phases[tiny], passes[tiny])} ({bridge_vs_hf(tiny)}; at plain HF's, "
+        f"{without_bridge_cost(tiny):.2f}x C); C takes "
+        f"{speed[(tiny, 'default', DEFAULT_C)]['seconds']:.2f} s for the same rows",
     )
     engine_mid = speed[(mid, "benchmark", "engine")]
     add(
@@ -636,7 +695,7 @@ def rss_child(spec: str, threads: int) -> None:
     model = random_llama(MID)
     hf = plain_copy(model)
     task = bench_task()
-    c = Config(k=16, n_episodes=8, n_queries=32)
+    c = DEFAULT_RUN
     fn = sides(model, hf, task, c, setting)[name]
     sides(model, hf, task, Config(k=2, n_episodes=2, n_queries=2), setting)[name]()  # lazy imports, pools
     gc.collect()
@@ -751,9 +810,8 @@ def main(
             hf = plain_copy(model)
             warm_up(model, task)
             for setting in SETTINGS:
-                c = Config(k=16, n_episodes=8, n_queries=32)
                 results["speed"] += measure_setting(
-                    label, model, hf, task, c, setting, reps, peak["flops_per_s"]
+                    label, model, hf, task, DEFAULT_RUN, setting, reps, peak["flops_per_s"]
                 )
         rates = shape_rates(threads, peak["flops_per_s"])
         results["shapes"] = [
@@ -767,6 +825,12 @@ def main(
         results["ceilings"] = ceilings(rates, peak["flops_per_s"], mid, task)
         results["ceiling_figures"] = ceiling_figures(rates, peak["flops_per_s"], mid, task)
         results["passes"] = {label: pass_times(model, 30) for label, model in labels.items()}
+        results["phases"] = {
+            label: phase_times(
+                model, lambda model=model: engine_compare(model, task, DEFAULT_RUN, None, True, True)
+            )
+            for label, model in labels.items()
+        }
         if scaling:
             results["scaling"] = k_scaling(mid, plain_copy(mid), task, reps)
         if rss:
@@ -792,6 +856,9 @@ def main(
         print(markdown(pd.DataFrame(results["shapes"])))
         print("\n## the benchmark setting on mid with every pass at its shape's matmul rate\n")
         print(markdown(pd.DataFrame(results["ceilings"])))
+    if results.get("phases"):
+        print("\n## where the engine's default compare spends its time (one extra run, k=16, 8 x 32)\n")
+        print(markdown(pd.DataFrame(phase_rows(results["phases"], results["passes"]))))
     if results["scaling"]:
         print("\n## time linear in k (random L8 d512, 8 sets x 32 queries, benchmark probes)\n")
         print(markdown(pd.DataFrame(results["scaling"])))
@@ -808,7 +875,7 @@ def main(
     mem["full_cache_MB"] = (mem.pop("full_cache_bytes") / 2**20).round(2)
     mem["recorded_KB"] = (mem.pop("recorded_bytes") / 2**10).round(1)
     print(markdown(mem[["model", "probes", "path", "tokens", "full_cache_MB", "recorded_KB", "ratio"]]))
-    if results["speed"] and results["scaling"] and results["rss"] and "passes" in results:
+    if results["speed"] and results["scaling"] and results["rss"] and "phases" in results:
         print("\n## the targets (issue 12): measured, met, and where not, the gap and its cause\n")
         print(markdown(pd.DataFrame(targets(results, *labels))))
     print(f"\n# load average before/after: {results['load_before']} / {results['load_after']}")

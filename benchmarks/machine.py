@@ -114,6 +114,59 @@ def pass_times(bridge, reps: int) -> dict[str, float]:
             p.requires_grad_(flag)
 
 
+def phase_times(bridge, run) -> dict[str, float]:
+    """Where one call of `run()` (a `compare()` on `bridge`) spends its time: seconds in
+    `train_deltas` (GD, every call: forward, backward and factor updates), in the bridge's passes
+    outside GD (no-grad forwards, their hooks included), in `episode_table` (metrics and rows),
+    and the rest (encoding, the untrained weights drawn in place, artifacts); with the number of
+    GD steps (forwards with gradients) and of the other passes. One extra, untimed-elsewhere run."""
+    from unittest import mock
+
+    from iclgd_lens.engine import compare as compare_module
+
+    spent = {"gd_s": 0.0, "passes_s": 0.0, "tables_s": 0.0}
+    counts = {"gd_steps": 0, "passes": 0}
+    started: list[float] = []
+
+    def timed(fn, key: str):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - start
+
+        return wrapper
+
+    def before(module, args) -> None:
+        started.append(time.perf_counter())
+
+    def after(module, args, out) -> None:
+        elapsed = time.perf_counter() - started.pop()
+        if torch.is_grad_enabled():
+            counts["gd_steps"] += 1
+        else:
+            counts["passes"] += 1
+            spent["passes_s"] += elapsed
+
+    handles = [bridge.register_forward_pre_hook(before), bridge.register_forward_hook(after)]
+    try:
+        with (
+            mock.patch.object(compare_module, "train_deltas", timed(compare_module.train_deltas, "gd_s")),
+            mock.patch.object(
+                compare_module, "episode_table", timed(compare_module.episode_table, "tables_s")
+            ),
+        ):
+            start = time.perf_counter()
+            run()
+            total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    rest = total - sum(spent.values())
+    return {"total_s": total, **spent, "rest_s": rest, **counts}
+
+
 def counted_flops(fn) -> tuple[float, object]:
     """FLOPs of the matmuls, convolutions and attention kernels `fn()` runs, and its result."""
     counter = FlopCounterMode(display=False)

@@ -270,18 +270,34 @@ def test_pass_overhead_times_both_sides_and_leaves_the_model_as_it_was(model):
     assert [p.requires_grad for p in model.parameters()] == flags
 
 
+def test_phase_times_split_a_default_compare(model, task):
+    """benchmarks/machine.py's phase_times: the micro model's default compare (k = 3, 2 demo
+    sets; Dai's batch-1 GD, run for the comparison and the untrained baseline) makes 2 x 3 GD
+    steps; the phases add up to the whole; the bridge holds no hook after it."""
+    from machine import phase_times
+
+    c = engine.Config(k=3, n_episodes=2, n_queries=4, lr=0.05)
+    p = phase_times(model, lambda: engine.engine_compare(model, task, c, None, True, True))
+    assert p["gd_steps"] == 2 * 3 and p["passes"] > 0
+    assert min(p["gd_s"], p["passes_s"], p["tables_s"]) > 0
+    parts = p["gd_s"] + p["passes_s"] + p["tables_s"] + p["rest_s"]
+    assert parts == pytest.approx(p["total_s"]) and p["rest_s"] >= 0
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
 def test_targets_say_met_or_the_gap_and_its_cause():
     """The targets table of benchmarks/engine.py, from a made-up run: a met target has no gap and
     no cause; a missed one has the factor missing and a cause built from the run's own figures."""
     tiny, mid = "tiny", "mid"
 
-    def speed(model, setting, side, speedup, share):
+    def speed(model, setting, side, speedup, share, seconds=1.0):
         return {
             "model": model,
             "setting": setting,
             "side": side,
             "engine speedup": speedup,
             "% of matmul peak": share,
+            "seconds": seconds,
         }
 
     passes = {
@@ -290,11 +306,14 @@ def test_targets_say_met_or_the_gap_and_its_cause():
         "no-grad forward, bridge ms": 4.0,
         "no-grad forward, plain HF ms": 2.0,
     }
+    # 10 GD steps x (8 - 5) ms + 20 other passes x (4 - 2) ms = 0.07 s of a 1 s run
+    phases = dict(total_s=1.0, gd_s=0.4, passes_s=0.3, tables_s=0.2, rest_s=0.1, gd_steps=10, passes=20)
     results = {
         "speed": [
-            speed(mid, "default", engine.DEFAULT_C, 1.5, 20.0),
-            speed(mid, "default", "engine default compare", 1.0, 30.0),
+            speed(mid, "default", engine.DEFAULT_C, 1.5, 20.0, seconds=6.0),
+            speed(mid, "default", "engine default compare", 1.0, 30.0, seconds=4.0),
             speed(tiny, "default", engine.DEFAULT_C, 2.0, 5.0),
+            speed(tiny, "default", "engine default compare", 1.0, 5.0),
             speed(mid, "benchmark", "engine", 1.0, 35.0),
         ],
         "scaling": [{"side": "engine", "ratio": 1.76}, {"side": "C", "ratio": 1.73}],
@@ -318,6 +337,7 @@ def test_targets_say_met_or_the_gap_and_its_cause():
             "gd_step_matmul_s": 0.035,
         },
         "passes": {tiny: passes, mid: passes},
+        "phases": {tiny: phases, mid: phases},
     }
     rows = {r["target"].split(" (")[0]: r for r in engine.targets(results, tiny, mid)}
     three = rows["default compare >= 3x faster than C doing every default metric"]
@@ -325,6 +345,10 @@ def test_targets_say_met_or_the_gap_and_its_cause():
         three["met"] == "no"
         and three["missing factor"] == "2.00x"
         and "needs the engine at 60%" in three["cause (this run)"]
+        and "GD 0.40 s (10 steps, 40.0 ms each), 20 other passes 0.30 s, tables 0.20 s"
+        in three["cause (this run)"]
+        and "accounts for 0.07 s of it" in three["cause (this run)"]
+        and f"at plain HF's, {6.0 / (4.0 * 0.93):.2f}x C" in three["cause (this run)"]
     )
     tiny_row = next(r for r in engine.targets(results, tiny, mid) if "(tiny)" in r["target"])
     assert (
@@ -337,6 +361,11 @@ def test_targets_say_met_or_the_gap_and_its_cause():
         and k_row["missing factor"] == f"{1.76 / 1.6:.2f}x"
         and "1.64x" in k_row["cause (this run)"]
     )
+    results["speed"][2] = speed(tiny, "default", engine.DEFAULT_C, 0.9, 5.0, seconds=0.9)
+    slow_tiny = next(r for r in engine.targets(results, tiny, mid) if "(tiny)" in r["target"])
+    assert slow_tiny["met"] == "no" and slow_tiny["missing factor"] == f"{1.5 / 0.9:.2f}x"
+    assert "C takes 0.90 s" in slow_tiny["cause (this run)"]
+    assert f"at plain HF's, {0.9 / 0.93:.2f}x C" in slow_tiny["cause (this run)"]
     rss_row = rows["peak RSS growth of the default compare <= 2x C's"]
     assert rss_row["met"] == "no" and rss_row["measured"] == "3.00x"
     memory_rows = [r for r in engine.targets(results, tiny, mid) if r["target"].startswith("memory model")]
