@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import re
 import warnings
 
@@ -145,6 +146,26 @@ def test_model_metrics_table(report):
     for metric in ("rec2ftp", "token_overlap", "overlap_cosine", "kl", "js"):
         assert f'href="glossary.html#m-{metric}"' in text  # linked to its glossary entry
     assert "<td>%</td>" in text and "<td>nats</td>" in text  # units: rec2ftp in percent, KL/JS in nats
+
+
+def test_intervals_are_clipped_to_the_metric_range_and_the_report_says_so(report):
+    """The notes of the tables with intervals say they are clipped; with 2 episodes (t = 12.7)
+    every interval in the headline table still lies in its metric's range."""
+    from iclgd_lens.engine.ranges import metric_range
+    from iclgd_lens.report import CLIPPED, headline_table
+
+    out, _ = report
+    assert html.unescape((out / "index.html").read_text()).count(CLIPPED) == 2  # headline, model metrics
+    assert CLIPPED in html.unescape((out / "layer_02.html").read_text())
+    head = headline_table(make_results(n_layers=2, n_episodes=2))
+    shown = 0
+    for row in head.to_dict("records"):
+        low, high = metric_range(row["metric"])
+        for cell in row.values():
+            for a, b in re.findall(r"\[(-?[\d.]+), (-?[\d.]+)\]", str(cell)):
+                assert low <= float(a) <= float(b) <= high, (row["metric"], cell)
+                shown += 1
+    assert shown >= 5
 
 
 def test_index_has_the_paired_tests_of_the_headline(report):
@@ -502,6 +523,28 @@ def test_every_metric_the_engine_writes_has_a_glossary_entry():
         assert all(found[:4]), metric
     assert glossary.entry("probe:mlp_out") is glossary.PROBE
     assert glossary.unit("rec2ftp") == "%" and glossary.unit("kl") == "nats"
+
+
+def test_the_glossary_ranges_agree_with_the_engine_ranges():
+    """Every glossary metric has numeric bounds in `ranges.METRIC_RANGES` and every metric there
+    has a glossary entry; the text "[a, b]" / "[a, b)" reads as those bounds. The one bound given
+    only as text is sen's upper one, which depends on the study (not clipped: inf)."""
+    from iclgd_lens.engine import ranges
+    from iclgd_lens.report import glossary
+
+    words = {"inf": math.inf, "ln 2": math.log(2), "sqrt(n_permutations - 1)": math.inf}
+
+    def bounds(text: str) -> tuple[float, float]:
+        match = re.fullmatch(r"\[([^,]+), (.+)[\])]", text)
+        assert match, text
+        return tuple(words[b] if b in words else float(b) for b in match.groups())
+
+    assert set(glossary.METRICS) == set(ranges.METRIC_RANGES)
+    for metric, found in glossary.METRICS.items():
+        assert bounds(found.range) == pytest.approx(ranges.METRIC_RANGES[metric]), metric
+        assert ranges.metric_range(metric) == ranges.METRIC_RANGES[metric]
+    assert bounds(glossary.PROBE.range) == ranges.PROBE_RANGE == ranges.metric_range("probe:mlp_out")
+    assert glossary.entry("my_plugin_metric") is None and ranges.metric_range("my_plugin_metric") is None
 
 
 def test_every_metric_name_in_a_table_links_to_the_glossary(report):

@@ -89,10 +89,81 @@ def test_the_interval_is_over_episodes_not_queries():
             "value": values,
         }
     )
-    row = Results(table, {}, {}).summary().iloc[0]
-    assert (row["ci_low"], row["ci_high"], row["n_episodes"], row["n"]) == pytest.approx(
+    raw = stats.episode_summary(table, ["metric"], clip=False).iloc[0]
+    assert (raw["ci_low"], raw["ci_high"], raw["n_episodes"], raw["n"]) == pytest.approx(
         (got.ci_low, got.ci_high, 2, 100)
     )
+    row = Results(table, {}, {}).summary().iloc[0]  # simaou is a cosine: clipped to [-1, 1]
+    assert (row["ci_low"], row["ci_high"], row["n_episodes"], row["n"]) == (-1.0, 1.0, 2, 100)
+
+
+def test_summary_clips_the_interval_to_the_metric_range():
+    """3 episodes (t(0.975, 2) = 4.3): the raw t-interval of KL reaches below 0, of overlap_cosine
+    and a probe's delta cosine above 1; the summary cuts each exactly at its bound and keeps the
+    mean. A metric without a known range, and a metric with one episode (NaN), are unchanged."""
+    from iclgd_lens.engine.ranges import METRIC_RANGES, metric_range
+
+    episode_means = {
+        "kl": [0.05, 0.9, 0.1],
+        "overlap_cosine": [0.99, 0.6, 0.98],
+        "probe:resid_out": [0.95, 0.2, 0.9],
+        "plugin_metric": [0.05, 0.9, 0.1],  # same numbers as kl, no range
+    }
+    rows = [
+        {"metric": m, "comparison": "icl~gd", "episode": e, "query": q, "value": v + 0.01 * (q - 0.5)}
+        for m, vs in episode_means.items()
+        for e, v in enumerate(vs)
+        for q in (0, 1)  # two queries an episode, averaged to the episode mean first
+    ]
+    rows += [{"metric": "js", "comparison": "icl~gd", "episode": 0, "query": 0, "value": 0.5}]
+    table = pd.DataFrame(rows)
+    summ = stats.episode_summary(table, ["metric"]).set_index("metric")
+    raw = stats.episode_summary(table, ["metric"], clip=False).set_index("metric")
+    for metric, vs in episode_means.items():  # raw = the t-interval over the episode means
+        assert tuple(raw.loc[metric, ["mean", "ci_low", "ci_high"]]) == pytest.approx(
+            tuple(stats.t_interval(vs))[:3]
+        )
+    assert raw.loc["kl", "ci_low"] < 0 and raw.loc["overlap_cosine", "ci_high"] > 1
+    assert raw.loc["probe:resid_out", "ci_high"] > 1
+    pd.testing.assert_series_equal(summ["mean"], raw["mean"])
+    assert summ.loc["kl", "ci_low"] == 0.0 and summ.loc["kl", "ci_high"] == raw.loc["kl", "ci_high"]
+    assert summ.loc["overlap_cosine", "ci_high"] == 1.0
+    assert summ.loc["overlap_cosine", "ci_low"] == raw.loc["overlap_cosine", "ci_low"]
+    assert summ.loc["probe:resid_out", "ci_high"] == 1.0 == metric_range("probe:resid_out")[1]
+    pd.testing.assert_series_equal(summ.loc["plugin_metric"], raw.loc["plugin_metric"])
+    assert summ.loc["js", "mean"] == 0.5 and math.isnan(summ.loc["js", "ci_low"])
+    assert math.isnan(summ.loc["js", "ci_high"])
+    assert METRIC_RANGES["kl"] == (0.0, math.inf) and metric_range("plugin_metric") is None
+
+    # a group of one metric without `metric` in `by` (a layer curve) is clipped too; a group that
+    # spans several metrics gets the widest of their ranges (js and accuracy: [0, 1], not [0, ln 2])
+    kl = stats.episode_summary(table[table.metric == "kl"], ["comparison"]).iloc[0]
+    assert kl["ci_low"] == 0.0 and kl["ci_high"] == raw.loc["kl", "ci_high"]
+    mixed = pd.DataFrame(
+        {
+            "metric": ["js", "accuracy"] * 3,
+            "episode": [0, 0, 1, 1, 2, 2],
+            "value": [0.0, 0.0, 0.6, 1.0, 0.1, 0.1],
+        }
+    )
+    unclipped = stats.episode_summary(mixed, [], clip=False).iloc[0]
+    assert unclipped["ci_low"] < 0 and unclipped["ci_high"] > 1
+    assert tuple(stats.episode_summary(mixed, [])[["ci_low", "ci_high"]].iloc[0]) == (0.0, 1.0)
+    # float rounding can put a cosine's mean just above 1: the interval still holds the mean
+    over = pd.DataFrame({"metric": "simaou", "episode": [0, 1], "value": [1 + 1e-7, 1 + 1e-7]})
+    got = stats.episode_summary(over, ["metric"]).iloc[0]
+    assert got["ci_low"] == got["mean"] == got["ci_high"] == 1 + 1e-7
+    # the paired differences are not clipped (a difference of cosines lies in [-2, 2])
+    pair = pd.DataFrame(
+        {
+            "metric": "simaou",
+            "comparison": ["icl~gd"] * 3 + ["icl~random"] * 3,
+            "episode": [0, 1, 2] * 2,
+            "value": [0.9, 0.1, 0.8, -0.1, 0.0, 0.1],
+        }
+    )
+    test = stats.paired_tests(pair, ["metric"]).iloc[0]
+    assert test["diff_ci_high"] > 1.0
 
 
 def test_one_episode_gives_no_interval_and_none_gives_nan():

@@ -11,7 +11,8 @@ episode means, one number per independent demonstration set. See docs/statistics
     sign_flip_pvalue(diffs)                  # two-sided paired sign-flip permutation test
     min_p_value(n_episodes)                  # the smallest p that test can give (2 / 2^n exact)
     paired_test(headline, baseline)          # diff of per-episode values: interval and p-value
-    episode_summary(table, by)               # episode_interval per group of a tidy table
+    episode_summary(table, by)               # episode_interval per group of a tidy table, clipped to
+                                             # the metric's range (`ranges.METRIC_RANGES`)
     paired_tests(table, by)                  # icl~gd against each baseline, per group, paired by episode
 
 Pure functions of numpy arrays and pandas frames; nothing here touches a model.
@@ -26,6 +27,8 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 from scipy import stats as _scipy_stats
+
+from iclgd_lens.engine.ranges import metric_range
 
 CONFIDENCE = 0.95
 """Coverage of every interval unless a caller asks for another."""
@@ -257,6 +260,7 @@ def episode_summary(
     confidence: float = CONFIDENCE,
     episode: str = "episode",
     sort: bool = True,
+    clip: bool = True,
 ) -> pd.DataFrame:
     """`episode_interval` of `value` for each group of a tidy table: [*by, mean, ci_low,
     ci_high, n_episodes, n].
@@ -264,10 +268,18 @@ def episode_summary(
     Within a group, the values of one `episode` are averaged first (over queries, and over
     whatever else the group spans: layers, heads); `mean` is the mean of the episode means, the
     interval a t-interval over them. `sort=False` keeps the groups in order of appearance.
+
+    When the table has a `metric` column and `clip` is true, ci_low and ci_high are clipped to
+    the group's metric range (`ranges.metric_range`; the widest one if a group spans several
+    metrics; never past the mean, which float rounding can put just outside). The true mean lies
+    in that range, so clipping keeps the interval's coverage. Metrics without a known range, the
+    mean and NaN ends are left as they are.
     """
     by = list(by)
     if not by:
-        out = episode_summary(table.assign(_all=0), ["_all"], confidence=confidence, episode=episode)
+        out = episode_summary(
+            table.assign(_all=0), ["_all"], confidence=confidence, episode=episode, clip=clip
+        )
         return out.drop(columns="_all")
     per_episode = (
         table.groupby(by + ([] if episode in by else [episode]), dropna=False, sort=sort)["value"]
@@ -286,8 +298,41 @@ def episode_summary(
     sd = np.where(out["lo"] == out["hi"], 0.0, out["sd"].to_numpy(dtype=float))
     half = _half_width(sd, out["n_episodes"].to_numpy(), confidence)
     out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
+    if clip and "metric" in table.columns and len(out):
+        low, high = _group_ranges(table, out, by, sort)
+        mean = out["mean"].to_numpy(dtype=float)
+        out["ci_low"] = np.maximum(out["ci_low"].to_numpy(dtype=float), np.minimum(low, mean))
+        out["ci_high"] = np.minimum(out["ci_high"].to_numpy(dtype=float), np.maximum(high, mean))
     out = out.astype({"n_episodes": "int64", "n": "int64"})
     return out[by + list(SUMMARY_COLUMNS)]
+
+
+def _group_ranges(
+    table: pd.DataFrame, groups: pd.DataFrame, by: list[str], sort: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (low, high) range of each row of `groups` (the groups of `by` in `table`): its metric's
+    range, the widest over the metrics a group spans; -inf / inf where a metric's is unknown."""
+    bounds = {m: metric_range(m) or (-math.inf, math.inf) for m in table["metric"].unique()}
+    lows, highs = {m: b[0] for m, b in bounds.items()}, {m: b[1] for m, b in bounds.items()}
+    if "metric" in by:
+        names = groups["metric"].astype(object)
+        return (
+            names.map(lows).fillna(-math.inf).to_numpy(dtype=float),
+            names.map(highs).fillna(math.inf).to_numpy(dtype=float),
+        )
+    if len(bounds) == 1:
+        ((low, high),) = bounds.values()
+        return np.full(len(groups), low), np.full(len(groups), high)
+    names = table["metric"].astype(object)
+    spans = (
+        table[by]
+        .assign(_low=names.map(lows).fillna(-math.inf), _high=names.map(highs).fillna(math.inf))
+        .groupby(by, dropna=False, sort=sort)
+        .agg(_low=("_low", "min"), _high=("_high", "max"))
+        .reset_index()
+    )
+    spans = groups[by].merge(spans, on=by, how="left")
+    return spans["_low"].to_numpy(dtype=float), spans["_high"].to_numpy(dtype=float)
 
 
 def p_column(baseline: str) -> str:

@@ -41,6 +41,8 @@ CONDITIONS = ("zsl", "icl", "gd")
 _PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 NOT_MEASURED = "not measured"
 """What a table cell says where the results hold no such number (not a gap, not a zero)."""
+CLIPPED = "Intervals are clipped to the metric's range; this keeps their 95% coverage."
+"""Said wherever the report explains its intervals (`stats.episode_summary` clips them)."""
 
 
 # ---- small helpers ----------------------------------------------------------------------
@@ -217,7 +219,7 @@ def _index_body(
                 "headline",
                 f"Mean [95% t-interval over episodes]{k_note}: similarities averaged over layers and queries "
                 "within each episode first; accuracy per condition; rec2ftp in percent. icl~gd is the "
-                "headline, icl~icl_perm the ceiling, the others floors.",
+                f"headline, icl~icl_perm the ceiling, the others floors. {CLIPPED}",
             )
         )
 
@@ -281,7 +283,7 @@ def _index_body(
                 "Accuracy per condition, Rec2FTP (percent), token overlap, overlap cosine, KL, JS (nats): "
                 "mean [95% t-interval over episode means] (episodes, values); undefined: no defined value "
                 "(see Undefined values); "
-                f"'{NOT_MEASURED}': the metric is not computed for that comparison.",
+                f"'{NOT_MEASURED}': the metric is not computed for that comparison. {CLIPPED}",
             )
         )
 
@@ -395,7 +397,7 @@ def _layer_body(results: Results, layer: int, glossary_page: str = GLOSSARY_PAGE
                 "mean [95% t-interval over episode means] (episodes, values), per metric and comparison; "
                 "undefined: no defined value (see the index's 'Undefined values'); "
                 f"'{NOT_MEASURED}': the metric is not computed for that comparison (e.g. dw_cos has no "
-                "random-vector baseline).",
+                f"random-vector baseline). {CLIPPED}",
             )
         )
 

@@ -1,7 +1,8 @@
 """The glossary: every metric id and comparison name, in one line each, with its range, which
 direction means "GD-like", its unit and the paper it comes from (docs/metrics.md has the full
 definitions). Every page links each metric name to its entry (`metric_link`), and the report
-folder has a `glossary.html` page (`glossary_html`).
+folder has a `glossary.html` page (`glossary_html`). The ranges are text for readers; the engine
+clips intervals to the same ranges as numbers (`iclgd_lens.engine.ranges`, checked to agree).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ METRICS: dict[str, Entry] = {
     ),
     "sen": Entry(
         "order sensitivity: sum over the vocabulary of the std over demonstration orders of p",
-        "[0, 2)",
+        "[0, sqrt(n_permutations - 1)]",
         "GD-like when ICL's is as low as GD's",
         "Shen et al. 2024",
     ),
