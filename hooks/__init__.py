@@ -97,6 +97,13 @@ PROBES: dict[str, Probe] = REGISTRY["probes"]
 plug-in registry's "probes" (iclgd_lens.plugins)."""
 
 
+def _first_sentence(doc: str) -> str:
+    """A docstring's first sentence on one line (a probe's description in `iclgd-lens list`)."""
+    text = " ".join(doc.split())
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
 def probe(
     name: str, points: list[str] | tuple[str, ...], *, description: str = "", compare: bool = True
 ) -> Callable[[ProbeFn], ProbeFn]:
@@ -117,7 +124,7 @@ def probe(
         register(
             "probes",
             name,
-            Probe(name, tuple(points), fn, description or (fn.__doc__ or "").strip().split("\n")[0], compare),
+            Probe(name, tuple(points), fn, description or _first_sentence(fn.__doc__ or ""), compare),
         )
         return fn
 

@@ -110,7 +110,11 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
             raise IclgdError(f"--set takes name=value, got {item!r}")
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as err:
+            if raw.lstrip()[:1] in ("[", "{", '"'):  # meant as JSON: say where it breaks
+                raise IclgdError(
+                    f"--set {item}: the value is not valid JSON ({err.msg} at character {err.pos})"
+                )
             value = raw
         out[name.strip().replace("-", "_")] = value
     return out
@@ -197,6 +201,15 @@ def _say(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def _no_library_progress_bars() -> None:
+    """--no-progress: transformers' and the hub's own bars (loading weights) stay quiet too."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 # ---- commands ------------------------------------------------------------------------------------
 @app.command()
 def report(
@@ -266,6 +279,11 @@ def report(
     from iclgd_lens.study import parse_numbers
 
     ks = parse_numbers(k, "--k", minimum=0)
+    if max(ks) == 0:
+        raise IclgdError(
+            "--k 0 alone compares nothing: with no demonstrations ICL is the zero-shot run and GD has "
+            "nothing to train on; give k >= 1 (0 may stand beside other k, for zero-shot accuracy)"
+        )
     load_user_files(hooks, analyses)
     from iclgd_lens.report import check_report_target
 
@@ -292,7 +310,8 @@ def report(
         GDConfig.resolve(gd, the_task if the_task is not None else default_task(seed=seed)), **overrides
     )
     _check_ks_before_loading(model, the_task if the_task is not None else default_task(seed=seed), ks)
-    _say(f"loading model {model} ...")
+    if no_progress:
+        _no_library_progress_bars()
     bridge = load_model(model, device=device, dtype=dtype)
     parts = []
     for k_value in tqdm(ks, desc="k", disable=no_progress or len(ks) == 1):
@@ -350,6 +369,8 @@ def render(
     loaded = Results.load(first)
     folder = first if first.is_dir() else first.parent
     studies = load_studies(folder)  # a study's report: its saved results rebuild its page
+    if loaded.table.empty and not studies:
+        raise IclgdError(f"{first} holds no result rows: nothing to render")
     path = render_report(
         loaded, out, single_file=single_file, study_results=studies, **({"analyses": {}} if studies else {})
     )
@@ -397,6 +418,8 @@ def study(
         kwargs.setdefault("seed", seed)
     if "progress" in params:
         kwargs.setdefault("progress", not no_progress)
+    if no_progress:
+        _no_library_progress_bars()
     if preset is not None:
         if "preset" not in params:
             raise IclgdError(f"study {name!r} has no presets")
@@ -534,6 +557,7 @@ def _sweep_listing(spec, store, estimates: bool) -> None:
     resolver = Resolver(strict=False)
     counts: dict[str, int] = {}
     total_tflop = 0.0
+    cannot_run = 0
     for p in planned:
         counts[p.status] = counts.get(p.status, 0) + 1
         labels = " ".join(f"{k}={v}" for k, v in p.labels.items())
@@ -542,7 +566,10 @@ def _sweep_listing(spec, store, estimates: bool) -> None:
             from iclgd_lens.sweep.estimate import estimate
 
             est = estimate(p, resolver.task(p.cell.task, p.cell.seed))
-            if est["tflop"] is None:
+            if est["cannot_run"] is not None:
+                cannot_run += 1
+                line += f"  cannot run: {_one_line(est['cannot_run'])}"
+            elif est["tflop"] is None:
                 line += "  work ?  memory ? (model not on this machine)"
             else:
                 total_tflop += est["tflop"]
@@ -554,6 +581,8 @@ def _sweep_listing(spec, store, estimates: bool) -> None:
         typer.echo(line)
     tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     extra = f"; estimated work {total_tflop:.3g} TFLOP in all" if estimates else ""
+    if cannot_run:
+        extra += f"; {cannot_run} cell(s) cannot run as specified (see above)"
     typer.echo(f"{len(planned)} cells ({tally}) in store {store.root}{extra}")
 
 
@@ -633,7 +662,8 @@ def list_things() -> None:
             return "  (not installed)"
 
     show("studies", [f"{n}{available(t)}" for n, t in load_entry_points("studies").items()])
-    show("report analyses", sorted(load_entry_points("analyses")))
+    analyses = sorted(load_entry_points("analyses"))
+    show("report analyses", analyses, "" if analyses else "none installed; add yours with --analyses FILE")
     from iclgd_lens.sweep.spec import preset_names
 
     show("sweep presets", preset_names(), "iclgd-lens sweep NAME --model ... --data-dir ...")

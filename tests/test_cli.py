@@ -123,6 +123,12 @@ def test_list_and_help():
     assert result.exit_code == 0, result.output
     for name in ("tiny-llama-icl", "dai", "deutch", "order-sensitivity", "icl-vs-iwl", "dai2023", "shen2024"):
         assert name in result.stdout
+    probes = result.stdout.split("probes:")[1].split("studies:")[0].strip().splitlines()
+    assert len(probes) >= 7 and all(line.rstrip().endswith(".") for line in probes), probes  # whole sentences
+    lines = result.stdout.splitlines()
+    for i, line in enumerate(lines):  # every heading has entries or says why it has none
+        if not line.startswith(" ") and (i + 1 == len(lines) or not lines[i + 1].startswith(" ")):
+            assert "(" in line, f"empty heading: {line!r}"
     for command in ([], ["report"], ["render"], ["study"], ["sweep"], ["list"], ["train"]):
         result = run(*command, "--help")
         assert result.exit_code == 0 and "Usage" in result.stdout

@@ -215,3 +215,17 @@ def test_metrics_come_from_what_probes_declare(bridge):
         for name in ("t_compared", "t_silent", "t_clash"):
             PROBES.pop(name, None)
     assert not any(hp.fwd_hooks for hp in bridge.hook_dict.values())
+
+
+def test_the_untrained_baselines_gd_has_its_own_progress_bar(bridge, capsys):
+    """With progress on, the comparison's GD bar and the untrained baseline's are told apart."""
+    compare(
+        bridge,
+        tiny_task(),
+        **{**SMALL, "progress": True},
+        gd=GDConfig.dai(lr=0.05),
+        baselines=("untrained",),
+        artifacts=False,
+    )
+    err = capsys.readouterr().err
+    assert "GD:" in err and "GD (untrained):" in err

@@ -23,3 +23,17 @@ def test_every_package_directory_is_listed_in_pyproject():
             found.add(".".join([top, *rel.parts[1:]]))
     assert found - listed == set(), f"packages missing from pyproject.toml: {sorted(found - listed)}"
     assert "iclgd_lens.engine.gd" in found  # the walk sees subpackages
+
+
+def test_every_package_data_pattern_ships_files():
+    """Each package-data pattern matches files in its package's folder (a stale pattern ships
+    nothing and hides a missing file), and every data-only folder under the packages (the sweep
+    presets) is a listed package, so setuptools ships it without an ambiguity warning."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = setuptools["package-dir"]
+    for package, patterns in setuptools["package-data"].items():
+        folder = ROOT / mapped.get(package, package.replace(".", "/"))
+        for pattern in patterns:
+            assert list(folder.glob(pattern)), f"{package}: {pattern!r} matches no file in {folder}"
+    presets = ROOT / "iclgd_lens" / "sweep" / "presets"
+    assert list(presets.glob("*.toml")) and "iclgd_lens.sweep.presets" in setuptools["packages"]

@@ -444,3 +444,30 @@ def test_dry_run_estimates_equal_the_engines_own_on_the_loaded_model(tmp_path):
     expected = plan_compare(model, task, gd="shen", k=4, n_episodes=3, n_queries=5, batch_size=64).total_bytes
     assert got["memory_gb"] * 2**30 == pytest.approx(expected, rel=1e-9)
     assert got["n_params"] == sum(p.numel() for p in model.original_model.parameters())
+
+
+def test_dry_run_says_which_cells_compare_would_refuse(tmp_path):
+    """A cell whose prompts cannot fit the model's context window is flagged by --dry-run with
+    the very error `compare` raises when that cell runs (k = 100 on the 256-token tiny model);
+    a cell that fits gets its estimate."""
+    from iclgd_lens.engine.compare import compare
+    from iclgd_lens.models import load_model
+    from iclgd_lens.sweep.estimate import estimate
+    from iclgd_lens.sweep.identity import Resolver
+
+    spec = SweepSpec(models=["tiny-llama-icl"], k=[8, 100], n_episodes=2, n_queries=2)
+    fits, too_long = plan(spec, tmp_path)
+    task = Resolver().task(fits.cell.task, 0)
+    assert estimate(fits, task)["cannot_run"] is None and estimate(fits, task)["tflop"] > 0
+    refused = estimate(too_long, task)
+    with pytest.raises(IclgdError) as err:
+        compare(load_model("tiny-llama-icl"), task, k=100, n_episodes=2, n_queries=2, progress=False)
+    assert refused["cannot_run"] == str(err.value) and refused["tflop"] is None
+
+    (tmp_path / "g.toml").write_text(
+        'models = ["tiny-llama-icl"]\ntasks = ["default"]\nk = [8, 100]\nn_episodes = 2\nn_queries = 2\n'
+    )
+    result = cli("sweep", tmp_path / "g.toml", "--dry-run")
+    assert result.exit_code == 0
+    assert "k=100" in result.stdout and "cannot run: k=100 demonstrations" in result.stdout
+    assert "1 cell(s) cannot run" in result.stdout

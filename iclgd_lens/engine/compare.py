@@ -197,7 +197,14 @@ def _compare_once(
     dai_kendall = {"scores", "query_vectors"} <= set(probe_names)
     deltas = (
         train_deltas(
-            model, tokenizer, task, episodes, gd_config, progress=progress, record_queries=dai_kendall
+            model,
+            tokenizer,
+            task,
+            episodes,
+            gd_config,
+            progress=progress,
+            record_queries=dai_kendall,
+            progress_label="GD" if desc == "compare" else f"GD ({desc})",
         )
         if k > 0
         else None

@@ -189,8 +189,10 @@ class Results:
         a group each episode's values (its queries; NaNs dropped) are averaged first, `mean` is
         the mean of the episode means and the interval a t-interval over them, since queries of
         one episode share its demonstrations and GD deltas. `n` counts the values. One episode
-        -> NaN interval. When the table has a `k` column with several values, `k` is added to
-        the grouping: numbers from different k are never averaged together.
+        -> NaN interval. The interval's ends are clipped to the metric's range (cosines to
+        [-1, 1], KL to [0, inf), ...; `ranges.METRIC_RANGES`), which keeps its coverage. When
+        the table has a `k` column with several values, `k` is added to the grouping: numbers
+        from different k are never averaged together.
 
         When `by` includes `comparison` and `p_values` is true, columns `p_vs_random`,
         `p_vs_random_update`, `p_vs_untrained`, `p_vs_icl_perm` (`stats.p_column`) hold, on the
@@ -339,7 +341,13 @@ class Results:
             raise IclgdError(f"cannot read {path} as results JSON: {err}") from None
         if not isinstance(payload, dict) or "table" not in payload:
             raise IclgdError(f"{path} is not an iclgd-lens results file (no 'table' key)")
-        table = pd.DataFrame.from_records(payload["table"], columns=None)
+        rows = payload["table"]
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise IclgdError(f"{path} is not an iclgd-lens results file ('table' must be a list of rows)")
+        for key in ("config", "artifacts"):
+            if not isinstance(payload.get(key) or {}, dict):
+                raise IclgdError(f"{path} is not an iclgd-lens results file ({key!r} must be an object)")
+        table = pd.DataFrame.from_records(rows, columns=None)
         if table.empty:
             table = pd.DataFrame(columns=list(TABLE_COLUMNS))
         if "value" in table.columns:

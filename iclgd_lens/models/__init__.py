@@ -83,7 +83,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if not torch.cuda.is_available():
             raise IclgdError(
                 f"device {device!r} requested but CUDA is not available on this machine; "
-                "use device='cpu' or 'auto'"
+                "use the device cpu or auto"
             )
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise IclgdError(

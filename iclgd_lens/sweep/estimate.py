@@ -9,6 +9,7 @@ cell's sizes and batch size.
 from __future__ import annotations
 
 import json
+import logging
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,7 +63,9 @@ def _tokenizer(folder: str):
 
 
 def estimate(planned: Planned, task) -> dict:
-    """{"tflop", "memory_gb", "n_params"} of one cell (None where the model is not on this machine)."""
+    """{"tflop", "memory_gb", "n_params", "cannot_run"} of one cell (None where the model is not
+    on this machine). `cannot_run`: why `compare` would refuse the cell before any work (its
+    prompts do not fit the model's context window: the checks `compare` makes), else None."""
     import torch
 
     from iclgd_lens.engine.compare import estimate_flops
@@ -71,10 +74,13 @@ def estimate(planned: Planned, task) -> dict:
     folder = _model_folder(planned.cell.model)
     shapes = _shapes(str(folder)) if folder is not None else {}
     if not shapes:
-        return {"tflop": None, "memory_gb": None, "n_params": None}
+        return {"tflop": None, "memory_gb": None, "n_params": None, "cannot_run": None}
     n_params = sum(_numel(s) for s in shapes.values())
     config = json.loads((folder / "config.json").read_text())
     cell = planned.cell
+    refusal = _refusal(folder, config, task, cell)
+    if refusal is not None:
+        return {"tflop": None, "memory_gb": None, "n_params": n_params, "cannot_run": refusal}
     gd = GDConfig.resolve(cell.gd.config(), task)
     baselines = cell.setting("baselines")
     untrained = baselines is True or (isinstance(baselines, list) and "untrained" in baselines)
@@ -90,7 +96,30 @@ def estimate(planned: Planned, task) -> dict:
         memory = _weights_and_deltas(
             shapes, config, n_params, element, gd, untrained, cell.setting("n_episodes")
         )
-    return {"tflop": flops / 1e12, "memory_gb": memory / 2**30, "n_params": n_params}
+    return {"tflop": flops / 1e12, "memory_gb": memory / 2**30, "n_params": n_params, "cannot_run": None}
+
+
+def _refusal(folder: Path, config: dict, task, cell) -> str | None:
+    """The error `compare` would raise before any work because the cell's prompts do not fit the
+    context window (`check_k_fits`, `_check_prompts_fit` on the cell's own episodes), or None."""
+    from iclgd_lens.engine.compare import _check_prompts_fit, check_k_fits
+    from iclgd_lens.errors import IclgdError
+
+    tokenizer = _tokenizer(str(folder))
+    n_ctx = config.get("max_position_embeddings")
+    stand_in = SimpleNamespace(tokenizer=tokenizer, cfg=SimpleNamespace(n_ctx=n_ctx))
+    tokenizer_log = logging.getLogger("transformers.tokenization_utils_base")
+    level = tokenizer_log.level
+    tokenizer_log.setLevel(logging.ERROR)  # "sequence length is longer than...": said here, as a refusal
+    try:
+        check_k_fits(tokenizer, n_ctx, task, cell.k)
+        episodes = task.episodes(cell.k, cell.setting("n_episodes"), cell.setting("n_queries"), cell.seed)
+        _check_prompts_fit(stand_in, task, episodes)
+    except IclgdError as err:
+        return str(err)
+    finally:
+        tokenizer_log.setLevel(level)
+    return None
 
 
 def _memory_model(folder: Path, element: int, n_params: int, task, episodes, cell, gd, baselines) -> int:

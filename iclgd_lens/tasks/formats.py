@@ -346,7 +346,10 @@ def _offline_unless_hub_reachable(datasets):
 
 def _hub_split(key: str, fmt: PaperFormat, split: str, words: Sequence[str]) -> list[Example]:
     """One split of a paper task through `datasets.load_dataset`."""
-    hint = f"or pass a local .jsonl/.csv file with text,label columns and task_format={key!r}"
+    hint = (
+        f"or use a local file with text,label columns named {key}.jsonl or {key}.csv "
+        f"(or any name with task_format={key!r} in Python)"
+    )
     try:
         import datasets
     except ImportError:

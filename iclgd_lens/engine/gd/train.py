@@ -182,6 +182,7 @@ def train_deltas(
     *,
     progress: bool = False,
     record_queries: bool = False,
+    progress_label: str = "GD",
 ) -> Deltas:
     """Fine-tune `config`'s projections on each episode's demonstrations, all episodes at once.
 
@@ -193,6 +194,7 @@ def train_deltas(
     low-rank factors), so the model's parameters, their `.grad` and `requires_grad` are never
     touched. Raises IclgdError if the loss or the deltas stop being finite.
 
+    `progress_label`: the progress bar's label (with `progress`).
     `record_queries`: keep the query vectors (`attn.hook_q`, after any Q delta) of every
     training token as GD saw it (`Deltas.train_queries`): the GD side of Dai's Kendall.
     """
@@ -237,7 +239,7 @@ def train_deltas(
             pad_id,
             device,
             config,
-            progress,
+            progress_label if progress else None,
             queries,
         )
         if queries is not None:
@@ -258,11 +260,12 @@ def _train(
     pad_id,
     device,
     config,
-    progress,
+    progress: str | None,
     queries=None,
 ) -> Deltas:
     """The GD loop of `train_deltas` (dense deltas updated in place, factors extended; with
-    `adam`, a torch.optim.Adam over the dense deltas, steps them)."""
+    `adam`, a torch.optim.Adam over the dense deltas, steps them). `progress`: the bar's label,
+    None for no bar."""
     step_losses = []
     calls_per_step = {
         path: model.cfg.n_layers if path == "unembed" and config.layer_causal else 1 for path in parts
@@ -271,7 +274,7 @@ def _train(
     for path, (u, v) in buffers.items():
         parts[path] = (u[..., :0], v[..., :0])
     with torch.enable_grad():
-        for step, chunk in enumerate(tqdm(chunks, desc="GD", disable=not progress), start=1):
+        for step, chunk in enumerate(tqdm(chunks, desc=progress, disable=progress is None), start=1):
             batch = [encoded[e][i] for e in range(n_episodes) for i in chunk]  # episode-major rows
             row_episode = torch.arange(n_episodes).repeat_interleave(len(chunk))  # [rows]
             input_ids, attention_mask, targets = _pad_batch(batch, pad_id, device)
