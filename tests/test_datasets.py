@@ -299,7 +299,10 @@ def test_hub_path_errors_suggest_a_local_file(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(
         IclgdError,
-        match="cannot download SetFit/subj.*no network.*local file.*subj.jsonl or subj.csv.*task_format='subj'",
+        match=(
+            "cannot download SetFit/subj.*no network.*local file.*subj.jsonl or subj.csv"
+            ".*task_format='subj'"
+        ),
     ):
         load_task("subj")
 
