@@ -154,8 +154,20 @@ DEFAULT_PROBES = (
 """What `compare` records unless told otherwise."""
 
 
+_entry_points_loaded = False
+
+
 def _load_builtin() -> None:
+    """The built-in probes, and once per process those installed packages ship through the
+    entry-point group `iclgd_lens.hooks` (docs/extending.md)."""
+    global _entry_points_loaded
     from iclgd_lens.hooks import attention, keys_values, residual, scores  # noqa: F401  (registers)
+
+    if not _entry_points_loaded:
+        from iclgd_lens.plugins import load_entry_points
+
+        _entry_points_loaded = True
+        load_entry_points("probes")
 
 
 __all__ = ["probe", "Probe", "ReadContext", "PROBES", "get_probes", "DEFAULT_PROBES"]

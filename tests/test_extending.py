@@ -50,3 +50,40 @@ def test_hook_file_from_the_docs_gets_a_report_section(tmp_path):
     assert sorted(rows.layer.unique()) == [0, 1] and rows.value.notna().all()
     index = (tmp_path / "rep" / "index.html").read_text()
     assert "probe:mlp_out" in index
+
+
+def test_a_package_ships_probes_and_analyses_through_entry_points(tmp_path, monkeypatch):
+    """docs/extending.md: an installed package's `iclgd_lens.hooks` entry point names a module
+    whose @probe functions then count among compare()'s probes (and `list` shows them); its
+    `iclgd_lens.analyses` one registers an analysis. The package here is a folder with a
+    dist-info on sys.path, which importlib.metadata reads like any installed distribution."""
+    from iclgd_lens import hooks
+    from iclgd_lens.engine.compare import _probe_names
+    from iclgd_lens.plugins import REGISTRY
+
+    package = tmp_path / "ep_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "probes.py").write_text(
+        "from iclgd_lens.hooks import probe\n"
+        "@probe('ep_mlp', points=['blocks.{layer}.hook_mlp_out'])\n"
+        "def ep_mlp(acts, ctx):\n"
+        "    '''The MLP output at the read position.'''\n"
+        "    return {}\n"
+    )
+    (package / "an.py").write_text("def plain(results):\n    return []\n")
+    info = tmp_path / "ep_pkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-pkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[iclgd_lens.hooks]\nmy_probes = ep_pkg.probes\n\n[iclgd_lens.analyses]\nep_plain = ep_pkg.an:plain\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(hooks, "_entry_points_loaded", False)
+    try:
+        assert "ep_mlp" in _probe_names(None)
+        listed = CliRunner().invoke(app, ["list"]).stdout
+        assert "ep_mlp: The MLP output at the read position." in listed and "ep_plain" in listed
+    finally:
+        PROBES.pop("ep_mlp", None)
+        REGISTRY["analyses"].pop("ep_plain", None)

@@ -612,3 +612,33 @@ def test_a_study_page_draws_its_figures_in_the_reports_style(tmp_path):
     for heading in ("Verdict", "Headline", "Layer-wise", "Layers</h2>"):
         assert heading not in text
     assert [p.name for p in html_files(path.parent)] == ["glossary.html", "index.html"]
+
+
+BIDI = "\u202eevil\u200djoin"  # U+202E would show everything after it backwards
+
+
+def test_bidirectional_controls_from_data_are_shown_not_obeyed(tmp_path):
+    """A right-to-left override in a prompt, a token or a task name reaches every page (HTML text,
+    figure data, widget props) and the notebook view only as a visible [U+202E], raw nowhere and
+    not as a \\u202e escape either; the libraries' own code is left as shipped."""
+    results = make_results()
+    results.config["task"] = f"task {BIDI}"
+    results.artifacts["example"]["icl_prompt"] = f"cow = {BIDI} moo\nhorse ="
+    results.artifacts["top_tokens"][0]["token"] = BIDI
+    for layers in results.artifacts["attention"].values():
+        for view in layers.values():
+            view["tokens"] = [BIDI if t == "good" else t for t in view["tokens"]]
+    for single_file in (False, True):
+        out = tmp_path / f"r{single_file}"
+        render_report(results, out, analyses={}, single_file=single_file)
+        pages = html_files(out)
+        assert pages
+        shown = 0
+        for page in pages:
+            text = page.read_text()
+            data = text if not single_file else text.split("</head>", 1)[1]  # after the libraries
+            assert "\u202e" not in data and "\\u202e" not in data.lower(), page.name
+            shown += data.count("[U+202E]")
+        assert shown >= 3
+    assert "\u202e" not in results._repr_html_() and "[U+202E]" in results._repr_html_()
+    assert (tmp_path / "rFalse" / "assets" / "plotly.min.js").read_text() == plotly_js()

@@ -392,7 +392,7 @@ class Results:
         from iclgd_lens.report import headline_table, verdict_table
         from iclgd_lens.report.figures import layer_panels_figure
         from iclgd_lens.report.notebook import figure_html
-        from iclgd_lens.report.templates import table
+        from iclgd_lens.report.templates import table, visible_controls
 
         model, task = (_short_name(self.config.get(key, "?")) for key in ("model", "task"))
         title = html.escape(f"iclgd-lens Results: model={model}, task={task}, {len(self.table)} rows")
@@ -402,7 +402,7 @@ class Results:
         panels = layer_panels_figure(self, [m for m in SIMILARITY_METRICS if m in self.metrics])
         summ = self.summary(by=("metric", "comparison"), p_values=False)
         pivot = summ.pivot_table(index="metric", columns="comparison", values="mean", aggfunc="mean")
-        return (
+        text = visible_controls(  # (the figure's own JSON is made safe by figure_html)
             f"<div><b>{title}</b>"
             f"<p>{html.escape(found.text)}</p>"
             + (table(marks) if len(marks) else "")
@@ -412,10 +412,15 @@ class Results:
                 if len(head)
                 else ""
             )
+        )
+        means = pivot.to_html(float_format=lambda v: f"{v:.3f}", na_rep="", escape=True)
+        return (
+            text
             + (figure_html(panels) if panels is not None else "")
-            + "<details><summary>mean of every metric x comparison (over layers, heads, episodes, queries)"
-            f"</summary>{pivot.to_html(float_format=lambda v: f'{v:.3f}', na_rep='', escape=True)}"
-            "</details></div>"
+            + visible_controls(
+                "<details><summary>mean of every metric x comparison (over layers, heads, episodes, "
+                f"queries)</summary>{means}</details></div>"
+            )
         )
 
     def __repr__(self) -> str:

@@ -24,6 +24,7 @@ import plotly.io as pio
 from plotly.io._base_renderers import MimetypeRenderer
 
 from iclgd_lens.report.assets import plotly_js
+from iclgd_lens.report.templates import visible_controls
 
 RENDERER = "iclgd"
 _CONFIG = {"displaylogo": False, "responsive": True}
@@ -31,8 +32,9 @@ _state = {"library_sent": False}
 
 
 def _script_safe(text: str) -> str:
-    """JSON that cannot end its <script> element or open a comment: <, >, & as \\u escapes."""
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    """JSON that cannot end its <script> element or open a comment: <, >, & as \\u escapes;
+    bidirectional controls made visible (`templates.visible_controls`)."""
+    return visible_controls(text).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def library_html() -> str:

@@ -48,13 +48,30 @@ table.glossary td, table.glossary th { text-align: left; vertical-align: top; }
 """
 
 
+BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+"""Unicode's bidirectional controls: U+202E in a prompt or a token shows the text after it
+backwards (an index, a label, the next demonstration), so on a page they are made visible."""
+
+
+def visible_controls(text: str) -> str:
+    """`text` with every bidirectional control written as a visible `[U+202E]`, whether raw or as
+    the JSON/JavaScript escape `\\u202e` (figure data, widget props). For page content only,
+    never for library code: plotly.js uses these escapes in its own regular expressions."""
+    for char in BIDI_CONTROLS:
+        code = ord(char)
+        marker = f"[U+{code:04X}]"
+        text = text.replace(char, marker).replace(f"\\u{code:04x}", marker).replace(f"\\u{code:04X}", marker)
+    return text
+
+
 def escape(text: Any) -> str:
-    """HTML-escaped text, quotes included."""
-    return html.escape(str(text), quote=True)
+    """HTML-escaped text, quotes included, bidirectional controls made visible."""
+    return html.escape(visible_controls(str(text)), quote=True)
 
 
 def page(title: str, header: str, body: str, scripts: str) -> str:
-    """A complete HTML page: libraries loaded in <head>, so figure scripts in the body can run."""
+    """A complete HTML page: libraries loaded in <head>, so figure scripts in the body can run.
+    Header and body (data, figures, widgets; never the libraries) get `visible_controls`."""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -65,9 +82,9 @@ def page(title: str, header: str, body: str, scripts: str) -> str:
 {scripts}
 </head>
 <body>
-<header>{header}</header>
+<header>{visible_controls(header)}</header>
 <main>
-{body}
+{visible_controls(body)}
 </main>
 </body>
 </html>
