@@ -641,4 +641,8 @@ def test_bidirectional_controls_from_data_are_shown_not_obeyed(tmp_path):
             shown += data.count("[U+202E]")
         assert shown >= 3
     assert "\u202e" not in results._repr_html_() and "[U+202E]" in results._repr_html_()
+    from iclgd_lens.report.templates import page
+
+    titled = page(f"sweep {BIDI}", "h", "b", "")  # a sweep's or a study's name reaches the title
+    assert "\u202e" not in titled and "<title>sweep [U+202E]evil" in titled
     assert (tmp_path / "rFalse" / "assets" / "plotly.min.js").read_text() == plotly_js()

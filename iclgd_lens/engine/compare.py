@@ -89,7 +89,7 @@ def compare(
     Recorder(model, probe_names)  # refuses probes whose hook points the model lacks, before any work
     check_k_fits(model.tokenizer, _context_window(model), task, k)
     episodes = task.episodes(k, n_episodes, n_queries, seed)
-    _check_prompts_fit(model, task, episodes)
+    check_prompts_fit(model, task, episodes)
     if check_resources:
         _check_delta_memory(model, gd_config, n_episodes, ("untrained" in chosen))
         _check_work(model, task, episodes, gd_config, ("untrained" in chosen))
@@ -411,7 +411,7 @@ def check_k_fits(tokenizer, n_ctx: int | None, task: Task, k: int) -> None:
         )
 
 
-def _check_prompts_fit(model, task: Task, episodes: list[Episode]) -> None:
+def check_prompts_fit(model, task: Task, episodes: list[Episode]) -> None:
     """Every episode's longest ICL prompt fits the context window (checked before GD trains)."""
     n_ctx = _context_window(model)
     if n_ctx is None or not episodes[0].demos:

@@ -30,7 +30,7 @@ from iclgd_lens import folders
 from iclgd_lens.engine import stats
 from iclgd_lens.engine.results import TABLE_COLUMNS, Results, versions
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.report import INDEX, figure_html, glossary, render_report, style
+from iclgd_lens.report import INDEX, check_report_target, figure_html, glossary, render_report, style
 from iclgd_lens.report.assets import script_tags, write_assets
 from iclgd_lens.report.figures import TEMPLATE, label
 from iclgd_lens.report.templates import escape, page, section, table
@@ -397,7 +397,7 @@ def _write_pages(cells: Sequence[SweepCell], out: str | os.PathLike, title: str,
     """Build the pages in a temporary folder beside `out` and move it into place when complete
     (an earlier sweep report is replaced then; a folder that is not a report is refused)."""
     out = Path(out)
-    folders.check_target(out, lambda folder: (folder / INDEX).is_file(), "report")
+    check_report_target(out)
     with folders.written_in_place(out, "report") as tmp:
         write_assets(tmp / "assets")
         stamp = json.dumps(versions(), sort_keys=True)

@@ -65,19 +65,19 @@ def visible_controls(text: str) -> str:
 
 
 def escape(text: Any) -> str:
-    """HTML-escaped text, quotes included, bidirectional controls made visible."""
-    return html.escape(visible_controls(str(text)), quote=True)
+    """HTML-escaped text, quotes included."""
+    return html.escape(str(text), quote=True)
 
 
 def page(title: str, header: str, body: str, scripts: str) -> str:
     """A complete HTML page: libraries loaded in <head>, so figure scripts in the body can run.
-    Header and body (data, figures, widgets; never the libraries) get `visible_controls`."""
+    Title, header and body (data, figures, widgets; never the libraries) get `visible_controls`."""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{escape(title)}</title>
+<title>{visible_controls(escape(title))}</title>
 <style>{CSS}</style>
 {scripts}
 </head>

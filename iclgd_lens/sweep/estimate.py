@@ -101,8 +101,8 @@ def estimate(planned: Planned, task) -> dict:
 
 def _refusal(folder: Path, config: dict, task, cell) -> str | None:
     """The error `compare` would raise before any work because the cell's prompts do not fit the
-    context window (`check_k_fits`, `_check_prompts_fit` on the cell's own episodes), or None."""
-    from iclgd_lens.engine.compare import _check_prompts_fit, check_k_fits
+    context window (`check_k_fits`, `check_prompts_fit` on the cell's own episodes), or None."""
+    from iclgd_lens.engine.compare import check_k_fits, check_prompts_fit
     from iclgd_lens.errors import IclgdError
 
     tokenizer = _tokenizer(str(folder))
@@ -114,7 +114,7 @@ def _refusal(folder: Path, config: dict, task, cell) -> str | None:
     try:
         check_k_fits(tokenizer, n_ctx, task, cell.k)
         episodes = task.episodes(cell.k, cell.setting("n_episodes"), cell.setting("n_queries"), cell.seed)
-        _check_prompts_fit(stand_in, task, episodes)
+        check_prompts_fit(stand_in, task, episodes)
     except IclgdError as err:
         return str(err)
     finally:
