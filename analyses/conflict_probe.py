@@ -68,6 +68,16 @@ QUESTION = (
     "before and after fine-tuning on those facts?"
 )
 COLUMNS = ["metric", "stage", "layer", "query", "value"]
+RANGES = {
+    "fact_accuracy": (0.0, 1.0),
+    "context_wins": (0.0, 1.0),
+    "weights_win": (0.0, 1.0),
+    "other": (0.0, 1.0),
+    "attn_update_norm": (0.0, math.inf),
+    "attn_update_cos": (-1.0, 1.0),
+}
+"""The range of each metric of this study (outcome rates, a norm, a cosine): the intervals of
+`summary` are clipped to it."""
 Fact = tuple[str, str, str]  # (subject, answer, counterfact)
 
 
@@ -288,11 +298,12 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     already one per episode and a plain t-interval over them is the episode-level interval
     (`stats.t_interval`). The demonstration sets are drawn from one pool of facts, and the
     "after" stage rests on one fine-tuning run shared by all facts: its interval speaks of
-    the facts given that run, not of other fine-tuning runs.
+    the facts given that run, not of other fine-tuning runs. Intervals are clipped to the
+    metric's range (`RANGES`).
     """
     out = []
     for key, group in table.groupby(["metric", "stage", "layer"], sort=False):
-        out.append((*key, *stats.t_interval(group["value"].to_numpy())))
+        out.append((*key, *stats.t_interval(group["value"].to_numpy(), bounds=RANGES[key[0]])))
     return pd.DataFrame(out, columns=["metric", "stage", "layer", "mean", "ci_low", "ci_high", "n"])
 
 

@@ -46,6 +46,9 @@ QUESTION = (
 PUBLISHED_STEPS = 50_000  # per stage, in the published code
 KEYS = ["n_train", "labels", "context", "group", "metric"]
 COLUMNS = ["n_train", "seed", "labels", "context", "group", "metric", "value"]
+RANGE = (0.0, 1.0)
+"""Every metric of this study (the error rates and the mean gate) lies in [0, 1]: the intervals of
+`summary` are clipped to it."""
 
 _CHAN2024 = dict(
     n_train=(2**6, 2**8, 2**10, 2**12, 2**14, 2**16),
@@ -258,10 +261,13 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Mean and 95% t-interval over seeds per (n_train, labels, context, group, metric).
 
     Each seed is an independent training run (own centres, data, initialisation, batches), so
-    one value per seed and a plain t-interval over them (`stats.t_interval`); the `n_eval`
-    sequences behind each value only make that value precise.
+    one value per seed and a plain t-interval over them (`stats.t_interval`), clipped to
+    `RANGE`; the `n_eval` sequences behind each value only make that value precise.
     """
-    out = [(*key, *stats.t_interval(g["value"].to_numpy())) for key, g in table.groupby(KEYS, sort=True)]
+    out = [
+        (*key, *stats.t_interval(g["value"].to_numpy(), bounds=RANGE))
+        for key, g in table.groupby(KEYS, sort=True)
+    ]
     return pd.DataFrame(out, columns=[*KEYS, "mean", "ci_low", "ci_high", "n_seeds"])
 
 
@@ -342,8 +348,7 @@ def _cell(s: pd.DataFrame, n: int, labels: str, context: str, group: str, metric
 def _ci(row: pd.Series) -> str:
     if row.isna()[["ci_low", "ci_high"]].any():
         return f"{row['mean']:.2f}"
-    # every value here is a rate or a mean gate, so the interval is shown clipped to [0, 1]
-    return f"{row['mean']:.2f} [{max(row['ci_low'], 0.0):.2f}, {min(row['ci_high'], 1.0):.2f}]"
+    return f"{row['mean']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
 
 
 def crossing(s: pd.DataFrame, group: str, threshold: float = 0.5) -> int | None:

@@ -157,15 +157,6 @@ def gd_only_table(
     return frame.assign(k=k)
 
 
-_RANGES = {
-    "accuracy": (0.0, 1.0),
-    "token_overlap": (0.0, 1.0),
-    "simaou": (-1.0, 1.0),
-    "simam_delta": (-1.0, 1.0),
-}
-_RANGES["dw_cos"] = (-1.0, 1.0)
-
-
 def gd_only_ks(summary: pd.DataFrame) -> list[int]:
     """The ks at which only GD ran (no ICL prompt: beyond the context window, or asked for)."""
     acc = summary[summary.metric == "accuracy"]
@@ -185,11 +176,8 @@ def figures(table: pd.DataFrame) -> list:
         sub = summary[summary.metric == metric]
         if sub.empty:
             continue
-        low, high = _RANGES.get(metric, (-np.inf, np.inf))  # 2 episodes give wide t-intervals: clip
-        sub = sub.assign(
-            err_plus=sub.ci_high.clip(upper=high) - sub["mean"],
-            err_minus=sub["mean"] - sub.ci_low.clip(lower=low),
-        )
+        # the intervals are clipped to the metric's range already (`layer_mean`)
+        sub = sub.assign(err_plus=sub.ci_high - sub["mean"], err_minus=sub["mean"] - sub.ci_low)
         fig = px.line(
             sub,
             x="k",

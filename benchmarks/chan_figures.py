@@ -30,7 +30,7 @@ from iclgd_lens.analyses import icl_vs_iwl
 def ci(row) -> str:
     if math.isnan(row["ci_low"]):
         return f"{row['mean']:.2f}"
-    return f"{row['mean']:.2f} [{max(row['ci_low'], 0):.2f}, {min(row['ci_high'], 1):.2f}]"
+    return f"{row['mean']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"  # clipped by `summary`
 
 
 def run(title: str, **kwargs):

@@ -7,7 +7,8 @@ fine-tuning on the facts.
 
 Mapping facts: seeds 0-4 (each seed draws its own category -> label map, counterfact derangement
 and demonstration placement), fine-tuning for the default 10 epochs and for 40. Rates are the
-mean over seeds of each seed's rate over its 36 facts, with a 95% t-interval over the 5 seeds;
+mean over seeds of each seed's rate over its 36 facts, with a 95% t-interval over the 5 seeds
+(clipped to the metric's range, `conflict_probe.RANGES`);
 the per-fact interval of seed 0 is in that run's findings. Corpus facts: seed 0, k = 4 and 16.
 """
 
@@ -17,7 +18,7 @@ import time
 
 import numpy as np
 import torch
-from iclgd_lens.analyses.conflict_probe import run, summary
+from iclgd_lens.analyses.conflict_probe import RANGES, run, summary
 
 from iclgd_lens import stats
 
@@ -25,8 +26,9 @@ MODELS = ("tiny-llama-icl", "tiny-llama-iclobj")
 RATES = ("fact_accuracy", "context_wins", "weights_win", "other")
 
 
-def ci(values) -> str:
-    i = stats.t_interval(values)
+def ci(values, metric: str) -> str:
+    """Mean [95% t-interval over seeds, clipped to the metric's range] of one value per seed."""
+    i = stats.t_interval(values, bounds=RANGES[metric])
     return f"{i.mean:.2f}" if np.isnan(i.ci_low) else f"{i.mean:.2f} [{i.ci_low:.2f}, {i.ci_high:.2f}]"
 
 
@@ -75,8 +77,8 @@ def mapping() -> None:
             print("|---|---|---|")
             for m in RATES:
                 print(
-                    f"| {m} | {ci([s[(m, 'before', -1)] for s in per_seed])} "
-                    f"| {ci([s[(m, 'after', -1)] for s in per_seed])} |"
+                    f"| {m} | {ci([s[(m, 'before', -1)] for s in per_seed], m)} "
+                    f"| {ci([s[(m, 'after', -1)] for s in per_seed], m)} |"
                 )
             layers = sorted(
                 l for (m, st, l) in per_seed[0].index if m == "attn_update_norm" and st == "before"
@@ -84,12 +86,18 @@ def mapping() -> None:
             for stage in ("before", "after"):
                 print(
                     f"| ‖h_conflict − h_ZSL‖ {stage}, layers {'/'.join(map(str, layers))} | "
-                    + " / ".join(ci([s[("attn_update_norm", stage, l)] for s in per_seed]) for l in layers)
+                    + " / ".join(
+                        ci([s[("attn_update_norm", stage, l)] for s in per_seed], "attn_update_norm")
+                        for l in layers
+                    )
                     + " | |"
                 )
             print(
                 "| cos(update after, update before), layers | "
-                + " / ".join(ci([s[("attn_update_cos", "after", l)] for s in per_seed]) for l in layers)
+                + " / ".join(
+                    ci([s[("attn_update_cos", "after", l)] for s in per_seed], "attn_update_cos")
+                    for l in layers
+                )
                 + " | |"
             )
             print()

@@ -51,6 +51,22 @@ def test_t_interval_edge_cases():
     assert flat.ci_low == flat.mean == flat.ci_high and flat.n == 3
 
 
+def test_t_interval_clipped_to_bounds_keeps_the_mean():
+    rates = [0.0, 1.0, 1.0]  # three runs' error rates: the raw interval reaches past [0, 1]
+    raw = stats.t_interval(rates)
+    assert raw.ci_low < 0 and raw.ci_high > 1
+    got = stats.t_interval(rates, bounds=(0.0, 1.0))
+    assert (got.mean, got.ci_low, got.ci_high, got.n) == (raw.mean, 0.0, 1.0, 3)
+    inside = stats.t_interval([0.4, 0.5, 0.6], bounds=(0.0, 1.0))  # an interval inside is left alone
+    assert tuple(inside) == tuple(stats.t_interval([0.4, 0.5, 0.6]))
+    over = stats.t_interval([1 + 1e-7, 1 + 1e-7], bounds=(-1.0, 1.0))  # rounding past the range
+    assert over.ci_low == over.mean == over.ci_high == 1 + 1e-7
+    one = stats.t_interval([0.3], bounds=(0.0, 1.0))
+    assert math.isnan(one.ci_low) and math.isnan(one.ci_high)
+    norms = stats.t_interval([0.1, 5.0], bounds=(0.0, math.inf))
+    assert norms.ci_low == 0.0 and norms.ci_high == stats.t_interval([0.1, 5.0]).ci_high
+
+
 def test_episode_interval_is_a_t_interval_over_episode_means():
     rng = np.random.default_rng(3)
     episodes = np.repeat([0, 1, 2, 3, 4], [3, 7, 2, 5, 4])  # unequal numbers of queries

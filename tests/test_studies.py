@@ -269,6 +269,39 @@ def test_conflict_probe_on_the_embedded_model(icl_model):
         assert "floor" in r.findings
 
 
+def test_study_summaries_clip_intervals_to_each_metrics_range():
+    import pandas as pd
+    from iclgd_lens.analyses import conflict_probe, icl_vs_iwl
+
+    # two facts: a rate of 0 and 1, norms 0.1 and 9, cosines -1 and 1 (raw t-intervals reach +-6)
+    facts = pd.DataFrame(
+        {
+            "metric": ["context_wins"] * 2 + ["attn_update_norm"] * 2 + ["attn_update_cos"] * 2,
+            "stage": "after",
+            "layer": [-1, -1, 0, 0, 0, 0],
+            "query": [0, 1] * 3,
+            "value": [0.0, 1.0, 0.1, 9.0, -1.0, 1.0],
+        }
+    )
+    s = conflict_probe.summary(facts).set_index("metric")
+    assert tuple(s.loc["context_wins", ["ci_low", "ci_high"]]) == (0.0, 1.0)
+    assert s.loc["attn_update_norm", "ci_low"] == 0.0 and s.loc["attn_update_norm", "ci_high"] > 9
+    assert tuple(s.loc["attn_update_cos", ["ci_low", "ci_high"]]) == (-1.0, 1.0)
+    runs = pd.DataFrame(
+        {
+            "n_train": 10,
+            "seed": [0, 1, 2],
+            "labels": "original",
+            "context": "default",
+            "group": "rare",
+            "metric": "error",
+            "value": [0.0, 1.0, 1.0],
+        }
+    )
+    row = icl_vs_iwl.summary(runs).iloc[0]
+    assert (row["ci_low"], row["ci_high"], row["n_seeds"]) == (0.0, 1.0, 3)
+
+
 def test_mapping_facts_are_consistent_per_category():
     from iclgd_lens.analyses.conflict_probe import mapping_facts
 

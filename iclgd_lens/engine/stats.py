@@ -7,6 +7,7 @@ first averaged within its episode (NaNs dropped); intervals and tests then run o
 episode means, one number per independent demonstration set. See docs/statistics.md.
 
     t_interval(values)                       # plain t-interval, for values that are independent
+    t_interval(values, bounds=(0, 1))        # the same, clipped to the range of a rate
     episode_interval(values, episodes)       # mean per episode first, then a t-interval over them
     sign_flip_pvalue(diffs)                  # two-sided paired sign-flip permutation test
     min_p_value(n_episodes)                  # the smallest p that test can give (2 / 2^n exact)
@@ -96,12 +97,19 @@ def _half_width(sd, n, confidence: float):
     return np.where(n >= 2, half, np.nan)
 
 
-def t_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE) -> Interval:
+def t_interval(
+    values: Sequence[float] | np.ndarray,
+    confidence: float = CONFIDENCE,
+    *,
+    bounds: tuple[float, float] | None = None,
+) -> Interval:
     """Mean and two-sided t-interval (scipy.stats.t, sd with ddof=1) of independent values.
 
     For numbers that are already one per independent unit: one per episode, per fact, per
     training run. NaNs are dropped; no value -> all NaN, n = 0; one value -> (value, NaN, NaN,
-    1); identical values -> a zero-width interval.
+    1); identical values -> a zero-width interval. `bounds`: the (lowest, highest) value the
+    quantity can take (a rate's (0, 1)); the interval is clipped to it, never past the mean,
+    which keeps its coverage (docs/statistics.md). None leaves it as it is.
     """
     x = np.asarray(values, dtype=float).ravel()
     x = x[~np.isnan(x)]
@@ -111,7 +119,10 @@ def t_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDE
     mean = float(x.mean())
     sd = 0.0 if x.min() == x.max() else float(x.std(ddof=1))
     half = float(_half_width(sd, n, confidence))
-    return Interval(mean, mean - half, mean + half, n)
+    low, high = mean - half, mean + half
+    if bounds is not None and n >= 2:
+        low, high = max(low, min(bounds[0], mean)), min(high, max(bounds[1], mean))
+    return Interval(mean, low, high, n)
 
 
 def episode_means(values: Sequence[float] | np.ndarray, episodes: Sequence | np.ndarray) -> pd.Series:
