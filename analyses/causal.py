@@ -48,6 +48,7 @@ from iclgd_lens import (
     Probe,
     Recorder,
     Task,
+    added_context_mask,
     delta_hooks,
     encode_prompts,
     label_token_ids,
@@ -302,15 +303,6 @@ class Runs:
     n_layers: int
 
 
-def demonstration_mask(enc) -> torch.Tensor:
-    """[batch, pos] bool: the tokens the ICL prompt has and the ZSL prompt lacks, i.e. every
-    real token after BOS and before the query's first token (demonstrations and separators)."""
-    seg = enc.segments
-    positions = torch.arange(seg.shape[1], device=seg.device)
-    first_query = (seg < 0).float().argmax(-1)  # [batch]
-    return (positions[None] > 0) & (positions[None] < first_query[:, None]) & enc.attention_mask.bool()
-
-
 def record_runs(bridge, task: Task, episodes, gd_config: GDConfig, seed: int, progress: bool = False) -> Runs:
     """ZSL, ICL, GD (the ZSL prompt with the episode's GD deltas) and ICL under another order,
     every episode's queries as rows of one batch each; what the interventions need."""
@@ -344,7 +336,7 @@ def record_runs(bridge, task: Task, episodes, gd_config: GDConfig, seed: int, pr
     }
     icl = recs["icl"]
     n_layers = icl["attn_out"].shape[0]
-    mask = demonstration_mask(icl_enc)
+    mask = added_context_mask(icl_enc.segments, icl_enc.attention_mask)  # X': demonstrations, separators
     _check_rope_and_scale(icl, mask)
     demo = {l: DemoKV(icl["k"][l], icl["v"][l], mask, icl["cos"][l], icl["sin"][l]) for l in range(n_layers)}
     return Runs(

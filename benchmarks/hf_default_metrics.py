@@ -161,9 +161,13 @@ def default_rows(rec: dict, prefix: dict, train_q, train_demo, seed: int, baseli
     others = {"icl~icl_perm": rec.get("icl_perm"), "icl~random_update": rec.get("gd_random")}
     rot_q = icl["rot_q"].float()  # [L, B, H, d]
 
-    # Dai's dual form: dW_ICL over the demonstration tokens vs dW_GD over the query's context
-    demo_tokens = prefix["segments"] > 0
-    dw_icl = metrics.implicit_dw_icl(prefix["k"], prefix["v"], demo_tokens)[:, None]  # [L, 1, KV, d, d]
+    # Dai's dual form: dW_ICL over X' (the prefix from its first demonstration token on: the
+    # demonstrations and their separators, no BOS) vs dW_GD over the query's context
+    seg = prefix["segments"]
+    added = torch.arange(seg.shape[-1]) >= int((seg > 0).long().argmax(-1).min())
+    dw_icl = metrics.implicit_dw_icl(prefix["k"], prefix["v"], added.expand_as(seg))[
+        :, None
+    ]  # [L, 1, KV, d, d]
     for comparison, other in {"icl~gd": gd, "icl~random_update": rec.get("gd_random")}.items():
         if other is None:
             continue

@@ -1,11 +1,12 @@
 """Probes of queries, keys and values: the dual form's implicit update and Kendall's GD side.
 
-Dai et al.'s dual form (linear attention, per head): the demonstrations add
-dW_ICL = sum_i v_i k_i^T to the zero-shot weights W_ZSL = sum_j v_j k_j^T over the query's
-context tokens. GD changes W_K, W_V, so its implicit update is
-dW_GD = sum_j v_j^GD k_j^GD^T - sum_j v_j k_j^T over the same context tokens: a few tokens, so it
-is kept as those tokens' keys and values (its factors), not as a d_head x d_head matrix per row. Keys are
-post-rotary (`hook_rot_k`), as the real attention sees them; under GQA there are n_kv heads.
+Dai et al.'s dual form (linear attention, per head): the demonstrations, with their separators
+(every token the ICL prompt adds), add dW_ICL = sum_i v_i k_i^T to the zero-shot weights
+W_ZSL = sum_j v_j k_j^T over the query's context tokens. GD changes W_K, W_V, so its implicit
+update is dW_GD = sum_j v_j^GD k_j^GD^T - sum_j v_j k_j^T over the same context tokens: a few
+tokens, so it is kept as those tokens' keys and values (its factors), not as a d_head x d_head
+matrix per row. Keys are post-rotary (`hook_rot_k`), as the real attention sees them; under GQA
+there are n_kv heads.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from iclgd_lens.hooks import ReadContext, probe
 
-from iclgd_lens import metrics
+from iclgd_lens import added_context_mask, metrics
 
 
 @probe(
@@ -22,16 +23,18 @@ from iclgd_lens import metrics
     compare=False,
 )
 def kv_outer(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch.Tensor]:
-    """sum v k^T over the demonstration tokens of this pass (`kv_demo`, = dW_ICL) and, in
+    """sum v k^T over this pass's tokens of X' (`kv_demo`, = dW_ICL: the demonstrations and their
+    separators, `tasks.added_context_mask`) and, in
     the query-alone conditions, the keys and values of the context tokens up to the read
     position (`kv_context_k`, `kv_context_v`, other positions zero), the factors of their
     sum v k^T: dW_GD is the difference of two such sums (`metrics.dw_difference_factors`)."""
     k = acts["attn.hook_rot_k"].float()  # [batch, pos, n_kv, d_head] (this pass's positions)
     v = acts["attn.hook_v"].float()
     seg = ctx.pass_segments  # [batch, pos]
+    added = added_context_mask(ctx.segments, ctx.attention_mask)[:, ctx.prefix_len :]  # [batch, pos]
     out = {}
-    if bool((seg > 0).any()):
-        out["kv_demo"] = metrics.implicit_dw_icl(k, v, seg > 0)  # [batch, n_kv, d_head (v), d_head (k)]
+    if bool(added.any()):
+        out["kv_demo"] = metrics.implicit_dw_icl(k, v, added)  # [batch, n_kv, d_head (v), d_head (k)]
     if ctx.condition not in ("icl", "icl_prefix"):
         positions = torch.arange(seg.shape[1], device=seg.device)
         mask = ctx.attention_mask[:, ctx.prefix_len :].bool() & (positions[None] <= ctx.read_pos[:, None])

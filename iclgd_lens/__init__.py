@@ -32,6 +32,7 @@ _EXPORTS = {
     "permuted_demos": "iclgd_lens.tasks",
     "resolve_task": "iclgd_lens.tasks",
     "QUERY_SEGMENT": "iclgd_lens.tasks",
+    "added_context_mask": "iclgd_lens.tasks",
     "default_task": "iclgd_lens.tasks.mapping",
     "MappingTask": "iclgd_lens.tasks.mapping",
     "World": "iclgd_lens.tasks.mapping",

@@ -29,14 +29,12 @@ from __future__ import annotations
 import copy
 import math
 import random
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -356,10 +354,15 @@ def simam_delta(m_icl, m_other, m_zsl) -> torch.Tensor:
     return torch.where(moved(m_icl, m_zsl), value, torch.full_like(value, float("nan")))
 
 
-def dw_icl(p: Pass) -> torch.Tensor:
-    """Dai's dual form of the ICL update: sum over demonstration tokens of v k_rot^T: [L, G, D(v), D(k)]."""
-    demo = p.prompt.segments > 0
-    return torch.einsum("lpgv,lpgk->lgvk", p.v[:, demo].double(), p.k_rot[:, demo].double())
+def dw_icl(p: Pass, p_zsl: Pass) -> torch.Tensor:
+    """Dai's dual form of the ICL update: sum of v k_rot^T over X', the tokens the ICL prompt adds
+    to the ZSL prompt (BOS + query): [L, G, D(v), D(k)]. X' is found from the two prompts' token
+    ids alone: the ICL prompt is BOS, X', then the ZSL prompt's query tokens."""
+    icl_ids, zsl_ids = p.prompt.ids, p_zsl.prompt.ids
+    n_query = len(zsl_ids) - 1  # the ZSL prompt is BOS + the query's tokens
+    assert icl_ids[0] == zsl_ids[0] and icl_ids[-n_query:] == zsl_ids[1:], "ICL prompt is not BOS, X', query"
+    added = slice(1, len(icl_ids) - n_query)
+    return torch.einsum("lpgv,lpgk->lgvk", p.v[:, added].double(), p.k_rot[:, added].double())
 
 
 def kv_context(p: Pass) -> torch.Tensor:
@@ -431,12 +434,29 @@ def kendall_per_head_sides(p_icl: Pass, p_gd: Pass) -> tuple[torch.Tensor, torch
     return attention, dots, seg[demo] - 1
 
 
+TIE_RTOL = 1e-6
+"""Two values within 1e-6 of each other, relative to the larger, are tied (docs/metrics.md)."""
+
+
 def kendalltau(a, b) -> float:
-    with warnings.catch_warnings():  # constant input -> NaN with a warning
-        warnings.simplefilter("ignore")
-        return float(
-            scipy.stats.kendalltau(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)).statistic
-        )
+    """Kendall's tau-b (scipy's variant) from its definition, pair by pair, with ties within
+    TIE_RTOL: sum sgn(a_i - a_j) sgn(b_i - b_j) / sqrt(untied pairs of a x untied pairs of b);
+    NaN where either side has no untied pair. Equal to scipy.stats.kendalltau where no two
+    values are that close (tests/test_oracle.py checks it)."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+
+    def sign(x, i, j) -> int:
+        d = x[i] - x[j]
+        return 0 if abs(d) <= TIE_RTOL * max(abs(x[i]), abs(x[j])) else (1 if d > 0 else -1)
+
+    con = untied_a = untied_b = 0
+    for i in range(len(a)):
+        for j in range(i + 1, len(a)):
+            sa, sb = sign(a, i, j), sign(b, i, j)
+            con += sa * sb
+            untied_a += sa != 0
+            untied_b += sb != 0
+    return con / math.sqrt(untied_a * untied_b) if untied_a and untied_b else float("nan")
 
 
 def per_demo_sums(values: torch.Tensor, ids: torch.Tensor, n_demos: int) -> torch.Tensor:
@@ -601,7 +621,7 @@ def oracle_table(
             (L, n_q, d), seed + e
         )  # Dai's r for attn_out (and resid_out: same shape, same seed)
         r_z = random_update_vector((L, n_q, H, D), seed + e)  # and for head_out
-        dwi = dw_icl(ep.icl[0])  # the same demonstrations for every query of the episode
+        dwi = dw_icl(ep.icl[0], ep.zsl[0])  # the same demonstrations for every query of the episode
         labels = [q.label for q in episode.queries]
         label_ids = label_token_ids(tokenizer, episode.label_words)
         correct = {c: [] for c in ("zsl", "icl", "gd")}

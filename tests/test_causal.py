@@ -13,6 +13,7 @@ import torch
 from iclgd_lens.analyses import causal
 
 from iclgd_lens import GDConfig
+from iclgd_lens.tasks import added_context_mask
 from iclgd_lens.worlds.oswald import (
     LinearSelfAttention,
     build_tokens,
@@ -89,7 +90,7 @@ def test_softmax_transplant_is_exact_when_the_context_is_icls_own(icl_model, run
     masked in every layer, positions unchanged); the softmax transplant of their recorded keys and
     values must then give back ICL's logits at every layer."""
     L, icl = runs.n_layers, runs.icl_enc
-    demo = causal.demonstration_mask(icl)  # [batch, pos]
+    demo = added_context_mask(icl.segments, icl.attention_mask)  # [batch, pos]
     rows = torch.arange(len(icl.read_pos))
 
     def blind(scores, hook):  # [batch, heads, q_pos, k_pos]

@@ -318,6 +318,46 @@ def test_batched_kendall_tau_b_equals_scipy_with_ties():
                 assert abs(float(got[i, j]) - want) < 1e-6
 
 
+def test_kendall_ties_values_a_few_ulps_apart():
+    """The same value twice, once a few float32 ulps off (what a matmul's lanes give one token
+    twice), is a tie as in scipy on the exact values; values 1e-5 apart are not; tie_rtol=0 is
+    scipy on the values as given."""
+    one = torch.tensor(1.0)
+    ulps = torch.nextafter(torch.nextafter(one, torch.tensor(2.0)), torch.tensor(2.0))  # 2 ulps above 1
+    a = torch.stack([one, ulps, torch.tensor(0.5), torch.tensor(3.0)])
+    b = torch.tensor([2.0, 1.0, 0.0, 4.0])
+    exact = scipy.stats.kendalltau([1.0, 1.0, 0.5, 3.0], b.numpy()).statistic
+    assert metrics.kendall_tau_b(a, b).item() == pytest.approx(exact, abs=1e-7)
+    as_given = scipy.stats.kendalltau(a.double().numpy(), b.numpy()).statistic
+    assert as_given != pytest.approx(exact, abs=1e-3)
+    assert metrics.kendall_tau_b(a, b, tie_rtol=0.0).item() == pytest.approx(as_given, abs=1e-7)
+    apart = torch.tensor([1.0, 1.00001, 0.5, 3.0])
+    assert metrics.kendall_tau_b(apart, b).item() == pytest.approx(
+        scipy.stats.kendalltau(apart.double().numpy(), b.numpy()).statistic, abs=1e-7
+    )
+
+
+def test_added_context_mask_is_demonstrations_and_separators():
+    """X' of the dual form: from the first demonstration token to the token before the query,
+    separators included; never BOS, the query or padding; nothing in a zero-shot prompt."""
+    from iclgd_lens.tasks import added_context_mask
+
+    O, Q = OTHER_SEGMENT, QUERY_SEGMENT
+    segments = torch.tensor(
+        [
+            [O, 1, 1, O, 2, 2, O, Q, Q, O],  # BOS, demo 1, sep, demo 2, sep, query, padding
+            [O, Q, Q, O, O, O, O, O, O, O],  # a ZSL prompt, padded
+            [1, 1, O, 2, O, Q, O, O, O, O],  # no BOS
+        ]
+    )
+    mask = torch.tensor([[1] * 9 + [0], [1] * 3 + [0] * 7, [1] * 6 + [0] * 4])
+    got = added_context_mask(segments, mask)
+    want = torch.zeros_like(segments, dtype=torch.bool)
+    want[0, 1:7] = True
+    want[2, 0:5] = True
+    assert torch.equal(got, want)
+
+
 def test_kendall_tau_b_is_exact_in_chunks_and_matches_scipy():
     """The chunked pair-sign tau-b equals scipy's tau-b on every row, for any chunk size (one
     row per chunk, a few rows, all rows at once), with ties, NaN for a constant row, n = 1, and

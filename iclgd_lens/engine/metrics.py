@@ -156,11 +156,23 @@ KENDALL_CHUNK_BYTES = 64 * 2**20
 """Bound on the pair-sign tensors `kendall_tau_b` holds at once (float32 [rows, n (n - 1) / 2] each)."""
 
 
-def kendall_tau_b(a: Tensor, b: Tensor, chunk_bytes: int = KENDALL_CHUNK_BYTES) -> Tensor:
+TIE_RTOL = 1e-6
+"""Kendall ties: two values within 1e-6 of each other, relative to the larger (about 8 float32
+ulps). The same token twice
+gets values that differ by a few ulps when a matmul puts them in different lanes, and whether it
+does depends on the CPU or GPU kernel; a rank order decided by that rounding is not a result."""
+
+
+def kendall_tau_b(
+    a: Tensor, b: Tensor, chunk_bytes: int = KENDALL_CHUNK_BYTES, *, tie_rtol: float = TIE_RTOL
+) -> Tensor:
     """Kendall's tau-b over the last dim, batched: [..., n] x2 -> [...] (scipy's default variant).
 
     tau_b = sum_{i<j} sgn(a_i - a_j) sgn(b_i - b_j) / sqrt(n_a n_b), n_a / n_b = pairs not tied
-    in a / b. NaN where either input is constant or n < 2 (as scipy). Exact: the pair signs are
+    in a / b. `tie_rtol`: a pair whose difference is at most tie_rtol x the larger of its two
+    |values| counts as tied (`TIE_RTOL`, so that values equal by construction, two identical tokens'
+    attention, stay tied whatever rounding the hardware's matmul gives each; 0 gives scipy's
+    exact ties). NaN where either input is constant or n < 2 (as scipy). Exact: the pair signs are
     -1, 0, 1 and their sums integers below 2^24 (n < 5793), which float32 holds exactly (the
     untied counts are the squared norms of the signs, rounded to int64). Memory: only the
     n (n - 1) / 2 pairs i < j, rows taken in chunks of at most `chunk_bytes` per sign tensor
@@ -176,7 +188,11 @@ def kendall_tau_b(a: Tensor, b: Tensor, chunk_bytes: int = KENDALL_CHUNK_BYTES) 
     concordance, untied_a, untied_b = [], [], []
 
     def pair_signs(x: Tensor) -> Tensor:  # [rows, n] -> [rows, pairs]: sgn(x_i - x_j) in x's own dtype
-        return x.index_select(1, i).sub_(x.index_select(1, j)).sign_().to(exact)
+        xi, xj = x.index_select(1, i), x.index_select(1, j)
+        d = xi - xj
+        if tie_rtol > 0:
+            d.masked_fill_(d.abs() <= tie_rtol * torch.maximum(xi.abs_(), xj.abs_()), 0.0)
+        return d.sign_().to(exact)
 
     def untied(signs: Tensor) -> Tensor:  # pairs with a nonzero sign: sum of squared signs, exact
         return torch.linalg.vector_norm(signs, dim=-1).double().square().round().long()
@@ -290,10 +306,11 @@ def rec2ftp(zsl_correct: Tensor, icl_correct: Tensor, gd_correct: Tensor) -> flo
 
 # ---- implicit weights (Dai's dual form) -----------------------------------------------------
 def implicit_dw_icl(k_demo: Tensor, v_demo: Tensor, mask: Tensor | None = None) -> Tensor:
-    """dW_ICL = sum_i v_i k_i^T over demonstration tokens, per (kv) head (Dai's dual form).
+    """dW_ICL = sum_i v_i k_i^T over the tokens X' the demonstrations add, per (kv) head (Dai's
+    dual form; `tasks.added_context_mask` gives X': the demonstrations and their separators).
 
-    k_demo, v_demo [..., n_tokens, heads, d_head]; mask [..., n_tokens] bool (True = a
-    demonstration token) -> [..., heads, d_head (v), d_head (k)].
+    k_demo, v_demo [..., n_tokens, heads, d_head]; mask [..., n_tokens] bool (True = a token
+    of X') -> [..., heads, d_head (v), d_head (k)].
     """
     if mask is not None:
         w = mask.to(k_demo.dtype)

@@ -37,6 +37,26 @@ OTHER_SEGMENT = 0
 """Segment id of BOS, separators and padding."""
 
 
+def added_context_mask(segments: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The tokens an ICL prompt adds to its zero-shot prompt: X' of Dai's dual form.
+
+    The ICL prompt is the zero-shot prompt (BOS, the query) with the demonstrations and the
+    separator after each inserted before the query, so X' runs from the first demonstration
+    token up to the last token before the query: every demonstration and separator token, no
+    BOS, no query token, no padding. Only with all of them does sum_{X'} v k^T make the
+    linear-attention identity F_ICL(q) = (W_ZSL + dW_ICL) q exact (docs/metrics.md). Kendall
+    and the attention-mass metrics use the demonstration tokens alone (`segments > 0`).
+    segments, attention_mask [batch, pos] -> bool [batch, pos].
+    """
+    n = segments.shape[-1]
+    positions = torch.arange(n, device=segments.device)
+    demo, query = segments > 0, segments == QUERY_SEGMENT
+    first_demo = torch.where(demo.any(-1), demo.float().argmax(-1), n)  # [batch]
+    first_query = torch.where(query.any(-1), query.float().argmax(-1), n)
+    inside = (positions >= first_demo[..., None]) & (positions < first_query[..., None])
+    return inside & attention_mask.bool()
+
+
 @dataclass(frozen=True)
 class Example:
     """One labelled input: `text` fills the template, `label` indexes the label words."""
