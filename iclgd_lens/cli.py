@@ -315,8 +315,9 @@ def report(
     bridge = load_model(model, device=device, dtype=dtype)
     parts = []
     for k_value in tqdm(ks, desc="k", disable=no_progress or len(ks) == 1):
-        parts.append(
-            compare(
+        with warnings.catch_warnings():  # k = 0 beside other k is asked for: its zero-shot accuracy
+            warnings.filterwarnings("ignore", message="k=0: with no demonstrations")
+            part = compare(
                 bridge,
                 the_task,
                 gd=gd_config,
@@ -327,7 +328,7 @@ def report(
                 progress=not no_progress,
                 check_resources=not no_resource_check,
             )
-        )
+        parts.append(part)
     results = Results.concat(parts)
     path = render_report(results, out, single_file=single_file)
     typer.echo(str(path))

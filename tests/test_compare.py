@@ -123,7 +123,8 @@ def test_random_update_drawn_an_episode_at_a_time_changes_no_number(bridge, monk
 
 
 def test_zero_shots_make_icl_equal_zsl(bridge):
-    r = compare(bridge, tiny_task(), k=0, n_episodes=1, n_queries=4, baselines=False, progress=False)
+    with pytest.warns(UserWarning, match="k=0: with no demonstrations"):  # the cosines of zero updates
+        r = compare(bridge, tiny_task(), k=0, n_episodes=1, n_queries=4, baselines=False, progress=False)
     acc = r.table[r.table.metric == "accuracy"].groupby("comparison")["value"].mean()
     assert acc["icl"] == acc["zsl"] == acc["gd"]
     kl = r.table[(r.table.metric == "kl") & (r.table.comparison == "icl~zsl")]["value"]
@@ -211,8 +212,15 @@ def test_metrics_come_from_what_probes_declare(bridge):
         with pytest.raises(IclgdError, match="both return 'attn_out'") as info:
             compare(bridge, tiny_task(), probes=["attn_out", "t_clash"], **kw)
         assert "\n" not in str(info.value)
+        # a whole-sequence vector: ICL's query pass and ZSL's prompt differ in length
+        probe("t_sequence", points=["blocks.{layer}.hook_mlp_out"])(
+            lambda acts, ctx: {} if ctx.condition == "icl_prefix" else {"seq": acts["hook_mlp_out"]}
+        )
+        with pytest.raises(IclgdError, match="'seq' has different shapes across conditions") as info:
+            compare(bridge, tiny_task(), probes=["attn_out", "t_sequence"], **kw)
+        assert "\n" not in str(info.value)
     finally:
-        for name in ("t_compared", "t_silent", "t_clash"):
+        for name in ("t_compared", "t_silent", "t_clash", "t_sequence"):
             PROBES.pop(name, None)
     assert not any(hp.fwd_hooks for hp in bridge.hook_dict.values())
 
@@ -229,3 +237,19 @@ def test_the_untrained_baselines_gd_has_its_own_progress_bar(bridge, capsys):
     )
     err = capsys.readouterr().err
     assert "GD:" in err and "GD (untrained):" in err
+
+
+def test_hooks_already_on_the_model_are_named_in_a_warning(bridge):
+    """A hook left on the bridge (model.add_hook, or a Recorder.attach never removed) acts on every
+    condition: compare() says so, naming the hook point; with none left it says nothing."""
+    import warnings
+
+    bridge.add_hook("blocks.1.hook_resid_pre", lambda x, hook: x)
+    try:
+        with pytest.warns(UserWarning, match=r"1 hook point\(s\) already have hooks attached.*blocks\.1"):
+            compare(bridge, tiny_task(), k=1, n_episodes=1, n_queries=2, baselines=False, progress=False)
+    finally:
+        bridge.reset_hooks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compare(bridge, tiny_task(), k=1, n_episodes=1, n_queries=2, baselines=False, progress=False)

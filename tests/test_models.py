@@ -105,6 +105,9 @@ def test_in_memory_without_copy_wraps_the_callers_model_in_place():
     assert bridge.original_model is hf and is_wrapped(hf)
     assert set(hf.state_dict()) != set(before)  # the keys gained ._original_component
     assert bitwise_equal(original_state_dict(bridge), before)  # the weights themselves are unchanged
+    fresh = LlamaForCausalLM(hf.config)  # the undo docs/models.md gives: a plain HF model again
+    fresh.load_state_dict(original_state_dict(bridge))
+    assert bitwise_equal(fresh.state_dict(), before) and not is_wrapped(fresh)
     with pytest.raises(IclgdError, match="already wrapped by a TransformerBridge"):
         load_model(hf_model=hf, tokenizer=tokenizer(), device="cpu")
 
@@ -292,6 +295,12 @@ def test_bad_dtype_device_and_tokenizer():
         load_model(hf_model=hf, tokenizer=tokenizer(bos=False, bos_post_processor=False))
     with pytest.raises(IclgdError, match="tokenizer must be a transformers tokenizer"):
         load_model(hf_model=hf, tokenizer="test-words")
+    small = hf_llama()
+    small.resize_token_embeddings(len(tok) - 2)  # ids past the embedding: an index error in GD otherwise
+    with pytest.raises(
+        IclgdError, match=rf"the tokenizer has {len(tok)} tokens but the model's embedding has"
+    ):
+        load_model(hf_model=small, tokenizer=tok)
     assert not is_wrapped(hf)
 
 

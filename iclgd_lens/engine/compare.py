@@ -82,6 +82,7 @@ def compare(
     default 8 episodes let the exact paired test reach p = 0.0078 (docs/statistics.md).
     """
     started = time.time()
+    _warn_attached_hooks(model)
     task = resolve_task(task, seed)
     gd_config = GDConfig.resolve(gd, task)
     chosen = _chosen_baselines(baselines)
@@ -115,6 +116,12 @@ def compare(
                 "or baselines"
             )
         batch_size = plan.batch_size
+    if k == 0:
+        warnings.warn(
+            "k=0: with no demonstrations ICL is the zero-shot run and GD trains on nothing, so every "
+            "update is zero and its cosines read 0; only the zero-shot accuracy means anything",
+            stacklevel=2,
+        )
     n_queries_drawn = len(episodes[0].queries)
     if n_queries_drawn < n_queries:
         warnings.warn(
@@ -395,6 +402,21 @@ def _icl(recorder: Recorder, enc, condition: str, share_prefix: bool) -> tuple[R
 
 
 # ---- checks before any model work ----------------------------------------------------------
+def _warn_attached_hooks(model) -> None:
+    """Warn when hooks are already on the model's hook points (`model.add_hook`, or a
+    `Recorder.attach` never removed): they act on every condition, ZSL, ICL, GD and the
+    baselines alike, and a probe left from another run can fail on these prompts' shapes."""
+    points = {id(p): (name, p) for name, p in getattr(model, "hook_dict", {}).items()}.values()
+    names = [name for name, p in points if getattr(p, "fwd_hooks", None) or getattr(p, "bwd_hooks", None)]
+    if names:
+        warnings.warn(
+            f"{len(names)} hook point(s) already have hooks attached ({', '.join(sorted(names)[:3])}"
+            f"{', ...' if len(names) > 3 else ''}): they act on every condition (ZSL, ICL, GD, baselines); "
+            "if they are left from Recorder.attach or model.add_hook, remove them (model.reset_hooks())",
+            stacklevel=3,
+        )
+
+
 def check_k_fits(tokenizer, n_ctx: int | None, task: Task, k: int) -> None:
     """k demonstrations of at least this task's shortest rendering must fit the context window:
     an impossible k fails here, in milliseconds, instead of after GD has trained on them (the

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from iclgd_lens.engine import metrics
 from iclgd_lens.engine.baselines import random_vector_like
 from iclgd_lens.engine.record import Recording
+from iclgd_lens.errors import IclgdError
 
 
 def episode_table(
@@ -169,6 +170,7 @@ def episode_table(
     for name in compared:
         if name not in icl or name not in gd or name not in zsl:
             continue
+        _check_same_shape(name, {c: r[name] for c, r in rec.items() if r is not None and name in r})
         per_head = icl[name].dim() == 4
         for comparison, other in {"icl~gd": gd, **others}.items():
             if other is not None and name in other:
@@ -193,6 +195,19 @@ def episode_table(
                 per_head,
             )
     return out.frame()
+
+
+def _check_same_shape(name: str, values: dict[str, torch.Tensor]) -> None:
+    """A compared probe vector must have one shape in every condition (ICL's prompts are longer
+    than ZSL's, so a whole-sequence tensor is not): one line saying so, not a broadcasting error."""
+    shapes = {c: tuple(v.shape[2:]) for c, v in values.items() if c != "icl_prefix"}  # past [L, batch]
+    if len(set(shapes.values())) > 1:
+        seen = ", ".join(f"{c} {s}" for c, s in shapes.items())
+        raise IclgdError(
+            f"probe vector {name!r} has different shapes across conditions ({seen}); a compared vector "
+            "(compare=True) must be read at one position, e.g. x[ctx.batch_index, ctx.read_pos], or "
+            "declared with compare=False"
+        )
 
 
 def _dai_kendall_rows(

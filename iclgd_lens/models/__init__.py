@@ -365,7 +365,19 @@ def load_model(
         label = name
         hf_model, tokenizer = _load_pretrained(_resolve_source(name), torch_dtype, tokenizer)
     tokenizer = prepare_tokenizer(tokenizer)
+    _check_vocab(tokenizer, hf_model)
     return _boot(label, hf_model, tokenizer, torch_device, torch_dtype, n_ctx)
+
+
+def _check_vocab(tokenizer, hf_model) -> None:
+    """Every id the tokenizer can give must have a row in the model's embedding; otherwise the
+    first forward pass fails deep inside torch (an index error in GD's training)."""
+    n_tokens, n_rows = len(tokenizer), int(hf_model.get_input_embeddings().weight.shape[0])
+    if n_tokens > n_rows:
+        raise IclgdError(
+            f"the tokenizer has {n_tokens} tokens but the model's embedding has {n_rows} rows; "
+            "pass the tokenizer the model was trained with"
+        )
 
 
 def _boot(label: str, hf_model, tokenizer, device: torch.device, dtype: torch.dtype, n_ctx: int | None):
