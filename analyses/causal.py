@@ -32,6 +32,7 @@ Definitions, choices and the measured numbers: docs/studies/causal.md.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -73,6 +74,16 @@ QUERY_METRICS = ("logit_diff", "accuracy", "agreement", "kl_to_icl", "kl_to_gd")
 EPISODE_METRICS = ("recovered", "kl_reduction")
 """One value per episode (query -1): ratios of the episode's sums (see `episode_ratios`)."""
 DUAL_FORM_METRICS = ("dual_form_cos", "dual_form_ratio")
+RANGES = {
+    "accuracy": (0.0, 1.0),
+    "agreement": (0.0, 1.0),
+    "kl_to_icl": (0.0, math.inf),
+    "kl_to_gd": (0.0, math.inf),
+    "kl_reduction": (-math.inf, 1.0),
+    "dual_form_ratio": (0.0, math.inf),
+}
+"""The range of this study's own metrics (logit_diff and recovered are unbounded): the episode
+intervals of `summary` and `head_summary` are clipped to it (docs/statistics.md)."""
 """Per head (head >= 0), comparison "transplant:linear", scope "single": how the linear transplant's
 dz = dW_ICL q at layer l compares with ICL's real update z_ICL - z_ZSL (cosine; norm ratio)."""
 PATCH_SOURCES = ("icl", "gd", "gd_scaled", "random")
@@ -747,12 +758,14 @@ def run(
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Episode-level mean and 95% t-interval per (metric, comparison, scope, layer): the
     queries of one episode are averaged first (`stats.episode_summary`)."""
-    return stats.episode_summary(table, ["metric", "comparison", "scope", "layer"])
+    return stats.episode_summary(table, ["metric", "comparison", "scope", "layer"], ranges=RANGES)
 
 
 def head_summary(table: pd.DataFrame) -> pd.DataFrame:
     """The same per (metric, comparison, layer, head) of per-head patching (scope "head")."""
-    return stats.episode_summary(table[table.scope == "head"], ["metric", "comparison", "layer", "head"])
+    return stats.episode_summary(
+        table[table.scope == "head"], ["metric", "comparison", "layer", "head"], ranges=RANGES
+    )
 
 
 def _line(sub: pd.DataFrame, title: str, **kw):

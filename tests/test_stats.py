@@ -51,6 +51,16 @@ def test_t_interval_edge_cases():
     assert flat.ci_low == flat.mean == flat.ci_high and flat.n == 3
 
 
+def test_episode_summary_clips_a_studys_own_metrics_to_the_ranges_it_gives():
+    table = pd.DataFrame({"metric": "agreement", "episode": [0, 1], "value": [0.2, 1.0]})
+    raw = stats.episode_summary(table, ["metric"]).iloc[0]  # not a metric the engine knows
+    assert raw["ci_low"] < 0 and raw["ci_high"] > 1
+    got = stats.episode_summary(table, ["metric"], ranges={"agreement": (0.0, 1.0)}).iloc[0]
+    assert (got["ci_low"], got["ci_high"], got["mean"]) == (0.0, 1.0, raw["mean"])
+    kl = pd.DataFrame({"metric": "kl", "episode": [0, 1], "value": [0.0, 2.0]})  # the engine's range stands
+    assert stats.episode_summary(kl, [], ranges={"kl": (-5.0, 5.0)}).iloc[0]["ci_low"] == 0.0
+
+
 def test_t_interval_clipped_to_bounds_keeps_the_mean():
     rates = [0.0, 1.0, 1.0]  # three runs' error rates: the raw interval reaches past [0, 1]
     raw = stats.t_interval(rates)

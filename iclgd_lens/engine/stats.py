@@ -272,6 +272,7 @@ def episode_summary(
     episode: str = "episode",
     sort: bool = True,
     clip: bool = True,
+    ranges: dict[str, tuple[float, float]] | None = None,
 ) -> pd.DataFrame:
     """`episode_interval` of `value` for each group of a tidy table: [*by, mean, ci_low,
     ci_high, n_episodes, n].
@@ -283,13 +284,14 @@ def episode_summary(
     When the table has a `metric` column and `clip` is true, ci_low and ci_high are clipped to
     the group's metric range (`ranges.metric_range`; the widest one if a group spans several
     metrics; never past the mean, which float rounding can put just outside). The true mean lies
-    in that range, so clipping keeps the interval's coverage. Metrics without a known range, the
-    mean and NaN ends are left as they are.
+    in that range, so clipping keeps the interval's coverage. `ranges` adds the ranges of a
+    study's own metrics (those of `ranges.METRIC_RANGES` stand). Metrics without a known range,
+    the mean and NaN ends are left as they are.
     """
     by = list(by)
     if not by:
         out = episode_summary(
-            table.assign(_all=0), ["_all"], confidence=confidence, episode=episode, clip=clip
+            table.assign(_all=0), ["_all"], confidence=confidence, episode=episode, clip=clip, ranges=ranges
         )
         return out.drop(columns="_all")
     per_episode = (
@@ -310,7 +312,7 @@ def episode_summary(
     half = _half_width(sd, out["n_episodes"].to_numpy(), confidence)
     out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
     if clip and "metric" in table.columns and len(out):
-        low, high = _group_ranges(table, out, by, sort)
+        low, high = _group_ranges(table, out, by, sort, ranges or {})
         mean = out["mean"].to_numpy(dtype=float)
         out["ci_low"] = np.maximum(out["ci_low"].to_numpy(dtype=float), np.minimum(low, mean))
         out["ci_high"] = np.minimum(out["ci_high"].to_numpy(dtype=float), np.maximum(high, mean))
@@ -319,11 +321,11 @@ def episode_summary(
 
 
 def _group_ranges(
-    table: pd.DataFrame, groups: pd.DataFrame, by: list[str], sort: bool
+    table: pd.DataFrame, groups: pd.DataFrame, by: list[str], sort: bool, extra: dict
 ) -> tuple[np.ndarray, np.ndarray]:
     """The (low, high) range of each row of `groups` (the groups of `by` in `table`): its metric's
     range, the widest over the metrics a group spans; -inf / inf where a metric's is unknown."""
-    bounds = {m: metric_range(m) or (-math.inf, math.inf) for m in table["metric"].unique()}
+    bounds = {m: metric_range(m) or extra.get(m) or (-math.inf, math.inf) for m in table["metric"].unique()}
     lows, highs = {m: b[0] for m, b in bounds.items()}, {m: b[1] for m, b in bounds.items()}
     if "metric" in by:
         names = groups["metric"].astype(object)
