@@ -164,3 +164,49 @@ def test_the_results_view_draws_its_figure_inline_and_the_engine_does_not_import
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_results_views_means_are_layer_level_and_name_what_is_missing():
+    """The notebook view's metric x comparison table holds the layer-level (head -1) episode means
+    only, per-head rows not counted in, and says "not measured" where a comparison has no number."""
+    from html.parser import HTMLParser
+
+    from test_results import make_results
+
+    from iclgd_lens.engine import stats
+
+    class Cells(HTMLParser):  # the table's rows as lists of cell texts
+        def __init__(self):
+            super().__init__()
+            self.rows, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th") and self.cell is not None:
+                self.rows[-1].append(self.cell.strip())
+                self.cell = None
+
+    results = make_results(n_layers=2, n_episodes=6)
+    view = results._repr_html_()
+    parser = Cells()
+    parser.feed(view[view.index("<details>") :])
+    header, cells = parser.rows[0], {row[0]: row for row in parser.rows[2:]}  # row 1: the index name
+    t = results.table
+    want = stats.episode_summary(t[t["head"] == -1], ["metric", "comparison"])
+    checked = 0
+    for row in want.itertuples():
+        if row.metric in cells and row.comparison in header:
+            assert cells[row.metric][header.index(row.comparison)] == f"{row.mean:.3f}"
+            checked += 1
+    assert checked >= 10
+    assert all(c != "" for row in cells.values() for c in row[1:])
+    assert "not measured" in view[view.index("<details>") :]

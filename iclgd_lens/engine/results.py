@@ -400,8 +400,11 @@ class Results:
         marks = verdict_table(self)
         head = headline_table(self)
         panels = layer_panels_figure(self, [m for m in SIMILARITY_METRICS if m in self.metrics])
-        summ = self.summary(by=("metric", "comparison"), p_values=False)
-        pivot = summ.pivot_table(index="metric", columns="comparison", values="mean", aggfunc="mean")
+        by = self._by_with_k(("metric", "comparison"))  # numbers of different k stay apart
+        layer_level = self.table[self.table["head"] == -1]  # per-head rows would be counted twice
+        summ = stats.episode_summary(layer_level, by)
+        rows = [c for c in by if c != "comparison"]
+        pivot = summ.pivot_table(index=rows, columns="comparison", values="mean", aggfunc="first")
         text = visible_controls(  # (the figure's own JSON is made safe by figure_html)
             f"<div><b>{title}</b>"
             f"<p>{html.escape(found.text)}</p>"
@@ -413,13 +416,13 @@ class Results:
                 else ""
             )
         )
-        means = pivot.to_html(float_format=lambda v: f"{v:.3f}", na_rep="", escape=True)
+        means = pivot.to_html(float_format=lambda v: f"{v:.3f}", na_rep="not measured", escape=True)
         return (
             text
             + (figure_html(panels) if panels is not None else "")
             + visible_controls(
-                "<details><summary>mean of every metric x comparison (over layers, heads, episodes, "
-                f"queries)</summary>{means}</details></div>"
+                "<details><summary>mean of every metric x comparison at the layer level (head -1 "
+                f"rows; over layers, episodes, queries)</summary>{means}</details></div>"
             )
         )
 
