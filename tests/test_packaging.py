@@ -37,3 +37,12 @@ def test_every_package_data_pattern_ships_files():
             assert list(folder.glob(pattern)), f"{package}: {pattern!r} matches no file in {folder}"
     presets = ROOT / "iclgd_lens" / "sweep" / "presets"
     assert list(presets.glob("*.toml")) and "iclgd_lens.sweep.presets" in setuptools["packages"]
+
+
+def test_the_package_version_is_one_number():
+    """`iclgd_lens.__version__` is pyproject's version (the sweep store's keys hold the installed one)."""
+    import iclgd_lens
+
+    assert (
+        iclgd_lens.__version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    )
