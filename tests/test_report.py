@@ -646,3 +646,18 @@ def test_bidirectional_controls_from_data_are_shown_not_obeyed(tmp_path):
     titled = page(f"sweep {BIDI}", "h", "b", "")  # a sweep's or a study's name reaches the title
     assert "\u202e" not in titled and "<title>sweep [U+202E]evil" in titled
     assert (tmp_path / "rFalse" / "assets" / "plotly.min.js").read_text() == plotly_js()
+
+
+def test_a_headline_resting_on_fewer_episodes_says_how_many():
+    """Rec2FTP is undefined in an episode where ICL fixes no query: the headline cell names the
+    episodes it rests on instead of passing for the whole run's number."""
+    from iclgd_lens.report import headline_table
+
+    base = make_results(n_episodes=3)
+    t = base.table.copy()
+    rec = t["metric"] == "rec2ftp"
+    assert rec.any()
+    t.loc[rec & (t["episode"] == 0), "value"] = float("nan")
+    head = headline_table(Results(t, base.config, base.artifacts)).set_index("metric")
+    assert head.loc["rec2ftp"].str.contains(r"\(2 of 3 episodes\)").any()
+    assert not head.drop(index="rec2ftp").apply(lambda c: c.str.contains("episodes)", regex=False)).any().any()

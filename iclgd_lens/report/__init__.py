@@ -170,12 +170,15 @@ def headline_table(
     rows = t[t["metric"].isin(wanted)]
     per_episode = rows.groupby(["metric", "comparison", "episode"], as_index=False)["value"].mean()
     summ = stats.episode_summary(per_episode, ["metric", "comparison"])
+    n_total = t["episode"].nunique()
 
     def cell(r) -> str:
         if r["n_episodes"] == 0 or r["mean"] != r["mean"]:
             return "undefined"
         ci = "" if r["ci_low"] != r["ci_low"] else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-        return f"{r['mean']:.3f}{ci}"
+        # e.g. Rec2FTP is undefined in an episode where ICL fixes no query: say how many it rests on
+        some = f" ({r['n_episodes']} of {n_total} episodes)" if r["n_episodes"] < n_total else ""
+        return f"{r['mean']:.3f}{ci}{some}"
 
     summ["cell"] = summ.apply(cell, axis=1)
     wide = summ.pivot(index="metric", columns="comparison", values="cell")
