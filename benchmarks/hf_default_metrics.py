@@ -163,7 +163,8 @@ def default_rows(rec: dict, prefix: dict, train_q, train_demo, seed: int, baseli
 
     # Dai's dual form: dW_ICL over X' (the prefix from its first demonstration token on: the
     # demonstrations and their separators, no BOS) vs dW_GD over the query's context
-    seg = prefix["segments"]
+    seg = prefix["segments"]  # (a prefix always holds demonstrations: C runs no k = 0)
+    assert bool((seg > 0).any()), "the demonstrations' prefix holds no demonstration"
     added = torch.arange(seg.shape[-1]) >= int((seg > 0).long().argmax(-1).min())
     dw_icl = metrics.implicit_dw_icl(prefix["k"], prefix["v"], added.expand_as(seg))[
         :, None

@@ -31,9 +31,9 @@ def kv_outer(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch
     k = acts["attn.hook_rot_k"].float()  # [batch, pos, n_kv, d_head] (this pass's positions)
     v = acts["attn.hook_v"].float()
     seg = ctx.pass_segments  # [batch, pos]
-    added = added_context_mask(ctx.segments, ctx.attention_mask)[:, ctx.prefix_len :]  # [batch, pos]
+    added = added_context_mask(ctx.segments, ctx.attention_mask)  # [batch, pos]: no prefix before it
     out = {}
-    if bool(added.any()):
+    if ctx.prefix_len == 0 and bool(added.any()):  # (the Recorder keeps X' inside a shared prefix)
         out["kv_demo"] = metrics.implicit_dw_icl(k, v, added)  # [batch, n_kv, d_head (v), d_head (k)]
     if ctx.condition not in ("icl", "icl_prefix"):
         positions = torch.arange(seg.shape[1], device=seg.device)

@@ -444,6 +444,8 @@ def kendalltau(a, b) -> float:
     NaN where either side has no untied pair. Equal to scipy.stats.kendalltau where no two
     values are that close (tests/test_oracle.py checks it)."""
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if np.isnan(a).any() or np.isnan(b).any():
+        return float("nan")
 
     def sign(x, i, j) -> int:
         d = x[i] - x[j]

@@ -331,6 +331,13 @@ def test_kendall_ties_values_a_few_ulps_apart():
     as_given = scipy.stats.kendalltau(a.double().numpy(), b.numpy()).statistic
     assert as_given != pytest.approx(exact, abs=1e-3)
     assert metrics.kendall_tau_b(a, b, tie_rtol=0.0).item() == pytest.approx(as_given, abs=1e-7)
+    big = torch.tensor([10**7, 10**7 + 1, 10**7 + 2, 10**7 - 1])  # integers: exact ties, whatever their size
+    assert metrics.kendall_tau_b(big, b).item() == pytest.approx(
+        scipy.stats.kendalltau(big.numpy(), b.numpy()).statistic, abs=1e-7
+    )
+    with_nan = torch.tensor([1.0, float("nan"), 0.5, 3.0])  # a NaN gives NaN, as scipy's default
+    assert math.isnan(metrics.kendall_tau_b(with_nan, b).item())
+    assert math.isnan(scipy.stats.kendalltau(with_nan.numpy(), b.numpy()).statistic)
     apart = torch.tensor([1.0, 1.00001, 0.5, 3.0])
     assert metrics.kendall_tau_b(apart, b).item() == pytest.approx(
         scipy.stats.kendalltau(apart.double().numpy(), b.numpy()).statistic, abs=1e-7

@@ -168,7 +168,7 @@ def test_the_results_view_draws_its_figure_inline_and_the_engine_does_not_import
 
 def test_the_results_views_means_are_layer_level_and_name_what_is_missing():
     """The notebook view's metric x comparison table holds the layer-level (head -1) episode means
-    only, per-head rows not counted in, and says "not measured" where a comparison has no number."""
+    only, per-head rows not counted in, and says "n/a" where a comparison has no number."""
     from html.parser import HTMLParser
 
     from test_results import make_results
@@ -209,4 +209,4 @@ def test_the_results_views_means_are_layer_level_and_name_what_is_missing():
             checked += 1
     assert checked >= 10
     assert all(c != "" for row in cells.values() for c in row[1:])
-    assert "not measured" in view[view.index("<details>") :]
+    assert "n/a" in view[view.index("<details>") :]

@@ -40,9 +40,12 @@ def test_every_package_data_pattern_ships_files():
 
 
 def test_the_package_version_is_one_number():
-    """`iclgd_lens.__version__` is pyproject's version (the sweep store's keys hold the installed one)."""
+    """`iclgd_lens.__version__` is pyproject's version, and the one results and the sweep store's keys
+    record (not an older editable install's metadata)."""
     import iclgd_lens
+    from iclgd_lens.engine.results import versions
 
     assert (
         iclgd_lens.__version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     )
+    assert versions()["iclgd-lens"] == iclgd_lens.__version__

@@ -5,6 +5,7 @@ import torch
 from tiny import tiny_bridge, tiny_hf_model, tiny_task, tiny_tokenizer
 
 from iclgd_lens.engine.record import Recorder, split_shared_prefix
+from iclgd_lens.errors import IclgdError
 from iclgd_lens.tasks import QUERY_SEGMENT, encode_prompts
 
 torch.set_num_threads(1)
@@ -255,3 +256,26 @@ def test_shared_prefix_fails_loudly_when_a_layer_reads_another_layers_keys(monke
         rec.run_shared_prefix(enc, "icl")
     assert "\n" not in str(err.value)
     assert not any(hp.fwd_hooks for hp in bridge.hook_dict.values())
+
+
+def test_a_separator_outside_the_shared_prefix_is_refused_in_one_line():
+    """Row 1's first query token swallowed the separator, row 0's did not: the tokens the
+    demonstrations add differ between the rows and one lies past the shared prefix. dW_ICL would
+    be read without it; the Recorder refuses, before any pass, when it records kv_outer."""
+    from iclgd_lens.hooks import get_probes
+
+    from iclgd_lens.tasks import QUERY_SEGMENT as Q
+    from iclgd_lens.tasks import EncodedPrompts
+
+    ids = torch.tensor([[1, 4, 5, 49, 6, 48], [1, 4, 5, 7, 48, 3]])
+    mask = torch.tensor([[1] * 6, [1] * 5 + [0]])
+    seg = torch.tensor([[0, 1, 1, 0, Q, Q], [0, 1, 1, Q, Q, 0]])
+    enc = EncodedPrompts(ids, mask, seg, torch.tensor([5, 4]), ["a", "b"])
+    bridge = tiny_bridge()
+    with pytest.raises(IclgdError, match="separator before the query tokenises differently") as info:
+        Recorder(bridge, get_probes(["kv_outer"])).run_shared_prefixes([enc], "icl")
+    assert "\n" not in str(info.value)
+    prefix, queries = Recorder(bridge, get_probes(["attn_out"])).run_shared_prefixes(
+        [enc], "icl"
+    )  # no dW: runs
+    assert queries["attn_out"].shape[1] == 2

@@ -660,4 +660,6 @@ def test_a_headline_resting_on_fewer_episodes_says_how_many():
     t.loc[rec & (t["episode"] == 0), "value"] = float("nan")
     head = headline_table(Results(t, base.config, base.artifacts)).set_index("metric")
     assert head.loc["rec2ftp"].str.contains(r"\(2 of 3 episodes\)").any()
-    assert not head.drop(index="rec2ftp").apply(lambda c: c.str.contains("episodes)", regex=False)).any().any()
+    assert (
+        not head.drop(index="rec2ftp").apply(lambda c: c.str.contains("episodes)", regex=False)).any().any()
+    )

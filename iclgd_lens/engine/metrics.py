@@ -172,11 +172,13 @@ def kendall_tau_b(
     in a / b. `tie_rtol`: a pair whose difference is at most tie_rtol x the larger of its two
     |values| counts as tied (`TIE_RTOL`, so that values equal by construction, two identical tokens'
     attention, stay tied whatever rounding the hardware's matmul gives each; 0 gives scipy's
-    exact ties). NaN where either input is constant or n < 2 (as scipy). Exact: the pair signs are
+    exact ties; integer inputs always get exact ties). NaN where either input is constant, holds
+    a NaN, or n < 2 (as scipy's default). Exact: the pair signs are
     -1, 0, 1 and their sums integers below 2^24 (n < 5793), which float32 holds exactly (the
     untied counts are the squared norms of the signs, rounded to int64). Memory: only the
     n (n - 1) / 2 pairs i < j, rows taken in chunks of at most `chunk_bytes` per sign tensor
-    (never one float64 [..., n, n] tensor for the whole batch).
+    (never one float64 [..., n, n] tensor for the whole batch; half as many rows with the tie
+    rule, whose magnitudes are a few more pair-sized temporaries).
     """
     a, b = torch.broadcast_tensors(a, b)
     lead, n = a.shape[:-1], a.shape[-1]
@@ -184,15 +186,18 @@ def kendall_tau_b(
     exact = torch.float32 if n < 5793 else torch.float64
     flat_a, flat_b = a.reshape(-1, n), b.reshape(-1, n)
     i, j = torch.triu_indices(n, n, 1, device=a.device)  # the pairs i < j
-    rows = max(1, chunk_bytes // max(1, len(i) * exact.itemsize))
+    near_ties = tie_rtol > 0 and a.is_floating_point() and b.is_floating_point()
+    rows = max(1, chunk_bytes // max(1, len(i) * exact.itemsize * (2 if near_ties else 1)))
     concordance, untied_a, untied_b = [], [], []
 
     def pair_signs(x: Tensor) -> Tensor:  # [rows, n] -> [rows, pairs]: sgn(x_i - x_j) in x's own dtype
         xi, xj = x.index_select(1, i), x.index_select(1, j)
-        d = xi - xj
-        if tie_rtol > 0:
-            d.masked_fill_(d.abs() <= tie_rtol * torch.maximum(xi.abs_(), xj.abs_()), 0.0)
-        return d.sign_().to(exact)
+        if not near_ties:
+            return xi.sub_(xj).sign_().to(exact)
+        tol = torch.maximum(xi.abs(), xj.abs()).mul_(tie_rtol)
+        d = xi.sub_(xj)
+        del xj
+        return d.masked_fill_(d.abs() <= tol, 0.0).sign_().to(exact)
 
     def untied(signs: Tensor) -> Tensor:  # pairs with a nonzero sign: sum of squared signs, exact
         return torch.linalg.vector_norm(signs, dim=-1).double().square().round().long()
@@ -206,8 +211,9 @@ def kendall_tau_b(
         return torch.empty(lead, dtype=out_dtype, device=a.device)
     con = torch.cat(concordance)
     untied = torch.sqrt(torch.cat(untied_a).double() * torch.cat(untied_b).double())
+    defined = (untied > 0) & ~(flat_a.isnan().any(-1) | flat_b.isnan().any(-1))  # NaN in: NaN, as scipy
     tau = torch.where(
-        untied > 0,
+        defined,
         con / torch.where(untied > 0, untied, torch.ones_like(untied)),
         torch.full_like(untied, float("nan")),
     )

@@ -58,12 +58,16 @@ def versions() -> dict[str, str | None]:
     import importlib.metadata as md
     import platform
 
+    import iclgd_lens
+
     out: dict[str, str | None] = {"python": platform.python_version()}
     for pkg in PROVENANCE_PACKAGES:
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             out[pkg] = None
+    # the code's own version, not the one an editable install recorded when it was made
+    out["iclgd-lens"] = iclgd_lens.__version__
     return out
 
 
@@ -416,13 +420,14 @@ class Results:
                 else ""
             )
         )
-        means = pivot.to_html(float_format=lambda v: f"{v:.3f}", na_rep="not measured", escape=True)
+        means = pivot.to_html(float_format=lambda v: f"{v:.3f}", na_rep="n/a", escape=True)
         return (
             text
             + (figure_html(panels) if panels is not None else "")
             + visible_controls(
                 "<details><summary>mean of every metric x comparison at the layer level (head -1 "
-                f"rows; over layers, episodes, queries)</summary>{means}</details></div>"
+                "rows; over layers, episodes, queries; n/a: no number for that pair)"
+                f"</summary>{means}</details></div>"
             )
         )
 
