@@ -279,3 +279,16 @@ def test_a_separator_outside_the_shared_prefix_is_refused_in_one_line():
         [enc], "icl"
     )  # no dW: runs
     assert queries["attn_out"].shape[1] == 2
+
+
+def test_a_hook_point_outside_the_blocks_is_refused_in_one_line():
+    """Probes are called once per layer: a point without {layer} would give every layer the same
+    rows, so it is refused before any pass, naming the probe and the point."""
+    from iclgd_lens.hooks import Probe
+
+    flat = Probe("embed_probe", ("hook_embed",), lambda acts, ctx: {"e": acts["hook_embed"][:, -1]})
+    with pytest.raises(
+        IclgdError, match="probe 'embed_probe' reads hook point 'hook_embed', which has no"
+    ) as info:
+        Recorder(tiny_bridge(), [flat])
+    assert "\n" not in str(info.value)

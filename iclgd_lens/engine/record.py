@@ -115,6 +115,13 @@ class Recorder:
         """Every probe's hook points exist on this model (checked once, before any pass)."""
         known = set(self.model.hook_dict)
         for p in self.probes:
+            for point in p.points:
+                if "{layer}" not in point:
+                    raise IclgdError(
+                        f"probe {p.name!r} reads hook point {point!r}, which has no {{layer}}: a probe is "
+                        "called once per layer, so a point outside the blocks would be copied into every "
+                        "layer's rows; name per-layer points (e.g. 'blocks.{layer}.hook_resid_pre')"
+                    )
             for layer in self.layers[:1] + self.layers[-1:]:
                 for point in p.point_names(layer):
                     if point not in known:
