@@ -74,6 +74,8 @@ QUERY_METRICS = ("logit_diff", "accuracy", "agreement", "kl_to_icl", "kl_to_gd")
 EPISODE_METRICS = ("recovered", "kl_reduction")
 """One value per episode (query -1): ratios of the episode's sums (see `episode_ratios`)."""
 DUAL_FORM_METRICS = ("dual_form_cos", "dual_form_ratio")
+"""Per head (head >= 0), comparison "transplant:linear", scope "single": how the linear transplant's
+dz = dW_ICL q at layer l compares with ICL's real update z_ICL - z_ZSL (cosine; norm ratio)."""
 RANGES = {
     "accuracy": (0.0, 1.0),
     "agreement": (0.0, 1.0),
@@ -84,8 +86,6 @@ RANGES = {
 }
 """The range of this study's own metrics (logit_diff and recovered are unbounded): the episode
 intervals of `summary` and `head_summary` are clipped to it (docs/statistics.md)."""
-"""Per head (head >= 0), comparison "transplant:linear", scope "single": how the linear transplant's
-dz = dW_ICL q at layer l compares with ICL's real update z_ICL - z_ZSL (cosine; norm ratio)."""
 PATCH_SOURCES = ("icl", "gd", "gd_scaled", "random")
 HEAD_PATCH_SOURCES = ("icl", "gd", "gd_scaled", "random")
 """Per-head patching (comparison "patch_head:<source>", scope "head", head >= 0): one head's output

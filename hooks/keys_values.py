@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from iclgd_lens.hooks import ReadContext, probe
 
-from iclgd_lens import added_context_mask, metrics
+from iclgd_lens import IclgdError, added_context_mask, metrics
 
 
 @probe(
@@ -31,9 +31,16 @@ def kv_outer(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch
     k = acts["attn.hook_rot_k"].float()  # [batch, pos, n_kv, d_head] (this pass's positions)
     v = acts["attn.hook_v"].float()
     seg = ctx.pass_segments  # [batch, pos]
-    added = added_context_mask(ctx.segments, ctx.attention_mask)  # [batch, pos]: no prefix before it
+    added = added_context_mask(ctx.segments, ctx.attention_mask)  # [batch, key_pos]
     out = {}
-    if ctx.prefix_len == 0 and bool(added.any()):  # (the Recorder keeps X' inside a shared prefix)
+    if ctx.prefix_len > 0 and bool(added[:, ctx.prefix_len :].any()):
+        raise IclgdError(  # dW_ICL is read from the shared prefix alone: all of X' must lie in it
+            "the separator before the query tokenises differently before some queries (it merges "
+            "into the query's first token in some prompts), so the tokens the demonstrations add "
+            "differ between queries of one episode and dW_ICL is not one matrix; use a separator "
+            "that tokenises on its own (e.g. '\\n'), or compare(..., share_prefix=False) (no dW metrics)"
+        )
+    if ctx.prefix_len == 0 and bool(added.any()):
         out["kv_demo"] = metrics.implicit_dw_icl(k, v, added)  # [batch, n_kv, d_head (v), d_head (k)]
     if ctx.condition not in ("icl", "icl_prefix"):
         positions = torch.arange(seg.shape[1], device=seg.device)

@@ -261,7 +261,8 @@ def test_shared_prefix_fails_loudly_when_a_layer_reads_another_layers_keys(monke
 def test_a_separator_outside_the_shared_prefix_is_refused_in_one_line():
     """Row 1's first query token swallowed the separator, row 0's did not: the tokens the
     demonstrations add differ between the rows and one lies past the shared prefix. dW_ICL would
-    be read without it; the Recorder refuses, before any pass, when it records kv_outer."""
+    be read without it; the kv_outer probe refuses in one line (the query pass, where it sees
+    that token)."""
     from iclgd_lens.hooks import get_probes
 
     from iclgd_lens.tasks import QUERY_SEGMENT as Q

@@ -158,9 +158,9 @@ KENDALL_CHUNK_BYTES = 64 * 2**20
 
 TIE_RTOL = 1e-6
 """Kendall ties: two values within 1e-6 of each other, relative to the larger (about 8 float32
-ulps). The same token twice
-gets values that differ by a few ulps when a matmul puts them in different lanes, and whether it
-does depends on the CPU or GPU kernel; a rank order decided by that rounding is not a result."""
+ulps). The same token twice gets values that differ by a few ulps when a matmul puts them in
+different lanes, and whether it does depends on the CPU or GPU kernel; a rank order decided by
+that rounding is not a result."""
 
 
 def kendall_tau_b(

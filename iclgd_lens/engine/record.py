@@ -29,7 +29,7 @@ from iclgd_lens.engine.prefix_cache import Scratch, SharedPrefixCache
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.hooks import Probe, ReadContext, get_probes
 from iclgd_lens.models import release_transient_state
-from iclgd_lens.tasks import EncodedPrompts, added_context_mask
+from iclgd_lens.tasks import EncodedPrompts
 
 HookList = list[tuple[str, Callable]]
 
@@ -304,9 +304,6 @@ class Recorder:
         Returns (prefix recording, one row per group; query recording, the groups' rows in order).
         """
         splits = [split_shared_prefix(enc) for enc in groups]
-        if any(p.name == "kv_outer" for p in self.probes):
-            for enc, (_, _, group_prefix_len) in zip(groups, splits):
-                _check_added_tokens_in_prefix(enc, group_prefix_len)
         prefix = _stack_right_padded([p for p, _, _ in splits])
         suffix = _stack_right_padded([s for _, s, _ in splits])
         prefix_len = prefix.input_ids.shape[1]
@@ -479,20 +476,6 @@ def _stack_right_padded(parts: Sequence[EncodedPrompts]) -> EncodedPrompts:
         torch.cat([p.read_pos for p in parts]),
         [t for p in parts for t in p.texts],
     )
-
-
-def _check_added_tokens_in_prefix(encoded: EncodedPrompts, prefix_len: int) -> None:
-    """dW_ICL is read from the shared prefix once per episode: every token the demonstrations add
-    (`added_context_mask`) must lie in it. It does not when the last separator tokenises
-    differently before some queries (merged into their first token in some prompts only)."""
-    added = added_context_mask(encoded.segments, encoded.attention_mask)
-    if bool(added[:, prefix_len:].any()):
-        raise IclgdError(
-            "the separator before the query tokenises differently before some queries (it merges "
-            "into the query's first token in some prompts), so the tokens the demonstrations add "
-            "differ between queries of one episode and dW_ICL is not one matrix; use a separator "
-            "that tokenises on its own (e.g. '\\n'), or compare(..., share_prefix=False) (no dW metrics)"
-        )
 
 
 def split_shared_prefix(encoded: EncodedPrompts) -> tuple[EncodedPrompts, EncodedPrompts, int]:
