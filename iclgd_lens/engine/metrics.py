@@ -163,6 +163,23 @@ different lanes, and whether it does depends on the CPU or GPU kernel; a rank or
 that rounding is not a result."""
 
 
+def _zero_near_ties(d: Tensor, x: Tensor, i: Tensor, j: Tensor, tie_rtol: float) -> None:
+    """Set to 0, in place, the differences d [rows, pairs] = x_i - x_j whose |d| is at most
+    tie_rtol x max(|x_i|, |x_j|) (Kendall's near-ties). A row can hold a near-tie only if its
+    smallest |d| is within tie_rtol x its largest |x| (a bound rounded the same way, so no tie
+    is missed), and most rows hold none: the rule is evaluated on the rows that can (the same
+    expression as on every pair, so the same ties bitwise; bool tensors of every pair are slow)."""
+    if d.numel() == 0:  # n < 2: no pairs
+        return
+    bound = x.abs().amax(1).mul_(tie_rtol)  # [rows] >= the tolerance of every pair of the row
+    rows = (d.abs().amin(1) <= bound).nonzero().squeeze(1)
+    if len(rows) == 0:
+        return
+    near, xr = d[rows], x[rows]
+    tol = torch.maximum(xr.index_select(1, i).abs_(), xr.index_select(1, j).abs_()).mul_(tie_rtol)
+    d[rows] = near.masked_fill_(near.abs() <= tol, 0.0)
+
+
 def kendall_tau_b(
     a: Tensor, b: Tensor, chunk_bytes: int = KENDALL_CHUNK_BYTES, *, tie_rtol: float = TIE_RTOL
 ) -> Tensor:
@@ -191,13 +208,10 @@ def kendall_tau_b(
     concordance, untied_a, untied_b = [], [], []
 
     def pair_signs(x: Tensor) -> Tensor:  # [rows, n] -> [rows, pairs]: sgn(x_i - x_j) in x's own dtype
-        xi, xj = x.index_select(1, i), x.index_select(1, j)
-        if not near_ties:
-            return xi.sub_(xj).sign_().to(exact)
-        tol = torch.maximum(xi.abs(), xj.abs()).mul_(tie_rtol)
-        d = xi.sub_(xj)
-        del xj
-        return d.masked_fill_(d.abs() <= tol, 0.0).sign_().to(exact)
+        d = x.index_select(1, i).sub_(x.index_select(1, j))
+        if near_ties:
+            _zero_near_ties(d, x, i, j, tie_rtol)
+        return d.sign_().to(exact)
 
     def untied(signs: Tensor) -> Tensor:  # pairs with a nonzero sign: sum of squared signs, exact
         return torch.linalg.vector_norm(signs, dim=-1).double().square().round().long()
