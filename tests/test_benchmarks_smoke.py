@@ -110,6 +110,30 @@ def test_quick_run_prints_the_tables(capsys):
     assert "## speed" in out and "## recorded memory" in out and "(OK: < 1e-4)" in out
     assert "measured fp32 matmul peak" in out and "| C + every baseline |" in out and "| published |" in out
     assert "| C, every default metric |" in out
+    assert "measured again after the speed tables" in out
+
+
+@pytest.mark.parametrize("end_peak, used", [(2e11, 2e11), (5e10, 1e11)])
+def test_the_shares_of_the_peak_use_the_larger_of_two_measurements(monkeypatch, end_peak, used):
+    """The speed rows' shares are recomputed against the larger of the peaks measured before and
+    after the timings, from the unrounded seconds and FLOPs (not from the rounded columns)."""
+    rows = [
+        {
+            "seconds": 0.4,  # rounded: the shares must not be computed from it
+            "GFLOP counted": 1.0,
+            "GFLOP needed": 0.5,
+            "% of matmul peak": 0.0,
+            "needed % of peak": 0.0,
+            "unrounded": {"seconds": 0.4444, "flops": 1.0e10, "needed_flops": 0.5e10},
+        }
+    ]
+    results = {"matmul_peak": {"flops_per_s": 1e11}, "speed": rows}
+    monkeypatch.setattr(engine, "matmul_peak", lambda threads: {"flops_per_s": end_peak, "per_size": {}})
+    assert engine.settle_peak(results, threads=1) == used
+    assert results["matmul_peak_used"] == used and results["matmul_peak"]["flops_per_s"] == 1e11
+    row = results["speed"][0]
+    assert row["% of matmul peak"] == round(100 * 1.0e10 / 0.4444 / used, 1)
+    assert row["needed % of peak"] == round(100 * 0.5e10 / 0.4444 / used, 1)
 
 
 @pytest.mark.parametrize("variant", ["A", "B", "C"])
