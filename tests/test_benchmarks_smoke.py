@@ -322,6 +322,8 @@ def test_targets_say_met_or_the_gap_and_its_cause():
     tiny, mid = "tiny", "mid"
 
     def speed(model, setting, side, speedup, share, seconds=1.0):
+        """A speed row; its unrounded seconds and FLOPs (at a peak of 1e11) are what targets read."""
+        flops = share / 100 * 1e11 * seconds
         return {
             "model": model,
             "setting": setting,
@@ -329,6 +331,7 @@ def test_targets_say_met_or_the_gap_and_its_cause():
             "engine speedup": speedup,
             "% of matmul peak": share,
             "seconds": seconds,
+            "unrounded": {"seconds": seconds, "flops": flops, "needed_flops": flops},
         }
 
     passes = {
@@ -343,11 +346,15 @@ def test_targets_say_met_or_the_gap_and_its_cause():
         "speed": [
             speed(mid, "default", engine.DEFAULT_C, 1.5, 20.0, seconds=6.0),
             speed(mid, "default", "engine default compare", 1.0, 25.0, seconds=4.0),
-            speed(tiny, "default", engine.DEFAULT_C, 2.0, 5.0),
+            speed(tiny, "default", engine.DEFAULT_C, 2.0, 5.0, seconds=2.0),
             speed(tiny, "default", "engine default compare", 1.0, 5.0),
             speed(mid, "benchmark", "engine", 1.0, 35.0),
         ],
-        "scaling": [{"side": "engine", "ratio": 1.76}, {"side": "C", "ratio": 1.73}],
+        "scaling": [
+            {"side": "engine", "ratio": 1.76, "unrounded": {"ratio": 1.76}},
+            {"side": "C", "ratio": 1.73, "unrounded": {"ratio": 1.73}},
+        ],
+        "matmul_peak_used": 1e11,
         "rss": [
             {
                 "setting": "default",
@@ -404,3 +411,12 @@ def test_targets_say_met_or_the_gap_and_its_cause():
     assert rss_row["met"] == "no" and rss_row["measured"] == "3.00x"
     memory_rows = [r for r in engine.targets(results, tiny, mid) if r["target"].startswith("memory model")]
     assert [r["met"] for r in memory_rows] == ["no", "yes"]
+    # met or not by the measured value, not by its rounding: 49.96% shows as 50.0 in the speed
+    # table and 1.6004x as 1.60 in the k table, and neither is met
+    results["speed"][4] = {**speed(mid, "benchmark", "engine", 1.0, 49.96), "% of matmul peak": 50.0}
+    results["scaling"][0] = {"side": "engine", "ratio": 1.6, "unrounded": {"ratio": 1.6004}}
+    edge = {r["target"].split(" (")[0]: r for r in engine.targets(results, tiny, mid)}
+    assert edge[">= 50% of the matmul peak on mid"]["met"] == "no"
+    assert edge[">= 50% of the matmul peak on mid"]["measured"] == "49.96%"
+    assert edge["k 16 -> 32 at most 1.6x the time"]["met"] == "no"
+    assert edge["k 16 -> 32 at most 1.6x the time"]["measured"] == "1.600x"
