@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import time
+from importlib import metadata
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from iclgd_lens import GDConfig, Task, compare, load_model
 from iclgd_lens.engine import memory
 from iclgd_lens.tasks import Example
+
+VERSIONS_SHOWN = ("torch", "transformers", "transformer-lens", "tokenizers", "huggingface_hub")
+"""Printed first: on the device machine torch is the image's, the rest the carried wheels'."""
 
 MAX_MEMORY = 60 * 2**30
 """The budget of the 7B plan (docs/performance.md): compare() picks its batch size to fit it."""
@@ -68,12 +73,13 @@ def sst2_like_task(tokenizer_words: int = 200) -> Task:
 
 
 def random_llama(shape: dict, dtype: torch.dtype, device: str, seed: int = 0):
-    """A LLaMA of `shape` with random weights, booted as a bridge (the GPT-2 tokenizer stands in)."""
+    """A HF LLaMA of `shape` with random weights, built directly in `dtype` on `device` (a 7B model
+    is never held in float32 too). The word-level `tokenizer()` below stands in for LLaMA's."""
     torch.manual_seed(seed)
     config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, attn_implementation="eager")
     with torch.device(device):
-        hf = LlamaForCausalLM(config).to(dtype).eval()
-    return hf
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return hf.eval()
 
 
 def tokenizer():
@@ -101,17 +107,74 @@ def tokenizer():
     )
 
 
-def agreement(task: Task) -> float:
-    """Largest difference of the table's values between the GPU and the CPU on the small fp32 config."""
-    tables = {}
+def agreement(task: Task, devices: tuple[str, str]) -> float:
+    """Largest difference of the table's values between two devices on the small fp32 config."""
+    tables = []
     hf = random_llama(SMALL, torch.float32, "cpu")
-    for device in ("cpu", "cuda"):
+    for device in devices:
         bridge = load_model(hf_model=copy.deepcopy(hf), tokenizer=tokenizer(), device=device, dtype="float32")
-        tables[device] = compare(
-            bridge, task, gd=GDConfig.dai(), k=8, n_episodes=2, n_queries=4, progress=False, artifacts=False
-        ).table.set_index(["metric", "comparison", "layer", "head", "episode", "query"])
-    diff = (tables["cpu"]["value"] - tables["cuda"]["value"]).abs()
-    return float(diff.max())
+        tables.append(
+            compare(
+                bridge,
+                task,
+                gd=GDConfig.dai(),
+                k=8,
+                n_episodes=2,
+                n_queries=4,
+                progress=False,
+                artifacts=False,
+            ).table.set_index(["metric", "comparison", "layer", "head", "episode", "query"])
+        )
+    return float((tables[0]["value"] - tables[1]["value"]).abs().max())
+
+
+def run_check(
+    task: Task, shape: dict, dtype: torch.dtype, device: str, k: int, n_episodes: int, n_queries: int
+):
+    """Build the random model of `shape` on `device`, load it in place, run the default compare with
+    `max_memory` = MAX_MEMORY, and print its time, batch size and, on a GPU, its peak memory beside
+    the memory model's prediction for the model as booted. The dry run calls this with the small
+    shape on the CPU, so that the GPU run's code is the tested code."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    hf = random_llama(shape, dtype, device)
+    bridge = load_model(
+        hf_model=hf,
+        tokenizer=tokenizer(),
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        copy_hf_model=False,
+    )
+    weights = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
+    print(f"model_gb: {weights / 2**30:.2f}")
+    plan = memory.plan_for_shape(
+        memory.ModelShape.of(bridge),
+        bridge.tokenizer,
+        task,
+        k=k,
+        n_episodes=n_episodes,
+        n_queries=n_queries,
+        max_memory=MAX_MEMORY,
+    )
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    results = compare(
+        bridge, task, k=k, n_episodes=n_episodes, n_queries=n_queries, progress=False, max_memory=MAX_MEMORY
+    )
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    print(f"seconds_per_demo_set: {elapsed / n_episodes:.2f}")
+    print(f"batch_size: {results.config['batch_size']}")
+    if cuda:
+        measured = torch.cuda.max_memory_allocated()
+        print(f"peak_gpu_gb: {measured / 2**30:.1f}")
+        print(f"predicted_over_measured: {plan.total_bytes / measured:.2f}")
+    print(plan.describe())
+    print(f"rows: {len(results.table)}")
 
 
 def main() -> None:
@@ -121,6 +184,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     task = sst2_like_task()
+    print("versions: " + ", ".join(f"{name} {metadata.version(name)}" for name in VERSIONS_SHOWN))
     print(
         f"plan: LLaMA-7B shape {LLAMA_7B}, bf16, default compare, k=32, "
         f"4 demo sets x 16 queries, gd=dai (lr {task.gd_lr})"
@@ -139,45 +203,15 @@ def main() -> None:
         f"(batch_size {plan.batch_size}, phase {plan.phase})"
     )
     if args.dry_run or not torch.cuda.is_available():
-        hf = random_llama(SMALL, torch.float32, "cpu")
-        bridge = load_model(hf_model=hf, tokenizer=tokenizer(), device="cpu", dtype="float32")
-        started = time.perf_counter()
-        results = compare(bridge, task, k=4, n_episodes=2, n_queries=2, progress=False, artifacts=False)
-        print(f"dry_run_small_cpu_s: {time.perf_counter() - started:.2f}")
-        print(plan.describe())
-        print(f"dry_run_rows: {len(results.table)}")
+        print(f"dry_run: the small config on the CPU ({'asked for' if args.dry_run else 'no CUDA device'})")
+        run_check(task, SMALL, torch.float32, "cpu", k=4, n_episodes=2, n_queries=2)
+        print(f"small_fp32_cpu_vs_cpu_max_diff: {agreement(task, ('cpu', 'cpu')):.2e}")
         return
-    torch.cuda.reset_peak_memory_stats()
-    hf = random_llama(LLAMA_7B, torch.bfloat16, "cuda")
-    bridge = load_model(
-        hf_model=hf, tokenizer=tokenizer(), device="cuda", dtype="bfloat16", copy_hf_model=False
-    )
-    print(f"model_gb: {torch.cuda.max_memory_allocated() / 2**30:.1f}")
-    torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    results = compare(bridge, task, k=32, n_episodes=4, n_queries=16, progress=False, max_memory=MAX_MEMORY)
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - started
-    measured = torch.cuda.max_memory_allocated()
-    print(f"seconds_per_demo_set: {elapsed / 4:.1f}")
-    print(f"batch_size: {results.config['batch_size']}")
-    print(f"peak_gpu_gb: {measured / 2**30:.1f}")
-    print(f"predicted_over_measured: {plan.total_bytes / measured:.2f}")
-    print(
-        memory.plan_for_shape(
-            memory.ModelShape.of(bridge),
-            bridge.tokenizer,
-            task,
-            k=32,
-            n_episodes=4,
-            n_queries=16,
-            max_memory=MAX_MEMORY,
-        ).describe()
-    )
-    print(f"rows: {len(results.table)}")
-    del bridge, hf
+    print(f"torch: {torch.__version__} on {torch.cuda.get_device_name()}")
+    run_check(task, LLAMA_7B, torch.bfloat16, "cuda", k=32, n_episodes=4, n_queries=16)
+    gc.collect()  # the 7B bridge (module cycles) before the small configuration
     torch.cuda.empty_cache()
-    print(f"small_fp32_gpu_vs_cpu_max_diff: {agreement(task):.2e}")
+    print(f"small_fp32_gpu_vs_cpu_max_diff: {agreement(task, ('cpu', 'cuda')):.2e}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ accounting, and that the script's --quick mode runs end to end.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -242,21 +244,68 @@ def test_needed_gd_flops_agree_with_torchs_flop_counter(model, task):
     assert 0.6 * counted <= need["gd"] <= 1.02 * counted
 
 
-def test_gpu_check_dry_run_on_the_cpu():
-    """benchmarks/gpu_check.sh --dry-run: the plan and the small config through compare() on the CPU."""
-    import subprocess
-    import sys
+LOADED_DISTRIBUTIONS = """
+import importlib.metadata as md, runpy, sys
+from pathlib import Path
+sys.argv = ["gpu_check.py", "--dry-run"]
+runpy.run_path(BENCH + "/gpu_check.py", run_name="__main__")
+owner = {}
+for dist in md.distributions():
+    for f in dist.files or ():
+        if f.suffix in (".py", ".so"):
+            owner[str(Path(dist.locate_file(f)).resolve())] = dist.metadata["Name"]
+files = [getattr(m, "__file__", None) for m in list(sys.modules.values())]
+names = {owner.get(str(Path(f).resolve())) for f in files if f}
+print("DISTRIBUTIONS " + " ".join(sorted(n for n in names if n)))
+"""
+"""Runs the GPU check's dry run, then prints every installed distribution that owns a loaded module."""
 
-    root = Path(__file__).resolve().parents[1]
+
+def _names(path: Path) -> dict[str, str]:
+    """{normalised name: version or ''} of a requirements-style file (comments skipped)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            out[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return out
+
+
+def test_gpu_check_dry_run_on_the_cpu_and_what_the_device_needs():
+    """benchmarks/gpu_check.sh --dry-run runs the GPU run's own function (`run_check`) on the small
+    config on the CPU; and every distribution it loads is either in the device machine's image
+    (benchmarks/gpu_image_packages.txt) or among the wheels carried there (benchmarks/gpu_wheels.txt,
+    at requirements.lock's versions), so that the GPU run does not stop at an import."""
+    root = BENCHMARKS.parent
+    code = LOADED_DISTRIBUTIONS.replace("BENCH", repr(str(BENCHMARKS)))
     out = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--dry-run"],
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=root,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "plan: LLaMA-7B shape" in out.stdout and "dry_run_rows:" in out.stdout
+    for key in (
+        "versions:",
+        "plan: LLaMA-7B shape",
+        "batch_size:",
+        "rows:",
+        "small_fp32_cpu_vs_cpu_max_diff:",
+    ):
+        assert key in out.stdout, key
+    loaded = out.stdout.split("DISTRIBUTIONS ")[-1].split()
+    image = _names(BENCHMARKS / "gpu_image_packages.txt")
+    carried = _names(BENCHMARKS / "gpu_wheels.txt")
+    lock = _names(root / "requirements.lock")
+    missing = [
+        n for n in loaded if re.sub(r"[-_.]+", "-", n).lower() not in {**image, **carried, "iclgd-lens": ""}
+    ]
+    assert not missing, f"the GPU check imports {missing}, neither in the device image nor carried"
+    assert {"transformer-lens", "transformers"} <= set(carried)
+    assert {n: v for n, v in carried.items() if lock.get(n) != v} == {}, "carried wheels must match the lock"
 
 
 def test_ceilings_follow_from_the_rates_and_the_needed_flops(model, task):
