@@ -204,14 +204,18 @@ def main() -> None:
     )
     if args.dry_run or not torch.cuda.is_available():
         print(f"dry_run: the small config on the CPU ({'asked for' if args.dry_run else 'no CUDA device'})")
-        run_check(task, SMALL, torch.float32, "cpu", k=4, n_episodes=2, n_queries=2)
         print(f"small_fp32_cpu_vs_cpu_max_diff: {agreement(task, ('cpu', 'cpu')):.2e}")
+        run_check(task, SMALL, torch.float32, "cpu", k=4, n_episodes=2, n_queries=2)
         return
-    print(f"torch: {torch.__version__} on {torch.cuda.get_device_name()}")
-    run_check(task, LLAMA_7B, torch.bfloat16, "cuda", k=32, n_episodes=4, n_queries=16)
-    gc.collect()  # the 7B bridge (module cycles) before the small configuration
-    torch.cuda.empty_cache()
+    print(
+        f"torch: {torch.__version__} on {torch.cuda.get_device_name()}, "
+        f"float32 matmul precision {torch.get_float32_matmul_precision()!r} (TF32 unless 'highest')"
+    )
+    # the small configuration first: seconds, and a device bug shows there before the 7B build
     print(f"small_fp32_gpu_vs_cpu_max_diff: {agreement(task, ('cpu', 'cuda')):.2e}")
+    gc.collect()
+    torch.cuda.empty_cache()
+    run_check(task, LLAMA_7B, torch.bfloat16, "cuda", k=32, n_episodes=4, n_queries=16)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,10 @@ def scores(acts: dict[str, torch.Tensor], ctx: ReadContext) -> dict[str, torch.T
         "scores": metrics.select_keys(row, ctx.segments == QUERY_SEGMENT)[0]
     }  # [batch, n_heads, n_query_tokens]
     if ctx.condition == "icl":
-        out["demo_scores"] = row.sum(1).masked_fill(~(ctx.segments > 0), float("nan"))  # [batch, key_pos]
+        # summed in float32 (a bf16 model's scores would lose their last digits in a bf16 sum)
+        out["demo_scores"] = (
+            row.float().sum(1).masked_fill(~(ctx.segments > 0), float("nan"))
+        )  # [batch, key_pos]
     return out
 
 

@@ -447,3 +447,60 @@ def test_factored_dw_metrics_equal_the_dense_matrices():
         metrics.factored_matrix_cosine(a[:, None], *metrics.dw_difference_factors(zero, zero, zero, zero)),
         torch.zeros(L, B, KV, dtype=torch.float64),
     )
+
+
+# ---- half-precision inputs (a bf16 model on a GPU) --------------------------------------------
+def test_bf16_inputs_are_computed_in_float32_like_scipy_on_the_same_values():
+    """A bf16 model records bf16 activations. The metrics must compute on them in float32: in
+    bf16, cos(x, x) comes out 1.0078 or 0.9961, and an ICL update of 1% of h is mostly rounding
+    of h_ICL - h_ZSL. Oracle: scipy's cosine distance in float64 on the very same (bf16) values."""
+    h = torch.randn(64, 512, generator=gen(0))
+    h_icl = (h + 0.01 * torch.randn(64, 512, generator=gen(1))).bfloat16()
+    h_gd = (h + 0.01 * torch.randn(64, 512, generator=gen(2))).bfloat16()
+    h_zsl = h.bfloat16()
+    icl, gd, zsl = (t.double().numpy() for t in (h_icl, h_gd, h_zsl))
+    r = torch.rand(64, 512, generator=gen(3)).bfloat16()
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    expected = {
+        "delta_cosine": [1 - scipy.spatial.distance.cosine(a - c, b - c) for a, b, c in zip(icl, gd, zsl)],
+        "simaou_norm": [
+            1 - scipy.spatial.distance.cosine(a - c, b - c) for a, b, c in zip(unit(icl), unit(gd), unit(zsl))
+        ],
+        "simaou_random": [
+            1 - scipy.spatial.distance.cosine(a - c, b) for a, b, c in zip(icl, r.double().numpy(), zsl)
+        ],
+        "self": [1.0] * 64,
+    }
+    got = {
+        "delta_cosine": metrics.delta_cosine(h_icl, h_gd, h_zsl),
+        "simaou_norm": metrics.simaou_norm(h_icl, h_gd, h_zsl),
+        "simaou_random": metrics.simaou_random(h_icl, h_zsl, r),
+        "self": metrics.cosine(h_icl, h_icl),
+    }
+    for name, values in got.items():
+        assert values.dtype == torch.float32, name
+        np.testing.assert_allclose(values.numpy(), expected[name], atol=2e-6, err_msg=name)
+    maps = torch.randn(8, 4, 6, generator=gen(4))
+    m_icl, m_gd, m_zsl = (
+        (maps + 0.01 * torch.randn(8, 4, 6, generator=gen(5 + i))).bfloat16() for i in range(3)
+    )
+    delta = metrics.simam_delta(m_icl, m_gd, m_zsl)
+    oracle = metrics.simam_delta(m_icl.double(), m_gd.double(), m_zsl.double())
+    np.testing.assert_allclose(delta.double().numpy(), oracle.numpy(), atol=2e-6)
+
+
+def test_top_k_ties_go_to_the_lowest_token_ids():
+    """Token overlap's top-K sets on tied probabilities (frequent in bf16): the k largest, ties at
+    the k-th place to the lowest ids, as a sort by (-p, id) in plain Python gives."""
+    rows = torch.tensor([[0.1, 0.3, 0.3, 0.3, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2], [0.5, 0.1, 0.1, 0.2, 0.1]])
+    for k in range(1, 6):
+        mask = metrics._top_k_mask(rows, k)
+        for row, got in zip(rows.tolist(), mask.tolist()):
+            chosen = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+            assert got == [i in chosen for i in range(len(row))], (row, k)
+    p1 = torch.tensor([[0.4, 0.2, 0.2, 0.2]])
+    p2 = torch.tensor([[0.1, 0.1, 0.4, 0.4]])
+    assert metrics.token_overlap(p1, p2, 2).item() == 0.0  # {0, 1} vs {2, 3}

@@ -11,6 +11,9 @@ Conventions:
   nothing to compare; aggregation (`iclgd_lens.engine.stats`) drops NaNs.
 - Masks are bool tensors, True = a real entry, False = padding. In `cosine`, NaN entries of
   either input count as padding too.
+- Half-precision inputs (a bf16 or fp16 model's recordings) are computed in float32, before any
+  difference is taken: in bf16, cos(x, x) comes out 1.0078 or 0.9961, and a small update
+  h_ICL - h_ZSL would be mostly the rounding of the subtraction.
 """
 
 from __future__ import annotations
@@ -28,8 +31,14 @@ from iclgd_lens.errors import IclgdError
 
 
 # ---- cosines --------------------------------------------------------------------------------
+def _at_least_float32(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors, half-precision ones (bf16, fp16) converted to float32; others unchanged."""
+    return tuple(t.float() if t.is_floating_point() and t.element_size() < 4 else t for t in tensors)
+
+
 def _safe_cosine(a: Tensor, b: Tensor) -> Tensor:
     """cos(a, b) over the last dim; 0 where either vector is zero. [..., d] -> [...]"""
+    a, b = _at_least_float32(a, b)
     dot = (a * b).sum(-1)
     norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
     return torch.where(
@@ -44,7 +53,7 @@ def cosine(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
     are also treated as padding. -> [...]. Zero vector (over the real entries) -> 0;
     no real entry at all -> NaN.
     """
-    a, b = torch.broadcast_tensors(a, b)
+    a, b = torch.broadcast_tensors(*_at_least_float32(a, b))
     valid = ~(torch.isnan(a) | torch.isnan(b))
     if mask is not None:
         valid = valid & mask.to(torch.bool)
@@ -56,6 +65,7 @@ def cosine(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
 def delta_cosine(h_a: Tensor, h_b: Tensor, h_ref: Tensor) -> Tensor:
     """cos(h_a - h_ref, h_b - h_ref) over the last dim: SimAOU (raw form) when
     h_a = h_ICL, h_b = h_GD, h_ref = h_ZSL. [..., d] x3 -> [...]; 0 if an update is zero."""
+    h_a, h_b, h_ref = _at_least_float32(h_a, h_b, h_ref)
     return _safe_cosine(h_a - h_ref, h_b - h_ref)
 
 
@@ -64,6 +74,7 @@ simaou = delta_cosine
 
 def _unit(h: Tensor) -> Tensor:
     """h / |h| over the last dim (a zero vector stays zero). [..., d] -> [..., d]"""
+    (h,) = _at_least_float32(h)
     n = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
     return h / torch.where(n > 0, n, torch.ones_like(n))
 
@@ -80,6 +91,7 @@ def simaou_norm(h_icl: Tensor, h_gd: Tensor, h_zsl: Tensor) -> Tensor:
 def simaou_random(h_icl: Tensor, h_zsl: Tensor, r: Tensor) -> Tensor:
     """Dai's random baseline of the raw SimAOU: cos(h_ICL - h_ZSL, r), with r drawn as an
     update (r ~ U[0,1)^d, `baselines.random_vector_like`). [..., d] x3 -> [...]"""
+    h_icl, h_zsl = _at_least_float32(h_icl, h_zsl)
     return _safe_cosine(h_icl - h_zsl, r)
 
 
@@ -114,6 +126,7 @@ def simam(scores_a: Tensor, scores_b: Tensor, mask: Tensor | None = None) -> Ten
 def simam_delta(m_icl: Tensor, m_gd: Tensor, m_zsl: Tensor, mask: Tensor | None = None) -> Tensor:
     """SimAM-delta (Deutch): cos(m_ICL - m_ZSL, m_GD - m_ZSL) per head.
     [batch, heads, keys] x3, mask [batch, keys] -> [batch, heads]."""
+    m_icl, m_gd, m_zsl = _at_least_float32(m_icl, m_gd, m_zsl)
     return simam(m_icl - m_zsl, m_gd - m_zsl, mask)
 
 
@@ -249,11 +262,15 @@ def kendall(a: Tensor | Sequence[float], b: Tensor | Sequence[float]) -> tuple[f
 
 # ---- output distributions (Shen et al. 2024) ------------------------------------------------
 def _top_k_mask(p: Tensor, k: int) -> Tensor:
-    """Bool [..., vocab]: True on the k largest entries of p."""
+    """Bool [..., vocab]: True on the k largest entries of p; ties at the k-th place go to the
+    lowest token ids. (A bf16 model's probabilities tie often, and which tied index `topk`
+    returns differs between CPU and GPU kernels: the rule makes the set the same on every device.)"""
     if not 1 <= k <= p.shape[-1]:
         raise IclgdError(f"k must be between 1 and the vocabulary size {p.shape[-1]}, got {k}")
-    idx = p.topk(k, dim=-1).indices
-    return torch.zeros_like(p, dtype=torch.bool).scatter(-1, idx, True)
+    kth = p.topk(k, dim=-1).values[..., -1:]  # [..., 1]: the k-th largest value
+    above, tied = p > kth, p == kth
+    room = k - above.sum(-1, keepdim=True)  # [..., 1]: places left for the tied entries
+    return above | (tied & (tied.cumsum(-1) <= room))
 
 
 def token_overlap(p1: Tensor, p2: Tensor, k: int = 10) -> Tensor:

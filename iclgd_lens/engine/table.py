@@ -118,7 +118,7 @@ def episode_table(
                 out.add("dw_action_cos", comparison, torch.stack(action), True)
         if "head_out" in icl and "rot_q" in icl:
             predicted = metrics.dw_act(dw_icl, icl["rot_q"].float())
-            actual = (icl["head_out"] - zsl["head_out"]).float()
+            actual = icl["head_out"].float() - zsl["head_out"].float()  # (a bf16 difference would round)
             cos = metrics.cosine(predicted, actual)
             out.add("dual_form_cos", "icl~dual_form", cos, True)
             out.add("dual_form_rel_err", "icl~dual_form", torch.sqrt(torch.clamp(1 - cos**2, min=0)), True)
