@@ -23,7 +23,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from iclgd_lens import GDConfig, Task, compare, load_model
 from iclgd_lens.engine import memory
-from iclgd_lens.tasks import Example
+from iclgd_lens.engine.gd import train_deltas
+from iclgd_lens.engine.record import Recorder
+from iclgd_lens.tasks import Example, encode_prompts
 
 VERSIONS_SHOWN = ("torch", "transformers", "transformer-lens", "tokenizers", "huggingface_hub")
 """Printed first: on the device machine torch is the image's, the rest the carried wheels'."""
@@ -128,6 +130,32 @@ def agreement(task: Task, devices: tuple[str, str]) -> float:
     return float((tables[0]["value"] - tables[1]["value"]).abs().max())
 
 
+def update_and_noise(bridge, task: Task, k: int, n_episodes: int, n_queries: int, batch_size: int) -> None:
+    """Is the GD update of the attention output larger than what the model's dtype and the
+    kernels' choice of batch shape alone change? Prints, per layer (median over queries),
+    |h_GD - h_ZSL| / |h_ZSL| and |h_ZSL(all rows) - h_ZSL(one demo set's rows)| / |h_ZSL|: compare()
+    runs the shared ZSL pass on one demo set's rows and GD on the whole group, and a GPU picks
+    its bf16 matmul kernels by shape. If the second is not far below the first, bf16 numbers of
+    GD's update are partly rounding (docs/models.md, "bf16 and the numbers")."""
+    episodes = task.episodes(k, n_episodes, n_queries, 0)
+    deltas = train_deltas(bridge, bridge.tokenizer, task, episodes, GDConfig.dai())
+    queries = [q for e in episodes for q in e.queries]
+    words = [e.label_words for e in episodes for _ in e.queries]
+    device = next(bridge.parameters()).device
+    enc = encode_prompts(bridge.tokenizer, task, [()] * len(queries), queries, words).to(device)
+    row_episode = torch.tensor([i for i, e in enumerate(episodes) for _ in e.queries], device=device)
+    recorder = Recorder(bridge, ["attn_out"])
+    zsl = recorder.run_batched(enc, "zsl", batch_size=batch_size)["attn_out"].float()  # [L, B, d]
+    n = len(episodes[0].queries)
+    zsl_one = recorder.run_batched(enc.rows(0, n), "zsl", batch_size=batch_size)["attn_out"].float()
+    gd = recorder.run_batched(enc, "gd", batch_size=batch_size, deltas=deltas, row_episode=row_episode)
+    size = torch.linalg.vector_norm(zsl, dim=-1)  # [L, B]
+    update = (torch.linalg.vector_norm(gd["attn_out"].float() - zsl, dim=-1) / size).median(-1).values
+    noise = (torch.linalg.vector_norm(zsl[:, :n] - zsl_one, dim=-1) / size[:, :n]).median(-1).values
+    print("gd_update_over_h_by_layer: " + " ".join(f"{v:.1e}" for v in update.tolist()))
+    print("batch_shape_noise_over_h_by_layer: " + " ".join(f"{v:.1e}" for v in noise.tolist()))
+
+
 def run_check(
     task: Task, shape: dict, dtype: torch.dtype, device: str, k: int, n_episodes: int, n_queries: int
 ):
@@ -175,6 +203,7 @@ def run_check(
         print(f"predicted_over_measured: {plan.total_bytes / measured:.2f}")
     print(plan.describe())
     print(f"rows: {len(results.table)}")
+    update_and_noise(bridge, task, k, n_episodes, n_queries, results.config["batch_size"])
 
 
 def main() -> None:

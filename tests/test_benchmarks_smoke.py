@@ -294,6 +294,8 @@ def test_gpu_check_dry_run_on_the_cpu_and_what_the_device_needs():
         "batch_size:",
         "rows:",
         "small_fp32_cpu_vs_cpu_max_diff:",
+        "gd_update_over_h_by_layer:",
+        "batch_shape_noise_over_h_by_layer:",
     ):
         assert key in out.stdout, key
     loaded = out.stdout.split("DISTRIBUTIONS ")[-1].split()
