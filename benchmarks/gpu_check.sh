@@ -23,8 +23,7 @@ if [ ! -x "$PY" ]; then
     export PYTHONPATH=/tmp/iclgd-site${PYTHONPATH:+:$PYTHONPATH}
   fi
 fi
-if [ -n "${OUT:-}" ]; then
-  set -o pipefail
+if [ -n "${OUT:-}" ]; then  # (pipefail, set above: the check's exit status, not tee's)
   "$PY" benchmarks/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check.txt"
 else
   exec "$PY" benchmarks/gpu_check.py "$@"

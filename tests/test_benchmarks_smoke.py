@@ -247,8 +247,8 @@ def test_needed_gd_flops_agree_with_torchs_flop_counter(model, task):
 LOADED_DISTRIBUTIONS = """
 import importlib.metadata as md, runpy, sys
 from pathlib import Path
-sys.argv = ["gpu_check.py", "--dry-run"]
-runpy.run_path(BENCH + "/gpu_check.py", run_name="__main__")
+sys.argv = [sys.argv[1], "--dry-run"]
+runpy.run_path(sys.argv[0], run_name="__main__")
 owner = {}
 for dist in md.distributions():
     for f in dist.files or ():
@@ -258,7 +258,8 @@ files = [getattr(m, "__file__", None) for m in list(sys.modules.values())]
 names = {owner.get(str(Path(f).resolve())) for f in files if f}
 print("DISTRIBUTIONS " + " ".join(sorted(n for n in names if n)))
 """
-"""Runs the GPU check's dry run, then prints every installed distribution that owns a loaded module."""
+"""Runs the GPU check's dry run (its path: the first argument), then prints every installed
+distribution that owns a loaded module."""
 
 
 def _names(path: Path) -> dict[str, str]:
@@ -278,9 +279,8 @@ def test_gpu_check_dry_run_on_the_cpu_and_what_the_device_needs():
     (benchmarks/gpu_image_packages.txt) or among the wheels carried there (benchmarks/gpu_wheels.txt,
     at requirements.lock's versions), so that the GPU run does not stop at an import."""
     root = BENCHMARKS.parent
-    code = LOADED_DISTRIBUTIONS.replace("BENCH", repr(str(BENCHMARKS)))
     out = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", LOADED_DISTRIBUTIONS, str(BENCHMARKS / "gpu_check.py")],
         capture_output=True,
         text=True,
         timeout=300,
