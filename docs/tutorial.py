@@ -70,8 +70,9 @@ results  # in a notebook this cell shows the HTML summary (Results._repr_html_)
 # ## 3. Figures inline, offline
 # Every report figure is a plotly figure. `notebook.use()` makes plotly draw figures in cells as
 # plain HTML that needs no network and no plotly extension: it renders in Jupyter Notebook,
-# JupyterLab, VS Code and in exported HTML (plotly.js is embedded once per session, with the
-# first figure; the `results` view above already did). Same colours as the report:
+# JupyterLab, VS Code and in exported HTML (plotly.js is embedded with the first figure of each
+# cell, so every figure cell draws on its own after re-runs and in exports;
+# `notebook.use(library="once")` embeds it once per session). Same colours as the report:
 # icl~gd strong and solid, the floors muted and dashed, the ICL~ICL ceiling dotted.
 
 # %%

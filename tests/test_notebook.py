@@ -1,8 +1,8 @@
 """The tutorial as a notebook: built from docs/tutorial.py's `# %%` cells with nbformat, executed
 with nbclient on this environment's python3 kernel, end to end on the embedded model.
 
-Its outputs must hold inline HTML figures: text/html with a plotly div and, once, the embedded
-plotly.js (no CDN, no `application/vnd.plotly.v1+json`-only output that exported HTML and
+Its outputs must hold inline HTML figures: text/html with a plotly div and, once per figure cell,
+the embedded plotly.js (no CDN, no `application/vnd.plotly.v1+json`-only output that exported HTML and
 front-ends without the plotly extension show blank). The outputs, put together in order as an
 exported page is, are then opened offline in Chromium (when it is installed) and every figure
 must draw.
@@ -71,8 +71,11 @@ def test_the_tutorial_runs_as_a_notebook_and_its_figures_are_inline_html(execute
     htmls = html_outputs(executed)
     figures = [h for h in htmls if 'class="plotly-graph-div"' in h]
     assert len(figures) >= 3  # the Results view, the small multiples, the layer curve
-    assert sum(PLOTLY_MARK in h for h in htmls) == 1  # plotly.js embedded once per notebook
-    assert PLOTLY_MARK in figures[0]  # ...with the first figure, before any other needs it
+    for cell in executed.cells:  # plotly.js once in every cell that shows a figure, with its first
+        outs = [o["data"]["text/html"] for o in cell.get("outputs", []) if "text/html" in o.get("data", {})]
+        shown = [h for h in outs if 'class="plotly-graph-div"' in h]
+        assert sum(PLOTLY_MARK in h for h in outs) == (1 if shown else 0)
+        assert not shown or PLOTLY_MARK in shown[0]
     for h in htmls:
         ours = h.replace(plotly_js(), "")  # what the outputs add around the library
         assert not re.search(r"(src|href)=[\"']?https?://", ours), (
@@ -143,8 +146,9 @@ def test_the_notebook_figures_draw_offline_in_exported_html(executed, tmp_path):
 
 
 def test_the_results_view_draws_its_figure_inline_and_the_engine_does_not_import_the_report():
-    """Results._repr_html_ leads with the verdict and carries an inline HTML figure; plotly.js is
-    embedded with the first figure of the session only; importing the engine loads no report code."""
+    """Results._repr_html_ leads with the verdict and carries an inline HTML figure; outside
+    IPython plotly.js is embedded with the first figure of the session only; importing the engine
+    loads no report code."""
     import subprocess
     import sys
 
@@ -152,7 +156,7 @@ def test_the_results_view_draws_its_figure_inline_and_the_engine_does_not_import
 
     from iclgd_lens.report import notebook
 
-    notebook._state["library_sent"] = False  # a fresh session
+    notebook._state["sent_in"] = None  # a fresh session (outside IPython: once per session)
     first = make_results(n_layers=2, n_episodes=6)._repr_html_()
     second = make_results(n_layers=2, n_episodes=6)._repr_html_()
     assert first.index("Paired sign-flip tests") < first.index('class="plotly-graph-div"')
@@ -210,3 +214,50 @@ def test_the_results_views_means_are_layer_level_and_name_what_is_missing():
     assert checked >= 10
     assert all(c != "" for row in cells.values() for c in row[1:])
     assert "n/a" in view[view.index("<details>") :]
+
+
+def _library_per_cell(nb) -> list[int]:
+    return [
+        sum(PLOTLY_MARK in o.get("data", {}).get("text/html", "") for o in cell.get("outputs", []))
+        for cell in nb.cells
+    ]
+
+
+@pytest.mark.parametrize("library", ["cell", "once"])
+def test_re_running_a_figure_cell_leaves_every_figure_cell_able_to_draw(library, tmp_path):
+    """A user re-runs the first figure cell: in "cell" mode (the default) every figure cell still
+    embeds plotly.js itself, so the saved or exported notebook draws all of them (with one copy
+    per session, the re-run cell had taken the only copy with it: blank figures on reopening);
+    "once" embeds it once, as documented."""
+    setup = (
+        "import plotly.graph_objects as go\n"
+        "from iclgd_lens.report import notebook\n"
+        + ("notebook.use()\n" if library == "cell" else "notebook.use(library='once')\n")
+        + "fig = go.Figure(go.Scatter(y=[1, 3, 2]))"
+    )
+    cells = [setup, "fig", "notebook.show(fig)\nfig"]
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell(c) for c in cells],
+        metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}},
+    )
+    client = NotebookClient(
+        nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}}
+    )
+    with client.setup_kernel():
+        for i, cell in enumerate(nb.cells):
+            client.execute_cell(cell, i)
+        first = _library_per_cell(nb)
+        client.execute_cell(nb.cells[1], 1)  # the first figure cell, run again
+        again = _library_per_cell(nb)
+    if library == "cell":
+        assert first == again == [0, 1, 1]
+    else:
+        assert first == [0, 1, 0] and again == [0, 0, 0]
+
+
+def test_an_unknown_library_mode_is_one_line():
+    from iclgd_lens.errors import IclgdError
+    from iclgd_lens.report import notebook
+
+    with pytest.raises(IclgdError, match="library must be one of cell, once"):
+        notebook.use(library="every")
