@@ -131,6 +131,18 @@ def probe(
     return decorate
 
 
+def unregister(name: str) -> None:
+    """Remove a probe registered by the user (a probe that fails is recorded by every later
+    default `compare()` until it is removed or redefined). Built-in probes cannot be removed:
+    leave them out with `compare(probes=[...])`."""
+    _load_builtin()
+    if name not in PROBES:
+        raise IclgdError(f"no probe {name!r} is registered; registered: {sorted(PROBES)}")
+    if PROBES[name].fn.__module__.startswith("iclgd_lens.hooks."):
+        raise IclgdError(f"probe {name!r} is built in; leave it out with compare(probes=[...]) instead")
+    del PROBES[name]
+
+
 def get_probes(names: list[str] | None = None) -> list[Probe]:
     """The probes to record: `names` in order, or the default set."""
     _load_builtin()
@@ -170,4 +182,4 @@ def _load_builtin() -> None:
         load_entry_points("probes")
 
 
-__all__ = ["probe", "Probe", "ReadContext", "PROBES", "get_probes", "DEFAULT_PROBES"]
+__all__ = ["probe", "unregister", "Probe", "ReadContext", "PROBES", "get_probes", "DEFAULT_PROBES"]

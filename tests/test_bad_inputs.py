@@ -176,6 +176,19 @@ API_CASES = [
     ("unknown-gd-preset", dict(gd="adamw"), "unknown GD preset"),
     ("diverging-gd", dict(gd=GDConfig.dai(lr=1e30)), "lr=1e+30"),
     ("zero-episodes", dict(n_episodes=0), "n_episodes"),
+    ("float-k", dict(k=2.5), "k must be an integer"),
+    ("k-as-a-string", dict(k="2"), "k must be an integer"),
+    ("bool-episodes", dict(n_episodes=True), "n_episodes must be an integer"),
+    ("float-queries", dict(n_queries=2.0), "n_queries must be an integer"),
+    ("zero-batch-size", dict(batch_size=0), "batch_size must be an integer >= 1"),
+    ("negative-batch-size", dict(batch_size=-1), "batch_size must be an integer >= 1"),
+    ("float-batch-size", dict(batch_size=2.5), "batch_size must be an integer >= 1"),
+    ("no-seed", dict(seed=None), "seed must be an integer"),
+    ("max-memory-as-a-string", dict(max_memory="8GB"), "max_memory must be a positive number"),
+    ("zero-max-memory", dict(max_memory=0), "max_memory must be a positive number"),
+    ("tiny-max-memory-in-its-unit", dict(max_memory=1000), "max_memory=1000 B"),
+    ("unknown-baseline-as-a-string", dict(baselines="bogus"), "unknown baseline(s) ['bogus']"),
+    ("unknown-probe-as-a-string", dict(probes="nope"), "unknown probe(s) ['nope']"),
 ]
 
 
@@ -190,6 +203,41 @@ def test_bad_python_input(model, kwargs, fragment):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
     assert torch.equal(rng, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("not_a_bridge", ["tiny-llama-icl", None, "hf"])
+def test_compare_on_something_that_is_no_bridge_is_one_line(model, not_a_bridge):
+    """A model name, None, or the Hugging Face model itself (which needs load_model(hf_model=...))."""
+    if not_a_bridge == "hf":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        not_a_bridge = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                vocab_size=64,
+            )
+        )
+    with pytest.raises(IclgdError) as info:
+        compare(not_a_bridge, k=2, n_episodes=2, n_queries=2, progress=False)
+    message = str(info.value)
+    assert "\n" not in message and "needs a model from iclgd_lens.load_model" in message, message
+    if not isinstance(not_a_bridge, (str, type(None))):
+        assert "load_model(hf_model=" in message
+
+
+def test_one_name_as_a_string_is_one_baseline_or_probe(model):
+    """baselines="random" / probes="attn_out" name one thing, not one per character."""
+    kw = dict(k=2, n_episodes=2, n_queries=2, progress=False, artifacts=False)
+    results = compare(model, baselines="random", probes="attn_out", **kw)
+    assert results.config["baselines"] == ["random"] and results.config["probes"] == ["attn_out"]
+    baselines = {c for c in results.table["comparison"] if c not in ("zsl", "icl", "gd", "icl~zsl", "gd~zsl")}
+    assert baselines == {"icl~gd", "icl~random"}, baselines
+    assert set(results.table["metric"]) >= {"simaou", "simaou_norm"} and "simam" not in set(
+        results.table["metric"]
+    )
 
 
 def test_compare_leaves_the_global_random_state_alone_and_repeats_bitwise(model):

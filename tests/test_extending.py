@@ -87,3 +87,45 @@ def test_a_package_ships_probes_and_analyses_through_entry_points(tmp_path, monk
     finally:
         PROBES.pop("ep_mlp", None)
         REGISTRY["analyses"].pop("ep_plain", None)
+
+
+def test_a_failing_user_probe_names_the_way_out_and_unregister_removes_it():
+    """A user probe that raises is recorded by every later default compare() until removed: its
+    error says where it failed (here only on the untrained model's re-drawn weights) and how to
+    remove it; `unregister` removes it and refuses built-in or unknown names."""
+    import pytest
+    from iclgd_lens.hooks import probe, unregister
+
+    from iclgd_lens import compare, load_model
+    from iclgd_lens.errors import IclgdError
+
+    model = load_model()
+    calls = {"n": 0, "fail_after": None}
+
+    @probe("flaky_user_probe", points=["blocks.{layer}.hook_resid_post"])
+    def flaky(acts, ctx):
+        calls["n"] += 1
+        if calls["fail_after"] is not None and calls["n"] > calls["fail_after"]:
+            raise ValueError("boom")
+        return {}
+
+    kw = dict(k=2, n_episodes=2, n_queries=2, progress=False, artifacts=False)
+    try:
+        compare(model, baselines=False, **kw)  # counts the calls of the comparison itself
+        calls["fail_after"], calls["n"] = calls["n"], 0
+        with pytest.raises(IclgdError) as info:
+            compare(model, baselines=["untrained"], **kw)  # the same calls, then the untrained pipeline's
+        message = str(info.value)
+        assert message.startswith(
+            "in the untrained-model baseline: probe 'flaky_user_probe' raised ValueError: boom"
+        ), message
+        assert "remove it with iclgd_lens.hooks.unregister('flaky_user_probe')" in message
+        assert "\n" not in message
+    finally:
+        unregister("flaky_user_probe")
+    assert "flaky_user_probe" not in PROBES
+    assert "flaky_user_probe" not in compare(model, baselines=False, **kw).config["probes"]
+    with pytest.raises(IclgdError, match="'attn_out' is built in"):
+        unregister("attn_out")
+    with pytest.raises(IclgdError, match="no probe 'flaky_user_probe' is registered"):
+        unregister("flaky_user_probe")

@@ -570,11 +570,21 @@ def test_presets_and_bad_settings():
         lambda: GDConfig(lr=-1),
         lambda: GDConfig(params="kv", layer=1),
         lambda: GDConfig(batch_size=0),
+        lambda: GDConfig(lr=True),  # a bool is not a number here
+        lambda: GDConfig(epochs=True),
+        lambda: GDConfig(epochs=2.0),
+        lambda: GDConfig(params="v_single", layer=1.5),
+        lambda: GDConfig(delta_dtype="bf16"),
         lambda: projection_paths(GDConfig(params="v_single", layer=5), 2),
     ):
         with pytest.raises(IclgdError) as info:
             bad()
         assert "\n" not in str(info.value)
+
+
+def test_delta_dtype_takes_the_spellings_of_float32():
+    for spelling in ("float32", "fp32", "FP32", "torch.float32", torch.float32):
+        assert GDConfig(delta_dtype=spelling).delta_dtype == "float32"
 
 
 def test_zero_demonstrations_give_zero_deltas(mha, tok):

@@ -145,9 +145,13 @@ def test_bf16_runs_with_bf16_parameters(dtype):
     assert (logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 
-def test_label_and_n_ctx():
-    bridge = load_model("my-llama", hf_model=hf_llama(), tokenizer=tokenizer(), device="auto", n_ctx=32)
+def test_label_and_n_ctx(caplog):
+    """n_ctx sets the window prompts are checked against, with no TransformerLens warning that it
+    "may not have taken effect" (TL's n_ctx= targets the HF config, which a model passed in keeps)."""
+    with caplog.at_level("WARNING"):
+        bridge = load_model("my-llama", hf_model=hf_llama(), tokenizer=tokenizer(), device="auto", n_ctx=32)
     assert bridge.cfg.model_name == "my-llama" and bridge.cfg.n_ctx == 32
+    assert not [r for r in caplog.records if "n_ctx" in r.getMessage()], caplog.text
     with pytest.raises(IclgdError, match="n_ctx must be a positive integer"):
         load_model(hf_model=hf_llama(), tokenizer=tokenizer(), n_ctx=0)
 

@@ -293,3 +293,14 @@ def test_a_hook_point_outside_the_blocks_is_refused_in_one_line():
     ) as info:
         Recorder(tiny_bridge(), [flat])
     assert "\n" not in str(info.value)
+
+
+def test_layers_outside_the_model_and_one_probe_name_as_a_string():
+    """Recorder(layers=...) beyond the model names its layer count; a probe given as one string is
+    that probe (not one probe per character)."""
+    bridge = tiny_bridge()
+    n = bridge.cfg.n_layers
+    with pytest.raises(IclgdError) as info:
+        Recorder(bridge, ["attn_out"], layers=[0, n + 5])
+    assert str(info.value) == f"layer(s) [{n + 5}] out of range: the model has {n} layers (0 to {n - 1})"
+    assert [p.name for p in Recorder(bridge, "attn_out").probes] == ["attn_out"]

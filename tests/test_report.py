@@ -292,6 +292,28 @@ def test_layer_curve_figure_matches_the_summary():
     assert figures.layer_curve_figure(results, "accuracy") is None  # model-level: no layer curve
 
 
+def test_a_figure_of_something_the_results_lack_is_one_line_not_none():
+    """A typo (metric, layer, comparison) is said in one line with what the results have; None
+    stays the answer for what exists but has nothing to draw; notebook.show(None) says why."""
+    from iclgd_lens.report import notebook
+
+    results = make_results()
+    layers = sorted(results.table.loc[results.table["layer"] >= 0, "layer"].unique())
+    cases = [
+        (lambda: figures.layer_curve_figure(results, "nope"), "no metric 'nope' in the results; metrics: "),
+        (lambda: figures.k_curve_figure(results, "nope"), "no metric 'nope' in the results"),
+        (lambda: figures.head_heatmap_figure(results, layer=99), "no layer 99 in the results; layers: 0, "),
+        (lambda: figures.head_heatmap_figure(results, 0, "icl~nope"), "no comparison 'icl~nope'"),
+        (lambda: figures.query_distribution_figure(results, 99), "no layer 99"),
+        (lambda: notebook.show(None), "nothing to show: expected a plotly Figure, got None"),
+    ]
+    for build, fragment in cases:
+        with pytest.raises(IclgdError) as info:
+            build()
+        assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert figures.head_heatmap_figure(results, layer=int(layers[-1])) is not None
+
+
 def test_dw_figure_shows_the_stored_cosine():
     """The cosine in the titles is the artifact's (computed on the full matrices), not one
     recomputed from the rounded, pooled matrices drawn: here the drawn ones would give -1 and +1."""

@@ -77,11 +77,14 @@ def compare(
     probe registered by the user). `batch_size` bounds the rows of one forward pass.
     `max_memory` (bytes, weights included): take the largest batch size (at most `batch_size`)
     whose peak the memory model predicts to fit (`iclgd_lens.engine.memory.plan_compare`), and
-    refuse a comparison that fits with none, before any work.
+    refuse a comparison that fits with none, before any work. The batch size changes only the
+    shape of the passes: rows agree across batch sizes to float rounding, not always bitwise
+    (docs/performance.md, "Batch size and rounding").
     Episodes are the statistical unit (their queries share demonstrations and GD run): the
     default 8 episodes let the exact paired test reach p = 0.0078 (docs/statistics.md).
     """
     started = time.time()
+    _check_arguments(model, k, n_episodes, n_queries, seed, batch_size, max_memory)
     _warn_attached_hooks(model)
     task = resolve_task(task, seed)
     gd_config = GDConfig.resolve(gd, task)
@@ -110,8 +113,8 @@ def compare(
         )
         if not plan.fits:
             raise IclgdError(
-                f"the memory model predicts {plan.total_bytes / 2**30:.1f} GB even with "
-                f"batch_size={plan.batch_size}, more than max_memory={max_memory / 2**30:.1f} GB "
+                f"the memory model predicts {format_bytes(plan.total_bytes)} even with "
+                f"batch_size={plan.batch_size}, more than max_memory={format_bytes(max_memory)} "
                 f"(peak phase {plan.phase!r}); use fewer episodes or queries per call, or fewer probes "
                 "or baselines"
             )
@@ -151,7 +154,10 @@ def compare(
         from iclgd_lens.engine.baselines import untrained_in_place
 
         with untrained_in_place(model, seed=seed) as untrained:
-            base = once(untrained, chosen=(), desc="untrained")[0]  # (its deltas are dropped here)
+            try:
+                base = once(untrained, chosen=(), desc="untrained")[0]  # (its deltas are dropped here)
+            except IclgdError as err:  # a probe or GD failing only on re-drawn weights: say where
+                raise IclgdError(f"in the untrained-model baseline: {err}") from err
         base = base[base["comparison"] == "icl~gd"].assign(comparison="untrained:icl~gd")
         parts.append(base)
     table = pd.concat(parts, ignore_index=True)
@@ -402,6 +408,49 @@ def _icl(recorder: Recorder, enc, condition: str, share_prefix: bool) -> tuple[R
 
 
 # ---- checks before any model work ----------------------------------------------------------
+def _check_arguments(model, k, n_episodes, n_queries, seed, batch_size, max_memory) -> None:
+    """compare()'s own arguments, each refused in one line before anything else is looked at
+    (a bool is not taken for a count; a float count is refused rather than rounded)."""
+    if not all(hasattr(model, name) for name in ("cfg", "hook_dict", "tokenizer")):
+        hint = (
+            "; wrap a Hugging Face model with load_model(hf_model=..., tokenizer=...)"
+            if hasattr(model, "config") and hasattr(model, "forward")
+            else ""
+        )
+        raise IclgdError(
+            "compare() needs a model from iclgd_lens.load_model (a TransformerLens TransformerBridge "
+            f"with its tokenizer), got {type(model).__name__}{hint}"
+        )
+    for name, value, least in (
+        ("k", k, 0),
+        ("n_episodes", n_episodes, 1),
+        ("n_queries", n_queries, 1),
+        ("batch_size", batch_size, 1),
+    ):
+        if not _is_int(value) or value < least:
+            raise IclgdError(f"{name} must be an integer >= {least}, got {value!r}")
+    if not _is_int(seed):
+        raise IclgdError(f"seed must be an integer, got {seed!r}")
+    if max_memory is not None and not (
+        isinstance(max_memory, (int, float)) and not isinstance(max_memory, bool) and max_memory > 0
+    ):
+        raise IclgdError(
+            f"max_memory must be a positive number of bytes (e.g. 40e9) or None, got {max_memory!r}"
+        )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def format_bytes(n: float) -> str:
+    """A byte count for messages, in the largest unit that keeps it >= 1 (B, KB, MB, GB; base 1024)."""
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def _warn_attached_hooks(model) -> None:
     """Warn when hooks are already on the model's hook points (`model.add_hook`, or a
     `Recorder.attach` never removed): they act on every condition, ZSL, ICL, GD and the
@@ -532,6 +581,8 @@ def _chosen_baselines(baselines) -> tuple[str, ...]:
         return ALL_BASELINES
     if baselines is False or baselines is None:
         return ()
+    if isinstance(baselines, str):  # one name, not its characters
+        baselines = [baselines]
     unknown = [b for b in baselines if b not in ALL_BASELINES]
     if unknown:
         raise IclgdError(f"unknown baseline(s) {unknown}; choose from {list(ALL_BASELINES)}")
@@ -542,6 +593,8 @@ def _probe_names(probes) -> list[str]:
     from iclgd_lens.hooks import DEFAULT_PROBES, PROBES, get_probes
 
     get_probes([])  # loads the built-in probes
+    if isinstance(probes, str):  # one name, not its characters
+        return [probes]
     if probes is not None:
         return list(probes)
     user = [n for n in PROBES if n not in DEFAULT_PROBES]

@@ -98,6 +98,8 @@ class Recorder:
         self, model, probes: Sequence[str | Probe] | None = None, layers: Iterable[int] | None = None
     ):
         self.model = model
+        if isinstance(probes, (str, Probe)):  # one probe, not a string's characters
+            probes = [probes]
         if probes is None:
             self.probes: list[Probe] = get_probes()
         else:
@@ -114,6 +116,12 @@ class Recorder:
     def _check_points(self) -> None:
         """Every probe's hook points exist on this model (checked once, before any pass)."""
         known = set(self.model.hook_dict)
+        n_layers = getattr(getattr(self.model, "cfg", None), "n_layers", None)
+        outside = [layer for layer in self.layers if n_layers is not None and not 0 <= layer < n_layers]
+        if outside:
+            raise IclgdError(
+                f"layer(s) {outside} out of range: the model has {n_layers} layers (0 to {n_layers - 1})"
+            )
         for p in self.probes:
             for point in p.points:
                 if "{layer}" not in point:
@@ -168,6 +176,7 @@ class Recorder:
                             raise IclgdError(
                                 f"probe {p.name!r} raised {type(err).__name__}: {err} (layer {layer}, "
                                 f"condition {ctx.condition}, points {', '.join(p.point_names(layer))})"
+                                f"{_remedy(p)}"
                             ) from err
                     _check_probe_output(p, out, ctx, layer)
                     for name, value in out.items():
@@ -426,9 +435,16 @@ def scratch_guard(scratch: Scratch, n_layers: int) -> HookList:
     return [(f"blocks.{layer}.attn.hook_pattern", make(layer)) for layer in range(n_layers)]
 
 
+def _remedy(p: Probe) -> str:
+    """How to get rid of a failing user probe, which every later default compare() records."""
+    if p.fn.__module__.startswith("iclgd_lens.hooks."):
+        return ""
+    return f"; fix it, or remove it with iclgd_lens.hooks.unregister({p.name!r})"
+
+
 def _check_probe_output(p: Probe, out, ctx: ReadContext, layer: int) -> None:
     """A probe returns {name: tensor with a leading batch dimension}; say what is wrong otherwise."""
-    where = f"(layer {layer}, condition {ctx.condition})"
+    where = f"(layer {layer}, condition {ctx.condition}){_remedy(p)}"
     if not isinstance(out, dict):
         raise IclgdError(
             f"probe {p.name!r} returned a {type(out).__name__}; expected a dict of name -> tensor {where}"

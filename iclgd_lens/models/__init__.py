@@ -389,8 +389,10 @@ def _boot(label: str, hf_model, tokenizer, device: torch.device, dtype: torch.dt
     hf_model.to(device)
     hf_model.eval()
     bridge = TransformerBridge.boot_transformers(
-        label, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype, n_ctx=n_ctx
+        label, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=dtype
     )
+    if n_ctx is not None:  # only the recorded window changes (prompts are checked against it); TL's own
+        bridge.cfg.n_ctx = n_ctx  # n_ctx= targets the HF config, which a model passed in keeps, and warns so
     bridge.eval()
     return bridge
 

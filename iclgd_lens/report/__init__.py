@@ -442,7 +442,11 @@ def _layer_body(results: Results, layer: int, glossary_page: str = GLOSSARY_PAGE
         )
     )
 
-    dists = [figures.query_distribution_figure(results, layer, m) for m in ("simaou", "simaou_norm")]
+    dists = [
+        figures.query_distribution_figure(results, layer, m)
+        for m in ("simaou", "simaou_norm")
+        if m in results.metrics
+    ]
     sections.append(
         section(
             "Per-query SimAOU against its baselines",

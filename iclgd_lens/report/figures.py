@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from iclgd_lens.engine.results import Results
+from iclgd_lens.errors import IclgdError
 from iclgd_lens.report import style
 
 TEMPLATE = style.TEMPLATE
@@ -72,6 +73,25 @@ def _band_traces(x: Sequence, mean: Sequence, low: Sequence, high: Sequence, nam
     return traces
 
 
+def check_asked(
+    results: Results, metric: str | None = None, layer: int | None = None, comparison: str | None = None
+) -> None:
+    """A metric, layer or comparison that the results do not have is a typo, not "nothing to
+    draw": say so in one line, with what the results do have (a builder's None means only that
+    what was asked for exists but has nothing to draw, e.g. a model-level metric over layers)."""
+    t = results.table
+    if metric is not None and metric not in results.metrics:
+        raise IclgdError(f"no metric {metric!r} in the results; metrics: {', '.join(results.metrics)}")
+    layers = sorted(t.loc[t["layer"] >= 0, "layer"].unique().tolist())
+    if layer is not None and layer not in layers:
+        raise IclgdError(f"no layer {layer!r} in the results; layers: {', '.join(map(str, layers))}")
+    comparisons = list(dict.fromkeys(t["comparison"]))
+    if comparison is not None and comparison not in comparisons:
+        raise IclgdError(
+            f"no comparison {comparison!r} in the results; comparisons: {', '.join(comparisons)}"
+        )
+
+
 def _max_k(results: Results, table: pd.DataFrame) -> pd.DataFrame:
     """Rows of the largest k when the table sweeps k (curves over layers are drawn at one k)."""
     if len(results.k_values) > 1:
@@ -103,6 +123,7 @@ def _layer_summary(results: Results, metric: str) -> pd.DataFrame:
 def layer_curve_figure(results: Results, metric: str) -> go.Figure | None:
     """`metric` over layers, one trace per comparison (headline + baselines), 95% bands: the
     episode-level t-intervals of `Results.summary` (over episode means, not pooled queries)."""
+    check_asked(results, metric=metric)
     summ = _layer_summary(results, metric)
     if summ.empty:
         return None
@@ -237,6 +258,7 @@ def glossary_range(metric: str) -> str | None:
 def k_curve_figure(results: Results, metric: str) -> go.Figure | None:
     """`metric` as a function of k (mean over layers, episodes, queries), one trace per comparison,
     on a log-2 k axis with every k labelled."""
+    check_asked(results, metric=metric)
     if len(results.k_values) < 2:
         return None
     t = results.table
@@ -261,6 +283,7 @@ def k_curve_figure(results: Results, metric: str) -> go.Figure | None:
 
 def head_grid(results: Results, layer: int, comparison: str = HEADLINE) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-head means of one layer and comparison (metric x head) and their counts."""
+    check_asked(results, layer=layer, comparison=comparison)
     t = _max_k(results, results.table)
     rows = t[(t["layer"] == layer) & (t["head"] >= 0) & (t["comparison"] == comparison)]
     if rows.empty:
@@ -398,6 +421,7 @@ def dw_figure(dw_layer: dict, layer: int) -> go.Figure | None:
 
 def query_distribution_figure(results: Results, layer: int, metric: str = "simaou") -> go.Figure | None:
     """Per-query values of `metric` in one layer, one box per comparison (headline vs baselines)."""
+    check_asked(results, metric=metric, layer=layer)
     t = _max_k(results, results.table)
     rows = t[(t["metric"] == metric) & (t["layer"] == layer) & (t["head"] == -1) & (t["query"] >= 0)]
     if rows.empty:

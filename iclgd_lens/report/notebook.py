@@ -133,6 +133,15 @@ class _HTML:
 
 def show(fig: go.Figure) -> None:
     """Display `fig` inline when running in IPython/Jupyter (a plain script shows nothing)."""
+    if not isinstance(fig, go.Figure):
+        raise IclgdError(
+            "nothing to show: expected a plotly Figure, got "
+            + (
+                "None (the figure builder found nothing to draw in these results)"
+                if fig is None
+                else type(fig).__name__
+            )
+        )
     try:
         from IPython import get_ipython
         from IPython.display import display

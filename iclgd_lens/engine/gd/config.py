@@ -54,19 +54,27 @@ class GDConfig:
                 f"unknown GD optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
             )
         if self.lr is not None and not (
-            isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0
+            isinstance(self.lr, (int, float))
+            and not isinstance(self.lr, bool)
+            and math.isfinite(self.lr)
+            and self.lr > 0
         ):
             raise IclgdError(f"GD learning rate must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            raise IclgdError(f"GD epochs must be an integer >= 1, got {self.epochs!r}")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise IclgdError(f"GD batch_size must be an integer >= 1, got {self.batch_size!r}")
+        for name in ("epochs", "batch_size"):  # a bool is not a count
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise IclgdError(f"GD {name} must be an integer >= 1, got {value!r}")
+        if self.layer is not None and not (isinstance(self.layer, int) and not isinstance(self.layer, bool)):
+            raise IclgdError(f"GD layer must be an integer or None, got {self.layer!r}")
         if self.loss_on not in LOSSES:
             raise IclgdError(f"unknown GD loss {self.loss_on!r}; choose one of {', '.join(LOSSES)}")
-        if self.delta_dtype not in (None, "float32"):
-            raise IclgdError(
-                f"GD delta_dtype must be None (the model's dtype) or 'float32', got {self.delta_dtype!r}"
-            )
+        if self.delta_dtype is not None:  # "float32", "fp32", "torch.float32" or torch.float32
+            spelled = str(self.delta_dtype).lower().removeprefix("torch.")
+            if spelled not in ("float32", "fp32"):
+                raise IclgdError(
+                    f"GD delta_dtype must be None (the model's dtype) or 'float32', got {self.delta_dtype!r}"
+                )
+            self.delta_dtype = "float32"
 
     @classmethod
     def dai(cls, lr: float | None = None) -> "GDConfig":
