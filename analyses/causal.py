@@ -61,7 +61,7 @@ from iclgd_lens import (
     untrained_copy,
     versions,
 )
-from iclgd_lens.study import StudyResult, as_bridge, device_of, model_name
+from iclgd_lens.study import StudyResult, as_bridge, checked_args, device_of, model_name
 
 QUESTION = (
     "Put into the forward pass, do GD's attention updates (or Dai's dual-form weight update) do what "
@@ -692,6 +692,7 @@ def dual_form_rows(runs: Runs, rope: str = "icl_position") -> pd.DataFrame:
 
 
 # ---- the study --------------------------------------------------------------------------------
+@checked_args
 def run(
     model="tiny-llama-icl",
     task: Task | None = None,

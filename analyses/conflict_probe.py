@@ -61,7 +61,7 @@ from iclgd_lens import (
     train_deltas,
     versions,
 )
-from iclgd_lens.study import as_bridge, device_of, model_name
+from iclgd_lens.study import as_bridge, checked_args, device_of, model_name
 
 QUESTION = (
     "When demonstrations contradict facts held in the weights, how often does the context win, "
@@ -189,6 +189,7 @@ def _record(
 
 
 # ---- the study ------------------------------------------------------------------------------
+@checked_args
 def run(
     model="tiny-llama-icl",
     facts: str | Path | Sequence[Fact] | None = None,

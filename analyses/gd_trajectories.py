@@ -25,7 +25,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from iclgd_lens import PARAM_SETS, GDConfig, IclgdError, StudyResult, Task, compare, resolve_task, versions
-from iclgd_lens.study import as_bridge, layer_mean, model_name, parse_numbers
+from iclgd_lens.study import as_bridge, checked_args, layer_mean, model_name, parse_numbers
 
 QUESTION = (
     "Does any GD setting (learning rate, trained parameters, epochs) make GD agree with ICL "
@@ -37,6 +37,7 @@ TRACKED = ("simaou", "simam_delta", "token_overlap", "overlap_cosine", "kl", "ac
 """Metrics kept from each comparison (model-level and layer-level rows only)."""
 
 
+@checked_args
 def run(
     model="tiny-llama-icl",
     task: Task | None = None,

@@ -36,7 +36,7 @@ import plotly.express as px
 import torch
 
 from iclgd_lens import IclgdError, StudyResult, stats
-from iclgd_lens.study import parse_numbers
+from iclgd_lens.study import checked_args, parse_numbers
 from iclgd_lens.worlds import chan
 
 QUESTION = (
@@ -130,6 +130,7 @@ def resolve(preset: str = "chan2024", **given) -> dict:
     return out
 
 
+@checked_args
 def run(
     *,
     preset: str = "chan2024",

@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.express as px
 
 from iclgd_lens import GDConfig, IclgdError, StudyResult, Task, compare, resolve_task, stats, versions
-from iclgd_lens.study import as_bridge, layer_mean, model_name
+from iclgd_lens.study import as_bridge, checked_args, layer_mean, model_name
 
 QUESTION = (
     "Does ICL learned through an explicit ICL objective agree with GD differently from ICL "
@@ -40,6 +40,7 @@ COMPARED = (
 """(metric, comparison) pairs tested for a difference between the two models."""
 
 
+@checked_args
 def run(
     models: Sequence = DEFAULT_MODELS,
     task: Task | None = None,

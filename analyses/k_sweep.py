@@ -37,7 +37,15 @@ from iclgd_lens import (
     train_deltas,
     versions,
 )
-from iclgd_lens.study import StudyResult, as_bridge, device_of, layer_mean, model_name, parse_numbers
+from iclgd_lens.study import (
+    StudyResult,
+    as_bridge,
+    checked_args,
+    device_of,
+    layer_mean,
+    model_name,
+    parse_numbers,
+)
 
 QUESTION = (
     "How do ICL, GD and their agreement change with the number of demonstrations k, per task and model?"
@@ -48,6 +56,7 @@ HEADLINE = ("accuracy", "simaou", "simam_delta", "token_overlap", "dw_cos")
 
 # ---- helpers shared by the studies ----------------------------------------------------------
 # ---- the study ------------------------------------------------------------------------------
+@checked_args
 def run(
     model="tiny-llama-icl",
     task: Task | Sequence[Task] | None = None,

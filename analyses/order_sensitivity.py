@@ -51,7 +51,7 @@ from iclgd_lens import (
     train_deltas,
     versions,
 )
-from iclgd_lens.study import as_bridge, device_of, model_name, parse_numbers
+from iclgd_lens.study import as_bridge, checked_args, device_of, model_name, parse_numbers
 
 QUESTION = (
     "How much does the order of the demonstrations change the output of ICL, "
@@ -60,6 +60,7 @@ QUESTION = (
 COLUMNS = ["metric", "method", "batch_size", "layer", "episode", "query", "value"]
 
 
+@checked_args
 def run(
     model="tiny-llama-icl",
     task: Task | None = None,

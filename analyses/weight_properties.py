@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from iclgd_lens import IclgdError, StudyResult
+from iclgd_lens.study import checked_args
 from iclgd_lens.worlds.oswald import hand_built_weights
 
 THRESHOLDS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -197,6 +198,7 @@ def _rows(
     return rows
 
 
+@checked_args
 def run(
     model: Any = "tiny-llama-icl",
     *,

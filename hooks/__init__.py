@@ -19,7 +19,8 @@ may not return the same key (the recorder refuses it).
 condition (e.g. a probe that only makes sense on the demonstrations).
 
 User probes live in any file: `iclgd_lens.plugins.load_file("my_probes.py", "probes")` (the
-CLI's `--hooks`) imports it, and the decorator registers what it defines. Installed packages
+CLI's `--hooks`) imports it, and the decorator registers what it defines; `unregister(name)`
+removes one again (every registered probe is recorded by a default `compare()`). Installed packages
 can expose probes through the entry-point group `iclgd_lens.hooks` (iclgd_lens.plugins).
 """
 

@@ -90,13 +90,18 @@ app = typer.Typer(
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+MAX_SEED = 2**31 - 1
+"""The largest --seed (compare()'s MAX_SEED: every draw's offset from it still fits its generator)."""
+MAX_THREADS = 1024
+
+
 def set_threads(threads: Optional[int]) -> int:
     """Set torch's intra-op threads: `threads`, or min(4, cpu count). Returns the number set."""
     import torch
 
     n = threads if threads is not None else min(4, os.cpu_count() or 1)
-    if n < 1:
-        raise IclgdError(f"--threads must be at least 1, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise IclgdError(f"--threads must be from 1 to {MAX_THREADS}, got {n}")
     torch.set_num_threads(n)
     return n
 
@@ -253,7 +258,7 @@ def report(
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help="Override the preset's GD batch size."
     ),
-    seed: int = typer.Option(0, help="Seed for episodes, baselines and GD order."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed for episodes, baselines and GD order."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16."),
     out: Path = typer.Option(
@@ -357,6 +362,8 @@ def render(
     load_user_files((), analyses)
     first = results[0]
     is_spec = first.suffix == ".toml" or (not first.exists() and str(first) in preset_names())
+    if store is not None and not (len(results) == 1 and is_spec):
+        raise IclgdError("--store applies only to a sweep spec (a .toml file or a preset); leave it out")
     if len(results) == 1 and (is_spec or (first / "cells").is_dir()):
         if single_file:
             raise IclgdError("a sweep report is a folder of pages; leave out --single-file")
@@ -385,7 +392,7 @@ def study(
         None, help="Model name or path, for studies that take one (default: the study's)."
     ),
     task: Optional[str] = typer.Option(None, help="Task name or data file, for studies that take one."),
-    seed: int = typer.Option(0, help="Seed."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed."),
     settings: List[str] = typer.Option(
         [], "--set", help="Study parameter name=value (repeatable; JSON values)."
     ),
@@ -415,6 +422,9 @@ def study(
         raise IclgdError(
             f"study {name!r} has no parameter {unknown[0]!r}; it takes {', '.join(params) or 'none'}"
         )
+    from iclgd_lens.study import check_study_args
+
+    kwargs = check_study_args(run, kwargs, name)  # --set k=abc: one line, before any work
     if "seed" in params:
         kwargs.setdefault("seed", seed)
     if "progress" in params:
@@ -504,6 +514,8 @@ def sweep(
     from iclgd_lens.sweep.spec import load_spec, on_data_dir
     from iclgd_lens.sweep.store import Store
 
+    if mem_gb is not None and not mem_gb > 0:  # NaN too
+        raise IclgdError(f"--mem-gb must be a number of GB > 0, got {mem_gb:g}")
     the_spec = load_spec(spec)
     changes = parse_settings(settings)
     if model:
@@ -595,8 +607,10 @@ def train_model(
     ),
     out: Path = typer.Option(..., help="Folder for the model, tokenizer and training_log.json."),
     steps: Optional[int] = typer.Option(None, min=1, help="Training steps (default: the configuration's)."),
-    seed: int = typer.Option(0, help="Seed of the model init and the data."),
-    threads: int = typer.Option(1, min=1, help="torch threads (1 or 2; more oversubscribes)."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the model init and the data."),
+    threads: int = typer.Option(
+        1, min=1, max=MAX_THREADS, help="torch threads (1 or 2; more oversubscribes)."
+    ),
     micro: bool = typer.Option(False, "--micro", help="A seconds-long tiny configuration (tests)."),
 ) -> None:
     """Train an embedded tiny LLaMA on the synthetic corpus (seeded; CPU, minutes)."""

@@ -4,11 +4,13 @@ A study is a plain function `run(...) -> StudyResult` in `analyses/` (registered
 iclgd_lens.plugins). It states its question, keeps its numbers in a tidy table, and its plots
 as plotly figures; the report renders both. The helpers: `as_bridge` (a name or a loaded
 model), `model_name`, `device_of`, `parse_numbers` (the one comma-list parser of CLI and
-studies), `layer_mean` (episode-level means over layers).
+studies), `layer_mean` (episode-level means over layers), `check_study_args` / `checked_args`
+(a study's int, float, bool and str parameters checked before any work, one line each).
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import math
@@ -167,6 +169,99 @@ def parse_numbers(
         if low < minimum or (strict_minimum and low == minimum):
             raise IclgdError(f"{what} must be {'>' if strict_minimum else '>='} {minimum}, got {low!r}")
     return sorted(set(out))
+
+
+_SIMPLE_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+
+
+def _simple_types(annotation) -> set[str] | None:
+    """The names of a parameter annotation made only of int, float, bool, str and None
+    ("int", "float | None", or those types themselves); None for anything else (Task, GDConfig,
+    Sequence[...], unannotated), which the study checks itself."""
+    import typing
+
+    if isinstance(annotation, str):
+        text = annotation.strip()
+        optional = text.startswith("Optional[") and text.endswith("]")
+        parts = {p.strip() for p in (text[9:-1] if optional else text).split("|")} | (
+            {"None"} if optional else set()
+        )
+    elif annotation is inspect.Parameter.empty:
+        return None
+    else:
+        members = typing.get_args(annotation) if typing.get_origin(annotation) else (annotation,)
+        parts = {getattr(m, "__name__", repr(m)) for m in members}
+        parts = {"None" if p == "NoneType" else p for p in parts}
+    if not parts <= set(_SIMPLE_TYPES) or parts <= {"None"}:
+        return None
+    return parts
+
+
+def check_study_args(fn, kwargs: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    """Check the values given to a study's `run` (the CLI's --set, a sweep's [study] table, a
+    Python call) against the parameters annotated int, float, bool or str (optionally `| None`),
+    before any work: a whole number for int (2.0 counts, True and 1.5 do not), a finite number
+    for float, true/false for bool, text for str. Returns the values with whole floats turned
+    into ints where an int is asked for. One-line IclgdError naming the study (`name`, else the
+    function's module) and the parameter; parameters the function does not take and other
+    annotations are left to it."""
+    if name is None:  # a built-in study is named after its module (order_sensitivity: order-sensitivity)
+        name = str(getattr(fn, "__module__", None) or "study").rsplit(".", 1)[-1].replace("_", "-")
+    where = f"study {name!r}: "
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    out = dict(kwargs)
+    for key, value in kwargs.items():
+        param = params.get(key)
+        types = _simple_types(param.annotation) if param is not None else None
+        if types is None:
+            continue
+        if value is None and "None" in types:
+            continue
+        is_bool = isinstance(value, (bool, np.bool_))
+        if "bool" in types and is_bool:
+            out[key] = bool(value)
+            continue
+        if "str" in types and isinstance(value, str):
+            continue
+        if not is_bool and isinstance(value, numbers.Real) and math.isfinite(value):
+            if "int" in types and (isinstance(value, numbers.Integral) or float(value).is_integer()):
+                out[key] = int(value)
+                continue
+            if "float" in types:
+                out[key] = float(value) if not isinstance(value, numbers.Integral) else value
+                continue
+        wanted = {
+            "int": "a whole number",
+            "float": "a finite number",
+            "bool": "true or false",
+            "str": "text",
+            "None": "null",
+        }
+        order = [t for t in ("int", "float", "bool", "str", "None") if t in types]
+        if "int" in order and "float" in order:
+            order.remove("int")
+        raise IclgdError(f"{where}{key} must be {' or '.join(wanted[t] for t in order)}, got {value!r}")
+    return out
+
+
+def checked_args(fn):
+    """Decorate a study's `run` so that `check_study_args` checks every call (Python, CLI, sweep)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+        except TypeError:
+            return fn(*args, **kwargs)  # Python's own error for a wrong call
+        checked = check_study_args(fn, bound.arguments)
+        bound.arguments.update(checked)
+        return fn(*bound.args, **bound.kwargs)
+
+    return run
 
 
 def device_of(model) -> torch.device:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from iclgd_lens import GDConfig, IclgdError, compare, load_model, resolve_task
 from iclgd_lens.cli import app
+from iclgd_lens.folders import MANIFEST
 
 get_probes(None)  # the built-in probes are registered before any case takes a snapshot of the registry
 runner = CliRunner()
@@ -126,6 +127,19 @@ CLI_CASES = [
     ("study-setting-broken-json", ["study", "k-sweep", "--set", "ks=[1,2"], "not valid JSON"),
     ("train-unknown-variant", ["train", "--variant", "bogus", "--out", "{dir}/m"], "bogus"),
     ("unknown-command", ["frobnicate"], "frobnicate"),
+    ("seed-beyond-the-generators", ["report", "--seed", "99999999999999999999999"], "--seed"),
+    ("threads-beyond-any-machine", ["report", "--threads", "100000000000"], "--threads"),
+    (
+        "train-seed-beyond-the-generators",
+        ["train", "--variant", "icl", "--out", "{dir}/m", "--seed", "1" + "0" * 22],
+        "--seed",
+    ),
+    (
+        "train-threads-beyond-any-machine",
+        ["train", "--variant", "icl", "--out", "{dir}/m", "--threads", "10" * 6],
+        "--threads",
+    ),
+    ("study-seed-beyond-the-generators", ["study", "k-sweep", "--seed", "1" + "0" * 22], "--seed"),
 ]
 
 
@@ -137,6 +151,7 @@ def test_bad_command_line_input(argv, fragment, tmp_path):
     old = tmp_path / "old-report"
     old.mkdir()
     (old / "index.html").write_text("the earlier report")
+    (old / MANIFEST).write_text('{"what": "report", "files": ["index.html"]}')  # as a report leaves it
     argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
     if argv[0] == "report":
         argv = (
@@ -155,7 +170,7 @@ def test_bad_command_line_input(argv, fragment, tmp_path):
     assert fragment in lines[0], lines[0]
     assert (old / "index.html").read_text() == "the earlier report" and sorted(
         p.name for p in old.iterdir()
-    ) == ["index.html"]
+    ) == [MANIFEST, "index.html"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a temporary folder was left behind"
     assert (tmp_path / "foreign" / "thesis.tex").read_text() == "mine"
 
@@ -184,6 +199,8 @@ API_CASES = [
     ("negative-batch-size", dict(batch_size=-1), "batch_size must be an integer >= 1"),
     ("float-batch-size", dict(batch_size=2.5), "batch_size must be an integer >= 1"),
     ("no-seed", dict(seed=None), "seed must be an integer"),
+    ("seed-beyond-the-generators", dict(seed=10**23), "seed must be an integer from 0 to 2147483647"),
+    ("negative-seed", dict(seed=-1), "seed must be an integer from 0"),
     ("max-memory-as-a-string", dict(max_memory="8GB"), "max_memory must be a positive number"),
     ("zero-max-memory", dict(max_memory=0), "max_memory must be a positive number"),
     ("tiny-max-memory-in-its-unit", dict(max_memory=1000), "max_memory=1000 B"),
@@ -340,3 +357,19 @@ def test_work_far_beyond_the_machine_is_refused_up_front(model, monkeypatch):
         compare(model, **kw)
     assert "\n" not in str(info.value)
     assert len(compare(model, baselines=False, check_resources=False, **kw).table)
+
+
+def test_millions_of_episodes_are_refused_before_a_single_one_is_drawn(model, monkeypatch):
+    """The work estimate has a lower bound from the task's shortest texts, checked before the
+    episodes are drawn: ten million episodes are refused in a moment instead of drawn for minutes."""
+    from iclgd_lens.tasks import Task
+
+    task = resolve_task(None, 0)
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("episodes were drawn before the work was checked")
+
+    monkeypatch.setattr(type(task), "episodes", no_drawing)
+    assert issubclass(type(task), Task)
+    with pytest.raises(IclgdError, match="TFLOP of work"):
+        compare(model, task, k=2, n_episodes=10_000_000, n_queries=2, progress=False)

@@ -6,6 +6,7 @@ import html
 import math
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -184,7 +185,12 @@ def test_index_has_the_paired_tests_of_the_headline(report):
 def test_single_file_inlines_each_library_once(tmp_path):
     path = render_report(make_results(n_layers=2), tmp_path / "single", single_file=True, analyses={})
     assert path.name == "report.html"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["report.html", "results.json", "results.parquet"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        ".iclgd-lens-files.json",  # the files iclgd-lens wrote (a later report may replace only those)
+        "report.html",
+        "results.json",
+        "results.parquet",
+    ]
     text = path.read_text()
     assert text.count(CIRCUITSVIS_MARK) == 1 and text.count(PLOTLY_MARK) == 1
     assert "<script src=" not in text and EVIL_TOKEN not in text
@@ -207,6 +213,26 @@ def test_failed_render_keeps_the_old_report(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary folders left
 
 
+def test_a_failed_render_removes_the_folders_it_made(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(figures, "dw_figure", broken)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        render_report(make_results(n_layers=2), tmp_path / "a" / "b" / "c" / "report", analyses={})
+    assert [p.name for p in tmp_path.rglob("*")] == ["a"]  # "a" was there before; b and c are gone
+
+
+def test_an_out_that_is_a_symbolic_link_is_named_as_one(tmp_path):
+    real = tmp_path / "real"
+    render_report(make_results(n_layers=2), real, analyses={})
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(IclgdError, match="link is a symbolic link; name the folder itself"):
+        render_report(make_results(n_layers=2), tmp_path / "link", analyses={})
+    assert (tmp_path / "link").is_symlink()
+
+
 def test_existing_report_is_replaced_on_success(tmp_path):
     out = tmp_path / "report"
     render_report(make_results(n_layers=4), out, analyses={})
@@ -217,6 +243,78 @@ def test_existing_report_is_replaced_on_success(tmp_path):
         "layer_00.html",
         "layer_01.html",
     ]
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
+def test_a_folder_with_an_index_html_of_its_own_is_never_replaced(tmp_path):
+    """A user's site (index.html, photos) is not a report, and a report the user added notes to
+    is not only a report: neither is replaced (files are never deleted that iclgd-lens did not
+    write); the refusal says which files and changes nothing."""
+    site = tmp_path / "site"
+    (site / "img").mkdir(parents=True)
+    (site / "index.html").write_text("my homepage")
+    (site / "img" / "photo.jpg").write_text("x")
+    with pytest.raises(IclgdError, match="holds no record of the files iclgd-lens wrote") as info:
+        render_report(make_results(n_layers=2), site, analyses={})
+    assert "\n" not in str(info.value) and "the new report is at" not in str(info.value)  # refused up front
+    assert sorted(p.relative_to(site).as_posix() for p in site.rglob("*")) == [
+        "img",
+        "img/photo.jpg",
+        "index.html",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["site"]
+
+    report = tmp_path / "report"
+    render_report(make_results(n_layers=2), report, analyses={})
+    (report / "notes.txt").write_text("mine")
+    with pytest.raises(IclgdError, match=r"holds files iclgd-lens did not write \(notes.txt\)"):
+        render_report(make_results(n_layers=3), report, analyses={})
+    assert (report / "notes.txt").read_text() == "mine" and not (report / "layer_02.html").exists()
+    (report / "notes.txt").unlink()
+    render_report(make_results(n_layers=3), report, analyses={})  # only its own files: replaced
+    assert (report / "layer_02.html").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_file_added_while_the_report_is_written_is_kept_and_so_is_the_new_report(tmp_path, monkeypatch):
+    """The check before the work is repeated at the swap: a file that appeared meanwhile stays,
+    the new report is left beside the folder, and the one-line error says where."""
+    report = tmp_path / "report"
+    render_report(make_results(n_layers=2), report, analyses={})
+    real = figures.dw_figure
+
+    def add_a_file_meanwhile(*args, **kwargs):
+        (report / "notes.txt").write_text("mine")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(figures, "dw_figure", add_a_file_meanwhile)
+    with pytest.raises(IclgdError, match="the new report is at") as info:
+        render_report(make_results(n_layers=3), report, analyses={})
+    beside = Path(str(info.value).rsplit(" at ", 1)[1])
+    assert (report / "notes.txt").read_text() == "mine" and not (report / "layer_02.html").exists()
+    assert (beside / "layer_02.html").is_file() and beside.parent == tmp_path
+
+
+def test_a_report_folder_that_cannot_be_moved_aside_is_one_line(tmp_path, monkeypatch):
+    """A failing swap (an immutable or busy folder) leaves the earlier report as it was."""
+    import os as os_module
+
+    from iclgd_lens import folders
+
+    report = tmp_path / "report"
+    render_report(make_results(n_layers=2), report, analyses={})
+    before = sorted(p.name for p in report.iterdir())
+    real = os_module.replace
+
+    def refuse_to_move_the_report(src, dst):
+        if Path(src) == report:
+            raise PermissionError(1, "Operation not permitted")
+        return real(src, dst)
+
+    monkeypatch.setattr(folders.os, "replace", refuse_to_move_the_report)
+    with pytest.raises(IclgdError, match="cannot put the report at .*: Operation not permitted"):
+        render_report(make_results(n_layers=3), report, analyses={})
+    assert sorted(p.name for p in report.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["report"]
 
 

@@ -287,6 +287,39 @@ def test_load_errors_are_one_line(tmp_path):
         Results.load(other)
 
 
+@pytest.mark.parametrize(
+    "artifacts, fragment",
+    [
+        ({"dw": 5}, "artifacts entry dw is not an object of layers"),
+        ({"dw": {"junk": {}}}, "dw['junk'] is not keyed by a layer number"),
+        ({"dw": {"0": {"icl": "x"}}}, "dw['0']['icl'] is not a 3-dimensional array of numbers"),
+        ({"attention": "junk"}, "entry attention is not an object of conditions"),
+        ({"attention": {"icl": {"0": {"tokens": ["a"], "pattern": [[[1.0, 0.0]]]}}}}, "[heads][1][1]"),
+        ({"top_tokens": None, "example": [1]}, "entry example is not an object of names and texts"),
+        ({"top_tokens": [{"token": "a"}]}, "entry top_tokens is not a list of objects"),
+    ],
+)
+def test_damaged_artifacts_in_a_file_are_one_line(tmp_path, artifacts, fragment):
+    """A results file whose artifacts lack the shapes the report draws is refused on load, in one
+    line naming the entry (not a TypeError deep in the report)."""
+    folder = make_results().save(tmp_path / "out")
+    payload = json.loads((folder / "results.json").read_text())
+    payload["artifacts"] = artifacts
+    (folder / "results.json").write_text(json.dumps(payload))
+    with pytest.raises(IclgdError) as info:
+        Results.load(folder / "results.json")
+    assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_a_layer_number_beyond_int64_is_one_line(tmp_path):
+    folder = make_results().save(tmp_path / "out")
+    payload = json.loads((folder / "results.json").read_text())
+    payload["table"][0]["layer"] = 10**30
+    (folder / "results.json").write_text(json.dumps(payload))
+    with pytest.raises(IclgdError, match="results table has a column of the wrong type"):
+        Results.load(folder / "results.json")
+
+
 def test_save_refuses_a_file_as_folder(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")

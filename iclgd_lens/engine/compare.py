@@ -38,6 +38,10 @@ from iclgd_lens.engine.table import episode_table
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.tasks import Episode, Task, encode_prompts, label_token_ids, permuted_demos, resolve_task
 
+MAX_SEED = 2**31 - 1
+"""The largest seed: the draws seed their generators with seed plus small offsets and, for the random
+update, seed * 1_000_003 + episode (`gd.deltas.random_seed`), which then still fit torch's int64."""
+
 ALL_BASELINES = ("random", "random_update", "icl_perm", "untrained")
 """Baselines recorded beside every similarity (Dai; Deutch et al.; Shen et al.)."""
 
@@ -92,6 +96,10 @@ def compare(
     probe_names = _probe_names(probes)
     Recorder(model, probe_names)  # refuses probes whose hook points the model lacks, before any work
     check_k_fits(model.tokenizer, _context_window(model), task, k)
+    if check_resources:  # a lower bound, before drawing: millions of episodes are refused, not drawn
+        _check_work(
+            model, task, _shortest_episodes(task, k, n_episodes, n_queries), gd_config, "untrained" in chosen
+        )
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     check_prompts_fit(model, task, episodes)
     if check_resources:
@@ -429,8 +437,8 @@ def _check_arguments(model, k, n_episodes, n_queries, seed, batch_size, max_memo
     ):
         if not _is_int(value) or value < least:
             raise IclgdError(f"{name} must be an integer >= {least}, got {value!r}")
-    if not _is_int(seed):
-        raise IclgdError(f"seed must be an integer, got {seed!r}")
+    if not (_is_int(seed) and 0 <= seed <= MAX_SEED):
+        raise IclgdError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
     if max_memory is not None and not (
         isinstance(max_memory, (int, float)) and not isinstance(max_memory, bool) and max_memory > 0
     ):
@@ -474,7 +482,12 @@ def check_k_fits(tokenizer, n_ctx: int | None, task: Task, k: int) -> None:
         return
     demo = min(task.train[:64], key=lambda e: len(e.text))
     text = task.render_demo(demo, task.label_words) + task.separator
-    per_demo = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    per_demo = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    if per_demo + 1 >= n_ctx:  # one demonstration and BOS already fill the window
+        raise IclgdError(
+            f"the shortest training example of task {task.name!r} is {per_demo} tokens as a demonstration, "
+            f"but the model's context window is {n_ctx}: no k > 0 fits; shorten the training texts"
+        )
     if k * per_demo >= n_ctx:
         raise IclgdError(
             f"k={k} demonstrations need at least {k * per_demo} tokens ({per_demo} each), but the model's "
@@ -531,25 +544,40 @@ MAX_FLOPS = {"cpu": 2e15, "cuda": 5e18}
 ~1.5 hours at 1 PFLOP/s on a GPU."""
 
 
-def estimate_flops(model, task: Task, episodes: list[Episode], gd_config: GDConfig, untrained: bool) -> float:
+def estimate_flops(
+    model, task: Task, episodes: "list[Episode] | tuple[Episode, int]", gd_config: GDConfig, untrained: bool
+) -> float:
     """Forward-pass work of a comparison, 2 x parameters x tokens: GD's training tokens three
     times (forward, backward), the ICL prefixes and queries, and the query-alone conditions
-    (ZSL, GD, random update, ICL under another order); twice for the untrained-model baseline."""
+    (ZSL, GD, random update, ICL under another order); twice for the untrained-model baseline.
+    `episodes`: the episodes, or (one episode, how many times it stands for)."""
     tokenizer = model.tokenizer
 
     def n_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) + 1
 
+    counted = [(e, 1) for e in episodes] if isinstance(episodes, list) else [episodes]
     tokens = 0
-    for episode in episodes:
+    for episode, times in counted:
         demo = sum(n_tokens(task.render_demo(d, episode.label_words)) for d in episode.demos)
         query = sum(n_tokens(task.render_query(q)) for q in episode.queries)
-        tokens += 3 * gd_config.epochs * demo + 2 * (demo + query) + 3 * query
+        tokens += times * (3 * gd_config.epochs * demo + 2 * (demo + query) + 3 * query)
     n_params = sum(p.numel() for p in model.parameters())
     return 2.0 * n_params * tokens * (2 if untrained else 1)
 
 
-def _check_work(model, task: Task, episodes: list[Episode], gd_config: GDConfig, untrained: bool) -> None:
+def _shortest_episodes(task: Task, k: int, n_episodes: int, n_queries: int) -> tuple[Episode, int]:
+    """An episode of the task's shortest texts standing for all `n_episodes`: the least work the
+    request can be (`estimate_flops`), known before any episode is drawn."""
+    if not task.train or not task.test:
+        return Episode((), (), tuple(task.label_words)), 0
+    demo = min(task.train[:64], key=lambda e: len(e.text))
+    query = min(task.test[:64], key=lambda e: len(e.text))
+    n_queries = min(n_queries, len(task.test))
+    return Episode((demo,) * k, (query,) * n_queries, tuple(task.label_words)), n_episodes
+
+
+def _check_work(model, task: Task, episodes, gd_config: GDConfig, untrained: bool) -> None:
     """Refuse, with the estimate, a request far beyond the device (MAX_FLOPS)."""
     flops = estimate_flops(model, task, episodes, gd_config, untrained)
     device = _device(model).type

@@ -89,12 +89,71 @@ def _validated_table(table: Any) -> pd.DataFrame:
         table["value"] = table["value"].astype(float)
         if "k" in table.columns:
             table["k"] = table["k"].astype("int64")
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise IclgdError(
             f"results table has a column of the wrong type: {str(err).splitlines()[0]}"
         ) from None
     extra = [c for c in table.columns if c not in TABLE_COLUMNS]
     return table[list(TABLE_COLUMNS) + extra].reset_index(drop=True)
+
+
+def checked_artifacts(artifacts: dict, where: str) -> dict:
+    """`artifacts` read from a file, if they have the shapes the report draws (the class
+    docstring); otherwise one line saying which entry is wrong. Unknown entries are kept."""
+
+    def refuse(entry: str, expected: str) -> None:
+        raise IclgdError(f"{where}: artifacts entry {entry} is not {expected}")
+
+    def layer_keys(mapping: Any, entry: str) -> None:
+        if not isinstance(mapping, dict):
+            refuse(entry, "an object of layers")
+        for key in mapping:
+            if not str(key).isdigit() or int(key) > 100_000:
+                refuse(f"{entry}[{key!r}]", "keyed by a layer number")
+
+    def numbers(value: Any, ndim: int, entry: str) -> np.ndarray:
+        try:
+            array = np.asarray(value, dtype=float)
+        except (TypeError, ValueError):
+            array = None
+        if array is None or array.ndim != ndim:
+            refuse(entry, f"a {ndim}-dimensional array of numbers")
+        return array
+
+    dw = artifacts.get("dw")
+    if dw is not None:
+        layer_keys(dw, "dw")
+        for layer, entry in dw.items():
+            if not isinstance(entry, dict):
+                refuse(f"dw[{layer!r}]", "an object with 'icl', 'gd' and 'cos'")
+            for part, ndim in (("icl", 3), ("gd", 3), ("cos", 1)):
+                if part in entry:
+                    numbers(entry[part], ndim, f"dw[{layer!r}][{part!r}]")
+    attention = artifacts.get("attention")
+    if attention is not None:
+        if not isinstance(attention, dict):
+            refuse("attention", "an object of conditions")
+        for condition, per_layer in attention.items():
+            layer_keys(per_layer, f"attention[{condition!r}]")
+            for layer, entry in per_layer.items():
+                name = f"attention[{condition!r}][{layer!r}]"
+                if not isinstance(entry, dict) or not isinstance(entry.get("tokens"), list):
+                    refuse(name, "an object with a list of 'tokens' and a 'pattern'")
+                pattern = numbers(entry.get("pattern"), 3, f"{name}['pattern']")
+                if pattern.shape[1:] != (len(entry["tokens"]),) * 2:
+                    refuse(f"{name}['pattern']", f"[heads][{len(entry['tokens'])}][{len(entry['tokens'])}]")
+    top = artifacts.get("top_tokens")
+    if top is not None:
+        lists = top.values() if isinstance(top, dict) else [top]
+        for items in lists:
+            if not isinstance(items, list) or not all(
+                isinstance(t, dict) and {"token", "d_icl", "d_gd"} <= set(t) for t in items
+            ):
+                refuse("top_tokens", "a list of objects with 'token', 'd_icl' and 'd_gd'")
+    example = artifacts.get("example")
+    if example is not None and not isinstance(example, dict):
+        refuse("example", "an object of names and texts")
+    return artifacts
 
 
 def _jsonable(obj: Any) -> Any:
@@ -338,7 +397,8 @@ class Results:
             except Exception as err:  # pyarrow raises several types for a bad file
                 raise IclgdError(f"cannot read {path} as Parquet: {str(err).splitlines()[0]}") from None
             meta = json.loads((arrow.schema.metadata or {}).get(_PARQUET_META_KEY, b"{}"))
-            return cls(arrow.to_pandas(), meta.get("config", {}), meta.get("artifacts", {}))
+            artifacts = checked_artifacts(meta.get("artifacts") or {}, str(path))
+            return cls(arrow.to_pandas(), meta.get("config", {}), artifacts)
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -356,7 +416,9 @@ class Results:
             table = pd.DataFrame(columns=list(TABLE_COLUMNS))
         if "value" in table.columns:
             table["value"] = pd.to_numeric(table["value"], errors="coerce")  # None -> NaN
-        return cls(table, payload.get("config") or {}, payload.get("artifacts") or {})
+        return cls(
+            table, payload.get("config") or {}, checked_artifacts(payload.get("artifacts") or {}, str(path))
+        )
 
     # ---- notebooks ---------------------------------------------------------------------
     def headline(self) -> dict[str, float]:

@@ -673,7 +673,7 @@ def _holds_report(folder: Path) -> bool:
 def check_report_target(out_dir: str | os.PathLike) -> None:
     """Fail in one line, before any work, where a report could not be written at `out_dir`
     (`folders.check_target`: never over what is not a report, never into an unwritable place)."""
-    folders.check_target(out_dir, _holds_report, "report")
+    folders.check_target(out_dir, _holds_report, "report", whole=True)
 
 
 def render_report(

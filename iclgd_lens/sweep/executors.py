@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from iclgd_lens.errors import IclgdError
@@ -117,15 +118,8 @@ def run_submitit(
     this machine, "slurm" on a SLURM cluster, None lets submitit pick). On a cluster the jobs are
     one job array (SLURM's `array_parallelism` bounds how many run at once); locally at most
     `max_parallel` (default: cores / threads) run together. Ctrl-C cancels the jobs in flight."""
-    import submitit
-
     threads = todo[0].cell.setting("threads", 1) if todo else 1
-    try:
-        params = submitit_parameters(cluster, threads, **options)
-        executor = submitit.AutoExecutor(folder=str(folder or store.root / "jobs" / "%j"), cluster=cluster)
-        executor.update_parameters(**params)
-    except (ValueError, RuntimeError, TypeError) as err:
-        raise IclgdError(f"submitit: {str(err).splitlines()[0]}") from None
+    executor = _submitit_executor(folder or store.root / "jobs" / "%j", cluster, threads, options)
     if cluster != "local":  # one job array: SLURM's array_parallelism bounds how many run at once
         jobs = executor.map_array(run_cell_job, [str(store.root)] * len(todo), list(todo))
         _collect(list(zip(todo, jobs)), [], store, done, poll_s, None)
@@ -136,6 +130,74 @@ def run_submitit(
     _collect(
         [], queue, store, done, poll_s, lambda p: executor.submit(run_cell_job, str(store.root), p), width
     )
+
+
+def _submitit_executor(folder: str | os.PathLike, cluster: str | None, threads: int, options: dict):
+    """submitit's AutoExecutor with a cell job's parameters; one line for what submitit refuses
+    (an unknown cluster, SLURM where there is none, a parameter it does not take). A local
+    executor makes its folder here."""
+    try:
+        import submitit
+    except ImportError:
+        raise IclgdError("the submitit executor needs submitit: pip install submitit") from None
+    from submitit.core.plugins import get_executors
+
+    clusters = list(get_executors())
+    if cluster is not None and cluster not in clusters:
+        raise IclgdError(f"submitit: unknown cluster {cluster!r}; choose {', '.join(clusters)} (or auto)")
+    try:
+        params = submitit_parameters(cluster, threads, **options)
+        executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        executor.update_parameters(**params)
+    except (ValueError, RuntimeError, TypeError, AssertionError) as err:
+        raise IclgdError(f"submitit: {(str(err).splitlines() or [type(err).__name__])[0]}") from None
+    return executor
+
+
+def _positive(name: str, value: Any, kind: type = int) -> None:
+    """None, or a number > 0 (a whole one for int)."""
+    if value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not value > 0 or value == float("inf") or (kind is int and value != int(value)):
+        noun = "a whole number >= 1" if kind is int else "a number > 0"
+        raise IclgdError(f"{name} must be {noun}, got {value!r}")
+
+
+def check_options(executor: str, threads: int, options: dict) -> None:
+    """Refuse, before the sweep writes anything, options `executor` does not take and values it
+    would refuse (submitit's cluster and parameters are tried on an executor in a temporary
+    folder, removed at once)."""
+    known = {
+        "local": (),
+        "submitit": (*SUBMITIT_OPTIONS, "poll_s"),
+        "ray": ("address", "num_cpus", "num_gpus"),
+    }.get(executor, ())
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise IclgdError(
+            f"the {executor} executor takes no option {unknown[0]!r}"
+            + (f"; it takes {', '.join(known)}" if known else "")
+        )
+    if executor == "submitit":
+        _positive("mem_gb (--mem-gb)", options.get("mem_gb"), float)
+        for name in ("cpus_per_task", "timeout_min", "array_parallelism", "max_parallel"):
+            _positive(name, options.get(name))
+        gpus = options.get("gpus_per_task", 0)
+        if not (isinstance(gpus, int) and not isinstance(gpus, bool) and gpus >= 0):
+            raise IclgdError(f"gpus_per_task must be a whole number >= 0, got {gpus!r}")
+        import tempfile
+
+        rest = {k: v for k, v in options.items() if k not in ("cluster", "folder", "max_parallel", "poll_s")}
+        with tempfile.TemporaryDirectory(prefix="iclgd-submitit-check-") as tmp:
+            _submitit_executor(Path(tmp) / "%j", options.get("cluster", "local"), threads, rest)
+    elif executor == "ray":
+        _positive("num_cpus", options.get("num_cpus"))
+        gpus = options.get("num_gpus")
+        if gpus is not None and (
+            isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not gpus >= 0
+        ):
+            raise IclgdError(f"num_gpus must be a number >= 0, got {gpus!r}")
 
 
 def _collect(

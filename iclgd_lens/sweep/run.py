@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.sweep.identity import Resolver, cell_key, task_identity
+from iclgd_lens.sweep.identity import Resolver, cell_key, load_hash_cache, save_hash_cache, task_identity
 from iclgd_lens.sweep.spec import Cell, SweepSpec, cells
 from iclgd_lens.sweep.store import TIMING_KEYS, Store
 
@@ -66,9 +66,14 @@ class SweepSummary:
 def plan(spec: SweepSpec, store: Store | str | os.PathLike, *, strict: bool = True) -> list[Planned]:
     """Every cell of `spec` with its key and status (done / missing / failed) in `store`.
     `strict=False` (listings) lets a hub model that is not downloaded yet through with a
-    placeholder fingerprint; running needs the real one."""
+    placeholder fingerprint; running needs the real one. Planning writes nothing: it reads the
+    store's saved file hashes (fingerprints.json) when there, and `run_sweep` saves them."""
+    spec.check()  # a spec made in Python is checked like one read from a file
     store = store if isinstance(store, Store) else Store(store)
-    resolver = Resolver(strict, hash_cache=store.root / "fingerprints.json" if store.root.is_dir() else None)
+    cache = store.root / "fingerprints.json"
+    if cache.is_file():
+        load_hash_cache(cache)
+    resolver = Resolver(strict)
     out = []
     for cell in cells(spec):
         config = resolver.config(cell)
@@ -233,9 +238,14 @@ def run_sweep(
     if executor not in EXECUTORS:
         raise IclgdError(f"unknown executor {executor!r}; choose {', '.join(EXECUTORS)}")
     store = store if isinstance(store, Store) else Store(store or spec.store or "iclgd-store")
-    store.create()
-    store.clean_stale()
+    # everything is checked before the store is written: the executor's options, the place,
+    # every cell's model, task and settings
+    executors.check_options(executor, spec.threads, executor_options)
+    store.check_place()
     planned = plan(spec, store)
+    store.create()
+    save_hash_cache(store.root / "fingerprints.json")
+    store.clean_stale()
     summary = SweepSummary(store=str(store.root))
     todo = []
     for p in planned:

@@ -52,6 +52,11 @@ TASK_KEYS = (
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
+MAX_SEED = 2**31 - 1
+"""The largest seed (compare()'s MAX_SEED, the CLI's --seed)."""
+MAX_THREADS = 1024
+"""The most torch threads a cell may ask for (the CLI's --threads)."""
+
 
 @dataclass(frozen=True)
 class TaskRef:
@@ -204,6 +209,7 @@ class SweepSpec:
         for name in ("models", "tasks", "k", "gd", "seeds"):
             if name in data and not isinstance(data[name], list):
                 data[name] = [data[name]]
+        _check_store(data.get("store"))  # before it is read against `base`
         if base is not None:
             data["tasks"] = [_rebase_task(t, base) for t in data.get("tasks", ["default"])]
             data["models"] = [_rebase_model(m, base) for m in data.get("models", ["tiny-llama-icl"])]
@@ -266,10 +272,14 @@ class SweepSpec:
             values = getattr(self, name)
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
                 raise IclgdError(f"sweep spec: {name} takes whole numbers >= 0, got {values!r}")
+        if max(self.seeds) > MAX_SEED:
+            raise IclgdError(f"sweep spec: seeds must be at most {MAX_SEED}, got {max(self.seeds)}")
         for name in ("n_episodes", "n_queries", "threads", "batch_size"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise IclgdError(f"sweep spec: {name} must be a whole number >= 1, got {value!r}")
+        if self.threads > MAX_THREADS:
+            raise IclgdError(f"sweep spec: threads must be from 1 to {MAX_THREADS}, got {self.threads}")
         if not (isinstance(self.baselines, bool) or isinstance(self.baselines, list)):
             raise IclgdError(
                 f"sweep spec: baselines is true, false or a list of names, got {self.baselines!r}"
@@ -293,8 +303,82 @@ class SweepSpec:
             raise IclgdError(
                 f'sweep spec: study is a table with a name (e.g. name = "causal"), got {self.study!r}'
             )
+        for name in ("name", "description"):
+            if not isinstance(getattr(self, name), str):
+                raise IclgdError(f"sweep spec: {name} is text, got {getattr(self, name)!r}")
+        _check_store(self.store)
+        for name in ("share_prefix", "artifacts", "check_resources"):
+            if not isinstance(getattr(self, name), bool):
+                value = getattr(self, name)
+                raise IclgdError(
+                    f"sweep spec: {name} is true or false (a TOML boolean, unquoted), got {value!r}"
+                )
+        self._check_compare_settings()
+        if self.study is not None:
+            self._check_study()
         self.task_refs()
         self.gd_refs()
+
+    def _check_compare_settings(self) -> None:
+        """dtype, device, probes and baselines, with the resolvers compare() and load_model use.
+        The device is checked for its form only (cpu, cuda, cuda:N, mps): the machine that plans
+        a sweep may have no GPU while the one that runs its cells has; a device missing there
+        fails those cells, one line each."""
+        from iclgd_lens.models import resolve_dtype
+
+        try:
+            resolve_dtype(self.dtype)
+        except IclgdError as err:
+            raise IclgdError(f"sweep spec: {err}") from None
+        _check_device(self.device)
+        if self.probes is not None:
+            names = [self.probes] if isinstance(self.probes, str) else self.probes
+            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+                raise IclgdError(
+                    f"sweep spec: probes is a list of probe names (or leave it out for the default set), "
+                    f"got {self.probes!r}"
+                )
+            from iclgd_lens.hooks import get_probes
+
+            try:
+                get_probes(names)
+            except IclgdError as err:
+                raise IclgdError(f"sweep spec: {err}") from None
+        if isinstance(self.baselines, list):
+            from iclgd_lens.engine.compare import _chosen_baselines
+
+            if not all(isinstance(b, str) for b in self.baselines):
+                raise IclgdError(f"sweep spec: baselines lists names, got {self.baselines!r}")
+            try:
+                _chosen_baselines(self.baselines)
+            except IclgdError as err:
+                raise IclgdError(f"sweep spec: {err}") from None
+
+    def _check_study(self) -> None:
+        """The study exists and takes the parameters the [study] table gives, of the right types
+        (what `iclgd-lens study NAME --set` checks)."""
+        import inspect
+
+        from iclgd_lens.plugins import load_study
+        from iclgd_lens.study import check_study_args
+
+        name = self.study["name"]
+        try:
+            run = load_study(name)
+        except IclgdError as err:
+            raise IclgdError(f"sweep spec: {err}") from None
+        params = {k: v for k, v in self.study.items() if k != "name"}
+        accepted = inspect.signature(run).parameters
+        unknown = sorted(set(params) - set(accepted))
+        if unknown and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+            raise IclgdError(
+                f"sweep spec: study {name!r} has no parameter {unknown[0]!r}; "
+                f"it takes {', '.join(accepted) or 'none'}"
+            )
+        try:
+            check_study_args(run, params, name)
+        except IclgdError as err:
+            raise IclgdError(f"sweep spec: {err}") from None
 
     # ---- axes ----------------------------------------------------------------------------
     def task_refs(self) -> list[TaskRef]:
@@ -326,6 +410,35 @@ class SweepSpec:
             return json.dumps({n: getattr(self, n) for n in names}, sort_keys=True)
         except TypeError as err:
             raise IclgdError(f"sweep spec: a setting is not plain data ({err})") from None
+
+
+def _check_store(store: Any) -> None:
+    if store is not None and not isinstance(store, str):
+        raise IclgdError(f'sweep spec: store is a folder (text, e.g. store = "grid-store"), got {store!r}')
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""Device types a spec may name (with an index for cuda: cuda:1)."""
+
+
+def _check_device(device: Any) -> None:
+    """cpu, cuda, cuda:N or mps (None: cpu). "auto" is refused: a cell's key records the device
+    type, so the spec names the one its cells run on."""
+    if device is None:
+        return
+    ok = isinstance(device, str)
+    if ok:
+        kind, sep, index = device.partition(":")
+        ok = kind in DEVICE_TYPES and (not sep or (kind == "cuda" and index.isdigit()))
+    if not ok:
+        raise IclgdError(
+            f"sweep spec: device is {', '.join(repr(d) for d in DEVICE_TYPES)} or 'cuda:N', got {device!r}"
+            + (
+                "; name the device the cells run on (it is part of each cell's key)"
+                if device == "auto"
+                else ""
+            )
+        )
 
 
 def _rebase_task(entry: Any, base: Path) -> Any:

@@ -50,6 +50,19 @@ class Store:
         if self.root.exists() and not self.root.is_dir():
             raise IclgdError(f"store {self.root} exists and is not a folder")
 
+    def is_store(self) -> bool:
+        """Whether the folder is a store already (it has cells/: `create` makes it first)."""
+        return (self.root / "cells").is_dir()
+
+    def check_place(self) -> None:
+        """Refuse, before anything is written, a folder of the user's that is not a store: a
+        store goes into a new or empty folder, or an existing store."""
+        if self.root.is_dir() and not self.is_store() and any(self.root.iterdir()):
+            raise IclgdError(
+                f"refusing to write a store into {self.root}: it is not empty and holds no "
+                "iclgd-lens store (no cells/ folder); give a new or empty folder, or an existing store"
+            )
+
     # ---- paths and status ----------------------------------------------------------------
     def cell_dir(self, key: str) -> Path:
         return self.root / "cells" / key

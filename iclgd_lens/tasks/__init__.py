@@ -218,18 +218,27 @@ def encode_prompts(
         task.icl_prompt(demos, query, words) if demos else task.zsl_prompt(query)
         for demos, query, words in zip(demo_sets, queries, label_words)
     ]
-    encs = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)  # one batched call
+    # one batched call; verbose=False: a prompt longer than the tokenizer's model_max_length is
+    # ours to report (below, as one line), not transformers' "Token indices sequence length" warning
+    encs = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True, verbose=False)
     rows = []
     for text, ids, offsets, demos, query, words in zip(
         texts, encs["input_ids"], encs["offset_mapping"], demo_sets, queries, label_words
     ):
+        seg = _token_segments(offsets, _char_spans(task, demos, query, words))
+        query_positions = np.flatnonzero(seg == QUERY_SEGMENT)
         if max_length is not None and len(ids) > max_length:
+            if not demos or len(query_positions) >= max_length:
+                n_query = len(ids) if not demos else len(query_positions)
+                shown = query.text if len(query.text) <= 40 else query.text[:40] + "..."
+                raise IclgdError(
+                    f"the query {shown!r} of task {task.name!r} is {n_query} tokens by itself, longer than "
+                    f"the context window of {max_length} even without demonstrations; shorten that text"
+                )
             raise IclgdError(
                 f"prompt of {len(ids)} tokens exceeds the context window of {max_length}; "
                 "use fewer demonstrations (smaller k)"
             )
-        seg = _token_segments(offsets, _char_spans(task, demos, query, words))
-        query_positions = np.flatnonzero(seg == QUERY_SEGMENT)
         if not len(query_positions):
             raise IclgdError(f"the query of task {task.name!r} produced no tokens: {text!r}")
         read = int(query_positions[-1]) + task.read_offset

@@ -20,10 +20,13 @@ comes from a `split` column, or from a folder holding `train.jsonl` / `test.json
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
+import io
 import json
 import random
+import re
 import string
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
@@ -121,13 +124,22 @@ def check_label_words(words: Sequence[str]) -> tuple[str, ...]:
 
 
 def check_template(template: str) -> str:
-    """A template must contain the single field `{text}` and no other fields."""
+    """A template must contain the single bare field `{text}` (no format spec, no conversion) and
+    no other fields; `{{` and `}}` stand for literal braces."""
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as error:
         raise IclgdError(f"template {template!r} is not a valid format string: {error}") from None
+    fields = [f for f, _, _ in parsed]
     if fields != ["text"]:
         raise IclgdError(f"template {template!r} must contain exactly one field {{text}} (found {fields})")
+    _, spec, conv = parsed[0]
+    if spec or conv is not None:
+        found = "{text" + (f"!{conv}" if conv is not None else "") + (f":{spec}" if spec else "") + "}"
+        raise IclgdError(
+            f"template {template!r} must use the bare field {{text}}, without a format spec or "
+            f"conversion (found {found}); write literal braces as {{{{ and }}}}"
+        )
     return template
 
 
@@ -177,8 +189,9 @@ def load_task(
                 task_format = format_name(stem)
             except IclgdError:
                 raise IclgdError(
-                    f"say which paper format {path} is in: task_format=... (one of "
-                    f"{', '.join(PAPER_FORMATS)}), or give its own template and label words"
+                    f"say which paper format {path} is in (name the file after one, or task_format=... "
+                    f"in Python: one of {', '.join(PAPER_FORMATS)}), or give its own template and label "
+                    "words (--template and --label-words; template= and label_words= in Python)"
                 ) from None
         key = stem if own else format_name(task_format)
     else:
@@ -247,6 +260,9 @@ def _example(record: dict[str, Any], fmt: PaperFormat, words: Sequence[str], whe
     return Example(" ".join(text.split()), _label_id(label, words, where, (fmt.label_words,)))
 
 
+_INTEGER = re.compile(r"-?[0-9]+")  # an integer id as text: ASCII digits only (not "²", "٣", "--1")
+
+
 def _label_id(label: Any, words: Sequence[str], where: str, aliases: Sequence[Sequence[str]] = ()) -> int:
     """An integer id (or its string) in range, or a label word (case-insensitive) of `words`
     or of `aliases` (the format's own words, when the user chose other prompt words)."""
@@ -260,7 +276,7 @@ def _label_id(label: Any, words: Sequence[str], where: str, aliases: Sequence[Se
             lowered = [w.lower() for w in names]
             if label.lower() in lowered:
                 return lowered.index(label.lower())
-        if label.lstrip("-").isdigit():
+        if _INTEGER.fullmatch(label):
             label = int(label)
         else:
             raise IclgdError(
@@ -276,11 +292,29 @@ def _label_id(label: Any, words: Sequence[str], where: str, aliases: Sequence[Se
     return label
 
 
+def _read_text(file: Path) -> str:
+    """The file's text: UTF-8, a leading byte order mark (as Excel writes) ignored."""
+    try:
+        data = file.read_bytes()
+    except OSError as error:
+        raise IclgdError(f"{file}: cannot read the file ({error.strerror or error})") from None
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        before = data[: error.start]  # lines end in \n, \r\n or \r, as the readers below count them
+        line_no = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
+        raise IclgdError(
+            f"{file}:{line_no}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
 def _read_rows(file: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each row of a .jsonl or .csv file."""
+    """(line number, record) for each row of a .jsonl or .csv file (UTF-8, with or without a BOM)."""
     suffix = file.suffix.lower()
     if suffix == ".jsonl":
-        with file.open(encoding="utf-8") as handle:
+        with io.StringIO(_read_text(file), newline=None) as handle:  # newlines as open() reads them
             for line_no, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -292,7 +326,7 @@ def _read_rows(file: Path) -> Iterable[tuple[int, dict[str, Any]]]:
                     raise IclgdError(f"{file}:{line_no}: each line must be a JSON object with text and label")
                 yield line_no, record
     elif suffix == ".csv":
-        with file.open(encoding="utf-8", newline="") as handle:
+        with io.StringIO(_read_text(file), newline="") as handle:  # as open(newline="") for csv
             reader = csv.DictReader(handle)
             if not reader.fieldnames:
                 raise IclgdError(f"{file}: empty CSV file (expected a header with text,label)")
@@ -312,8 +346,8 @@ def _local_split(path: Path, split: str, fmt: PaperFormat, words: Sequence[str])
         rows = [(f"{files[0]}:{n}", r) for n, r in _read_rows(files[0])]
     else:
         all_rows = list(_read_rows(path))
-        if all_rows and not all("split" in r for _, r in all_rows):
-            missing = next(n for n, r in all_rows if "split" not in r)
+        if all_rows and not all(r.get("split") is not None for _, r in all_rows):  # a CSV row cut short: None
+            missing = next(n for n, r in all_rows if r.get("split") is None)
             raise IclgdError(
                 f"{path}:{missing}: no 'split' column; give every row a split ({split!r}, ...) "
                 "or pass a folder with train.jsonl and test.jsonl"
