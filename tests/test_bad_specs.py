@@ -257,3 +257,17 @@ def test_a_plugin_study_parameter_of_the_wrong_type_is_one_line(tmp_path, monkey
     result = runner.invoke(app, ["study", "plugin", "--set", setting, "--out", str(tmp_path / "rep")])
     one_error_line(result, f"study 'plugin': {fragment}")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_damaged_cell_record_is_one_line(tmp_path):
+    """cell.json that parses but is no record (a list) is refused naming the file, not an
+    AttributeError in the report."""
+    from iclgd_lens.sweep.store import CELL_JSON, Store
+
+    store = Store(tmp_path / "store")
+    store.create()
+    store.cell_dir("0" * 20).mkdir(parents=True)
+    (store.cell_dir("0" * 20) / CELL_JSON).write_text("[1]")
+    with pytest.raises(IclgdError, match=r"cell.json is not a cell record") as info:
+        store.cell_info("0" * 20)
+    assert "\n" not in str(info.value)

@@ -93,9 +93,14 @@ class Store:
         """cell.json of a done cell: {"key", "kind", "labels", "config"}."""
         path = self.cell_dir(key) / CELL_JSON
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            info = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise IclgdError(f"cannot read {path}: {err}") from None
+        if not isinstance(info, dict) or not isinstance(info.get("labels", {}), dict):
+            raise IclgdError(
+                f"{path} is not a cell record (an object with 'key', 'kind', 'labels', 'config')"
+            )
+        return info
 
     # ---- writing ---------------------------------------------------------------------------
     def create(self) -> None:
