@@ -83,6 +83,11 @@ class Probe:
     compare: bool = True  # compare every returned vector across conditions as a delta cosine, `probe:<key>`
     # (False: the engine's named metrics consume the outputs, e.g. attn_out -> simaou, or they are no vectors)
 
+    @property
+    def built_in(self) -> bool:
+        """Whether iclgd-lens ships this probe (a user's can be unregistered, a built-in one not)."""
+        return _built_in(self.fn)
+
     def point_names(self, layer: int) -> list[str]:
         return [p.format(layer=layer) for p in self.points]
 
@@ -96,6 +101,10 @@ class Probe:
 PROBES: dict[str, Probe] = REGISTRY["probes"]
 """Every registered probe by name (built-in ones and those loaded from users' files): the
 plug-in registry's "probes" (iclgd_lens.plugins)."""
+
+
+def _built_in(fn: ProbeFn) -> bool:
+    return getattr(fn, "__module__", "").startswith("iclgd_lens.hooks.")
 
 
 def _first_sentence(doc: str) -> str:
@@ -117,7 +126,7 @@ def probe(
         )
 
     def decorate(fn: ProbeFn) -> ProbeFn:
-        if name in DEFAULT_PROBES and not getattr(fn, "__module__", "").startswith("iclgd_lens.hooks."):
+        if name in DEFAULT_PROBES and not _built_in(fn):
             raise IclgdError(
                 f"probe name {name!r} is a built-in probe's; give yours another name (built-in: "
                 f"{', '.join(DEFAULT_PROBES)})"
@@ -139,7 +148,7 @@ def unregister(name: str) -> None:
     _load_builtin()
     if name not in PROBES:
         raise IclgdError(f"no probe {name!r} is registered; registered: {sorted(PROBES)}")
-    if PROBES[name].fn.__module__.startswith("iclgd_lens.hooks."):
+    if PROBES[name].built_in:
         raise IclgdError(f"probe {name!r} is built in; leave it out with compare(probes=[...]) instead")
     del PROBES[name]
 

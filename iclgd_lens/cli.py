@@ -33,6 +33,7 @@ import typer
 from typer.core import TyperGroup
 
 from iclgd_lens.errors import IclgdError
+from iclgd_lens.limits import MAX_SEED, MAX_THREADS
 
 DEFAULT_OUT = "iclgd-report"
 DEFAULT_MODEL = "tiny-llama-icl"
@@ -90,11 +91,6 @@ app = typer.Typer(
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-MAX_SEED = 2**31 - 1
-"""The largest --seed (compare()'s MAX_SEED: every draw's offset from it still fits its generator)."""
-MAX_THREADS = 1024
-
-
 def set_threads(threads: Optional[int]) -> int:
     """Set torch's intra-op threads: `threads`, or min(4, cpu count). Returns the number set."""
     import torch

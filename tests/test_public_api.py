@@ -37,10 +37,3 @@ def test_hooks_and_analyses_import_only_the_public_api():
                 if not allowed:
                     offenders.append(f"{path.relative_to(ROOT)}: from {node.module} import ...")
     assert not offenders, offenders
-
-
-def test_the_command_lines_seed_range_is_compare_s():
-    from iclgd_lens import cli
-    from iclgd_lens.engine import compare
-
-    assert cli.MAX_SEED == compare.MAX_SEED

@@ -36,11 +36,8 @@ from iclgd_lens.engine.record import Recorder, Recording
 from iclgd_lens.engine.results import Results, versions
 from iclgd_lens.engine.table import episode_table
 from iclgd_lens.errors import IclgdError
+from iclgd_lens.limits import MAX_SEED
 from iclgd_lens.tasks import Episode, Task, encode_prompts, label_token_ids, permuted_demos, resolve_task
-
-MAX_SEED = 2**31 - 1
-"""The largest seed: the draws seed their generators with seed plus small offsets and, for the random
-update, seed * 1_000_003 + episode (`gd.deltas.random_seed`), which then still fit torch's int64."""
 
 ALL_BASELINES = ("random", "random_update", "icl_perm", "untrained")
 """Baselines recorded beside every similarity (Dai; Deutch et al.; Shen et al.)."""
@@ -530,7 +527,7 @@ def _check_delta_memory(model, gd_config: GDConfig, n_episodes: int, untrained: 
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need + model_bytes > total:
-        gb = lambda n: f"{n / 2**30:.1f} GB"
+        gb = format_bytes
         raise IclgdError(
             f"GD ({gd_config.params}, {gd_config.optimizer}) on {n_episodes} episodes needs about {gb(need)} "
             f"of weight deltas beside {gb(model_bytes)} of model, more than the {gb(total)} of "

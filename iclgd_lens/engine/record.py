@@ -437,7 +437,7 @@ def scratch_guard(scratch: Scratch, n_layers: int) -> HookList:
 
 def _remedy(p: Probe) -> str:
     """How to get rid of a failing user probe, which every later default compare() records."""
-    if p.fn.__module__.startswith("iclgd_lens.hooks."):
+    if p.built_in:
         return ""
     return f"; fix it, or remove it with iclgd_lens.hooks.unregister({p.name!r})"
 

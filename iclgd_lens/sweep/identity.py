@@ -193,22 +193,16 @@ def save_hash_cache(path: Path) -> None:
 
 class Resolver:
     """Canonical configs and keys of many cells, each model fingerprinted and each (task, seed)
-    resolved once. `hash_cache`: a JSON file keeping file hashes between commands."""
+    resolved once (file hashes kept between commands: `load_hash_cache` / `save_hash_cache`)."""
 
-    def __init__(self, strict: bool = True, hash_cache: Path | None = None) -> None:
+    def __init__(self, strict: bool = True) -> None:
         self.strict = strict  # False: a hub model not yet downloaded gets a placeholder (listings)
-        self.hash_cache = hash_cache
         self._models: dict[str, dict] = {}
         self._tasks: dict[tuple[TaskRef, int], Any] = {}
-        if hash_cache is not None:
-            load_hash_cache(hash_cache)
 
     def model(self, name: str) -> dict:
         if name not in self._models:
-            before = len(_FILE_HASHES)
             self._models[name] = model_identity(name, self.strict)
-            if self.hash_cache is not None and len(_FILE_HASHES) != before:
-                save_hash_cache(self.hash_cache)
         return self._models[name]
 
     def task(self, ref: TaskRef, seed: int):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from iclgd_lens.errors import IclgdError
+from iclgd_lens.limits import MAX_SEED, MAX_THREADS
 
 AXES = ("model", "task", "k", "gd", "seed")
 """The axes of a sweep, in the order cells are listed (and run: cells of one model together)."""
@@ -51,11 +52,6 @@ TASK_KEYS = (
 """Keys of a task table in a spec; `data` (a file or folder) or `name` (built in / paper) is required."""
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-
-MAX_SEED = 2**31 - 1
-"""The largest seed (compare()'s MAX_SEED, the CLI's --seed)."""
-MAX_THREADS = 1024
-"""The most torch threads a cell may ask for (the CLI's --threads)."""
 
 
 @dataclass(frozen=True)
