@@ -256,7 +256,9 @@ def report(
     ),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed for episodes, baselines and GD order."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16, float16."),
+    dtype: str = typer.Option(
+        "float32", help="float32, bfloat16, float16, float64 (or fp32, bf16, fp16, fp64)."
+    ),
     out: Path = typer.Option(
         Path(DEFAULT_OUT), help="Report folder (replaced only when the new one is complete)."
     ),

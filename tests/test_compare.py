@@ -287,3 +287,23 @@ def test_every_baseline_runs_in_bf16_with_the_rows_of_float32():
     assert np.isfinite(half.dropna()).all()
     simaou = (full - half).xs(("simaou", "icl~gd", -1), level=("metric", "comparison", "head"))
     assert simaou.abs().median() < 0.1
+
+
+def test_simam_at_layer_0_is_1_under_a_sentencepiece_tokenizer():
+    """At layer 0 the query's keys and the read position's query vector depend only on the tokens
+    and their relative positions, so the read position's scores over the query's own tokens are
+    the same with and without demonstrations: SimAM(ICL, ZSL) = 1 by construction. A LLaMA-1/2
+    tokenizer splits the query differently after a newline ("w30") than alone ("▁w30"); compared
+    slot by slot, those maps would give cosines far from 1."""
+    import dataclasses
+
+    from tiny import spm_like_tokenizer, tiny_hf_model
+
+    from iclgd_lens import load_model
+
+    tok = spm_like_tokenizer()
+    model = load_model(hf_model=tiny_hf_model(n_layers=2, vocab_size=len(tok)), tokenizer=tok)
+    task = dataclasses.replace(tiny_task(), separator="\n")
+    out = compare(model, task, gd=GDConfig.dai(lr=0.05), baselines=False, artifacts=False, **SMALL)
+    simam = out.table.query("metric == 'simam_before' and comparison == 'icl~zsl' and layer == 0")
+    assert len(simam) and np.allclose(simam["value"], 1.0, atol=1e-5), simam["value"].describe()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.tasks import Example, Task, encode_prompts, label_token_ids
+from iclgd_lens.tasks import QUERY_SEGMENT, Example, Task, encode_prompts, label_token_ids
 from iclgd_lens.tasks.formats import PAPER_FORMATS, check_label_words, format_name, load_task
 
 torch.set_num_threads(1)
@@ -373,3 +374,72 @@ def test_check_label_words_rejects_bad_sets():
         check_label_words(["Positive"])
     with pytest.raises(IclgdError, match="non-empty"):
         check_label_words(["Positive", " "])
+
+
+def _byte_level_word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """GPT-2's way with spaces: a space joins the word after it ("Ġw"), alone or not; the vocabulary
+    is every piece GPT-2's pre-tokenizer makes of `texts`, and a lone space."""
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    pieces = sorted({piece for t in texts for piece, _ in pre.pre_tokenize_str(t)} | {"Ġ"})
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *pieces])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _letters(text: str) -> str:
+    return "".join(c for c in text if c not in " \n▁ĠĊ")
+
+
+def _natural_segments(tok, task, demos, query):
+    from iclgd_lens.tasks import _char_spans, _token_segments
+
+    text = task.icl_prompt(demos, query, task.label_words)
+    offsets = tok(text, return_offsets_mapping=True)["offset_mapping"]
+    return _token_segments(offsets, _char_spans(task, demos, query, task.label_words)).tolist()
+
+
+@pytest.mark.parametrize(
+    "tokenizer_kind, separator, spliced, before",
+    [
+        ("sentencepiece", "\n", True, "\n"),
+        ("sentencepiece", " ", False, None),
+        ("byte-level", " ", True, "Ġ"),
+    ],
+)
+def test_the_icl_prompt_reads_the_query_with_the_tokens_it_has_alone(
+    tokenizer_kind, separator, spliced, before
+):
+    """SentencePiece marks the first word of a text ("▁w30" alone, "w30" after a newline), a
+    byte-level BPE the word after a space ("Ġw30" after the separator, "w30" alone): the ICL
+    prompt must carry the ZSL prompt's query tokens, or SimAM and the read position compare
+    different tokens."""
+    from tests.tiny import spm_like_tokenizer, tiny_task
+
+    task = dataclasses.replace(tiny_task(), separator=separator)
+    demos, queries = task.train[:3], task.test[:4]
+    texts = [task.icl_prompt(demos, q, task.label_words) for q in queries] + [
+        task.zsl_prompt(q) for q in queries
+    ]
+    tok = spm_like_tokenizer() if tokenizer_kind == "sentencepiece" else _byte_level_word_tokenizer(texts)
+    icl = encode_prompts(tok, task, [demos] * 4, queries, [task.label_words] * 4)
+    zsl = encode_prompts(tok, task, [()] * 4, queries, [task.label_words] * 4)
+    natural = tok([task.icl_prompt(demos, q, task.label_words) for q in queries])["input_ids"]
+    for b in range(4):
+        icl_query = icl.input_ids[b][icl.segments[b] == QUERY_SEGMENT].tolist()
+        zsl_query = zsl.input_ids[b][zsl.segments[b] == QUERY_SEGMENT].tolist()
+        assert icl_query == zsl_query and tok.unk_token_id not in icl_query
+        assert int(icl.input_ids[b, icl.read_pos[b]]) == zsl_query[-1]
+        first_query = int((icl.segments[b] == QUERY_SEGMENT).nonzero()[0])
+        if before is not None:  # the separator is still there, as a token of its own
+            assert tok.convert_ids_to_tokens(int(icl.input_ids[b, first_query - 1])) == before
+        length = int(icl.lengths[b])
+        assert (icl.input_ids[b, :length].tolist() != natural[b]) == spliced
+        # the demonstrations keep the text's own tokens, and no character of the text is lost
+        pieces = "".join(tok.convert_ids_to_tokens(icl.input_ids[b, 1:length].tolist()))
+        assert _letters(pieces) == _letters(task.icl_prompt(demos, queries[b], task.label_words))
+        demo_tokens = icl.input_ids[b][icl.segments[b] > 0].tolist()
+        assert demo_tokens == [
+            t for t, s in zip(natural[b], _natural_segments(tok, task, demos, queries[b])) if s > 0
+        ]

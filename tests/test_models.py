@@ -355,3 +355,17 @@ def test_a_damaged_weights_file_is_one_line(tmp_path):
     with pytest.raises(IclgdError, match="damaged or incomplete") as info:
         load_model(str(folder), device="cpu")
     assert "\n" not in str(info.value)
+
+
+def test_a_config_that_transformers_refuses_is_one_line(tmp_path):
+    """HF validates a config as it reads it (an odd head_dim cannot be rotated by RoPE); its own
+    error type is not an OSError, and must still come out as one line naming the folder."""
+    import json
+
+    from tiny import tiny_model_folder
+
+    folder = tiny_model_folder(tmp_path / "odd")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "head_dim": 15}))
+    with pytest.raises(IclgdError, match=f"cannot read the config of folder {folder}"):
+        load_model(str(folder))

@@ -157,8 +157,8 @@ def test_the_results_view_draws_its_figure_inline_and_the_engine_does_not_import
     from iclgd_lens.report import notebook
 
     notebook._state["sent_in"] = None  # a fresh session (outside IPython: once per session)
-    first = make_results(n_layers=2, n_episodes=6)._repr_html_()
-    second = make_results(n_layers=2, n_episodes=6)._repr_html_()
+    first = make_results(n_layers=2, n_episodes=8)._repr_html_()
+    second = make_results(n_layers=2, n_episodes=8)._repr_html_()
     assert first.index("Paired sign-flip tests") < first.index('class="plotly-graph-div"')
     assert PLOTLY_MARK in first and PLOTLY_MARK not in second and 'class="plotly-graph-div"' in second
     assert "above all baselines" in first and re.search(r"\d\.\d{3} \[-?\d\.\d{3}, -?\d\.\d{3}\]", first)

@@ -471,10 +471,14 @@ def test_undefined_values_are_listed_with_their_reason(tmp_path):
 def test_the_verdict_comes_first_in_the_index_and_the_notebook_view(tmp_path):
     """A clear ICL~GD signal over enough episodes is marked "above all baselines" per layer, in
     Results.verdict(), at the top of the index, and in the notebook view; with 3 episodes the
-    verdict says that no p-value can reach 0.05."""
-    from iclgd_lens.engine.verdict import ABOVE
+    verdict says that no p-value can reach 0.05 (and with 6, that Holm's correction over the 2
+    layers asks for less than the 0.031 they allow)."""
+    from iclgd_lens.engine.verdict import ABOVE, UNDECIDED
 
-    results = make_results(n_layers=2, n_episodes=6)
+    six = make_results(n_layers=2, n_episodes=6).verdict()
+    tested = six.table[six.table["floors"] != ""]
+    assert len(tested) and (tested["mark"] == UNDECIDED).all() and "use at least 7 episodes" in six.text
+    results = make_results(n_layers=2, n_episodes=8)
     found = results.verdict()
     simaou = found.table[found.table.metric == "simaou"]
     assert (simaou["mark"] == ABOVE).all() and (simaou["floors_beaten"] == "3/3").all()

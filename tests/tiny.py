@@ -33,11 +33,16 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_hf_model(
-    n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2, d_model: int = 32, seed: int = 0
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    d_model: int = 32,
+    seed: int = 0,
+    vocab_size: int = len(WORDS) + 5,
 ) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(WORDS) + 5,
+        vocab_size=vocab_size,
         hidden_size=d_model,
         intermediate_size=2 * d_model,
         num_hidden_layers=n_layers,
@@ -96,3 +101,22 @@ def tiny_model_folder(folder: Path, tokenizer=None, max_positions: int = 256) ->
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def spm_like_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer that splits like LLaMA-1/2's SentencePiece: "▁" marks a word after a space and
+    the first word of a text (so "w3" alone is "▁w3", after a newline "w3"); "\\n" is a token of
+    its own; BOS <s> is prepended; no pad token."""
+    pieces = [p for w in WORDS for p in (w, f"▁{w}")] + ["\n", "▁"]
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *pieces])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        ]
+    )
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", name_or_path="spm-like"
+    )

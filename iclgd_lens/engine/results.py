@@ -325,13 +325,14 @@ class Results:
         config["run_time_s"] = round(sum(float(p.config.get("run_time_s") or 0) for p in parts), 2)
         return cls(table, config, parts[-1].artifacts)
 
-    def verdict(self, alpha: float = 0.05):
+    def verdict(self, alpha: float = 0.05, correction: str = "holm"):
         """The answer first (`engine/verdict.py`): a `Verdict(text, table)`, the table marking
         each (similarity metric, layer) above all baselines / not distinguishable / below one,
+        Holm-corrected across each metric's layers (`correction="none"`: per layer at `alpha`),
         with ICL~GD's share of the ICL~ICL ceiling."""
         from iclgd_lens.engine.verdict import verdict
 
-        return verdict(self, alpha)
+        return verdict(self, alpha, correction)
 
     def undefined(self) -> pd.DataFrame:
         """Where the table holds undefined values (NaN), and why: metric, comparison, layers,

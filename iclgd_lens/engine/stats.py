@@ -11,6 +11,7 @@ episode means, one number per independent demonstration set. See docs/statistics
     episode_interval(values, episodes)       # mean per episode first, then a t-interval over them
     sign_flip_pvalue(diffs)                  # two-sided paired sign-flip permutation test
     min_p_value(n_episodes)                  # the smallest p that test can give (2 / 2^n exact)
+    holm_adjust(p_values)                    # Holm's step-down adjusted p-values of one family
     paired_test(headline, baseline)          # diff of per-episode values: interval and p-value
     episode_summary(table, by)               # episode_interval per group of a tidy table, clipped to
                                              # the metric's range (`ranges.METRIC_RANGES`)
@@ -221,6 +222,26 @@ def min_p_value(
     if n_episodes <= exact_max:
         return min(1.0, 2.0 / 2.0**n_episodes)
     return 1.0 / (n_resamples + 1)
+
+
+def holm_adjust(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjusted p-values of one family of tests (same order as given).
+
+    With the m p-values sorted ascending, p_(1) <= ... <= p_(m), the adjusted value of the i-th
+    is max over j <= i of min(1, (m - j + 1) * p_(j)); rejecting every hypothesis whose adjusted
+    p is below alpha keeps the chance of any false rejection in the family at most alpha, under
+    any dependence between the tests (Holm 1979). NaNs stay NaN and do not count in m.
+    """
+    p = np.asarray(p_values, dtype=float).ravel()
+    out = np.full(p.shape, np.nan)
+    defined = np.flatnonzero(~np.isnan(p))
+    m = defined.size
+    if m == 0:
+        return out
+    order = defined[np.argsort(p[defined], kind="stable")]
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(scaled)
+    return out
 
 
 def _diff_test(d: np.ndarray, confidence: float, exact_max: int, n_resamples: int, seed: int) -> PairedTest:

@@ -262,12 +262,13 @@ def _load_pretrained(
             if not _hub_reachable():
                 raise IclgdError(
                     f"cannot reach the Hugging Face hub to load {source!r} (no network, "
-                    "or HF_HUB_OFFLINE is set) and it is not in the local HF cache; connect to the network, "
+                    "or HF_HUB_OFFLINE is set), it is not in the local HF cache, and there is no folder "
+                    f"{source} here; check the path, connect to the network, "
                     "or download it once and pass its local folder"
                 ) from None
     try:
         config = AutoConfig.from_pretrained(source, **local)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # OSError, ValueError, and the config's own validation (e.g. an odd head_dim)
         if is_folder:
             raise IclgdError(
                 f"cannot read the config of folder {source}: {str(error).splitlines()[0]}"
@@ -319,7 +320,7 @@ def load_model(
         label for reports (the default label is the model's `name_or_path`).
 
     `device`: "cpu", "cuda", "cuda:N", or None/"auto" (CUDA when available). `dtype`:
-    "float32"/"fp32" (default), "bfloat16"/"bf16", "float16"/"fp16". `n_ctx` overrides the
+    "float32"/"fp32" (default), "bfloat16"/"bf16", "float16"/"fp16", "float64"/"fp64". `n_ctx` overrides the
     context length recorded in `bridge.cfg.n_ctx` (RoPE models run past it, untrained).
 
     Booting changes the HF model it wraps: submodules are replaced by bridge wrappers (HF

@@ -139,6 +139,17 @@ def _legend_html() -> str:
 
 
 # ---- index --------------------------------------------------------------------------------
+def interval_text(ci_low: float, ci_high: float, n_episodes: int) -> str:
+    """A table cell's interval: " [low, high]"; " [no spread over n episodes]" where two or more
+    episodes gave the same mean (a zero-width t-interval says the episodes agree, not that the
+    mean is certain: docs/statistics.md); "" where there is none (one episode)."""
+    if pd.isna(ci_low) or pd.isna(ci_high):
+        return ""
+    if ci_low == ci_high and n_episodes >= 2:
+        return f" [no spread over {int(n_episodes)} episodes]"
+    return f" [{ci_low:.3f}, {ci_high:.3f}]"
+
+
 def verdict_table(results: Results) -> pd.DataFrame:
     """The verdict's marks as metric x layer (plus the mean share of the ICL~ICL ceiling)."""
     found = results.verdict()
@@ -149,8 +160,14 @@ def verdict_table(results: Results) -> pd.DataFrame:
     order = {m: i for i, m in enumerate(SIMILARITY_METRICS)}
     marks = marks.sort_index(key=lambda idx: idx.map(lambda m: order.get(m, 99)))
     share = found.table.groupby("metric")["of_ceiling"].mean()
+    has_ceiling = found.table.groupby("metric")["ceiling"].apply(lambda c: c.notna().any())
     marks["ICL~GD / ceiling (mean over layers)"] = [
-        f"{share[m]:.0%}" if m in share and share[m] == share[m] else "no ceiling" for m in marks.index
+        f"{share[m]:.0%}"
+        if m in share and share[m] == share[m]
+        else "ceiling not above 0"
+        if has_ceiling.get(m, False)
+        else "no ceiling"
+        for m in marks.index
     ]
     return marks.reset_index()
 
@@ -175,7 +192,7 @@ def headline_table(
     def cell(r) -> str:
         if r["n_episodes"] == 0 or r["mean"] != r["mean"]:
             return "undefined"
-        ci = "" if r["ci_low"] != r["ci_low"] else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        ci = interval_text(r["ci_low"], r["ci_high"], r["n_episodes"])
         # e.g. Rec2FTP is undefined in an episode where ICL fixes no query: say how many it rests on
         some = f" ({r['n_episodes']} of {n_total} episodes)" if r["n_episodes"] < n_total else ""
         return f"{r['mean']:.3f}{ci}{some}"
@@ -205,10 +222,12 @@ def _index_body(
             f'<p class="verdict-text">{linkify(found.text, gl)}</p>'
             + (_table(marks, gl) if len(marks) else ""),
             "verdict",
-            "Per similarity metric and layer: ICL~GD above every baseline (random vector, random update of "
-            "equal norm, untrained model), not distinguishable from them, or below one; paired tests over "
-            "episodes (docs/statistics.md). The last column: ICL~GD as a share of the ICL~ICL ceiling "
-            "(ICL under another demonstration order). Hover a metric name for its definition.",
+            "Per similarity metric and layer: ICL~GD above every floor this run has for the metric (the "
+            "paragraph names them), not distinguishable from them, or below one; paired sign-flip tests "
+            "over episodes, Holm-corrected across each metric's layers (docs/statistics.md, 'The "
+            "verdict'). The last column: ICL~GD as a share of the ICL~ICL ceiling (ICL under another "
+            "demonstration order), at the layers where the ceiling is clearly above 0. Hover a metric "
+            "name for its definition.",
         )
     ]
     head = headline_table(results)
@@ -259,8 +278,9 @@ def _index_body(
                 "Per layer: diff = mean over episodes of (icl~gd - baseline), "
                 f"p = two-sided paired sign-flip permutation test over the {n} episodes (exact up to "
                 f"{stats.EXACT_MAX_EPISODES}); the smallest p attainable with {n} episodes is {floor:.3g}. "
-                "icl~icl_perm is a ceiling (ICL under another demo order), the others floors. Not corrected "
-                f"for the number of tests. '{NOT_MEASURED}': the results hold no such baseline.",
+                "icl~icl_perm is a ceiling (ICL under another demo order), the others floors. These p-values "
+                "are not corrected for the number of tests; the verdict above corrects them across each "
+                f"metric's layers (Holm). '{NOT_MEASURED}': the results hold no such baseline.",
             )
         )
 
@@ -535,7 +555,7 @@ def wide_summary(results: Results, rows: pd.DataFrame) -> pd.DataFrame:
     def cell(r) -> str:
         if r["n"] == 0:
             return "undefined"
-        ci = "" if pd.isna(r["ci_low"]) else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        ci = interval_text(r["ci_low"], r["ci_high"], r["n_episodes"])
         return f"{r['mean']:.3f}{ci} ({int(r['n_episodes'])} ep, {int(r['n'])})"
 
     summ["cell"] = summ.apply(cell, axis=1)

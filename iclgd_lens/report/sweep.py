@@ -30,7 +30,15 @@ from iclgd_lens import folders
 from iclgd_lens.engine import stats
 from iclgd_lens.engine.results import TABLE_COLUMNS, Results, versions
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.report import INDEX, check_report_target, figure_html, glossary, render_report, style
+from iclgd_lens.report import (
+    INDEX,
+    check_report_target,
+    figure_html,
+    glossary,
+    interval_text,
+    render_report,
+    style,
+)
 from iclgd_lens.report.assets import script_tags, write_assets
 from iclgd_lens.report.figures import TEMPLATE, label
 from iclgd_lens.report.templates import escape, page, section, table
@@ -156,8 +164,8 @@ def dai_table(table: pd.DataFrame) -> pd.DataFrame:
                 continue
             r = s.loc[key]
             text = "n/a" if pd.isna(r["mean"]) else f"{r['mean']:.3f}"
-            if with_ci and not pd.isna(r["ci_low"]):
-                text += f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+            if with_ci:
+                text += interval_text(r["ci_low"], r["ci_high"], r["n_episodes"])
             values.append(text)
         return values
 

@@ -197,6 +197,52 @@ def _token_segments(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, i
     return np.where(overlaps, span_id[first], OTHER_SEGMENT)
 
 
+def _query_ids_alone(tokenizer, task: Task, queries: Sequence[Example]) -> list[list[int]]:
+    """The tokens each query has in its ZSL prompt: its own, without BOS or other specials."""
+    texts = [task.zsl_prompt(q) for q in queries]
+    if not texts:
+        return []
+    encs = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True, verbose=False)
+    out = []
+    for text, ids, offsets in zip(texts, encs["input_ids"], encs["offset_mapping"]):
+        seg = _token_segments(offsets, [(0, len(text), QUERY_SEGMENT)])
+        out.append([int(t) for t, s in zip(ids, seg) if s == QUERY_SEGMENT])
+    return out
+
+
+def _query_as_alone(
+    tokenizer, text: str, ids: Sequence[int], offsets, seg: np.ndarray, query_start: int, alone: list[int]
+) -> tuple[list[int], np.ndarray]:
+    """An ICL prompt's tokens with its query tokenised as in the ZSL prompt.
+
+    A tokenizer can split the same query differently after the demonstrations than alone:
+    SentencePiece (LLaMA-1/2) marks the first word of a text with "▁" ("▁Review" alone, "Review"
+    after a newline), and a BPE that joins a space to the next word ("Ġw30") does so only when
+    the separator is a space. ZSL, GD and ICL must read the same query tokens, or the
+    position-by-position comparisons (SimAM over the query's keys, the read position's states)
+    compare different tokens. Where the text's own tokens of the query differ from its tokens
+    alone, they are replaced by those; a token that spans the separator and the query gives its
+    separator characters back as tokens of their own (OTHER_SEGMENT). Trailing specials (an EOS
+    some tokenizers append) stay where they are.
+    """
+    positions = np.flatnonzero(seg == QUERY_SEGMENT)
+    if not len(positions) or [int(ids[p]) for p in positions] == alone:
+        return list(ids), seg
+    first, last = int(positions[0]), int(positions[-1])
+    gap = text[offsets[first][0] : query_start] if offsets[first][0] < query_start else ""
+    gap_ids = tokenizer(gap, add_special_tokens=False)["input_ids"] if gap else []
+    new_ids = [*ids[:first], *gap_ids, *alone, *ids[last + 1 :]]
+    new_seg = np.concatenate(
+        [
+            seg[:first],
+            np.full(len(gap_ids), OTHER_SEGMENT, dtype=seg.dtype),
+            np.full(len(alone), QUERY_SEGMENT, dtype=seg.dtype),
+            seg[last + 1 :],
+        ]
+    )
+    return new_ids, new_seg
+
+
 def encode_prompts(
     tokenizer,
     task: Task,
@@ -209,6 +255,8 @@ def encode_prompts(
 
     An empty demo set gives the ZSL prompt. Token-to-segment assignment uses the fast
     tokenizer's offset mapping, so it holds for SentencePiece and word-level tokenizers alike.
+    An ICL prompt's query has the tokens it has alone (`_query_as_alone`), so that every
+    condition reads the same query tokens.
     Raises IclgdError if a prompt is longer than `max_length` (the caller truncates
     demonstrations on purpose, the same way for ICL and GD: docs/science.md, pitfall 4).
     """
@@ -221,11 +269,16 @@ def encode_prompts(
     # one batched call; verbose=False: a prompt longer than the tokenizer's model_max_length is
     # ours to report (below, as one line), not transformers' "Token indices sequence length" warning
     encs = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True, verbose=False)
+    with_demos = [b for b, demos in enumerate(demo_sets) if demos]
+    alone = dict(zip(with_demos, _query_ids_alone(tokenizer, task, [queries[b] for b in with_demos])))
     rows = []
-    for text, ids, offsets, demos, query, words in zip(
-        texts, encs["input_ids"], encs["offset_mapping"], demo_sets, queries, label_words
+    for b, (text, ids, offsets, demos, query, words) in enumerate(
+        zip(texts, encs["input_ids"], encs["offset_mapping"], demo_sets, queries, label_words)
     ):
-        seg = _token_segments(offsets, _char_spans(task, demos, query, words))
+        spans = _char_spans(task, demos, query, words)
+        seg = _token_segments(offsets, spans)
+        if demos:
+            ids, seg = _query_as_alone(tokenizer, text, ids, offsets, seg, spans[-1][0], alone[b])
         query_positions = np.flatnonzero(seg == QUERY_SEGMENT)
         if max_length is not None and len(ids) > max_length:
             if not demos or len(query_positions) >= max_length:
