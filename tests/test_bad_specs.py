@@ -56,6 +56,28 @@ SPEC_CASES = [
     ("artifacts-a-number", "artifacts = 1", "artifacts is true or false"),
     ("threads-too-many", "threads = 100000", "threads must be from 1 to 1024"),
     ("seed-too-large", "seeds = [1099511627776]", "seeds must be at most 2147483647"),
+    (
+        "gd-layer-causal-a-string",
+        'gd = [{preset = "dai", layer_causal = "false"}]',
+        "layer_causal must be true",
+    ),
+    ("gd-layer-causal-yes", 'gd = [{preset = "deutch", layer_causal = "yes"}]', "layer_causal must be true"),
+    ("gd-preset-a-list", 'gd = [{preset = ["dai", "shen"]}]', "a GD preset is one name"),
+    (
+        "task-gd-lr-a-string",
+        'tasks = [{name = "default", gd_lr = "fast"}]',
+        "task gd_lr is a positive number",
+    ),
+    ("task-gd-lr-nan", 'tasks = [{name = "default", gd_lr = nan}]', "task gd_lr is a positive number"),
+    ("task-label-words-a-string", 'tasks = [{name = "sst2", label_words = "ab"}]', "label_words is a list"),
+    ("task-template-a-number", 'tasks = [{name = "sst2", template = 5}]', "task template is text"),
+    ("task-max-examples-zero", 'tasks = [{name = "sst2", max_examples = 0}]', "max_examples is a whole"),
+    ("model-folder-missing", 'models = ["./nope"]', "model folder ./nope does not exist"),
+    (
+        "model-abs-folder-missing",
+        'models = ["/nonexistent/llama"]',
+        "model folder /nonexistent/llama does not",
+    ),
     ("study-unknown", '[study]\nname = "nope"', "unknown study 'nope'"),
     (
         "study-unknown-parameter",
@@ -100,6 +122,7 @@ OPTION_CASES = [
     ("negative-mem-gb", ["--executor", "submitit", "--cluster", "local", "--mem-gb", "-1"], "--mem-gb"),
     ("zero-mem-gb", ["--executor", "submitit", "--cluster", "local", "--mem-gb", "0"], "--mem-gb"),
     ("negative-mem-gb-local-executor", ["--mem-gb", "-1"], "--mem-gb"),
+    ("model-option-folder-missing", ["--model", "./nope"], "model folder ./nope does not exist"),
     ("store-is-someone-elses-folder", ["--store", "{dir}/foreign"], "refusing to write a store into"),
 ]
 
@@ -271,3 +294,49 @@ def test_a_damaged_cell_record_is_one_line(tmp_path):
     with pytest.raises(IclgdError, match=r"cell.json is not a cell record") as info:
         store.cell_info("0" * 20)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("place", ["missing", "empty-folder"])
+def test_an_executor_that_does_not_start_leaves_no_store(tmp_path, monkeypatch, place):
+    """`--executor ray --ray-address ray://host:1` fails in one line; the new store it would have
+    filled is gone again (an empty folder given as the store stays, empty)."""
+    from iclgd_lens.sweep import SweepSpec, executors, run_sweep
+
+    def unreachable(todo, store, done, **options):
+        raise IclgdError("ray: cannot start or reach a cluster: connection refused")
+
+    monkeypatch.setattr(executors, "run_ray", unreachable)
+    root = tmp_path / "store"
+    if place == "empty-folder":
+        root.mkdir()
+    before = tree(tmp_path)
+    spec = SweepSpec(k=[1], n_episodes=2, n_queries=2)
+    with pytest.raises(IclgdError, match="cannot start or reach"):
+        run_sweep(spec, root, executor="ray", address="ray://127.0.0.1:1")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["odd-head-dim", "gpt2"])
+def test_a_dry_run_over_a_model_folder_it_cannot_use_is_one_line(tmp_path, monkeypatch, kind):
+    """--dry-run reads each folder's config to estimate the cells: a config transformers refuses
+    (an odd head_dim) or another architecture is one line there too, as in the run."""
+    import json
+
+    from tiny import tiny_model_folder
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / kind
+    if kind == "gpt2":
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=64)).save_pretrained(folder)
+        fragment = "is a GPT2LMHeadModel"
+    else:
+        tiny_model_folder(folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "head_dim": 15}))
+        fragment = "cannot read the config of folder"
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'models = ["{folder}"]\n' + OK)
+    result = runner.invoke(app, ["sweep", str(spec), "--store", str(tmp_path / "store"), "--dry-run"])
+    one_error_line(result, fragment)
+    assert not (tmp_path / "store").exists()

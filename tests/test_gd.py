@@ -575,6 +575,9 @@ def test_presets_and_bad_settings():
         lambda: GDConfig(epochs=2.0),
         lambda: GDConfig(params="v_single", layer=1.5),
         lambda: GDConfig(delta_dtype="bf16"),
+        lambda: GDConfig(layer_causal="false"),  # a truthy string would train layer-causally
+        lambda: GDConfig.preset("dai", layer_causal="yes"),
+        lambda: GDConfig.preset(["dai", "shen"]),  # not a name (was: TypeError, unhashable list)
         lambda: projection_paths(GDConfig(params="v_single", layer=5), 2),
     ):
         with pytest.raises(IclgdError) as info:

@@ -113,6 +113,40 @@ exclude = [{model = "tiny-llama-iclobj", k = 4}]
     assert [(c.k, c.seed) for c in cells(broadcast)] == [(1, 3), (2, 3)]
 
 
+def test_cells_that_share_a_short_name_get_labels_that_tell_them_apart(tmp_path):
+    """Two tasks named alike (one with its own gd_lr), two files of one stem and two model folders
+    of one name are different cells: their labels differ, so a report never pools them."""
+    for folder in ("a", "b"):
+        (tmp_path / folder / "llama").mkdir(parents=True)
+    spec = SweepSpec(
+        models=["tiny-llama-icl", str(tmp_path / "a" / "llama"), str(tmp_path / "b" / "llama")],
+        tasks=["default", {"name": "default", "gd_lr": 0.3}, "x/mine.csv", "y/mine.csv"],
+    )
+    labels = {(c.labels["model"], c.labels["task"]) for c in cells(spec)}
+    assert {m for m, _ in labels} == {"tiny-llama-icl", "a/llama", "b/llama"}
+    assert {t for _, t in labels} == {"default", "default gd_lr=0.3", "x/mine.csv", "y/mine.csv"}
+    alone = SweepSpec(tasks=["default", {"data": "x/mine.csv", "template": "{text} :"}])
+    assert {c.labels["task"] for c in cells(alone)} == {"default", "mine"}  # no clash: short names
+
+
+def test_the_sweep_report_keeps_two_tasks_of_one_name_in_two_rows(tmp_path):
+    from iclgd_lens.report.sweep import combined_table, dai_table, store_cells
+
+    spec = SweepSpec(
+        tasks=["default", {"name": "default", "gd_lr": 0.3}],
+        k=[1],
+        n_episodes=2,
+        n_queries=2,
+        baselines=False,
+    )
+    summary = run_sweep(spec, tmp_path / "store")
+    assert len(summary.computed) == 2 and not summary.failed
+    table = dai_table(combined_table(store_cells(tmp_path / "store")))
+    assert sorted(table["task"]) == ["default", "default gd_lr=0.3"]
+    stored = pd.read_parquet(glob.glob(str(tmp_path / "store" / "cells" / "*" / "results.parquet")))
+    assert set(stored["task"]) == {"default", "default gd_lr=0.3"}
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
@@ -326,6 +360,46 @@ def test_pandas_pyarrow_dataset_and_duckdb_read_the_store_as_documented(referenc
 
 
 # ---- failures and studies ------------------------------------------------------------------------
+def test_an_incomplete_cell_folder_is_replaced_by_the_new_cell(tmp_path):
+    """A cell folder without cell.json (a copy cut short) is not a cell: writing the cell
+    replaces it, where a complete cell is kept."""
+    store = Store(tmp_path / "store")
+    store.create()
+    (store.cell_dir("k1")).mkdir()
+    (store.cell_dir("k1") / "results.parquet").write_text("half a copy")
+    assert store.status("k1") == "missing"
+
+    def write(folder):
+        (folder / "results.parquet").write_text("new")
+
+    assert store.write_cell("k1", {"key": "k1"}, write)
+    assert store.status("k1") == "done"
+    assert (store.cell_dir("k1") / "results.parquet").read_text() == "new"
+    assert not store.write_cell("k1", {"key": "k1", "other": 1}, write)  # a complete cell stays
+    assert store.cell_info("k1") == {"key": "k1"} and not list((store.root / "tmp").iterdir())
+
+
+def test_a_user_registered_probe_is_part_of_the_default_cells_key(tmp_path):
+    """compare() records every registered probe by default, so registering one changes what a
+    cell with the default probes holds: its key records the probes' names and changes too."""
+    from iclgd_lens.hooks import probe, unregister
+
+    spec = SweepSpec(k=[1], n_episodes=2, n_queries=2)
+    before = plan(spec, tmp_path / "s")[0]
+
+    @probe("test_mlp_out", points=["blocks.{layer}.hook_mlp_out"])
+    def mlp_out(acts, ctx):
+        return {}
+
+    try:
+        after = plan(spec, tmp_path / "s")[0]
+    finally:
+        unregister("test_mlp_out")
+    assert "test_mlp_out" in after.config["probes"] and "test_mlp_out" not in before.config["probes"]
+    assert after.key != before.key
+    assert plan(spec, tmp_path / "s")[0].key == before.key
+
+
 def test_a_failed_cell_records_its_one_line_error_and_is_tried_again(tmp_path):
     spec = SweepSpec(models=["tiny-llama-icl"], k=[1, 400], n_episodes=2, n_queries=2, baselines=False)
     summary = run_sweep(spec, tmp_path)

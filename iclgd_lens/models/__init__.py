@@ -243,6 +243,19 @@ def _prepends_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 # ---- loading ----------------------------------------------------------------------------
+def read_folder_config(folder: str | Path):
+    """The HF config of a model folder, checked to be a supported architecture; one line
+    (IclgdError) when it cannot be read, including when transformers' own validation refuses it
+    (e.g. an odd head_dim, which RoPE cannot rotate)."""
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception as error:  # OSError, ValueError, huggingface_hub's validation errors
+        reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise IclgdError(f"cannot read the config of folder {folder}: {reason[:300]}") from None
+    _check_architecture(config, repr(str(folder)))
+    return config
+
+
 def _load_pretrained(
     source: str, dtype: torch.dtype, tokenizer
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
@@ -266,15 +279,14 @@ def _load_pretrained(
                     f"{source} here; check the path, connect to the network, "
                     "or download it once and pass its local folder"
                 ) from None
-    try:
-        config = AutoConfig.from_pretrained(source, **local)
-    except Exception as error:  # OSError, ValueError, and the config's own validation (e.g. an odd head_dim)
-        if is_folder:
-            raise IclgdError(
-                f"cannot read the config of folder {source}: {str(error).splitlines()[0]}"
-            ) from None
-        raise _hub_error(source, error) from None
-    _check_architecture(config, repr(source))
+    if is_folder:
+        config = read_folder_config(source)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(source, **local)
+        except Exception as error:  # OSError, ValueError, and the config's own validation
+            raise _hub_error(source, error) from None
+        _check_architecture(config, repr(source))
     if tokenizer is None and is_folder and not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
         raise IclgdError(
             f"folder {source} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "

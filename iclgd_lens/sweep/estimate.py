@@ -70,12 +70,14 @@ def estimate(planned: Planned, task) -> dict:
 
     from iclgd_lens.engine.compare import estimate_flops
     from iclgd_lens.engine.gd import GDConfig
+    from iclgd_lens.models import read_folder_config
 
     folder = _model_folder(planned.cell.model)
     shapes = _shapes(str(folder)) if folder is not None else {}
     if not shapes:
         return {"tflop": None, "memory_gb": None, "n_params": None, "cannot_run": None}
     n_params = sum(_numel(s) for s in shapes.values())
+    read_folder_config(folder)  # one line for a config transformers refuses or another architecture
     config = json.loads((folder / "config.json").read_text())
     cell = planned.cell
     refusal = _refusal(folder, config, task, cell)
@@ -126,13 +128,13 @@ def _memory_model(folder: Path, element: int, n_params: int, task, episodes, cel
     """`engine.memory.plan_compare`'s predicted peak (weights included) for this cell, on a
     stand-in model that has the real config, tokenizer and parameter count but no weights."""
     import torch
-    from transformers import AutoConfig
 
     from iclgd_lens.engine.memory import plan_compare
+    from iclgd_lens.models import read_folder_config
 
     dtype = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}.get(element, torch.float32)
     hf = SimpleNamespace(
-        config=AutoConfig.from_pretrained(str(folder)),
+        config=read_folder_config(folder),
         parameters=lambda: iter([torch.empty(n_params, dtype=dtype, device="meta")]),
     )
     stand_in = SimpleNamespace(original_model=hf, tokenizer=_tokenizer(str(folder)))

@@ -7,7 +7,9 @@ The configuration holds everything that changes a cell's numbers:
 - the task: what the spec says (template, label words, columns) and the SHA-256 of the data
   file(s), plus a hash of the resolved examples (so a change in how a file is read counts too);
 - every GD setting after the task's learning rate is resolved, k, n_episodes, n_queries, seed,
-  baselines, probes, batching, device type, dtype and torch's thread count;
+  baselines, the probes (resolved: the default set includes every probe registered with
+  `iclgd_lens.hooks.probe` in the planning process), batching, device type, dtype and torch's
+  thread count;
 - the versions of the packages that change numbers (`results.versions()` without the page-only ones).
 
 `cell_key` = the first 20 hex digits of the SHA-256 of that JSON (sorted keys). A changed
@@ -143,6 +145,10 @@ def canonical_config(cell: Cell, model_id: dict, task) -> dict[str, Any]:
     settings = json.loads(cell.settings)
     study = settings.pop("study", None)
     device = str(settings.pop("device") or "cpu").split(":")[0]  # the device type, not which one
+    if not study:  # the probes the cell computes: the default set includes user-registered probes
+        from iclgd_lens.engine.compare import _probe_names
+
+        settings["probes"] = _probe_names(settings.get("probes"))
     config = {
         "kind": "study" if study else "compare",
         "model": model_id,

@@ -112,7 +112,7 @@ def run_cell(store: Store | str | os.PathLike, planned: Planned, model=None) -> 
         task = Resolver().task(cell.task, cell.seed)
         if task_identity(cell.task, task) != planned.config["task"]:
             raise IclgdError(
-                f"the data of task {cell.task.label!r} changed after the sweep was planned; rerun it"
+                f"the data of task {cell.task_label!r} changed after the sweep was planned; rerun it"
             )
         if model is None:
             model = load_cell_model(cell)
@@ -159,7 +159,7 @@ def _compare_writer(planned: Planned, model, task) -> Callable[[Path], dict]:
             n_queries=cell.setting("n_queries"),
             seed=cell.seed,
             baselines=cell.setting("baselines"),
-            probes=cell.setting("probes"),
+            probes=planned.config["probes"],  # the resolved names its key records
             share_prefix=cell.setting("share_prefix"),
             batch_size=cell.setting("batch_size"),
             progress=False,
@@ -169,7 +169,7 @@ def _compare_writer(planned: Planned, model, task) -> Callable[[Path], dict]:
         config, timing = _split_timing(results.config)
         config["sweep_cell"] = {"key": planned.key, **planned.labels}
         table = results.table.assign(
-            cell=planned.key, model=cell.model_label, task=cell.task.label, gd=cell.gd.label, seed=cell.seed
+            cell=planned.key, model=cell.model_label, task=cell.task_label, gd=cell.gd.label, seed=cell.seed
         )
         Results(table, config, results.artifacts).save(folder)
         return timing
@@ -243,6 +243,8 @@ def run_sweep(
     executors.check_options(executor, spec.threads, executor_options)
     store.check_place()
     planned = plan(spec, store)
+    existed = store.root.exists()
+    fresh = not existed or not any(store.root.iterdir())
     store.create()
     save_hash_cache(store.root / "fingerprints.json")
     store.clean_stale()
@@ -271,8 +273,32 @@ def run_sweep(
             executor
         ]
         with _sigterm_interrupts():
-            run(todo, store, done, **executor_options)
+            try:
+                run(todo, store, done, **executor_options)
+            except IclgdError:  # e.g. the executor did not start: leave no empty store behind
+                if fresh:
+                    _remove_unused_store(store, keep_root=existed)
+                raise
     return summary
+
+
+def _remove_unused_store(store: Store, keep_root: bool) -> None:
+    """Remove what this run created of a new store (a folder that was new, or empty: then
+    `keep_root`) when no cell was filed, failed or run in it; a store with any cell is kept."""
+    import shutil
+
+    if any(
+        any((store.root / sub).iterdir())
+        for sub in ("cells", "failed", "runs")
+        if (store.root / sub).is_dir()
+    ):
+        return
+    for sub in ("cells", "failed", "runs", "tmp", "jobs"):
+        shutil.rmtree(store.root / sub, ignore_errors=True)
+    (store.root / "fingerprints.json").unlink(missing_ok=True)
+    if not keep_root:
+        with contextlib.suppress(OSError):
+            store.root.rmdir()  # only when nothing else is in it
 
 
 @contextlib.contextmanager

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -135,22 +137,30 @@ class Cell:
     gd: GDRef
     seed: int
     settings: str  # the spec's scalar settings (n_episodes, device, study, ...) as sorted JSON
+    # the labels `cells()` gave the model and task, unique within the spec ("": the short name)
+    model_tag: str = field(default="", compare=False)
+    task_tag: str = field(default="", compare=False)
 
     def setting(self, name: str, default: Any = None) -> Any:
         return json.loads(self.settings).get(name, default)
 
     @property
     def model_label(self) -> str:
-        """The model's short name: a folder's name, else the name as given."""
-        path = Path(self.model).expanduser()
-        return path.name if self.model.startswith(("/", ".", "~")) and path.name else self.model
+        """The model's short name (a folder's name, else the name as given), or the longer one
+        `cells()` chose where two models of the spec share a short name."""
+        return self.model_tag or _model_short_name(self.model)
+
+    @property
+    def task_label(self) -> str:
+        """The task's short name, or the longer one `cells()` chose where two tasks share it."""
+        return self.task_tag or self.task.label
 
     @property
     def labels(self) -> dict[str, Any]:
         """Axis name -> the value a person reads (what `exclude` and the sweep report use)."""
         return {
             "model": self.model_label,
-            "task": self.task.label,
+            "task": self.task_label,
             "k": self.k,
             "gd": self.gd.label,
             "seed": self.seed,
@@ -207,6 +217,8 @@ class SweepSpec:
                 data[name] = [data[name]]
         _check_store(data.get("store"))  # before it is read against `base`
         if base is not None:
+            for model in data.get("models", []):  # named as the spec spells it
+                _check_model_path(model, base)
             data["tasks"] = [_rebase_task(t, base) for t in data.get("tasks", ["default"])]
             data["models"] = [_rebase_model(m, base) for m in data.get("models", ["tiny-llama-icl"])]
             if data.get("store"):
@@ -264,6 +276,8 @@ class SweepSpec:
                 raise IclgdError(f"sweep spec: {name} needs at least one value")
         if not all(isinstance(m, str) and m for m in self.models):
             raise IclgdError(f"sweep spec: models are names or paths (strings), got {self.models!r}")
+        for model in self.models:
+            _check_model_path(model)
         for name in ("k", "seeds"):
             values = getattr(self, name)
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
@@ -447,6 +461,26 @@ def _rebase_task(entry: Any, base: Path) -> Any:
     return entry
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a model name is a folder's path rather than an embedded name or a hub id org/name:
+    it starts with ./, ../, /, ~ or has more separators than org/name."""
+    if name.startswith(("./", "../", "/", "~", ".\\", "..\\")) or name in (".", ".."):
+        return True
+    return name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def _check_model_path(name: Any, base: Path | None = None) -> None:
+    """A model given as a path must be an existing folder (read against `base` for ./ and ../);
+    otherwise it would be taken for a hub id that is not downloaded."""
+    if not isinstance(name, str) or not looks_like_path(name):
+        return
+    path = Path(name).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if not path.exists():
+        raise IclgdError(f"sweep spec: model folder {name} does not exist")
+
+
 def _rebase_model(name: str, base: Path) -> str:
     """A model given as a relative folder (./m, ../m) read against the spec's folder."""
     if isinstance(name, str) and name.startswith(("./", "../")):
@@ -472,12 +506,50 @@ def _task_ref(entry: Any) -> TaskRef:
             raise IclgdError(
                 f"sweep spec: a task table needs `data` (a file or folder) or `name`, got {entry!r}"
             )
+        _check_task_values(entry)
         values = dict(entry)
         if values.get("label_words") is not None:
             values["label_words"] = tuple(values["label_words"])
         values.setdefault("name", Path(str(values.get("data"))).stem)
         return TaskRef(**values)
     raise IclgdError(f"sweep spec: a task is a name, a data file or a table, got {entry!r}")
+
+
+TASK_TEXT_KEYS = (
+    "name",
+    "data",
+    "format",
+    "template",
+    "text_column",
+    "label_column",
+    "split_train",
+    "split_test",
+)
+"""Task keys whose value is text."""
+
+
+def _check_task_values(entry: dict) -> None:
+    """The values of a task table have the types TaskRef needs (checked before any cell runs):
+    text keys are text, `label_words` a list of texts (a string is not split into letters),
+    `max_examples` a whole number >= 1, `gd_lr` a positive number."""
+    for key in TASK_TEXT_KEYS:
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise IclgdError(f"sweep spec: task {key} is text, got {entry[key]!r}")
+    words = entry.get("label_words")
+    if words is not None and not (
+        isinstance(words, (list, tuple)) and words and all(isinstance(w, str) for w in words)
+    ):
+        raise IclgdError(
+            f'sweep spec: task label_words is a list of texts (e.g. ["bad", "good"]), got {words!r}'
+        )
+    count = entry.get("max_examples")
+    if count is not None and not (isinstance(count, int) and not isinstance(count, bool) and count >= 1):
+        raise IclgdError(f"sweep spec: task max_examples is a whole number >= 1, got {count!r}")
+    lr = entry.get("gd_lr")
+    if lr is not None and not (
+        isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0
+    ):
+        raise IclgdError(f"sweep spec: task gd_lr is a positive number, got {lr!r}")
 
 
 def _gd_refs(entry: Any) -> list[GDRef]:
@@ -489,6 +561,11 @@ def _gd_refs(entry: Any) -> list[GDRef]:
     elif isinstance(entry, dict):
         values = dict(entry)
         preset = values.pop("preset", "dai")
+        if not isinstance(preset, str):
+            raise IclgdError(
+                f"sweep spec: a GD preset is one name (list several settings as separate entries), "
+                f"got {preset!r}"
+            )
         unknown = sorted(set(values) - set(GD_FIELDS))
         if unknown:
             raise IclgdError(
@@ -504,6 +581,88 @@ def _gd_refs(entry: Any) -> list[GDRef]:
     for ref in refs:
         ref.config()  # unknown presets / bad values fail here, before any work
     return refs
+
+
+# ---- labels ---------------------------------------------------------------------------------
+def _model_short_name(model: str) -> str:
+    """A folder's name for a path, else the name as given (a hub id, an embedded model)."""
+    path = Path(model).expanduser()
+    return path.name if model.startswith(("/", ".", "~")) and path.name else model
+
+
+def _path_tail(path: str, parts: int) -> str:
+    """The last `parts` components of `path` (the whole path when it has fewer)."""
+    pieces = Path(path).expanduser().parts
+    return "/".join(pieces[-parts:]) if pieces else path
+
+
+def _tails(paths: list[str]) -> dict[str, str]:
+    """Each path's shortest tail (last components) that no other of `paths` shares."""
+    out = {}
+    for path in paths:
+        longest = len(Path(path).expanduser().parts)
+        n = 1
+        while n < longest and any(_path_tail(o, n) == _path_tail(path, n) for o in paths if o != path):
+            n += 1
+        out[path] = _path_tail(path, n)
+    return out
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _unique(labels: dict[Any, str]) -> dict[Any, str]:
+    """Number the labels that are still shared (a last resort: every value keeps its own)."""
+    counts: dict[str, int] = {}
+    for label in labels.values():
+        counts[label] = counts.get(label, 0) + 1
+    seen: dict[str, int] = {}
+    out = {}
+    for value, label in labels.items():
+        if counts[label] > 1:
+            seen[label] = seen.get(label, 0) + 1
+            label = f"{label} #{seen[label]}"
+        out[value] = label
+    return out
+
+
+def model_labels(models: list[str]) -> dict[str, str]:
+    """Model -> its label: the short name, or as much of the path as tells apart two folders of
+    the same name (`a/llama`, `b/llama`), so a report never pools two models' cells."""
+    labels = {m: _model_short_name(m) for m in dict.fromkeys(models)}
+    for short in set(labels.values()):
+        group = [m for m in labels if labels[m] == short]
+        if len(group) > 1:
+            labels.update(_tails(group))
+    return _unique(labels)
+
+
+def task_labels(refs: list[TaskRef]) -> dict[TaskRef, str]:
+    """TaskRef -> its label: the name, or where two tasks of the spec share a name, the name with
+    the settings in which they differ (`default gd_lr=0.3`) and, for two files of the same stem,
+    as much of their path as tells them apart, so a report never pools two tasks' cells."""
+    labels = {r: r.label for r in dict.fromkeys(refs)}
+    for name in set(labels.values()):
+        group = [r for r in labels if labels[r] == name]
+        if len(group) < 2:
+            continue
+        differing = [
+            f.name
+            for f in fields(TaskRef)
+            if f.name not in ("name", "data") and len({getattr(r, f.name) for r in group}) > 1
+        ]
+        data_tails = _tails(sorted({r.data for r in group if r.data is not None}))
+        data_differ = len({r.data for r in group}) > 1
+        for ref in group:
+            head = data_tails[ref.data] if data_differ and ref.data is not None else ref.label
+            extra = [f"{f}={_value_text(getattr(ref, f))}" for f in differing if getattr(ref, f) is not None]
+            labels[ref] = " ".join([head, *extra])
+    return _unique(labels)
 
 
 # ---- the grid ------------------------------------------------------------------------------
@@ -529,10 +688,21 @@ def cells(spec: SweepSpec) -> list[Cell]:
         n = lengths.pop() if lengths else 1
         group_rows.append([{a: axes[a][i if len(axes[a]) > 1 else 0] for a in group} for i in range(n)])
     settings = spec.settings()
+    model_tags, task_tags = model_labels(axes["model"]), task_labels(axes["task"])
     out, seen = [], set()
     for combo in itertools.product(*group_rows):
         values = {a: v for part in combo for a, v in part.items()}
-        cell = Cell(values["model"], values["task"], values["k"], values["gd"], values["seed"], settings)
+        model, task = values["model"], values["task"]
+        cell = Cell(
+            model,
+            task,
+            values["k"],
+            values["gd"],
+            values["seed"],
+            settings,
+            model_tags[model],
+            task_tags[task],
+        )
         if any(_matches(rule, cell) for rule in spec.exclude) or cell in seen:
             continue
         seen.add(cell)

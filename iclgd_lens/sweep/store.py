@@ -9,9 +9,10 @@
     STORE/tmp/                          cells in flight (renamed into cells/ when complete)
 
 A cell folder is built in STORE/tmp and renamed into place in one `os.rename`, so cells/ only
-ever holds complete cells; an existing cell is never replaced. Every file is plain Parquet or
-JSON: `pd.read_parquet`, `pyarrow.dataset.dataset(STORE/cells, format="parquet")` and DuckDB's
-`read_parquet('STORE/cells/*/results.parquet')` read the whole store (docs/sweeps.md).
+ever holds complete cells; an existing cell is never replaced (a folder there without cell.json,
+e.g. a copy cut short, is incomplete and is replaced by the newly computed cell). Every file is
+plain Parquet or JSON: `pd.read_parquet`, `pyarrow.dataset.dataset(STORE/cells, format="parquet")`
+and DuckDB's `read_parquet('STORE/cells/*/results.parquet')` read the whole store (docs/sweeps.md).
 """
 
 from __future__ import annotations
@@ -124,19 +125,35 @@ class Store:
             os.chmod(tmp, 0o755)
             timing = write(tmp) or {}
             _write_json(tmp / CELL_JSON, info)
-            target = self.cell_dir(key)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if (target / CELL_JSON).is_file():
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    return False
-                raise
+            if not self._move_into_place(tmp, self.cell_dir(key)):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return False
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.failure_path(key).unlink(missing_ok=True)
         _write_json(self.root / "runs" / f"{key}.json", {"host": socket.gethostname(), **timing})
+        return True
+
+    @staticmethod
+    def _move_into_place(tmp: Path, target: Path) -> bool:
+        """Rename `tmp` to `target`; False when a complete cell is there already. A folder there
+        without cell.json is incomplete (a copy cut short): it is removed and replaced."""
+        try:
+            os.rename(tmp, target)
+            return True
+        except OSError:
+            if (target / CELL_JSON).is_file():
+                return False
+            if not target.is_dir():
+                raise
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if (target / CELL_JSON).is_file():  # another job filed it in the meantime
+                return False
+            raise
         return True
 
     def record_failure(self, key: str, labels: dict, error: BaseException | str) -> str:

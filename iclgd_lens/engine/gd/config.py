@@ -66,6 +66,8 @@ class GDConfig:
                 raise IclgdError(f"GD {name} must be an integer >= 1, got {value!r}")
         if self.layer is not None and not (isinstance(self.layer, int) and not isinstance(self.layer, bool)):
             raise IclgdError(f"GD layer must be an integer or None, got {self.layer!r}")
+        if not isinstance(self.layer_causal, bool):  # "false" and "yes" are both truthy
+            raise IclgdError(f"GD layer_causal must be true or false (a boolean), got {self.layer_causal!r}")
         if self.loss_on not in LOSSES:
             raise IclgdError(f"unknown GD loss {self.loss_on!r}; choose one of {', '.join(LOSSES)}")
         if self.delta_dtype is not None:  # "float32", "fp32", "torch.float32" or torch.float32
@@ -115,7 +117,7 @@ class GDConfig:
             "deutch": cls.deutch,
         }
         assert tuple(presets) == PRESETS
-        if name not in presets:
+        if not isinstance(name, str) or name not in presets:
             raise IclgdError(f"unknown GD preset {name!r}; choose one of {', '.join(presets)}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
