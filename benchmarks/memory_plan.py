@@ -68,7 +68,7 @@ def sst2_task(n_words: int = 2000, seed: int = 0) -> tuple[Task, object]:
 
 
 def main(
-    max_memory_gb: float = typer.Option(60, help="the budget (weights included)"),
+    max_memory_gb: float = typer.Option(60, help="the budget in GiB (2^30 bytes), weights included"),
     n_queries: list[int] = typer.Option([6, 64], help="queries per demo set (compare's default is 6)"),
     k: int = typer.Option(32),
     n_episodes: int = typer.Option(8),
@@ -78,7 +78,7 @@ def main(
     shape = memory.ModelShape.from_config(config, bytes_per_element=2)
     print(
         f"# LLaMa-2-7B shape, bf16, {shape.n_params / 1e9:.2f}B parameters; default compare, k={k}, "
-        f"{n_episodes} demo sets; budget {max_memory_gb:g} GB"
+        f"{n_episodes} demo sets; budget {max_memory_gb:g} GiB (GiB = 2^30 bytes throughout)"
     )
     for q in n_queries:
         plan = memory.plan_for_shape(
@@ -98,8 +98,8 @@ def main(
         lengths = memory.lengths_of(tokenizer, task, episodes)
         print(f"\n## {n_episodes} demo sets x {q} queries (prefix up to {lengths.prefix} tokens)\n")
         print(
-            f"batch_size 128: {unchunked.total_bytes / 2**30:.1f} GB; chosen batch_size {plan.batch_size}: "
-            f"{plan.total_bytes / 2**30:.1f} GB ({'fits' if plan.fits else 'does NOT fit'})"
+            f"batch_size 128: {unchunked.total_bytes / 2**30:.1f} GiB; chosen batch_size {plan.batch_size}: "
+            f"{plan.total_bytes / 2**30:.1f} GiB ({'fits' if plan.fits else 'does NOT fit'})"
         )
         print(plan.describe())
         for share in (0.3, 0.5):

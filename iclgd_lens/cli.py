@@ -585,7 +585,7 @@ def _sweep_listing(spec, store, estimates: bool) -> None:
             else:
                 total_tflop += est["tflop"]
                 gb = est["memory_gb"]
-                memory = f"{gb:.3g} GB" if gb >= 1 else f"{gb * 1024:.3g} MB"
+                memory = f"{gb:.3g} GiB" if gb >= 1 else f"{gb * 1024:.3g} MiB"
                 line += f"  work {est['tflop']:.3g} TFLOP  memory {memory}"
         if p.status == "failed":
             line += f"  error: {store.failure(p.key)}"

@@ -545,3 +545,12 @@ def test_dry_run_says_which_cells_compare_would_refuse(tmp_path):
     assert result.exit_code == 0
     assert "k=100" in result.stdout and "cannot run: k=100 demonstrations" in result.stdout
     assert "1 cell(s) cannot run" in result.stdout
+
+
+def test_an_exclude_that_matches_no_cell_is_said():
+    """A typo in an exclude entry (a label spelled otherwise) would silently run the cells meant
+    to be left out: it is named in a warning (one line on the command line)."""
+    spec = SweepSpec(k=[1, 2], models=["tiny-llama-icl"], exclude=[{"k": 2}, {"model": "tiny-llama-ICL"}])
+    with pytest.warns(UserWarning, match="exclude \\{'model': 'tiny-llama-ICL'\\} matches no cell") as caught:
+        grid = cells(spec)
+    assert [c.k for c in grid] == [1] and len(caught) == 1

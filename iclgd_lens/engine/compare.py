@@ -449,8 +449,8 @@ def _is_int(value) -> bool:
 
 
 def format_bytes(n: float) -> str:
-    """A byte count for messages, in the largest unit that keeps it >= 1 (B, KB, MB, GB; base 1024)."""
-    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+    """A byte count for messages, in the largest binary unit that keeps it >= 1 (B, KiB, MiB, GiB)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n:.0f} B"

@@ -143,7 +143,7 @@ class Plan:
         return self.model_bytes + self.peak_bytes
 
     def describe(self) -> str:
-        gb = lambda n: f"{n / 2**30:.2f} GB"  # noqa: E731
+        gb = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
         lines = [
             f"predicted peak {gb(self.total_bytes)} = model {gb(self.model_bytes)} + {gb(self.peak_bytes)} "
             f"in phase {self.phase!r} with batch_size={self.batch_size}"

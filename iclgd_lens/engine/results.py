@@ -224,7 +224,7 @@ class Results:
     @property
     def metrics(self) -> list[str]:
         """The metric names present in the table, in order of first appearance."""
-        return list(dict.fromkeys(self.table["metric"]))
+        return [str(m) for m in pd.unique(self.table["metric"])]  # pd.unique keeps that order
 
     @property
     def k_values(self) -> list[int]:

@@ -426,12 +426,13 @@ def _layer_body(results: Results, layer: int, glossary_page: str = GLOSSARY_PAGE
 
     head_rows = t[(t["layer"] == layer) & (t["head"] >= 0)]
     comparisons = figures.comparison_order(head_rows["comparison"].unique().tolist())
-    grids = [figures.head_grid(results, layer, c)[0] for c in comparisons]
-    bound = style.shared_scale(*[g.to_numpy(dtype=float) for g in grids if not g.empty])
-    heat = [figures.head_heatmap_figure(results, layer, c, zmax=bound) for c in comparisons]
+    empty = (pd.DataFrame(), pd.DataFrame())
+    grids = {c: empty for c in comparisons} | (figures.head_grids(results, layer) if len(head_rows) else {})
+    bound = style.shared_scale(*[g.to_numpy(dtype=float) for g, _ in grids.values() if not g.empty])
+    heat = [figures.head_heatmap_figure(results, layer, c, zmax=bound, grid=grids[c]) for c in comparisons]
     gaps: dict[str, list[str]] = {}  # one line per reason, naming the comparisons it applies to
     for c in comparisons:
-        for note in figures.head_gaps(results, layer, c):
+        for note in figures.head_gaps(results, layer, c, grid=grids[c]):
             gaps.setdefault(note.replace(f" ({c})", ""), []).append(c)
     gaps_html = (
         '<p class="note">Cells marked n/a:</p><ul class="note">'

@@ -85,7 +85,7 @@ def check_asked(
     layers = sorted(t.loc[t["layer"] >= 0, "layer"].unique().tolist())
     if layer is not None and layer not in layers:
         raise IclgdError(f"no layer {layer!r} in the results; layers: {', '.join(map(str, layers))}")
-    comparisons = list(dict.fromkeys(t["comparison"]))
+    comparisons = [str(c) for c in pd.unique(t["comparison"])]  # in order of first appearance
     if comparison is not None and comparison not in comparisons:
         raise IclgdError(
             f"no comparison {comparison!r} in the results; comparisons: {', '.join(comparisons)}"
@@ -164,11 +164,14 @@ def _mark_undefined(
         )
 
 
-def head_gaps(results: Results, layer: int, comparison: str = HEADLINE) -> list[str]:
-    """Why cells of the per-head heatmap read n/a: one sentence per metric with missing heads."""
+def head_gaps(
+    results: Results, layer: int, comparison: str = HEADLINE, grid: Grid | None = None
+) -> list[str]:
+    """Why cells of the per-head heatmap read n/a: one sentence per metric with missing heads.
+    `grid`: the comparison's `head_grid` when the caller has it already."""
     from iclgd_lens.engine.metrics import UNDEFINED_BECAUSE
 
-    grid, _ = head_grid(results, layer, comparison)
+    grid, _ = grid if grid is not None else head_grid(results, layer, comparison)
     notes = []
     for metric, values in grid.iterrows():
         missing = [int(h) for h, v in values.items() if v != v]
@@ -281,27 +284,46 @@ def k_curve_figure(results: Results, metric: str) -> go.Figure | None:
     return fig
 
 
-def head_grid(results: Results, layer: int, comparison: str = HEADLINE) -> tuple[pd.DataFrame, pd.DataFrame]:
+Grid = tuple[pd.DataFrame, pd.DataFrame]
+"""Per-head means of one layer and comparison (metric x head) and their counts."""
+
+
+def head_grids(results: Results, layer: int) -> dict[str, Grid]:
+    """`head_grid` of every comparison with per-head rows at `layer`, from one summary (a layer
+    page draws several comparisons' heatmaps and their gaps from the same numbers)."""
+    check_asked(results, layer=layer)
+    t = _max_k(results, results.table)
+    rows = t[(t["layer"] == layer) & (t["head"] >= 0)]
+    if rows.empty:
+        return {}
+    summ = Results(rows, {}, {}).summary(by=("comparison", "metric", "head"), p_values=False)
+    return {
+        comparison: (
+            s.pivot(index="metric", columns="head", values="mean"),
+            s.pivot(index="metric", columns="head", values="n"),
+        )
+        for comparison, s in summ.groupby("comparison", sort=False)
+    }
+
+
+def head_grid(results: Results, layer: int, comparison: str = HEADLINE) -> Grid:
     """Per-head means of one layer and comparison (metric x head) and their counts."""
     check_asked(results, layer=layer, comparison=comparison)
-    t = _max_k(results, results.table)
-    rows = t[(t["layer"] == layer) & (t["head"] >= 0) & (t["comparison"] == comparison)]
-    if rows.empty:
-        return pd.DataFrame(), pd.DataFrame()
-    summ = Results(rows, {}, {}).summary(by=("metric", "head"), p_values=False)
-    return (
-        summ.pivot(index="metric", columns="head", values="mean"),
-        summ.pivot(index="metric", columns="head", values="n"),
-    )
+    return head_grids(results, layer).get(comparison, (pd.DataFrame(), pd.DataFrame()))
 
 
 def head_heatmap_figure(
-    results: Results, layer: int, comparison: str = HEADLINE, zmax: float | None = None
+    results: Results,
+    layer: int,
+    comparison: str = HEADLINE,
+    zmax: float | None = None,
+    grid: Grid | None = None,
 ) -> go.Figure | None:
     """Per-head similarities of one layer: metric x head heatmap of means (one comparison), each
     cell labelled with its value. `zmax`: the symmetric colour bound, shared by the heatmaps of a
-    page (`style.shared_scale`) so that one colour means one value on all of them."""
-    grid, counts = head_grid(results, layer, comparison)
+    page (`style.shared_scale`) so that one colour means one value on all of them. `grid`: the
+    comparison's `head_grid` when the caller has it already."""
+    grid, counts = grid if grid is not None else head_grid(results, layer, comparison)
     if grid.empty:
         return None
     z = grid.to_numpy(dtype=float)

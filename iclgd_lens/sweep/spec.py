@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -689,7 +690,7 @@ def cells(spec: SweepSpec) -> list[Cell]:
         group_rows.append([{a: axes[a][i if len(axes[a]) > 1 else 0] for a in group} for i in range(n)])
     settings = spec.settings()
     model_tags, task_tags = model_labels(axes["model"]), task_labels(axes["task"])
-    out, seen = [], set()
+    out, seen, matched = [], set(), [False] * len(spec.exclude)
     for combo in itertools.product(*group_rows):
         values = {a: v for part in combo for a, v in part.items()}
         model, task = values["model"], values["task"]
@@ -703,13 +704,22 @@ def cells(spec: SweepSpec) -> list[Cell]:
             model_tags[model],
             task_tags[task],
         )
-        if any(_matches(rule, cell) for rule in spec.exclude) or cell in seen:
+        hits = [i for i, rule in enumerate(spec.exclude) if _matches(rule, cell)]
+        for i in hits:
+            matched[i] = True
+        if hits or cell in seen:
             continue
         seen.add(cell)
         out.append(cell)
     out.sort(key=lambda c: spec.models.index(c.model))  # stable: one model's cells together
     if not out:
         raise IclgdError("sweep spec: every cell is excluded; nothing to run")
+    for rule in (r for r, hit in zip(spec.exclude, matched) if not hit):
+        warnings.warn(
+            f"sweep spec: exclude {rule!r} matches no cell (a typo? exclude reads the labels --dry-run "
+            f"lists, e.g. {out[0].labels})",
+            stacklevel=2,
+        )
     return out
 
 
