@@ -554,3 +554,16 @@ def test_an_exclude_that_matches_no_cell_is_said():
     with pytest.warns(UserWarning, match="exclude \\{'model': 'tiny-llama-ICL'\\} matches no cell") as caught:
         grid = cells(spec)
     assert [c.k for c in grid] == [1] and len(caught) == 1
+
+
+def test_dry_run_says_a_gd_layer_the_model_lacks(tmp_path):
+    """GD on one layer's V (Shen's v_single) at a layer index beyond the model is flagged by
+    --dry-run with the error the run would record, not only when the cell runs."""
+    (tmp_path / "g.toml").write_text(
+        'models = ["tiny-llama-icl"]\nk = [2]\nn_episodes = 2\nn_queries = 2\n'
+        'gd = ["dai", {preset = "shen", params = "v_single", layer = 99}]\n'
+    )
+    result = cli("sweep", tmp_path / "g.toml", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "cannot run: GD layer 99 is out of range for a model with 4 layers" in result.stdout
+    assert "1 cell(s) cannot run" in result.stdout and not (tmp_path / "iclgd-store").exists()

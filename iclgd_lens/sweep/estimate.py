@@ -103,8 +103,11 @@ def estimate(planned: Planned, task) -> dict:
 
 def _refusal(folder: Path, config: dict, task, cell) -> str | None:
     """The error `compare` would raise before any work because the cell's prompts do not fit the
-    context window (`check_k_fits`, `check_prompts_fit` on the cell's own episodes), or None."""
+    context window (`check_k_fits`, `check_prompts_fit` on the cell's own episodes) or its GD
+    trains a layer the model does not have (`projection_paths`), or None."""
     from iclgd_lens.engine.compare import check_k_fits, check_prompts_fit
+    from iclgd_lens.engine.gd import GDConfig
+    from iclgd_lens.engine.gd.config import projection_paths
     from iclgd_lens.errors import IclgdError
 
     tokenizer = _tokenizer(str(folder))
@@ -114,6 +117,7 @@ def _refusal(folder: Path, config: dict, task, cell) -> str | None:
     level = tokenizer_log.level
     tokenizer_log.setLevel(logging.ERROR)  # "sequence length is longer than...": said here, as a refusal
     try:
+        projection_paths(GDConfig.resolve(cell.gd.config(), task), int(config["num_hidden_layers"]))
         check_k_fits(tokenizer, n_ctx, task, cell.k)
         episodes = task.episodes(cell.k, cell.setting("n_episodes"), cell.setting("n_queries"), cell.seed)
         check_prompts_fit(stand_in, task, episodes)
