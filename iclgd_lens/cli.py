@@ -551,7 +551,14 @@ def sweep(
         labels = " ".join(f"{k}={v}" for k, v in planned.labels.items())
         _say(f"[{count['n']}] {state} {planned.key} {labels}")
 
-    summary = sweep_run.run_sweep(the_spec, the_store, executor=executor, on_cell=report_cell, **options)
+    try:
+        summary = sweep_run.run_sweep(the_spec, the_store, executor=executor, on_cell=report_cell, **options)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from a scheduler
+        _say(
+            f"iclgd-lens: interrupted; the finished cells stay in {the_store.root} and the cell in flight "
+            "was removed: the same command resumes"
+        )
+        raise
     typer.echo(summary.line())
     if summary.failed:
         for key, error in summary.failed.items():

@@ -567,3 +567,19 @@ def test_dry_run_says_a_gd_layer_the_model_lacks(tmp_path):
     assert result.exit_code == 0, result.output
     assert "cannot run: GD layer 99 is out of range for a model with 4 layers" in result.stdout
     assert "1 cell(s) cannot run" in result.stdout and not (tmp_path / "iclgd-store").exists()
+
+
+def test_an_interrupted_sweep_says_how_to_resume(tmp_path, monkeypatch):
+    import iclgd_lens.sweep.run as sweep_run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_run, "run_sweep", interrupted)
+    (tmp_path / "g.toml").write_text('models = ["tiny-llama-icl"]\nk = [2]\nn_episodes = 2\nn_queries = 2\n')
+    result = cli("sweep", tmp_path / "g.toml", "--store", tmp_path / "store")
+    assert result.exit_code == 130
+    assert (
+        "interrupted; the finished cells stay in" in result.stderr
+        and "the same command resumes" in result.stderr
+    )
