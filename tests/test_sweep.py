@@ -583,3 +583,19 @@ def test_an_interrupted_sweep_says_how_to_resume(tmp_path, monkeypatch):
         "interrupted; the finished cells stay in" in result.stderr
         and "the same command resumes" in result.stderr
     )
+
+
+def test_cells_of_two_specs_that_read_alike_stay_apart_in_the_report(tmp_path):
+    """Labels are unique within a spec; two specs written into one store can still give two cells
+    the same labels (default, and default with another learning rate alone): the report tells
+    them apart by key rather than pooling their episodes."""
+    from iclgd_lens.report.sweep import combined_table, dai_table, store_cells
+
+    small = dict(k=[1], n_episodes=2, n_queries=2, baselines=False)
+    run_sweep(SweepSpec(tasks=["default"], **small), tmp_path / "store")
+    run_sweep(SweepSpec(tasks=[{"name": "default", "gd_lr": 0.3}], **small), tmp_path / "store")
+    cells_ = store_cells(tmp_path / "store")
+    table = dai_table(combined_table(cells_))
+    assert len(table) == 2 and len(set(table["task"])) == 2
+    assert all(t.startswith("default [") for t in table["task"])
+    assert sorted(c.labels["task"] for c in cells_) == sorted(f"default [{c.key[:8]}]" for c in cells_)

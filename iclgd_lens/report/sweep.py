@@ -93,7 +93,21 @@ def store_cells(source: str | os.PathLike, store: str | os.PathLike | None = Non
             )
     if not out:
         raise IclgdError(f"no finished cells in {the_store.root} to draw (run the sweep first)")
-    return out
+    return told_apart(out)
+
+
+def told_apart(cells: list[SweepCell]) -> list[SweepCell]:
+    """`cells` with labels that no two different cells share: where cells with different keys read
+    the same axis labels (two specs written into one store, two saved runs of one configuration),
+    each one's task label gets its key ("default [3f2a9c1e]"), so no table pools their episodes."""
+    groups: dict[tuple, list[SweepCell]] = {}
+    for c in cells:
+        groups.setdefault(tuple(str(c.labels.get(a)) for a in AXIS_COLUMNS), []).append(c)
+    for same in groups.values():
+        if len({c.key for c in same}) > 1:
+            for c in same:
+                c.labels = {**c.labels, "task": f"{c.labels.get('task')} [{c.key[:8]}]"}
+    return cells
 
 
 def run_cells(paths: Sequence[str | os.PathLike]) -> list[SweepCell]:
@@ -113,7 +127,7 @@ def run_cells(paths: Sequence[str | os.PathLike]) -> list[SweepCell]:
             "run": str(path),
         }
         out.append(SweepCell(f"run{i:02d}", labels, results=results))
-    return out
+    return told_apart(out)
 
 
 # ---- the numbers -----------------------------------------------------------------------------
