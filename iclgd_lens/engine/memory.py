@@ -81,13 +81,7 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config, bytes_per_element: int, n_params: int | None = None) -> "ModelShape":
-        """From a HF LlamaConfig (parameters counted from the config when not given); another
-        architecture's config is refused in one line."""
-        from iclgd_lens.models import _check_architecture
-
-        _check_architecture(
-            config, f"the model of config {getattr(config, '_name_or_path', '') or '(in memory)'}"
-        )
+        """From a HF LlamaConfig (parameters counted from the config when not given)."""
         d, L = config.hidden_size, config.num_hidden_layers
         heads = config.num_attention_heads
         kv = getattr(config, "num_key_value_heads", None) or heads

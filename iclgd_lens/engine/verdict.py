@@ -157,10 +157,16 @@ def _ceiling_share(means: pd.DataFrame, metric: str, layer: int, icl_gd: float) 
     return float(ceiling["mean"]), float(share)
 
 
+def _first_step(n_layers: int, alpha: float, correction: str) -> float:
+    """The p-value a metric's smallest p must fall below for any of its layers to be marked:
+    alpha / n_layers at Holm's first step, alpha without a correction."""
+    return alpha / max(1, n_layers) if correction == "holm" else alpha
+
+
 def min_episodes_to_mark(n_layers: int, alpha: float = ALPHA, correction: str = "holm") -> int:
     """The fewest episodes whose smallest attainable p-value can pass at the first step of the
     correction (below alpha / n_layers with Holm, below alpha without)."""
-    needed = alpha / max(1, n_layers) if correction == "holm" else alpha
+    needed = _first_step(n_layers, alpha, correction)
     n = 1
     while stats.min_p_value(n) >= needed and n < 64:
         n += 1
@@ -183,7 +189,7 @@ def _paragraph(
     tested = marks[~marks["mark"].isin([NO_BASELINE, UNDEFINED])]
     n_layers = int(tested.groupby("metric").size().max()) if len(tested) else 0
     floor_p = stats.min_p_value(n_episodes)
-    needed = alpha / max(1, n_layers) if correction == "holm" else alpha
+    needed = _first_step(n_layers, alpha, correction)
     if n_layers and floor_p >= needed:
         holm = (
             f", and Holm's correction across {n_layers} layers asks for p < {needed:.3g} at the first"

@@ -77,13 +77,15 @@ def estimate(planned: Planned, task) -> dict:
     if not shapes:
         return {"tflop": None, "memory_gb": None, "n_params": None, "cannot_run": None}
     n_params = sum(_numel(s) for s in shapes.values())
-    read_folder_config(folder)  # one line for a config transformers refuses or another architecture
+    hf_config = read_folder_config(
+        folder
+    )  # one line for a config transformers refuses or another architecture
     config = json.loads((folder / "config.json").read_text())
     cell = planned.cell
-    refusal = _refusal(folder, config, task, cell)
+    gd = GDConfig.resolve(cell.gd.config(), task)
+    refusal = _refusal(folder, config, task, cell, gd)
     if refusal is not None:
         return {"tflop": None, "memory_gb": None, "n_params": n_params, "cannot_run": refusal}
-    gd = GDConfig.resolve(cell.gd.config(), task)
     baselines = cell.setting("baselines")
     untrained = baselines is True or (isinstance(baselines, list) and "untrained" in baselines)
     episodes = task.episodes(cell.k, cell.setting("n_episodes"), cell.setting("n_queries"), cell.seed)
@@ -93,7 +95,7 @@ def estimate(planned: Planned, task) -> dict:
     flops = estimate_flops(shim, task, episodes, gd, untrained)
     element = ELEMENT_BYTES.get(str(cell.setting("dtype", "float32")), 4)
     try:
-        memory = _memory_model(folder, element, n_params, task, episodes, cell, gd, baselines)
+        memory = _memory_model(folder, hf_config, element, n_params, task, episodes, cell, gd, baselines)
     except ImportError:  # an older engine without the memory model: weights and GD deltas only
         memory = _weights_and_deltas(
             shapes, config, n_params, element, gd, untrained, cell.setting("n_episodes")
@@ -101,12 +103,11 @@ def estimate(planned: Planned, task) -> dict:
     return {"tflop": flops / 1e12, "memory_gb": memory / 2**30, "n_params": n_params, "cannot_run": None}
 
 
-def _refusal(folder: Path, config: dict, task, cell) -> str | None:
+def _refusal(folder: Path, config: dict, task, cell, gd) -> str | None:
     """The error `compare` would raise before any work because the cell's prompts do not fit the
     context window (`check_k_fits`, `check_prompts_fit` on the cell's own episodes) or its GD
     trains a layer the model does not have (`projection_paths`), or None."""
     from iclgd_lens.engine.compare import check_k_fits, check_prompts_fit
-    from iclgd_lens.engine.gd import GDConfig
     from iclgd_lens.engine.gd.config import projection_paths
     from iclgd_lens.errors import IclgdError
 
@@ -117,7 +118,7 @@ def _refusal(folder: Path, config: dict, task, cell) -> str | None:
     level = tokenizer_log.level
     tokenizer_log.setLevel(logging.ERROR)  # "sequence length is longer than...": said here, as a refusal
     try:
-        projection_paths(GDConfig.resolve(cell.gd.config(), task), int(config["num_hidden_layers"]))
+        projection_paths(gd, int(config["num_hidden_layers"]))
         check_k_fits(tokenizer, n_ctx, task, cell.k)
         episodes = task.episodes(cell.k, cell.setting("n_episodes"), cell.setting("n_queries"), cell.seed)
         check_prompts_fit(stand_in, task, episodes)
@@ -128,17 +129,18 @@ def _refusal(folder: Path, config: dict, task, cell) -> str | None:
     return None
 
 
-def _memory_model(folder: Path, element: int, n_params: int, task, episodes, cell, gd, baselines) -> int:
+def _memory_model(
+    folder: Path, hf_config, element: int, n_params: int, task, episodes, cell, gd, baselines
+) -> int:
     """`engine.memory.plan_compare`'s predicted peak (weights included) for this cell, on a
     stand-in model that has the real config, tokenizer and parameter count but no weights."""
     import torch
 
     from iclgd_lens.engine.memory import plan_compare
-    from iclgd_lens.models import read_folder_config
 
     dtype = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}.get(element, torch.float32)
     hf = SimpleNamespace(
-        config=read_folder_config(folder),
+        config=hf_config,
         parameters=lambda: iter([torch.empty(n_params, dtype=dtype, device="meta")]),
     )
     stand_in = SimpleNamespace(original_model=hf, tokenizer=_tokenizer(str(folder)))
