@@ -185,7 +185,7 @@ def default_rows(rec: dict, prefix: dict, train_q, train_demo, seed: int, baseli
     p_icl = torch.softmax(icl["demo_scores"][..., segments > 0], -1)  # [L, B, n_icl]
     scale = math.sqrt(gd["q"].shape[-1])
     q_gd = gd["q"].float().flatten(-2) / scale  # [L, B, H * d]
-    p_gd = torch.softmax(torch.einsum("lbx,ltx->lbt", q_gd, train_q.float().flatten(-2) / scale), -1)
+    p_gd = metrics.query_key_dots(q_gd, train_q.float().flatten(-2) / scale, softmax=True)  # [L, B, n_train]
     k = int(icl_demo.max())
     same_tokens = torch.equal(
         torch.bincount(icl_demo, minlength=k + 1), torch.bincount(train_demo, minlength=k + 1)
@@ -204,7 +204,8 @@ def default_rows(rec: dict, prefix: dict, train_q, train_demo, seed: int, baseli
     # per head: ICL's pattern on the demonstration tokens vs GD's query . their queries in the ICL pass
     seg = prefix["segments"]  # [P]
     mass = icl["demo_attention"][..., : len(seg)]  # [L, B, H, P]
-    dots = torch.einsum("lbhd,lphd->lbhp", gd["q"].float(), prefix["q"].float())
+    dots = metrics.query_key_dots(gd["q"].float().transpose(1, 2), prefix["q"].float().transpose(1, 2))
+    dots = dots.transpose(1, 2)  # [L, B, H, P]
     on = seg > 0
     rows.add("kendall_token_per_head", "icl~gd", metrics.kendall_tau_b(mass[..., on], dots[..., on]), True)
     example = metrics.kendall_tau_b(

@@ -155,60 +155,59 @@ def demo_attention_mass(pattern_row: Tensor, segments: Tensor, n_demos: int | No
 
     pattern_row [..., pos] (post-softmax attention of the read position over keys),
     segments [..., pos] (broadcastable; i+1 for demonstration i, <= 0 otherwise, see tasks.py)
-    -> [..., n_demos] (n_demos defaults to segments.max()).
+    -> [..., n_demos] float64 (n_demos defaults to segments.max()). Summed in float64, where a sum
+    of a demonstration's float32 values is exact in any order: two demonstrations holding the same
+    values get the same mass bitwise, a tie for Kendall's exact ties, whatever order a kernel adds in.
     """
     segments = segments.to(pattern_row.device).long()
     n_demos = int(segments.max()) if n_demos is None else n_demos
     if n_demos < 1:
         raise IclgdError("demo_attention_mass needs at least one demonstration segment (ids >= 1)")
     one_hot = torch.nn.functional.one_hot(segments.clamp(min=0, max=n_demos), n_demos + 1)[..., 1:]
-    return torch.einsum("...p,...pd->...d", pattern_row, one_hot.to(pattern_row.dtype))
+    return torch.einsum("...p,...pd->...d", pattern_row.double(), one_hot.double())
+
+
+def query_key_dots(queries: Tensor, keys: Tensor, *, softmax: bool = False) -> Tensor:
+    """Dot products of query rows with key rows, [..., B, x] . [..., T, x] -> [..., B, T] (with
+    `softmax`, softmaxed over T): the GD side of Dai's Kendall and of its per-head variant.
+
+    Bitwise-equal key rows (within one leading index) give bitwise-equal values: each distinct key
+    row is multiplied once and its value copied to every position that holds it (the softmax too:
+    exp of the distinct values, weighted by how often each occurs). At layer 0 the same token has
+    the same pre-rotary query, so its values are equal by construction; a matmul would give them
+    whatever last bits the kernel's lanes give each row, and Kendall's exact ties would rank them
+    by that rounding, differently on another CPU or GPU.
+    """
+    lead = queries.shape[:-2]
+    flat_q, flat_k = queries.reshape(-1, *queries.shape[-2:]), keys.reshape(-1, *keys.shape[-2:])
+    out = []
+    for q, k in zip(flat_q, flat_k):  # q [B, x], k [T, x]
+        distinct, position_of, counts = torch.unique(k, dim=0, return_inverse=True, return_counts=True)
+        values = q @ distinct.T  # [B, U]
+        if softmax:
+            weights = torch.exp(values - values.amax(-1, keepdim=True))
+            values = weights / (weights * counts.to(weights.dtype)).sum(-1, keepdim=True)
+        out.append(values[:, position_of])
+    return torch.stack(out).reshape(*lead, queries.shape[-2], keys.shape[-2])
 
 
 KENDALL_CHUNK_BYTES = 64 * 2**20
 """Bound on the pair-sign tensors `kendall_tau_b` holds at once (float32 [rows, n (n - 1) / 2] each)."""
 
 
-TIE_RTOL = 1e-6
-"""Kendall ties: two values within 1e-6 of each other, relative to the larger (about 8 float32
-ulps). The same token twice gets values that differ by a few ulps when a matmul puts them in
-different lanes, and whether it does depends on the CPU or GPU kernel; a rank order decided by
-that rounding is not a result."""
-
-
-def _zero_near_ties(d: Tensor, x: Tensor, i: Tensor, j: Tensor, tie_rtol: float) -> None:
-    """Set to 0, in place, the differences d [rows, pairs] = x_i - x_j whose |d| is at most
-    tie_rtol x max(|x_i|, |x_j|) (Kendall's near-ties). A row can hold a near-tie only if its
-    smallest |d| is within tie_rtol x its largest |x| (a bound rounded the same way, so no tie
-    is missed), and most rows hold none: the rule is evaluated on the rows that can (the same
-    expression as on every pair, so the same ties bitwise; bool tensors of every pair are slow)."""
-    if d.numel() == 0:  # n < 2: no pairs
-        return
-    bound = x.abs().amax(1).mul_(tie_rtol)  # [rows] >= the tolerance of every pair of the row
-    rows = (d.abs().amin(1) <= bound).nonzero().squeeze(1)
-    if len(rows) == 0:
-        return
-    near, xr = d[rows], x[rows]
-    tol = torch.maximum(xr.index_select(1, i).abs_(), xr.index_select(1, j).abs_()).mul_(tie_rtol)
-    d[rows] = near.masked_fill_(near.abs() <= tol, 0.0)
-
-
-def kendall_tau_b(
-    a: Tensor, b: Tensor, chunk_bytes: int = KENDALL_CHUNK_BYTES, *, tie_rtol: float = TIE_RTOL
-) -> Tensor:
+def kendall_tau_b(a: Tensor, b: Tensor, chunk_bytes: int = KENDALL_CHUNK_BYTES) -> Tensor:
     """Kendall's tau-b over the last dim, batched: [..., n] x2 -> [...] (scipy's default variant).
 
     tau_b = sum_{i<j} sgn(a_i - a_j) sgn(b_i - b_j) / sqrt(n_a n_b), n_a / n_b = pairs not tied
-    in a / b. `tie_rtol`: a pair whose difference is at most tie_rtol x the larger of its two
-    |values| counts as tied (`TIE_RTOL`, so that values equal by construction, two identical tokens'
-    attention, stay tied whatever rounding the hardware's matmul gives each; 0 gives scipy's
-    exact ties; integer inputs always get exact ties). NaN where either input is constant, holds
+    in a / b. Exact ties, as scipy: values equal by construction must be computed equal
+    (`query_key_dots`, `demo_attention_mass`), since no tolerance tells a rounding difference from
+    a real one (at layer 0 GD's masses of two different demonstrations differ by 1e-6 relative,
+    about 8 float32 ulps). NaN where either input is constant, holds
     a NaN, or n < 2 (as scipy's default). Exact: the pair signs are
     -1, 0, 1 and their sums integers below 2^24 (n < 5793), which float32 holds exactly (the
     untied counts are the squared norms of the signs, rounded to int64). Memory: only the
     n (n - 1) / 2 pairs i < j, rows taken in chunks of at most `chunk_bytes` per sign tensor
-    (never one float64 [..., n, n] tensor for the whole batch; half as many rows with the tie
-    rule, whose magnitudes are a few more pair-sized temporaries).
+    (never one float64 [..., n, n] tensor for the whole batch).
     """
     a, b = torch.broadcast_tensors(a, b)
     lead, n = a.shape[:-1], a.shape[-1]
@@ -216,15 +215,11 @@ def kendall_tau_b(
     exact = torch.float32 if n < 5793 else torch.float64
     flat_a, flat_b = a.reshape(-1, n), b.reshape(-1, n)
     i, j = torch.triu_indices(n, n, 1, device=a.device)  # the pairs i < j
-    near_ties = tie_rtol > 0 and a.is_floating_point() and b.is_floating_point()
-    rows = max(1, chunk_bytes // max(1, len(i) * exact.itemsize * (2 if near_ties else 1)))
+    rows = max(1, chunk_bytes // max(1, len(i) * exact.itemsize))
     concordance, untied_a, untied_b = [], [], []
 
     def pair_signs(x: Tensor) -> Tensor:  # [rows, n] -> [rows, pairs]: sgn(x_i - x_j) in x's own dtype
-        d = x.index_select(1, i).sub_(x.index_select(1, j))
-        if near_ties:
-            _zero_near_ties(d, x, i, j, tie_rtol)
-        return d.sign_().to(exact)
+        return x.index_select(1, i).sub_(x.index_select(1, j)).sign_().to(exact)
 
     def untied(signs: Tensor) -> Tensor:  # pairs with a nonzero sign: sum of squared signs, exact
         return torch.linalg.vector_norm(signs, dim=-1).double().square().round().long()

@@ -231,7 +231,7 @@ def _dai_kendall_rows(
     d_head = gd["q"].shape[-1]
     q_gd = einops.rearrange(gd["q"].float(), "l b h d -> l b (h d)") / math.sqrt(d_head)
     q_train = einops.rearrange(train_q.float().to(q_gd.device), "l t h d -> l t (h d)") / math.sqrt(d_head)
-    p_gd = torch.softmax(torch.einsum("lbx,ltx->lbt", q_gd, q_train), -1)  # [L, B, n_train]
+    p_gd = metrics.query_key_dots(q_gd, q_train, softmax=True)  # [L, B, n_train]
     train_demo = train_demo.to(icl_demo.device)
     n_demos = int(icl_demo.max())
     if torch.equal(
@@ -270,7 +270,12 @@ def _kendall_per_head_rows(out: "_Rows", prefix, icl, gd, seed, with_random) -> 
     demo_tokens = seg > 0
     q_gd = gd["q"].float()  # [L, B, n_heads, d]
     mass = icl["demo_attention"][..., : q_demo.shape[1]].float()  # [L, B, n_heads, pos]
-    dots = torch.einsum("lbhd,lphd->lbhp", q_gd, q_demo)  # [L, B, n_heads, pos]
+    dots = einops.rearrange(
+        metrics.query_key_dots(
+            einops.rearrange(q_gd, "l b h d -> l h b d"), einops.rearrange(q_demo, "l p h d -> l h p d")
+        ),
+        "l h b p -> l b h p",
+    )  # [L, B, n_heads, pos]
     out.add(
         "kendall_token_per_head",
         "icl~gd",
