@@ -152,8 +152,10 @@ def _check_ks_before_loading(model: str, task, ks: Sequence[int]) -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError):
-        return  # load_model says what is wrong with the folder
+    except Exception:  # a config that is not a JSON object, wrong types, a broken tokenizer ...
+        return  # load_model says what is wrong with the folder, in one line
+    if not isinstance(n_ctx, int) or isinstance(n_ctx, bool):
+        return
     for k in ks:
         check_k_fits(tokenizer, n_ctx, task, k)
 
@@ -514,6 +516,8 @@ def sweep(
 
     if mem_gb is not None and not mem_gb > 0:  # NaN too
         raise IclgdError(f"--mem-gb must be a number of GB > 0, got {mem_gb:g}")
+    if executor not in sweep_run.EXECUTORS:  # with --dry-run too, not only when the cells run
+        raise IclgdError(f"unknown executor {executor!r}; choose {', '.join(sweep_run.EXECUTORS)}")
     the_spec = load_spec(spec)
     changes = parse_settings(settings)
     if model:

@@ -112,6 +112,9 @@ def written_in_place(out: str | os.PathLike, what: str, *, keep_others: bool = F
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the output is an ordinary folder
     try:
         yield tmp
+        for file in tmp.rglob("*"):  # libraries that write privately (safetensors: 0o600) get ordinary files
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, 0o644)
         if keep_others:
             _move_files_into(tmp, out)
         else:

@@ -58,6 +58,12 @@ def make_files(folder: Path) -> None:
     long_train = [(LONG, y, "train") for _, y, _ in ROWS[:4]] + ROWS[4:]
     (folder / "long_train.jsonl").write_text(jsonl(long_train), encoding="utf-8")
     (folder / "short_row.csv").write_text(csv_text(ROWS) + "cow,0\n")  # a row cut short: no split value
+    (folder / "huge_field.csv").write_text(csv_text(ROWS[:2]) + '"' + "cow " * 40000 + '",0,train\n')
+    (folder / "deep.jsonl").write_text(jsonl(ROWS[:2]) + "[" * 100000 + "]" * 100000 + "\n")
+    (folder / "surrogate.jsonl").write_text(
+        jsonl(ROWS[:1]) + '{"text": "cow \\ud800", "label": 0, "split": "train"}\n'
+    )
+    (folder / "blank_text.jsonl").write_text(jsonl([*ROWS[:2], ("   ", 0, "train"), *ROWS[3:]]))
 
 
 # (case id, the options after `report`; {dir} is the case's folder) -> a fragment the one line must contain
@@ -96,6 +102,18 @@ CLI_CASES = [
         "no k > 0 fits; shorten the training texts",
     ),
     ("csv-row-without-its-split", ["--data", "{dir}/short_row.csv"], "short_row.csv:8: no 'split' column"),
+    (
+        "csv-field-beyond-csvs-limit",
+        ["--data", "{dir}/huge_field.csv"],
+        "huge_field.csv:4: not a readable CSV row",
+    ),
+    ("json-nested-too-deeply", ["--data", "{dir}/deep.jsonl"], "deep.jsonl:3: JSON nested too deeply"),
+    (
+        "text-with-a-lone-surrogate",
+        ["--data", "{dir}/surrogate.jsonl"],
+        "surrogate.jsonl:2: text is not valid Unicode",
+    ),
+    ("text-only-whitespace", ["--data", "{dir}/blank_text.jsonl"], "blank_text.jsonl:3: empty text"),
 ]
 
 

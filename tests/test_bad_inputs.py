@@ -69,6 +69,22 @@ def make_inputs(folder: Path) -> dict[str, Path]:
         if f.suffix in (".json", ".safetensors"):
             data = f.read_bytes()
             (damaged / f.name).write_bytes(data[:1000] if f.suffix == ".safetensors" else data)
+    (folder / "value_a_word.json").write_text(
+        json.dumps({"table": [{"metric": "simaou", "comparison": "icl~gd", "layer": 0, "value": "high"}]})
+    )
+    config = json.loads((shipped / "config.json").read_text())
+    for name, text in (
+        ("config_a_list", "[1, 2]"),
+        ("config_wrong_types", json.dumps({**config, "hidden_size": "big"})),
+        ("config_wider_than_weights", json.dumps({**config, "hidden_size": 256})),
+        ("config_no_layers", json.dumps({**config, "num_hidden_layers": 0})),
+    ):
+        (folder / name).mkdir()
+        for f in shipped.iterdir():
+            if f.is_file():
+                (folder / name / f.name).write_bytes(f.read_bytes())
+        (folder / name / "config.json").write_text(text)
+    (folder / "sweep.toml").write_text(f'models = ["{damaged}"]\nk = [2]\nn_episodes = 2\nn_queries = 2\n')
     foreign = folder / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("mine")
@@ -94,6 +110,21 @@ CLI_CASES = [
     ("model-folder-without-config", ["report", "--model", "{dir}/no_config"], "config.json"),
     ("model-damaged-weights", ["report", "--model", "{dir}/damaged"], "damaged or incomplete"),
     ("model-is-a-file", ["report", "--model", "{dir}/a_file.txt"], "not a model folder"),
+    ("model-config-a-list", ["report", "--model", "{dir}/config_a_list"], "cannot read the config"),
+    ("model-config-wrong-types", ["report", "--model", "{dir}/config_wrong_types"], "hidden_size"),
+    (
+        "model-config-wider-than-its-weights",
+        ["report", "--model", "{dir}/config_wider_than_weights"],
+        "do not match its config.json",
+    ),
+    ("model-without-layers", ["report", "--model", "{dir}/config_no_layers"], "num_hidden_layers=0"),
+    ("sweep-dry-run-damaged-weights", ["sweep", "{dir}/sweep.toml", "--dry-run"], "damaged or incomplete"),
+    (
+        "sweep-dry-run-unknown-executor",
+        ["sweep", "{dir}/sweep.toml", "--dry-run", "--executor", "nope"],
+        "unknown executor",
+    ),
+    ("render-value-a-word", ["render", "{dir}/value_a_word.json"], "row 0 of 'table' has value 'high'"),
     ("unknown-task", ["report", "--task", "nope"], "nope"),
     ("malformed-task-file", ["report", "--task", "{dir}/bad.jsonl"], "bad.jsonl"),
     ("missing-task-file", ["report", "--task", "{dir}/missing.jsonl"], "missing.jsonl"),

@@ -56,6 +56,8 @@ def test_script_writes_a_loadable_model_and_log(tmp_path):
     assert log["command"].startswith("iclgd-lens train --variant icl --out ") and log["command"].endswith(
         "--steps 3 --micro"
     )
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir() if f.is_file()}
+    assert set(modes.values()) == {0o644}, modes  # ordinary files (safetensors writes 0o600)
     model = LlamaForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA

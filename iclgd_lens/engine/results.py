@@ -416,6 +416,16 @@ class Results:
         if table.empty:
             table = pd.DataFrame(columns=list(TABLE_COLUMNS))
         if "value" in table.columns:
+            bad = [
+                i
+                for i, v in enumerate(table["value"])
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))
+            ]
+            if bad:
+                raise IclgdError(
+                    f"{path}: row {bad[0]} of 'table' has value {repr(table['value'][bad[0]])[:80]}; "
+                    "values are numbers or null"
+                )
             table["value"] = pd.to_numeric(table["value"], errors="coerce")  # None -> NaN
         return cls(
             table, payload.get("config") or {}, checked_artifacts(payload.get("artifacts") or {}, str(path))

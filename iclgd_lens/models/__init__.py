@@ -194,6 +194,9 @@ def _check_architecture(config, label: str) -> None:
             f"{label} is a {', '.join(architectures)}; "
             f"iclgd-lens supports {', '.join(SUPPORTED_ARCHITECTURES)} only"
         )
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(n_layers, int) and n_layers < 1:
+        raise IclgdError(f"{label} has num_hidden_layers={n_layers}; a comparison needs at least one layer")
 
 
 # ---- tokenizer --------------------------------------------------------------------------
@@ -306,6 +309,11 @@ def _load_pretrained(
         if is_folder:
             raise IclgdError(f"cannot load folder {source}: {str(error).splitlines()[0]}") from None
         raise _hub_error(source, error) from None
+    except RuntimeError as error:  # transformers: weights whose shapes config.json does not give
+        raise IclgdError(
+            f"cannot load {source}: its weights do not match its config.json "
+            f"({str(error).splitlines()[0][:200]})"
+        ) from None
     return hf_model, tokenizer
 
 

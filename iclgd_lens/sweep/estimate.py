@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 
+from iclgd_lens.errors import IclgdError
 from iclgd_lens.sweep.run import Planned
 
 ELEMENT_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float64": 8}
@@ -43,13 +44,18 @@ def _model_folder(name: str) -> Path | None:
 @lru_cache(maxsize=16)
 def _shapes(folder: str) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from the safetensors headers (no tensor is read)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     out: dict[str, tuple[int, ...]] = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                out[key] = tuple(handle.get_slice(key).get_shape())
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    out[key] = tuple(handle.get_slice(key).get_shape())
+        except SafetensorError as error:  # as load_model says it
+            raise IclgdError(
+                f"cannot read the weights of {folder} ({file.name} is damaged or incomplete: {error})"
+            ) from None
     return out
 
 

@@ -252,6 +252,12 @@ def _example(record: dict[str, Any], fmt: PaperFormat, words: Sequence[str], whe
         raise IclgdError(f"{where}: missing or empty text field {wanted}")
     if not isinstance(text, str):
         raise IclgdError(f"{where}: text must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise IclgdError(f"{where}: empty text (only whitespace)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (valid JSON "\ud800"), which no tokenizer takes
+        raise IclgdError(f"{where}: text is not valid Unicode (a lone surrogate)") from None
     label = record.get(fmt.label_field)
     if label is None or label == "":
         raise IclgdError(
@@ -322,6 +328,8 @@ def _read_rows(file: Path) -> Iterable[tuple[int, dict[str, Any]]]:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise IclgdError(f"{file}:{line_no}: not valid JSON ({error.msg})") from None
+                except RecursionError:
+                    raise IclgdError(f"{file}:{line_no}: JSON nested too deeply to be a record") from None
                 if not isinstance(record, dict):
                     raise IclgdError(f"{file}:{line_no}: each line must be a JSON object with text and label")
                 yield line_no, record
@@ -330,8 +338,11 @@ def _read_rows(file: Path) -> Iterable[tuple[int, dict[str, Any]]]:
             reader = csv.DictReader(handle)
             if not reader.fieldnames:
                 raise IclgdError(f"{file}: empty CSV file (expected a header with text,label)")
-            for record in reader:
-                yield reader.line_num, record
+            try:
+                for record in reader:
+                    yield reader.line_num, record
+            except csv.Error as error:  # e.g. a field over csv's size limit
+                raise IclgdError(f"{file}:{reader.line_num + 1}: not a readable CSV row ({error})") from None
     else:
         raise IclgdError(f"{file}: unsupported file type {suffix or '(none)'}; use .jsonl or .csv")
 
