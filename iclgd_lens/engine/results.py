@@ -416,14 +416,13 @@ class Results:
         if table.empty:
             table = pd.DataFrame(columns=list(TABLE_COLUMNS))
         if "value" in table.columns:
-            bad = [
-                i
-                for i, v in enumerate(table["value"])
-                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))
-            ]
-            if bad:
+            bad = next(
+                (i for i, v in enumerate(table["value"]) if v is not None and type(v) not in (int, float)),
+                None,
+            )  # (bool, a str, a list ...: JSON's numbers load as int or float)
+            if bad is not None:
                 raise IclgdError(
-                    f"{path}: row {bad[0]} of 'table' has value {repr(table['value'][bad[0]])[:80]}; "
+                    f"{path}: row {bad} of 'table' has value {repr(table['value'][bad])[:80]}; "
                     "values are numbers or null"
                 )
             table["value"] = pd.to_numeric(table["value"], errors="coerce")  # None -> NaN

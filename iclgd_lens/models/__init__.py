@@ -310,6 +310,8 @@ def _load_pretrained(
             raise IclgdError(f"cannot load folder {source}: {str(error).splitlines()[0]}") from None
         raise _hub_error(source, error) from None
     except RuntimeError as error:  # transformers: weights whose shapes config.json does not give
+        if "mismatched" not in str(error):  # anything else (out of memory, ...) is not this
+            raise
         raise IclgdError(
             f"cannot load {source}: its weights do not match its config.json "
             f"({str(error).splitlines()[0][:200]})"
