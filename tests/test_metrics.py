@@ -344,8 +344,9 @@ def test_kendall_ties_are_exact_as_scipys():
 def test_kendall_does_not_tie_masses_that_differ_by_a_millionth():
     """GD's per-demonstration masses at layer 0 of a real comparison (tiny-llama-icl, k = 8, seed 3,
     episode 0, float32): different demonstrations 8e-7..1e-6 apart (relative), equal ones bitwise
-    equal. Their tau-b with ICL's masses is scipy's on the exact values (the float64 oracle's
-    -0.1134); a tie tolerance of 1e-6 gave -0.1237 in float32 and -0.1970 in float64."""
+    equal. Their tau-b with ICL's masses is scipy's on the exact values (-0.1134, the float64
+    oracle's too); the tie tolerance of 1e-6 used before 0.4.0 tied different demonstrations here
+    and gave -0.1237 (computed below from its definition, to show what the exact ties change)."""
     icl = torch.tensor([1.1099657e-07, 2.6344899e-06, 6.8549070e-07, 3.6675755e-07, 4.3009426e-05,
                         2.4645604e-05, 9.5749721e-03, 9.9035347e-01])  # fmt: skip
     gd = torch.tensor([0.12522897, 0.12522897, 0.12461741, 0.12522997, 0.12461751, 0.12522985,
@@ -354,6 +355,18 @@ def test_kendall_does_not_tie_masses_that_differ_by_a_millionth():
     assert want == pytest.approx(-0.1134, abs=1e-4)
     assert metrics.kendall_tau_b(icl, gd).item() == pytest.approx(want, abs=1e-7)
     assert oracle_hf.kendalltau(icl, gd) == pytest.approx(want, abs=1e-12)
+
+    def signs_within(x: torch.Tensor, rtol: float) -> list[int]:  # the old rule: within rtol is a tie
+        x = x.tolist()
+        pairs = itertools.combinations(range(len(x)), 2)
+        return [
+            0 if abs(x[i] - x[j]) <= rtol * max(abs(x[i]), abs(x[j])) else (x[i] > x[j]) * 2 - 1
+            for i, j in pairs
+        ]
+
+    sa, sb = signs_within(icl, 1e-6), signs_within(gd, 1e-6)
+    tolerant = sum(p * q for p, q in zip(sa, sb)) / math.sqrt(sum(map(abs, sa)) * sum(map(abs, sb)))
+    assert tolerant == pytest.approx(-0.1237, abs=1e-4)
 
 
 def test_query_key_dots_give_equal_keys_equal_values():

@@ -26,10 +26,11 @@ that holds on these runs was 6.7e-7 (simaou, ragged run), on another (AMD EPYC, 
 FP32_REL = 1e-5 leaves a 3x margin over the worst seen; well-conditioned rows are held to
 1e-5, and most agree to 1e-6 or better. Kendall's tau-b has exact ties on both sides; values
 equal by construction (the same token's GD-side value at layer 0) are computed equal on both
-(`metrics.query_key_dots`; the oracle gives bitwise-equal query rows the first one's value):
-when a matmul's lanes rounded them apart, kendall_token at layer 0 was 0.02 off on one CPU and
-matched on another; a tie tolerance of 1e-6 instead tied different demonstrations' masses
-(kendall_example 0.07 off on an independent float64 oracle).
+(`metrics.query_key_dots`; the oracle gives query rows equal to 1e-12 the first one's value,
+`oracle_hf.same_rows_same_value`): when a matmul's lanes rounded them apart, kendall_token at
+layer 0 was 0.02 off on one CPU and matched on another; a tie tolerance of 1e-6 instead tied
+different demonstrations' masses (kendall_example 0.010 off the exact value on an independent
+float64 oracle; tests/test_metrics.py::test_kendall_does_not_tie_masses_that_differ_by_a_millionth).
 """
 
 from __future__ import annotations
