@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import time
+import sys
 from importlib import metadata
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -26,6 +27,11 @@ from iclgd_lens.engine import memory
 from iclgd_lens.engine.gd import train_deltas
 from iclgd_lens.engine.record import Recorder
 from iclgd_lens.tasks import Example, encode_prompts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import phase_times  # noqa: E402
+
+PHASES = ("total_s", "gd_s", "passes_s", "tables_s", "rest_s")
 
 VERSIONS_SHOWN = ("torch", "transformers", "transformer-lens", "tokenizers", "huggingface_hub")
 """Printed first: on the device machine torch is the image's, the rest the carried wheels'."""
@@ -188,14 +194,28 @@ def run_check(
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    results = compare(
-        bridge, task, k=k, n_episodes=n_episodes, n_queries=n_queries, progress=False, max_memory=MAX_MEMORY
+    outcome = {}
+
+    def run() -> None:
+        outcome["results"] = compare(
+            bridge,
+            task,
+            k=k,
+            n_episodes=n_episodes,
+            n_queries=n_queries,
+            progress=False,
+            max_memory=MAX_MEMORY,
+        )
+
+    phases = phase_times(bridge, run)  # synchronised at each phase's ends on a GPU
+    results = outcome["results"]
+    print(f"seconds_per_demo_set: {phases['total_s'] / n_episodes:.2f}")
+    print(
+        "phases_s: "
+        + " ".join(f"{name.removesuffix('_s')} {phases[name]:.2f}" for name in PHASES)
+        + f" (GD steps {phases['gd_steps']}, other passes {phases['passes']}; tables: the metrics,"
+        " Kendall's query_key_dots and tau-b included)"
     )
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - started
-    print(f"seconds_per_demo_set: {elapsed / n_episodes:.2f}")
     print(f"batch_size: {results.config['batch_size']}")
     if cuda:
         measured = torch.cuda.max_memory_allocated()

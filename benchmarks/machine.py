@@ -119,7 +119,9 @@ def phase_times(bridge, run) -> dict[str, float]:
     `train_deltas` (GD, every call: forward, backward and factor updates), in the bridge's passes
     outside GD (no-grad forwards, their hooks included), in `episode_table` (metrics and rows),
     and the rest (encoding, the untrained weights drawn in place, artifacts); with the number of
-    GD steps (forwards with gradients) and of the other passes. One extra, untimed-elsewhere run."""
+    GD steps (forwards with gradients) and of the other passes. One extra, untimed-elsewhere run.
+    On a CUDA device every boundary waits for the device (`torch.cuda.synchronize`), so that each
+    phase is charged with its own kernels, not with those queued before it."""
     from unittest import mock
 
     from iclgd_lens.engine import compare as compare_module
@@ -127,22 +129,28 @@ def phase_times(bridge, run) -> dict[str, float]:
     spent = {"gd_s": 0.0, "passes_s": 0.0, "tables_s": 0.0}
     counts = {"gd_steps": 0, "passes": 0}
     started: list[float] = []
+    cuda = torch.cuda.is_available() and any(p.is_cuda for p in bridge.parameters())
+
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def timed(fn, key: str):
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            start = now()
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent[key] += time.perf_counter() - start
+                spent[key] += now() - start
 
         return wrapper
 
     def before(module, args) -> None:
-        started.append(time.perf_counter())
+        started.append(now())
 
     def after(module, args, out) -> None:
-        elapsed = time.perf_counter() - started.pop()
+        elapsed = now() - started.pop()
         if torch.is_grad_enabled():
             counts["gd_steps"] += 1
         else:
@@ -157,9 +165,9 @@ def phase_times(bridge, run) -> dict[str, float]:
                 compare_module, "episode_table", timed(compare_module.episode_table, "tables_s")
             ),
         ):
-            start = time.perf_counter()
+            start = now()
             run()
-            total = time.perf_counter() - start
+            total = now() - start
     finally:
         for handle in handles:
             handle.remove()

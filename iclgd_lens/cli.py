@@ -9,7 +9,8 @@
     iclgd-lens train --variant icl --out DIR     # retrain an embedded tiny model
     iclgd-lens list
 
-Exit 0 on success; exit 2 with one line on stderr for bad input (no tracebacks).
+Exit 0 on success; exit 2 with one line on stderr for bad input (no tracebacks); exit 130 with
+one line on Ctrl-C or SIGTERM, after temporary folders are removed.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def _terminate(signum, frame) -> None:
 
 class _OneLineErrors(TyperGroup):
     """The command group, with every user error (usage or IclgdError) turned into one stderr line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # typer would turn it into a silent exit 130
+            _fail("interrupted; no output was left half-written", 130)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         warnings.showwarning = _note  # library warnings as one line each
@@ -562,7 +569,7 @@ def sweep(
             f"iclgd-lens: interrupted; the finished cells stay in {the_store.root} and the cell in flight "
             "was removed: the same command resumes"
         )
-        raise
+        sys.exit(130)
     typer.echo(summary.line())
     if summary.failed:
         for key, error in summary.failed.items():

@@ -118,6 +118,7 @@ OPTION_CASES = [
     ("set-store-a-number", ["--set", "store=5"], "store is a folder"),
     ("set-share-prefix-a-string", ["--set", "share_prefix=no"], "share_prefix is true or false"),
     ("set-device-unknown", ["--set", "device=gpu"], "got 'gpu'"),
+    ("set-k-zero-alone", ["--set", "k=0"], "k = [0] alone trains nothing"),
     ("unknown-submitit-cluster", ["--executor", "submitit", "--cluster", "foo"], "unknown cluster 'foo'"),
     ("negative-mem-gb", ["--executor", "submitit", "--cluster", "local", "--mem-gb", "-1"], "--mem-gb"),
     ("zero-mem-gb", ["--executor", "submitit", "--cluster", "local", "--mem-gb", "0"], "--mem-gb"),
@@ -171,6 +172,7 @@ def test_run_sweep_in_python_checks_everything_before_the_store_is_made(tmp_path
     bad = [
         (dict(spec=SweepSpec(dtype="int8")), "unsupported dtype"),
         (dict(spec=SweepSpec(share_prefix="no")), "share_prefix is true or false"),
+        (dict(spec=SweepSpec(k=[0, 0], n_episodes=2, n_queries=2)), "k = \\[0\\] alone trains nothing"),
         (dict(spec=SweepSpec(study={"name": "causal", "k": 1.5})), "k must be a whole number"),
         (dict(spec=ok, executor="submitit", cluster="foo"), "unknown cluster"),
         (dict(spec=ok, executor="submitit", cluster="local", mem_gb=-1), "mem_gb"),

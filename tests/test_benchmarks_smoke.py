@@ -292,6 +292,7 @@ def test_gpu_check_dry_run_on_the_cpu_and_what_the_device_needs():
         "versions:",
         "plan: LLaMA-7B shape",
         "batch_size:",
+        "phases_s: total",
         "rows:",
         "small_fp32_cpu_vs_cpu_max_diff:",
         "gd_update_over_h_by_layer:",

@@ -232,3 +232,4 @@ def test_sigterm_during_render_leaves_no_temporary_folder(saved, tmp_path):
     assert proc.returncode == 130, err.decode()
     assert not list(tmp_path.glob(".rep.tmp-*")) and not out.exists()
     assert "Traceback" not in err.decode()
+    assert err.decode().splitlines()[-1] == "iclgd-lens: error: interrupted; no output was left half-written"

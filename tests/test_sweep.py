@@ -583,6 +583,7 @@ def test_an_interrupted_sweep_says_how_to_resume(tmp_path, monkeypatch):
         "interrupted; the finished cells stay in" in result.stderr
         and "the same command resumes" in result.stderr
     )
+    assert len(result.stderr.strip().splitlines()) == 1  # that line alone, not a generic one beside it
 
 
 def test_cells_of_two_specs_that_read_alike_stay_apart_in_the_report(tmp_path):

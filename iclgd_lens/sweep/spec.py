@@ -283,6 +283,11 @@ class SweepSpec:
             values = getattr(self, name)
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
                 raise IclgdError(f"sweep spec: {name} takes whole numbers >= 0, got {values!r}")
+        if max(self.k) == 0:  # as `report --k 0`: zero-shot alone has nothing for GD to train on
+            raise IclgdError(
+                "sweep spec: k = [0] alone trains nothing; give a k >= 1 "
+                "(0 may stand beside other k, for zero-shot accuracy)"
+            )
         if max(self.seeds) > MAX_SEED:
             raise IclgdError(f"sweep spec: seeds must be at most {MAX_SEED}, got {max(self.seeds)}")
         for name in ("n_episodes", "n_queries", "threads", "batch_size"):
