@@ -129,3 +129,90 @@ def test_a_failing_user_probe_names_the_way_out_and_unregister_removes_it():
         unregister("attn_out")
     with pytest.raises(IclgdError, match="no probe 'flaky_user_probe' is registered"):
         unregister("flaky_user_probe")
+
+
+def _compare_with_probes(model, *probes_and_fns, **kw):
+    """compare() with user probes registered for the call and removed after it."""
+    from iclgd_lens.hooks import probe, unregister
+
+    from iclgd_lens import compare
+
+    names = []
+    try:
+        for name, fn in probes_and_fns:
+            probe(name, points=["blocks.{layer}.hook_mlp_out"])(fn)
+            names.append(name)
+        return compare(model, k=2, n_episodes=2, n_queries=2, progress=False, artifacts=False, **kw)
+    finally:
+        for name in names:
+            unregister(name)
+
+
+def _mlp(acts, ctx):
+    return acts["hook_mlp_out"][ctx.batch_index, ctx.read_pos]  # [batch, d_model]
+
+
+def test_a_probe_of_some_layers_keeps_each_row_at_its_layer():
+    """A probe that returns nothing at layers 0-1 (or skips GD at layer 0 only) gets NaN rows
+    there and, at the layers it reads, exactly the values of the same probe reading every layer;
+    it used to be stacked without its missing layers and filed under layers 0-1 (or crash)."""
+    import numpy as np
+
+    from iclgd_lens import load_model
+
+    model = load_model()
+    late = lambda acts, ctx: {"mlp_late": _mlp(acts, ctx)} if ctx.layer >= 2 else {}  # noqa: E731
+    no_gd_at_0 = lambda acts, ctx: (  # noqa: E731
+        {} if (ctx.layer == 0 and ctx.condition == "gd") else {"mlp_some": _mlp(acts, ctx)}
+    )
+    table = _compare_with_probes(
+        model,
+        ("mlp_every", lambda acts, ctx: {"mlp_every": _mlp(acts, ctx)}),
+        ("mlp_late", late),
+        ("mlp_some", no_gd_at_0),
+        baselines=False,
+    ).table
+    rows = table[(table.comparison == "icl~gd") & (table["head"] == -1)]
+
+    def values(metric):
+        return rows[rows.metric == metric].sort_values(["episode", "query", "layer"])
+
+    every, late_rows, some = values("probe:mlp_every"), values("probe:mlp_late"), values("probe:mlp_some")
+    assert sorted(late_rows.layer.unique()) == [0, 1, 2, 3]
+    assert late_rows[late_rows.layer < 2].value.isna().all()
+    np.testing.assert_array_equal(
+        late_rows[late_rows.layer >= 2].value.to_numpy(), every[every.layer >= 2].value.to_numpy()
+    )
+    assert some[some.layer == 0].value.isna().all()
+    np.testing.assert_array_equal(
+        some[some.layer > 0].value.to_numpy(), every[every.layer > 0].value.to_numpy()
+    )
+
+
+def test_a_compared_probe_of_one_number_per_row_is_refused_in_one_line():
+    import pytest
+
+    from iclgd_lens import load_model
+    from iclgd_lens.errors import IclgdError
+
+    with pytest.raises(IclgdError) as info:
+        _compare_with_probes(
+            load_model(),
+            ("mlp_norm", lambda acts, ctx: {"mlp_norm": _mlp(acts, ctx).norm(dim=-1)}),
+            baselines=False,
+        )
+    message = str(info.value)
+    assert message.startswith("probe 'mlp_norm' returned 'mlp_norm' of shape (")
+    assert "one number per row" in message and "compare=False" in message and "\n" not in message
+
+
+def test_a_probe_without_a_gd_value_still_gets_its_icl_only_baselines():
+    from iclgd_lens import load_model
+
+    table = _compare_with_probes(
+        load_model(),
+        ("mlp_no_gd", lambda acts, ctx: {} if ctx.condition == "gd" else {"mlp_no_gd": _mlp(acts, ctx)}),
+        baselines=["icl_perm", "random"],
+    ).table
+    comparisons = set(table[table.metric == "probe:mlp_no_gd"].comparison)
+    assert comparisons == {"icl~icl_perm", "icl~random"}

@@ -534,3 +534,14 @@ def test_top_k_ties_go_to_the_lowest_token_ids():
     p1 = torch.tensor([[0.4, 0.2, 0.2, 0.2]])
     p2 = torch.tensor([[0.1, 0.1, 0.4, 0.4]])
     assert metrics.token_overlap(p1, p2, 2).item() == 0.0  # {0, 1} vs {2, 3}
+
+
+def test_a_nan_update_reads_nan_not_zero():
+    """A zero update has cosine 0 by convention; a NaN in an activation (a layer a probe did not
+    record, an overflow in bf16) must stay NaN rather than read as "no update" (it read 0)."""
+    h_zsl = torch.zeros(2, 3)
+    h_icl = torch.tensor([[1.0, 2.0, 3.0], [1.0, float("nan"), 0.0]])
+    h_gd = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    cos = metrics.delta_cosine(h_icl, h_gd, h_zsl)
+    assert cos[0].item() == 0.0 and torch.isnan(cos[1])
+    assert torch.isnan(metrics.simaou_random(h_icl, h_zsl, torch.ones(2, 3))[1])

@@ -37,13 +37,12 @@ def _at_least_float32(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 def _safe_cosine(a: Tensor, b: Tensor) -> Tensor:
-    """cos(a, b) over the last dim; 0 where either vector is zero. [..., d] -> [...]"""
+    """cos(a, b) over the last dim; 0 where either vector is zero, NaN where either holds a NaN
+    (a NaN activation must not read as "no update"). [..., d] -> [...]"""
     a, b = _at_least_float32(a, b)
     dot = (a * b).sum(-1)
     norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-    return torch.where(
-        norms > 0, dot / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.zeros_like(dot)
-    )
+    return torch.where(norms == 0, torch.zeros_like(dot), dot / torch.where(norms == 0, 1.0, norms))
 
 
 def cosine(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:

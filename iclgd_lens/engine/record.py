@@ -245,12 +245,38 @@ class Recorder:
         *,
         clear: bool = True,
     ) -> Recording:
-        """Stack what was collected for `condition` over layers ([n_layers, batch, ...])."""
+        """Stack what was collected for `condition` over the recorder's layers: [n_layers, batch, ...],
+        row i for the i-th of `sorted(self.layers)` (every layer of the model unless `layers` was
+        given). A layer at which a probe returned nothing for a key (a probe of late layers only,
+        or one that skips a condition at some layer) holds NaN there, so every row keeps its layer."""
         collected = self._collected.pop(condition, {}) if clear else self._collected.get(condition, {})
+        layers = sorted(self.layers)
         values = {}
         for name, per_layer in collected.items():
-            layers = sorted(per_layer)
-            values[name] = torch.stack([per_layer[l] for l in layers])
+            shapes = {tuple(v.shape) for v in per_layer.values()}
+            dtypes = {v.dtype for v in per_layer.values()}
+            probe_name = self.key_probe.get(name, name)
+            if len(shapes) > 1 or len(dtypes) > 1:
+                raise IclgdError(
+                    f"probe {probe_name!r} returned {name!r} with different shapes or dtypes at different "
+                    f"layers ({', '.join(map(str, sorted(shapes)))}; condition {condition}); return one "
+                    "shape and dtype at every layer"
+                )
+            if len(per_layer) == len(layers):
+                values[name] = torch.stack([per_layer[layer] for layer in layers])
+                continue
+            first = next(iter(per_layer.values()))
+            if not first.is_floating_point():
+                raise IclgdError(
+                    f"probe {probe_name!r} returned {name!r} at layers {sorted(per_layer)} only (condition "
+                    f"{condition}) as {first.dtype}, which cannot mark the other layers as missing (NaN); "
+                    "return a floating tensor, or the key at every layer"
+                )
+            stacked = first.new_full((len(layers), *first.shape), float("nan"))
+            for row, layer in enumerate(layers):
+                if layer in per_layer:
+                    stacked[row] = per_layer[layer]
+            values[name] = stacked
         return Recording(condition, values, logits, segments)
 
     # ---- running ---------------------------------------------------------------------
@@ -460,6 +486,12 @@ def _check_probe_output(p: Probe, out, ctx: ReadContext, layer: int) -> None:
             raise IclgdError(
                 f"probe {p.name!r} returned {name!r} of shape {tuple(value.shape)}; "
                 f"expected [batch={batch}, ...] {where}"
+            )
+        if p.compare and value.ndim == 1:
+            raise IclgdError(
+                f"probe {p.name!r} returned {name!r} of shape {tuple(value.shape)}, one number per row; "
+                "a compared probe returns vectors, [batch, d] or [batch, heads, d], whose updates are "
+                f"compared as cosines: declare the probe with compare=False to record it only {where}"
             )
 
 

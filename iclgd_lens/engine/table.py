@@ -168,7 +168,7 @@ def episode_table(
 
     # probes declared with compare=True: every vector they return, compared as a delta cosine
     for name in compared:
-        if name not in icl or name not in gd or name not in zsl:
+        if name not in icl or name not in zsl:  # without GD's value the ICL-only baselines still compare
             continue
         _check_same_shape(name, {c: r[name] for c, r in rec.items() if r is not None and name in r})
         per_head = icl[name].dim() == 4
