@@ -304,3 +304,61 @@ def test_layers_outside_the_model_and_one_probe_name_as_a_string():
         Recorder(bridge, ["attn_out"], layers=[0, n + 5])
     assert str(info.value) == f"layer(s) [{n + 5}] out of range: the model has {n} layers (0 to {n - 1})"
     assert [p.name for p in Recorder(bridge, "attn_out").probes] == ["attn_out"]
+
+
+def _groups_of_different_prefix_lengths(tok, task):
+    groups = []
+    for k, seed in ((2, 1), (5, 2)):
+        ep = task.episodes(k, 1, 2, seed=seed)[0]
+        n = len(ep.queries)
+        groups.append(encode_prompts(tok, task, [ep.demos] * n, list(ep.queries), [ep.label_words] * n))
+    return groups
+
+
+def test_shared_prefix_fails_loudly_when_rope_gets_other_positions(monkeypatch):
+    """The run-time guard of the query rows' positions: after a right-padded prefix their RoPE
+    positions are their own unpadded ones, passed explicitly; an install that dropped them (and
+    counted positions from the padded prefix) must stop the run, not shift RoPE silently."""
+    from transformer_lens.model_bridge.transformer_bridge import TransformerBridge
+
+    tok, task = tiny_tokenizer(), tiny_task()
+    bridge = tiny_bridge(tokenizer=tok)
+    groups = _groups_of_different_prefix_lengths(tok, task)
+    rec = Recorder(bridge, probes=["attn_out"])
+    rec.run_shared_prefixes(groups, "icl")  # unpatched: runs
+    pre_hooks = [len(m._forward_pre_hooks) for m in bridge.original_model.modules()]
+    original = TransformerBridge.forward
+
+    def without_positions(self, *args, **kwargs):
+        kwargs.pop("position_ids", None)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TransformerBridge, "forward", without_positions)
+    monkeypatch.setattr(TransformerBridge, "_accepts_derived_position_ids", lambda self: False)
+    with pytest.raises(IclgdError, match="RoPE received other positions") as err:
+        rec.run_shared_prefixes(groups, "icl")
+    assert "\n" not in str(err.value)
+    assert not any(hp.fwd_hooks for hp in bridge.hook_dict.values())
+    assert [len(m._forward_pre_hooks) for m in bridge.original_model.modules()] == pre_hooks
+
+
+def test_a_model_saved_with_use_cache_false_shares_its_prefix():
+    """A config saved with use_cache=False (as after gradient-checkpointed training) made the
+    prefix pass return no cache and compare() crash; the prefix pass asks for its cache."""
+    tok, task = tiny_tokenizer(), tiny_task()
+    hf = tiny_hf_model()
+    hf.config.use_cache = False
+    bridge = tiny_bridge(hf, tokenizer=tok)
+    groups = _groups_of_different_prefix_lengths(tok, task)
+    rec = Recorder(bridge, probes=["attn_out"])
+    _, shared = rec.run_shared_prefixes(groups, "icl")
+    full = Recorder(bridge, probes=["attn_out"])
+    start = 0
+    for enc in groups:
+        one = full.run(enc, "icl")
+        n = one.logits.shape[0]
+        torch.testing.assert_close(shared.rows(start, start + n).logits, one.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            shared.rows(start, start + n)["attn_out"], one["attn_out"], atol=1e-5, rtol=1e-5
+        )
+        start += n

@@ -20,6 +20,7 @@ same numbers as full passes (tested), far fewer FLOPs.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -335,7 +336,8 @@ class Recorder:
         `max_rows` query rows (all rows when None) on top of their own group's KV cache (a
         `SharedPrefixCache`: each layer writes its rows' keys and values into one buffer that all
         layers reuse, instead of a copy of the whole prefix cache per row; padding slots masked;
-        the bridge derives position ids from the mask, so RoPE positions are the unpadded ones).
+        the query rows' position ids are passed, derived from the mask, so that RoPE positions are
+        the unpadded ones after their own group's prefix, and checked where RoPE receives them).
         Returns (prefix recording, one row per group; query recording, the groups' rows in order).
         """
         splits = [split_shared_prefix(enc) for enc in groups]
@@ -354,8 +356,11 @@ class Recorder:
         try:
             with torch.no_grad():
                 with self.attach(prefix, "icl_prefix"):
-                    _, cache = self.model(
-                        prefix.input_ids, attention_mask=prefix.attention_mask, return_type="logits_and_cache"
+                    _, cache = self.model(  # use_cache: a config saved with use_cache=False returns none
+                        prefix.input_ids,
+                        attention_mask=prefix.attention_mask,
+                        return_type="logits_and_cache",
+                        use_cache=True,
                     )
                 prefix_rec = self.recording("icl_prefix", segments=prefix.segments)
                 check_cache_length(
@@ -389,15 +394,21 @@ class Recorder:
         """One pass of query rows on top of their group's prefix cache, with the run-time guards."""
         guard, seen = key_length_guard(self.layers, total_len)
         guard += scratch_guard(cache.scratch, self.model.cfg.n_layers)
-        with self.attach(
-            suffix,
-            condition,
-            interventions=guard,
-            prefix_len=prefix_len,
-            segments=segments,
-            attention_mask=mask,
+        positions = unpadded_positions(mask)[:, prefix_len:]  # [rows, suffix_len]
+        with (
+            self.attach(
+                suffix,
+                condition,
+                interventions=guard,
+                prefix_len=prefix_len,
+                segments=segments,
+                attention_mask=mask,
+            ),
+            rope_position_guard(self.model, positions),
         ):
-            logits = self.model(suffix.input_ids, attention_mask=mask, past_key_values=cache)
+            logits = self.model(
+                suffix.input_ids, attention_mask=mask, past_key_values=cache, position_ids=positions
+            )
         if sorted(seen) != sorted(self.layers):
             missing = sorted(set(self.layers) - set(seen))
             raise IclgdError(
@@ -414,9 +425,54 @@ PREFIX_CACHE_BROKEN = (
 )
 
 
+def unpadded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a [rows, keys] attention mask: each real token's index among its row's real
+    tokens (a padded prefix slot does not count), 1 at padding (never attended). -> [rows, keys]"""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill_(mask == 0, 1)
+
+
+@contextmanager
+def rope_position_guard(model, expected: torch.Tensor):
+    """Guard of the shared-prefix fast path: every rotary embedding of the wrapped HF model must
+    receive the query rows' unpadded positions passed to it (`expected`, [rows, suffix_len]), not
+    positions counted from the padded prefix; checked once per pass when the pass returns. A model
+    without a rotary module has nothing to check."""
+    seen: list[torch.Tensor | None] = []
+
+    def record(module, args, kwargs) -> None:
+        seen.append(kwargs.get("position_ids", args[1] if len(args) > 1 else None))
+
+    hf = getattr(model, "original_model", model)
+    rotary = [m for m in hf.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in rotary]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    if rotary and not seen:
+        raise IclgdError(
+            f"{PREFIX_CACHE_BROKEN}: the rotary embedding never received position ids, so the query "
+            "rows' positions cannot be verified"
+        )
+    for positions in seen:
+        if not (
+            isinstance(positions, torch.Tensor)
+            and positions.shape == expected.shape
+            and torch.equal(positions.to(expected.device), expected)
+        ):
+            raise IclgdError(
+                f"{PREFIX_CACHE_BROKEN}: RoPE received other positions than the query rows' own after "
+                "their group's unpadded prefix"
+            )
+
+
 def check_cache_length(cache, n_layers: int, expected: int, when: str) -> None:
     """Guard of the shared-prefix fast path: the KV cache must hold exactly `expected` positions
     in every layer, or the ICL numbers would silently come from prompts without demonstrations."""
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        raise IclgdError(f"{PREFIX_CACHE_BROKEN}: the model returned no KV cache {when}")
     lengths = {cache.get_seq_length(layer) for layer in range(n_layers)}
     if lengths != {expected}:
         raise IclgdError(
