@@ -63,6 +63,7 @@ SPEC_CASES = [
     ),
     ("gd-layer-causal-yes", 'gd = [{preset = "deutch", layer_causal = "yes"}]', "layer_causal must be true"),
     ("gd-preset-a-list", 'gd = [{preset = ["dai", "shen"]}]', "a GD preset is one name"),
+    ("gd-labels-alike", 'gd = [{preset = "dai", lr = [0.001, 0.0010000001]}]', "two GD settings read alike"),
     (
         "task-gd-lr-a-string",
         'tasks = [{name = "default", gd_lr = "fast"}]',

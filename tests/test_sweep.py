@@ -599,4 +599,47 @@ def test_cells_of_two_specs_that_read_alike_stay_apart_in_the_report(tmp_path):
     table = dai_table(combined_table(cells_))
     assert len(table) == 2 and len(set(table["task"])) == 2
     assert all(t.startswith("default [") for t in table["task"])
-    assert sorted(c.labels["task"] for c in cells_) == sorted(f"default [{c.key[:8]}]" for c in cells_)
+    assert sorted(c.labels["task"] for c in cells_) == sorted(f"default [{c.setting}]" for c in cells_)
+
+
+def test_two_settings_of_one_store_pool_their_seeds_apart(tmp_path):
+    """Two specs in one store that differ only in n_queries, each with seeds 0 and 1 (and, in the
+    audit's case, each with one seed: 0 and 1): the report keeps the settings apart and pools each
+    one's seeds. It grouped on the seed too, so cells of different settings and different seeds
+    were pooled as one setting's seeds, and told-apart cells no longer pooled their seeds."""
+    from iclgd_lens.report.sweep import combined_table, dai_table, store_cells
+
+    small = dict(k=[1], n_episodes=2, baselines=False)
+    run_sweep(SweepSpec(seeds=[0, 1], n_queries=2, **small), tmp_path / "store")
+    run_sweep(SweepSpec(seeds=[0, 1], n_queries=3, **small), tmp_path / "store")
+    table = dai_table(combined_table(store_cells(tmp_path / "store")))
+    assert len(table) == 2 and len(set(table["task"])) == 2
+    assert list(table["episodes"]) == [4, 4]  # 2 seeds x 2 episodes each, pooled per setting
+
+    run_sweep(SweepSpec(seeds=[0], n_queries=2, **small), tmp_path / "one")
+    run_sweep(SweepSpec(seeds=[1], n_queries=3, **small), tmp_path / "one")
+    table = dai_table(combined_table(store_cells(tmp_path / "one")))
+    assert len(table) == 2 and list(table["episodes"]) == [2, 2]  # two settings, not one of two seeds
+
+
+def test_exclude_names_a_model_by_its_relative_path_as_models_do(tmp_path):
+    """`exclude = [{model = "./m"}]` beside `models = ["./m", ...]`: the models were read against
+    the spec's folder and the exclude rule was not, so it matched nothing and the cell ran."""
+    import warnings
+
+    import iclgd_lens.models
+    from iclgd_lens.sweep.spec import load_spec
+
+    shutil.copytree(Path(iclgd_lens.models.__file__).parent / "tiny-llama-icl", tmp_path / "m")
+    (tmp_path / "s.toml").write_text(
+        'models = ["./m", "tiny-llama-iclobj"]\nk = [1]\nexclude = [{model = "./m"}]\n'
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "matches no cell" note
+        planned = cells(load_spec(tmp_path / "s.toml"))
+    assert [c.model for c in planned] == ["tiny-llama-iclobj"]
+
+
+def test_an_unreadable_failure_record_says_so():
+    store = Store(Path("/nonexistent-store"))
+    assert store.failure("abc").startswith("(its failure record /nonexistent-store/failed/abc.json cannot")

@@ -178,3 +178,26 @@ def test_one_setting_per_figure_takes_the_comparisons_own_colours():
         style.line("icl~gd")["dash"],
         style.line("icl~random_update")["dash"],
     }
+
+
+def test_the_dai_table_says_how_many_episodes_rec2ftp_rests_on():
+    """Rec2FTP is undefined in an episode where ICL fixes no query: the Dai table's cell says how
+    many of the row's episodes it rests on, as the single-run report does (it showed 100.000 over
+    one episode in a row of six, with no count)."""
+    from iclgd_lens.report.sweep import dai_table
+
+    rows = []
+    for unit, (seed, episode) in enumerate([(0, 0), (0, 1), (1, 0)]):
+        common = dict(layer=-1, head=-1, episode=episode, k=2, task="default", model="m", gd="dai", seed=seed)
+        rows.append(
+            dict(
+                common, metric="rec2ftp", comparison="icl~gd", query=-1, value=100.0 if unit == 0 else np.nan
+            )
+        )
+        for q in range(2):
+            rows.append(dict(common, metric="accuracy", comparison="icl", query=q, value=1.0))
+    table = pd.DataFrame(rows).assign(cell="c")
+    table["unit"] = table["seed"].astype(str) + ":" + table["episode"].astype(str)
+    out = dai_table(table)
+    assert out["rec2ftp icl~gd"].iloc[0] == "100.000 (1 of 3 episodes)"
+    assert out["accuracy icl"].iloc[0] == "1.000" and out["episodes"].iloc[0] == 3

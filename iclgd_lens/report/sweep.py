@@ -14,6 +14,7 @@ side, and a list of the cells, each linked to its own per-layer report (`render_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -64,6 +65,24 @@ class SweepCell:
     results: Results | None = None
     study: Any = None
     stored: bool = False  # a store cell: its key names its content, so its page can be reused
+    setting: str = (
+        ""  # the id of its configuration without the seed (`setting_id`): cells of one setting pool
+    )
+
+
+NOT_SETTINGS = ("seed", "run_time_s", "started")
+"""Config entries that do not make another setting: the seed (seeds of one setting pool) and a
+saved run's own timing."""
+
+
+def setting_id(config: Any) -> str:
+    """The id of a configuration without its seed and timing: cells that differ only in seed share
+    it (and pool in the tables); any other difference (model file, n_queries, dtype, version) does not."""
+    if not isinstance(config, dict):
+        return ""
+    rest = {k: v for k, v in config.items() if k not in NOT_SETTINGS}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 # ---- sources ---------------------------------------------------------------------------------
@@ -85,11 +104,12 @@ def store_cells(source: str | os.PathLike, store: str | os.PathLike | None = Non
     out = []
     for key in keys:
         info = the_store.cell_info(key)
+        labels, setting = info.get("labels", {}), setting_id(info.get("config"))
         if info.get("kind") == "study":
-            out.append(SweepCell(key, info.get("labels", {}), study=the_store.load_study(key), stored=True))
+            out.append(SweepCell(key, labels, study=the_store.load_study(key), stored=True, setting=setting))
         else:
             out.append(
-                SweepCell(key, info.get("labels", {}), results=the_store.load_results(key), stored=True)
+                SweepCell(key, labels, results=the_store.load_results(key), stored=True, setting=setting)
             )
     if not out:
         raise IclgdError(f"no finished cells in {the_store.root} to draw (run the sweep first)")
@@ -97,16 +117,27 @@ def store_cells(source: str | os.PathLike, store: str | os.PathLike | None = Non
 
 
 def told_apart(cells: list[SweepCell]) -> list[SweepCell]:
-    """`cells` with labels that no two different cells share: where cells with different keys read
-    the same axis labels (two specs written into one store, two saved runs of one configuration),
-    each one's task label gets its key ("default [3f2a9c1e]"), so no table pools their episodes."""
+    """`cells` with labels that no two different settings share. The tables pool the seeds of one
+    (task, model, gd, k); where cells that read alike there belong to different settings (two
+    specs written into one store: another model file, n_queries or version), each one's task label
+    gets its setting's id ("default [3f2a9c1e]"), shared by that setting's seeds, so seeds pool
+    and settings do not. Two cells of one setting and one seed (a run saved twice) get their keys."""
     groups: dict[tuple, list[SweepCell]] = {}
     for c in cells:
-        groups.setdefault(tuple(str(c.labels.get(a)) for a in AXIS_COLUMNS), []).append(c)
+        groups.setdefault(tuple(str(c.labels.get(a)) for a in AXIS_COLUMNS if a != "seed"), []).append(c)
     for same in groups.values():
-        if len({c.key for c in same}) > 1:
-            for c in same:
-                c.labels = {**c.labels, "task": f"{c.labels.get('task')} [{c.key[:8]}]"}
+        settings = {c.setting for c in same}
+        keys_of: dict[tuple, set] = {}
+        for c in same:
+            keys_of.setdefault((c.setting, str(c.labels.get("seed"))), set()).add(c.key)
+        for c in same:
+            if len(keys_of[(c.setting, str(c.labels.get("seed")))]) > 1:
+                tag = c.key[:8]
+            elif len(settings) > 1:
+                tag = c.setting
+            else:
+                continue
+            c.labels = {**c.labels, "task": f"{c.labels.get('task')} [{tag}]"}
     return cells
 
 
@@ -126,7 +157,7 @@ def run_cells(paths: Sequence[str | os.PathLike]) -> list[SweepCell]:
             "seed": config.get("seed", 0),
             "run": str(path),
         }
-        out.append(SweepCell(f"run{i:02d}", labels, results=results))
+        out.append(SweepCell(f"run{i:02d}", labels, results=results, setting=setting_id(config)))
     return told_apart(out)
 
 
@@ -167,6 +198,7 @@ def dai_table(table: pd.DataFrame) -> pd.DataFrame:
     at_k = table[table["k"] == largest]
     summ = layer_averaged(at_k, keys + ["k", "metric", "comparison"])
     out = summ[keys + ["k"]].drop_duplicates().reset_index(drop=True)
+    n_total = at_k.groupby(keys)["unit"].nunique()
 
     def column(metric: str, comparison: str, with_ci: bool) -> list:
         s = summ[(summ["metric"] == metric) & (summ["comparison"] == comparison)].set_index(keys + ["k"])
@@ -180,6 +212,9 @@ def dai_table(table: pd.DataFrame) -> pd.DataFrame:
             text = "n/a" if pd.isna(r["mean"]) else f"{r['mean']:.3f}"
             if with_ci:
                 text += interval_text(r["ci_low"], r["ci_high"], r["n_episodes"])
+                total = int(n_total.loc[key[:-1]])
+                if 0 < r["n_episodes"] < total:  # e.g. Rec2FTP, undefined where ICL fixes no query
+                    text += f" ({int(r['n_episodes'])} of {total} episodes)"
             values.append(text)
         return values
 

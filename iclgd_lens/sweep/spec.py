@@ -222,6 +222,13 @@ class SweepSpec:
                 _check_model_path(model, base)
             data["tasks"] = [_rebase_task(t, base) for t in data.get("tasks", ["default"])]
             data["models"] = [_rebase_model(m, base) for m in data.get("models", ["tiny-llama-icl"])]
+            if isinstance(data.get("exclude"), list):  # a model named by its relative path, as in models
+                data["exclude"] = [
+                    {**rule, "model": _rebase_model(rule["model"], base)}
+                    if isinstance(rule, dict) and isinstance(rule.get("model"), str)
+                    else rule
+                    for rule in data["exclude"]
+                ]
             if data.get("store"):
                 data["store"] = (
                     str((base / data["store"]).resolve())
@@ -333,7 +340,14 @@ class SweepSpec:
         if self.study is not None:
             self._check_study()
         self.task_refs()
-        self.gd_refs()
+        by_label: dict[str, GDRef] = {}
+        for ref in self.gd_refs():
+            other = by_label.setdefault(ref.label, ref)
+            if other != ref:
+                raise IclgdError(
+                    f"sweep spec: two GD settings read alike as {ref.label!r} ({dict(other.overrides)} and "
+                    f"{dict(ref.overrides)}; labels show 6 significant digits): make them differ there"
+                )
 
     def _check_compare_settings(self) -> None:
         """dtype, device, probes and baselines, with the resolvers compare() and load_model use.

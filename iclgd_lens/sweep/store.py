@@ -77,12 +77,14 @@ class Store:
             return "done"
         return "failed" if self.failure_path(key).is_file() else "missing"
 
-    def failure(self, key: str) -> str | None:
-        """The one-line error of a failed cell."""
+    def failure(self, key: str) -> str:
+        """The one-line error of a failed cell (or that its failure record cannot be read)."""
+        path = self.failure_path(key)
         try:
-            return json.loads(self.failure_path(key).read_text(encoding="utf-8"))["error"]
-        except (OSError, ValueError, KeyError):
-            return None
+            error = json.loads(path.read_text(encoding="utf-8"))["error"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"(its failure record {path} cannot be read)"
+        return str(error)
 
     def done_keys(self) -> list[str]:
         folder = self.root / "cells"
