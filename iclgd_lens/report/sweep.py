@@ -14,7 +14,6 @@ side, and a list of the cells, each linked to its own per-layer report (`render_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -65,9 +64,8 @@ class SweepCell:
     results: Results | None = None
     study: Any = None
     stored: bool = False  # a store cell: its key names its content, so its page can be reused
-    setting: str = (
-        ""  # the id of its configuration without the seed (`setting_id`): cells of one setting pool
-    )
+    # the id of its configuration without the seed (`setting_id`): cells of one setting pool
+    setting: str = ""
 
 
 NOT_SETTINGS = ("seed", "run_time_s", "started")
@@ -78,11 +76,11 @@ saved run's own timing."""
 def setting_id(config: Any) -> str:
     """The id of a configuration without its seed and timing: cells that differ only in seed share
     it (and pool in the tables); any other difference (model file, n_queries, dtype, version) does not."""
+    from iclgd_lens.sweep.identity import cell_key
+
     if not isinstance(config, dict):
         return ""
-    rest = {k: v for k, v in config.items() if k not in NOT_SETTINGS}
-    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
+    return cell_key({k: v for k, v in config.items() if k not in NOT_SETTINGS})[:8]
 
 
 # ---- sources ---------------------------------------------------------------------------------
