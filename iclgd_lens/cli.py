@@ -23,7 +23,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import inspect
 import json
-import signal
 import sys
 import warnings
 from dataclasses import replace
@@ -33,6 +32,7 @@ from typing import Any, List, Optional, Sequence
 import typer
 from typer.core import TyperGroup
 
+from iclgd_lens import interrupts
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.limits import MAX_SEED, MAX_THREADS
 
@@ -53,24 +53,22 @@ def _note(message, category, filename, lineno, file=None, line=None) -> None:
     typer.echo(f"iclgd-lens: note: {_one_line(message)}", err=True)
 
 
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 class _OneLineErrors(TyperGroup):
     """The command group, with every user error (usage or IclgdError) turned into one stderr line."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            rv = super().invoke(ctx)
+            interrupts.check()  # a Ctrl-C that a destructor swallowed still ends the run as interrupted
+            return rv
         except KeyboardInterrupt:  # typer would turn it into a silent exit 130
             _fail("interrupted; no output was left half-written", 130)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         warnings.showwarning = _note  # library warnings as one line each
-        signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds like Ctrl-C: temp folders are cleaned
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with interrupts.handled():  # SIGTERM unwinds like Ctrl-C; neither is lost in a destructor
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as err:  # click's usage errors (typer vendors click)
             ctx = getattr(err, "ctx", None)
             if type(err).__name__ == "NoArgsIsHelpError":  # bare `iclgd-lens`: show the help
@@ -607,6 +605,8 @@ def _sweep_listing(spec, store, estimates: bool) -> None:
                 line += f"  work {est['tflop']:.3g} TFLOP  memory {memory}"
         if p.status == "failed":
             line += f"  error: {store.failure(p.key)}"
+        elif p.status == "damaged":
+            line += "  (its data files are gone: the next run computes it again)"
         typer.echo(line)
     tally = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     extra = f"; estimated work {total_tflop:.3g} TFLOP in all" if estimates else ""

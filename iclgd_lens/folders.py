@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from iclgd_lens import interrupts
 from iclgd_lens.errors import IclgdError
 
 MANIFEST = ".iclgd-lens-files.json"
@@ -112,6 +113,7 @@ def written_in_place(out: str | os.PathLike, what: str, *, keep_others: bool = F
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the output is an ordinary folder
     try:
         yield tmp
+        interrupts.check()  # a Ctrl-C that a destructor swallowed: the output is not put in place
         for file in tmp.rglob("*"):  # libraries that write privately (safetensors: 0o600) get ordinary files
             if file.is_file() and not file.is_symlink():
                 os.chmod(file, 0o644)

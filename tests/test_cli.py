@@ -210,6 +210,43 @@ def test_report_end_to_end_on_a_tiny_model_folder(tmp_path):
     assert (tmp_path / "rep" / "layer_01.html").is_file()
 
 
+def ctrl_c_swallowed_by_a_destructor() -> None:
+    """Ctrl-C arriving while a destructor runs, as it can inside torch or transformers: Python
+    raises KeyboardInterrupt in the __del__, prints "Exception ignored" and carries on."""
+    import signal
+
+    class Swallows:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+            for _ in range(100):  # bytecodes for the pending signal to be raised in
+                pass
+
+    Swallows()
+
+
+def test_a_ctrl_c_a_destructor_swallowed_still_interrupts_and_leaves_no_report(saved, tmp_path, monkeypatch):
+    """The interrupt is remembered: the report is not put in place, one line, exit 130 (without
+    the latch the render finished and exited 0 after printing a traceback)."""
+    import iclgd_lens.report as report
+
+    real = report.render_report
+
+    def render_report(*args, **kwargs):
+        ctrl_c_swallowed_by_a_destructor()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report, "render_report", render_report)
+    result = run("render", str(saved), "--out", str(tmp_path / "rep"))
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines() == [
+        "iclgd-lens: error: interrupted; no output was left half-written"
+    ]
+    assert not (tmp_path / "rep").exists() and not list(tmp_path.glob(".rep.tmp-*"))
+    monkeypatch.undo()
+    result = run("render", str(saved), "--out", str(tmp_path / "rep"))  # the latch is cleared afterwards
+    assert result.exit_code == 0, result.output
+
+
 def test_sigterm_during_render_leaves_no_temporary_folder(saved, tmp_path):
     """SIGTERM unwinds like Ctrl-C: the half-written report folder is removed, exit 130."""
     import signal

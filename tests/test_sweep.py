@@ -5,6 +5,7 @@ local Ray instance), and what pandas / pyarrow.dataset / DuckDB read from the st
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -371,12 +372,73 @@ def test_an_incomplete_cell_folder_is_replaced_by_the_new_cell(tmp_path):
 
     def write(folder):
         (folder / "results.parquet").write_text("new")
+        (folder / "results.json").write_text("{}")
 
     assert store.write_cell("k1", {"key": "k1"}, write)
     assert store.status("k1") == "done"
     assert (store.cell_dir("k1") / "results.parquet").read_text() == "new"
     assert not store.write_cell("k1", {"key": "k1", "other": 1}, write)  # a complete cell stays
     assert store.cell_info("k1") == {"key": "k1"} and not list((store.root / "tmp").iterdir())
+
+
+def test_a_cell_whose_data_file_was_deleted_is_damaged_and_the_rerun_computes_it_again(tmp_path, reference):
+    """A done cell whose results.json was deleted by hand is not done: --status says so, the
+    sweep report leaves it out, and the next run computes that cell alone, bitwise as before."""
+    import shutil
+
+    root = tmp_path / "store"
+    shutil.copytree(reference, root)
+    store = Store(root)
+    key = store.done_keys()[0]
+    (store.cell_dir(key) / "results.json").unlink()
+    assert store.status(key) == "damaged" and key not in store.done_keys()
+    spec_file = tmp_path / "grid.toml"
+    spec_file.write_text(
+        'name = "grid"\nmodels = ["tiny-llama-icl", "tiny-llama-iclobj"]\nk = [1, 2]\nseeds = [0, 1]\n'
+        f"n_episodes = 3\nn_queries = 3\nstore = {json.dumps(str(root))}\n"
+    )
+    listing = cli("sweep", spec_file, "--status")
+    assert listing.exit_code == 0, listing.output
+    assert f"damaged  {key}" in listing.output and "the next run computes it again" in listing.output
+    assert "1 damaged, 7 done" in listing.output
+    summary = run_sweep(grid_spec(), root)
+    assert summary.computed == [key] and len(summary.reused) == 7 and not summary.failed
+    assert store_files(root) == store_files(reference)
+    assert_no_partial(root)
+    (store.cell_dir(key) / "results.json").write_text('{"table": ')  # damaged inside: render says how to mend
+    drawn = cli("render", root, "--out", tmp_path / "report")
+    assert drawn.exit_code == 2 and len(drawn.output.strip().splitlines()) == 1, drawn.output
+    assert f"remove the folder {store.cell_dir(key)} and rerun the sweep" in drawn.output
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_ctrl_c_a_destructor_swallowed_stops_the_sweep_after_that_cell(tmp_path, monkeypatch):
+    """The interrupt is remembered: the cell in flight (complete) is kept, the next one is not
+    started, and the sweep says how to resume, exit 130 (it used to run every cell and exit 0)."""
+    from test_cli import ctrl_c_swallowed_by_a_destructor
+
+    import iclgd_lens.sweep.executors as executors
+
+    real = executors.run_cell
+
+    def run_cell(*args, **kwargs):
+        ctrl_c_swallowed_by_a_destructor()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(executors, "run_cell", run_cell)
+    spec_file = tmp_path / "two.toml"
+    spec_file.write_text(
+        'name = "two"\nmodels = ["tiny-llama-icl"]\nk = [1]\nseeds = [0, 1]\nn_episodes = 2\n'
+        f"n_queries = 2\nstore = {json.dumps(str(tmp_path / 'store'))}\n"
+    )
+    result = cli("sweep", spec_file)
+    assert result.exit_code == 130, result.output
+    assert (
+        "interrupted; the finished cells stay in" in result.output
+        and "Exception ignored" not in result.output
+    )
+    assert len(Store(tmp_path / "store").done_keys()) == 1
+    assert_no_partial(tmp_path / "store")
 
 
 def test_a_user_registered_probe_is_part_of_the_default_cells_key(tmp_path):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from iclgd_lens import interrupts
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.sweep.run import Planned, load_cell_model, run_cell, run_cell_job
 from iclgd_lens.sweep.store import Store
@@ -30,6 +31,7 @@ def run_local(todo: Sequence[Planned], store: Store, done: Done) -> None:
     broken: dict[Any, BaseException] = {}  # models that failed to load: their cells fail alike
     try:
         for planned in todo:
+            interrupts.check()  # a Ctrl-C that a destructor swallowed stops before the next cell
             cell = planned.cell
             model_id = (cell.model, cell.setting("device"), cell.setting("dtype"))
             if current is None or current[0] != model_id:
@@ -207,6 +209,7 @@ def _collect(
     died (killed, out of memory, past its time limit) records its cell as failed."""
     try:
         while pending or queue:
+            interrupts.check()
             while queue and len(pending) < width:
                 planned = queue.pop(0)
                 pending.append((planned, submit(planned)))
@@ -277,6 +280,7 @@ def run_ray(
             ref = task.options(num_cpus=threads, num_gpus=1 if gpu else 0).remote(str(store.root), planned)
             refs[ref] = planned
         while refs:
+            interrupts.check()
             ready, _ = ray.wait(list(refs), num_returns=1)
             for ref in ready:
                 planned = refs.pop(ref)

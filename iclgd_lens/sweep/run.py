@@ -18,13 +18,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP
 
 import contextlib
 import inspect
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from iclgd_lens import interrupts
 from iclgd_lens.errors import IclgdError
 from iclgd_lens.sweep.identity import Resolver, cell_key, load_hash_cache, save_hash_cache, task_identity
 from iclgd_lens.sweep.spec import Cell, SweepSpec, cells
@@ -213,7 +212,7 @@ def _study_writer(cell: Cell, model, task, study: dict) -> Callable[[Path], dict
 
 def run_cell_job(store_root: str, planned: Planned) -> str:
     """The function a submitit job or a Ray task runs: one cell, its model loaded in the job."""
-    with _sigterm_interrupts():
+    with interrupts.handled():  # SIGTERM (a scheduler stopping the job) removes the cell in flight
         return run_cell(Store(store_root), planned)
 
 
@@ -272,13 +271,14 @@ def run_sweep(
         run = {"local": executors.run_local, "submitit": executors.run_submitit, "ray": executors.run_ray}[
             executor
         ]
-        with _sigterm_interrupts():
+        with interrupts.handled():  # SIGTERM unwinds like Ctrl-C, so the cell in flight is removed
             try:
                 run(todo, store, done, **executor_options)
             except IclgdError:  # e.g. the executor did not start: leave no empty store behind
                 if fresh:
                     _remove_unused_store(store, keep_root=existed)
                 raise
+            interrupts.check()  # an interrupt a destructor swallowed during the last cell
     return summary
 
 
@@ -299,27 +299,6 @@ def _remove_unused_store(store: Store, keep_root: bool) -> None:
     if not keep_root:
         with contextlib.suppress(OSError):
             store.root.rmdir()  # only when nothing else is in it
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C, so the cell in flight is
-    removed; only where nobody else handles SIGTERM (the CLI already does) and in the main thread."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
-        signal.SIG_DFL,
-        None,
-    ):
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def status_rows(spec: SweepSpec, store: Store | str | os.PathLike) -> list[dict]:

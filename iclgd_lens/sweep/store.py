@@ -9,14 +9,16 @@
     STORE/tmp/                          cells in flight (renamed into cells/ when complete)
 
 A cell folder is built in STORE/tmp and renamed into place in one `os.rename`, so cells/ only
-ever holds complete cells; an existing cell is never replaced (a folder there without cell.json,
-e.g. a copy cut short, is incomplete and is replaced by the newly computed cell). Every file is
+ever holds complete cells; an existing cell is never replaced. A folder there without cell.json
+(a copy cut short) or without its data files (deleted by hand: "damaged" in `--status`) is
+incomplete: the next run computes that cell again and replaces the folder. Every file is
 plain Parquet or JSON: `pd.read_parquet`, `pyarrow.dataset.dataset(STORE/cells, format="parquet")`
 and DuckDB's `read_parquet('STORE/cells/*/results.parquet')` read the whole store (docs/sweeps.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +33,8 @@ import pandas as pd
 from iclgd_lens.errors import IclgdError
 
 CELL_JSON = "cell.json"
+DATA_FILES = (("results.json", "results.parquet"), ("study.json", "study.parquet"))
+"""The files a complete cell holds beside cell.json: a compare cell's pair, or a study cell's."""
 TIMING_KEYS = ("run_time_s", "started")
 """Config entries that differ between two runs of the same cell: kept in runs/, not in the cell."""
 
@@ -71,10 +75,21 @@ class Store:
     def failure_path(self, key: str) -> Path:
         return self.root / "failed" / f"{key}.json"
 
+    @staticmethod
+    def is_complete(folder: Path) -> bool:
+        """Whether a cell folder holds cell.json and its data files (see DATA_FILES)."""
+        return (folder / CELL_JSON).is_file() and any(
+            all((folder / name).is_file() for name in files) for files in DATA_FILES
+        )
+
     def status(self, key: str) -> str:
-        """ "done" (a complete cell folder), "failed" (its last run raised) or "missing"."""
-        if (self.cell_dir(key) / CELL_JSON).is_file():
+        """ "done" (a complete cell folder), "damaged" (cell.json without its data files: computed
+        again by the next run), "failed" (its last run raised) or "missing"."""
+        folder = self.cell_dir(key)
+        if self.is_complete(folder):
             return "done"
+        if (folder / CELL_JSON).is_file():
+            return "damaged"
         return "failed" if self.failure_path(key).is_file() else "missing"
 
     def failure(self, key: str) -> str:
@@ -88,9 +103,7 @@ class Store:
 
     def done_keys(self) -> list[str]:
         folder = self.root / "cells"
-        return (
-            sorted(p.name for p in folder.iterdir() if (p / CELL_JSON).is_file()) if folder.is_dir() else []
-        )
+        return sorted(p.name for p in folder.iterdir() if self.is_complete(p)) if folder.is_dir() else []
 
     def cell_info(self, key: str) -> dict:
         """cell.json of a done cell: {"key", "kind", "labels", "config"}."""
@@ -140,12 +153,12 @@ class Store:
     @staticmethod
     def _move_into_place(tmp: Path, target: Path) -> bool:
         """Rename `tmp` to `target`; False when a complete cell is there already. A folder there
-        without cell.json is incomplete (a copy cut short): it is removed and replaced."""
+        without cell.json or its data files is incomplete: it is removed and replaced."""
         try:
             os.rename(tmp, target)
             return True
         except OSError:
-            if (target / CELL_JSON).is_file():
+            if Store.is_complete(target):
                 return False
             if not target.is_dir():
                 raise
@@ -153,7 +166,7 @@ class Store:
         try:
             os.rename(tmp, target)
         except OSError:
-            if (target / CELL_JSON).is_file():  # another job filed it in the meantime
+            if Store.is_complete(target):  # another job filed it in the meantime
                 return False
             raise
         return True
@@ -192,12 +205,25 @@ class Store:
     def load_results(self, key: str):
         from iclgd_lens.engine.results import Results
 
-        return Results.load(self.cell_dir(key) / "results.json")
+        with self._damaged_hint(key):
+            return Results.load(self.cell_dir(key) / "results.json")
 
     def load_study(self, key: str):
         from iclgd_lens.study import StudyResult
 
-        return StudyResult.load(self.cell_dir(key))
+        with self._damaged_hint(key):
+            return StudyResult.load(self.cell_dir(key))
+
+    @contextlib.contextmanager
+    def _damaged_hint(self, key: str):
+        """A cell file that cannot be read says how to get the cell back."""
+        try:
+            yield
+        except IclgdError as err:
+            folder = self.cell_dir(key)
+            raise IclgdError(
+                f"{err} (remove the folder {folder} and rerun the sweep to compute that cell again)"
+            ) from None
 
     def cells_frame(self) -> pd.DataFrame:
         """One row per done cell: key, kind and its axis labels (model, task, k, gd, seed)."""
