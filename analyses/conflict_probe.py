@@ -67,7 +67,9 @@ QUESTION = (
     "When demonstrations contradict facts held in the weights, how often does the context win, "
     "before and after fine-tuning on those facts?"
 )
-COLUMNS = ["metric", "stage", "layer", "query", "value"]
+COLUMNS = ["metric", "stage", "layer", "query", "answer", "value"]
+"""`query`: the fact's index; `answer`: its true answer word. Facts that share an answer share its
+counterfact (one derangement of the answers) and are one unit of the intervals (`summary`)."""
 RANGES = {
     "fact_accuracy": (0.0, 1.0),
     "context_wins": (0.0, 1.0),
@@ -236,6 +238,7 @@ def run(
     episodes = conflict_episodes(fact_list, words, k, seed)
     truth = torch.tensor([index[f[1]] for f in fact_list])
     counter = torch.tensor([index[f[2]] for f in fact_list])
+    answers = [f[1] for f in fact_list]
 
     ft_config = GDConfig(
         params=ft_params,
@@ -261,12 +264,14 @@ def run(
             "weights_win": pred == truth,
             "other": (pred != counter) & (pred != truth),
         }
-        frames += [_rows(name, stage, -1, v.float()) for name, v in outcome.items()]
+        frames += [_rows(name, stage, -1, v.float(), answers) for name, v in outcome.items()]
         updates[stage] = (conflict["attn_out"] - zsl["attn_out"]).float()  # [L, n_facts, d_model]
         norms = torch.linalg.vector_norm(updates[stage], dim=-1)  # [L, n_facts]
-        frames += [_rows("attn_update_norm", stage, layer, norms[layer]) for layer in range(norms.shape[0])]
+        frames += [
+            _rows("attn_update_norm", stage, layer, norms[layer], answers) for layer in range(norms.shape[0])
+        ]
     cos = metrics.cosine(updates["before"], updates["after"])  # [L, n_facts]
-    frames += [_rows("attn_update_cos", "after", layer, cos[layer]) for layer in range(cos.shape[0])]
+    frames += [_rows("attn_update_cos", "after", layer, cos[layer], answers) for layer in range(cos.shape[0])]
     table = pd.concat(frames, ignore_index=True)
     losses = deltas.losses.mean(-1)
     config = dict(
@@ -285,27 +290,55 @@ def run(
     return StudyResult("conflict-probe", QUESTION, table, figures(table), findings(table, config), config)
 
 
-def _rows(metric: str, stage: str, layer: int, values: torch.Tensor) -> pd.DataFrame:
+def _rows(metric: str, stage: str, layer: int, values: torch.Tensor, answers: list[str]) -> pd.DataFrame:
     v = values.detach().float().cpu().numpy().reshape(-1)
     return pd.DataFrame(
-        {"metric": metric, "stage": stage, "layer": layer, "query": range(len(v)), "value": v}
+        {
+            "metric": metric,
+            "stage": stage,
+            "layer": layer,
+            "query": range(len(v)),
+            "answer": answers,
+            "value": v,
+        }
     )[COLUMNS]
 
 
-def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and 95% t-interval per (metric, stage, layer), over facts.
+def _unit(table: pd.DataFrame) -> str:
+    """The independent unit of a table: the answer group (a table saved before that column
+    existed: the fact)."""
+    return "answer" if "answer" in table.columns else "query"
 
-    Each fact is its own episode (its own demonstration set, one query), so its values are
-    already one per episode and a plain t-interval over them is the episode-level interval
-    (`stats.t_interval`). The demonstration sets are drawn from one pool of facts, and the
-    "after" stage rests on one fine-tuning run shared by all facts: its interval speaks of
-    the facts given that run, not of other fine-tuning runs. Intervals are clipped to the
-    metric's range (`RANGES`).
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and 95% t-interval per (metric, stage, layer), over the facts' answer groups.
+
+    Facts that share an answer word also share its counterfact and contradict each other's
+    demonstrations (the built-in sets: 6 answers of 6 facts each), so they are not independent:
+    a t-interval over facts would count one answer's outcome several times and be too narrow.
+    Each answer group's values are averaged first (`stats.episode_summary` with the answer as
+    the unit; `n_answers` of them, `n` facts); with groups of equal size `mean` is the rate over
+    facts. The "after" stage rests on one fine-tuning run shared by all facts: its interval
+    speaks of the facts given that run, not of other fine-tuning runs. Intervals are clipped to
+    the metric's range (`RANGES`).
     """
-    out = []
-    for key, group in table.groupby(["metric", "stage", "layer"], sort=False):
-        out.append((*key, *stats.t_interval(group["value"].to_numpy(), bounds=RANGES[key[0]])))
-    return pd.DataFrame(out, columns=["metric", "stage", "layer", "mean", "ci_low", "ci_high", "n"])
+    out = stats.episode_summary(
+        table, ["metric", "stage", "layer"], episode=_unit(table), sort=False, ranges=RANGES
+    )
+    return out.rename(columns={"n_episodes": "n_answers"})
+
+
+def context_change(table: pd.DataFrame) -> stats.PairedTest:
+    """How much more often the context wins after fine-tuning than before: the difference of
+    the answer groups' `context_wins` rates, with its t-interval and sign-flip p-value over the
+    groups (`stats.paired_test`, paired by answer). The findings call the change clear only
+    where both the p-value (< 0.05) and the interval exclude none."""
+    wins = table[(table.metric == "context_wins") & (table.layer == -1)]
+    by_stage = {
+        stage: stats.episode_means(group["value"].to_numpy(), group[_unit(table)].to_numpy())
+        for stage, group in wins.groupby("stage")
+    }
+    return stats.paired_test(by_stage["after"], by_stage["before"])
 
 
 def figures(table: pd.DataFrame) -> list:
@@ -340,7 +373,8 @@ def figures(table: pd.DataFrame) -> list:
 def findings(table: pd.DataFrame, config: dict) -> str:
     """Rates before -> after, and the layer whose attention update changed most, from the table."""
     s = summary(table).set_index(["metric", "stage", "layer"])["mean"]
-    get = lambda m, st: float(s.get((m, st, -1), float("nan")))
+    model_level = table[table.layer == -1].groupby(["metric", "stage"])["value"].mean()
+    get = lambda m, st: float(model_level.get((m, st), float("nan")))  # rates over the facts
     lines = [
         f"Zero-shot fact accuracy {get('fact_accuracy', 'before'):.2f} -> "
         f"{get('fact_accuracy', 'after'):.2f} after fine-tuning "
@@ -348,7 +382,7 @@ def findings(table: pd.DataFrame, config: dict) -> str:
         f"With {config['k']} contradicting demonstrations the context wins "
         f"{get('context_wins', 'before'):.2f} -> {get('context_wins', 'after'):.2f}, "
         f"the weights win {get('weights_win', 'before'):.2f} -> {get('weights_win', 'after'):.2f} "
-        f"of {config['n_facts']} facts.",
+        f"(rates over {config['n_facts']} facts).",
     ]
     full = summary(table).set_index(["metric", "stage", "layer"])
     interval = lambda m, st: (
@@ -356,16 +390,31 @@ def findings(table: pd.DataFrame, config: dict) -> str:
         if (m, st, -1) in full.index and not math.isnan(full.loc[(m, st, -1), "ci_low"])
         else ""
     )
+    key = ("context_wins", "before", -1)
+    n_answers = int(full.loc[key, "n_answers"]) if key in full.index else 0
     lines.append(
-        f"95% t-intervals over facts: context wins before {interval('context_wins', 'before')}, "
+        f"95% t-intervals over the facts' {n_answers} answers (facts that share an answer share its "
+        f"counterfact: one unit): context wins before {interval('context_wins', 'before')}, "
         f"after {interval('context_wins', 'after')}."
     )
-    delta = get("context_wins", "after") - get("context_wins", "before")
-    lines.append(
-        "Fine-tuning on the facts made the model follow the context "
-        + ("less" if delta < 0 else "more" if delta > 0 else "equally")
-        + " often."
+    change = context_change(table)
+    shown = (
+        f"{change.diff_mean:+.2f} [{change.diff_ci_low:+.2f}, {change.diff_ci_high:+.2f}], "
+        f"paired over {change.n_episodes} answers, sign-flip p = {change.p_value:.3g}"
     )
+    if math.isnan(change.diff_ci_low):
+        lines.append(
+            f"Whether fine-tuning changed how often the context wins cannot be told from "
+            f"{change.n_episodes} answer(s) ({change.diff_mean:+.2f})."
+        )
+    else:
+        clear = change.p_value < 0.05 and (change.diff_ci_high < 0 or change.diff_ci_low > 0)
+        verdict = (
+            ("less often" if change.diff_mean < 0 else "more often")
+            if clear
+            else "neither clearly more nor less often (the test and the interval must both exclude no change)"
+        )
+        lines.append(f"Fine-tuning on the facts made the model follow the context {verdict}: {shown}.")
     if get("context_wins", "before") <= 0.05 and get("fact_accuracy", "before") >= 0.95:
         lines.append(
             "Before fine-tuning the weights already hold the facts and win (nearly) every conflict: "

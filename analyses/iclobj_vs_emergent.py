@@ -94,7 +94,8 @@ def run(
         k=k,
         gd=gd if isinstance(gd, str) else gd.__dict__,
         n_episodes=n_episodes,
-        n_queries=n_queries,
+        n_queries=int(table.loc[table["query"] >= 0, "query"].nunique()),  # what ran (a task may hold fewer)
+        n_queries_asked=n_queries,
         baselines=baselines,
         alpha=alpha,
         seed=seed,

@@ -2,7 +2,8 @@
 
 For every episode, `n_permutations` orders of its demonstrations are drawn (the first is the
 prompt order; the others are `gd.demo_order(k, order_seed)` for order seeds derived from
-`seed`, so order p of ICL and of GD is the same permutation). Then:
+`seed`, all different from each other and from the prompt order (`distinct_orders`), so order
+p of ICL and of GD is the same permutation). Then:
 
 - ICL: the demonstrations in that order in the prompt;
 - GD with batch sizes 1, 2, 4 (those below k) and full batch: the SGD steps in that order
@@ -16,7 +17,8 @@ Metrics per (episode, query):
   divided by |mean attention update| (mean over orders of h - h_ZSL): the spread of the
   update relative to its size (0 = the order does not move the update);
 - `order_overlap`: top-10 token overlap between order p and the prompt order (p >= 1),
-  averaged over p: the ICL-vs-ICL floor of Shen et al. for ICL, its analogue for GD;
+  averaged over p: the ICL-vs-ICL ceiling of Shen et al. (ICL's agreement with itself) for
+  ICL, its analogue for GD;
 - `icl_gd_overlap`: top-10 token overlap of ICL and GD under the same order.
 
 Full-batch GD sums the same gradients whatever the order, so its `sen` is 0 up to float
@@ -25,6 +27,7 @@ rounding: a built-in check of the pipeline.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from typing import Sequence
@@ -88,6 +91,11 @@ def run(
         raise IclgdError(f"order sensitivity needs k >= 2 demonstrations to permute, got k={k}")
     if n_permutations < 2:
         raise IclgdError(f"order sensitivity needs n_permutations >= 2, got {n_permutations}")
+    if n_permutations > math.factorial(k):
+        raise IclgdError(
+            f"k={k} demonstrations have only {math.factorial(k)} orders, fewer than n_permutations="
+            f"{n_permutations}; ask for at most {math.factorial(k)} or use a larger k"
+        )
     base = GDConfig.resolve(
         gd, task
     )  # a preset name takes the task's learning rate (Task.gd_lr), as in compare()
@@ -95,8 +103,7 @@ def run(
     given = [] if none_given else parse_numbers(batch_sizes, "batch_sizes")  # () -> full batch only
     sizes = [b for b in given if 1 <= b < k] + [k]
     episodes = task.episodes(k, n_episodes, n_queries, seed)
-    order_seeds = [None] + [seed * 1000 + p for p in range(1, n_permutations)]
-    orders = [demo_order(k, s) for s in order_seeds]
+    order_seeds, orders = distinct_orders(k, n_permutations, seed)
     permuted = permuted_episodes(episodes, orders)  # index e * P + p
 
     recorder = Recorder(bridge, ["attn_out"])
@@ -133,6 +140,24 @@ def run(
         run_time_s=round(time.time() - started, 2),
     )
     return StudyResult("order-sensitivity", QUESTION, table, figures(table), findings(table, k), config)
+
+
+def distinct_orders(k: int, n_permutations: int, seed: int) -> tuple[list[int | None], list[list[int]]]:
+    """The prompt order and `n_permutations - 1` other orders of k demonstrations, all different:
+    `gd.demo_order(k, s)` for the order seeds s = seed * 1000 + 1, + 2, ..., skipping a seed whose
+    order is the prompt order or one drawn already (independent shuffles repeat at small k: at
+    k = 2 eight of nine would). Returns (order seeds, orders); the first seed is None. Needs
+    n_permutations <= k!."""
+    order_seeds: list[int | None] = [None]
+    orders = [demo_order(k, None)]
+    candidate = seed * 1000
+    while len(orders) < n_permutations:
+        candidate += 1
+        order = demo_order(k, candidate)
+        if order not in orders:
+            order_seeds.append(candidate)
+            orders.append(order)
+    return order_seeds, orders
 
 
 def permuted_episodes(episodes: list[Episode], orders: list[list[int]]) -> list[Episode]:
@@ -314,7 +339,7 @@ def figures(table: pd.DataFrame) -> list:
         range_y=[0, 1.05],
         labels={"mean": "top-10 token overlap"},
         title=(
-            "Agreement across orders (order_overlap; ICL's is Shen's floor) "
+            "Agreement across orders (order_overlap; ICL's is Shen's ceiling) "
             "and ICL vs GD under the same order"
         ),
     )
@@ -387,7 +412,7 @@ def findings(table: pd.DataFrame, k: int) -> str:
         )
     overlap = s.loc["order_overlap"]["mean"].droplevel("layer")
     lines.append(
-        f"Top-10 overlap across orders: ICL {overlap['icl']:.2f} (the ICL-vs-ICL floor)"
+        f"Top-10 overlap across orders: ICL {overlap['icl']:.2f} (the ICL-vs-ICL ceiling)"
         + "".join(f", {m} {overlap[m]:.2f}" for m in overlap.index if m != "icl")
         + "."
     )

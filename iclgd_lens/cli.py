@@ -352,7 +352,11 @@ def render(
         "or several results files to draw side by side.",
     ),
     out: Path = typer.Option(Path(DEFAULT_OUT), help="Report folder."),
-    single_file: bool = typer.Option(False, "--single-file", help="Write one self-contained report.html."),
+    single_file: bool = typer.Option(
+        False,
+        "--single-file",
+        help="Write one self-contained report.html (one saved run; a sweep or several runs make a folder).",
+    ),
     analyses: List[Path] = typer.Option(
         [], "--analyses", help="Python file of @analysis functions (repeatable)."
     ),

@@ -37,6 +37,15 @@ def _quiet_swallowed(unraisable) -> None:
 _previous_hook = sys.unraisablehook
 
 
+def _forget_unhandled() -> None:
+    """Clear CPython's record of an unhandled KeyboardInterrupt. A KeyboardInterrupt that leaves
+    code run by `exec` of a string (dataclasses, namedtuples and many libraries make functions
+    so) sets a flag that Python checks after it exits: under `python -m`, the process then ends
+    by SIGINT (exit status -2) even though the interrupt was handled and `sys.exit(130)` called.
+    Each `exec` of a string starts by clearing that flag and leaves it clear when it succeeds."""
+    exec("None")
+
+
 def check() -> None:
     """Raise KeyboardInterrupt if a signal came under `handled()` (also one a destructor swallowed)."""
     if _pending:
@@ -67,6 +76,7 @@ def handled() -> Iterator[None]:
         if installed:
             sys.unraisablehook = _previous_hook
             _pending = False
+            _forget_unhandled()  # handled here: the exit status is the caller's (130), not SIGINT's
 
 
 __all__ = ["check", "handled"]

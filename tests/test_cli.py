@@ -247,6 +247,33 @@ def test_a_ctrl_c_a_destructor_swallowed_still_interrupts_and_leaves_no_report(s
     assert result.exit_code == 0, result.output
 
 
+def test_an_interrupt_raised_in_execd_code_exits_130_under_python_dash_m(saved, tmp_path):
+    """A KeyboardInterrupt leaving code run by exec() of a string (as dataclasses make methods)
+    sets CPython's 'unhandled KeyboardInterrupt' flag; under `python -m` the process then died by
+    SIGINT (-2) after printing the one line, instead of exiting 130."""
+    plugin = tmp_path / "interrupting.py"
+    plugin.write_text(
+        "from iclgd_lens.analyses import analysis\n"
+        "@analysis('interrupting')\n"
+        "def interrupting(results):\n"
+        "    exec('raise KeyboardInterrupt')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "iclgd_lens.cli", "render", str(saved), "--out", str(tmp_path / "rep")]
+        + ["--analyses", str(plugin)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-500:])
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == "iclgd-lens: error: interrupted; no output was left half-written"
+    )
+    assert not (tmp_path / "rep").exists()
+
+
 def test_sigterm_during_render_leaves_no_temporary_folder(saved, tmp_path):
     """SIGTERM unwinds like Ctrl-C: the half-written report folder is removed, exit 130."""
     import signal

@@ -649,6 +649,26 @@ def test_every_metric_the_engine_writes_has_a_glossary_entry():
     assert glossary.unit("rec2ftp") == "%" and glossary.unit("kl") == "nats"
 
 
+def test_every_glossary_link_of_a_study_report_has_its_entry(tmp_path):
+    """A study's own metrics (weight-properties: near_zero_fraction, rank, ...) have no glossary
+    entry: their names carry the tooltip and no link (they linked to entries that did not exist)."""
+    from typer.testing import CliRunner
+
+    from iclgd_lens.cli import app
+
+    out = tmp_path / "wp"
+    result = CliRunner().invoke(
+        app, ["study", "weight-properties", "--out", str(out), "--no-progress", "--threads", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    ids = set(re.findall(r'id="(m-[^"]+)"', (out / "glossary.html").read_text()))
+    for page in html_files(out):
+        text = page.read_text()
+        for target in re.findall(r'href="(?:[^"#]*glossary\.html)?#(m-[^"]+)"', text):
+            assert target in ids, (page.name, target)
+    assert '<abbr title="no glossary entry' in (out / "index.html").read_text()
+
+
 def test_the_glossary_ranges_agree_with_the_engine_ranges():
     """Every glossary metric has numeric bounds in `ranges.METRIC_RANGES` and every metric there
     has a glossary entry; the text "[a, b]" / "[a, b)" reads as those bounds. The one bound given

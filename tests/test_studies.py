@@ -7,6 +7,8 @@ accuracy is the model's) or a property the embedded model was built to have (ICL
 few-shot beats zero-shot; the corpus facts are in its weights).
 """
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +116,33 @@ def test_full_batch_gd_is_order_invariant_and_icl_is_not(icl_model, mapping_task
     assert _unchanged(icl_model, before)
 
 
+@pytest.mark.parametrize("k,n", [(2, 2), (3, 6), (4, 10), (8, 10)])
+def test_the_orders_of_a_study_are_all_different_and_none_repeats_the_prompt_order(k, n):
+    """Independent shuffles repeat at small k (k = 2, 10 draws: 2 distinct orders, 3 of them the
+    prompt order): a repeat inflates the ICL-vs-ICL ceiling and weights Sen. The study's orders
+    are n different permutations, the first the prompt order; at k = 8 the seeds are those of
+    independent draws (no skip was needed: the documented figures stand)."""
+    import itertools
+
+    from iclgd_lens.analyses.order_sensitivity import distinct_orders
+
+    seeds, orders = distinct_orders(k, n, seed=0)
+    assert orders[0] == list(range(k)) and seeds[0] is None and len(orders) == len(seeds) == n
+    assert len({tuple(o) for o in orders}) == n
+    assert all(tuple(o) in set(itertools.permutations(range(k))) for o in orders)
+    if k == 8:
+        assert seeds == [None, *range(1, n)]
+
+
+def test_more_orders_than_k_factorial_are_refused(icl_model, mapping_task):
+    from iclgd_lens.analyses.order_sensitivity import run
+
+    with pytest.raises(
+        IclgdError, match=r"k=3 demonstrations have only 6 orders, fewer than n_permutations=7"
+    ):
+        run(icl_model, mapping_task, k=3, n_permutations=7, n_episodes=1, n_queries=1, progress=False)
+
+
 def test_identical_orders_give_the_exact_floor(icl_model):
     """With k copies of one demonstration every order is the same prompt and the same SGD run:
     ICL-vs-ICL agreement must then be perfect (Sen 0, overlap 1), so it is a valid floor."""
@@ -151,6 +180,19 @@ def test_order_sensitivity_rejects_k_below_two(icl_model, mapping_task):
 
 
 # ---- k sweep ----------------------------------------------------------------------------------
+def test_studies_record_the_queries_they_ran_not_only_those_asked(icl_model, mapping_task):
+    """A task with fewer test examples than asked gives fewer queries per episode: the config
+    says how many ran (n_queries) beside the request (n_queries_asked)."""
+    from iclgd_lens.analyses.k_sweep import run
+
+    asked = len(mapping_task.test) + 5
+    with pytest.warns(UserWarning, match=r"gives (\d+) queries per episode") as caught:
+        r = run(icl_model, mapping_task, ks=(1,), n_episodes=1, n_queries=asked, baselines=(), progress=False)
+    ran = int(re.search(r"gives (\d+) queries", str(caught[0].message)).group(1))  # compare's own count
+    assert r.config["n_queries"] == ran < asked
+    assert r.config["n_queries_asked"] == asked
+
+
 def test_k_sweep_icl_accuracy_is_the_models_and_beats_zero_shot(icl_model, mapping_task):
     from iclgd_lens.analyses.k_sweep import run
 
@@ -202,7 +244,7 @@ def test_gd_only_k_uses_the_tasks_learning_rate_like_compare(icl_model, mapping_
 
 # ---- GD trajectories --------------------------------------------------------------------------
 def test_gd_trajectories_grid_best_cell_and_divergence(icl_model, mapping_task):
-    from iclgd_lens.analyses.gd_trajectories import best_cell, cell_summary, run
+    from iclgd_lens.analyses.gd_trajectories import best_cell, cell_summary, findings, run
 
     r = run(
         icl_model,
@@ -229,6 +271,9 @@ def test_gd_trajectories_grid_best_cell_and_divergence(icl_model, mapping_task):
     kv = sim[(sim.params == "kv") & (sim.lr == 0.05)].sort_values("epochs")["mean"].to_numpy()
     assert abs(kv[0] - kv[1]) > 1e-6
     assert "Best agreement" in r.findings
+
+    by_accuracy = findings(t, "accuracy", best_cell(t, "accuracy"))  # GD's own accuracy, not an agreement
+    assert "Best GD accuracy: " in by_accuracy and "icl~gd" not in by_accuracy
 
 
 # ---- ICL objective vs emergent ----------------------------------------------------------------
@@ -329,9 +374,11 @@ def test_conflict_probe_mapping_facts_give_the_context_room_to_lose(name):
 
     model = load_model(name, device="cpu")
     before = _state(model)
-    r = run(model, mapping_facts(seed=0)[::2], k=4, template="{text} =", ft_epochs=40, progress=False)
+    facts = mapping_facts(seed=0)[::2]
+    r = run(model, facts, k=4, template="{text} =", ft_epochs=40, progress=False)
     t = r.table
     rate = lambda metric, stage: t[(t.metric == metric) & (t.stage == stage)].value.mean()
+    _check_intervals_over_answer_groups(r, facts)
     assert rate("fact_accuracy", "before") <= 0.5  # the weights do not hold these facts...
     assert rate("context_wins", "before") >= 0.5  # ...so the context wins
     assert rate("fact_accuracy", "after") >= 0.9  # fine-tuning memorises them
@@ -339,6 +386,40 @@ def test_conflict_probe_mapping_facts_give_the_context_room_to_lose(name):
     assert rate("context_wins", "after") <= rate("context_wins", "before") - 0.2
     assert set(t[t.metric == "attn_update_cos"].layer) == set(range(model.cfg.n_layers))
     assert _unchanged(model, before)
+
+
+def _check_intervals_over_answer_groups(result, facts) -> None:
+    """The summary's intervals and the findings' paired change, recomputed with scipy over the
+    facts' answer groups (facts that share an answer share its counterfact: one unit), the
+    groups taken from the facts themselves, not from the table's column."""
+    import itertools
+
+    from iclgd_lens.analyses.conflict_probe import context_change, summary
+    from scipy import stats as sps
+
+    t = result.table
+    answer_of = {i: f[1] for i, f in enumerate(facts)}
+    groups = sorted(set(answer_of.values()))
+    summed = summary(t).set_index(["metric", "stage", "layer"])
+
+    def group_rates(stage):
+        rows = t[(t.metric == "context_wins") & (t.stage == stage)]
+        return np.array([rows[rows["query"].map(answer_of) == g].value.astype(float).mean() for g in groups])
+
+    for stage in ("before", "after"):
+        x = group_rates(stage)
+        half = sps.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)) if x.std() > 0 else 0.0
+        row = summed.loc[("context_wins", stage, -1)]
+        assert row["n_answers"] == len(groups) and row["n"] == len(facts)
+        assert row["mean"] == pytest.approx(x.mean(), abs=1e-12)
+        assert row["ci_low"] == pytest.approx(max(x.mean() - half, 0.0), abs=1e-9)
+        assert row["ci_high"] == pytest.approx(min(x.mean() + half, 1.0), abs=1e-9)
+    d = group_rates("after") - group_rates("before")
+    signs = np.array(list(itertools.product([1, -1], repeat=len(d))))
+    p = np.mean(np.abs((signs * d).mean(1)) >= abs(d.mean()) - 1e-12)
+    change = context_change(t)
+    assert change.diff_mean == pytest.approx(d.mean(), abs=1e-12) and change.p_value == pytest.approx(p)
+    assert f"paired over {len(groups)} answers" in result.findings
 
 
 FACTS = [(f"w{i}", "ABCD"[i % 4], "ABCD"[(i + 1) % 4]) for i in range(8)]

@@ -401,6 +401,10 @@ def test_a_cell_whose_data_file_was_deleted_is_damaged_and_the_rerun_computes_it
     assert listing.exit_code == 0, listing.output
     assert f"damaged  {key}" in listing.output and "the next run computes it again" in listing.output
     assert "1 damaged, 7 done" in listing.output
+    drawn = cli("render", root, "--out", tmp_path / "left_out")  # the page says what it leaves out
+    assert drawn.exit_code == 0, drawn.output
+    index = (tmp_path / "left_out" / "index.html").read_text()
+    assert "7 finished cells" in index and "Not drawn: 1 damaged cell(s)" in index
     summary = run_sweep(grid_spec(), root)
     assert summary.computed == [key] and len(summary.reused) == 7 and not summary.failed
     assert store_files(root) == store_files(reference)
@@ -473,6 +477,14 @@ def test_a_failed_cell_records_its_one_line_error_and_is_tried_again(tmp_path):
     assert not (tmp_path / "cells" / key).exists()
     again = run_sweep(spec, tmp_path)
     assert list(again.failed) == [key] and len(again.reused) == 1 and not again.computed
+    from iclgd_lens.report.sweep import render_sweep
+
+    index = render_sweep(tmp_path, tmp_path.parent / f"{tmp_path.name}-report").read_text()
+    assert (
+        "1 finished cell " in index
+        and "1 finished cells" not in index
+        and "Not drawn: 1 failed cell(s)" in index
+    )  # said, not dropped silently
 
 
 def test_data_changed_between_planning_and_running_fails_the_cell_instead_of_filing_it_wrongly(tmp_path):

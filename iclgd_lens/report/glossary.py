@@ -244,11 +244,12 @@ def tooltip(metric: str) -> str:
 
 def metric_link(metric: str, page: str = GLOSSARY_PAGE) -> str:
     """A metric name as HTML: an <abbr> with its one-line definition, linking to its glossary entry.
-    `page`: the glossary's address from the page the link sits on ("" for the same page)."""
-    return (
-        f'<a class="metric" href="{escape(page)}#{escape(anchor(metric))}">'
-        f'<abbr title="{escape(tooltip(metric))}">{escape(metric)}</abbr></a>'
-    )
+    `page`: the glossary's address from the page the link sits on ("" for the same page). A metric
+    without an entry (a study's own, a plugin's) is the <abbr> alone: no link to a missing entry."""
+    name = f'<abbr title="{escape(tooltip(metric))}">{escape(metric)}</abbr>'
+    if entry(metric) is None:
+        return name
+    return f'<a class="metric" href="{escape(page)}#{escape(anchor(metric))}">{name}</a>'
 
 
 def glossary_html(metrics: list[str] | None = None) -> str:

@@ -484,7 +484,40 @@ def render_sweep(
     """The sweep report of a store folder (every done cell) or a spec (its done cells, from
     `store` or the spec's own); returns the path of its index.html."""
     cells = store_cells(source, store)
-    return _write_pages(cells, out, "iclgd-lens sweep", f"{len(cells)} finished cells from {source}.")
+    finished = f"{len(cells)} finished cell{'' if len(cells) == 1 else 's'}"
+    intro = f"{finished} from {source}." + undrawn_note(source, store)
+    return _write_pages(cells, out, "iclgd-lens sweep", intro)
+
+
+def undrawn_note(source: str | os.PathLike, store: str | os.PathLike | None = None) -> str:
+    """What the sweep report leaves out, said on its page: the cells that failed or are damaged
+    (and, for a spec, those not computed yet); "" when nothing is left out."""
+    from iclgd_lens.sweep.store import Store
+
+    path = Path(source)
+    counts: dict[str, int] = {}
+    if (path / "cells").is_dir() and store is None:
+        the_store = Store(path)
+        keys = {f.stem for f in (path / "failed").glob("*.json")} | {
+            p.name for p in (path / "cells").iterdir() if p.is_dir()
+        }
+        for key in keys:
+            status = the_store.status(key)
+            counts[status] = counts.get(status, 0) + 1
+    else:
+        from iclgd_lens.sweep.run import plan
+        from iclgd_lens.sweep.spec import load_spec
+
+        spec = load_spec(source)
+        for planned in plan(spec, Store(store or spec.store or "iclgd-store")):
+            counts[planned.status] = counts.get(planned.status, 0) + 1
+    left = [f"{counts[s]} {s}" for s in ("failed", "damaged", "missing") if counts.get(s)]
+    if not left:
+        return ""
+    return (
+        f" Not drawn: {', '.join(left)} cell(s) (`iclgd-lens sweep SPEC --status` lists them, with the"
+        " failures' errors; rerunning the sweep computes them again)."
+    )
 
 
 def render_sweep_runs(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
