@@ -404,3 +404,46 @@ def test_millions_of_episodes_are_refused_before_a_single_one_is_drawn(model, mo
     assert issubclass(type(task), Task)
     with pytest.raises(IclgdError, match="TFLOP of work"):
         compare(model, task, k=2, n_episodes=10_000_000, n_queries=2, progress=False)
+
+
+@pytest.mark.parametrize("n_ctx", [16, 17, 19, 40])
+def test_the_context_window_error_names_the_largest_k_that_fits(n_ctx):
+    """The k the error suggests passes the check and one more does not; the tokens it says k
+    needs are more than the window."""
+    import re
+
+    from iclgd_lens.engine.compare import check_k_fits
+
+    model = load_model("tiny-llama-icl")
+    task = resolve_task(None)
+    with pytest.raises(IclgdError) as e:
+        check_k_fits(model.tokenizer, n_ctx, task, 64)
+    message = str(e.value)
+    need, window, hinted = (
+        int(x)
+        for x in re.search(r"at least (\d+) tokens.*window is (\d+); choose k <= (\d+)", message).groups()
+    )
+    assert need > window == n_ctx and "\n" not in message
+    check_k_fits(model.tokenizer, n_ctx, task, hinted)
+    with pytest.raises(IclgdError):
+        check_k_fits(model.tokenizer, n_ctx, task, hinted + 1)
+
+
+def test_a_probe_error_under_progress_bars_is_a_line_of_its_own(tmp_path):
+    """With progress bars on (the default), the error is not printed onto a half-drawn bar: the
+    bars are closed before it, so it starts its own line; it names the probe's file."""
+    path = probe_file(tmp_path, "wrong_batch.py")
+    try:
+        result = runner.invoke(
+            app,
+            ["report", "--hooks", str(path), "--episodes", "2", "--queries", "2", "--threads", "1"]
+            + ["--out", str(tmp_path / "out")],
+        )
+    finally:
+        PROBES.pop("wrong_batch", None)
+    assert result.exit_code == 2
+    lines = result.stderr.split("\n")  # not splitlines(): a bar redraws itself after "\r"
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("iclgd-lens: error: probe 'wrong_batch'")
+    assert "fix it in wrong_batch.py" in errors[0] and "leave out its --hooks file" in errors[0]
+    assert not (tmp_path / "out").exists()

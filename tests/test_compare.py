@@ -8,6 +8,7 @@ from tiny import tiny_bridge, tiny_task, tiny_tokenizer
 
 from iclgd_lens.engine.compare import compare
 from iclgd_lens.engine.gd import GDConfig
+from iclgd_lens.engine.record import Recorder
 from iclgd_lens.errors import IclgdError
 
 torch.set_num_threads(1)
@@ -198,10 +199,14 @@ def test_metrics_come_from_what_probes_declare(bridge):
             )
         )
         kw = dict(gd=GDConfig.dai(lr=0.05), baselines=False, artifacts=False, **SMALL)
-        metrics = set(
-            compare(bridge, tiny_task(), probes=["attn_out", "t_compared", "t_silent"], **kw).table.metric
-        )
+        with pytest.warns(
+            UserWarning, match="'t_silent' is declared compare=False: compare.. runs it"
+        ) as said:
+            metrics = set(
+                compare(bridge, tiny_task(), probes=["attn_out", "t_compared", "t_silent"], **kw).table.metric
+            )
         assert "probe:q_mlp" in metrics and "probe:silent" not in metrics
+        assert not [w for w in said if "t_compared" in str(w.message) or "attn_out" in str(w.message)]
         probe("t_clash", points=["blocks.{layer}.hook_mlp_out"])(
             lambda acts, ctx: (
                 {}
@@ -223,6 +228,30 @@ def test_metrics_come_from_what_probes_declare(bridge):
         for name in ("t_compared", "t_silent", "t_clash", "t_sequence"):
             PROBES.pop(name, None)
     assert not any(hp.fwd_hooks for hp in bridge.hook_dict.values())
+
+
+@pytest.mark.parametrize(
+    "point, says",
+    [
+        ("blocks.{layer}.hook_mlp_outt", "closest points of layer 0: blocks.0.hook_mlp_out"),
+        (
+            "blocks.0.hook_mlp_out",
+            "a point of one block would be copied into every layer's rows; name "
+            "per-layer points (e.g. 'blocks.{layer}.hook_mlp_out')",
+        ),
+        ("hook_embed", "a point outside the blocks would be copied"),
+    ],
+)
+def test_a_wrong_hook_point_is_answered_with_the_point_meant(bridge, point, says):
+    from iclgd_lens.hooks import PROBES, probe
+
+    try:
+        probe("t_point", points=[point])(lambda acts, ctx: {})
+        with pytest.raises(IclgdError) as info:
+            Recorder(bridge, ["t_point"])
+    finally:
+        PROBES.pop("t_point", None)
+    assert says in str(info.value) and "\n" not in str(info.value)
 
 
 def test_the_untrained_baselines_gd_has_its_own_progress_bar(bridge, capsys):

@@ -92,6 +92,7 @@ def compare(
     chosen = _chosen_baselines(baselines)
     probe_names = _probe_names(probes)
     Recorder(model, probe_names)  # refuses probes whose hook points the model lacks, before any work
+    _warn_recorded_only(probe_names)
     check_k_fits(model.tokenizer, _context_window(model), task, k)
     if check_resources:  # a lower bound, before drawing: millions of episodes are refused, not drawn
         _check_work(
@@ -261,74 +262,77 @@ def _compare_once(
         else None
     )
     frames = []
-    bar = tqdm(total=len(episodes), desc=desc, disable=not progress)
-    for group in _episode_groups(episodes, batch_size):
-        start = sum(len(episodes[e].queries) for e in range(group[0]))
-        stop = start + sum(len(episodes[e].queries) for e in group)
-        alone = zsl_enc.rows(start, stop)
-        query_alone = {
-            "zsl": zsl if shared_zsl else recorder.run_batched(alone, "zsl", batch_size=batch_size)
-        }
-        if deltas is not None:
-            query_alone["gd"] = recorder.run_batched(
-                alone, "gd", batch_size=batch_size, deltas=deltas, row_episode=row_episode[start:stop]
-            )
-        if with_random_update:
-            query_alone["gd_random"] = _random_update(
-                recorder, alone, deltas, group, episodes, seed, batch_size
-            )
-        if deltas is None:
-            query_alone["gd"] = query_alone["zsl"]
-        _check_finite(query_alone, gd_config)
-        icl_encs = [
-            _encoded(encodings, ("icl", e), tokenizer, task, episodes[e], episodes[e].demos, max_len, device)
-            for e in group
-        ]
-        icl = _icl_all(recorder, icl_encs, "icl", share_prefix and k > 0, batch_size)
-        perm = None
-        if perms is not None:
-            perm_encs = [
-                _encoded(encodings, ("icl_perm", e), tokenizer, task, episodes[e], perms[e], max_len, device)
+    with tqdm(total=len(episodes), desc=desc, disable=not progress) as bar:  # closed on an error too
+        for group in _episode_groups(episodes, batch_size):
+            start = sum(len(episodes[e].queries) for e in range(group[0]))
+            stop = start + sum(len(episodes[e].queries) for e in group)
+            alone = zsl_enc.rows(start, stop)
+            query_alone = {
+                "zsl": zsl if shared_zsl else recorder.run_batched(alone, "zsl", batch_size=batch_size)
+            }
+            if deltas is not None:
+                query_alone["gd"] = recorder.run_batched(
+                    alone, "gd", batch_size=batch_size, deltas=deltas, row_episode=row_episode[start:stop]
+                )
+            if with_random_update:
+                query_alone["gd_random"] = _random_update(
+                    recorder, alone, deltas, group, episodes, seed, batch_size
+                )
+            if deltas is None:
+                query_alone["gd"] = query_alone["zsl"]
+            _check_finite(query_alone, gd_config)
+            icl_encs = [
+                _encoded(
+                    encodings, ("icl", e), tokenizer, task, episodes[e], episodes[e].demos, max_len, device
+                )
                 for e in group
             ]
-            perm = _icl_all(recorder, perm_encs, "icl_perm", share_prefix, batch_size)
-        _check_finite({"icl": Recording("icl", logits=torch.cat([q.logits for _, q in icl]))}, gd_config)
+            icl = _icl_all(recorder, icl_encs, "icl", share_prefix and k > 0, batch_size)
+            perm = None
+            if perms is not None:
+                perm_encs = [
+                    _encoded(
+                        encodings, ("icl_perm", e), tokenizer, task, episodes[e], perms[e], max_len, device
+                    )
+                    for e in group
+                ]
+                perm = _icl_all(recorder, perm_encs, "icl_perm", share_prefix, batch_size)
+            _check_finite({"icl": Recording("icl", logits=torch.cat([q.logits for _, q in icl]))}, gd_config)
 
-        offset = 0
-        for i, e in enumerate(group):
-            episode = episodes[e]
-            n = len(episode.queries)
-            rec: dict[str, Recording] = {
-                name: r if (shared_zsl and name == "zsl") else r.rows(offset, offset + n)
-                for name, r in query_alone.items()
-            }
-            rec["icl_prefix"], rec["icl"] = icl[i]
-            if perm is not None:
-                rec["icl_perm"] = perm[i][1]
-            offset += n
-            labels = torch.tensor([q.label for q in episode.queries], device=device)
-            label_ids = label_token_ids(tokenizer, episode.label_words)
-            train_queries = (
-                (deltas.train_queries[e], deltas.train_token_demo[e])
-                if deltas is not None and deltas.train_queries
-                else None
-            )
-            frames.append(
-                episode_table(
-                    rec,
-                    labels,
-                    label_ids,
-                    episode=e,
-                    chosen=chosen,
-                    seed=seed + e,
-                    rotary=rotary,
-                    train_queries=train_queries,
-                    compared=recorder.compared_keys(),
+            offset = 0
+            for i, e in enumerate(group):
+                episode = episodes[e]
+                n = len(episode.queries)
+                rec: dict[str, Recording] = {
+                    name: r if (shared_zsl and name == "zsl") else r.rows(offset, offset + n)
+                    for name, r in query_alone.items()
+                }
+                rec["icl_prefix"], rec["icl"] = icl[i]
+                if perm is not None:
+                    rec["icl_perm"] = perm[i][1]
+                offset += n
+                labels = torch.tensor([q.label for q in episode.queries], device=device)
+                label_ids = label_token_ids(tokenizer, episode.label_words)
+                train_queries = (
+                    (deltas.train_queries[e], deltas.train_token_demo[e])
+                    if deltas is not None and deltas.train_queries
+                    else None
                 )
-            )
-            bar.update(1)
-        del query_alone, icl, perm, rec
-    bar.close()
+                frames.append(
+                    episode_table(
+                        rec,
+                        labels,
+                        label_ids,
+                        episode=e,
+                        chosen=chosen,
+                        seed=seed + e,
+                        rotary=rotary,
+                        train_queries=train_queries,
+                        compared=recorder.compared_keys(),
+                    )
+                )
+                bar.update(1)
+            del query_alone, icl, perm, rec
     return pd.concat(frames, ignore_index=True), deltas
 
 
@@ -485,10 +489,12 @@ def check_k_fits(tokenizer, n_ctx: int | None, task: Task, k: int) -> None:
             f"the shortest training example of task {task.name!r} is {per_demo} tokens as a demonstration, "
             f"but the model's context window is {n_ctx}: no k > 0 fits; shorten the training texts"
         )
-    if k * per_demo >= n_ctx:
+    need = 1 + k * per_demo + 1  # BOS, the demonstrations, at least one token of the query
+    largest = (n_ctx - 2) // max(per_demo, 1)
+    if need > n_ctx:
         raise IclgdError(
-            f"k={k} demonstrations need at least {k * per_demo} tokens ({per_demo} each), but the model's "
-            f"context window is {n_ctx}; choose k <= {max(0, (n_ctx - 1) // max(per_demo, 1) - 1)}"
+            f"k={k} demonstrations need at least {need} tokens (BOS, {per_demo} per demonstration and the "
+            f"query), but the model's context window is {n_ctx}; choose k <= {largest}"
         )
 
 
@@ -612,6 +618,22 @@ def _chosen_baselines(baselines) -> tuple[str, ...]:
     if unknown:
         raise IclgdError(f"unknown baseline(s) {unknown}; choose from {list(ALL_BASELINES)}")
     return tuple(baselines)
+
+
+def _warn_recorded_only(names: list[str]) -> None:
+    """A user's probe declared compare=False adds nothing to compare()'s table or report: say so,
+    instead of a run in which that probe silently leaves no trace."""
+    from iclgd_lens.hooks import get_probes
+
+    for p in get_probes(names):
+        if not p.compare and not p.built_in:
+            warnings.warn(
+                f"probe {p.name!r} is declared compare=False: compare() runs it in every condition but "
+                "keeps none of its values (no table rows, no report section); read them with a Recorder "
+                "(docs/extending.md, 'Recording without comparing'), or return vectors and drop "
+                "compare=False to have them compared",
+                stacklevel=3,
+            )
 
 
 def _probe_names(probes) -> list[str]:

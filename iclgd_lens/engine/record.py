@@ -19,9 +19,12 @@ same numbers as full passes (tested), far fewer FLOPs.
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -126,18 +129,23 @@ class Recorder:
         for p in self.probes:
             for point in p.points:
                 if "{layer}" not in point:
+                    fixed = re.sub(r"^blocks\.\d+\.", "blocks.{layer}.", point)
+                    example = fixed if fixed != point else "blocks.{layer}.hook_resid_pre"
+                    what = "a point of one block" if fixed != point else "a point outside the blocks"
                     raise IclgdError(
                         f"probe {p.name!r} reads hook point {point!r}, which has no {{layer}}: a probe is "
-                        "called once per layer, so a point outside the blocks would be copied into every "
-                        "layer's rows; name per-layer points (e.g. 'blocks.{layer}.hook_resid_pre')"
+                        f"called once per layer, so {what} would be copied into every layer's rows; "
+                        f"name per-layer points (e.g. {example!r})"
                     )
             for layer in self.layers[:1] + self.layers[-1:]:
                 for point in p.point_names(layer):
                     if point not in known:
-                        near = sorted(n for n in known if n.startswith(f"blocks.{layer}."))[:6]
+                        of_layer = sorted(n for n in known if n.startswith(f"blocks.{layer}."))
+                        near = difflib.get_close_matches(point, of_layer, n=3, cutoff=0.6) or of_layer[:6]
                         raise IclgdError(
                             f"probe {p.name!r} reads hook point {point!r}, which this model does not have "
-                            f"(points of layer {layer} include {', '.join(near)}, ...)"
+                            f"(closest points of layer {layer}: {', '.join(near)}; "
+                            "model.hook_dict names them all)"
                         )
 
     def compared_keys(self) -> tuple[str, ...]:
@@ -521,7 +529,12 @@ def _remedy(p: Probe) -> str:
     """How to get rid of a failing user probe, which every later default compare() records."""
     if p.built_in:
         return ""
-    return f"; fix it, or remove it with iclgd_lens.hooks.unregister({p.name!r})"
+    source = getattr(getattr(p.fn, "__code__", None), "co_filename", "")
+    where = f" in {Path(source).name}" if source and not source.startswith("<") else ""
+    return (
+        f"; fix it{where}, or remove it with iclgd_lens.hooks.unregister({p.name!r}) "
+        "(on the command line: leave out its --hooks file)"
+    )
 
 
 def _check_probe_output(p: Probe, out, ctx: ReadContext, layer: int) -> None:
@@ -547,7 +560,8 @@ def _check_probe_output(p: Probe, out, ctx: ReadContext, layer: int) -> None:
             raise IclgdError(
                 f"probe {p.name!r} returned {name!r} of shape {tuple(value.shape)}, one number per row; "
                 "a compared probe returns vectors, [batch, d] or [batch, heads, d], whose updates are "
-                f"compared as cosines: declare the probe with compare=False to record it only {where}"
+                "compared as cosines: return a vector per row, or declare the probe with compare=False to "
+                f"record it for your own code with a Recorder (compare() then keeps none of it) {where}"
             )
 
 

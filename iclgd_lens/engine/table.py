@@ -205,8 +205,10 @@ def _check_same_shape(name: str, values: dict[str, torch.Tensor]) -> None:
         seen = ", ".join(f"{c} {s}" for c, s in shapes.items())
         raise IclgdError(
             f"probe vector {name!r} has different shapes across conditions ({seen}); a compared vector "
-            "(compare=True) must be read at one position, e.g. x[ctx.batch_index, ctx.read_pos], or "
-            "declared with compare=False"
+            "(compare=True) needs one shape in every condition, and ICL's passes hold more positions than "
+            "ZSL's (its demonstrations), so neither a whole sequence nor an attention row over the keys "
+            "compares: read a vector at one position, e.g. x[ctx.batch_index, ctx.read_pos] of a "
+            "residual or head output, or declare the probe with compare=False"
         )
 
 

@@ -273,8 +273,11 @@ def _train(
     buffers = _factor_buffers(parts, encoded, chunks, n_episodes, calls_per_step)
     for path, (u, v) in buffers.items():
         parts[path] = (u[..., :0], v[..., :0])
-    with torch.enable_grad():
-        for step, chunk in enumerate(tqdm(chunks, desc=progress, disable=progress is None), start=1):
+    with (
+        torch.enable_grad(),
+        tqdm(chunks, desc=progress, disable=progress is None) as steps,
+    ):  # closed on errors
+        for step, chunk in enumerate(steps, start=1):
             batch = [encoded[e][i] for e in range(n_episodes) for i in chunk]  # episode-major rows
             row_episode = torch.arange(n_episodes).repeat_interleave(len(chunk))  # [rows]
             input_ids, attention_mask, targets = _pad_batch(batch, pad_id, device)
