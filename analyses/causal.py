@@ -50,6 +50,7 @@ from iclgd_lens import (
     Recorder,
     Task,
     added_context_mask,
+    check_least_work,
     delta_hooks,
     encode_prompts,
     label_token_ids,
@@ -723,6 +724,7 @@ def run(
     if k < 1:
         raise IclgdError(f"the causal study needs k >= 1 demonstrations, got k={k}")
     gd_config = GDConfig.resolve(gd, task)
+    check_least_work(bridge, task, k, n_episodes, n_queries, gd_config, untrained)  # before drawing
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     table, facts = causal_table(
         bridge, task, episodes, gd_config, seed=seed, rope=rope, heads=heads, progress=progress

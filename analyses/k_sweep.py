@@ -29,6 +29,7 @@ from iclgd_lens import (
     IclgdError,
     Recorder,
     Task,
+    check_least_work,
     compare,
     encode_prompts,
     label_token_ids,
@@ -135,6 +136,7 @@ def gd_only_table(
     """ZSL and GD accuracy (argmax over the label words) for k demonstrations that need not fit
     in the context: tidy rows (metric, comparison, layer, head, episode, query, value, k)."""
     config = GDConfig.resolve(gd, task)  # as compare(): a preset name takes the task's gd_lr
+    check_least_work(bridge, task, k, n_episodes, n_queries, config, untrained=False)  # before drawing
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     deltas = train_deltas(bridge, bridge.tokenizer, task, episodes, config)
     recorder = Recorder(bridge, [])

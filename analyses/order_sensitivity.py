@@ -46,6 +46,7 @@ from iclgd_lens import (
     Recording,
     StudyResult,
     Task,
+    check_least_work,
     demo_order,
     encode_prompts,
     metrics,
@@ -102,6 +103,7 @@ def run(
     none_given = np.size(batch_sizes) == 0 or (isinstance(batch_sizes, str) and not batch_sizes.strip(", "))
     given = [] if none_given else parse_numbers(batch_sizes, "batch_sizes")  # () -> full batch only
     sizes = [b for b in given if 1 <= b < k] + [k]
+    check_least_work(bridge, task, k, n_episodes, n_queries, base, untrained=False)  # before drawing
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     order_seeds, orders = distinct_orders(k, n_permutations, seed)
     permuted = permuted_episodes(episodes, orders)  # index e * P + p

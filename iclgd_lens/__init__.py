@@ -39,6 +39,7 @@ _EXPORTS = {
     "load_task": "iclgd_lens.tasks.formats",
     # engine
     "compare": "iclgd_lens.engine.compare",
+    "check_least_work": "iclgd_lens.engine.compare",
     "GDConfig": "iclgd_lens.engine.gd",
     "Deltas": "iclgd_lens.engine.gd",
     "train_deltas": "iclgd_lens.engine.gd",

@@ -34,7 +34,7 @@ from typer.core import TyperGroup
 
 from iclgd_lens import interrupts
 from iclgd_lens.errors import IclgdError
-from iclgd_lens.limits import MAX_SEED, MAX_THREADS
+from iclgd_lens.limits import MAX_SEED, MAX_THREADS, MAX_TRAIN_STEPS
 
 DEFAULT_OUT = "iclgd-report"
 DEFAULT_MODEL = "tiny-llama-icl"
@@ -51,6 +51,13 @@ def _fail(message: str, code: int = 2, where: str = "iclgd-lens") -> None:
 
 def _note(message, category, filename, lineno, file=None, line=None) -> None:
     typer.echo(f"iclgd-lens: note: {_one_line(message)}", err=True)
+
+
+def _os_error_line(err: OSError) -> str:
+    """An operating-system error on a user's path as one line: which path, and why."""
+    name = str(err.filename) if err.filename is not None else ""
+    shown = name if len(name) <= 120 else name[:60] + "..." + name[-40:]
+    return f"cannot use {shown}: {err.strerror or err}" if shown else f"{err.strerror or err}"
 
 
 class _OneLineErrors(TyperGroup):
@@ -80,6 +87,10 @@ class _OneLineErrors(TyperGroup):
             _fail("aborted", 130)
         except IclgdError as err:
             _fail(str(err))
+        except RecursionError:  # json / tomllib on input nested thousands deep
+            _fail("an input is nested too deeply to read (a JSON or TOML file, or a --set value)")
+        except OSError as err:  # a path the system refuses: unreadable, too long, not a folder
+            _fail(_os_error_line(err))
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -456,16 +467,15 @@ def study(
     empty = Results(
         pd.DataFrame(columns=list(TABLE_COLUMNS)), {"study": name, **getattr(result, "config", {})}, {}
     )
+    table = getattr(result, "table", None)
     path = render_report(
         empty,
         out,
         single_file=single_file,
         study_results=[result],
         analyses={},
+        csv_tables={f"study_{name}.csv": table} if isinstance(table, pd.DataFrame) else None,
     )
-    table = getattr(result, "table", None)
-    if isinstance(table, pd.DataFrame):
-        table.to_csv(path.parent / f"study_{name}.csv", index=False)
     typer.echo(str(path))
 
 
@@ -540,6 +550,7 @@ def sweep(
                 f"iclgd-lens: note: no data for {', '.join(missing)} in {data_dir}; those tasks are left out"
             )
     the_store = Store(store or the_spec.store or "iclgd-store")
+    the_store.check_place()  # what the run refuses, --dry-run and --status refuse too
     if dry_run or status:
         _sweep_listing(the_spec, the_store, dry_run)
         return
@@ -626,7 +637,9 @@ def train_model(
         help="icl (next-token loss on the corpus; ICL has to emerge) or iclobj (the explicit ICL objective).",
     ),
     out: Path = typer.Option(..., help="Folder for the model, tokenizer and training_log.json."),
-    steps: Optional[int] = typer.Option(None, min=1, help="Training steps (default: the configuration's)."),
+    steps: Optional[int] = typer.Option(
+        None, min=1, max=MAX_TRAIN_STEPS, help="Training steps (default: the configuration's)."
+    ),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the model init and the data."),
     threads: int = typer.Option(
         1, min=1, max=MAX_THREADS, help="torch threads (1 or 2; more oversubscribes)."

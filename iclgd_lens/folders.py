@@ -71,17 +71,32 @@ def check_target(
     "model"): an existing file, a non-empty folder that `is_ours` does not recognise, or a parent
     that is a file or cannot be written (a folder is made and removed there at once, so that a
     long run does not end in an unwritable place; nothing is left behind). `whole`: the new
-    folder will replace `out` whole, so `out` may hold only files its manifest lists."""
+    folder will replace `out` whole, so `out` may hold only files its manifest lists; an earlier
+    folder with a write-protected folder inside is refused too (it could not be removed whole).
+    A path the system cannot look at (too long, in an unreadable folder) is refused in one line."""
     out = Path(out).absolute()
+    try:
+        _check_target(out, is_ours, what, whole)
+    except OSError as err:
+        raise IclgdError(f"cannot use {out} as the {what} folder: {err.strerror or err}") from None
+
+
+def _check_target(out: Path, is_ours: Callable[[Path], bool], what: str, whole: bool) -> None:
     if out.is_symlink():
         raise IclgdError(f"{what} folder {out} is a symbolic link; name the folder itself")
-    if out.is_file():
+    if out.exists() and not out.is_dir():  # a file, a FIFO, a device (/dev/null)
         raise IclgdError(f"{what} folder {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not is_ours(out):
             raise IclgdError(f"refusing to replace {out}: it is not empty and holds no iclgd-lens {what}")
         if whole:
             _refuse_foreign(out, what)
+            locked = [d for d in [out, *(p for p in out.rglob("*") if p.is_dir())] if not _writable(d)]
+            if locked:
+                raise IclgdError(
+                    f"refusing to replace {out}: {locked[0]} is write-protected, so the earlier {what} "
+                    "could not be removed whole; make it writable yourself, or choose another folder"
+                )
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -91,6 +106,11 @@ def check_target(
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
     except OSError as err:
         raise IclgdError(f"cannot write the {what} into {out.parent}: {err.strerror or err}") from None
+
+
+def _writable(folder: Path) -> bool:
+    """Whether this process may remove entries of `folder` (write and search permission)."""
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 @contextmanager

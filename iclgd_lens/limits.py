@@ -7,3 +7,7 @@ update, seed * 1_000_003 + episode (`gd.deltas.random_seed`), which then still f
 
 MAX_THREADS = 1024
 """The most torch threads a run may ask for."""
+
+MAX_TRAIN_STEPS = 1_000_000
+"""The most steps `iclgd-lens train` takes: the shipped models train for 2,000 (minutes on a CPU);
+a million is already weeks there, and more is a typo, refused instead of run."""

@@ -5,6 +5,7 @@ the model (state_dict, hooks) unchanged."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,11 @@ def make_inputs(folder: Path) -> dict[str, Path]:
                 (folder / name / f.name).write_bytes(f.read_bytes())
         (folder / name / "config.json").write_text(text)
     (folder / "sweep.toml").write_text(f'models = ["{damaged}"]\nk = [2]\nn_episodes = 2\nn_queries = 2\n')
+    os.mkfifo(folder / "fifo")  # a pipe: reading it would block until another program writes
+    (folder / "pipe").mkdir()
+    os.mkfifo(folder / "pipe" / "sst2.jsonl")
+    (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (folder / "deep.toml").write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
     foreign = folder / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("mine")
@@ -171,6 +177,38 @@ CLI_CASES = [
         "--threads",
     ),
     ("study-seed-beyond-the-generators", ["study", "k-sweep", "--seed", "1" + "0" * 22], "--seed"),
+    (
+        "sweep-dry-run-into-a-users-folder",
+        ["sweep", "{dir}/sweep.toml", "--dry-run", "--store", "{dir}/foreign"],
+        "refusing to write a store",
+    ),
+    (
+        "sweep-status-of-a-users-folder",
+        ["sweep", "{dir}/sweep.toml", "--status", "--store", "{dir}/foreign"],
+        "refusing to write a store",
+    ),
+    ("out-is-a-pipe", ["report", "--out", "{dir}/fifo"], "exists and is not a folder"),
+    ("out-is-a-device", ["report", "--out", "/dev/null"], "exists and is not a folder"),
+    ("out-name-too-long", ["report", "--out", "{dir}/" + "o" * 300], "File name too long"),
+    ("task-name-too-long", ["report", "--task", "a" * 5000], "too long"),
+    ("data-file-a-pipe", ["report", "--task", "{dir}/pipe/sst2.jsonl"], "not a regular file"),
+    ("render-json-nested-too-deeply", ["render", "{dir}/deep.json"], "nested too deeply"),
+    ("sweep-spec-nested-too-deeply", ["sweep", "{dir}/deep.toml", "--dry-run"], "nested too deeply"),
+    (
+        "set-value-nested-too-deeply",
+        ["study", "k-sweep", "--set", "ks=" + "[" * 60_000 + "]" * 60_000],
+        "nested",
+    ),
+    (
+        "train-steps-beyond-any-run",
+        ["train", "--variant", "icl", "--out", "{dir}/m", "--steps", "1" + "0" * 21],
+        "--steps",
+    ),
+    (
+        "study-a-billion-episodes",
+        ["study", "causal", "--set", "k=2", "--set", "n_episodes=1000000000", "--set", "n_queries=1"],
+        "TFLOP of work",
+    ),
 ]
 
 
@@ -447,3 +485,22 @@ def test_a_probe_error_under_progress_bars_is_a_line_of_its_own(tmp_path):
     assert len(errors) == 1 and errors[0].startswith("iclgd-lens: error: probe 'wrong_batch'")
     assert "fix it in wrong_batch.py" in errors[0] and "leave out its --hooks file" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_earlier_report_that_cannot_be_removed_whole_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A report folder with a write-protected folder inside could not be removed after the swap
+    (its old copy would stay beside the new one for good): refused in one line, left as it was.
+    (As root every folder is writable, so the permission test itself is stood in for.)"""
+    from iclgd_lens import folders
+
+    old = tmp_path / "old-report"
+    (old / "assets").mkdir(parents=True)
+    (old / "index.html").write_text("the earlier report")
+    (old / "assets" / "a.js").write_text("x")
+    (old / MANIFEST).write_text('{"what": "report", "files": ["index.html", "assets/a.js"]}')
+    monkeypatch.setattr(folders, "_writable", lambda folder: folder.name != "assets")
+    result = runner.invoke(app, ["report", *FAST, "--out", str(old)])
+    assert result.exit_code == 2 and "assets is write-protected" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (old / "index.html").read_text() == "the earlier report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old-report"]  # no copy or temporary beside it

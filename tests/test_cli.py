@@ -114,6 +114,9 @@ def test_study_runs_and_passes_settings(tmp_path, monkeypatch):
     text = (tmp_path / "s" / "index.html").read_text()
     assert "Does the CLI pass settings through?" in text and "5 rows, seed 7" in text
     assert pd.read_csv(tmp_path / "s" / "study_fake.csv")["value"].tolist() == [7, 8, 9, 10, 11]
+    again = run("study", "fake", "--set", "n=2", "--out", tmp_path / "s", "--threads", "1")  # its own folder
+    assert again.exit_code == 0, again.output
+    assert pd.read_csv(tmp_path / "s" / "study_fake.csv")["value"].tolist() == [0, 1]
     assert_one_line_error(run("study", "fake", "--set", "bogus=1", "--out", tmp_path / "t"), "bogus")
     assert_one_line_error(run("study", "fake", "--set", "noequals"), "name=value")
 

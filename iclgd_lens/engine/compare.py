@@ -95,8 +95,8 @@ def compare(
     _warn_recorded_only(probe_names)
     check_k_fits(model.tokenizer, _context_window(model), task, k)
     if check_resources:  # a lower bound, before drawing: millions of episodes are refused, not drawn
-        _check_work(
-            model, task, _shortest_episodes(task, k, n_episodes, n_queries), gd_config, "untrained" in chosen
+        check_least_work(
+            model, task, k, n_episodes, n_queries, gd_config, "untrained" in chosen, override=OVERRIDE_CHECK
         )
     episodes = task.episodes(k, n_episodes, n_queries, seed)
     check_prompts_fit(model, task, episodes)
@@ -580,16 +580,56 @@ def _shortest_episodes(task: Task, k: int, n_episodes: int, n_queries: int) -> t
     return Episode((demo,) * k, (query,) * n_queries, tuple(task.label_words)), n_episodes
 
 
-def _check_work(model, task: Task, episodes, gd_config: GDConfig, untrained: bool) -> None:
+def check_least_work(
+    model,
+    task: Task,
+    k: int,
+    n_episodes: int,
+    n_queries: int,
+    gd_config: GDConfig,
+    untrained: bool,
+    device: str | None = None,
+    override: str = "",
+) -> None:
+    """Refuse, before any episode is drawn, a request whose least possible work (every text the
+    task's shortest) is beyond the device (MAX_FLOPS): what compare() checks first, so that a
+    billion episodes are refused in a second, not drawn for hours. The studies that draw their
+    own episodes and the sweep's estimate call it too. `device`: the device type the work would
+    run on (default: the model's); `override`: how the caller's user can run it anyway, if they can
+    (said in the error)."""
+    _check_work(
+        model,
+        task,
+        _shortest_episodes(task, k, n_episodes, n_queries),
+        gd_config,
+        untrained,
+        device,
+        override,
+    )
+
+
+OVERRIDE_CHECK = "pass check_resources=False (--no-resource-check) to run it anyway"
+"""How a compare() user runs a request beyond MAX_FLOPS anyway."""
+
+
+def _check_work(
+    model,
+    task: Task,
+    episodes,
+    gd_config: GDConfig,
+    untrained: bool,
+    device: str | None = None,
+    override: str = OVERRIDE_CHECK,
+) -> None:
     """Refuse, with the estimate, a request far beyond the device (MAX_FLOPS)."""
     flops = estimate_flops(model, task, episodes, gd_config, untrained)
-    device = _device(model).type
+    device = device or _device(model).type
     limit = MAX_FLOPS.get(device, MAX_FLOPS["cuda"])
     if flops > limit:
         raise IclgdError(
             f"this comparison is about {flops / 1e12:,.3g} TFLOP of work, beyond what a {device} "
-            f"finishes in hours (limit {limit / 1e12:,.3g} TFLOP); use fewer episodes, queries or epochs, "
-            "or pass check_resources=False (--no-resource-check) to run it anyway"
+            f"finishes in hours (limit {limit / 1e12:,.3g} TFLOP); use fewer episodes, queries or epochs"
+            + (f", or {override}" if override else "")
         )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import socket
 from pathlib import Path
 
@@ -295,6 +296,10 @@ def _load_pretrained(
             f"folder {source} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
             "save the tokenizer there or pass tokenizer=..."
         )
+    if is_folder:  # transformers reports an unreadable weights file as a missing one
+        for file in sorted(Path(source).iterdir()):
+            if file.suffix in (".safetensors", ".bin") and not os.access(file, os.R_OK):
+                raise IclgdError(f"cannot read the weights file {file}: permission denied")
     try:
         hf_model = LlamaForCausalLM.from_pretrained(
             source, config=config, dtype=dtype, attn_implementation="eager", **local

@@ -704,11 +704,14 @@ def render_report(
     single_file: bool = False,
     study_results: Sequence[Any] = (),
     analyses: Mapping[str, Callable] | None = None,
+    csv_tables: Mapping[str, pd.DataFrame] | None = None,
 ) -> Path:
     """Write the report for `results` into `out_dir`; return the path of its index.html (report.html).
 
     `analyses`: name -> fn(results) rendered as sections (default: every registered analysis,
     see `iclgd_lens.analyses`). `study_results`: StudyResult objects, one section each.
+    `csv_tables`: file name -> table, written as CSV files of the report folder (inside its
+    swap, so they are in place exactly when the report is, and a later report replaces them).
     """
     if not isinstance(results, Results):
         raise IclgdError(f"render_report needs a Results, got {type(results).__name__}")
@@ -720,4 +723,6 @@ def render_report(
     check_report_target(out)
     with folders.written_in_place(out, "report") as tmp:
         entry = _write(results, tmp, single_file, analyses, list(study_results))
+        for file_name, table in (csv_tables or {}).items():
+            table.to_csv(tmp / file_name, index=False)
     return out / entry.name

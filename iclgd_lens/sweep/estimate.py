@@ -89,11 +89,11 @@ def estimate(planned: Planned, task) -> dict:
     config = json.loads((folder / "config.json").read_text())
     cell = planned.cell
     gd = GDConfig.resolve(cell.gd.config(), task)
-    refusal = _refusal(folder, config, task, cell, gd)
-    if refusal is not None:
-        return {"tflop": None, "memory_gb": None, "n_params": n_params, "cannot_run": refusal}
     baselines = cell.setting("baselines")
     untrained = baselines is True or (isinstance(baselines, list) and "untrained" in baselines)
+    refusal = _refusal(folder, config, task, cell, gd, n_params, untrained)
+    if refusal is not None:
+        return {"tflop": None, "memory_gb": None, "n_params": n_params, "cannot_run": refusal}
     episodes = task.episodes(cell.k, cell.setting("n_episodes"), cell.setting("n_queries"), cell.seed)
     shim = SimpleNamespace(  # what estimate_flops reads: the tokenizer and the parameter count
         tokenizer=_tokenizer(str(folder)), parameters=lambda: [torch.empty(n_params, device="meta")]
@@ -109,23 +109,44 @@ def estimate(planned: Planned, task) -> dict:
     return {"tflop": flops / 1e12, "memory_gb": memory / 2**30, "n_params": n_params, "cannot_run": None}
 
 
-def _refusal(folder: Path, config: dict, task, cell, gd) -> str | None:
+def _refusal(folder: Path, config: dict, task, cell, gd, n_params: int, untrained: bool) -> str | None:
     """The error `compare` would raise before any work because the cell's prompts do not fit the
-    context window (`check_k_fits`, `check_prompts_fit` on the cell's own episodes) or its GD
-    trains a layer the model does not have (`projection_paths`), or None."""
-    from iclgd_lens.engine.compare import check_k_fits, check_prompts_fit
+    context window (`check_k_fits`, `check_prompts_fit` on the cell's own episodes), its GD
+    trains a layer the model does not have (`projection_paths`), or its least possible work is
+    beyond the device (`check_least_work`, before any episode is drawn), or None."""
+    import torch
+
+    from iclgd_lens.engine.compare import check_k_fits, check_least_work, check_prompts_fit
     from iclgd_lens.engine.gd.config import projection_paths
     from iclgd_lens.errors import IclgdError
 
     tokenizer = _tokenizer(str(folder))
     n_ctx = config.get("max_position_embeddings")
-    stand_in = SimpleNamespace(tokenizer=tokenizer, cfg=SimpleNamespace(n_ctx=n_ctx))
+    stand_in = SimpleNamespace(
+        tokenizer=tokenizer,
+        cfg=SimpleNamespace(n_ctx=n_ctx),
+        parameters=lambda: iter([torch.empty(n_params, device="meta")]),
+    )
     tokenizer_log = logging.getLogger("transformers.tokenization_utils_base")
     level = tokenizer_log.level
     tokenizer_log.setLevel(logging.ERROR)  # "sequence length is longer than...": said here, as a refusal
     try:
         projection_paths(gd, int(config["num_hidden_layers"]))
         check_k_fits(tokenizer, n_ctx, task, cell.k)
+        n_episodes, n_queries = cell.setting("n_episodes"), cell.setting("n_queries")
+        device = str(cell.setting("device")).split(":")[0]
+        if cell.setting("check_resources"):
+            check_least_work(
+                stand_in,
+                task,
+                cell.k,
+                n_episodes,
+                n_queries,
+                gd,
+                untrained,
+                device,
+                override="set check_resources = false in the spec to run it anyway",
+            )
         episodes = task.episodes(cell.k, cell.setting("n_episodes"), cell.setting("n_queries"), cell.seed)
         check_prompts_fit(stand_in, task, episodes)
     except IclgdError as err:

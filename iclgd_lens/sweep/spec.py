@@ -260,6 +260,10 @@ class SweepSpec:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise IclgdError(f"{path} is not valid TOML: {err}") from None
+        except RecursionError:
+            raise IclgdError(f"{path}: nested too deeply to read as TOML") from None
+        except OSError as err:
+            raise IclgdError(f"cannot read the sweep spec {path}: {err.strerror or err}") from None
         return cls.from_dict(data, base=path.resolve().parent, where=str(path))
 
     def with_settings(self, **changes) -> "SweepSpec":

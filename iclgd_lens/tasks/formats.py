@@ -181,6 +181,8 @@ def load_task(
     if is_local:
         if not path.exists():
             raise IclgdError(f"data file {name_or_path} does not exist")
+        if not (path.is_file() or path.is_dir()):
+            raise IclgdError(f"data file {name_or_path} is not a regular file (a pipe or a device?)")
         stem = path.stem if path.is_file() else path.name
         named = stem.lower().replace("-", "").replace("_", "") in PAPER_FORMATS
         own = task_format is None and not named and template is not None and label_words is not None
@@ -299,8 +301,11 @@ def _label_id(label: Any, words: Sequence[str], where: str, aliases: Sequence[Se
 
 
 def _read_text(file: Path) -> str:
-    """The file's text: UTF-8, a leading byte order mark (as Excel writes) ignored."""
+    """The file's text: UTF-8, a leading byte order mark (as Excel writes) ignored. Only a
+    regular file is read: a FIFO would block until some other program writes to it."""
     try:
+        if not file.is_file():
+            raise IclgdError(f"{file}: not a regular file (a pipe or a device?); give a .jsonl or .csv file")
         data = file.read_bytes()
     except OSError as error:
         raise IclgdError(f"{file}: cannot read the file ({error.strerror or error})") from None
