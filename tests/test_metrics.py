@@ -214,6 +214,30 @@ def test_token_overlap_and_overlap_cosine_against_sets():
         assert ocos[i].item() == pytest.approx(np_cos(p1[i].numpy()[both], p2[i].numpy()[both]), abs=1e-12)
 
 
+def test_output_metrics_of_a_nan_row_are_nan_and_of_bf16_rows_float32():
+    """NaN in, NaN out (a NaN left out of the top-K set read 1.0 and 0.5 here); bf16 probabilities
+    are computed in float32 (3/10 came out 0.30078125), against float64 KL/JS on the same values."""
+    p1 = torch.tensor([[float("nan"), 0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.25, 0.15]])
+    p2 = torch.tensor([[0.1, 0.4, 0.3, 0.2, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    for fn in (metrics.token_overlap, metrics.overlap_cosine):
+        out = fn(p1, p2, k=2)
+        assert math.isnan(out[0].item()) and not math.isnan(out[1].item()), fn.__name__
+    q1 = torch.softmax(torch.randn(4, 10, generator=gen(60)), -1).bfloat16()
+    q2 = torch.softmax(torch.randn(4, 10, generator=gen(61)), -1).bfloat16()
+    log1, log2 = (torch.log_softmax(q.float().log(), -1).bfloat16() for q in (q1, q2))
+    l1, l2 = log1.double().numpy(), log2.double().numpy()  # float64 on the very same bf16 values
+    a, b = np.exp(l1), np.exp(l2)
+    lm = np.logaddexp(l1, l2) - np.log(2.0)
+    for name, values, expected in (
+        ("kl", metrics.kl(log1, log2), (a * (l1 - l2)).sum(-1)),
+        ("js", metrics.js(log1, log2), 0.5 * (a * (l1 - lm)).sum(-1) + 0.5 * (b * (l2 - lm)).sum(-1)),
+    ):
+        assert values.dtype == torch.float32, name
+        np.testing.assert_allclose(values.numpy(), expected, atol=1e-6, err_msg=name)
+    assert metrics.token_overlap(q1, q2, k=10).dtype == torch.float32
+    assert metrics.order_sensitivity(torch.stack([q1, q2])).dtype == torch.float32
+
+
 def test_overlap_cosine_is_zero_when_top_k_sets_are_disjoint():
     p1 = torch.tensor([0.4, 0.3, 0.1, 0.1, 0.05, 0.05])
     p2 = torch.tensor([0.05, 0.05, 0.1, 0.1, 0.3, 0.4])

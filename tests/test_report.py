@@ -722,7 +722,8 @@ def test_gaps_say_why_they_are_empty(tmp_path):
     notes = figures.head_gaps(results, 0)
     missing = ", ".join(str(h) for h in heads if h not in kv_heads)
     assert notes == [
-        f"dw_cos (icl~gd) at head(s) {missing}: it has one value per key/value head, and this model has "
+        f"dw_cos (icl~gd) at head(s) {missing}: it has one value per key/value head (column h is key/value "
+        "head h, which query heads h*G to h*G+G-1 share, G = heads per key/value head), and this model has "
         "fewer key/value heads than heads.",
         f"simam_delta (icl~gd) at head(s) {', '.join(map(str, heads))}: at layer 0 of a rotary model ICL "
         "cannot change the query's own pre-softmax scores (a zero update).",

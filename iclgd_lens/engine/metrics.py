@@ -268,24 +268,37 @@ def _top_k_mask(p: Tensor, k: int) -> Tensor:
 
 
 def token_overlap(p1: Tensor, p2: Tensor, k: int = 10) -> Tensor:
-    """|topK(p1) ∩ topK(p2)| / K over the last (vocabulary) dim. [..., vocab] -> [...] in [0, 1]."""
+    """|topK(p1) ∩ topK(p2)| / K over the last (vocabulary) dim. [..., vocab] -> [...] in [0, 1];
+    NaN where either row holds a NaN (its top-K set is not defined)."""
+    p1, p2 = _at_least_float32(p1, p2)
     both = _top_k_mask(p1, k) & _top_k_mask(p2, k)
-    return both.sum(-1).to(p1.dtype) / k
+    return _nan_where_nan(both.sum(-1).to(p1.dtype) / k, p1, p2)
+
+
+def _nan_where_nan(out: Tensor, *rows: Tensor) -> Tensor:
+    """`out` [...] with NaN where any of the `rows` [..., vocab] holds a NaN."""
+    bad = torch.zeros(out.shape, dtype=torch.bool, device=out.device)
+    for row in rows:
+        bad = bad | row.isnan().any(-1)
+    return torch.where(bad, torch.full_like(out, float("nan")), out)
 
 
 def overlap_cosine(p1: Tensor, p2: Tensor, k: int = 10) -> Tensor:
     """Cosine between p1 and p2 restricted to the tokens in both top-K sets. [..., vocab] -> [...].
 
-    0 when the top-K sets do not overlap (the distributions agree on no likely token).
+    0 when the top-K sets do not overlap (the distributions agree on no likely token); NaN where
+    either row holds a NaN.
     """
+    p1, p2 = _at_least_float32(p1, p2)
     both = _top_k_mask(p1, k) & _top_k_mask(p2, k)
     zero = torch.zeros((), dtype=p1.dtype, device=p1.device)
-    return _safe_cosine(torch.where(both, p1, zero), torch.where(both, p2, zero))
+    return _nan_where_nan(_safe_cosine(torch.where(both, p1, zero), torch.where(both, p2, zero)), p1, p2)
 
 
 def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(p || q) in nats from log-probabilities over the last dim. [..., vocab] -> [...].
     Terms with p = 0 count 0; p > 0 where q = 0 gives inf."""
+    log_p, log_q = _at_least_float32(log_p, log_q)
     p = log_p.exp()
     terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
     return terms.sum(-1)
@@ -293,6 +306,7 @@ def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 def js(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Jensen-Shannon divergence in nats (in [0, ln 2]) from log-probabilities. [..., vocab] -> [...]."""
+    log_p, log_q = _at_least_float32(log_p, log_q)
     log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
     return 0.5 * kl(log_p, log_m) + 0.5 * kl(log_q, log_m)
 
@@ -302,6 +316,7 @@ def order_sensitivity(probs: Tensor) -> Tensor:
     summed over the vocabulary. probs [n_perms, ..., vocab] -> [...]."""
     if probs.shape[0] < 2:
         raise IclgdError(f"order_sensitivity needs at least 2 permutations, got {probs.shape[0]}")
+    (probs,) = _at_least_float32(probs)
     return probs.std(dim=0, correction=0).sum(-1)
 
 

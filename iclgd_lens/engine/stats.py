@@ -214,7 +214,9 @@ def min_p_value(
     """The smallest p-value `sign_flip_pvalue` can return for `n_episodes` differences.
 
     Exact test: 2 / 2^n (only the observed signs and their mirror image are as extreme), e.g.
-    0.125 for 4 episodes, 0.03125 for 6, 0.0078 for 8; Monte Carlo: 1 / (n_resamples + 1).
+    0.125 for 4 episodes, 0.03125 for 6, 0.0078 for 8; Monte Carlo: 1 / (n_resamples + 1), the
+    test's resolution (its seeded draws may hold the observed signs or their mirror image, so
+    the smallest p it returns for some n is a few times that).
     NaN for no episode.
     """
     if n_episodes < 1:

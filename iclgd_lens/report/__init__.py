@@ -458,7 +458,9 @@ def _layer_body(results: Results, layer: int, glossary_page: str = GLOSSARY_PAGE
             "Implicit weight updates: dW_ICL and dW_GD",
             figure_html(dw) if dw else '<p class="note">(no dW artifacts for this layer)</p>',
             f"l{layer}-dw",
-            "Per kv head, episode 0: dW = sum of v k^T (rows: value dimensions, columns: key dimensions). "
+            "Per kv head, episode 0 and its first query (dW_GD is the change over that query's context, "
+            "so it differs from query to query): dW = sum of v k^T (rows: value dimensions, columns: "
+            "key dimensions). "
             "The cosine in each title is computed from the full matrices.",
         )
     )

@@ -179,7 +179,11 @@ def head_gaps(
             continue
         heads = ", ".join(map(str, missing))
         if str(metric).startswith(("dw_", "dual_form")) and str(metric) != "dual_form_cos":
-            why = "it has one value per key/value head, and this model has fewer key/value heads than heads"
+            why = (
+                "it has one value per key/value head (column h is key/value head h, which query heads "
+                "h*G to h*G+G-1 share, G = heads per key/value head), and this model has fewer key/value "
+                "heads than heads"
+            )
         else:
             why = UNDEFINED_BECAUSE.get(str(metric), "no defined value was recorded")
         notes.append(f"{metric} ({comparison}) at head(s) {heads}: {why}.")
