@@ -25,7 +25,14 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 from iclgd_lens import PARAM_SETS, GDConfig, IclgdError, StudyResult, Task, compare, resolve_task, versions
-from iclgd_lens.study import as_bridge, checked_args, layer_mean, model_name, parse_numbers
+from iclgd_lens.study import (
+    as_bridge,
+    checked_args,
+    layer_mean,
+    model_name,
+    parse_numbers,
+    queries_that_ran,
+)
 
 QUESTION = (
     "Does any GD setting (learning rate, trained parameters, epochs) make GD agree with ICL "
@@ -124,7 +131,7 @@ def run(
         optimizer=optimizer,
         k=k,
         n_episodes=n_episodes,
-        n_queries=int(table.loc[table["query"] >= 0, "query"].nunique()),  # what ran (a task may hold fewer)
+        n_queries=queries_that_ran(table),
         n_queries_asked=n_queries,
         target=target,
         seed=seed,

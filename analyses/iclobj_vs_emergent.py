@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.express as px
 
 from iclgd_lens import GDConfig, IclgdError, StudyResult, Task, compare, resolve_task, stats, versions
-from iclgd_lens.study import as_bridge, checked_args, layer_mean, model_name
+from iclgd_lens.study import as_bridge, checked_args, layer_mean, model_name, queries_that_ran
 
 QUESTION = (
     "Does ICL learned through an explicit ICL objective agree with GD differently from ICL "
@@ -94,7 +94,7 @@ def run(
         k=k,
         gd=gd if isinstance(gd, str) else gd.__dict__,
         n_episodes=n_episodes,
-        n_queries=int(table.loc[table["query"] >= 0, "query"].nunique()),  # what ran (a task may hold fewer)
+        n_queries=queries_that_ran(table),
         n_queries_asked=n_queries,
         baselines=baselines,
         alpha=alpha,

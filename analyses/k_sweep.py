@@ -46,6 +46,7 @@ from iclgd_lens.study import (
     layer_mean,
     model_name,
     parse_numbers,
+    queries_that_ran,
 )
 
 QUESTION = (
@@ -120,7 +121,7 @@ def run(
         gd_only_ks=extra,
         gd=gd if isinstance(gd, str) else gd.__dict__,
         n_episodes=n_episodes,
-        n_queries=int(table.loc[table["query"] >= 0, "query"].nunique()),  # what ran (a task may hold fewer)
+        n_queries=queries_that_ran(table),
         n_queries_asked=n_queries,
         baselines=baselines,
         seed=seed,

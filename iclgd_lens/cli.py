@@ -550,7 +550,6 @@ def sweep(
                 f"iclgd-lens: note: no data for {', '.join(missing)} in {data_dir}; those tasks are left out"
             )
     the_store = Store(store or the_spec.store or "iclgd-store")
-    the_store.check_place()  # what the run refuses, --dry-run and --status refuse too
     if dry_run or status:
         _sweep_listing(the_spec, the_store, dry_run)
         return
@@ -595,6 +594,7 @@ def _sweep_listing(spec, store, estimates: bool) -> None:
     from iclgd_lens.sweep.identity import Resolver
     from iclgd_lens.sweep.run import plan
 
+    store.check_place()  # a place the run refuses (someone else's files), the listing refuses too
     planned = plan(spec, store, strict=False)
     resolver = Resolver(strict=False)
     counts: dict[str, int] = {}

@@ -113,6 +113,13 @@ def model_name(bridge) -> str:
     return str(getattr(bridge.cfg, "model_name", None) or type(bridge).__name__)
 
 
+def queries_that_ran(table) -> int:
+    """How many queries a study's episodes asked, from its tidy table (its `query` column; -1 marks
+    rows of no query): a task may hold fewer test examples than were asked for, and a study's
+    config records what ran beside what was asked."""
+    return int(table.loc[table["query"] >= 0, "query"].nunique())
+
+
 def parse_numbers(
     values: int | float | str | Sequence[int | float | str],
     what: str,

@@ -91,14 +91,16 @@ def estimate(planned: Planned, task) -> dict:
     gd = GDConfig.resolve(cell.gd.config(), task)
     baselines = cell.setting("baselines")
     untrained = baselines is True or (isinstance(baselines, list) and "untrained" in baselines)
-    refusal = _refusal(folder, config, task, cell, gd, n_params, untrained)
+    stand_in = SimpleNamespace(  # what compare's checks and estimate_flops read of a model
+        tokenizer=_tokenizer(str(folder)),
+        cfg=SimpleNamespace(n_ctx=config.get("max_position_embeddings")),
+        parameters=lambda: iter([torch.empty(n_params, device="meta")]),
+    )
+    refusal = _refusal(stand_in, config, task, cell, gd, untrained)
     if refusal is not None:
         return {"tflop": None, "memory_gb": None, "n_params": n_params, "cannot_run": refusal}
     episodes = task.episodes(cell.k, cell.setting("n_episodes"), cell.setting("n_queries"), cell.seed)
-    shim = SimpleNamespace(  # what estimate_flops reads: the tokenizer and the parameter count
-        tokenizer=_tokenizer(str(folder)), parameters=lambda: [torch.empty(n_params, device="meta")]
-    )
-    flops = estimate_flops(shim, task, episodes, gd, untrained)
+    flops = estimate_flops(stand_in, task, episodes, gd, untrained)
     element = ELEMENT_BYTES.get(str(cell.setting("dtype", "float32")), 4)
     try:
         memory = _memory_model(folder, hf_config, element, n_params, task, episodes, cell, gd, baselines)
@@ -109,30 +111,22 @@ def estimate(planned: Planned, task) -> dict:
     return {"tflop": flops / 1e12, "memory_gb": memory / 2**30, "n_params": n_params, "cannot_run": None}
 
 
-def _refusal(folder: Path, config: dict, task, cell, gd, n_params: int, untrained: bool) -> str | None:
+def _refusal(stand_in, config: dict, task, cell, gd, untrained: bool) -> str | None:
     """The error `compare` would raise before any work because the cell's prompts do not fit the
     context window (`check_k_fits`, `check_prompts_fit` on the cell's own episodes), its GD
     trains a layer the model does not have (`projection_paths`), or its least possible work is
-    beyond the device (`check_least_work`, before any episode is drawn), or None."""
-    import torch
-
+    beyond the device (`check_least_work`, before any episode is drawn), or None. `stand_in`: the
+    cell's model as those checks read it (tokenizer, context window, parameter count)."""
     from iclgd_lens.engine.compare import check_k_fits, check_least_work, check_prompts_fit
     from iclgd_lens.engine.gd.config import projection_paths
     from iclgd_lens.errors import IclgdError
 
-    tokenizer = _tokenizer(str(folder))
-    n_ctx = config.get("max_position_embeddings")
-    stand_in = SimpleNamespace(
-        tokenizer=tokenizer,
-        cfg=SimpleNamespace(n_ctx=n_ctx),
-        parameters=lambda: iter([torch.empty(n_params, device="meta")]),
-    )
     tokenizer_log = logging.getLogger("transformers.tokenization_utils_base")
     level = tokenizer_log.level
     tokenizer_log.setLevel(logging.ERROR)  # "sequence length is longer than...": said here, as a refusal
     try:
         projection_paths(gd, int(config["num_hidden_layers"]))
-        check_k_fits(tokenizer, n_ctx, task, cell.k)
+        check_k_fits(stand_in.tokenizer, stand_in.cfg.n_ctx, task, cell.k)
         n_episodes, n_queries = cell.setting("n_episodes"), cell.setting("n_queries")
         device = str(cell.setting("device")).split(":")[0]
         if cell.setting("check_resources"):
@@ -147,7 +141,7 @@ def _refusal(folder: Path, config: dict, task, cell, gd, n_params: int, untraine
                 device,
                 override="set check_resources = false in the spec to run it anyway",
             )
-        episodes = task.episodes(cell.k, cell.setting("n_episodes"), cell.setting("n_queries"), cell.seed)
+        episodes = task.episodes(cell.k, n_episodes, n_queries, cell.seed)
         check_prompts_fit(stand_in, task, episodes)
     except IclgdError as err:
         return str(err)

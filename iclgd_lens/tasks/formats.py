@@ -301,11 +301,9 @@ def _label_id(label: Any, words: Sequence[str], where: str, aliases: Sequence[Se
 
 
 def _read_text(file: Path) -> str:
-    """The file's text: UTF-8, a leading byte order mark (as Excel writes) ignored. Only a
-    regular file is read: a FIFO would block until some other program writes to it."""
+    """The file's text: UTF-8, a leading byte order mark (as Excel writes) ignored. (`load_task`
+    reads regular files only: a pipe would block until another program writes to it.)"""
     try:
-        if not file.is_file():
-            raise IclgdError(f"{file}: not a regular file (a pipe or a device?); give a .jsonl or .csv file")
         data = file.read_bytes()
     except OSError as error:
         raise IclgdError(f"{file}: cannot read the file ({error.strerror or error})") from None
